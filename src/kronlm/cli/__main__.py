@@ -1,0 +1,5 @@
+import sys
+
+from kronlm.cli import main
+
+sys.exit(main())

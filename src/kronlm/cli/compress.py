@@ -1,0 +1,78 @@
+"""``kronlm compress MODEL (--preset NAME | --config FILE) --out DIR [--eval DATA]``."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from kronlm.cli.options import perplexity_options, protocol_label, window_length
+
+
+@click.command("compress")
+@click.argument("model")
+@click.option("--preset", default=None, help="A named preset (see `kronlm presets`).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="A compression config, YAML or JSON.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to save the compressed model to.")
+@click.option("--eval", "eval_data", default=None, help="Also measure dense and compressed perplexity on this text file or dataset.")
+@click.option("--data-config", default=None, help="Dataset config name for --eval.")
+@perplexity_options
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default=None, help="Override the config's SVD method.")
+@click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
+def command(model, preset, config_file, out, eval_data, data_config, split, max_tokens, max_length, stride, protocol, batch_size, svd, rows):
+    """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
+
+    MODEL is a hub id, a local folder, a .gguf file or an alias (smollm2). With --eval, prints
+    dense and compressed perplexity side by side with the parameter counts.
+    """
+    if (preset is None) == (config_file is None):
+        raise click.UsageError("give exactly one of --preset NAME or --config FILE")
+    import kronlm
+    from kronlm.compress import CompressionConfig, count_parameters
+    from kronlm.models.loading import load_model_and_tokenizer, resolve_model_spec
+
+    config = kronlm.get_preset(preset) if preset else CompressionConfig.from_file(config_file)
+    if svd:
+        config.svd = svd
+    text = None
+    if eval_data is not None:  # read the data before the slow work, so a typo fails fast
+        from kronlm.data.text import load_text, resolve_text_source
+
+        text_source = resolve_text_source(eval_data, split=split, name=data_config)
+        text = load_text(eval_data, split=split, name=data_config)
+
+    source = resolve_model_spec(model)
+    t0 = time.perf_counter()
+    net, tokenizer = load_model_and_tokenizer(model)
+    load_s = time.perf_counter() - t0
+    click.echo(f"loaded {source.description} ({count_parameters(net):,} params) in {load_s:.1f} s")
+
+    results = {}
+    if text is not None:
+        from kronlm.evaluate.perplexity import perplexity_of_text
+
+        length = window_length(net, max_length)
+        ppl_kwargs = dict(max_tokens=max_tokens, max_length=length, stride=min(stride, length), protocol=protocol, batch_size=batch_size)
+        results["dense"] = perplexity_of_text(net, tokenizer, text, desc="dense ppl", **ppl_kwargs)
+
+    report = kronlm.compress(net, config)
+    click.echo(report.table(max_rows=rows))
+    kronlm.save(net, out, tokenizer=tokenizer, report=report)
+    click.echo(f"saved to {out}")
+
+    if text is not None:
+        results["compressed"] = perplexity_of_text(net, tokenizer, text, desc="compressed ppl", **ppl_kwargs)
+        dense, comp = results["dense"], results["compressed"]
+        click.echo("")
+        click.echo(f"perplexity on {text_source.description}, first {dense.tokens_scored + 1:,} tokens, {protocol_label(protocol, length, ppl_kwargs['stride'])}:")
+        click.echo(f"{'model':<12} {'params':>13} {'no LM head':>13} {'perplexity':>14} {'seconds':>8}")
+        click.echo(f"{'dense':<12} {report.params_before:>13,} {report.params_before_no_head:>13,} {dense.ppl:>14,.2f} {dense.seconds:>8.1f}")
+        click.echo(f"{'compressed':<12} {report.params_after:>13,} {report.params_after_no_head:>13,} {comp.ppl:>14,.2f} {comp.seconds:>8.1f}")
+        from pathlib import Path
+
+        from kronlm.utils.io import write_json
+
+        write_json(
+            Path(out) / "eval.json",
+            {"data": text_source.description, "protocol": protocol, **{k: {**v.to_dict(), "params": report.params_before if k == "dense" else report.params_after} for k, v in results.items()}},
+        )

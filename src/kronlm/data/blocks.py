@@ -1,0 +1,509 @@
+"""Packed fixed-length token blocks for causal-LM pre-training and distillation.
+
+A corpus is tokenised document by document with the model's fast tokenizer (no special tokens
+added), the documents are joined into one token stream with the tokenizer's EOS token between
+them, and the stream is cut into consecutive blocks of ``block_size`` tokens, the trailing
+remainder dropped: the GPT-2 / Krony-PT recipe of training on packed 1024-token windows
+(SPEC §4; the ``group_texts`` step of the Hugging Face ``run_clm`` example). The last blocks form
+the validation split, so training and validation never share a token.
+
+Tokenising a large corpus is the slow part, so the token stream is cached as a safetensors file
+plus a JSON manifest, keyed by everything that determines it (source identity, tokenizer, block
+size, token budget), and checked by a SHA-256 of the file before it is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from kronlm.utils.io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "kronlm.blocks/1"
+DEFAULT_CACHE_DIR = Path("~/.cache/kronlm/blocks")
+DOCUMENT_MODES = ("paragraphs", "file")
+
+# Documents handed to the tokenizer per call: large enough for the fast tokenizer's parallel
+# batch encoding, small enough to stop soon after max_tokens and to show progress.
+_TOKENIZE_BATCH = 1000
+_PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+_TEXT_SUFFIXES = (".txt", ".raw", ".text", ".tokens")
+# A blank line: only spaces or tabs between two newlines (WikiText's separators are " \n").
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+class BlockDataset(Dataset):
+    """A torch Dataset over packed blocks, one block per item.
+
+    Item i is ``{"input_ids": blocks[i], "attention_mask": ones}``, both (block_size,) int64; the
+    mask is all ones because packed blocks hold no padding. For causal-LM training pass
+    ``labels=input_ids`` (Hugging Face models shift the labels themselves). The default
+    ``torch.utils.data.DataLoader`` collation stacks items into (batch, block_size) tensors, which
+    works unchanged under ``accelerate``.
+
+    Args:
+        blocks: (num_blocks, block_size) integer tensor, e.g. ``TokenBlocks.train``.
+
+    Raises:
+        ValueError: ``blocks`` is not a 2-D integer tensor.
+    """
+
+    def __init__(self, blocks: torch.Tensor):
+        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2:
+            shape = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+            raise ValueError(f"blocks must be a (num_blocks, block_size) tensor, got {shape}")
+        if blocks.dtype.is_floating_point or blocks.dtype.is_complex or blocks.dtype == torch.bool:
+            raise ValueError(f"blocks must hold integer token ids, got dtype {blocks.dtype}")
+        self.blocks = blocks.long()
+        self._mask = torch.ones(blocks.shape[1], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "attention_mask": self._mask.clone()}
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """A token stream packed into fixed-length training and validation blocks.
+
+    Attributes:
+        train: (num_train_blocks, block_size) int64, consecutive blocks from the start of the stream.
+        val: (num_val_blocks, block_size) int64, the last blocks of the stream (may have 0 rows).
+        block_size: tokens per block.
+        num_tokens: tokens in the whole stream (EOS separators included, before cutting).
+        dropped_tokens: the trailing remainder (< block_size tokens) that fills no block.
+        num_documents: documents joined into the stream (0 when unknown).
+        source: description of where the text came from.
+        cache_file: the safetensors cache the stream was read from or written to, or None.
+        from_cache: True when the stream was loaded from the cache without tokenising.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    block_size: int
+    num_tokens: int
+    dropped_tokens: int
+    num_documents: int = 0
+    source: str = ""
+    cache_file: Path | None = None
+    from_cache: bool = False
+
+    @classmethod
+    def from_ids(
+        cls,
+        ids: torch.Tensor,
+        block_size: int,
+        *,
+        val_fraction: float | None = 0.05,
+        val_tokens: int | None = None,
+        **metadata: Any,
+    ) -> "TokenBlocks":
+        """Cut a 1-D token stream into blocks and hold out the last ones for validation.
+
+        The stream of T tokens gives T // block_size blocks (the trailing T % block_size tokens are
+        dropped). The validation split is ``val_tokens`` tokens if given, else
+        ``round(val_fraction * T)`` tokens, rounded up to whole blocks and taken from the end;
+        the training split is all blocks before it. 0 (or ``val_fraction=None``) gives no
+        validation blocks.
+
+        Args:
+            ids: (T,) integer token ids.
+            block_size: tokens per block, at least 2 (one input and one target).
+            val_fraction: share of the stream's tokens for validation, in [0, 1).
+            val_tokens: validation tokens; takes precedence over ``val_fraction``.
+            **metadata: ``num_documents``, ``source``, ``cache_file``, ``from_cache``.
+
+        Raises:
+            ValueError: ``ids`` is not 1-D; ``block_size`` < 2; ``val_fraction`` outside [0, 1) or
+                ``val_tokens`` < 0; fewer tokens than one training block after the validation
+                split (the message gives the token counts and the block size).
+        """
+        _check_block_size(block_size)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+            raise ValueError(f"ids must be a 1-D tensor of token ids, got {getattr(ids, 'shape', type(ids))}")
+        num_tokens = ids.numel()
+        if val_tokens is not None:
+            if int(val_tokens) != val_tokens or val_tokens < 0:
+                raise ValueError(f"val_tokens must be a non-negative integer, got {val_tokens}")
+            held_out = int(val_tokens)
+        else:
+            fraction = 0.0 if val_fraction is None else float(val_fraction)
+            if not 0.0 <= fraction < 1.0:
+                raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            held_out = round(fraction * num_tokens)
+        num_val_blocks = math.ceil(held_out / block_size)
+        num_blocks = num_tokens // block_size
+        num_train_blocks = num_blocks - num_val_blocks
+        if num_train_blocks < 1:
+            left = max(num_tokens - num_val_blocks * block_size, 0)
+            raise ValueError(
+                f"corpus too small: {num_tokens} tokens, of which validation takes "
+                f"{num_val_blocks * block_size} ({num_val_blocks} blocks), leaving {left} tokens, "
+                f"fewer than one training block of block_size={block_size} tokens"
+            )
+        blocks = ids[: num_blocks * block_size].long().reshape(num_blocks, block_size)
+        return cls(
+            train=blocks[:num_train_blocks].clone(),
+            val=blocks[num_train_blocks:].clone(),
+            block_size=block_size,
+            num_tokens=num_tokens,
+            dropped_tokens=num_tokens - num_blocks * block_size,
+            **metadata,
+        )
+
+    def train_dataset(self) -> BlockDataset:
+        """The training blocks as a :class:`BlockDataset`."""
+        return BlockDataset(self.train)
+
+    def val_dataset(self) -> BlockDataset:
+        """The validation blocks as a :class:`BlockDataset`."""
+        return BlockDataset(self.val)
+
+
+def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer of at least 2 tokens (an input and a target), got {block_size!r}")
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Split a text into documents at blank lines (lines holding only spaces or tabs).
+
+    Each document is stripped of surrounding whitespace (line breaks inside it are kept) and empty
+    documents are dropped, so ``"a\\nb\\n \\n\\nc\\n"`` gives ``["a\\nb", "c"]``.
+    """
+    documents = (part.strip() for part in _BLANK_LINE.split(text))
+    return [doc for doc in documents if doc]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """Identity of a tokenizer for cache keys.
+
+    Name, class, vocabulary size (``len(tokenizer)``, added tokens included), EOS id and a SHA-256
+    of the tokenizer's vocabulary: for fast tokenizers, of the full serialised definition
+    (vocabulary, merges, normaliser, pre-tokeniser, added tokens; padding and truncation settings,
+    which calls may change, are left out), otherwise of the sorted ``get_vocab()`` items.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None or backend.padding is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        kind, payload = "definition", backend.to_str()
+    else:
+        kind, payload = "vocab", json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        "name": str(getattr(tokenizer, "name_or_path", "")),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "hash_of": kind,
+        "sha256": hashlib.sha256(payload.encode("utf-8")).hexdigest(),
+    }
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no EOS token "
+            "to separate documents; set tokenizer.eos_token first"
+        )
+    return int(eos)
+
+
+def tokenize_documents(
+    documents: Iterable[str],
+    tokenizer: Any,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = _TOKENIZE_BATCH,
+) -> tuple[torch.Tensor, int]:
+    """Tokenise documents in batches and join them with EOS into one stream.
+
+    The stream is ``ids(doc_0) EOS ids(doc_1) EOS ... ids(doc_n)``, each document tokenised
+    without special tokens by one batched call of the (fast) tokenizer per ``batch_size``
+    documents. Reading stops once ``max_tokens`` tokens are collected and the stream is cut to
+    exactly ``max_tokens``.
+
+    Args:
+        documents: texts, read lazily (a streaming dataset works).
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        max_tokens: token budget, or None for all documents.
+        batch_size: documents per tokenizer call.
+
+    Returns:
+        ((T,) int32 token ids, number of documents read).
+
+    Raises:
+        ValueError: the tokenizer has no EOS token; ``max_tokens`` < 1.
+    """
+    if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+    eos = _eos_id(tokenizer)
+    chunks: list[torch.Tensor] = []
+    total = 0
+    num_documents = 0
+    progress = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenising", disable=None)
+    for batch in _batches(documents, batch_size):
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        flat: list[int] = []
+        for doc_ids in encoded:
+            if num_documents > 0:
+                flat.append(eos)
+            flat.extend(doc_ids)
+            num_documents += 1
+        chunks.append(torch.tensor(flat, dtype=torch.int32))
+        total += len(flat)
+        progress.update(len(flat))
+        if max_tokens is not None and total >= max_tokens:
+            break
+    progress.close()
+    ids = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int32)
+    if max_tokens is not None:
+        ids = ids[:max_tokens].clone()
+    return ids, num_documents
+
+
+def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(_PATH_PREFIXES) or source.lower().endswith(_TEXT_SUFFIXES)
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _folder_identity(path: Path) -> list[dict[str, Any]]:
+    return [_file_identity(p) for p in sorted(path.rglob("*")) if p.is_file()]
+
+
+def _dataset_documents(
+    source: str, name: str | None, split: str, text_field: str, streaming: bool
+) -> Iterator[str]:
+    import datasets
+
+    dataset = datasets.load_dataset(source, name, split=split, streaming=streaming)
+    columns = dataset.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"dataset {source!r} split {split!r} has no column {text_field!r}; columns: {columns}")
+    for batch in dataset.iter(batch_size=_TOKENIZE_BATCH):
+        if text_field not in batch:
+            raise ValueError(f"dataset {source!r} split {split!r} has no column {text_field!r}; columns: {list(batch)}")
+        # Empty rows (WikiText's blank lines) would put two EOS tokens in a row.
+        yield from (text for text in batch[text_field] if text and text.strip())
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_cache(tensor_file: Path, manifest_file: Path, key: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+    """The cached stream, or None (with a warning naming the file) when it cannot be trusted."""
+    if not manifest_file.exists():
+        if tensor_file.exists():
+            logger.warning("block cache %s has no manifest %s; rebuilding it", tensor_file, manifest_file)
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("block cache manifest %s is unreadable (%s); rebuilding the cache", manifest_file, exc)
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT or manifest.get("key") != key:
+        logger.warning("block cache manifest %s does not describe this corpus; rebuilding the cache", manifest_file)
+        return None
+    if not tensor_file.is_file():
+        logger.warning("block cache file %s is missing; rebuilding it", tensor_file)
+        return None
+    if _file_sha256(tensor_file) != manifest.get("sha256"):
+        logger.warning("block cache file %s fails its SHA-256 check (truncated or corrupt); rebuilding it", tensor_file)
+        return None
+    try:
+        ids = load_file(tensor_file)["input_ids"]
+    except (SafetensorError, OSError, KeyError) as exc:
+        logger.warning("block cache file %s cannot be read (%s); rebuilding it", tensor_file, exc)
+        return None
+    if ids.dim() != 1 or ids.numel() != manifest.get("num_tokens"):
+        logger.warning(
+            "block cache file %s holds %s tokens but its manifest says %s; rebuilding it",
+            tensor_file, tuple(ids.shape), manifest.get("num_tokens"),
+        )
+        return None
+    return ids, int(manifest.get("num_documents", 0))
+
+
+def build_blocks(
+    source: str | os.PathLike,
+    tokenizer: Any,
+    *,
+    block_size: int,
+    val_fraction: float | None = 0.05,
+    val_tokens: int | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    max_tokens: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    streaming: bool = False,
+    name: str | None = None,
+    documents: str = "paragraphs",
+) -> TokenBlocks:
+    """Tokenise a corpus (or load its cached tokens) and pack it into training/validation blocks.
+
+    Sources:
+        - a local UTF-8 text file: ``documents="paragraphs"`` (default) makes every blank-line
+          separated paragraph a document (see :func:`split_paragraphs`; for WikiText each heading
+          and each paragraph is one), ``documents="file"`` tokenises the whole file, unchanged,
+          as one document in one call;
+        - a Hugging Face dataset id (with configuration ``name``) or a local dataset folder, read
+          with ``datasets.load_dataset(source, name, split=split, streaming=streaming)``; each
+          non-blank row of ``text_field`` is one document, unchanged. Use ``streaming=True`` for
+          OpenWebText-scale corpora together with ``max_tokens``: rows are read only until
+          ``max_tokens`` tokens are collected. ``streaming`` does not apply to local text files.
+
+    Documents are tokenised in batches by the fast tokenizer without special tokens and joined
+    with EOS (:func:`tokenize_documents`); blocks and the validation split follow
+    :meth:`TokenBlocks.from_ids`.
+
+    Cache: ``<cache_dir>/<key>.safetensors`` (the (T,) int32 stream) and ``<key>.json`` (manifest
+    with the key, token and document counts and the file's SHA-256), keyed by a hash of the source
+    identity (resolved path, size in bytes and mtime of a file; dataset id, configuration, split
+    and text field), the document mode, the tokenizer (:func:`tokenizer_fingerprint`),
+    ``block_size`` and ``max_tokens``. A cache whose manifest is missing or does not match, or whose
+    file fails the checksum, is reported with a warning naming the file and rebuilt. Both files are
+    written atomically, the manifest last.
+
+    Args:
+        source: a text file path, a dataset folder, or a dataset id such as ``"Skylion007/openwebtext"``.
+        tokenizer: a Hugging Face (fast) tokenizer with an EOS token.
+        block_size: tokens per block (e.g. 1024 for GPT-2), at least 2.
+        val_fraction: share of the tokens held out for validation (rounded up to whole blocks).
+        val_tokens: validation tokens instead of a fraction.
+        split: dataset split to read.
+        text_field: dataset column holding the text.
+        max_tokens: token budget; the stream is cut to this many tokens.
+        cache_dir: cache folder, default ``~/.cache/kronlm/blocks``.
+        streaming: stream a hub dataset instead of downloading it whole.
+        name: dataset configuration, e.g. ``"wikitext-103-raw-v1"``.
+        documents: ``"paragraphs"`` or ``"file"``, for local text files.
+
+    Returns:
+        :class:`TokenBlocks` with (N, block_size) int64 ``train`` and ``val`` tensors.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path but does not exist.
+        ValueError: bad ``block_size``, ``max_tokens``, ``documents`` or split settings; a dataset
+            without ``text_field``; a tokenizer without EOS; a corpus with fewer tokens than one
+            training block after the validation split.
+    """
+    _check_block_size(block_size)
+    if documents not in DOCUMENT_MODES:
+        raise ValueError(f"documents must be one of {DOCUMENT_MODES}, got {documents!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+
+    source_str = os.fspath(source)
+    path = Path(source_str).expanduser()
+    if path.is_file():
+        source_key: dict[str, Any] = {"kind": "text-file", **_file_identity(path), "documents": documents}
+        description = f"text file {path} ({documents})"
+    elif path.is_dir():
+        source_key = {"kind": "dataset-folder", "files": _folder_identity(path), "name": name,
+                      "split": split, "text_field": text_field}
+        description = f"dataset folder {path} (split {split!r})"
+    elif _looks_like_path(source_str):
+        raise FileNotFoundError(f"{source_str}: no such text file or dataset folder")
+    else:
+        source_key = {"kind": "dataset", "dataset": source_str, "name": name, "split": split, "text_field": text_field}
+        description = f"dataset {source_str!r}" + (f" ({name!r})" if name else "") + f" split {split!r}"
+
+    key = {
+        "format": CACHE_FORMAT,
+        "source": source_key,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "block_size": block_size,
+        "max_tokens": None if max_tokens is None else int(max_tokens),
+    }
+    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    cache_root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    tensor_file = cache_root / f"{key_hash}.safetensors"
+    manifest_file = cache_root / f"{key_hash}.json"
+
+    cached = _load_cache(tensor_file, manifest_file, key)
+    if cached is not None:
+        ids, num_documents = cached
+        from_cache = True
+        logger.info("loaded %d tokens of %s from cache %s", ids.numel(), description, tensor_file)
+    else:
+        start = time.perf_counter()
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            docs: Iterable[str] = split_paragraphs(text) if documents == "paragraphs" else [text]
+        else:
+            docs = _dataset_documents(str(path) if path.is_dir() else source_str, name, split, text_field, streaming)
+        ids, num_documents = tokenize_documents(docs, tokenizer, max_tokens=max_tokens)
+        with atomic_path(tensor_file) as tmp:
+            save_file({"input_ids": ids.contiguous()}, str(tmp), metadata={"format": CACHE_FORMAT})
+        # The manifest is written last: a crash in between leaves a file without a manifest,
+        # which the next call rebuilds.
+        write_json(
+            manifest_file,
+            {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "description": description,
+                "num_tokens": ids.numel(),
+                "num_documents": num_documents,
+                "dtype": "int32",
+                "sha256": _file_sha256(tensor_file),
+            },
+        )
+        from_cache = False
+        logger.info(
+            "tokenised %d documents of %s into %d tokens in %.1f s; cached at %s",
+            num_documents, description, ids.numel(), time.perf_counter() - start, tensor_file,
+        )
+    return TokenBlocks.from_ids(
+        ids,
+        block_size,
+        val_fraction=val_fraction,
+        val_tokens=val_tokens,
+        num_documents=num_documents,
+        source=description,
+        cache_file=tensor_file,
+        from_cache=from_cache,
+    )

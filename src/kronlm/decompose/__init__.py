@@ -1,0 +1,37 @@
+"""Decompose: nearest Kronecker products, their initialisers and the choice of factor shapes.
+
+First stage of the pipeline decompose -> compress -> distill -> evaluate -> export.
+"""
+
+from kronlm.decompose.initializers import (
+    INITIALIZERS,
+    Initializer,
+    get_initializer,
+    register_initializer,
+)
+from kronlm.decompose.pruning import pruning_factors
+from kronlm.decompose.shapes import FactorShape, choose_factor_shapes, factor_shapes, resolve_factor_shapes
+from kronlm.decompose.vanloan import (
+    KroneckerFactors,
+    kron_sum,
+    nearest_kronecker_product,
+    rearrange,
+    rescale_to_norm,
+)
+
+__all__ = [
+    "INITIALIZERS",
+    "FactorShape",
+    "Initializer",
+    "KroneckerFactors",
+    "choose_factor_shapes",
+    "factor_shapes",
+    "get_initializer",
+    "kron_sum",
+    "nearest_kronecker_product",
+    "pruning_factors",
+    "rearrange",
+    "register_initializer",
+    "rescale_to_norm",
+    "resolve_factor_shapes",
+]

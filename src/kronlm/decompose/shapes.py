@@ -1,0 +1,147 @@
+"""Valid Kronecker factor shapes of an (out, in) matrix, their cost, and the choice for a target
+compression ratio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    """One factorisation (out, in) = (m1*m2, n1*n2) with R terms.
+
+    Attributes:
+        a_shape: (m1, n1).
+        b_shape: (m2, n2).
+        rank: number of terms R.
+        params: R·(m1·n1 + m2·n2) factor parameters (no bias, no scalars).
+        macs: multiply-adds per token with the cheaper contraction order (SPEC §2).
+        max_rank: upper bound on rank(Σ A_r⊗B_r) = min(R·min(m1,n1)·min(m2,n2), out, in).
+        compression_ratio: out·in / params.
+    """
+
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    rank: int
+    params: int
+    macs: int
+    max_rank: int
+    compression_ratio: float
+
+    @property
+    def full_rank(self) -> bool:
+        """True when the factorisation can represent a full-rank matrix."""
+        m1, n1 = self.a_shape
+        m2, n2 = self.b_shape
+        return self.max_rank == min(m1 * m2, n1 * n2)
+
+
+def contraction_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1) -> tuple[int, int]:
+    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (SPEC §2)."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    b_first = rank * (n1 * n2 * m2 + m1 * n1 * m2)
+    a_first = rank * (m1 * n1 * n2 + m1 * n2 * m2)
+    return b_first, a_first
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def factor_shapes(out_features: int, in_features: int, rank: int = 1, *, include_trivial: bool = False) -> list[FactorShape]:
+    """All (A, B) shape pairs with m1·m2 = out and n1·n2 = in, sorted by parameter count.
+
+    Args:
+        out_features, in_features: the weight shape (out, in).
+        rank: terms R used for params and multiply-adds.
+        include_trivial: also list A or B equal to the whole matrix (A (out,in) ⊗ B (1,1)).
+
+    Raises:
+        ValueError: non-positive sizes or rank.
+    """
+    if out_features < 1 or in_features < 1 or rank < 1:
+        raise ValueError(f"factor_shapes needs positive sizes and rank, got ({out_features}, {in_features}), R={rank}")
+    shapes = []
+    for m1 in _divisors(out_features):
+        for n1 in _divisors(in_features):
+            m2, n2 = out_features // m1, in_features // n1
+            trivial = (m1, n1) == (out_features, in_features) or (m2, n2) == (out_features, in_features)
+            if trivial and not include_trivial:
+                continue
+            if rank > min(m1 * n1, m2 * n2):
+                continue
+            params = rank * (m1 * n1 + m2 * n2)
+            macs = min(contraction_macs((m1, n1), (m2, n2), rank))
+            max_rank = min(rank * min(m1, n1) * min(m2, n2), out_features, in_features)
+            shapes.append(
+                FactorShape((m1, n1), (m2, n2), rank, params, macs, max_rank, out_features * in_features / params)
+            )
+    shapes.sort(key=lambda s: (s.params, s.macs))
+    return shapes
+
+
+def choose_factor_shapes(
+    out_features: int, in_features: int, compression_ratio: float, rank: int = 1, *, prefer: str = "params", name: str = "weight"
+) -> FactorShape:
+    """Pick factor shapes that compress an (out, in) matrix at least ``compression_ratio`` times.
+
+    Among the shapes within the budget out·in/ratio, ``prefer="params"`` takes the one with the
+    most parameters (the closest to the budget, so the most capacity), ``prefer="speed"`` the one
+    with the fewest multiply-adds; ties go to full-rank shapes, then to balanced ones.
+
+    Raises:
+        ValueError: ratio <= 1, unknown ``prefer``, or no shape reaches the ratio (the message
+            gives the best ratio available).
+    """
+    if compression_ratio <= 1:
+        raise ValueError(f"{name}: compression ratio must be > 1, got {compression_ratio}")
+    if prefer not in ("params", "speed"):
+        raise ValueError(f"{name}: prefer must be 'params' or 'speed', got {prefer!r}")
+    budget = out_features * in_features / compression_ratio
+    candidates = [s for s in factor_shapes(out_features, in_features, rank) if s.params <= budget]
+    if not candidates:
+        best = max((s.compression_ratio for s in factor_shapes(out_features, in_features, rank)), default=1.0)
+        raise ValueError(
+            f"{name}: no Kronecker factorisation of ({out_features}, {in_features}) with R={rank} reaches "
+            f"compression ratio {compression_ratio}; the highest is {best:.1f}"
+        )
+
+    def balance(s: FactorShape) -> float:
+        return abs((s.a_shape[0] * s.a_shape[1]) - (s.b_shape[0] * s.b_shape[1]))
+
+    if prefer == "params":
+        return max(candidates, key=lambda s: (s.params, s.full_rank, -s.macs, -balance(s)))
+    return min(candidates, key=lambda s: (s.macs, not s.full_rank, -s.params, balance(s)))
+
+
+def resolve_factor_shapes(
+    weight_shape: tuple[int, int],
+    a_shape: tuple[int, int] | None,
+    b_shape: tuple[int, int] | None,
+    *,
+    name: str = "weight",
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Complete a factorisation from one or both factor shapes for a weight (out, in).
+
+    Given only A (m1, n1), B is (out/m1, in/n1); given only B, A likewise.
+
+    Raises:
+        ValueError: neither shape given, or a shape that does not divide the weight (the message
+            names the module and the numbers).
+    """
+    rows, cols = weight_shape
+    if a_shape is None and b_shape is None:
+        raise ValueError(f"{name}: give a_shape, b_shape or a compression ratio")
+    if a_shape is not None and b_shape is not None:
+        a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+        if a_shape[0] * b_shape[0] != rows or a_shape[1] * b_shape[1] != cols:
+            raise ValueError(
+                f"{name}: factor shapes A {a_shape} ⊗ B {b_shape} give ({a_shape[0] * b_shape[0]}, "
+                f"{a_shape[1] * b_shape[1]}), but the weight is ({rows}, {cols})"
+            )
+        return a_shape, b_shape
+    given, label = (tuple(a_shape), "A") if a_shape is not None else (tuple(b_shape), "B")
+    if len(given) != 2 or given[0] < 1 or given[1] < 1 or rows % given[0] or cols % given[1]:
+        raise ValueError(f"{name}: factor {label} {given} does not divide the weight ({rows}, {cols})")
+    other = (rows // given[0], cols // given[1])
+    return (given, other) if label == "A" else (other, given)

@@ -1,0 +1,457 @@
+"""Training checkpoints in safetensors + JSON, written atomically, verified on load.
+
+A checkpoint is a folder ``<out_dir>/checkpoints/step-0000100/`` holding
+
+- ``model.safetensors``: the student's state dict (tied tensors stored once, aliases in metadata);
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter state tensors
+  (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``) flattened as ``state.<param index>.<name>``, and
+  its param groups (learning rates, betas, ...) as JSON;
+- ``scheduler.json``: the learning-rate scheduler's state dict;
+- ``rng.safetensors``: Python, NumPy, torch CPU and CUDA generator states of every process, one
+  row per process rank;
+- ``trainer_state.json``: step, tokens seen, data position, best validation perplexity, the
+  training config and a manifest (size in bytes and SHA-256) of the other five files.
+
+Nothing is pickled: ``accelerate``'s ``save_state`` writes the optimizer, scheduler and RNG with
+``torch.save``, so this module replaces it. The folder is assembled under a temporary name and
+swapped in (:func:`kronlm.utils.io.atomic_dir`); only then is the ``latest`` pointer file
+rewritten (atomically), so a run killed while writing leaves the previous checkpoint as latest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kronlm.utils.io import atomic_dir, atomic_path, read_json, write_json
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+LATEST_FILENAME = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_META_FILE = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+RNG_FILE = "rng.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint folder, as loaded by :func:`load_checkpoint`.
+
+    Attributes:
+        path: the checkpoint folder.
+        model_state: student state dict (name -> tensor on CPU), tied names restored.
+        optimizer_state: a ``torch.optim.Optimizer.state_dict()``-shaped dict.
+        scheduler_state: a ``torch.optim.lr_scheduler.LRScheduler.state_dict()``-shaped dict.
+        rng_state: name -> tensor with one row per process rank (see :func:`capture_rng_state`).
+        trainer_state: the JSON written by the trainer (``step``, ``tokens_seen``, ``config``, ...).
+    """
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    rng_state: dict[str, torch.Tensor]
+    trainer_state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed when the checkpoint was written."""
+        return int(self.trainer_state["step"])
+
+
+# ------------------------------------------------------------------------------------------------
+# folder layout
+
+
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    """``<out_dir>/checkpoints``."""
+    return Path(out_dir) / CHECKPOINTS_DIRNAME
+
+
+def step_dirname(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps: ``step-0000100``."""
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoint folders under ``<out_dir>/checkpoints``, sorted by step.
+
+    Temporary folders of interrupted writes (``.step-....tmp``) are not listed.
+    """
+    root = checkpoints_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The folder the ``latest`` pointer names, or None when no checkpoint was completed.
+
+    Raises:
+        FileNotFoundError: ``latest`` names a folder that does not exist.
+        ValueError: ``latest`` does not hold a checkpoint folder name.
+    """
+    pointer = checkpoints_dir(out_dir) / LATEST_FILENAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _STEP_DIR.match(name):
+        raise ValueError(f"{pointer}: expected a checkpoint folder name like step-0000100, got {name!r}")
+    path = pointer.parent / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {name}, but the folder {path} does not exist")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# model state
+
+
+def model_state_to_safetensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state dict into unique contiguous CPU tensors plus ``alias -> kept name`` metadata.
+
+    Tied parameters (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are the same tensor
+    under two names; safetensors refuses shared storage, so each is stored once.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save_model_state(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict to one safetensors file (tied tensors once, aliases in its metadata)."""
+    tensors, aliases = model_state_to_safetensors(state_dict)
+    metadata = {"format": "pt", "kronlm_aliases": json.dumps(aliases)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict written by :func:`save_model_state`, restoring tied names.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable safetensors file (names the file).
+    """
+    tensors, metadata = _read_safetensors(path)
+    aliases = json.loads(metadata.get("kronlm_aliases", "{}"))
+    for alias, kept in aliases.items():
+        tensors[alias] = tensors[kept]
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state
+
+
+def optimizer_state_to_safetensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten ``optimizer.state_dict()`` into tensors and JSON.
+
+    Args:
+        state_dict: ``{"state": {param index: {name: tensor or number}}, "param_groups": [...]}``.
+
+    Returns:
+        ``(tensors, meta)``: tensors named ``state.<index>.<name>`` (CPU, contiguous), and a JSON
+        dict with the param groups and any non-tensor per-parameter values.
+
+    Raises:
+        ValueError: a param-group or state value is neither a tensor nor JSON-serialisable.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if "." in name:
+                raise ValueError(f"optimizer state name {name!r} of parameter {index} contains a dot")
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = _json_checked(value, f"optimizer state {index}.{name}")
+    groups = [_json_checked(dict(group), f"optimizer param group {i}") for i, group in enumerate(state_dict["param_groups"])]
+    meta = {"format_version": FORMAT_VERSION, "param_groups": groups, "state_scalars": scalars}
+    return tensors, meta
+
+
+def optimizer_state_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_state_to_safetensors`; returns a dict for ``load_state_dict``.
+
+    Raises:
+        ValueError: a tensor name does not have the ``state.<index>.<name>`` form.
+    """
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise ValueError(f"optimizer tensor {key!r} is not named state.<index>.<name>")
+        state.setdefault(int(parts[1]), {})[parts[2]] = tensor
+    for index, values in meta.get("state_scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """This process's generator states as fixed-shape tensors (so they can be gathered over ranks).
+
+    Returns:
+        ``python_state`` int64 (625,): Python ``random``'s Mersenne-Twister words and position;
+        ``python_gauss`` float64 (2,): [has cached gaussian, its value];
+        ``numpy_keys`` int64 (624,), ``numpy_meta`` float64 (3,): NumPy's legacy global state
+        (position, has gaussian, cached gaussian);
+        ``torch_cpu`` uint8 (5056,): ``torch.get_rng_state()``;
+        ``torch_cuda`` uint8: the generator of ``device`` when it is a CUDA device.
+    """
+    version, words, gauss = random.getstate()
+    if version != 3:
+        raise ValueError(f"unsupported Python random state version {version} (expected 3)")
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    if np_kind != "MT19937":
+        raise ValueError(f"unsupported NumPy random state {np_kind!r} (expected MT19937)")
+    state = {
+        "python_state": torch.tensor(words, dtype=torch.int64),
+        "python_gauss": torch.tensor([0.0 if gauss is None else 1.0, 0.0 if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_meta": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], rank: int = 0, device: torch.device | None = None) -> None:
+    """Restore the generators from one row (``rank``) of a gathered :func:`capture_rng_state` dict.
+
+    Raises:
+        ValueError: the saved state has fewer rows than ``rank + 1``, or a CUDA state is needed
+            but missing.
+    """
+    rows = state["torch_cpu"].shape[0]
+    if rank >= rows:
+        raise ValueError(f"{RNG_FILE} holds the RNG state of {rows} processes, but this is process {rank}")
+    words = tuple(int(w) for w in state["python_state"][rank].tolist())
+    has_gauss, gauss = state["python_gauss"][rank].tolist()
+    random.setstate((3, words, gauss if has_gauss else None))
+    np_pos, np_has_gauss, np_gauss = state["numpy_meta"][rank].tolist()
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"][rank].numpy().astype(np.uint32), int(np_pos), int(np_has_gauss), float(np_gauss))
+    )
+    torch.set_rng_state(state["torch_cpu"][rank].clone())
+    if device is not None and device.type == "cuda":
+        if "torch_cuda" not in state:
+            raise ValueError(f"{RNG_FILE} has no CUDA generator state, but the run uses {device}")
+        torch.cuda.set_rng_state(state["torch_cuda"][rank].clone(), device)
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    rng_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write ``<out_dir>/checkpoints/step-XXXXXXX/`` atomically, then point ``latest`` at it.
+
+    Call on the main process only, with full (gathered) states.
+
+    Args:
+        step: optimizer steps completed.
+        model_state: student state dict.
+        optimizer_state: ``optimizer.state_dict()``.
+        scheduler_state: ``scheduler.state_dict()`` (must be JSON-serialisable).
+        rng_state: gathered :func:`capture_rng_state` tensors, one row per rank.
+        trainer_state: JSON-serialisable progress; ``step`` and a file manifest are added.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        ValueError: a scheduler/optimizer/trainer value cannot be stored as JSON.
+        OSError: the folder cannot be written (the previous checkpoint stays latest).
+    """
+    root = checkpoints_dir(out_dir)
+    final = root / step_dirname(step)
+    opt_tensors, opt_meta = optimizer_state_to_safetensors(optimizer_state)
+    scheduler_json = _json_checked(dict(scheduler_state), "scheduler state")
+    with atomic_dir(final) as tmp:
+        save_model_state(model_state, tmp / MODEL_FILE)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+        _write_json_plain(tmp / OPTIMIZER_META_FILE, opt_meta)
+        _write_json_plain(tmp / SCHEDULER_FILE, scheduler_json)
+        save_file({k: v.contiguous() for k, v in rng_state.items()}, str(tmp / RNG_FILE), metadata={"format": "pt"})
+        manifest = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in (MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META_FILE, SCHEDULER_FILE, RNG_FILE)
+        }
+        state = dict(trainer_state, step=step, format_version=FORMAT_VERSION, files=manifest)
+        _write_json_plain(tmp / TRAINER_STATE_FILE, _json_checked(state, "trainer state"))
+    with atomic_path(root / LATEST_FILENAME) as tmp_pointer:
+        tmp_pointer.write_text(final.name + "\n")
+    return final
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and verify one checkpoint folder.
+
+    Every file listed in ``trainer_state.json``'s manifest is checked for presence, size and
+    SHA-256 before it is parsed.
+
+    Args:
+        path: a ``step-XXXXXXX`` folder (or an ``out_dir``, meaning its latest checkpoint).
+        map_location: device for the loaded tensors.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing (names it).
+        ValueError: a file is truncated, corrupt (checksum mismatch) or unparsable (names it).
+    """
+    path = Path(path)
+    if not _STEP_DIR.match(path.name) and (path / CHECKPOINTS_DIRNAME).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no completed checkpoint ({checkpoints_dir(path) / LATEST_FILENAME} is missing)")
+        path = latest
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint folder not found")
+    trainer_state = read_json(path / TRAINER_STATE_FILE)
+    if not isinstance(trainer_state, dict) or "files" not in trainer_state or "step" not in trainer_state:
+        raise ValueError(f"{path / TRAINER_STATE_FILE}: not a kronlm trainer state (no 'step'/'files')")
+    for name, expected in trainer_state["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: checkpoint file missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise ValueError(f"{file}: checkpoint file truncated or altered ({size} bytes, expected {expected['bytes']})")
+        if _sha256(file) != expected["sha256"]:
+            raise ValueError(f"{file}: checkpoint file corrupt (SHA-256 does not match the manifest)")
+    model_state = load_model_state(path / MODEL_FILE)
+    opt_tensors, _ = _read_safetensors(path / OPTIMIZER_FILE)
+    optimizer_state = optimizer_state_from_safetensors(opt_tensors, read_json(path / OPTIMIZER_META_FILE))
+    scheduler_state = read_json(path / SCHEDULER_FILE)
+    rng_state, _ = _read_safetensors(path / RNG_FILE)
+    if str(map_location) != "cpu":
+        model_state = {k: v.to(map_location) for k, v in model_state.items()}
+    return Checkpoint(path, model_state, optimizer_state, scheduler_state, rng_state, trainer_state)
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int, *, protect_steps: tuple[int, ...] = ()) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoint folders, sparing ``protect_steps`` and latest.
+
+    Also removes leftover temporary folders of interrupted writes. Returns the deleted folders.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    found = list_checkpoints(out_dir)
+    latest = latest_checkpoint(out_dir)
+    spared = {step for step, _ in found[-keep:]} | set(protect_steps)
+    removed = []
+    for step, folder in found:
+        if step in spared or (latest is not None and folder == latest):
+            continue
+        shutil.rmtree(folder)
+        removed.append(folder)
+    root = checkpoints_dir(out_dir)
+    for leftover in root.glob(".step-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_checked(value: Any, what: str) -> Any:
+    """Round-trip ``value`` through JSON so tuples become lists and unstorable values are caught."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=True))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} cannot be stored as JSON ({exc})") from None
+
+
+def _write_json_plain(path: Path, obj: Any) -> None:
+    # Inside an atomic_dir the whole folder is the unit of atomicity; a plain write suffices.
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+__all__ = [
+    "Checkpoint",
+    "capture_rng_state",
+    "checkpoints_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_state",
+    "optimizer_state_from_safetensors",
+    "optimizer_state_to_safetensors",
+    "prune_checkpoints",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_model_state",
+    "step_dirname",
+    "write_json",
+]

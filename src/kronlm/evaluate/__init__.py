@@ -1,0 +1,12 @@
+"""Evaluation: token perplexity under named protocols (:mod:`kronlm.evaluate.perplexity`)."""
+
+from kronlm.evaluate.perplexity import (
+    PROTOCOLS,
+    PerplexityResult,
+    Window,
+    perplexity,
+    perplexity_of_text,
+    plan_windows,
+)
+
+__all__ = ["PROTOCOLS", "PerplexityResult", "Window", "perplexity", "perplexity_of_text", "plan_windows"]

@@ -1,0 +1,52 @@
+"""Shared test setup: offline hub, one intra-op thread for tiny models, tiny model builders."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models run fastest on one thread, and two test processes never fight over the cores.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def all_threads():
+    """Use every core for a test on a real model; restores one thread afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=4, n_head=4, n_inner=64)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_bert(seed: int = 0, cls_name: str = "BertModel", **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    cfg.update(overrides)
+    return getattr(transformers, cls_name)(transformers.BertConfig(**cfg)).eval()

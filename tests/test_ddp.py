@@ -1,0 +1,131 @@
+"""Distillation with 2 processes (CPU DDP over gloo, launched by ``torchrun``) against one process.
+
+The test launches this file under ``python -m torch.distributed.run --nproc_per_node 2``; each
+rank trains the same tiny GPT-2 student with the ``ilkd-kngpt2`` recipe. Afterwards both ranks
+must hold bit-identical weights, the loss must have gone down, and the per-step losses must match
+a single-process run that sees the same 8 blocks per step (2 processes x 2 micro-batches x 2
+accumulation steps vs 1 process x 2 x 4): DDP's gradient averaging and the trainer's data
+sharding together must reproduce the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+VOCAB = 64
+BLOCK = 16
+STEPS = 6
+
+
+def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # ranks draw different dropout masks
+    )
+    return GPT2LMHeadModel(config)
+
+
+def run_config(out_dir: Path, grad_accum_steps: int):
+    from kronlm.distill.config import TrainingConfig
+
+    return TrainingConfig(
+        recipe="ilkd-kngpt2", block_size=BLOCK, micro_batch_size=2, grad_accum_steps=grad_accum_steps,
+        max_steps=STEPS, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=3, save_every=3, mixed_precision="no",
+        seed=7, log_dir=str(out_dir / "logs"),
+    )
+
+
+def tiny_blocks():
+    from kronlm.data.blocks import TokenBlocks
+
+    ids = (torch.arange(VOCAB * 20) * 5) % VOCAB
+    return TokenBlocks.from_ids(ids, BLOCK, val_fraction=0.1)
+
+
+def _worker(out_dir: Path) -> None:
+    """One rank of the torchrun job: train, then compare weights across ranks on rank 0."""
+    from kronlm.distill import trainer
+    from kronlm.distill.trainer import make_accelerator, train
+
+    # Record what the objective is handed: the DDP-wrapped student and the bare teacher.
+    seen = set()
+    build = trainer._build_objective
+
+    def recording_objective(config):
+        objective = build(config)
+
+        class Recorder:
+            needs_teacher = objective.needs_teacher
+
+            def __call__(self, student, teacher, batch):
+                seen.add((type(student).__name__, type(teacher).__name__))
+                return objective(student, teacher, batch)
+
+        return Recorder()
+
+    trainer._build_objective = recording_objective
+    cfg = run_config(out_dir, grad_accum_steps=2)
+    accelerator = make_accelerator(cfg, out_dir)
+    student, teacher = tiny_gpt2(1), tiny_gpt2(2)
+    result = train(student, teacher, tiny_blocks(), cfg, out_dir, accelerator=accelerator)
+    flat = torch.cat([p.detach().flatten() for p in student.parameters()])
+    every = accelerator.gather(flat.unsqueeze(0))
+    if accelerator.is_main_process:
+        report = {
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "objective_saw": sorted(seen),
+            "teacher_type": type(teacher).__name__,
+            "teacher_frozen": not any(p.requires_grad for p in teacher.parameters()) and not teacher.training,
+            "max_rank_difference": (every[0] - every[1]).abs().max().item(),
+            "losses": result.losses,
+            "val_ppl": [v["ppl"] for v in result.val_history],
+            "tokens_seen": result.tokens_seen,
+        }
+        (out_dir / "report.json").write_text(json.dumps(report))
+
+
+def test_two_process_ddp_distillation_matches_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               __file__, str(tmp_path / "ddp")]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+
+    assert report["num_processes"] == 2 and report["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert report["objective_saw"] == [["DistributedDataParallel", "GPT2LMHeadModel"]]  # (student, teacher)
+    assert report["teacher_type"] == "GPT2LMHeadModel" and report["teacher_frozen"]
+    assert report["max_rank_difference"] == 0.0
+    losses = report["losses"]
+    assert len(losses) == STEPS and losses[-1] < 0.85 * losses[0]
+    assert report["tokens_seen"] == STEPS * 8 * BLOCK
+
+    # The checkpoint carries both ranks' RNG states.
+    from kronlm.distill.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "ddp")
+    assert ckpt.step == STEPS and ckpt.rng_state["torch_cpu"].shape[0] == 2
+    assert ckpt.trainer_state["world_size"] == 2
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+    # One process, 4 accumulation steps: the same blocks per step, so the same losses.
+    from kronlm.distill.trainer import train
+
+    single = train(tiny_gpt2(1), tiny_gpt2(2), tiny_blocks(), run_config(tmp_path / "one", grad_accum_steps=4),
+                   tmp_path / "one")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
+    for a, b in zip(ckpt.model_state.values(), load_checkpoint(tmp_path / "one").model_state.values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
