@@ -24,6 +24,7 @@ from kronlm.distill.trainer import (
     epoch_indices,
     evaluate_perplexity,
     make_accelerator,
+    process_share,
     train,
 )
 
@@ -310,7 +311,97 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         train(student, None, small, config(tmp_path, micro_batch_size=4, grad_accum_steps=2), tmp_path / "b")
     with pytest.raises(ValueError, match="blocks have 16 tokens each but block_size is 32"):
         train(student, None, blocks, config(tmp_path, block_size=32), tmp_path / "c")
-    with pytest.raises(ValueError, match=r"warmup_steps \(10\) must be smaller than max_steps \(6\)"):
-        train(student, None, blocks, config(tmp_path, warmup_steps=10), tmp_path / "d")
+    with pytest.raises(ValueError, match=r"warmup_steps \(10\) must be smaller than max_steps \(4\)"):
+        # 144 training blocks, 4 per step: 0.1 epoch is 4 steps, known only once the data is seen
+        train(student, None, blocks, config(tmp_path, max_steps=None, epochs=0.1, warmup_steps=10), tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="no completed checkpoint"):
         train(student, None, blocks, config(tmp_path), tmp_path / "e", resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ configs and CLI
+
+
+def test_example_configs_load_and_comment_every_key():
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("distill-*.yaml"))
+    assert len(files) >= 3
+    fields = [f.name for f in dataclasses.fields(TrainingConfig)]
+    for file in files:
+        TrainingConfig.from_file(file)
+        assert list(yaml.safe_load(file.read_text())) == fields, file.name
+        lines = file.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line and not line.startswith((" ", "#")):  # a top-level key
+                assert lines[i - 1].startswith("#"), f"{file.name}: no comment above {line!r}"
+
+
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+
+
+def test_cli_truncate_then_distill_then_resume(tmp_path, capsys):
+    from kronlm.cli import main
+
+    words = [f"w{i}" for i in range(30)]
+    tokenizer = _word_tokenizer(words)
+    teacher = tiny_gpt2(3, n_layer=4)
+    teacher.resize_token_embeddings(len(tokenizer))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(" ".join(words[(i * 7 + j) % 30] for j in range(40)) for i in range(40)) + "\n")
+    yaml_config = tmp_path / "run.yaml"
+    yaml_config.write_text("max_steps: 100\nblock_size: 64\neval_every: 2\nsave_every: 2\nmixed_precision: no\n"
+                           f"lr: 5.0e-3\nmin_lr: 5.0e-4\nlog_dir: {tmp_path / 'logs'}\n")
+
+    assert main(["truncate", str(tmp_path / "teacher"), "--layers", "0,2", "--out", str(tmp_path / "student")]) == 0
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.config.n_layer == 2
+
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+            "--data", str(text), "--out", str(tmp_path / "run"), "--recipe", "ilkd-kngpt2", "--layer-map", "1,3",
+            "--config", str(yaml_config), "--block-size", "16", "--batch-size", "2", "--warmup-steps", "1"]
+    assert main(args + ["--max-steps", "4"]) == 0
+    used = TrainingConfig.from_file(tmp_path / "run" / "training_config.yaml")
+    assert (used.max_steps, used.block_size, used.layer_map, used.eval_every) == (4, 16, [1, 3], 2)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert final.config.n_layer == 2 and (tmp_path / "run" / "final" / "tokenizer.json").is_file()
+    assert (tmp_path / "run" / "best" / "training_summary.json").is_file()
+
+    assert main(args + ["--max-steps", "6", "--resume"]) == 0
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000006"
+    capsys.readouterr()
+
+    assert main(args + ["--max-steps", "4", "--layer-map", "1,x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kronlm: error:") and "--layer-map" in err and "'x'" in err and "\n" not in err
+    test_split = tmp_path / "wiki.test.raw"
+    test_split.write_text(text.read_text())
+    bad_data = [a if a != str(text) else str(test_split) for a in args]
+    assert main(bad_data + ["--max-steps", "4"]) == 2
+    assert "looks like a test split" in capsys.readouterr().err
+    assert main(["truncate", str(tmp_path / "teacher"), "--layers", "0,9", "--out", str(tmp_path / "x")]) == 1
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_process_shares_are_disjoint_and_independent_of_the_split():
+    indices = list(range(100, 148))  # 48 blocks = 3 steps of 16
+    one = process_share(indices, 0, micro_batch_size=2, grad_accum_steps=8, num_processes=1, process_index=0)
+    two = [process_share(indices, 0, 2, 4, 2, p) for p in range(2)]
+    four = [process_share(indices, 1, 2, 2, 4, p) for p in range(4)]  # from step 1
+    assert one == indices
+    assert sorted(two[0] + two[1]) == indices and not set(two[0]) & set(two[1])
+    for step in range(3):  # each step covers the same 16 blocks however it is split
+        assert sorted(two[0][step * 8:(step + 1) * 8] + two[1][step * 8:(step + 1) * 8]) == indices[step * 16:(step + 1) * 16]
+    assert two[1][:2] == [102, 103]  # micro-batch 0 of process 1 follows micro-batch 0 of process 0
+    assert sorted(sum(four, [])) == indices[16:]

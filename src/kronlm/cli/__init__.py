@@ -14,7 +14,7 @@ import sys
 
 import click
 
-SUBCOMMANDS = ("compress", "eval", "presets", "distill", "truncate")
+SUBCOMMANDS = ("compress", "eval", "presets", "shapes", "distill", "truncate")
 _MODULES = {"eval": "evaluate"}
 
 

@@ -85,7 +85,8 @@ def choose_factor_shapes(
 ) -> FactorShape:
     """Pick factor shapes that compress an (out, in) matrix at least ``compression_ratio`` times.
 
-    Among the shapes within the budget out·in/ratio, ``prefer="params"`` takes the one with the
+    The budget is out·in/ratio with 0.5 % slack, so that halving a matrix with a 2-element B
+    (which adds 2 parameters to exactly half) counts as 2x. Among the shapes within budget, ``prefer="params"`` takes the one with the
     most parameters (the closest to the budget, so the most capacity), ``prefer="speed"`` the one
     with the fewest multiply-adds; ties go to full-rank shapes, then to balanced ones.
 
@@ -97,7 +98,7 @@ def choose_factor_shapes(
         raise ValueError(f"{name}: compression ratio must be > 1, got {compression_ratio}")
     if prefer not in ("params", "speed"):
         raise ValueError(f"{name}: prefer must be 'params' or 'speed', got {prefer!r}")
-    budget = out_features * in_features / compression_ratio
+    budget = out_features * in_features / compression_ratio * 1.005
     candidates = [s for s in factor_shapes(out_features, in_features, rank) if s.params <= budget]
     if not candidates:
         best = max((s.compression_ratio for s in factor_shapes(out_features, in_features, rank)), default=1.0)

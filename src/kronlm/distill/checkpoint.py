@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kronlm.utils.io import atomic_dir, atomic_path, read_json, write_json
+from kronlm.utils.io import atomic_dir, atomic_path, read_json
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
@@ -453,5 +453,4 @@ __all__ = [
     "save_checkpoint",
     "save_model_state",
     "step_dirname",
-    "write_json",
 ]

@@ -40,6 +40,29 @@ class TrainingConfig:
     peak rate. Weight decay applies to matrices and factors only, never to biases, norm weights
     or scalars (tensors with fewer than 2 dimensions).
 
+    Attributes:
+        recipe: loss recipe name (:data:`kronlm.distill.recipes.RECIPES`).
+        loss_weights: overrides of the recipe's ``LossWeights`` fields (embedding, attention,
+            hidden, kd, ce, cosine, attention_loss, temperature).
+        layer_map: teacher layer (0-based) for each student layer; None = identity.
+        block_size: tokens per training block.
+        micro_batch_size: blocks per forward pass and process.
+        grad_accum_steps: micro-batches per optimizer step.
+        max_steps / epochs: run length in optimizer steps, or in passes over the training
+            blocks (at most one of the two; neither = 1 epoch).
+        lr, lr_kronecker, lr_scalars, min_lr: peak and floor learning rates (see above).
+        warmup_steps: linear warm-up steps from 0 to the peak.
+        betas, eps, weight_decay: AdamW settings.
+        grad_clip: maximum global gradient L2 norm; None = no clipping (the norm is still logged).
+        mixed_precision: "no", "bf16", or "auto" (bf16 on a CUDA device that supports it).
+        eval_every: validation every this many steps (and after the last step).
+        eval_batches: validation micro-batches per pass (all processes together); None = all.
+        save_every: checkpoint every this many steps (and after the last step).
+        keep_checkpoints: newest checkpoints kept (the best one is kept as well).
+        seed: seeds the data order (same on every process) and the RNGs (offset by process rank).
+        log_dir: TensorBoard folder; None = ``<out_dir>/logs``.
+        freeze_uncompressed: train only Kronecker factors and scalars.
+
     Raises:
         ValueError: from :meth:`validate` (called by ``__post_init__``) when a value is out of
             range, naming the key and the value.
@@ -72,6 +95,9 @@ class TrainingConfig:
     freeze_uncompressed: bool = False
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:
+            # YAML 1.1 reads an unquoted `mixed_precision: no` as the boolean false.
+            self.mixed_precision = "no"
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         if self.layer_map is not None:
@@ -97,6 +123,10 @@ class TrainingConfig:
             )
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"training config: max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"training config: warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})"
+            )
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise ValueError(f"training config: epochs must be a positive number, got {self.epochs!r}")
         if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
@@ -170,8 +200,12 @@ class TrainingConfig:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "TrainingConfig":
-        """Read a ``.yaml``/``.yml``/``.json`` config file.
+    def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainingConfig":
+        """Read a ``.yaml``/``.yml``/``.json`` config file, with ``overrides`` replacing its values.
+
+        The overrides (e.g. command-line flags) are applied before validation, so a file that is
+        only consistent together with them (``warmup_steps`` below an overridden ``max_steps``)
+        is accepted.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
@@ -191,7 +225,10 @@ class TrainingConfig:
                 raise ValueError(f"{path}: training config must end in .yaml, .yml or .json")
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot parse training config ({exc})".replace("\n", " ")) from None
-        return cls.from_dict(values if values is not None else {}, source=str(path))
+        values = values if values is not None else {}
+        if isinstance(values, dict) and overrides:
+            values = {**values, **overrides}
+        return cls.from_dict(values, source=str(path))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the config atomically as YAML (``.yaml``/``.yml``) or JSON (anything else)."""

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +100,16 @@ def resolve_mixed_precision(mode: str) -> str:
 def make_accelerator(config: TrainingConfig, out_dir: str | os.PathLike):
     """The :class:`accelerate.Accelerator` a run of ``config`` uses.
 
-    TensorBoard logs go to ``config.log_dir`` (default ``out_dir/logs``). On a machine without an
-    accelerator device, a multi-process launch (``WORLD_SIZE`` > 1, e.g. ``torchrun`` on CPU) is
-    run as CPU DDP over gloo; accelerate would otherwise treat each process as a separate
-    single-process run.
+    Gradient accumulation over ``config.grad_accum_steps`` micro-batches, mixed precision from
+    :func:`resolve_mixed_precision`, TensorBoard logs under ``config.log_dir`` (default
+    ``out_dir/logs``). On a machine without an accelerator device, a multi-process launch
+    (``WORLD_SIZE`` > 1, e.g. ``torchrun`` on CPU) runs as CPU DDP over gloo; accelerate would
+    otherwise treat each process as a separate single-process run. Create it before loading data
+    so ``accelerator.main_process_first()`` can order the tokenisation.
+
+    Raises:
+        ValueError: ``ACCELERATE_*`` settings from ``accelerate launch`` that contradict the
+            config (raised by accelerate).
     """
     from accelerate import Accelerator
 
@@ -190,7 +196,13 @@ def build_param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[st
 
 
 def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups` with ``config.betas`` / ``eps`` (Krony-PT: 0.9, 0.95)."""
+    """AdamW (decoupled weight decay) over :func:`build_param_groups`, ``config.betas`` / ``eps``.
+
+    Krony-PT's settings are the config defaults: betas (0.9, 0.95), weight decay 0.1.
+
+    Raises:
+        ValueError: as :func:`build_param_groups`.
+    """
     return torch.optim.AdamW(
         build_param_groups(model, config), lr=config.lr, betas=tuple(config.betas), eps=config.eps
     )
@@ -259,15 +271,42 @@ def _as_dataset(data: Any, block_size: int, what: str) -> Dataset | None:
 
 
 def epoch_indices(num_blocks: int, epoch: int, seed: int, per_step: int) -> list[int]:
-    """The blocks of one epoch in training order: a permutation seeded by (seed, epoch).
+    """The block indices of one epoch in training order: a permutation seeded by (seed, epoch).
 
-    Truncated to a whole number of optimizer steps of ``per_step`` blocks (all processes together);
-    the remainder is dropped, a different remainder every epoch.
+    Args:
+        num_blocks: training blocks N.
+        epoch: 0-based epoch.
+        seed: the run's seed.
+        per_step: blocks per optimizer step over all processes
+            (micro_batch_size x grad_accum_steps x processes).
+
+    Returns:
+        ``(N // per_step) * per_step`` distinct indices in [0, N); the remainder is dropped, a
+        different one every epoch. Step ``s`` uses entries ``[s * per_step, (s + 1) * per_step)``.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_blocks, generator=generator)
     usable = (num_blocks // per_step) * per_step
     return order[:usable].tolist()
+
+
+def process_share(indices: list[int], start_step: int, micro_batch_size: int, grad_accum_steps: int,
+                  num_processes: int, process_index: int) -> list[int]:
+    """The blocks one process trains on, in order, from optimizer step ``start_step`` of an epoch.
+
+    Within a step of ``per_step = micro_batch_size * grad_accum_steps * num_processes`` blocks,
+    micro-batch ``a`` of process ``p`` is the ``(a * num_processes + p)``-th run of
+    ``micro_batch_size`` blocks. Every process thus sees a disjoint share, and with
+    ``num_processes * grad_accum_steps`` fixed the blocks of each step do not depend on how they
+    are split over processes (2 processes x 2 accumulation steps = 1 process x 4).
+    """
+    per_step = micro_batch_size * grad_accum_steps * num_processes
+    out = []
+    for step_start in range(start_step * per_step, len(indices), per_step):
+        for a in range(grad_accum_steps):
+            first = step_start + (a * num_processes + process_index) * micro_batch_size
+            out.extend(indices[first:first + micro_batch_size])
+    return out
 
 
 def _epoch_loader(dataset: Dataset, indices: list[int], micro_batch_size: int, seed: int, epoch: int) -> DataLoader:
@@ -290,8 +329,19 @@ def evaluate_perplexity(model: nn.Module, dataset: Dataset, accelerator, micro_b
     ``max_batches`` micro-batches (all when None), in order, are split round-robin over processes
     and the sums reduced, so every process returns the same value.
 
+    Args:
+        model: the (possibly DDP-wrapped) causal LM; evaluated unwrapped, in eval mode, then put
+            back in its previous mode.
+        dataset: map-style validation dataset of fixed-length blocks.
+        accelerator: the run's accelerator (device, process split, autocast, reduction).
+        micro_batch_size: blocks per forward pass.
+        max_batches: cap on micro-batches (all processes together); None = all.
+
     Returns:
         {"loss": mean nll (nats / token), "ppl": perplexity, "tokens": scored tokens}.
+
+    Raises:
+        ValueError: no position could be scored (blocks of one token, or all masked).
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
@@ -334,8 +384,16 @@ def _is_kronlm_compressed(model: nn.Module) -> bool:
 def export_student(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, summary: dict | None = None) -> Path:
     """Save a student so ``kronlm eval out_dir`` (and ``from_pretrained``) loads it; atomic.
 
-    A kronlm compressed model is written with ``kronlm.save``, anything else with
-    ``save_pretrained``; the tokenizer (if given) and ``training_summary.json`` go alongside.
+    A kronlm compressed model (one with Kronecker layers) is written with ``kronlm.save``, anything
+    else with ``save_pretrained``; the tokenizer (if given) and ``summary`` as
+    ``training_summary.json`` go alongside. The folder is assembled under a temporary name and
+    swapped in, replacing a previous ``out_dir``.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        OSError: the folder cannot be written.
     """
     import kronlm
 
@@ -430,7 +488,7 @@ def train(
             for one step, a resume with a different data order, ...).
         FileNotFoundError: ``resume`` without a completed checkpoint in ``out_dir``.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     out_dir = Path(out_dir)
     accelerator = accelerator or make_accelerator(config, out_dir)
@@ -438,6 +496,11 @@ def train(
         raise ValueError(
             f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
             f"the config {config.grad_accum_steps}"
+        )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"{accelerator.distributed_type.value} is not supported: kronlm's checkpoints hold a full, "
+            "unsharded optimizer state; launch with DDP (accelerate launch --multi_gpu, or torchrun)"
         )
     device = accelerator.device
     world = accelerator.num_processes
@@ -568,14 +631,8 @@ def train(
         while step < max_steps:
             epoch, offset = divmod(step, steps_per_epoch)
             indices = epoch_indices(len(train_set), epoch, config.seed, per_step)
-            # This process's share: micro-batches alternate between processes within every step.
-            mine = [
-                i
-                for s in range(offset, steps_per_epoch)
-                for a in range(config.grad_accum_steps)
-                for i in indices[s * per_step + (a * world + accelerator.process_index) * config.micro_batch_size:
-                                 s * per_step + (a * world + accelerator.process_index + 1) * config.micro_batch_size]
-            ]
+            mine = process_share(indices, offset, config.micro_batch_size, config.grad_accum_steps, world,
+                                 accelerator.process_index)
             batches = iter(_epoch_loader(train_set, mine, config.micro_batch_size, config.seed, epoch))
             for _ in range(offset, steps_per_epoch):
                 started = time.perf_counter()
@@ -668,6 +725,7 @@ __all__ = [
     "evaluate_perplexity",
     "export_student",
     "make_accelerator",
+    "process_share",
     "resolve_mixed_precision",
     "train",
 ]

@@ -107,7 +107,7 @@ def plan_windows(n_tokens: int, max_length: int, stride: int | None = None, prot
     first token has no context, so ``n_tokens - windows`` tokens are scored (as in the guide's code,
     whose label shift drops it).
 
-    ``"disjoint"`` (Krony-PT): ``n_tokens // max_length`` windows ``[k * max_length, (k + 1) *
+    ``"disjoint"`` (Krony-PT, ``stride`` ignored): ``n_tokens // max_length`` windows ``[k * max_length, (k + 1) *
     max_length)``, each scoring its last ``max_length - 1`` tokens. A trailing partial window is
     dropped, as in Krony-PT's code, unless it is the only window (``n_tokens < max_length``).
 
@@ -138,11 +138,8 @@ def _check_arguments(n_tokens: int, max_length: int, stride: int | None, protoco
     if max_length < 2:
         raise ValueError(f"max_length is {max_length} but a window needs at least 2 tokens (one context, one scored)")
     if protocol == "disjoint":
-        if stride is not None and stride != max_length:
-            raise ValueError(
-                f"the disjoint protocol uses non-overlapping windows: stride must equal max_length ({max_length}) "
-                f"or be left out, got {stride}"
-            )
+        # The windows never overlap, so the window advance is max_length whatever stride says: a
+        # caller can pass one set of options for both protocols (the CLI does).
         stride = max_length
     elif stride is None:
         stride = min(DEFAULT_STRIDE, max_length)
@@ -200,7 +197,8 @@ def perplexity(
         input_ids: (n_tokens,) integer token ids, one sequence (e.g. ``tokenizer(text)["input_ids"]``).
         max_length: window length in tokens; at most ``config.max_position_embeddings``.
         stride: window advance in tokens for ``"sliding"``; None means ``min(512, max_length)``
-            (the guide's 512 for ``max_length`` 1024). ``"disjoint"`` takes None or ``max_length``.
+            (the guide's 512 for ``max_length`` 1024). ``"disjoint"`` ignores it: its windows
+            advance by ``max_length``, and the result reports ``stride = max_length``.
         protocol: ``"sliding"`` (HF guide) or ``"disjoint"`` (Krony-PT).
         batch_size: windows per forward pass.
         device: where to run; None uses the model's device. A model elsewhere is moved there.
@@ -211,8 +209,8 @@ def perplexity(
         a :class:`PerplexityResult`.
 
     Raises:
-        ValueError: unknown protocol; ``max_length < 2``; ``stride`` outside ``1 .. max_length`` (or
-            not ``max_length`` for ``"disjoint"``); fewer than 2 tokens; ``input_ids`` not a 1-D
+        ValueError: unknown protocol; ``max_length < 2``; ``stride`` outside ``1 .. max_length``
+            (sliding); fewer than 2 tokens; ``input_ids`` not a 1-D
             integer tensor; ``max_length`` above the model's ``max_position_embeddings``; a token id
             outside the model's vocabulary; ``batch_size < 1``.
     """
