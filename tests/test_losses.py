@@ -370,3 +370,26 @@ def test_hidden_cosine_matches_loops():
     # Scale-invariant, and opposite vectors give 2.
     assert hidden_cosine(3 * s, t, MASK).item() == pytest.approx(out.item(), rel=1e-12)
     assert hidden_cosine(-t, t, MASK).item() == pytest.approx(2.0, rel=1e-12)
+
+
+def test_relative_hidden_mse_divides_each_layer_by_teacher_mean_square():
+    from kronlm.distill.losses import hidden_mse
+
+    g = torch.Generator().manual_seed(7)
+    teacher = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64) * scale for scale in (1.0, 300.0)]
+    student = [t + torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for t in teacher]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        diffs, squares = [], []
+        for b in range(2):
+            for i in range(3):
+                if mask[b, i]:
+                    diffs += [(s[b, i, k] - t[b, i, k]).item() ** 2 for k in range(4)]
+                    squares += [t[b, i, k].item() ** 2 for k in range(4)]
+        expected += (sum(diffs) / len(diffs)) / (sum(squares) / len(squares))
+    got = hidden_mse(student, teacher, [0, 1], mask, normalize=True)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    # Scale-free: multiplying both models' states by 10 leaves it unchanged.
+    scaled = hidden_mse([10 * s for s in student], [10 * t for t in teacher], [0, 1], mask, normalize=True)
+    assert scaled.item() == pytest.approx(expected, rel=1e-12)

@@ -43,7 +43,7 @@ class TrainingConfig:
     Attributes:
         recipe: loss recipe name (:data:`kronlm.distill.recipes.RECIPES`).
         loss_weights: overrides of the recipe's ``LossWeights`` fields (embedding, attention,
-            hidden, kd, ce, cosine, attention_loss, temperature).
+            hidden, kd, ce, cosine, attention_loss, temperature, hidden_loss).
         layer_map: teacher layer (0-based) for each student layer; None = identity.
         block_size: tokens per training block.
         micro_batch_size: blocks per forward pass and process.

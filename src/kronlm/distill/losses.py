@@ -130,6 +130,8 @@ def hidden_mse(
     teacher_states: list[torch.Tensor],
     layer_map: list[int],
     mask: torch.Tensor,
+    *,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Sum over student layers of the MSE between mapped hidden states.
 
@@ -138,10 +140,15 @@ def hidden_mse(
         teacher_states: list of n_teacher tensors (batch, seq, hidden), the output of each teacher block.
         layer_map: n_student ints; student layer ``l`` is compared with teacher layer ``layer_map[l]``.
         mask: (batch, seq) bool or 0/1 integer; True = real token.
+        normalize: divide each layer's MSE by the teacher layer's mean square over the same
+            entries (detached), making every layer's term scale-free. Llama-family models carry
+            hidden states with entries in the hundreds (massive activations), whose plain MSE is
+            ~10⁵ and drowns every other term; the papers' recipes (GPT-2, BERT) use plain MSE.
 
     Returns:
-        0-dim tensor: Σ_l embedding_mse(H_S,l, H_T,layer_map[l], mask), each term the mean over real
-        positions and features. SPEC §4 *sums* over layers, so the term grows with depth.
+        0-dim tensor: Σ_l embedding_mse(H_S,l, H_T,layer_map[l], mask) (divided by mean(H_T,l²) when
+        ``normalize``), each term the mean over real positions and features. SPEC §4 *sums* over
+        layers, so the term grows with depth.
 
     Raises:
         ValueError: empty student list, layer map of the wrong length or with an index out of range,
@@ -155,6 +162,9 @@ def hidden_mse(
     total = None
     for l, t in enumerate(layer_map):
         term = embedding_mse(student_states[l], teacher_states[t], mask)
+        if normalize:
+            scale = _as_float(teacher_states[t][mask.bool()]).detach().pow(2).mean()
+            term = term / scale.clamp_min(torch.finfo(term.dtype).tiny)
         total = term if total is None else total + term
     return total
 

@@ -218,7 +218,9 @@ class DistillationObjective:
         if w.hidden > 0:
             self._check_width(s_trace.hidden_states[0], t_trace.hidden_states[0], "hidden")
             layer_map = self._resolve_layer_map(len(s_trace.hidden_states), len(t_trace.hidden_states))
-            terms["hidden"] = hidden_mse(s_trace.hidden_states, t_trace.hidden_states, layer_map, mask)
+            terms["hidden"] = hidden_mse(
+                s_trace.hidden_states, t_trace.hidden_states, layer_map, mask, normalize=w.hidden_loss == "relative_mse"
+            )
         if w.kd > 0:
             kd = self._kd_term(s_trace, t_trace, mask)
             if kd is not None:

@@ -24,9 +24,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ATTENTION_LOSSES", "RECIPES", "LossWeights", "get_recipe"]
+__all__ = ["ATTENTION_LOSSES", "HIDDEN_LOSSES", "RECIPES", "LossWeights", "get_recipe"]
 
 ATTENTION_LOSSES = ("score_mse", "kl")
+HIDDEN_LOSSES = ("mse", "relative_mse")
 _WEIGHT_FIELDS = ("embedding", "attention", "hidden", "kd", "ce", "cosine")
 
 
@@ -43,6 +44,9 @@ class LossWeights:
         attention_loss: "score_mse" (MSE on pre-softmax scores, KroneckerBERT) or "kl"
             (KL(teacher ‖ student) on attention probabilities, KnGPT2).
         temperature: KD temperature T > 0; the KD term is multiplied by T².
+        hidden_loss: "mse" (the papers') or "relative_mse" (each layer's MSE divided by the
+            teacher layer's mean square: scale-free, for Llama-family models whose hidden states
+            reach the hundreds; see :func:`kronlm.distill.losses.hidden_mse`).
 
     Raises:
         ValueError: a negative or non-finite weight, an unknown ``attention_loss``, or
@@ -57,6 +61,7 @@ class LossWeights:
     cosine: float = 0.0
     attention_loss: str = "score_mse"
     temperature: float = 1.0
+    hidden_loss: str = "mse"
 
     def __post_init__(self) -> None:
         for name in _WEIGHT_FIELDS:
@@ -68,6 +73,8 @@ class LossWeights:
             object.__setattr__(self, name, float(value))
         if self.attention_loss not in ATTENTION_LOSSES:
             raise ValueError(f"attention_loss must be one of {list(ATTENTION_LOSSES)}, got {self.attention_loss!r}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss must be one of {list(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")

@@ -19,7 +19,9 @@ def forget_gguf_quantizer(model: nn.Module) -> nn.Module:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None or str(getattr(quantizer.quantization_config, "quant_method", "")).lower().split(".")[-1] != "gguf":
         return model
-    if not getattr(quantizer.quantization_config, "dequantize", True):
+    # transformers' legacy GGUF path (no matmul kernels) dequantises every weight whatever the
+    # ``dequantize`` flag says; weights kept quantized live in the quantizer's packed modules.
+    if getattr(quantizer, "packed_modules", None):
         raise ValueError("the GGUF weights were kept quantized; load with quantization_config=GgufConfig(dequantize=True) to compress or save")
     model.hf_quantizer = None
     config = getattr(model, "config", None)
