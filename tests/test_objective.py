@@ -25,14 +25,6 @@ from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine
-    # (measured 0.05 s vs 0.3-1.9 s per objective step under load).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 TERMS = ("embedding", "attention", "hidden", "kd", "ce", "cosine")
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kronlm.utils.io import atomic_path, write_json
+from kronlm.utils.io import atomic_path, file_sha256, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -325,14 +325,6 @@ def _dataset_documents(
         yield from (text for text in batch[text_field] if text and text.strip())
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load_cache(tensor_file: Path, manifest_file: Path, key: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
     """The cached stream, or None (with a warning naming the file) when it cannot be trusted."""
     if not manifest_file.exists():
@@ -350,7 +342,7 @@ def _load_cache(tensor_file: Path, manifest_file: Path, key: dict[str, Any]) -> 
     if not tensor_file.is_file():
         logger.warning("block cache file %s is missing; rebuilding it", tensor_file)
         return None
-    if _file_sha256(tensor_file) != manifest.get("sha256"):
+    if file_sha256(tensor_file) != manifest.get("sha256"):
         logger.warning("block cache file %s fails its SHA-256 check (truncated or corrupt); rebuilding it", tensor_file)
         return None
     try:
@@ -489,7 +481,7 @@ def build_blocks(
                 "num_tokens": ids.numel(),
                 "num_documents": num_documents,
                 "dtype": "int32",
-                "sha256": _file_sha256(tensor_file),
+                "sha256": file_sha256(tensor_file),
             },
         )
         from_cache = False
