@@ -295,3 +295,17 @@ def test_tied_model_state_is_stored_once_and_restored(tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(other.state_dict()[name], tensor)
     assert other.lm_head.weight is other.transformer.wte.weight
+
+
+def test_loading_without_model_and_optimizer_reads_only_the_small_files(tmp_path):
+    # Under FSDP the processes other than 0 load a checkpoint this way; process 0 broadcasts.
+    small_checkpoint(tmp_path, 2)
+    folder = latest_checkpoint(tmp_path)
+    full = load_checkpoint(folder)
+    light = load_checkpoint(folder, model_and_optimizer=False)
+    assert light.model_state == {} and light.optimizer_state == {}
+    assert light.step == 2 and light.trainer_state == full.trainer_state and light.scheduler_state == full.scheduler_state
+    assert all(torch.equal(light.rng_state[k], full.rng_state[k]) for k in full.rng_state)
+    (folder / ckpt_mod.MODEL_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors: checkpoint file missing"):
+        load_checkpoint(folder, model_and_optimizer=False)

@@ -53,7 +53,8 @@ def tiny_blocks():
 def _worker(out_dir: Path) -> None:
     """One rank of the torchrun job: train, then compare weights across ranks on rank 0."""
     from kronlm.distill import trainer
-    from kronlm.distill.trainer import make_accelerator, train
+    from kronlm.distill.distributed import make_accelerator
+    from kronlm.distill.trainer import train
 
     # Record what the objective is handed: the DDP-wrapped student and the bare teacher.
     seen = set()
@@ -91,6 +92,10 @@ def _worker(out_dir: Path) -> None:
             "tokens_seen": result.tokens_seen,
         }
         (out_dir / "report.json").write_text(json.dumps(report))
+    # A clean shutdown: a process group left to the interpreter's exit sometimes aborts the process
+    # ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 def test_two_process_ddp_distillation_matches_one_process(tmp_path):

@@ -16,17 +16,11 @@ from kronlm.data.blocks import BlockDataset, TokenBlocks
 from kronlm.distill.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from kronlm.distill.config import TrainingConfig
 from kronlm.export.save import COMPRESSION_FILE
-from kronlm.distill.trainer import (
-    TrainingDiverged,
-    build_optimizer,
-    build_param_groups,
-    build_scheduler,
-    epoch_indices,
-    evaluate_perplexity,
-    make_accelerator,
-    process_share,
-    train,
-)
+from kronlm.distill.data_order import epoch_indices, process_share
+from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
+from kronlm.distill.trainer import TrainingDiverged, train
+from kronlm.distill.validation import evaluate_perplexity
 
 VOCAB = 64
 BLOCK = 16
@@ -405,3 +399,60 @@ def test_process_shares_are_disjoint_and_independent_of_the_split():
         assert sorted(two[0][step * 8:(step + 1) * 8] + two[1][step * 8:(step + 1) * 8]) == indices[step * 16:(step + 1) * 16]
     assert two[1][:2] == [102, 103]  # micro-batch 0 of process 1 follows micro-batch 0 of process 0
     assert sorted(sum(four, [])) == indices[16:]
+
+
+def tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_llama_student_distils_and_rmsnorm_weights_skip_decay(tmp_path):
+    teacher = tiny_llama(0)
+    train(teacher, None, tiny_blocks(), config(tmp_path, max_steps=20, save_every=100, eval_every=100), tmp_path / "t")
+    student = tiny_llama(1)
+    groups = {g["name"]: g for g in build_param_groups(student, TrainingConfig())}
+    names = {id(p): n for n, p in student.named_parameters()}
+    no_decay = sorted(names[id(p)] for p in groups["no_decay"]["params"])
+    assert no_decay == sorted(n for n in names.values() if "norm" in n)  # Llama has no biases
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    result = train(student, teacher, tiny_blocks(), config(tmp_path, recipe="ilkd-kngpt2", max_steps=10, save_every=100),
+                   tmp_path / "s")
+    assert result.losses[-1] < 0.8 * result.losses[0]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s" / "final")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, student.state_dict()[name]), name
+
+
+def test_unsupported_process_layouts_are_refused_before_any_work(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    student = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    deepspeed = SimpleNamespace(gradient_accumulation_steps=1, distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(ValueError, match=r"DeepSpeed is not supported .*accelerate launch --use_fsdp --fsdp_version 2"):
+        train(student, None, tiny_blocks(), config(tmp_path), tmp_path / "a", accelerator=deepspeed)
+    plugin = SimpleNamespace(fsdp_version=1, use_orig_params=False)
+    fsdp1 = SimpleNamespace(gradient_accumulation_steps=1, distributed_type=DistributedType.FSDP,
+                            state=SimpleNamespace(fsdp_plugin=plugin))
+    with pytest.raises(ValueError, match=r"FSDP1 without use_orig_params .*--fsdp_version 2, or --fsdp_use_orig_params true"):
+        train(student, None, tiny_blocks(), config(tmp_path), tmp_path / "b", accelerator=fsdp1)
+    # `accelerate launch --use_fsdp` on a machine without GPUs: accelerate would run plain processes.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"FSDP was requested .* runs this as NO: FSDP needs GPUs"):
+        train(student, None, tiny_blocks(), config(tmp_path), tmp_path / "c")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    # `accelerate launch --use_deepspeed`: refused before accelerate asks for the DeepSpeed package.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
+        make_accelerator(config(tmp_path), tmp_path / "d")
+    assert not any((tmp_path / d).exists() for d in "abcd")
+    for name, param in student.named_parameters():
+        assert torch.equal(param, before[name]), name

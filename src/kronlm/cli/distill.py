@@ -97,7 +97,7 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
         )
 
     from kronlm.data.blocks import build_blocks
-    from kronlm.distill.trainer import make_accelerator, train
+    from kronlm.distill import make_accelerator, train
     from kronlm.models.loading import load_model, load_tokenizer, resolve_model_spec
 
     accelerator = make_accelerator(config, out)

@@ -1,10 +1,15 @@
-"""Recovery training by distillation (SPEC §4): loss terms, model tracing, recipes, objective.
+"""Recovery training by distillation (SPEC §4): loss terms, model tracing, recipes, objective,
+and the training engine (config, optimizer, checkpoints, the loop).
 
 Public API is re-exported here, one block per module; add new modules' exports as new blocks
 and extend ``__all__`` with them.
 """
 
 from kronlm.distill.capture import ModelTrace, is_causal_model, trace
+from kronlm.distill.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from kronlm.distill.config import TrainingConfig
+from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.export import export_student
 from kronlm.distill.losses import (
     attention_kl,
     attention_score_mse,
@@ -16,7 +21,10 @@ from kronlm.distill.losses import (
     logit_kd,
 )
 from kronlm.distill.objective import DistillationObjective, LossOutput, uniform_layer_map
+from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
+from kronlm.distill.trainer import TrainingDiverged, TrainResult, train
+from kronlm.distill.validation import evaluate_perplexity
 
 __all__ = [
     # capture
@@ -40,4 +48,26 @@ __all__ = [
     "RECIPES",
     "LossWeights",
     "get_recipe",
+    # checkpoint
+    "Checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    # config
+    "TrainingConfig",
+    # distributed
+    "make_accelerator",
+    # export
+    "export_student",
+    # optim
+    "build_optimizer",
+    "build_param_groups",
+    "build_scheduler",
+    # trainer
+    "TrainResult",
+    "TrainingDiverged",
+    "train",
+    # validation
+    "evaluate_perplexity",
 ]

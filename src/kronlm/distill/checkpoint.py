@@ -1,6 +1,9 @@
 """Training checkpoints in safetensors + JSON, written atomically, verified on load.
 
-A checkpoint is a folder ``<out_dir>/checkpoints/step-0000100/`` holding
+A checkpoint holds full (unsharded) states whatever the process layout that wrote it (one
+process, DDP, or FSDP, whose shards :mod:`kronlm.distill.distributed` gathers), so any layout
+with the same number of processes resumes it. It is a folder ``<out_dir>/checkpoints/step-0000100/``
+holding
 
 - ``model.safetensors``: the student's state dict (tied tensors stored once, aliases in metadata);
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter state tensors
@@ -20,7 +23,6 @@ rewritten (atomically), so a run killed while writing leaves the previous checkp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -34,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kronlm.utils.io import atomic_dir, atomic_path, read_json
+from kronlm.utils.io import atomic_dir, atomic_path, file_sha256, read_json
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
@@ -54,8 +56,9 @@ class Checkpoint:
 
     Attributes:
         path: the checkpoint folder.
-        model_state: student state dict (name -> tensor on CPU), tied names restored.
-        optimizer_state: a ``torch.optim.Optimizer.state_dict()``-shaped dict.
+        model_state: student state dict (name -> tensor on CPU), tied names restored; empty when
+            loaded with ``model_and_optimizer=False``.
+        optimizer_state: a ``torch.optim.Optimizer.state_dict()``-shaped dict (empty likewise).
         scheduler_state: a ``torch.optim.lr_scheduler.LRScheduler.state_dict()``-shaped dict.
         rng_state: name -> tensor with one row per process rank (see :func:`capture_rng_state`).
         trainer_state: the JSON written by the trainer (``step``, ``tokens_seen``, ``config``, ...).
@@ -323,7 +326,7 @@ def save_checkpoint(
         _write_json_plain(tmp / SCHEDULER_FILE, scheduler_json)
         save_file({k: v.contiguous() for k, v in rng_state.items()}, str(tmp / RNG_FILE), metadata={"format": "pt"})
         manifest = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
             for name in (MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META_FILE, SCHEDULER_FILE, RNG_FILE)
         }
         state = dict(trainer_state, step=step, format_version=FORMAT_VERSION, files=manifest)
@@ -333,7 +336,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", model_and_optimizer: bool = True) -> Checkpoint:
     """Read and verify one checkpoint folder.
 
     Every file listed in ``trainer_state.json``'s manifest is checked for presence, size and
@@ -342,6 +345,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     Args:
         path: a ``step-XXXXXXX`` folder (or an ``out_dir``, meaning its latest checkpoint).
         map_location: device for the loaded tensors.
+        model_and_optimizer: False leaves ``model_state`` and ``optimizer_state`` empty (their
+            files are then checked for presence and size only, not read): under FSDP only
+            process 0 reads the weights and broadcasts them.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing (names it).
@@ -358,6 +364,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     trainer_state = read_json(path / TRAINER_STATE_FILE)
     if not isinstance(trainer_state, dict) or "files" not in trainer_state or "step" not in trainer_state:
         raise ValueError(f"{path / TRAINER_STATE_FILE}: not a kronlm trainer state (no 'step'/'files')")
+    skipped = () if model_and_optimizer else (MODEL_FILE, OPTIMIZER_FILE)
     for name, expected in trainer_state["files"].items():
         file = path / name
         if not file.is_file():
@@ -365,11 +372,14 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise ValueError(f"{file}: checkpoint file truncated or altered ({size} bytes, expected {expected['bytes']})")
-        if _sha256(file) != expected["sha256"]:
+        if name not in skipped and file_sha256(file) != expected["sha256"]:
             raise ValueError(f"{file}: checkpoint file corrupt (SHA-256 does not match the manifest)")
-    model_state = load_model_state(path / MODEL_FILE)
-    opt_tensors, _ = _read_safetensors(path / OPTIMIZER_FILE)
-    optimizer_state = optimizer_state_from_safetensors(opt_tensors, read_json(path / OPTIMIZER_META_FILE))
+    model_state: dict[str, torch.Tensor] = {}
+    optimizer_state: dict[str, Any] = {}
+    if model_and_optimizer:
+        model_state = load_model_state(path / MODEL_FILE)
+        opt_tensors, _ = _read_safetensors(path / OPTIMIZER_FILE)
+        optimizer_state = optimizer_state_from_safetensors(opt_tensors, read_json(path / OPTIMIZER_META_FILE))
     scheduler_state = read_json(path / SCHEDULER_FILE)
     rng_state, _ = _read_safetensors(path / RNG_FILE)
     if str(map_location) != "cpu":
@@ -415,14 +425,6 @@ def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _json_checked(value: Any, what: str) -> Any:
