@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from kronlm.data.blocks import TokenBlocks
 from kronlm.distill import checkpoint as ckpt_mod
@@ -32,17 +32,13 @@ from kronlm.distill.checkpoint import (
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.trainer import train
 
-VOCAB = 64
-BLOCK = 16
+from training_models import BLOCK, VOCAB  # noqa: E402
+from training_models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 
 
 def tiny_gpt2(seed: int, dropout: float = 0.1) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(config)
+    """The shared tiny GPT-2, with dropout on by default: resume must reproduce the RNG stream."""
+    return _tiny_gpt2(seed, dropout=dropout)
 
 
 def tiny_blocks() -> TokenBlocks:

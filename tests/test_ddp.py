@@ -17,20 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-VOCAB = 64
-BLOCK = 16
+from training_models import BLOCK, VOCAB, tiny_gpt2  # noqa: E402  (dropout 0: ranks draw different masks)
 STEPS = 6
-
-
-def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # ranks draw different dropout masks
-    )
-    return GPT2LMHeadModel(config)
 
 
 def run_config(out_dir: Path, grad_accum_steps: int):

@@ -33,37 +33,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-VOCAB = 64
-BLOCK = 16
+from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
+
 STEPS = 6
 HALF = 3
-
-
-def tiny_gpt2(seed: int, dropout: float = 0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def compressed_gpt2(seed: int) -> GPT2LMHeadModel:
-    import kronlm
-
-    model = tiny_gpt2(seed)
-    config = kronlm.CompressionConfig(
-        targets=[
-            kronlm.KroneckerTarget(modules=["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"],
-                                   b_shape=(4, 4), rank=2, learnable_scales=True),
-            kronlm.KroneckerTarget(modules=["transformer.wte"], b_shape=(1, 2)),
-        ],
-        lm_head="dense",
-    )
-    kronlm.compress(model, config)
-    return model
 
 
 def run_config(out_dir: Path, **kw):
@@ -209,9 +183,9 @@ def _worker(root: Path) -> None:
     #    trainer. Same run as 1.
     def rank0_only(seed, dropout=0.0):
         if rank == 0:
-            return tiny_gpt2(seed, dropout)
+            return tiny_gpt2(seed, dropout=dropout)
         with torch.device("meta"):
-            return tiny_gpt2(seed, dropout)
+            return tiny_gpt2(seed, dropout=dropout)
 
     launch_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
     os.environ.update(launch_env)

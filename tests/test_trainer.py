@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 import kronlm
 from kronlm.data.blocks import BlockDataset, TokenBlocks
@@ -22,32 +22,7 @@ from kronlm.distill.optim import build_optimizer, build_param_groups, build_sche
 from kronlm.distill.trainer import TrainingDiverged, train
 from kronlm.distill.validation import evaluate_perplexity
 
-VOCAB = 64
-BLOCK = 16
-
-
-def tiny_gpt2(seed: int = 0, n_layer: int = 2, dropout: float = 0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=n_layer, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def compressed_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    """FFN matrices as rank-2 Kronecker sums with learnable scalars, the embedding factored by 2."""
-    model = tiny_gpt2(seed)
-    config = kronlm.CompressionConfig(
-        targets=[
-            kronlm.KroneckerTarget(modules=["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj"],
-                                   b_shape=(4, 4), rank=2, learnable_scales=True),
-            kronlm.KroneckerTarget(modules=["transformer.wte"], b_shape=(1, 2)),
-        ],
-        lm_head="dense",
-    )
-    kronlm.compress(model, config)
-    return model
+from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
 
 
 def tiny_blocks(repeats: int = 40, val_fraction: float = 0.1) -> TokenBlocks:
