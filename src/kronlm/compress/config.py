@@ -106,6 +106,7 @@ class KroneckerTarget:
         return layer_index(module_name) in self.layers
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-ready dict of the set fields (shapes as lists)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("a_shape", "b_shape"):
             if out[key] is not None:
@@ -148,6 +149,7 @@ class CompressionConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-ready dict; ``CompressionConfig.from_dict`` inverts it."""
         out = {"targets": [t.to_dict() for t in self.targets], "lm_head": self.lm_head, "svd": self.svd}
         if self.name:
             out["name"] = self.name

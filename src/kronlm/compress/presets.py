@@ -52,6 +52,7 @@ class Preset:
 
     @property
     def config(self) -> CompressionConfig:
+        """A fresh ``CompressionConfig`` carrying the preset's name and description."""
         cfg = self.build()
         cfg.name = self.name
         cfg.description = self.description

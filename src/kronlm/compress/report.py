@@ -86,6 +86,7 @@ class CompressionReport:
 
     @property
     def mean_relative_error(self) -> float:
+        """Unweighted mean of the modules' relative errors (NaN without modules)."""
         errors = [m.relative_error for m in self.modules]
         return sum(errors) / len(errors) if errors else float("nan")
 

@@ -50,10 +50,12 @@ class Window:
 
     @property
     def length(self) -> int:
+        """Tokens in the window (model input length)."""
         return self.end - self.begin
 
     @property
     def scored(self) -> int:
+        """Tokens whose prediction this window scores."""
         return self.end - self.first_scored
 
 

@@ -133,6 +133,7 @@ class KroneckerTiedLMHead(nn.Module):
 
     @property
     def embedding(self) -> KroneckerEmbedding:
+        """The ``KroneckerEmbedding`` whose factors this head uses."""
         return self._embedding
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

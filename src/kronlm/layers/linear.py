@@ -107,6 +107,7 @@ class KroneckerLinear(nn.Module):
 
     @property
     def learnable_scales(self) -> bool:
+        """True when the layer has Krony-PT's learnable per-term scalars."""
         return self.scales is not None
 
     def scaled_A(self) -> torch.Tensor:

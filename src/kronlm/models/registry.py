@@ -84,6 +84,11 @@ def kronecker_model_class(base_cls: type) -> type:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` after ``validate_folder`` on a local folder.
+
+        Raises:
+            FileNotFoundError / ValueError: a missing, truncated or inconsistent file (named).
+        """
         if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
             from kronlm.export.validate import validate_folder
 
@@ -131,7 +136,6 @@ def register_architecture(base_model_type: str) -> None:
         if isinstance(base_cls, (tuple, list)):
             base_cls = base_cls[0]
         kronecker_model_class(base_cls)
-    assert config_cls.model_type == PREFIX + base_model_type
 
 
 def base_model_type(model_type: str) -> str:
