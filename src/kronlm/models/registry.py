@@ -126,7 +126,7 @@ def register_architecture(base_model_type: str) -> None:
     Raises:
         ValueError: an unknown model type.
     """
-    config_cls = kronecker_config_class(base_model_type)
+    kronecker_config_class(base_model_type)  # registers the config with AutoConfig
     base_config = CONFIG_MAPPING[base_model_type]
     for auto in AUTO_CLASSES:
         try:
