@@ -86,9 +86,9 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
         config = TrainingConfig.from_file(config_file, overrides)
     else:
         config = TrainingConfig.from_dict(overrides, source="command line")
-    needs_teacher = any(
-        getattr(config.loss_weights_resolved(), term) > 0 for term in ("embedding", "attention", "hidden", "kd", "cosine")
-    )
+    from kronlm.distill.objective import DistillationObjective
+
+    needs_teacher = DistillationObjective(config.loss_weights_resolved()).needs_teacher
     if needs_teacher and teacher is None:
         raise click.BadParameter(f"recipe {config.recipe!r} distils from a teacher: give --teacher MODEL", param_hint="--teacher")
     if _TEST_SPLIT_NAME.search(Path(str(data)).name):

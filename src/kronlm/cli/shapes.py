@@ -14,12 +14,10 @@ import click
 @click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True, help="Rows to print (closest to the budget first when --ratio is given).")
 def command(out_features, in_features, rank, ratio, prefer, limit):
     """List factorisations (out, in) = (m1·m2, n1·n2) with parameters and multiply-adds per token."""
-    from kronlm.decompose.shapes import choose_factor_shapes, factor_shapes
+    from kronlm.decompose.shapes import choose_factor_shapes, factor_shapes, shapes_within_ratio
 
-    shapes = factor_shapes(out_features, in_features, rank)
     dense = out_features * in_features
-    if ratio:
-        shapes = sorted((s for s in shapes if s.params <= dense / ratio * 1.005), key=lambda s: -s.params)
+    shapes = shapes_within_ratio(out_features, in_features, ratio, rank) if ratio else factor_shapes(out_features, in_features, rank)
     click.echo(f"{'A (m1,n1)':>14} {'B (m2,n2)':>14} {'params':>12} {'ratio':>8} {'MACs/token':>12} {'max rank':>9}")
     for s in shapes[:limit]:
         click.echo(f"{str(s.a_shape):>14} {str(s.b_shape):>14} {s.params:>12,} {s.compression_ratio:>8.1f} {s.macs:>12,} {s.max_rank:>9}")

@@ -80,14 +80,24 @@ def factor_shapes(out_features: int, in_features: int, rank: int = 1, *, include
     return shapes
 
 
+# Halving a matrix with a 2-element B adds 2 parameters to exactly half: 0.5 % slack counts it as 2x.
+RATIO_SLACK = 1.005
+
+
+def shapes_within_ratio(out_features: int, in_features: int, compression_ratio: float, rank: int = 1) -> list[FactorShape]:
+    """Shapes whose parameters fit out·in/ratio (with ``RATIO_SLACK``), most parameters first."""
+    budget = out_features * in_features / compression_ratio * RATIO_SLACK
+    return sorted((s for s in factor_shapes(out_features, in_features, rank) if s.params <= budget), key=lambda s: -s.params)
+
+
 def choose_factor_shapes(
     out_features: int, in_features: int, compression_ratio: float, rank: int = 1, *, prefer: str = "params", name: str = "weight"
 ) -> FactorShape:
     """Pick factor shapes that compress an (out, in) matrix at least ``compression_ratio`` times.
 
-    The budget is out·in/ratio with 0.5 % slack, so that halving a matrix with a 2-element B
-    (which adds 2 parameters to exactly half) counts as 2x. Among the shapes within budget, ``prefer="params"`` takes the one with the
-    most parameters (the closest to the budget, so the most capacity), ``prefer="speed"`` the one
+    The budget is out·in/ratio with ``RATIO_SLACK`` (0.5 %), so that halving a matrix with a
+    2-element B (2 parameters above exactly half) counts as 2x. Among the shapes within budget,
+    ``prefer="params"`` takes the one with the most parameters (the closest to the budget, so the most capacity), ``prefer="speed"`` the one
     with the fewest multiply-adds; ties go to full-rank shapes, then to balanced ones.
 
     Raises:
@@ -98,8 +108,7 @@ def choose_factor_shapes(
         raise ValueError(f"{name}: compression ratio must be > 1, got {compression_ratio}")
     if prefer not in ("params", "speed"):
         raise ValueError(f"{name}: prefer must be 'params' or 'speed', got {prefer!r}")
-    budget = out_features * in_features / compression_ratio * 1.005
-    candidates = [s for s in factor_shapes(out_features, in_features, rank) if s.params <= budget]
+    candidates = shapes_within_ratio(out_features, in_features, compression_ratio, rank)
     if not candidates:
         best = max((s.compression_ratio for s in factor_shapes(out_features, in_features, rank)), default=1.0)
         raise ValueError(

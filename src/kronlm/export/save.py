@@ -83,7 +83,9 @@ def load(folder: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.f
         else:  # a dense Hugging Face folder
             arch = (config.get("architectures") or [""])[0]
             auto_class = AutoModelForCausalLM if arch.endswith(("ForCausalLM", "LMHeadModel")) else AutoModel
-    validate_folder(folder)
+    if not config.get("kronlm"):
+        # A kronlm folder is checked by its Kronecker class's from_pretrained; check dense ones here.
+        validate_folder(folder)
     kwargs = {} if dtype is None else {"dtype": dtype}
     model = auto_class.from_pretrained(folder, **kwargs)
     if device is not None:
