@@ -45,6 +45,31 @@ def test_compress_with_yaml_config_then_eval(tiny_folder, tmp_path, capsys):
     assert again["ppl"] == pytest.approx(results["compressed"]["ppl"], rel=1e-6)
 
 
+def test_compress_activation_aware_and_budget(tiny_folder, tmp_path, capsys):
+    text = str(tiny_folder / "text.txt")
+    common = ["--calibration", text, "--calibration-sequences", "4", "--calibration-length", "32", "--eval", text, "--max-length", "64", "--stride", "32"]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}, {"modules": ["**.mlp.c_proj"], "b_shape": [2, 2]}]}))
+    out = tmp_path / "aa"
+    assert main(["compress", str(tiny_folder), "--config", str(config), "--init", "activation_aware", "--out", str(out), *common]) == 0
+    assert "calibration: 4 x 32 tokens" in capsys.readouterr().out
+    meta = json.loads((out / "kronlm_compression.json").read_text())
+    assert {m["init"] for m in meta["report"]["modules"]} == {"activation_aware"}
+
+    out = tmp_path / "budget"
+    assert main(["compress", str(tiny_folder), "--budget", "0.995", "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "estimated NLL increase" in printed and "choices:" in printed
+    meta = json.loads((out / "kronlm_compression.json").read_text())
+    allocation = meta["report"]["allocation"]
+    assert allocation["params_after"] <= allocation["target_params"] == int(0.995 * allocation["params_before"])
+    assert meta["report"]["params_after"] == allocation["params_after"]
+    # The saved budget model reloads with the chosen shapes: same perplexity as right after compression.
+    results = json.loads((out / "eval.json").read_text())
+    assert main(["eval", str(out), "--data", text, "--max-length", "64", "--stride", "32", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(results["compressed"]["ppl"], rel=1e-6)
+
+
 def test_presets_lists_names(capsys):
     assert main(["presets", "--no-counts"]) == 0
     out = capsys.readouterr().out
@@ -54,7 +79,10 @@ def test_presets_lists_names(capsys):
 @pytest.mark.parametrize(
     "argv,code,message",
     [
-        (["compress", "gpt2", "--out", "x"], 2, "give exactly one of --preset NAME or --config FILE"),
+        (["compress", "gpt2", "--out", "x"], 2, "give exactly one of --preset NAME, --config FILE or --budget FRACTION"),
+        (["compress", "gpt2", "--budget", "0.8", "--out", "x"], 2, "--budget needs --calibration DATA"),
+        (["compress", "gpt2", "--budget", "1.5", "--out", "x"], 2, "--budget"),
+        (["compress", "gpt2", "--preset", "krony-pt-96m", "--init", "activation_aware", "--out", "x"], 2, "initialiser 'activation_aware' needs --calibration DATA"),
         (["compress", "./nowhere", "--preset", "krony-pt-96m", "--out", "x"], 1, "nowhere"),
         (["compress", "gpt2", "--preset", "krony-pt-1m", "--out", "x"], 1, "unknown preset 'krony-pt-1m'"),
         (["eval", "./nowhere", "--data", "wikitext2"], 1, "nowhere"),

@@ -154,3 +154,16 @@ def test_unreachable_hub_model_error_names_it(monkeypatch):
     for load in (load_model, load_tokenizer):
         with pytest.raises(OSError, match="'no-such-org/no-such-model': no local folder of that name and the hub"):
             load("no-such-org/no-such-model")
+
+
+def test_compressed_bare_encoder_still_returns_hidden_states():
+    # compress() swaps the class in place; transformers 5 finds recordable outputs by class name.
+    import kronlm
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    kronlm.compress(model, kronlm.CompressionConfig(targets=[kronlm.KroneckerTarget(modules=["**.intermediate.dense"], b_shape=(2, 1))]), progress=False)
+    assert type(model).__name__ == "KroneckerBertModel"
+    out = model(input_ids=ids, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == model.config.num_hidden_layers + 1

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-SUBCOMMANDS = ("compress", "eval", "presets", "shapes", "distill", "truncate")
+SUBCOMMANDS = ("compress", "eval", "presets", "shapes", "distill", "truncate", "glue", "bench", "export")
 _MODULES = {"eval": "evaluate"}
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:  # usage errors: unknown option, missing argument
         click.echo(f"kronlm: error: {exc.format_message()}", err=True)
         return exc.exit_code
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, OSError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, OSError, RuntimeError, ImportError) as exc:
         if os.environ.get("KRONLM_DEBUG"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,4 +1,4 @@
-"""``kronlm compress MODEL (--preset NAME | --config FILE) --out DIR [--eval DATA]``."""
+"""``kronlm compress MODEL (--preset NAME | --config FILE | --budget F) --out DIR [--calibration DATA] [--eval DATA]``."""
 
 from __future__ import annotations
 
@@ -18,22 +18,53 @@ from kronlm.cli.options import perplexity_options, protocol_label, window_length
 @click.option("--data-config", default=None, help="Dataset config name for --eval.")
 @perplexity_options
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default=None, help="Override the config's SVD method.")
+@click.option("--init", "init_name", default=None, help="Override every target's initialiser (van_loan, van_loan_rescaled, pruning, random, activation_aware).")
+@click.option("--calibration", "calibration_data", default=None, help="Text file or dataset to calibrate activation-aware inits on (e.g. wikitext2: its validation split).")
+@click.option("--calibration-split", default="validation", show_default=True, help="Dataset split for --calibration.")
+@click.option("--calibration-sequences", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration sequences.")
+@click.option("--calibration-length", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--budget", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity (needs --calibration).")
+@click.option("--budget-modules", multiple=True, help="Name patterns of the modules --budget may factor (default: every linear layer but the LM head).")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
-def command(model, preset, config_file, out, eval_data, data_config, split, max_tokens, max_length, stride, protocol, batch_size, svd, rows):
+def command(
+    model, preset, config_file, out, eval_data, data_config, split, max_tokens, max_length, stride, protocol, batch_size, svd,
+    init_name, calibration_data, calibration_split, calibration_sequences, calibration_length, budget, budget_modules, rows,
+):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
     MODEL is a hub id, a local folder, a .gguf file or an alias (smollm2). With --eval, prints
-    dense and compressed perplexity side by side with the parameter counts.
+    dense and compressed perplexity side by side with the parameter counts. With --calibration,
+    the dense model is first run on that text and activation-aware inits use the statistics;
+    --budget F (with --calibration) replaces the preset by a per-module choice of factors that
+    keeps F of the dense parameters.
     """
-    if (preset is None) == (config_file is None):
-        raise click.UsageError("give exactly one of --preset NAME or --config FILE")
+    if sum(x is not None for x in (preset, config_file, budget)) != 1:
+        raise click.UsageError("give exactly one of --preset NAME, --config FILE or --budget FRACTION")
+    if budget is not None and calibration_data is None:
+        raise click.UsageError("--budget needs --calibration DATA to measure sensitivities on")
     import kronlm
     from kronlm.compress import CompressionConfig, count_parameters
     from kronlm.models.loading import load_model_and_tokenizer, resolve_model_spec
 
-    config = kronlm.get_preset(preset) if preset else CompressionConfig.from_file(config_file)
-    if svd:
-        config.svd = svd
+    config = None
+    if budget is None:
+        config = kronlm.get_preset(preset) if preset else CompressionConfig.from_file(config_file)
+        if svd:
+            config.svd = svd
+        from kronlm.decompose.initializers import get_initializer
+
+        if init_name:
+            get_initializer(init_name)
+            for target in config.targets:
+                target.init = init_name
+        needs = [t.init for t in config.targets if getattr(get_initializer(t.init), "needs_calibration", False)]
+        if needs and calibration_data is None:
+            raise click.UsageError(f"initialiser {needs[0]!r} needs --calibration DATA")
+    calibration_text = None
+    if calibration_data is not None:
+        from kronlm.data.text import load_text
+
+        calibration_text = load_text(calibration_data, split=calibration_split, name=data_config)
     text = None
     if eval_data is not None:  # read the data before the slow work, so a typo fails fast
         from kronlm.data.text import load_text, resolve_text_source
@@ -52,10 +83,24 @@ def command(model, preset, config_file, out, eval_data, data_config, split, max_
         from kronlm.evaluate.perplexity import perplexity_of_text
 
         length = window_length(net, max_length)
-        ppl_kwargs = dict(max_tokens=max_tokens, max_length=length, stride=min(stride, length), protocol=protocol, batch_size=batch_size)
+        ppl_kwargs = {"max_tokens": max_tokens, "max_length": length, "stride": min(stride, length), "protocol": protocol, "batch_size": batch_size}
         results["dense"] = perplexity_of_text(net, tokenizer, text, desc="dense ppl", **ppl_kwargs)
 
-    report = kronlm.compress(net, config)
+    calibration = None
+    if calibration_text is not None:
+        from kronlm.compress.calibration import calibration_input_ids
+
+        calibration = calibration_input_ids(tokenizer, calibration_text, calibration_sequences, calibration_length)
+        click.echo(f"calibration: {calibration_sequences} x {calibration_length} tokens of {calibration_data} ({calibration_split})")
+    if budget is not None:
+        from kronlm.compress.budget import compress_to_budget
+
+        report, allocation = compress_to_budget(
+            net, int(budget * count_parameters(net)), calibration, modules=list(budget_modules) or None, init=init_name or "activation_aware"
+        )
+        click.echo(allocation.table(max_rows=rows))
+    else:
+        report = kronlm.compress(net, config, calibration=calibration)
     click.echo(report.table(max_rows=rows))
     kronlm.save(net, out, tokenizer=tokenizer, report=report)
     click.echo(f"saved to {out}")

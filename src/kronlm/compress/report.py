@@ -68,6 +68,8 @@ class CompressionReport:
         lm_head: what happened to a head tied to a factored embedding ("tied", "dense") or None.
         seconds: wall time of the whole compression.
         config: the ``CompressionConfig`` as a dict.
+        allocation: the per-module budget choice (``BudgetAllocation.to_dict()``) when the config
+            came from ``compress_to_budget``, else None.
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
@@ -78,6 +80,7 @@ class CompressionReport:
     lm_head: str | None = None
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] | None = None
 
     @property
     def compression_ratio(self) -> float:

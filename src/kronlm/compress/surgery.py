@@ -11,7 +11,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kronlm.compress.config import CompressionConfig
-from kronlm.compress.plan import PLAN_VERSION, build_empty, dense_weight, is_conv1d, set_module
+from kronlm.compress.plan import (
+    PLAN_VERSION,
+    build_empty,
+    dense_weight,
+    is_conv1d,
+    set_module,
+)
 from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.shapes import choose_factor_shapes, resolve_factor_shapes
@@ -91,7 +97,8 @@ def compress(
     model: nn.Module,
     config: CompressionConfig,
     *,
-    calibration: dict[str, Any] | None = None,
+    calibration: torch.Tensor | dict[str, Any] | None = None,
+    calibration_batch_size: int = 4,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace the modules ``config`` selects with Kronecker modules, in place.
@@ -111,7 +118,12 @@ def compress(
     Args:
         model: a Hugging Face ``PreTrainedModel`` (GPT-2, BERT, Llama-family, ...) or any module.
         config: the ``CompressionConfig`` (or a preset's).
-        calibration: per-module data for initialisers that need it ({module name: stats}).
+        calibration: for initialisers that need activation statistics (``activation_aware``):
+            either calibration token ids (num_sequences, seq_len) — the dense model is run on them
+            first and the statistics of every such module are collected
+            (``kronlm.compress.calibration.collect_calibration``) — or statistics already
+            collected, {module name: ``ModuleCalibration``}.
+        calibration_batch_size: sequences per forward pass while calibrating.
         progress: show a tqdm bar over modules.
 
     Returns:
@@ -133,6 +145,8 @@ def compress(
     if head_name in plan and head is not None and isinstance(model.get_input_embeddings(), nn.Embedding) and head.weight is model.get_input_embeddings().weight:
         raise ValueError(f"{head_name}: the LM head is tied to the input embedding; factor the embedding instead")
     head_plan = None
+    if isinstance(calibration, torch.Tensor):
+        calibration = _calibrate(model, plan, calibration, calibration_batch_size, progress)
 
     for name, entry in tqdm(plan.items(), desc="compress", unit="module", disable=not progress):
         t0 = time.perf_counter()
@@ -187,6 +201,19 @@ def compress(
         adopt_kronecker_classes(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _calibrate(model: nn.Module, plan: dict[str, dict[str, Any]], input_ids: torch.Tensor, batch_size: int, progress: bool) -> dict[str, Any]:
+    from kronlm.compress.calibration import collect_calibration
+
+    names = [name for name, entry in plan.items() if getattr(get_initializer(entry["init"]), "needs_calibration", False)]
+    if not names:
+        return {}
+    for name in names:
+        if plan[name]["kind"] != "linear":
+            raise ValueError(f"{name}: initialiser {plan[name]['init']!r} needs input statistics, which only linear layers have")
+    factors = {name: (plan[name]["a_shape"][1], plan[name]["b_shape"][1]) for name in names}
+    return collect_calibration(model, names, input_ids, batch_size=batch_size, input_factors=factors, progress=progress)
 
 
 def _untie_config(model: nn.Module) -> None:

@@ -3,6 +3,13 @@
 First stage of the pipeline decompose -> compress -> distill -> evaluate -> export.
 """
 
+from kronlm.decompose.activation_aware import (
+    activation_aware_factors,
+    partial_traces,
+    weighted_als,
+    weighted_error,
+    whitened_nearest_kronecker_product,
+)
 from kronlm.decompose.initializers import (
     INITIALIZERS,
     Initializer,
@@ -20,6 +27,11 @@ from kronlm.decompose.vanloan import (
 )
 
 __all__ = [
+    "activation_aware_factors",
+    "partial_traces",
+    "weighted_als",
+    "weighted_error",
+    "whitened_nearest_kronecker_product",
     "INITIALIZERS",
     "FactorShape",
     "Initializer",

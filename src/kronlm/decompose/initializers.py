@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from kronlm.decompose.activation_aware import activation_aware_factors
 from kronlm.decompose.pruning import pruning_factors
 from kronlm.decompose.vanloan import KroneckerFactors, nearest_kronecker_product, relative_error, rescale_to_norm
 
@@ -98,3 +99,21 @@ def random_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None,
     B = torch.randn(rank, m2, n2, generator=gen) * per_factor
     scales = torch.ones(rank)
     return KroneckerFactors(A=A, B=B, scales=scales, relative_error=relative_error(weight.float(), A, B, scales))
+
+
+@register_initializer("activation_aware", needs_calibration=True)
+def activation_aware_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
+    """Minimise the output error over calibration inputs: whitened Van Loan, then weighted ALS.
+
+    ``calibration`` is the module's ``kronlm.compress.calibration.ModuleCalibration`` (or anything
+    with ``.inputs.covariance()`` / ``.inputs.partial_traces()``); see
+    ``kronlm.decompose.activation_aware`` for the method (after ASVD / SVD-LLM).
+    """
+    if calibration is None:
+        raise ValueError(f"{name}: the activation_aware init needs calibration statistics")
+    stats = getattr(calibration, "inputs", calibration)
+    covariance = stats.covariance()
+    if covariance is not None:
+        return activation_aware_factors(weight, a_shape, b_shape, rank, covariance=covariance, svd=svd, name=name)
+    p1, p2 = stats.partial_traces()
+    return activation_aware_factors(weight, a_shape, b_shape, rank, p1=p1, p2=p2, svd=svd, name=name)

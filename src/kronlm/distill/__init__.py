@@ -19,6 +19,7 @@ from kronlm.distill.losses import (
     hidden_cosine,
     hidden_mse,
     logit_kd,
+    sequence_classification_loss,
 )
 from kronlm.distill.objective import DistillationObjective, LossOutput, uniform_layer_map
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
@@ -40,6 +41,7 @@ __all__ = [
     "hidden_cosine",
     "hidden_mse",
     "logit_kd",
+    "sequence_classification_loss",
     # objective
     "DistillationObjective",
     "LossOutput",

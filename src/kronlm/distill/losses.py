@@ -35,6 +35,7 @@ __all__ = [
     "hidden_cosine",
     "hidden_mse",
     "logit_kd",
+    "sequence_classification_loss",
 ]
 
 
@@ -348,3 +349,35 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     mask = _check_mask(mask, student.shape[0], student.shape[1], what)
     cos = F.cosine_similarity(_as_float(student[mask]), _as_float(teacher[mask]), dim=-1, eps=1e-8)
     return (1.0 - cos).mean()
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Supervised loss of a sequence classifier or regressor on its gold labels.
+
+    Args:
+        logits: (batch, num_labels) classifier outputs; num_labels = 1 means regression (STS-B).
+        labels: (batch,) int64 class ids in [0, num_labels) for classification, float targets
+            for regression.
+
+    Returns:
+        0-dim tensor: mean cross-entropy in nats per example (num_labels > 1), or mean squared
+        error (num_labels = 1), as ``BertForSequenceClassification`` computes its loss.
+
+    Raises:
+        ValueError: logits not 2-D, a batch size that differs from the labels', or a class id
+            outside [0, num_labels).
+
+    Source: the α_ce term of task ILKD (KroneckerBERT, SPEC §4); Devlin et al. (2019) fine-tuning.
+    """
+    what = "sequence_classification_loss"
+    _check_dims(logits, 2, what, "logits")
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{what}: labels have shape {tuple(labels.shape)} but the logits need ({logits.shape[0]},)")
+    if logits.shape[1] == 1:
+        return F.mse_loss(_as_float(logits[:, 0]), labels.to(_as_float(logits).dtype))
+    labels = labels.long()
+    bad = (labels < 0) | (labels >= logits.shape[1])
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(f"{what}: label {first} is outside [0, {logits.shape[1]}) for a {logits.shape[1]}-label classifier")
+    return F.cross_entropy(_as_float(logits), labels)

@@ -31,6 +31,7 @@ from kronlm.distill.losses import (
     hidden_cosine,
     hidden_mse,
     logit_kd,
+    sequence_classification_loss,
 )
 from kronlm.distill.recipes import LossWeights
 
@@ -99,9 +100,11 @@ class DistillationObjective:
       causal models.
     - hidden: :func:`hidden_mse` on the block outputs.
     - kd: :func:`logit_kd` at ``weights.temperature``. Logits of a sequence classifier
-      (batch, labels) are treated as one position per row.
-    - ce: :func:`causal_lm_ce`; only for causal LMs (a bidirectional model with logits and a
-      non-zero CE weight raises).
+      (batch, labels) are treated as one position per row; a 1-label regressor's prediction is
+      matched by MSE instead.
+    - ce: :func:`causal_lm_ce` for causal LMs; for a sequence classifier ((batch, labels)
+      logits) with ``batch["labels"]``, :func:`sequence_classification_loss` (cross-entropy, or
+      MSE for a 1-label regressor). Any other model with logits and a non-zero CE weight raises.
     - cosine: :func:`hidden_cosine` on the last hidden states.
 
     When neither model returns logits (a BERT encoder such as ``BertModel``) the kd and ce terms
@@ -176,7 +179,8 @@ class DistillationObjective:
                 ``torch.no_grad()``.
             batch: dict with "input_ids" (batch, seq) and "attention_mask" (batch, seq, 1 = real
                 token; absent = no padding); "token_type_ids" / "position_ids" are forwarded to
-                both models when present. Other keys are ignored.
+                both models when present; "labels" (batch,) feeds the CE term of a sequence
+                classifier. Other keys are ignored.
 
         Returns:
             :class:`LossOutput`.
@@ -225,7 +229,10 @@ class DistillationObjective:
             kd = self._kd_term(s_trace, t_trace, mask)
             if kd is not None:
                 terms["kd"] = kd
-        if w.ce > 0 and s_trace.logits is not None:
+        if w.ce > 0 and s_trace.logits is not None and s_trace.logits.dim() == 2 and batch.get("labels") is not None:
+            # A sequence classifier with gold labels (GLUE task distillation).
+            terms["ce"] = sequence_classification_loss(s_trace.logits, batch["labels"])
+        elif w.ce > 0 and s_trace.logits is not None:
             if s_trace.logits.dim() != 3 or not s_trace.is_causal:
                 raise ValueError(
                     f"ce weight is {w.ce} but the student is not a causal LM (logits shape "
@@ -273,4 +280,7 @@ class DistillationObjective:
             # Sequence classification: one distribution per row, every row counts.
             s_logits, t_logits = s_logits[:, None], t_logits[:, None]
             mask = torch.ones(s_logits.shape[0], 1, dtype=torch.bool, device=s_logits.device)
+            if s_logits.shape[-1] == 1:
+                # A regressor (STS-B) has no distribution to match: distil its prediction by MSE.
+                return nn.functional.mse_loss(s_logits.float(), t_logits.float())
         return logit_kd(s_logits, t_logits, mask, self.weights.temperature)

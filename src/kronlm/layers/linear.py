@@ -9,39 +9,194 @@ from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.decompose.vanloan import KroneckerFactors, kron_sum
 
+ORDERS = ("b_first", "a_first")
+MIDDLES = ("gemm", "bmm")
+# Below this many columns per token, a batched (m1, n1) @ (n1, cols) product per token runs far
+# below GEMM speed (it re-reads A for every token), so the small factor is applied to a transposed
+# view of the activations and A in one flat GEMM instead. Measured on the preset shapes: (k,k) B
+# with k <= 3 was 10-20x faster that way, 24+ columns about even, 192+ clearly "bmm"
+# (docs/benchmarks.md).
+BMM_MIN_COLS = 16
 
-def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str) -> torch.Tensor:
-    """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ.
+
+def default_middle(order: str, b_shape: tuple[int, int]) -> str:
+    """How ``kronecker_matmul`` contracts the middle (n1) axis when not told: "bmm" or "gemm".
+
+    The rule: with B first the per-token matrices have m2 columns, with A first n2; "bmm" (one
+    batched matmul broadcasting A over tokens, no copies) when that count is at least
+    ``BMM_MIN_COLS``, else "gemm" (the small factor against a transposed view of the
+    activations, then one flat matmul with A, then one transpose of the output).
+    Irrelevant when m2 = 1 (B first) or n2 = 1 (A first): those paths are two flat GEMMs.
+    """
+    m2, n2 = b_shape
+    cols = m2 if order == "b_first" else n2
+    return "bmm" if cols >= BMM_MIN_COLS else "gemm"
+
+
+def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str, middle: str | None = None) -> torch.Tensor:
+    """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ (SPEC §2).
+
+    With X = x.reshape(N, n1, n2), y = Σ_r A_r X B_rᵀ. All R terms share each matmul (B_r
+    stacked along the output, A_r along the contraction), so there is no loop over terms. With
+    B (1, n2) or (m2, 1), R > 1 and few tokens (N·(m1 + n1) < m1·n1) the terms run as one batched
+    matmul over r and a sum instead, which avoids copying the A_r into one stacked matrix (eager
+    mode only; under torch.compile / export the stacked form is traced, whatever N).
 
     Args:
         x: (..., n1*n2) input.
         A: (R, m1, n1) left factors (per-term scalars already folded in).
         B: (R, m2, n2) right factors.
-        order: "b_first" (Z = X B_rᵀ, then A_r Z) or "a_first" (A_r X, then · B_rᵀ), with
-            X = x.reshape(..., n1, n2); the R terms are batched into one matmul per step.
+        order: "b_first" (Z = X B_rᵀ, then A_r Z) or "a_first" (A_r X, then · B_rᵀ).
+        middle: how the contraction over the middle axis n1 runs: "bmm" (A broadcast over the
+            tokens in one batched matmul) or "gemm" (one flat matmul on a transposed copy of
+            the activations); ``None`` uses ``default_middle``. Both give the same result.
 
     Returns:
         (..., m1*m2) output.
+
+    Raises:
+        ValueError: unknown ``order`` or ``middle``.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"kronecker_matmul: order must be one of {ORDERS}, got {order!r}")
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    if middle is None:
+        middle = default_middle(order, (m2, n2))
+    elif middle not in MIDDLES:
+        raise ValueError(f"kronecker_matmul: middle must be one of {MIDDLES}, got {middle!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n1 * n2)
+    N = x2.shape[0]
+    # Both branches are exact for any N; traced code (torch.compile, export) keeps the stacked one
+    # so that no guard on the token count is added.
+    few_tokens = R > 1 and not torch.compiler.is_compiling() and N * (m1 + n1) < m1 * n1
+    if order == "b_first":
+        if m2 == 1 or middle == "bmm":
+            # Z (N, n1, R, m2): every B_r in one (N*n1, n2) @ (n2, R*m2) product.
+            Z = x2.reshape(N * n1, n2) @ B.reshape(R * m2, n2).t()
+        if m2 == 1 and few_tokens:
+            # Few tokens: one (N, n1) @ (n1, m1) product per term and a sum, instead of stacking
+            # the A_r (a copy of R*m1*n1 values, the dominant cost at decode).
+            Y = torch.bmm(Z.reshape(N, n1, R).permute(2, 0, 1), A.transpose(1, 2)).sum(0)
+        elif m2 == 1:
+            # Z is already (N, n1*R) with the contraction index (i, r) last: one flat GEMM.
+            Y = Z.reshape(N, n1 * R) @ A.permute(2, 0, 1).reshape(n1 * R, m1)
+        elif middle == "bmm":
+            if R > 1:
+                Z = Z.reshape(N, n1, R, m2).permute(0, 2, 1, 3)
+            # (m1, R*n1) @ (N, R*n1, m2) -> (N, m1, m2).
+            Y = A.permute(1, 0, 2).reshape(m1, R * n1) @ Z.reshape(N, R * n1, m2)
+        else:
+            # Per token (R*m2, n2) @ (n2, n1) against the transposed view of X (no copy), B_r
+            # stacked (b, r) so that (N*m2, R*n1) is a free view; then one flat GEMM with A.
+            B_br = B.permute(1, 0, 2).reshape(m2 * R, n2)
+            Zt = torch.bmm(B_br.expand(N, m2 * R, n2), x2.reshape(N, n1, n2).transpose(1, 2))
+            Yt = Zt.reshape(N * m2, R * n1) @ A.permute(1, 0, 2).reshape(m1, R * n1).t()
+            Y = Yt.reshape(N, m2, m1).transpose(1, 2)
+    elif n2 == 1 and few_tokens:
+        # Few tokens: x @ A_rᵀ per term (R, N, m1) without stacking the A_r, then B mixes the terms.
+        Wx = torch.matmul(x2, A.transpose(1, 2))
+        Y = Wx.permute(1, 2, 0).reshape(N * m1, R) @ B.reshape(R, m2)
+    elif n2 == 1:
+        # x @ A_catᵀ with the output index (a, r), then the (R, m2) matrix of B mixes the terms.
+        Wx = x2 @ A.permute(1, 0, 2).reshape(m1 * R, n1).t()
+        Y = Wx.reshape(N * m1, R) @ B.reshape(R, m2)
+    elif middle == "bmm":
+        # (R*m1, n1) @ (N, n1, n2) -> (N, R*m1, n2), then (N*m1, R*n2) @ (R*n2, m2).
+        Wx = A.reshape(R * m1, n1) @ x2.reshape(N, n1, n2)
+        if R > 1:
+            Wx = Wx.reshape(N, R, m1, n2).permute(0, 2, 1, 3)
+        Y = Wx.reshape(N * m1, R * n2) @ B.permute(0, 2, 1).reshape(R * n2, m2)
+    else:
+        # One flat GEMM on the transposed activations: U (N, n2*R, m1) indexed (j, r, a).
+        Xt = x2.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
+        U = (Xt @ A.reshape(R * m1, n1).t()).reshape(N, n2 * R, m1)
+        # Per token (m1, n2*R) @ (n2*R, m2) on the transposed view of U (no copy).
+        B_jr = B.permute(2, 0, 1).reshape(n2 * R, m2)
+        Y = torch.bmm(U.transpose(1, 2), B_jr.expand(N, n2 * R, m2))
+    return Y.reshape(*lead, m1 * m2)
+
+
+# Opt-in measured plan choice: {(m1, n1, m2, n2, R, token bucket, dtype, device type): (order, middle)}.
+_AUTOTUNE = {"enabled": False}
+_PLAN_CACHE: dict[tuple, tuple[str, str]] = {}
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn the measured choice of contraction plan for every ``KroneckerLinear`` on or off.
+
+    Off (the default), a layer uses the order with fewer multiply-adds (SPEC §2) and
+    ``default_middle``: deterministic, no timing in the forward pass. On, the first eager
+    forward for each (factor shapes, R, token bucket, dtype, device) times the candidate plans
+    once (``autotune_plan``) and caches the fastest in-process; under ``torch.compile`` the
+    rule is used. Clearing: ``clear_plan_cache()``.
+    """
+    _AUTOTUNE["enabled"] = bool(enabled)
+
+
+def clear_plan_cache() -> None:
+    """Forget every plan ``autotune_plan`` measured."""
+    _PLAN_CACHE.clear()
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above ``tokens`` (tokens >= 1): plans are cached per bucket."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+def candidate_plans(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> list[tuple[str, str]]:
+    """The distinct (order, middle) plans of ``kronecker_matmul`` for these factor shapes.
+
+    The middle choice only matters when the path has a middle-axis product: B first with m2 > 1,
+    A first with n2 > 1; otherwise one plan per order is listed.
+    """
+    m2, n2 = b_shape
+    plans = [("b_first", "gemm")] + ([("b_first", "bmm")] if m2 > 1 else [])
+    plans += [("a_first", "gemm")] + ([("a_first", "bmm")] if n2 > 1 else [])
+    return plans
+
+
+def _time_plan(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str, middle: str, repeats: int = 3) -> float:
+    import time
+
+    with torch.no_grad():
+        kronecker_matmul(x, A, B, order, middle)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
+            kronecker_matmul(x, A, B, order, middle)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def autotune_plan(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, measure=None) -> tuple[str, str]:
+    """The fastest (order, middle) for this input size, measured once and cached.
+
+    Args:
+        x: (..., n1*n2) a representative input; only its token count, dtype and device matter.
+        A: (R, m1, n1), B: (R, m2, n2) the factors.
+        measure: ``measure(order, middle) -> seconds``; default: best of 3 timed calls of
+            ``kronecker_matmul`` on ``x`` (wall clock, ``time.perf_counter``).
+
+    Returns:
+        The (order, middle) with the smallest measured time; ties go to the earlier candidate
+        of ``candidate_plans``.
     """
     R, m1, n1 = A.shape
     _, m2, n2 = B.shape
-    lead = x.shape[:-1]
-    X = x.reshape(-1, n1, n2)
-    if order == "b_first":
-        # Stack the B_r along the output: one (N*n1, n2) @ (n2, R*m2) product.
-        Z = X @ B.reshape(R * m2, n2).t()
-        if R > 1:
-            Z = Z.view(-1, n1, R, m2).permute(0, 2, 1, 3).reshape(-1, R * n1, m2)
-        # Stack the A_r along the contraction: (m1, R*n1) @ (N, R*n1, m2).
-        Y = A.permute(1, 0, 2).reshape(m1, R * n1) @ Z
-    else:
-        # Stack the A_r along the output: (R*m1, n1) @ (N, n1, n2).
-        Wx = A.reshape(R * m1, n1) @ X
-        if R > 1:
-            Wx = Wx.view(-1, R, m1, n2).permute(0, 2, 1, 3)
-        # Stack the B_rᵀ along the contraction: (N*m1, R*n2) @ (R*n2, m2).
-        Y = Wx.reshape(-1, R * n2) @ B.permute(0, 2, 1).reshape(R * n2, m2)
-    return Y.reshape(*lead, m1 * m2)
+    tokens = x.numel() // max(1, n1 * n2)
+    key = (m1, n1, m2, n2, R, token_bucket(max(1, tokens)), x.dtype, x.device.type)
+    if key not in _PLAN_CACHE:
+        if measure is None:
+            measure = lambda order, middle: _time_plan(x, A, B, order, middle)
+        times = {plan: measure(*plan) for plan in candidate_plans((m1, n1), (m2, n2))}
+        _PLAN_CACHE[key] = min(times, key=times.get)
+    return _PLAN_CACHE[key]
 
 
 class KroneckerLinear(nn.Module):
@@ -50,7 +205,9 @@ class KroneckerLinear(nn.Module):
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``scales`` (R,) when ``learnable_scales``
     (Krony-PT's per-term scalars; otherwise the scalars are folded into A), ``bias`` (out,).
     The forward pass never forms W: it contracts x.reshape(..., n1, n2) with B then A, or A then
-    B, whichever costs fewer multiply-adds for these shapes (SPEC §2); any leading dimensions work.
+    B, whichever costs fewer multiply-adds for these shapes (SPEC §2, ``self.order``), with the
+    middle-axis layout of ``default_middle``; ``set_autotune(True)`` lets a one-time in-process
+    measurement pick both instead. Any leading dimensions work; ``torch.compile`` traces it.
 
     Follows KnGPT2 (Edalati et al. 2022), KroneckerBERT (Tahaei et al. 2022) and Krony-PT
     (Ayad et al. 2024). Build one from a pretrained layer with ``from_linear`` / ``from_conv1d``,
@@ -116,9 +273,31 @@ class KroneckerLinear(nn.Module):
             return self.A
         return self.A * self.scales.view(-1, 1, 1).to(self.A.dtype)
 
+    def forward_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A (R, m1, n1), B (R, m2, n2)) the forward pass multiplies by, in ``dtype``.
+
+        Per-term scalars are folded into the smaller factor (s_r (A_r ⊗ B_r) = A_r ⊗ (s_r B_r)),
+        one short pass per forward instead of a pass over the larger factor.
+        """
+        A, B = self.A, self.B
+        if self.scales is not None:
+            s = self.scales.view(-1, 1, 1).to(A.dtype)
+            if B[0].numel() <= A[0].numel():
+                B = B * s
+            else:
+                A = A * s
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        return A, B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
-        y = kronecker_matmul(x, self.scaled_A().to(x.dtype), self.B.to(x.dtype), self.order)
+        A, B = self.forward_factors(x.dtype)
+        if _AUTOTUNE["enabled"] and not torch.compiler.is_compiling():
+            order, middle = autotune_plan(x, A.detach(), B.detach())
+        else:
+            order, middle = self.order, None
+        y = kronecker_matmul(x, A, B, order, middle)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

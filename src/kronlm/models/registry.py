@@ -152,6 +152,7 @@ def adopt_kronecker_classes(model: PreTrainedModel) -> None:
     if not isinstance(model, PreTrainedModel):
         return
     model.__class__ = kronecker_model_class(type(model))
+    _register_output_capture(model)
     config_cls = kronecker_config_class(base_model_type(model.config.model_type))
     if type(model.config) is not config_cls:
         model.config.__class__ = config_cls
@@ -160,6 +161,18 @@ def adopt_kronecker_classes(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module is not model and module.config is not model.config:
             module.config.__class__ = config_cls
+
+
+def _register_output_capture(model: PreTrainedModel) -> None:
+    # transformers 5 looks up which outputs a model can record (hidden states, attentions) by its
+    # class name, registered when a model is constructed. A class swapped in place was never
+    # constructed, so without this output_hidden_states would silently return None.
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers versions that record outputs without the registry
+        return
+    if not _CAN_RECORD_REGISTRY.get(model) and getattr(model, "_can_record_outputs", None):
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 def saved_model_class(config_dict: dict) -> type | None:

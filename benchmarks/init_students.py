@@ -1,0 +1,61 @@
+"""Save two SmolLM2 students of equal size for a recovery comparison: Van Loan vs the best init.
+
+Both keep the parameter count of the krony-pt-llama-mlp-2x shapes on the MLPs of N evenly spaced
+blocks (N = 30: 94,702,068 parameters, 70.4 % of dense). ``van_loan`` uses those uniform shapes
+with plain Van Loan; ``budget`` uses ``allocate_budget`` on the calibration statistics cached by
+``benchmarks/zero_shot_init.py`` (run that first, same --work) with activation-aware factors.
+
+    python benchmarks/init_students.py --fraction 0.7 --out runs/recovery_init
+    kronlm distill --teacher smollm2 --student runs/recovery_init/van_loan ...   (see docs/benchmarks/zero_shot_init.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import kronlm
+from kronlm.compress import compress
+from kronlm.compress.budget import allocate_budget
+from kronlm.compress.calibration import load_calibration
+from kronlm.models.loading import load_model_and_tokenizer
+
+
+def _zero_shot_module():
+    spec = importlib.util.spec_from_file_location("zero_shot_init", Path(__file__).with_name("zero_shot_init.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fraction", type=float, default=0.7, choices=[0.9, 0.8, 0.7])
+    parser.add_argument("--work", type=Path, default=Path("runs/zero_shot_init"), help="where zero_shot_init.py cached its calibration")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    zs = _zero_shot_module()
+    blocks = zs.spaced_blocks(zs.BLOCKS[args.fraction])
+    cache = args.work / "calibration.safetensors"
+    if not cache.is_file():
+        sys.exit(f"{cache}: not found; run benchmarks/zero_shot_init.py --work {args.work} first")
+
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    stats = load_calibration(cache)
+    report = compress(model, zs.uniform_config(blocks, "van_loan"))
+    kronlm.save(model, args.out / "van_loan", tokenizer=tokenizer, report=report)
+    target = report.params_after
+    print(f"van_loan: {target:,} parameters -> {args.out / 'van_loan'}")
+
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    allocation = allocate_budget(model, stats, target)
+    report = compress(model, allocation.to_config(), calibration=stats)
+    report.allocation = allocation.to_dict()
+    kronlm.save(model, args.out / "budget", tokenizer=tokenizer, report=report)
+    print(f"budget: {report.params_after:,} parameters -> {args.out / 'budget'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""onnxruntime CPU prefill speed of dense vs Kronecker-compressed SmolLM2-shaped Llama, exported the same way.
+
+Every model goes through ``kronlm.export.onnx.export_onnx`` (TorchScript exporter, opset 18, logits
+of input_ids + attention_mask, no KV cache) and runs in an onnxruntime ``CPUExecutionProvider``
+session with the same intra-op thread count and full graph optimisation. Timings are interleaved
+(each repeat runs every model once, in rotating order) so background load hits all models alike;
+the table gives the median of ``--repeats`` runs after ``--warmup`` runs.
+
+Models: SmolLM2-135M's shape (30 layers, hidden 576, MLP 1536, 9 / 3 heads, vocab 49,152, tied)
+with random weights (speed does not depend on the values), or the real SmolLM2 GGUF with
+``--real``; compressed copies with each ``--presets`` entry. ``--plain`` adds the compressed
+models exported without kronlm's export form (``kronecker_matmul`` traced as is) for comparison.
+
+    python benchmarks/onnx_speed.py --out docs/benchmarks/onnx_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kronlm.compress import compress, get_preset
+from kronlm.decompose.shapes import contraction_macs
+from kronlm.export import onnx as konnx
+from kronlm.layers import KroneckerLinear, KroneckerTiedLMHead
+
+
+def smollm2_shaped(num_layers: int, seed: int = 0) -> nn.Module:
+    """LlamaForCausalLM with SmolLM2-135M's sizes and random weights (``num_layers`` blocks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=num_layers, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def matmul_macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds per token of the model's weight products (linear layers and LM head).
+
+    Attention scores (which grow with the sequence) and elementwise work are left out; a
+    Kronecker layer counts the cheaper contraction order (SPEC §2).
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, KroneckerLinear):
+            total += min(contraction_macs(module.a_shape, module.b_shape, module.rank))
+        elif isinstance(module, KroneckerTiedLMHead):
+            emb = module.embedding
+            total += min(contraction_macs(emb.a_shape, emb.b_shape, emb.rank))
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+    return total
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"1x128,8x128" -> [(1, 128), (8, 128)] (batch, tokens per row).
+
+    Raises:
+        ValueError: an entry that is not BxT with positive integers.
+    """
+    shapes = []
+    for item in text.split(","):
+        try:
+            batch, seq = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not BATCHxTOKENS, e.g. 1x128") from None
+        if batch < 1 or seq < 1:
+            raise ValueError(f"shape {item!r} needs positive sizes")
+        shapes.append((batch, seq))
+    return shapes
+
+
+@contextlib.contextmanager
+def _plain_export():
+    # Export the compressed model as traced from kronecker_matmul, without the export form.
+    original = konnx.export_friendly
+    konnx.export_friendly = lambda model: contextlib.nullcontext(model)
+    try:
+        yield
+    finally:
+        konnx.export_friendly = original
+
+
+def build_models(args) -> list[dict]:
+    """Export dense and compressed models; returns [{name, path, macs, params, diff, mib}]."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kronlm-onnx-speed-"))
+    if args.real:
+        from kronlm.models.loading import load_model
+
+        dense = load_model("smollm2")
+    else:
+        dense = smollm2_shaped(args.layers)
+    variants = [("dense", dense, False)]
+    for preset in args.presets:
+        model = copy.deepcopy(dense)
+        compress(model, get_preset(preset), progress=False)
+        variants.append((preset, model, False))
+        if args.plain:
+            variants.append((f"{preset} (plain export)", model, True))
+    rows = []
+    for name, model, plain in variants:
+        t0 = time.perf_counter()
+        folder = work / name.replace(" ", "_").replace("(", "").replace(")", "")
+        with _plain_export() if plain else contextlib.nullcontext():
+            path = konnx.export_onnx(model, folder, tolerance=None)
+        diff = konnx.verify_onnx(model, path)
+        mib = sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20
+        params = sum(p.numel() for p in model.parameters())
+        rows.append({"name": name, "path": path, "macs": matmul_macs_per_token(model), "params": params, "diff": diff, "mib": mib})
+        print(f"exported {name}: {params:,} params, {mib:,.1f} MiB, max |diff| {diff:.2g}, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return rows
+
+
+def time_sessions(rows: list[dict], shapes, threads: int, warmup: int, repeats: int, seed: int = 0) -> dict:
+    """Median seconds per forward pass, {(model name, (batch, tokens)): seconds}, interleaved."""
+    sessions = {row["name"]: konnx.onnx_session(row["path"], threads=threads) for row in rows}
+    names = list(sessions)
+    rng = np.random.default_rng(seed)
+    medians = {}
+    for batch, seq in shapes:
+        feed = {"input_ids": rng.integers(0, 49152, (batch, seq), dtype=np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
+        for _ in range(warmup):
+            for name in names:
+                sessions[name].run(["logits"], feed)
+        times = {name: [] for name in names}
+        for rep in range(repeats):
+            for name in names[rep % len(names):] + names[: rep % len(names)]:
+                t0 = time.perf_counter()
+                sessions[name].run(["logits"], feed)
+                times[name].append(time.perf_counter() - t0)
+        for name in names:
+            medians[(name, (batch, seq))] = statistics.median(times[name])
+        print(f"timed {batch}x{seq}: " + ", ".join(f"{n} {medians[(n, (batch, seq))] * 1e3:.0f} ms" for n in names), file=sys.stderr)
+    return medians
+
+
+def markdown(rows, medians, shapes, args, command: str) -> str:
+    """The results as a Markdown section: machine, command, one table."""
+    import onnxruntime
+
+    dense = rows[0]
+    lines = [
+        "## onnxruntime CPU prefill: dense vs Kronecker-compressed SmolLM2-shaped Llama",
+        "",
+        (
+            f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores visible; {args.threads} intra-op threads for every model"
+            f"{' (shared machine, other jobs running: timings noisy)' if args.noisy else ''}."
+        ),
+        (
+            f"- Software: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, Python {platform.python_version()}; "
+            "float32, CPUExecutionProvider, graph optimisation level ALL."
+        ),
+        f"- Date: {datetime.date.today().isoformat()}.",
+        (
+            f"- Model: {'real SmolLM2-135M-Instruct (GGUF, dequantised)' if args.real else f'SmolLM2-135M shape, random weights, {args.layers} layers'}; "
+            "every model exported by `export_onnx` (TorchScript exporter, opset 18, no KV cache)."
+        ),
+        f"- Timing: median of {args.repeats} runs after {args.warmup} warm-up runs, models interleaved in rotating order.",
+        f"- Command: `{command}`",
+        "",
+        (
+            "| model | params | ONNX MiB | matmul MACs/token | MAC ratio | max abs diff | "
+            + " | ".join(f"{b}×{s} ms (tok/s)" for b, s in shapes)
+            + " | "
+            + " | ".join(f"{b}×{s} speed-up" for b, s in shapes)
+            + " |"
+        ),
+        "|---" * (6 + 2 * len(shapes)) + "|",
+    ]
+    for row in rows:
+        cells = [row["name"], f"{row['params']:,}", f"{row['mib']:,.0f}", f"{row['macs'] / 1e6:.1f} M", f"{dense['macs'] / row['macs']:.2f}×", f"{row['diff']:.1e}"]
+        for b, s in shapes:
+            t = medians[(row["name"], (b, s))]
+            cells.append(f"{t * 1e3:,.0f} ({b * s / t:,.0f})")
+        for b, s in shapes:
+            cells.append(f"{medians[(dense['name'], (b, s))] / medians[(row['name'], (b, s))]:.2f}×")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=30, help="Decoder blocks of the random SmolLM2-shaped model (default 30).")
+    parser.add_argument("--real", action="store_true", help="Use the real SmolLM2 GGUF (load_model('smollm2')) instead of random weights.")
+    parser.add_argument("--presets", default="krony-pt-llama-mlp-2x,krony-pt-llama-mlp-4x", help="Comma-separated compression presets.")
+    parser.add_argument("--plain", action="store_true", help="Also time the compressed models exported without the export form.")
+    parser.add_argument("--shapes", default="1x128,1x512,8x128", help="Comma-separated BATCHxTOKENS prefill shapes.")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for every model (default 2).")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--noisy", action="store_true", help="Mark the table as measured on a shared, busy machine.")
+    parser.add_argument("--work-dir", default=None, help="Where the exported folders go (default: a new temporary folder).")
+    parser.add_argument("--out", default=None, help="Also write the Markdown to this file (only between its result markers, if it has them).")
+    args = parser.parse_args(argv)
+    args.presets = [p for p in args.presets.split(",") if p]
+    shapes = parse_shapes(args.shapes)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/onnx_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = build_models(args)
+    medians = time_sessions(rows, shapes, args.threads, args.warmup, args.repeats)
+    text = markdown(rows, medians, shapes, args, command.strip())
+    print(text)
+    if args.out:
+        write_results(args.out, text)
+    return 0
+
+
+BEGIN, END = "<!-- onnx_speed results: begin -->", "<!-- onnx_speed results: end -->"
+
+
+def write_results(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically; in a file with the BEGIN / END markers, only between them."""
+    from kronlm.utils.io import atomic_path
+
+    target = Path(path)
+    old = target.read_text() if target.is_file() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        text = f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}"
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

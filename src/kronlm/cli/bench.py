@@ -1,0 +1,122 @@
+"""``kronlm bench``: speed of Kronecker layers and compressed models against dense (issue 5).
+
+``kronlm bench layers`` times ``KroneckerLinear`` against ``nn.Linear`` for every preset's factor
+shapes; ``kronlm bench models`` times prefill, KV-cache decode and peak memory of dense and
+compressed models (random weights, reference configurations). Both print a Markdown section
+(machine, command, table) and with ``--out FILE.md`` also write it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import click
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _setup(threads: int | None, device: str, dtype: str):
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def _command_line() -> str:
+    if not sys.argv:
+        return "kronlm bench"
+    argv = [os.path.basename(sys.argv[0]) if sys.argv[0].endswith("kronlm") else sys.argv[0], *sys.argv[1:]]
+    prefix = "python " if argv[0].endswith(".py") else ""
+    return prefix + " ".join(shlex.quote(a) for a in argv)
+
+
+def _emit(text: str, out: str | None) -> None:
+    click.echo(text)
+    if out:
+        from kronlm.bench.report import write_markdown
+
+        click.echo(f"wrote {write_markdown(text, out)}", err=True)
+
+
+def _int_list(value: str, name: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{name} must be comma-separated integers, got {value!r}") from None
+    if not items or any(v < 1 for v in items):
+        raise click.BadParameter(f"{name} must list integers >= 1, got {value!r}")
+    return items
+
+
+def common_options(fn):
+    """--threads, --device, --dtype, --repeats, --out."""
+    fn = click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown section to this file (atomically).")(fn)
+    fn = click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed rounds per measurement (median reported).")(fn)
+    fn = click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(fn)
+    fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (default: torch's choice); printed with the table.")(fn)
+    return fn
+
+
+@click.group("bench")
+def command():
+    """Measure Kronecker layers and compressed models against dense ones (Markdown tables)."""
+
+
+@command.command("layers")
+@click.option("--presets", default=None, help="Comma-separated preset names (default: all presets).")
+@click.option("--tokens", default="1,16,512,4096", show_default=True, help="Comma-separated token counts.")
+@click.option("--backward/--no-backward", default=True, show_default=True, help="Also time forward+backward.")
+@click.option("--autotune/--no-autotune", default=False, show_default=True, help="Also time the plan a one-time measurement picks.")
+@common_options
+def layers_command(presets, tokens, backward, autotune, threads, device, dtype, repeats, out):
+    """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes."""
+    from kronlm.bench.layers import layer_speed_markdown, layer_speed_rows, preset_layer_shapes
+
+    dev, dt = _setup(threads, device, dtype)
+    token_counts = _int_list(tokens, "--tokens")
+    shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)
+    rows = layer_speed_rows(shapes, token_counts, backward=backward, autotune=autotune, repeats=repeats or 5, dtype=dt, device=dev, progress=True)
+    title = f"Per-layer speed, {dtype} on {dev.type}"
+    _emit(layer_speed_markdown(rows, title=title, command=_command_line(), device=dev), out)
+
+
+@command.command("models")
+@click.option("--family", type=click.Choice(["llama", "gpt2", "all"]), default="all", show_default=True,
+              help="llama: SmolLM2-135M configuration with the Llama MLP presets; gpt2: GPT2Config() with the GPT-2 presets.")
+@click.option("--presets", default=None, help="Comma-separated presets to compare (default: the family's list in kronlm.bench.models).")
+@click.option("--prefill", default="1x512,8x512", show_default=True, help="Comma-separated BATCHxSEQ prefill shapes.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens generated in the decode measurement.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Prompt length of the decode measurement.")
+@common_options
+def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out):
+    """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights)."""
+    from kronlm.bench.models import FAMILY_LABEL, FAMILY_PRESETS, build_reference, compressed_copy, model_speed_markdown, model_speed_rows
+
+    dev, dt = _setup(threads, device, dtype)
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in prefill.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {prefill!r}") from None
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {prefill!r}")
+    families = list(FAMILY_PRESETS) if family == "all" else [family]
+    sections = []
+    for fam in families:
+        names = [p.strip() for p in presets.split(",")] if presets and family != "all" else list(FAMILY_PRESETS[fam])
+        click.echo(f"bench models: {fam}: dense + {', '.join(names)}", err=True)
+        dense = build_reference(fam).to(device=dev, dtype=dt)
+        models = {"dense": dense}
+        for name in names:
+            models[name] = compressed_copy(dense, name)
+        rows = model_speed_rows(models, prefill_shapes=shapes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                repeats=repeats or 3, device=dev)
+        sections.append(model_speed_markdown(rows, title=f"Model speed, {FAMILY_LABEL[fam]}, {dtype} on {dev.type}",
+                                             command=_command_line(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=dev))
+        del models, dense
+    _emit("\n\n".join(sections), out)

@@ -1,0 +1,198 @@
+"""The KroneckerBERT student of a fine-tuned teacher and its two distillation stages (SPEC §1, §4).
+
+- :func:`make_student`: a copy of the fine-tuned teacher compressed with a compression config
+  (a KroneckerBERT preset or any config); the classification head (and BERT's pooler, unless the
+  config names it) is copied, not compressed.
+- :func:`general_distill` (stage 1, optional): intermediate-layer KD of a compressed *encoder*
+  from the pretrained encoder on plain text, with :func:`kronlm.distill.train` (recipe
+  ``ilkd-kroneckerbert``; an encoder has no logits, so only the embedding, attention-score and
+  hidden-state terms are computed). :func:`load_general_distilled` puts its weights into a task
+  student.
+- :func:`task_distillation_loss` (stage 2): task ILKD against the fine-tuned teacher: embedding
+  MSE, attention-score MSE, hidden-state MSE (identity layer map), logit KD and CE on the gold
+  labels, all weighted 1 (:class:`kronlm.distill.DistillationObjective`); with ``task_kd=False``
+  the student is trained with CE only (the "no task KD" ablation of KroneckerBERT).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from kronlm.compress.config import CompressionConfig
+from kronlm.glue.heads import classifier_head_name
+
+__all__ = [
+    "count_embedding_linear_parameters",
+    "general_distill",
+    "load_general_distilled",
+    "make_student",
+    "task_distillation_loss",
+]
+
+
+def count_embedding_linear_parameters(model: nn.Module, *, exclude_head: bool = True) -> int:
+    """Parameters held by embedding and linear layers (dense or Kronecker), each tensor once.
+
+    Counts the weights and biases of ``nn.Embedding``, ``nn.Linear``, GPT-2's ``Conv1D``,
+    ``KroneckerEmbedding`` and ``KroneckerLinear`` modules (factors A, B, scalars and bias); norms
+    are left out. With ``exclude_head`` the sequence-classification head (``classifier`` /
+    ``score``, copied from the teacher and never compressed) is left out as well. This is the
+    quantity the ">= 5x fewer parameters" target of the GLUE benchmark is stated on.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from kronlm.layers import KroneckerEmbedding, KroneckerLinear
+
+    kinds = (nn.Embedding, nn.Linear, Conv1D, KroneckerEmbedding, KroneckerLinear)
+    head_prefix = None
+    if exclude_head:
+        try:
+            head_prefix = classifier_head_name(model) + "."
+        except ValueError:
+            head_prefix = None
+    seen: dict[int, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        if head_prefix is not None and (name + ".").startswith(head_prefix):
+            continue
+        for p in module.parameters(recurse=False):
+            seen[id(p)] = p.numel()
+        if isinstance(module, (KroneckerEmbedding, KroneckerLinear)):
+            for p in module.parameters():
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def make_student(teacher: PreTrainedModel, config: CompressionConfig, *, progress: bool = False):
+    """Compress a copy of the fine-tuned ``teacher``; the teacher is left untouched.
+
+    Args:
+        teacher: a fine-tuned ``*ForSequenceClassification`` model.
+        config: the compression config (e.g. ``get_preset("kroneckerbert8")`` for BERT-base
+            shapes, or ``configs/glue-minilm-kb8.yaml`` for MiniLM's 384-wide layers).
+
+    Returns:
+        (student, :class:`kronlm.compress.report.CompressionReport`). The student's head holds
+        exactly the teacher's head weights.
+
+    Raises:
+        ValueError: the teacher has no classification head, the config selects the head, or
+            the config's factor shapes do not divide a selected matrix (from ``compress``).
+    """
+    from kronlm.compress import compress
+    from kronlm.compress.surgery import plan_compression
+
+    head = classifier_head_name(teacher)
+    student = copy.deepcopy(teacher)
+    hit = [name for name in plan_compression(student, config) if name == head or name.startswith(head + ".")]
+    if hit:
+        raise ValueError(f"the compression config selects the classification head ({', '.join(hit)}); the head is copied from the teacher, not compressed")
+    report = compress(student, config, progress=progress)
+    return student, report
+
+
+def task_distillation_loss(teacher: nn.Module | None, weights=None, *, task_kd: bool = True, layer_map: list[int] | None = None):
+    """The stage-2 loss ``loss(student, batch) -> (total, terms)`` for :func:`kronlm.glue.finetune.train_classifier`.
+
+    Args:
+        teacher: the fine-tuned teacher (frozen by the objective); unused with ``task_kd=False``.
+        weights: a :class:`kronlm.distill.LossWeights`; default recipe ``ilkd-kroneckerbert``
+            (embedding, attention-score, hidden, KD and CE all weighted 1, T = 1).
+        task_kd: False = CE on the gold labels only (no teacher).
+        layer_map: student layer -> teacher layer; None = identity (Kronecker compression keeps depth).
+
+    Raises:
+        ValueError: ``task_kd`` without a teacher.
+    """
+    from kronlm.distill.objective import DistillationObjective
+    from kronlm.distill.recipes import get_recipe
+    from kronlm.glue.finetune import finetune_loss
+
+    if not task_kd:
+        return finetune_loss
+    if teacher is None:
+        raise ValueError("task distillation needs the fine-tuned teacher (or task_kd=False for CE only)")
+    objective = DistillationObjective(weights or get_recipe("ilkd-kroneckerbert"), layer_map)
+
+    def loss(student: nn.Module, batch: dict[str, torch.Tensor]):
+        out = objective(student, teacher, batch)
+        return out.total, {k: float(v) for k, v in out.terms.items()}
+
+    return loss
+
+
+def general_distill(
+    teacher_encoder: PreTrainedModel,
+    config: CompressionConfig,
+    blocks: Any,
+    training_config,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+) -> Path:
+    """Stage 1: compress a copy of a pretrained encoder and distil it on plain text.
+
+    Args:
+        teacher_encoder: the pretrained encoder (e.g. ``AutoModel`` MiniLM), not fine-tuned.
+        config: the same compression config the task student will use.
+        blocks: token blocks of plain text (a :class:`kronlm.data.blocks.TokenBlocks` or
+            ``{"train": (N, block) int64 tensor, "val": None}``).
+        training_config: a :class:`kronlm.distill.TrainingConfig`, recipe ``ilkd-kroneckerbert``
+            (KD and CE find no logits on an encoder and are skipped).
+        out_dir: run folder of :func:`kronlm.distill.train`; the student lands in ``out_dir/final``.
+
+    Returns:
+        ``out_dir/final``, the folder to pass to :func:`load_general_distilled` / ``--general-distill``.
+
+    Raises:
+        ValueError: see :func:`kronlm.compress.compress` and :func:`kronlm.distill.train`.
+    """
+    from kronlm.compress import compress
+    from kronlm.distill import train
+
+    student = copy.deepcopy(teacher_encoder)
+    compress(student, config, progress=False)
+    result = train(student, teacher_encoder, blocks, training_config, out_dir, tokenizer=tokenizer)
+    return Path(result.final_dir)
+
+
+def load_general_distilled(student: PreTrainedModel, folder: str | Path, *, keep_pooler: bool = True) -> None:
+    """Replace the task student's encoder weights by those of a stage-1 student, in place.
+
+    The stage-1 folder holds a compressed encoder (``kronlm distill`` / :func:`general_distill`
+    output, loaded with ``AutoModel``). Its embedding and layer weights (Kronecker factors
+    included) overwrite the task student's; the classification head, and by default BERT's
+    pooler, stay the fine-tuned teacher's (stage 1 never trains the pooler).
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: the stage-1 encoder's tensors do not match the student's encoder (another
+            compression config or model): names the first differing tensors.
+    """
+    from transformers import AutoModel
+
+    import kronlm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: stage-1 (general distillation) student folder not found")
+    encoder = kronlm.load(folder, auto_class=AutoModel)
+    source = encoder.state_dict()
+    target = student.base_model.state_dict()
+    skip = ("pooler.",) if keep_pooler else ()
+    wanted = {k for k in target if not k.startswith(skip)}
+    missing = sorted(wanted - set(source))
+    shapes = sorted(k for k in wanted & set(source) if source[k].shape != target[k].shape)
+    if missing or shapes:
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" shape mismatch {[(k, tuple(source[k].shape), tuple(target[k].shape)) for k in shapes[:3]]}" if shapes else "")
+        raise ValueError(f"{folder}: the stage-1 encoder does not match the student's encoder ({detail.strip()}); compress both with the same config")
+    with torch.no_grad():
+        for k in wanted:
+            target[k].copy_(source[k])
