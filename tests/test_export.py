@@ -147,3 +147,21 @@ def test_save_is_atomic(tmp_path, saved, monkeypatch):
         kronlm.save(model, saved)
     assert (saved / "model.safetensors").read_bytes() == before
     assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    # Temporary files are created private (0600); the finished file or folder must not stay so.
+    import os
+    import stat
+
+    from kronlm.utils.io import atomic_dir, write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "f.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755

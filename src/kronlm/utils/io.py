@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _default_mode(directory: bool) -> int:
+    # mkstemp / mkdtemp create private (0600 / 0700) entries; a saved model or checkpoint should get
+    # the permissions any other new file of this user would, so it can be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success, rename it to ``path`` atomically.
@@ -36,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _default_mode(directory=False))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -76,6 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(directory=True))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
