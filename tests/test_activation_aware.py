@@ -208,6 +208,7 @@ def test_budget_options_price_the_whitened_tail_exactly():
         energy = ((W @ C) * W).sum().item()
         # n1 = 1 or n2 = 1: the whitening is exact, so the priced error is the achieved one.
         assert opt.output_error == pytest.approx(weighted_error(W, factors, C) * energy, rel=1e-8)
+        assert opt.relative_error == pytest.approx(weighted_error(W, factors, C), rel=1e-8)
         assert opt.loss == pytest.approx(0.5 * 2.0 * opt.output_error)
         assert opt.params == opt.rank * (opt.a_shape[0] * opt.a_shape[1] + opt.b_shape[0] * opt.b_shape[1]) < 120
 

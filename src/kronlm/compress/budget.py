@@ -57,6 +57,7 @@ class BudgetOption:
         params: weight parameters of this choice (bias excluded; it never changes).
         output_error: estimated E_t ||ΔW x_t||² (squared output units per token).
         loss: estimated increase of the mean token NLL, nats.
+        relative_error: output_error / E_t ||W x_t||².
     """
 
     family: str
@@ -66,6 +67,7 @@ class BudgetOption:
     params: int
     output_error: float
     loss: float
+    relative_error: float = 0.0
 
 
 @dataclass
@@ -193,7 +195,7 @@ def module_options(
     C = C + damping * C.diagonal().mean().clamp_min(0) * torch.eye(in_f, dtype=C.dtype)
     energy = ((W @ covariance.double()) * W).sum().item()
     scale = 0.5 * sensitivity if sensitivity is not None else 1.0 / max(energy, 1e-300)
-    options = [BudgetOption("dense", None, None, 0, out_f * in_f, 0.0, 0.0)]
+    options = [BudgetOption("dense", None, None, 0, out_f * in_f, 0.0, 0.0, 0.0)]
     # With n1 = 1 or n2 = 1 the Kronecker-factored whitening is C^{1/2} itself: one eigh serves all.
     full_root = _sqrt_and_inverse(C)[0]
     candidates = [("svd", (out_f, 1), (1, in_f))]
@@ -216,7 +218,8 @@ def module_options(
         ranks = range(svd_step, max_rank + 1, svd_step) if family == "svd" else range(1, max_rank + 1)
         for rank in ranks:
             error = tails[rank].item()
-            options.append(BudgetOption(family, a_shape, b_shape, rank, rank * per_term, error, scale * error))
+            relative = error / energy if energy > 0 else 0.0
+            options.append(BudgetOption(family, a_shape, b_shape, rank, rank * per_term, error, scale * error, relative))
     return options
 
 
@@ -308,13 +311,10 @@ def allocate_budget(
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
     picks = _pick(options, hi)
-    choices = []
-    for name, shape, opts, i in zip(names, weights, options, picks):
-        entry = calibration[name]
-        W = dense_weight(model.get_submodule(name)).detach().double()
-        energy = ((W @ entry.inputs.covariance()) * W).sum().item()
-        rel = opts[i].output_error / energy if energy > 0 else 0.0
-        choices.append(ModuleChoice(name=name, weight_shape=shape, sensitivity=entry.grad_sq, option=opts[i], relative_error=rel))
+    choices = [
+        ModuleChoice(name=name, weight_shape=shape, sensitivity=calibration[name].grad_sq, option=opts[i], relative_error=opts[i].relative_error)
+        for name, shape, opts, i in zip(names, weights, options, picks)
+    ]
     return BudgetAllocation(
         target_params=int(target_params),
         params_before=before,
