@@ -3,12 +3,17 @@
 For each task: fine-tune all-MiniLM-L6-v2 as the teacher (``kronlm glue --model minilm``), then
 compress the fine-tuned teacher with ``configs/glue-minilm-kb8.yaml`` and train the student with
 task ILKD (``kronlm glue --teacher ... --student-config ...``); each run writes report.{json,md}.
-This script runs both commands per task with the settings of the committed CPU run (the teacher
-only when ``OUT/<task>/teacher-only/teacher`` does not exist yet) and prints one combined table.
-Settings sized for a shared 2-core CPU: SST-2 on a random 8,000-example subset of its 67,349
-training rows at max length 64, MRPC on all 3,668 rows at max length 128.
+With ``--stage1`` the student starts from KroneckerBERT's stage 1 instead: the pretrained MiniLM
+compressed the same way and distilled on WikiText-2 validation text (``kronlm compress`` +
+``kronlm distill --config configs/distill-minilm-general.yaml``, into ``OUT/stage1``, run once).
+This script runs the commands with the settings of the committed CPU run (the teacher and stage 1
+only when their folders do not exist yet) and prints one combined table. Settings sized for a
+shared 2-core CPU: SST-2 on a random 8,000-example subset of its 67,349 training rows at max
+length 64, MRPC on all 3,668 rows at max length 128 (teacher 3 epochs).
 
-    python benchmarks/glue_minilm.py --out runs/glue [--tasks sst2,mrpc]
+    python benchmarks/glue_minilm.py --out runs/glue [--tasks sst2,mrpc]              # no stage 1
+    python benchmarks/glue_minilm.py --out runs/glue --stage1 --name kb8-s1           # both stages
+    python benchmarks/glue_minilm.py --out runs/glue --stage1 --no-task-kd --name kb8-s1-ce-only
     python benchmarks/glue_minilm.py --out runs/glue --tasks sst2 --name kb8-balanced-500 \
         --student-settings configs/glue-minilm-student-balanced.yaml --student-steps 500
 """
@@ -23,7 +28,7 @@ from pathlib import Path
 # Per task: (max length, teacher flags, student flags) of the committed run.
 SETTINGS = {
     "sst2": ("64", ["--max-train-examples", "8000", "--epochs", "1"], ["--max-train-examples", "8000", "--max-steps", "200"]),
-    "mrpc": ("128", ["--max-steps", "115", "--lr", "1e-4"], ["--max-steps", "90"]),
+    "mrpc": ("128", ["--epochs", "3", "--lr", "1e-4"], ["--max-steps", "230"]),
 }
 
 
@@ -51,7 +56,18 @@ def main() -> None:
                         help="student run settings (configs/glue-minilm-student-balanced.yaml for the rebalanced ILKD weights)")
     parser.add_argument("--student-steps", default=None, help="replace the student's step count of every task")
     parser.add_argument("--name", default="kb8", help="sub-folder of the student run")
+    parser.add_argument("--stage1", action="store_true", help="start the student from the stage-1 (general distillation) encoder")
+    parser.add_argument("--no-task-kd", action="store_true", help="train the student with CE on the labels only")
     args = parser.parse_args()
+    extra = ["--no-task-kd"] if args.no_task_kd else []
+    if args.stage1:
+        stage1 = Path(args.out) / "stage1"
+        if not (stage1 / "run" / "best").is_dir():
+            run(["compress", "minilm", "--config", "configs/glue-minilm-kb8.yaml", "--out", str(stage1 / "compressed")])
+            run(["distill", "--student", str(stage1 / "compressed"), "--teacher", "minilm",
+                 "--data", "../shared/data/wikitext-2-raw/wiki.valid.raw", "--out", str(stage1 / "run"),
+                 "--config", "configs/distill-minilm-general.yaml"])
+        extra += ["--general-distill", str(stage1 / "run" / "best")]
     tables = []
     for task in args.tasks.split(","):
         if task not in SETTINGS:
@@ -66,7 +82,7 @@ def main() -> None:
             run(["glue", *common, "--model", "minilm", "--out", str(out / "teacher-only"),
                  "--config", "configs/glue-minilm-teacher.yaml", *teacher_flags])
         run(["glue", *common, "--teacher", str(out / "teacher-only" / "teacher"), "--out", str(out / args.name),
-             "--config", args.student_settings, "--student-config", "configs/glue-minilm-kb8.yaml", *student_flags])
+             "--config", args.student_settings, "--student-config", "configs/glue-minilm-kb8.yaml", *student_flags, *extra])
         tables.append(read_report(out / args.name).markdown())
     print("\n".join(tables))
 

@@ -71,7 +71,7 @@ def test_encoder_task(tmp_path):
 
 
 def test_unknown_task(gpt2_folder):
-    with pytest.raises(ValueError, match="unknown task 'lm'; expected one of causal-lm, encoder"):
+    with pytest.raises(ValueError, match="unknown task 'lm'; expected auto or one of causal-lm, encoder"):
         load_model(str(gpt2_folder[0]), task="lm")
 
 

@@ -1,6 +1,8 @@
 """``kronlm distill --student DIR_OR_MODEL --data TEXT_OR_DATASET --out DIR [--teacher MODEL] ...``.
 
-Recovery training of a compressed or truncated student (SPEC §4). Settings come from the
+Recovery training of a compressed or truncated student (SPEC §4): a causal LM (KnGPT2, Krony-PT),
+or an encoder such as a compressed ``BertModel`` (KroneckerBERT's general distillation, stage 1 of
+``kronlm glue``), validated by held-out distillation loss instead of perplexity. Settings come from the
 defaults of :class:`kronlm.distill.config.TrainingConfig`, then a ``--config`` YAML/JSON file,
 then the command-line flags (which win). The same command runs on one device or, under
 ``accelerate launch`` / ``torchrun``, on several processes.
@@ -64,8 +66,9 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
     """Recover a compressed or truncated STUDENT by distillation from TEACHER (or plain CE).
 
     Writes checkpoints (safetensors + JSON) to OUT/checkpoints, the best student by validation
-    perplexity to OUT/best, the last one to OUT/final (loadable by `kronlm eval`), and TensorBoard
-    logs to OUT/logs.
+    perplexity (by held-out distillation loss for an encoder, e.g. --recipe ilkd-kroneckerbert on
+    a compressed MiniLM) to OUT/best, the last one to OUT/final (loadable by `kronlm eval`, or by
+    `kronlm glue --general-distill` for an encoder), and TensorBoard logs to OUT/logs.
     """
     import kronlm  # noqa: F401  (registers the Kronecker Auto classes, so kronlm folders load)
     from kronlm.distill.config import TrainingConfig
@@ -98,7 +101,7 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
 
     from kronlm.data.blocks import build_blocks
     from kronlm.distill import make_accelerator, train
-    from kronlm.models.loading import load_model, load_tokenizer, resolve_model_spec
+    from kronlm.models.loading import has_lm_head, load_model, load_tokenizer, resolve_model_spec
 
     accelerator = make_accelerator(config, out)
     tokenizer = load_tokenizer(teacher if needs_teacher else student)
@@ -118,6 +121,12 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
             raise ValueError(f"block size {config.block_size} exceeds the {role}'s context length {limit}")
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the {role}'s vocabulary only {model.config.vocab_size}")
+    if teacher_model is not None and has_lm_head(teacher_model) != has_lm_head(student_model):
+        kinds = {True: "a language model", False: "an encoder without an LM head"}
+        raise ValueError(
+            f"the student ({type(student_model).__name__}) is {kinds[has_lm_head(student_model)]} but the teacher "
+            f"({type(teacher_model).__name__}) is {kinds[has_lm_head(teacher_model)]}; distil like from like"
+        )
     if teacher_model is not None and teacher_model.config.vocab_size != student_model.config.vocab_size:
         raise ValueError(
             f"student vocabulary {student_model.config.vocab_size} differs from teacher vocabulary "
@@ -136,7 +145,8 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
             if result.losses
             else f"done: nothing to do, the run already reached step {result.steps}"
         )
-        if result.best_val_ppl is not None:
-            click.echo(f"best validation perplexity {result.best_val_ppl:.3f} at step {result.best_step} -> {Path(out) / 'best'}")
+        if result.best_val is not None:
+            what = "perplexity" if result.val_metric == "ppl" else "distillation loss"
+            click.echo(f"best validation {what} {result.best_val:.4f} at step {result.best_step} -> {Path(out) / 'best'}")
         click.echo(f"final student -> {result.final_dir}")
     accelerator.end_training()

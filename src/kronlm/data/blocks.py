@@ -222,14 +222,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _eos_id(tokenizer: Any) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no EOS token "
-            "to separate documents; set tokenizer.eos_token first"
-        )
-    return int(eos)
+def _separator_id(tokenizer: Any) -> int:
+    # Decoders end a document with EOS; BERT-family tokenizers have none and mark segment ends
+    # with [SEP], which is what their pretraining put between sentences.
+    for attr in ("eos_token_id", "sep_token_id"):
+        token_id = getattr(tokenizer, attr, None)
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(
+        f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has neither an EOS nor a SEP "
+        "token to separate documents; set tokenizer.eos_token first"
+    )
 
 
 def tokenize_documents(
@@ -241,14 +244,15 @@ def tokenize_documents(
 ) -> tuple[torch.Tensor, int]:
     """Tokenise documents in batches and join them with EOS into one stream.
 
-    The stream is ``ids(doc_0) EOS ids(doc_1) EOS ... ids(doc_n)``, each document tokenised
+    The stream is ``ids(doc_0) EOS ids(doc_1) EOS ... ids(doc_n)`` (SEP instead of EOS for a
+    tokenizer without EOS, such as BERT's), each document tokenised
     without special tokens by one batched call of the (fast) tokenizer per ``batch_size``
     documents. Reading stops once ``max_tokens`` tokens are collected and the stream is cut to
     exactly ``max_tokens``.
 
     Args:
         documents: texts, read lazily (a streaming dataset works).
-        tokenizer: a Hugging Face tokenizer with an EOS token.
+        tokenizer: a Hugging Face tokenizer with an EOS (or SEP) token.
         max_tokens: token budget, or None for all documents.
         batch_size: documents per tokenizer call.
 
@@ -256,11 +260,11 @@ def tokenize_documents(
         ((T,) int32 token ids, number of documents read).
 
     Raises:
-        ValueError: the tokenizer has no EOS token; ``max_tokens`` < 1.
+        ValueError: the tokenizer has neither EOS nor SEP token; ``max_tokens`` < 1.
     """
     if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 1):
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
-    eos = _eos_id(tokenizer)
+    eos = _separator_id(tokenizer)
     chunks: list[torch.Tensor] = []
     total = 0
     num_documents = 0

@@ -12,9 +12,9 @@ precision, gradient clipping, sharding and TensorBoard logging come from
 - :mod:`kronlm.distill.distributed`: the accelerator, the supported process layouts, and the
   full (unsharded) model and optimizer states that checkpoints hold, under FSDP too;
 - :mod:`kronlm.distill.checkpoint`: checkpoints in safetensors + JSON;
-- :mod:`kronlm.distill.validation` / :mod:`kronlm.distill.export`: validation perplexity, and
-  the exported students (the best by validation perplexity in ``out_dir/best``, the last in
-  ``out_dir/final``).
+- :mod:`kronlm.distill.validation` / :mod:`kronlm.distill.export`: validation perplexity (or,
+  for an encoder without an LM head, the held-out distillation loss), and the exported students
+  (the best by that validation metric in ``out_dir/best``, the last in ``out_dir/final``).
 
 This module holds the loop itself, with a hard stop on a NaN / inf loss or gradient norm before
 the optimizer touches the weights. The loss is
@@ -61,7 +61,8 @@ from kronlm.distill.distributed import (
 )
 from kronlm.distill.export import export_student
 from kronlm.distill.optim import build_optimizer, build_scheduler, optimizer_param_names
-from kronlm.distill.validation import evaluate_perplexity
+from kronlm.distill.validation import evaluate_distillation_loss, evaluate_perplexity
+from kronlm.models.loading import has_lm_head
 
 TRACKER_PROJECT = "distill"
 
@@ -80,8 +81,13 @@ class TrainResult:
         tokens_seen: training tokens consumed in total, over all processes.
         losses: total loss of every step run in this call (mean over processes and micro-batches).
         loss_terms: the per-term losses of every step run in this call.
-        val_history: ``{"step", "loss", "ppl", "tokens"}`` of every validation pass in this call.
-        best_val_ppl / best_step: best validation perplexity so far (None without validation).
+        val_metric: ``"ppl"`` (validation perplexity; students with an LM head) or
+            ``"distill_loss"`` (the objective on held-out blocks; encoders such as ``BertModel``).
+        val_history: every validation pass in this call: ``{"step", "loss", "ppl", "tokens"}``
+            for ``"ppl"``, ``{"step", "loss", "blocks", "term/<name>"...}`` for ``"distill_loss"``.
+        best_val / best_step: best (lowest) validation metric so far and its step (None without
+            validation).
+        best_val_ppl: ``best_val`` when the metric is perplexity, else None.
         final_dir / best_dir: the exported students (None when not written).
         last_checkpoint: the newest checkpoint folder (None when none was written).
     """
@@ -92,11 +98,16 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     loss_terms: list[dict[str, float]] = field(default_factory=list)
     val_history: list[dict[str, float]] = field(default_factory=list)
-    best_val_ppl: float | None = None
+    val_metric: str = "ppl"
+    best_val: float | None = None
     best_step: int | None = None
     final_dir: Path | None = None
     best_dir: Path | None = None
     last_checkpoint: Path | None = None
+
+    @property
+    def best_val_ppl(self) -> float | None:
+        return self.best_val if self.val_metric == "ppl" else None
 
 
 def _build_objective(config: TrainingConfig):
@@ -148,8 +159,10 @@ def train(
     """Train ``student`` against ``teacher`` with the recipe of ``config``; checkpoint, validate, export.
 
     Args:
-        student: a causal LM (Hugging Face ``PreTrainedModel``, possibly kronlm-compressed or
-            layer-truncated); trained in place. Under FSDP it is sharded in place: afterwards
+        student: a causal LM or an encoder (Hugging Face ``PreTrainedModel``, possibly
+            kronlm-compressed or layer-truncated); trained in place. A student with an LM head is
+            validated by perplexity; one without (``BertModel`` in KroneckerBERT's general
+            distillation) by the objective's loss on the validation blocks. Under FSDP it is sharded in place: afterwards
             each process holds its shard (``DTensor`` parameters); the full weights are in
             ``out_dir/final``.
         teacher: the frozen reference model (same tokenizer); None for recipe ``ce``. It is put in
@@ -214,6 +227,12 @@ def train(
             f"x {world} processes = {per_step})"
         )
     max_steps = config.max_steps or math.ceil((config.epochs or 1.0) * steps_per_epoch)
+    val_metric = "ppl" if has_lm_head(student) else "distill_loss"
+    if val_metric == "distill_loss" and val_set is not None and teacher is None:
+        raise ValueError(
+            f"{type(student).__name__} has no LM head, so it is validated by the distillation loss, "
+            "which needs a teacher; give one or drop the validation data"
+        )
 
     set_seed(config.seed, device_specific=True)
     if teacher is not None:
@@ -243,7 +262,7 @@ def train(
 
     model, optimizer = accelerator.prepare(student, optimizer)
     start_step, tokens_seen = 0, 0
-    best_val_ppl, best_step = None, None
+    best_val, best_step = None, None
     if ckpt is not None:
         restore_model_state(accelerator, model, ckpt.model_state)
         restore_optimizer_state(accelerator, model, optimizer, ckpt.optimizer_state, param_names)
@@ -254,12 +273,14 @@ def train(
         restore_rng_state(ckpt.rng_state, accelerator.process_index, device)
         start_step = ckpt.step
         tokens_seen = int(ckpt.trainer_state["tokens_seen"])
-        best_val_ppl = ckpt.trainer_state.get("best_val_ppl")
-        best_step = ckpt.trainer_state.get("best_step")
+        saved_metric = ckpt.trainer_state.get("val_metric", "ppl")
+        if saved_metric == val_metric:  # checkpoints from before val_metric existed are "ppl"
+            best_val = ckpt.trainer_state.get("best_val", ckpt.trainer_state.get("best_val_ppl"))
+            best_step = ckpt.trainer_state.get("best_step")
         ckpt = None
 
     result = TrainResult(steps=start_step, start_step=start_step, tokens_seen=tokens_seen,
-                         best_val_ppl=best_val_ppl, best_step=best_step)
+                         val_metric=val_metric, best_val=best_val, best_step=best_step)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save(out_dir / "training_config.yaml")
@@ -305,6 +326,8 @@ def train(
                 "world_size": world,
                 "distributed_type": accelerator.distributed_type.value,
                 "max_steps": max_steps,
+                "val_metric": result.val_metric,
+                "best_val": result.best_val,
                 "best_val_ppl": result.best_val_ppl,
                 "best_step": result.best_step,
                 "param_groups": group_names,
@@ -319,18 +342,26 @@ def train(
         accelerator.wait_for_everyone()
 
     def validate(step: int) -> None:
-        metrics = evaluate_perplexity(model, val_set, accelerator, config.micro_batch_size, config.eval_batches)
+        if val_metric == "ppl":
+            metrics = evaluate_perplexity(model, val_set, accelerator, config.micro_batch_size, config.eval_batches)
+            value, label = metrics["ppl"], "ppl"
+        else:
+            metrics = evaluate_distillation_loss(model, teacher, objective, val_set, accelerator,
+                                                 config.micro_batch_size, config.eval_batches)
+            value, label = metrics["loss"], "distillation loss"
         result.val_history.append({"step": step, **metrics})
-        accelerator.log({"val/loss": metrics["loss"], "val/ppl": metrics["ppl"]}, step=step)
-        improved = result.best_val_ppl is None or metrics["ppl"] < result.best_val_ppl
-        say(f"step {step}: validation loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.3f}"
-            + (" (best)" if improved else f" (best {result.best_val_ppl:.3f} at step {result.best_step})"))
+        accelerator.log({f"val/{k}": v for k, v in metrics.items() if k not in ("tokens", "blocks")}, step=step)
+        improved = result.best_val is None or value < result.best_val
+        say(f"step {step}: validation loss {metrics['loss']:.4f}"
+            + (f", ppl {value:.3f}" if val_metric == "ppl" else f" ({label})")
+            + (" (best)" if improved else f" (best {result.best_val:.4f} at step {result.best_step})"))
         if improved:
-            result.best_val_ppl, result.best_step = metrics["ppl"], step
+            result.best_val, result.best_step = value, step
             result.best_dir = export(
                 out_dir / "best",
                 {"step": step, "tokens_seen": result.tokens_seen, "val_loss": metrics["loss"],
-                 "val_ppl": metrics["ppl"], "recipe": config.recipe},
+                 "val_metric": val_metric, "val": value, "recipe": config.recipe,
+                 **({"val_ppl": value} if val_metric == "ppl" else {})},
             )
 
     try:
@@ -405,7 +436,8 @@ def train(
         result.final_dir = export(
             out_dir / "final",
             {"step": result.steps, "tokens_seen": result.tokens_seen, "recipe": config.recipe,
-             "best_step": result.best_step, "best_val_ppl": result.best_val_ppl,
+             "best_step": result.best_step, "val_metric": val_metric, "best_val": result.best_val,
+             "best_val_ppl": result.best_val_ppl,
              "val": result.val_history[-1] if result.val_history else None},
         )
         if result.best_step is not None:

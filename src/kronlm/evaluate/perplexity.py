@@ -214,8 +214,16 @@ def perplexity(
         ValueError: unknown protocol; ``max_length < 2``; ``stride`` outside ``1 .. max_length``
             (sliding); fewer than 2 tokens; ``input_ids`` not a 1-D
             integer tensor; ``max_length`` above the model's ``max_position_embeddings``; a token id
-            outside the model's vocabulary; ``batch_size < 1``.
+            outside the model's vocabulary; ``batch_size < 1``; a model without an LM head (an
+            encoder such as ``BertModel``, or a classifier).
     """
+    from kronlm.models.loading import has_lm_head
+
+    if not has_lm_head(model):
+        raise ValueError(
+            f"perplexity needs a model with a language-modelling head; {type(model).__name__} has none "
+            "(an encoder or a classifier)"
+        )
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a 1-D integer tensor of token ids, got {shape}")

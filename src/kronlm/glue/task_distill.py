@@ -139,6 +139,11 @@ def general_distill(
 ) -> Path:
     """Stage 1: compress a copy of a pretrained encoder and distil it on plain text.
 
+    The Python form of ``kronlm compress ENCODER --config C --out DIR`` followed by
+    ``kronlm distill --student DIR --teacher ENCODER --recipe ilkd-kroneckerbert ...``
+    (KroneckerBERT, SPEC §1). With validation blocks, ``out_dir/best`` is chosen by the held-out
+    distillation loss (an encoder has no LM head for perplexity).
+
     Args:
         teacher_encoder: the pretrained encoder (e.g. ``AutoModel`` MiniLM), not fine-tuned.
         config: the same compression config the task student will use.

