@@ -128,6 +128,26 @@ def _hub_error(source: ModelSource, what: str, exc: OSError) -> OSError:
     )
 
 
+def _from_source(loader, source: ModelSource, what: str, **kwargs):
+    # A local folder's own error (a missing or corrupt file) is the clear one; for a hub id the
+    # offline failure is rewritten into one line that names the spec.
+    try:
+        return loader.from_pretrained(source.path_or_id, **kwargs)
+    except OSError as exc:
+        if Path(source.path_or_id).is_dir():
+            raise
+        raise _hub_error(source, what, exc) from exc
+
+
+def _task_of_source(source: ModelSource) -> str:
+    from transformers import AutoConfig
+
+    if source.gguf_file is not None:
+        return "causal-lm"
+    config = _from_source(AutoConfig, source, "model")
+    return task_of_architectures(getattr(config, "architectures", None))
+
+
 def task_of_architectures(architectures: list[str] | None) -> str:
     """The :data:`TASKS` entry matching a ``config.architectures`` list.
 
@@ -154,18 +174,7 @@ def infer_task(spec: str) -> str:
         FileNotFoundError / ValueError: see :func:`resolve_model_spec`.
         OSError: a hub id that is not in the local cache while the hub cannot be reached.
     """
-    from transformers import AutoConfig
-
-    source = resolve_model_spec(spec)
-    if source.gguf_file is not None:
-        return "causal-lm"
-    try:
-        config = AutoConfig.from_pretrained(source.path_or_id)
-    except OSError as exc:
-        if Path(source.path_or_id).is_dir():
-            raise
-        raise _hub_error(source, "model", exc) from exc
-    return task_of_architectures(getattr(config, "architectures", None))
+    return _task_of_source(resolve_model_spec(spec))
 
 
 def load_model(
@@ -199,18 +208,13 @@ def load_model(
             ``task``.
         OSError: a hub id that is not in the local cache while the hub cannot be reached.
     """
-    if task == "auto":
-        task = infer_task(spec)
-    auto_class = _auto_class(task)
+    auto_class = None if task == "auto" else _auto_class(task)  # an unknown task fails before any I/O
     source = resolve_model_spec(spec)
+    if auto_class is None:
+        auto_class = _auto_class(_task_of_source(source))
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
-    try:
-        model = auto_class.from_pretrained(source.path_or_id, dtype=dtype, **kwargs)
-    except OSError as exc:
-        if Path(source.path_or_id).is_dir():
-            raise
-        raise _hub_error(source, "model", exc) from exc
+    model = _from_source(auto_class, source, "model", dtype=dtype, **kwargs)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -241,12 +245,7 @@ def load_tokenizer(spec: str, **kwargs):
     source = resolve_model_spec(spec)
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path_or_id, **kwargs)
-    except OSError as exc:
-        if Path(source.path_or_id).is_dir():
-            raise
-        raise _hub_error(source, "tokenizer", exc) from exc
+    tokenizer = _from_source(AutoTokenizer, source, "tokenizer", **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
