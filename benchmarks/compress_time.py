@@ -17,7 +17,7 @@ import torch
 
 import kronlm
 from kronlm.compress import list_presets
-from kronlm.models.loading import load_model
+from kronlm.modeling.loading import load_model
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
             continue
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        report = kronlm.compress(model, preset.config, progress=False)
+        report = kronlm.compress(model, preset.config, progress=False).compression_report
         seconds = time.perf_counter() - t0
         print(f"| {preset.name} | {len(report.modules)} | {report.params_before:,} | {report.params_after:,} | "
               f"{report.mean_relative_error:.4f} | {seconds:.1f} |", flush=True)

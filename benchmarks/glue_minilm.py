@@ -9,7 +9,9 @@ compressed the same way and distilled on WikiText-2 validation text (``kronlm co
 This script runs the commands with the settings of the committed CPU run (the teacher and stage 1
 only when their folders do not exist yet) and prints one combined table. Settings sized for a
 shared 2-core CPU: SST-2 on a random 8,000-example subset of its 67,349 training rows at max
-length 64, MRPC on all 3,668 rows at max length 128 (teacher 3 epochs).
+length 64, MRPC on all 3,668 rows at max length 128 (teacher 3 epochs). Each stage holds out
+``val_fraction`` (0.1 in the configs) of its training examples to choose its checkpoint; runs
+committed before that choice existed trained on all of them and reported the last step.
 
     python benchmarks/glue_minilm.py --out runs/glue [--tasks sst2,mrpc]              # no stage 1
     python benchmarks/glue_minilm.py --out runs/glue --stage1 --name kb8-s1           # both stages
@@ -46,7 +48,7 @@ def run(argv: list[str]) -> float:
 
 def main() -> None:
     """Parse the arguments, run teacher and student per task, print the combined Markdown table."""
-    from kronlm.glue import read_report
+    from kronlm.tasks.glue import read_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="run folder (one sub-folder per task)")

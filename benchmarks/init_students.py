@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import kronlm
-from kronlm.compress import compress
+from kronlm.modeling import compress
 from kronlm.compress.budget import allocate_budget
 from kronlm.compress.calibration import load_calibration
-from kronlm.models.loading import load_model_and_tokenizer
+from kronlm.modeling.loading import load_model_and_tokenizer
 
 
 def _zero_shot_module():
@@ -44,14 +44,14 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
     stats = load_calibration(cache)
-    report = compress(model, zs.uniform_config(blocks, "van_loan"))
+    report = compress(model, zs.uniform_config(blocks, "van_loan")).compression_report
     kronlm.save(model, args.out / "van_loan", tokenizer=tokenizer, report=report)
     target = report.params_after
     print(f"van_loan: {target:,} parameters -> {args.out / 'van_loan'}")
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
     allocation = allocate_budget(model, stats, target)
-    report = compress(model, allocation.to_config(), calibration=stats)
+    report = compress(model, allocation.to_config(), calibration=stats).compression_report
     report.allocation = allocation.to_dict()
     kronlm.save(model, args.out / "budget", tokenizer=tokenizer, report=report)
     print(f"budget: {report.params_after:,} parameters -> {args.out / 'budget'}")

@@ -1,11 +1,54 @@
 """Per-layer speed of KroneckerLinear vs nn.Linear for every preset's factor shapes (issue 5).
 
-    python benchmarks/layer_speed.py --threads 2 [--tokens 1,16,512,4096] [--autotune] [--out FILE.md]
+    python benchmarks/layer_speed.py --threads 2 [--tokens 1,16,512,4096] [--autotune] [--out FILE.md] [--plot FILE.png]
 
-Same as ``kronlm bench layers``; prints a Markdown section (machine, command, table).
+Same options and table as ``kronlm bench layers``; also draws the forward speed-up against tokens,
+one line per factor shape (``kronlm.bench.plots.layer_speed_plot``), into ``--plot`` or, with
+``--out``, into the PNG beside it (same name, ``.png``).
 """
 
+import shlex
+import sys
+
+import click
+import torch
+
+from kronlm.bench.layers import layer_speed_markdown, layer_speed_rows, preset_layer_shapes
+from kronlm.bench.plots import layer_speed_plot, png_beside
+from kronlm.bench.report import write_markdown
 from kronlm.cli.bench import layers_command
 
+
+def setup(threads, device, dtype):
+    """torch threads, device and dtype of a run (as ``kronlm bench``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def command_line() -> str:
+    """This script's command line, for the table."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+@click.command(params=[*layers_command.params, click.Option(["--plot"], type=click.Path(dir_okay=False), default=None,
+                                                             help="PNG of the forward speed-up (default with --out: beside it).")])
+def main(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, plot):
+    """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes, with a figure."""
+    dev, dt = setup(threads, device, dtype)
+    shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)
+    rows = layer_speed_rows(shapes, [int(v) for v in tokens.split(",") if v.strip()], backward=backward, autotune=autotune, repeats=repeats or 5,
+                            dtype=dt, device=dev, progress=True)
+    text = layer_speed_markdown(rows, title=f"Per-layer speed, {dtype} on {dev.type}", command=command_line(), device=dev)
+    click.echo(text)
+    if out:
+        click.echo(f"wrote {write_markdown(text, out)}", err=True)
+    if plot or out:
+        path = layer_speed_plot(rows, plot or png_beside(out), title=f"KroneckerLinear vs nn.Linear, {dtype} on {dev.type}")
+        click.echo(f"wrote {path}", err=True)
+
+
 if __name__ == "__main__":
-    layers_command(prog_name="benchmarks/layer_speed.py")
+    main()

@@ -1,11 +1,71 @@
 """Prefill / decode throughput and peak memory of dense vs compressed models, random weights (issue 5).
 
-    python benchmarks/model_speed.py --threads 2 [--family llama|gpt2|all] [--out FILE.md]
+    python benchmarks/model_speed.py --threads 2 [--family llama|gpt2|all] [--out FILE.md] [--plot FILE.png]
 
-Same as ``kronlm bench models``; prints a Markdown section per family (machine, command, table).
+Same options and tables as ``kronlm bench models``; also draws each family's prefill and decode
+speed-up over dense beside the multiply-add ratio (``kronlm.bench.plots.model_speed_plot``) into
+``--plot`` or, with ``--out``, into the PNG beside it (one file per family when there are several:
+``NAME-llama.png``, ``NAME-gpt2.png``).
 """
 
+from pathlib import Path
+
+import shlex
+import sys
+
+import click
+import torch
+
+from kronlm.bench.models import FAMILY_LABEL, FAMILY_PRESETS, build_reference, compressed_copy, model_speed_markdown, model_speed_rows
+from kronlm.bench.plots import model_speed_plot, png_beside
+from kronlm.bench.report import write_markdown
 from kronlm.cli.bench import models_command
 
+
+def setup(threads, device, dtype):
+    """torch threads, device and dtype of a run (as ``kronlm bench``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def command_line() -> str:
+    """This script's command line, for the table."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+@click.command(params=[*models_command.params, click.Option(["--plot"], type=click.Path(dir_okay=False), default=None,
+                                                             help="PNG of the speed-ups (default with --out: beside it).")])
+def main(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, plot):
+    """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights), with a figure."""
+    dev, dt = setup(threads, device, dtype)
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in prefill.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {prefill!r}") from None
+    families = list(FAMILY_PRESETS) if family == "all" else [family]
+    sections, figures = [], {}
+    for fam in families:
+        names = [p.strip() for p in presets.split(",")] if presets and family != "all" else list(FAMILY_PRESETS[fam])
+        dense = build_reference(fam).to(device=dev, dtype=dt)
+        models = {"dense": dense, **{name: compressed_copy(dense, name) for name in names}}
+        rows = model_speed_rows(models, prefill_shapes=shapes, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats or 3, device=dev)
+        title = f"Model speed, {FAMILY_LABEL[fam]}, {dtype} on {dev.type}"
+        sections.append(model_speed_markdown(rows, title=title, command=command_line(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=dev))
+        figures[fam] = (rows, title)
+        del models, dense
+    text = "\n\n".join(sections)
+    click.echo(text)
+    if out:
+        click.echo(f"wrote {write_markdown(text, out)}", err=True)
+    if plot or out:
+        base = Path(plot) if plot else png_beside(out)
+        for fam, (rows, title) in figures.items():
+            path = base if len(figures) == 1 else base.with_name(f"{base.stem}-{fam}{base.suffix}")
+            click.echo(f"wrote {model_speed_plot(rows, path, title=title)}", err=True)
+
+
 if __name__ == "__main__":
-    models_command(prog_name="benchmarks/model_speed.py")
+    main()

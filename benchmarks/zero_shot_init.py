@@ -30,12 +30,8 @@ from pathlib import Path
 
 import torch
 
-from kronlm.compress import (
-    CompressionConfig,
-    KroneckerTarget,
-    compress,
-    count_parameters,
-)
+from kronlm.compress import CompressionConfig, KroneckerTarget, count_parameters
+from kronlm.modeling import compress
 from kronlm.compress.budget import allocate_budget, budget_candidates, price_modules
 from kronlm.compress.calibration import (
     ModuleCalibration,
@@ -46,7 +42,7 @@ from kronlm.compress.calibration import (
 )
 from kronlm.data.text import load_text
 from kronlm.evaluate.perplexity import perplexity
-from kronlm.models.loading import load_model_and_tokenizer
+from kronlm.modeling.loading import load_model_and_tokenizer
 from kronlm.utils.io import atomic_path
 
 BLOCKS = {0.9: 10, 0.8: 20, 0.7: 30}
@@ -133,7 +129,7 @@ def main() -> None:
             blocks = spaced_blocks(BLOCKS[fraction])
             if fraction not in targets:
                 # Parameter count of the uniform configuration: every other method must match it.
-                targets[fraction] = compress(copy.deepcopy(model), uniform_config(blocks, "van_loan"), progress=False).params_after
+                targets[fraction] = compress(copy.deepcopy(model), uniform_config(blocks, "van_loan"), progress=False).compression_report.params_after
             if method in ("activation_aware", "budget") and stats is None:
                 stats = calibrate(model, tokenizer, budget_candidates(model), args.work, args.calibration_sequences, args.calibration_length, args.sensitivity_sequences)
             student = copy.deepcopy(model)
@@ -143,16 +139,16 @@ def main() -> None:
                 if options is None:  # pricing does not depend on the budget: once for all fractions
                     options = price_modules(model, stats)
                 allocation = allocate_budget(student, stats, targets[fraction], options=options)
-                report = compress(student, allocation.to_config(), calibration=stats)
+                report = compress(student, allocation.to_config(), calibration=stats).compression_report
                 counts: dict[str, int] = {}
                 for c in allocation.choices:
                     key = f"{c.name.rsplit('.', 1)[-1]}:{c.option.family}"
                     counts[key] = counts.get(key, 0) + 1
                 extra = {"choices": counts, "estimated_nll_increase": allocation.estimated_loss}
             elif method == "svd":
-                report = compress(student, uniform_config(blocks, "van_loan", svd_rank=209))
+                report = compress(student, uniform_config(blocks, "van_loan", svd_rank=209)).compression_report
             else:
-                report = compress(student, uniform_config(blocks, method), calibration=stats if method == "activation_aware" else None)
+                report = compress(student, uniform_config(blocks, method), calibration=stats if method == "activation_aware" else None).compression_report
             seconds = time.perf_counter() - start
             record({"fraction": fraction, "method": method, "params": report.params_after, "ppl": ppl(student), "seconds": seconds, **extra})
             del student

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
-from kronlm.compress import CompressionConfig, KroneckerTarget, compress
+from kronlm.compress import CompressionConfig, KroneckerTarget
 from kronlm.compress.budget import allocate_budget, module_options
 from kronlm.compress.calibration import calibration_input_ids, collect_calibration
 from kronlm.decompose import (
@@ -18,6 +18,7 @@ from kronlm.decompose import (
     weighted_error,
     whitened_nearest_kronecker_product,
 )
+from kronlm.modeling import compress
 
 
 def _anisotropic_covariance(n: int, samples: int = 400, seed: int = 0) -> torch.Tensor:
@@ -232,7 +233,7 @@ def test_budget_allocation_meets_the_budget_and_prefers_insensitive_modules():
         allocate_budget(model, stats, 10, progress=False)
     with pytest.raises(ValueError, match=f"budget of {before:,} parameters is not below the model's {before:,}"):
         allocate_budget(model, stats, before, progress=False)
-    report = compress(model, alloc.to_config(), calibration=stats, progress=False)
+    report = compress(model, alloc.to_config(), calibration=stats, progress=False).compression_report
     assert report.params_after == alloc.params_after
     assert "estimated NLL increase" in alloc.table()
 

@@ -9,22 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from shared_paths import GPT2_TOKENIZER_DIR, SHARED_DATA
 from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from kronlm.data.blocks import BlockDataset, TokenBlocks, build_blocks, split_paragraphs
-from kronlm.utils.paths import shared_data_dir
+from kronlm.data.blocks import (
+    BlockDataset,
+    TokenBlocks,
+    build_blocks,
+    split_paragraphs,
+    tokenizer_fingerprint,
+)
 
-DATA = shared_data_dir()
-WIKI_VALID = DATA / "wikitext-2-raw" / "wiki.valid.raw" if DATA is not None else None
-TOKENIZER_DIR = DATA.parent / "tokenizers" / "gpt2" if DATA is not None else None
+WIKI_VALID = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw" if SHARED_DATA is not None else None
+TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
-    if TOKENIZER_DIR is None or not (TOKENIZER_DIR / "vocab.json").is_file():
+    if TOKENIZER_DIR is None:
         pytest.skip("GPT-2 tokenizer files not available")
-    from transformers import GPT2TokenizerFast
-
     tokenizer = GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     return tokenizer
@@ -156,8 +161,6 @@ def test_cache_hit_does_not_tokenise_again(tmp_path, gpt2_tokenizer):
     assert torch.equal(second.train, first.train) and torch.equal(second.val, first.val)
 
     # a freshly loaded tokenizer with the same files hits the same cache
-    from transformers import GPT2TokenizerFast
-
     other = CountingTokenizer(GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR))
     assert build_blocks(path, other, block_size=4, cache_dir=tmp_path / "cache").from_cache
     assert other.calls == 0
@@ -240,8 +243,6 @@ def test_block_dataset_with_dataloader():
 
 def test_block_dataset_trains_a_tiny_model():
     """Blocks feed a causal LM through a DataLoader; the held-out blocks' loss goes down."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(0)
     pattern = torch.tensor([5, 9, 2, 7, 3, 1, 8, 4])
     blocks = TokenBlocks.from_ids(pattern.repeat(20), 16, val_fraction=0.1)
@@ -297,10 +298,6 @@ def test_errors(tmp_path, gpt2_tokenizer):
 
 
 def test_tokenizer_fingerprint(gpt2_tokenizer):
-    from transformers import GPT2TokenizerFast
-
-    from kronlm.data.blocks import tokenizer_fingerprint
-
     tokenizer = GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR)
     base = tokenizer_fingerprint(tokenizer)
     assert base == tokenizer_fingerprint(gpt2_tokenizer)
@@ -314,8 +311,6 @@ def test_tokenizer_fingerprint(gpt2_tokenizer):
 
 
 def test_block_dataset_through_accelerate():
-    from accelerate import Accelerator
-
     blocks = torch.arange(7 * 4).reshape(7, 4)
     loader = Accelerator(cpu=True).prepare(DataLoader(BlockDataset(blocks), batch_size=3))
     seen = torch.cat([batch["input_ids"] for batch in loader])

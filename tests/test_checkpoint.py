@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from training_models import BLOCK, VOCAB  # noqa: E402
+from training_models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 from transformers import GPT2LMHeadModel
 
 from kronlm.data.blocks import TokenBlocks
@@ -31,9 +33,6 @@ from kronlm.distill.checkpoint import (
 )
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.trainer import train
-
-from training_models import BLOCK, VOCAB  # noqa: E402
-from training_models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 
 
 def tiny_gpt2(seed: int, dropout: float = 0.1) -> GPT2LMHeadModel:

@@ -1,22 +1,23 @@
-"""The kronlm command line on a tiny GPT-2 saved with the real GPT-2 tokenizer files."""
+"""The kronlm command line on a tiny GPT-2 saved with the real GPT-2 tokenizer files, and its
+argument errors (which need no data at all, so they run on a clean clone)."""
 
 import json
 
 import pytest
 import torch
 import yaml
+from shared_paths import GPT2_TOKENIZER_DIR, SHARED_DATA
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from kronlm.cli import main
-from kronlm.utils.paths import shared_data_dir
 
-TOKENIZER_DIR = shared_data_dir().parent / "tokenizers" / "gpt2" if shared_data_dir() else None
-pytestmark = pytest.mark.skipif(TOKENIZER_DIR is None or not TOKENIZER_DIR.is_dir(), reason="../shared/tokenizers/gpt2 missing")
+TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-
+    if TOKENIZER_DIR is None:
+        pytest.skip("../shared/tokenizers/gpt2 missing")
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, n_inner=64)).save_pretrained(folder)
@@ -68,6 +69,54 @@ def test_compress_activation_aware_and_budget(tiny_folder, tmp_path, capsys):
     results = json.loads((out / "eval.json").read_text())
     assert main(["eval", str(out), "--data", text, "--max-length", "64", "--stride", "32", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(results["compressed"]["ppl"], rel=1e-6)
+
+
+def test_compress_refuses_an_out_folder_that_is_not_a_model(tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    # Refused before any model is loaded (the model spec does not even exist).
+    assert main(["compress", "./nowhere", "--preset", "krony-pt-96m", "--out", str(precious)]) == 2
+    err = capsys.readouterr().err
+    assert "mine: exists and is not a model folder" in err and "--overwrite" in err
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(SHARED_DATA is None, reason="../shared/data missing")
+def test_distill_takes_a_data_alias_and_says_which_split(tiny_folder, tmp_path, capsys):
+    # wikitext2 has no local train split: offline, training reads the local validation split and says so.
+    student = tmp_path / "student"
+    assert main(["compress", str(tiny_folder), "--config", str(_mlp_config(tmp_path)), "--out", str(student)]) == 0
+    rc = main(["distill", "--student", str(student), "--teacher", str(tiny_folder), "--data", "wikitext2", "--data-dir", str(SHARED_DATA),
+               "--max-tokens", "4096", "--block-size", "64", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "0",
+               "--recipe", "ce", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "validation split" in printed and "train split is not available offline" in printed
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_distill_blockwise_mode_from_the_command_line(tiny_folder, tmp_path, capsys):
+    student = tmp_path / "student"
+    assert main(["compress", str(tiny_folder), "--config", str(_mlp_config(tmp_path)), "--out", str(student)]) == 0
+    argv = ["distill", "--student", str(student), "--teacher", str(tiny_folder), "--data", str(tiny_folder / "text.txt"),
+            "--block-size", "32", "--batch-size", "2", "--max-steps", "3", "--warmup-steps", "0", "--mode", "blockwise",
+            "--block-inputs", "teacher", "--end-to-end-steps", "2", "--out", str(tmp_path / "bw")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "block-wise training of 2 of 2 blocks" in printed and "validation perplexity:" in printed
+    summary = json.loads((tmp_path / "bw" / "blockwise_summary.json").read_text())
+    assert summary["val_ppl_end_to_end"] is not None and len(summary["blocks"]) == 2
+    assert main(argv[:-2] + ["--out", str(tmp_path / "bw2"), "--cache-dir", str(tmp_path / "bw" / "teacher_cache")]) == 0
+    assert main(["distill", "--student", str(student), "--data", str(tiny_folder / "text.txt"), "--mode", "blockwise",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "block-wise distillation learns from a teacher: give --teacher MODEL" in capsys.readouterr().err
+
+
+def _mlp_config(tmp_path):
+    config = tmp_path / "mlp.yaml"
+    config.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}, {"modules": ["**.mlp.c_proj"], "b_shape": [1, 2]}]}))
+    return config
 
 
 def test_presets_lists_names(capsys):

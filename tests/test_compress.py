@@ -18,7 +18,7 @@ def test_gpt2_conv1d_full_rank_is_exact():
         ref = model(ids).logits
     # c_fc (64, 32) = A (8, 4) ⊗ B (8, 8): R = 32 = min(8*4, 8*8) reproduces W exactly.
     cfg = CompressionConfig(targets=[KroneckerTarget(["**.h.*.mlp.c_fc"], (8, 4), (8, 8), rank=32)], svd="exact")
-    report = kronlm.compress(model, cfg, progress=False)
+    report = kronlm.compress(model, cfg, progress=False).compression_report
     assert all(isinstance(model.transformer.h[i].mlp.c_fc, KroneckerLinear) for i in range(4))
     assert max(m.relative_error for m in report.modules) < 1e-10
     with torch.no_grad():
@@ -34,7 +34,7 @@ def test_report_counts_are_exact_for_gpt2():
             KroneckerTarget(["**.h.*.mlp.c_proj"], b_shape=(1, 2), layers=[1, 3]),
         ]
     )
-    report = kronlm.compress(model, cfg, progress=False)
+    report = kronlm.compress(model, cfg, progress=False).compression_report
     assert [m.name for m in report.modules] == [f"transformer.h.{i}.mlp.{n}" for i in (1, 3) for n in ("c_fc", "c_proj")]
     # c_fc (64, 32) -> A (32, 32) ⊗ B (2, 1): 1024 + 2 (+ 64 bias); c_proj (32, 64) -> A (32, 32) ⊗ B (1, 2): 1026 (+ 32 bias).
     per_layer_saved = (64 * 32 - 1026) * 2
@@ -47,25 +47,86 @@ def test_report_counts_are_exact_for_gpt2():
     assert "4 modules compressed" in report.summary()
 
 
-def test_llama_mlp_and_bert_all_linears():
-    llama = tiny_llama()
-    cfg = CompressionConfig(targets=[KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj", "**.mlp.down_proj"], compression_ratio=2.0)])
-    report = kronlm.compress(llama, cfg, progress=False)
-    assert len(report.modules) == 9 and all(m.params_after * 2 <= m.params_before * 1.005 for m in report.modules)
-    assert torch.isfinite(llama(torch.randint(0, 96, (1, 8))).logits).all()
+def _kron_weight(layer: KroneckerLinear) -> torch.Tensor:
+    # Σ_r s_r A_r ⊗ B_r with torch.kron, independent of the layer's own einsum reconstruction.
+    scales = layer.scales if layer.scales is not None else torch.ones(layer.rank, dtype=layer.A.dtype)
+    return sum(s * torch.kron(a, b) for s, a, b in zip(scales, layer.A, layer.B))
 
-    bert = tiny_bert()
+
+def _check_against_dense(model, dense_weights, report):
+    """Every replaced module: torch.kron of its factors is its forward map, and is W up to the reported error."""
+    for m in report.modules:
+        layer = model.get_submodule(m.name)
+        W_hat = _kron_weight(layer).detach()
+        W = dense_weights[m.name]
+        assert W_hat.shape == W.shape == m.weight_shape
+        assert torch.allclose(torch.linalg.matrix_norm(W - W_hat) / torch.linalg.matrix_norm(W), torch.tensor(m.relative_error, dtype=W.dtype), rtol=1e-6, atol=1e-9)
+        x = torch.randn(3, W.shape[1], dtype=W.dtype)
+        ref = x @ W_hat.T + (layer.bias if layer.bias is not None else 0)
+        assert torch.allclose(layer(x), ref, atol=1e-10)
+
+
+def _dense_weights(model, names):
+    return {n: model.get_submodule(n).weight.detach().clone() for n in names}
+
+
+def test_llama_mlp_matches_dense_reconstruction_and_exact_rank_keeps_logits():
+    llama = tiny_llama().double()
+    names = [f"model.layers.{i}.mlp.{p}" for i in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
+    weights = _dense_weights(llama, names)
+    cfg = CompressionConfig(targets=[KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj", "**.mlp.down_proj"], compression_ratio=2.0)])
+    report = kronlm.compress(llama, cfg, progress=False).compression_report
+    assert [m.name for m in report.modules] == names
+    assert all(m.params_after * 2 <= m.params_before * 1.005 and 0 < m.relative_error < 1 for m in report.modules)
+    _check_against_dense(llama, weights, report)
+
+    # gate/up (48, 32) = A (8, 4) ⊗ B (6, 8) and down (32, 48) = A (4, 8) ⊗ B (8, 6) with R = 32 terms,
+    # the rank of the rearranged matrix: exact, so a factor in the wrong orientation would show.
+    dense, exact = tiny_llama().double(), tiny_llama().double()
+    cfg = CompressionConfig(targets=[
+        KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], (8, 4), (6, 8), rank=32),
+        KroneckerTarget(["**.mlp.down_proj"], (4, 8), (8, 6), rank=32),
+    ], svd="exact")
+    report = kronlm.compress(exact, cfg, progress=False).compression_report
+    assert max(m.relative_error for m in report.modules) < 1e-12
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(exact(ids).logits, dense(ids).logits, atol=1e-9)
+
+
+def test_bert_all_linears_match_dense_reconstruction_and_exact_rank_keeps_outputs():
+    bert = tiny_bert().double()
+    attention = ["**.attention.self.query", "**.attention.self.key", "**.attention.self.value", "**.attention.output.dense"]
     cfg = CompressionConfig(
         targets=[
-            KroneckerTarget(["**.attention.self.query", "**.attention.self.key", "**.attention.self.value", "**.attention.output.dense"], (16, 16), (2, 2)),
+            KroneckerTarget(attention, (16, 16), (2, 2)),
             KroneckerTarget(["**.encoder.layer.*.intermediate.dense"], (8, 2), (8, 16)),
             KroneckerTarget(["**.encoder.layer.*.output.dense"], (2, 8), (16, 8)),
         ]
     )
-    report = kronlm.compress(bert, cfg, progress=False)
-    assert len(report.modules) == 2 * 6
+    names = [n for n, m in bert.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    weights = _dense_weights(bert, names)
+    report = kronlm.compress(bert, cfg, progress=False).compression_report
+    assert sorted(m.name for m in report.modules) == sorted(names) and len(names) == 2 * 6
     assert isinstance(bert.encoder.layer[0].output.dense, KroneckerLinear)
     assert not isinstance(bert.pooler.dense, KroneckerLinear)
+    _check_against_dense(bert, weights, report)
+
+    # Full rank of every rearranged matrix: attention (32, 32) = (16, 16) ⊗ (2, 2) has rank 4,
+    # the FFN (64, 32) = (8, 2) ⊗ (8, 16) rank 16: the compressed encoder is the dense one.
+    dense, exact = tiny_bert().double(), tiny_bert().double()
+    cfg = CompressionConfig(
+        targets=[
+            KroneckerTarget(attention, (16, 16), (2, 2), rank=4),
+            KroneckerTarget(["**.encoder.layer.*.intermediate.dense"], (8, 2), (8, 16), rank=16),
+            KroneckerTarget(["**.encoder.layer.*.output.dense"], (2, 8), (16, 8), rank=16),
+        ],
+        svd="exact",
+    )
+    kronlm.compress(exact, cfg, progress=False)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(exact(ids).last_hidden_state, dense(ids).last_hidden_state, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["tied", "dense"])
@@ -73,7 +134,7 @@ def test_factored_embedding_with_tied_head(mode):
     model = tiny_llama().double()
     emb_dense = model.get_input_embeddings().weight.detach().clone()
     cfg = CompressionConfig(targets=[KroneckerTarget(["**.embed_tokens"], b_shape=(1, 2))], lm_head=mode)
-    report = kronlm.compress(model, cfg, progress=False)
+    report = kronlm.compress(model, cfg, progress=False).compression_report
     emb = model.get_input_embeddings()
     assert isinstance(emb, KroneckerEmbedding) and report.lm_head == mode
     head = model.get_output_embeddings()
@@ -109,8 +170,16 @@ def test_bad_configs_name_the_problem():
         kronlm.compress(tiny_gpt2(), CompressionConfig(targets=[KroneckerTarget(["**.mlp.fc_in"], b_shape=(2, 1))]), progress=False)
     with pytest.raises(ValueError, match=r"LayerNorm, which kronlm cannot factor"):
         kronlm.compress(tiny_gpt2(), CompressionConfig(targets=[KroneckerTarget(["**.ln_1"], b_shape=(2, 1))]), progress=False)
-    with pytest.raises(ValueError, match=r"unknown CompressionConfig keys \['target'\]"):
+    with pytest.raises(ValueError, match=r"compression config: unknown key target \(valid keys: targets,"):
         CompressionConfig.from_dict({"target": []})
+    with pytest.raises(ValueError, match=r"targets must be a list of rules, got dict"):
+        CompressionConfig.from_dict({"targets": {"modules": ["x"]}})
+    with pytest.raises(ValueError, match=r"target 0: unknown key module "):
+        CompressionConfig.from_dict({"targets": [{"module": ["x"], "b_shape": [2, 1]}]})
+    with pytest.raises(ValueError, match=r"module pattern 're:\(unclosed' is not a valid regular expression"):
+        CompressionConfig.from_dict({"targets": [{"modules": ["re:(unclosed"], "b_shape": [2, 1]}]})
+    with pytest.raises(ValueError, match=r"unknown initialiser 'vanloan'"):
+        CompressionConfig.from_dict({"targets": [{"modules": ["x"], "b_shape": [2, 1], "init": "vanloan"}]})
     with pytest.raises(ValueError, match="unknown preset 'krony-pt-1m'"):
         kronlm.get_preset("krony-pt-1m")
 
@@ -119,7 +188,7 @@ def test_example_config_file_applies():
     from pathlib import Path
 
     cfg = CompressionConfig.from_file(Path(__file__).parents[1] / "configs" / "compress-example.yaml")
-    report = kronlm.compress(tiny_llama(), cfg, progress=False)
+    report = kronlm.compress(tiny_llama(), cfg, progress=False).compression_report
     assert len(report.modules) == 9  # gate/up/down of the 3 tiny layers
     assert {m.b_shape for m in report.modules} == {(2, 1), (1, 2)}
 
@@ -127,7 +196,7 @@ def test_example_config_file_applies():
 def test_config_json_and_yaml_round_trip(tmp_path):
     cfg = kronlm.get_preset("kngpt2")
     for name in ("c.json", "c.yaml"):
-        cfg.save(tmp_path / name)
+        cfg.to_file(tmp_path / name)
         assert CompressionConfig.from_file(tmp_path / name).to_dict() == cfg.to_dict()
     (tmp_path / "bad.yaml").write_text("targets: [\n")
     with pytest.raises(ValueError, match="bad.yaml: cannot parse"):

@@ -1,11 +1,13 @@
-"""Distillation with 2 processes (CPU DDP over gloo, launched by ``torchrun``) against one process.
+"""Training with 2 processes (CPU DDP over gloo, launched by ``torchrun``) against one process.
 
 The test launches this file under ``python -m torch.distributed.run --nproc_per_node 2``; each
 rank trains the same tiny GPT-2 student with the ``ilkd-kngpt2`` recipe. Afterwards both ranks
 must hold bit-identical weights, the loss must have gone down, and the per-step losses must match
 a single-process run that sees the same 8 blocks per step (2 processes x 2 micro-batches x 2
 accumulation steps vs 1 process x 2 x 4): DDP's gradient averaging and the trainer's data
-sharding together must reproduce the single-process gradient.
+sharding together must reproduce the single-process gradient. The same holds for a GLUE teacher
+fine-tuning through the same loop (variable-length examples, padding collator, length-grouped
+steps, validation on held-out examples by every rank): 2 processes x 4 examples = 1 x 8.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from training_models import BLOCK, VOCAB, tiny_gpt2  # noqa: E402  (dropout 0: ranks draw different masks)
+# Dropout 0: the ranks would draw different masks than one process.
+from training_models import BLOCK, VOCAB, tiny_gpt2
+
 STEPS = 6
 
 
@@ -39,33 +43,50 @@ def tiny_blocks():
     return TokenBlocks.from_ids(ids, BLOCK, val_fraction=0.1)
 
 
+def glue_teacher_run(out_dir: Path, batch_size: int) -> dict:
+    """Fine-tune a dropout-free tiny BERT classifier on synthetic SST-2 (6 steps of 8 examples)."""
+    from test_glue_models import WORDS, encode, synthetic_sst2, tiny_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kronlm.tasks import TaskSplits, train_task_model
+    from kronlm.tasks.glue import GlueFamily, GlueTrainConfig, get_task
+
+    tok = tiny_tokenizer(out_dir / "tok")
+    held_out = encode(tok, synthetic_sst2(16, 2))
+    splits = TaskSplits(encode(tok, synthetic_sst2(64, 0)), held_out, held_out, val_examples=16)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    cfg = GlueTrainConfig(batch_size=batch_size, max_steps=6, lr=3e-3, eval_every=3, seed=1, val_fraction=0.2)
+    result = train_task_model(GlueFamily(get_task("sst2"), tok), model, splits, cfg, out_dir, role="teacher")
+    return {"losses": result.losses, "val": [v["accuracy"] for v in result.val_history], "best_step": result.best_step,
+            "weights": {k: v.tolist() for k, v in model.state_dict().items() if k.startswith("classifier")}}
+
+
 def _worker(out_dir: Path) -> None:
     """One rank of the torchrun job: train, then compare weights across ranks on rank 0."""
-    from kronlm.distill import trainer
     from kronlm.distill.distributed import make_accelerator
+    from kronlm.distill.objective import DistillationObjective
     from kronlm.distill.trainer import train
 
     # Record what the objective is handed: the DDP-wrapped student and the bare teacher.
     seen = set()
-    build = trainer._build_objective
 
-    def recording_objective(config):
-        objective = build(config)
+    class Recorder:
+        def __init__(self, objective):
+            self.objective = objective
+            self.needs_teacher = objective.needs_teacher
 
-        class Recorder:
-            needs_teacher = objective.needs_teacher
+        def __call__(self, student, teacher, batch):
+            seen.add((type(student).__name__, type(teacher).__name__))
+            return self.objective(student, teacher, batch)
 
-            def __call__(self, student, teacher, batch):
-                seen.add((type(student).__name__, type(teacher).__name__))
-                return objective(student, teacher, batch)
-
-        return Recorder()
-
-    trainer._build_objective = recording_objective
     cfg = run_config(out_dir, grad_accum_steps=2)
     accelerator = make_accelerator(cfg, out_dir)
     student, teacher = tiny_gpt2(1), tiny_gpt2(2)
-    result = train(student, teacher, tiny_blocks(), cfg, out_dir, accelerator=accelerator)
+    objective = Recorder(DistillationObjective(cfg.loss_weights_resolved()))
+    result = train(student, teacher, tiny_blocks(), cfg, out_dir, accelerator=accelerator, objective=objective)
     flat = torch.cat([p.detach().flatten() for p in student.parameters()])
     every = accelerator.gather(flat.unsqueeze(0))
     if accelerator.is_main_process:
@@ -81,6 +102,9 @@ def _worker(out_dir: Path) -> None:
             "tokens_seen": result.tokens_seen,
         }
         (out_dir / "report.json").write_text(json.dumps(report))
+    glue = glue_teacher_run(out_dir / "glue", batch_size=4)
+    if accelerator.is_main_process:
+        (out_dir / "glue.json").write_text(json.dumps(glue))
     # A clean shutdown: a process group left to the interpreter's exit sometimes aborts the process
     # ("terminate called without an active exception").
     accelerator.wait_for_everyone()
@@ -122,6 +146,17 @@ def test_two_process_ddp_distillation_matches_one_process(tmp_path):
     # (about lr = 1e-2), not relative to the weights.
     for a, b in zip(ckpt.model_state.values(), load_checkpoint(tmp_path / "one").model_state.values()):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-4)
+
+    # GLUE through the same loop: 2 processes x 4 examples per step = 1 process x 8.
+    glue = json.loads((tmp_path / "ddp" / "glue.json").read_text())
+    one = glue_teacher_run(tmp_path / "glue-one", batch_size=8)
+    assert len(glue["losses"]) == 6 and glue["losses"][-1] < glue["losses"][0]
+    torch.testing.assert_close(torch.tensor(glue["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5)
+    assert glue["val"] == one["val"] and glue["best_step"] == one["best_step"]
+    for name, value in glue["weights"].items():
+        torch.testing.assert_close(torch.tensor(value), torch.tensor(one["weights"][name]), rtol=0, atol=5e-4)
+    ddp_ckpt = load_checkpoint(tmp_path / "ddp" / "glue")
+    assert ddp_ckpt.trainer_state["world_size"] == 2 and ddp_ckpt.trainer_state["length_grouped"]
 
 
 if __name__ == "__main__":

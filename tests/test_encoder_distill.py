@@ -8,6 +8,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_gpt2
+from test_glue_models import (
+    TINY_KRON,
+    WORDS,
+    synthetic_sst2,
+    tiny_bert_classifier,
+    tiny_tokenizer,
+)
 from transformers import BertForSequenceClassification, BertModel, GPT2LMHeadModel
 
 import kronlm
@@ -19,10 +27,12 @@ from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.trainer import train
 from kronlm.distill.validation import evaluate_distillation_loss
 from kronlm.evaluate.perplexity import perplexity
-from kronlm.models.loading import has_lm_head, infer_task, load_model, task_of_architectures
-
-from conftest import tiny_bert, tiny_gpt2
-from test_glue_models import TINY_KRON, WORDS, synthetic_sst2, tiny_bert_classifier, tiny_tokenizer
+from kronlm.modeling.loading import (
+    has_lm_head,
+    infer_task,
+    load_model,
+    task_of_architectures,
+)
 
 BLOCK = 8
 ENCODER_KRON = CompressionConfig(targets=[
@@ -151,7 +161,7 @@ def test_cli_compress_distill_an_encoder_then_start_the_task_student_from_it(tmp
     base = tiny_bert_classifier(seed=4).bert
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    TINY_KRON.save(tmp_path / "kron.yaml")
+    TINY_KRON.to_file(tmp_path / "kron.yaml")
     sentences = [s for s, _ in synthetic_sst2(160, seed=5)]
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(sentences) + "\n")
@@ -174,7 +184,7 @@ def test_cli_compress_distill_an_encoder_then_start_the_task_student_from_it(tmp
     data.mkdir(parents=True)
     for split, n, seed in (("train", 64, 0), ("dev", 32, 1)):
         (data / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in synthetic_sst2(n, seed)))
-    common = ["--task", "sst2", "--data-dir", str(tmp_path / "glue"), "--batch-size", "16", "--max-length", "16", "--lr", "1e-3"]
+    common = ["--task", "sst2", "--data-dir", str(tmp_path), "--batch-size", "16", "--max-length", "16", "--lr", "1e-3"]
     assert main(["glue", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "t"), "--epochs", "1", *common]) == 0
     assert main(["glue", "--teacher", str(tmp_path / "t" / "teacher"), "--student-config", str(tmp_path / "kron.yaml"),
                  "--general-distill", str(best), "--out", str(tmp_path / "s"), "--max-steps", "1", *common]) == 0

@@ -36,7 +36,10 @@ def test_causal_lm_round_trip_is_bit_identical(tmp_path, builder, cfg):
     ids = torch.randint(0, 96, (2, 12))
     ref = _logits(model, ids)
     out = kronlm.save(model, tmp_path / "k")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "kronlm_compression.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "configuration_kronlm.py", "generation_config.json", "kronlm_compression.json", "kronlm_layers.py",
+        "kronlm_manifest.json", "model.safetensors", "modeling_kronlm.py",
+    ]
     assert os.path.getsize(out / "model.safetensors") < os.path.getsize(dense_bytes_dir / "model.safetensors")
     assert json.loads((out / "config.json").read_text())["model_type"].startswith("kronecker_")
 
@@ -115,6 +118,9 @@ def test_inconsistent_config_is_named(saved):
     entry = cfg["kronlm"]["modules"]["model.layers.0.mlp.gate_proj"]
     entry["a_shape"], entry["b_shape"] = [24, 16], [2, 2]
     cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: .* when the model was saved"):
+        kronlm.load(saved)
+    (saved / "kronlm_manifest.json").unlink()  # without the manifest, the tensor check still names it
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.A has shape \(1, 24, 32\), the config needs \(1, 24, 16\)"):
         kronlm.load(saved)
 
@@ -131,6 +137,9 @@ def test_missing_tensor_is_named(saved):
     tensors = load_file(saved / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.B"]
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: .* bytes, but .* when the model was saved"):
+        AutoModelForCausalLM.from_pretrained(saved)
+    (saved / "kronlm_manifest.json").unlink()  # without the manifest, the tensor check still names it
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.B .* is missing"):
         AutoModelForCausalLM.from_pretrained(saved)
 

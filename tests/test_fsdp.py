@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
 
 STEPS = 6
@@ -87,7 +86,10 @@ def layout_accelerator(cfg, out_dir: Path, layout: str):
 
 def full_gather(model) -> dict[str, torch.Tensor]:
     """The full weights of a sharded model on rank 0 (every rank must call it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -4,10 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import SHARED_DATA
 
-from kronlm.glue import GlueBatchCollator, get_task, load_glue_split, read_glue_tsv
-from kronlm.glue.data import examples_from_rows, split_path
-from kronlm.utils.paths import shared_data_dir
+from kronlm.tasks.glue import (
+    GlueBatchCollator,
+    get_task,
+    load_glue_split,
+    read_glue_tsv,
+)
+from kronlm.tasks.glue.data import examples_from_rows, split_path
 
 
 def write(path: Path, text: str) -> Path:
@@ -94,6 +99,23 @@ def test_subset_is_seeded_and_a_real_subset(tmp_path):
     assert all(ex.labels[int(t[0][1:])] == y for t, y in zip(a.texts, a.labels))
 
 
+def test_held_out_split_is_seeded_disjoint_and_complete(tmp_path):
+    lines = "".join(f"s{i}\t{i % 2}\n" for i in range(50))
+    ex = read_glue_tsv(write(tmp_path / "t.tsv", "sentence\tlabel\n" + lines), get_task("sst2"))
+    train, held = ex.hold_out(0.1, seed=3)
+    assert len(held) == 5 and len(train) == 45
+    assert set(train.texts).isdisjoint(held.texts) and sorted(train.texts + held.texts) == sorted(ex.texts)
+    assert train.texts == [t for t in ex.texts if t in set(train.texts)]  # the original order is kept
+    again, held_again = ex.hold_out(0.1, seed=3)
+    assert held_again.texts == held.texts and again.texts == train.texts
+    assert ex.hold_out(0.1, seed=4)[1].texts != held.texts
+    # Not the subset's stream: holding out from a subset drawn with the same seed is still a random draw.
+    assert held.texts != ex.subset(5, 3).texts
+    assert ex.hold_out(0.0, seed=3) == (ex, None)
+    with pytest.raises(ValueError, match="val_fraction 0.99 of 50 sst2 examples leaves none to train on"):
+        ex.hold_out(0.99, seed=3)
+
+
 def test_collator_pads_right_and_masks():
     rows = [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1], "labels": 1}, {"input_ids": [8], "token_type_ids": [0], "labels": 0}]
     batch = GlueBatchCollator(pad_token_id=0)(rows)
@@ -109,7 +131,7 @@ REAL_DEV = {"sst2": 872, "mrpc": 408, "stsb": 1500, "cola": 1043, "qnli": 5463}
 
 @pytest.mark.parametrize("name", sorted(REAL_DEV))
 def test_real_dev_files_parse(name):
-    root = shared_data_dir()
+    root = SHARED_DATA
     if root is None or not (root / "glue").is_dir():
         pytest.skip("shared GLUE data not present")
     task = get_task(name)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kronlm.glue import compute_metrics, get_task, predictions_from_logits
+from kronlm.tasks.glue import compute_metrics, get_task, predictions_from_logits
 
 
 def test_accuracy_and_f1_by_hand():

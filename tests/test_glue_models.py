@@ -17,8 +17,11 @@ from transformers import (
 )
 
 from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.glue import (
+from kronlm.distill import DistillationObjective, get_recipe
+from kronlm.tasks import TaskSplits, train_task_model
+from kronlm.tasks.glue import (
     GlueBatchCollator,
+    GlueFamily,
     GlueReport,
     GlueTrainConfig,
     ModelResult,
@@ -29,8 +32,6 @@ from kronlm.glue import (
     load_general_distilled,
     make_student,
     read_report,
-    task_distillation_loss,
-    train_classifier,
     write_report,
 )
 
@@ -124,22 +125,30 @@ def test_finetune_tiny_bert_accuracy_goes_up(tmp_path):
     train_rows, dev_rows = encode(tok, synthetic_sst2(256, 0)), encode(tok, synthetic_sst2(64, 1))
     collator = GlueBatchCollator(tok.pad_token_id)
     before, _ = evaluate_classifier(model, dev_rows, collator, task)
-    cfg = GlueTrainConfig(batch_size=16, epochs=4, lr=3e-3, warmup_ratio=0.1, seed=0)
-    summary = train_classifier(model, train_rows, collator, cfg, tmp_path / "run", progress=False)
+    cfg = GlueTrainConfig(batch_size=16, epochs=4, lr=3e-3, warmup_ratio=0.1, seed=0, val_fraction=0.0)
+    result = train_task_model(GlueFamily(task, tok), model, TaskSplits(train_rows, None, dev_rows), cfg,
+                              tmp_path / "run", role="teacher")
     after, _ = evaluate_classifier(model, dev_rows, collator, task)
-    assert summary.steps == 64
+    assert result.steps == 64 and set(result.loss_terms[0]) == {"ce"}  # a teacher learns from the labels only
     assert after["accuracy"] >= 0.95 > before["accuracy"] + 0.2
-    assert sum(summary.losses[-8:]) < 0.5 * sum(summary.losses[:8])
+    assert sum(result.losses[-8:]) < 0.5 * sum(result.losses[:8])
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000064" / "trainer_state.json").read_text())
-    assert state["step"] == 64 and (tmp_path / "run" / "checkpoints" / "step-0000064" / "model.safetensors").is_file()
+    assert state["step"] == 64 and state["length_grouped"] and state["config"]["recipe"] == "ce"
+    assert (tmp_path / "run" / "checkpoints" / "step-0000064" / "model.safetensors").is_file()
+    assert result.best_step is None and not (tmp_path / "run" / "best").exists()  # val_fraction 0: nothing chosen
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_student_copies_head_counts_params_and_distillation_loss_goes_down(tmp_path):
+    task = get_task("sst2")
     tok = tiny_tokenizer(tmp_path / "tok")
+    family = GlueFamily(task, tok)
     teacher = tiny_bert_classifier(seed=1)
     rows = encode(tok, synthetic_sst2(64, 0))
     collator = GlueBatchCollator(tok.pad_token_id)
-    train_classifier(teacher, rows, collator, GlueTrainConfig(batch_size=16, epochs=2, lr=3e-3), tmp_path / "t", progress=False)
+    splits = TaskSplits(rows, None, rows)
+    train_task_model(family, teacher, splits, GlueTrainConfig(batch_size=16, epochs=2, lr=3e-3, val_fraction=0.0),
+                     tmp_path / "t", role="teacher")
     student, report = make_student(teacher, TINY_KRON)
     assert len(report.modules) == 1 + 2 * 6
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)
@@ -152,27 +161,33 @@ def test_student_copies_head_counts_params_and_distillation_loss_goes_down(tmp_p
     kron = (19 * 16 + 2) + pos + typ + pool + 2 * (4 * (256 + 4 + 32) + (1024 + 2 + 64) + (1024 + 2 + 32))
     assert count_embedding_linear_parameters(teacher) == dense
     assert count_embedding_linear_parameters(student) == kron
-    loss_fn = task_distillation_loss(teacher)
+    objective = DistillationObjective(get_recipe("ilkd-kroneckerbert"))
     fixed = collator(rows)
 
     def fixed_loss():
         student.eval()
         with torch.no_grad():
-            return float(loss_fn(student, fixed)[0])
+            return float(objective(student, teacher, fixed).total)
 
     before = fixed_loss()
-    cfg = GlueTrainConfig(batch_size=16, epochs=6, lr=3e-3, seed=0)
-    summary = train_classifier(student, rows, collator, cfg, tmp_path / "s", loss_fn=loss_fn, progress=False)
-    assert set(summary.terms[0]) == {"embedding", "attention", "hidden", "kd", "ce"}
+    cfg = GlueTrainConfig(batch_size=16, epochs=6, lr=3e-3, seed=0, val_fraction=0.0)
+    result = train_task_model(family, student, splits, cfg, tmp_path / "s", role="student", teacher=teacher)
+    assert set(result.loss_terms[0]) == {"embedding", "attention", "hidden", "kd", "ce"}
     after = fixed_loss()
     assert after < 0.9 * before
-    with pytest.raises(ValueError, match="selects the classification head"):
+    # The teacher is frozen now; a student made from it is not.
+    assert not any(p.requires_grad for p in teacher.parameters())
+    second = make_student(teacher, TINY_KRON)[0]
+    assert all(p.requires_grad for p in second.parameters())
+    # The "no task KD" ablation: CE on the labels only, the teacher is not consulted.
+    ce_only = train_task_model(family, second, splits, cfg.replace(max_steps=2), tmp_path / "ce", role="student",
+                               teacher=teacher, task_kd=False)
+    assert [set(t) for t in ce_only.loss_terms] == [{"ce"}, {"ce"}]
+    with pytest.raises(ValueError, match="selects the task head"):
         make_student(teacher, CompressionConfig(targets=[KroneckerTarget(["classifier"], b_shape=(1, 2))]))
 
 
-def test_no_task_kd_is_ce_only_and_regression_kd_is_mse():
-    from kronlm.distill import DistillationObjective, get_recipe
-
+def test_ce_recipe_on_a_regressor_is_mse_and_regression_kd_is_mse():
     teacher, student = tiny_bert_classifier(num_labels=1, seed=0), tiny_bert_classifier(num_labels=1, seed=1)
     batch = {"input_ids": torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
              "labels": torch.tensor([1.5, 4.0])}
@@ -182,10 +197,11 @@ def test_no_task_kd_is_ce_only_and_regression_kd_is_mse():
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].double()
     assert float(out.terms["kd"]) == pytest.approx(float(((s - t) ** 2).mean()), rel=1e-5)
     assert float(out.terms["ce"]) == pytest.approx(float(((s - batch["labels"]) ** 2).mean()), rel=1e-5)
-    loss, terms = task_distillation_loss(None, task_kd=False)(student, batch)
-    assert set(terms) == {"ce"} and float(loss.detach()) == pytest.approx(float(out.terms["ce"]), rel=1e-5)
-    with pytest.raises(ValueError, match="needs the fine-tuned teacher"):
-        task_distillation_loss(None)
+    # Recipe "ce" (teacher fine-tuning, the no-task-KD ablation) needs no teacher.
+    ce = DistillationObjective(get_recipe("ce"))
+    assert not ce.needs_teacher
+    ce_out = ce(student, None, batch)
+    assert set(ce_out.terms) == {"ce"} and float(ce_out.total.detach()) == pytest.approx(float(out.terms["ce"]), rel=1e-5)
     from kronlm.distill import sequence_classification_loss
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
@@ -199,7 +215,7 @@ def test_no_task_kd_is_ce_only_and_regression_kd_is_mse():
 def test_general_distill_stage_then_load_into_task_student(tmp_path):
     import kronlm
     from kronlm.distill import TrainingConfig
-    from kronlm.glue import general_distill
+    from kronlm.tasks.glue import general_distill
 
     teacher_cls = tiny_bert_classifier(seed=2)
     encoder = teacher_cls.bert
@@ -236,7 +252,7 @@ def test_report_round_trip_and_ratios(tmp_path):
     assert data["retention"] == pytest.approx(0.95) and data["compression_ratio"] == {"whole_model": 4.0, "embedding_linear": 8.0}
     md = md_path.read_text()
     assert "| student | `kb8` | 83.60 | 80.00 | 250 | 100 | 4.00x | 8.00x | 95.0% |" in md
-    with pytest.raises(ValueError, match="not a kronlm GLUE report"):
+    with pytest.raises(ValueError, match="not a kronlm task report"):
         GlueReport.from_dict({"task": "x"})
 
 
@@ -250,14 +266,25 @@ def test_cli_teacher_then_student_end_to_end(tmp_path, capsys):
     data.mkdir(parents=True)
     for split, n, seed in (("train", 96, 0), ("dev", 32, 1)):
         (data / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in synthetic_sst2(n, seed)))
-    TINY_KRON.save(tmp_path / "kron.yaml")
-    common = ["--task", "sst2", "--data-dir", str(tmp_path / "glue"), "--batch-size", "16", "--epochs", "1", "--max-length", "16", "--lr", "1e-3"]
+    TINY_KRON.to_file(tmp_path / "kron.yaml")
+    common = ["--task", "sst2", "--data-dir", str(tmp_path), "--batch-size", "16", "--epochs", "1", "--max-length", "16", "--lr", "1e-3"]
     assert main(["glue", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "t"), *common]) == 0
-    assert main(["glue", "--teacher", str(tmp_path / "t" / "teacher"), "--student-config", str(tmp_path / "kron.yaml"),
-                 "--out", str(tmp_path / "s"), *common]) == 0
+    student_args = ["glue", "--teacher", str(tmp_path / "t" / "teacher"), "--student-config", str(tmp_path / "kron.yaml"),
+                    "--out", str(tmp_path / "s"), *common]
+    assert main(student_args) == 0
     rep = read_report(tmp_path / "s")
     assert [r.role for r in rep.rows] == ["teacher", "student"]
     assert rep.ratios()["embedding_linear"] > 1
+    # 96 examples, 10 % held out: 86 to train on, 5 steps of 16; the student's checkpoint chosen on the other 10.
+    row = rep.row("student")
+    assert (row.train_examples, row.train_steps) == (86, 5)
+    assert row.selection["checkpoint"] == "best" and row.selection["val_examples"] == 10
+    assert rep.row("teacher").selection["checkpoint"] == "given"
+    assert rep.row("teacher").train_steps == 5  # read from the teacher's training_summary.json
+    # --resume on a finished run trains nothing and reports the same models.
+    assert main([*student_args, "--resume"]) == 0
+    again = read_report(tmp_path / "s")
+    assert again.row("student").metrics == row.metrics and again.row("student").selection == row.selection
     from transformers import AutoModelForSequenceClassification
 
     import kronlm
@@ -273,9 +300,9 @@ def test_cli_teacher_then_student_end_to_end(tmp_path, capsys):
         (sts / f"{split}.tsv").write_text(head + "0\tg\tf\ty\t0\ts\ts\tgood movie\tgreat movie\t4.5\n")
     capsys.readouterr()
     assert main(["glue", "--teacher", str(tmp_path / "t" / "teacher"), "--out", str(tmp_path / "x"), "--task", "stsb",
-                 "--data-dir", str(tmp_path / "glue")]) == 1
+                 "--data-dir", str(tmp_path)]) == 1
     assert "has 2 labels but stsb needs 1 (regression)" in capsys.readouterr().err
-    assert main(["glue", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "y"), "--task", "mrpc", "--data-dir", str(tmp_path / "glue")]) == 1
+    assert main(["glue", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "y"), "--task", "mrpc", "--data-dir", str(tmp_path)]) == 1
     assert "MRPC/train.tsv: mrpc train split not found" in capsys.readouterr().err
     assert main(["glue", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "z"), "--task", "nope"]) == 1
     assert "unknown GLUE task 'nope'" in capsys.readouterr().err

@@ -92,9 +92,9 @@ def test_from_linear_and_from_conv1d_and_merge_back():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match=r"A \(3, 2\) ⊗ B \(2, 2\) gives \(6, 4\), expected \(out, in\) = \(6, 8\)"):
+    with pytest.raises(ValueError, match=r"KroneckerLinear: factor shapes A \(3, 2\) ⊗ B \(2, 2\) give \(6, 4\), but the weight is \(6, 8\)"):
         KroneckerLinear(8, 6, (3, 2), (2, 2))
-    with pytest.raises(ValueError, match="expected \\(vocab, dim\\) = \\(10, 8\\)"):
+    with pytest.raises(ValueError, match=r"KroneckerEmbedding: factor shapes A \(10, 3\) ⊗ B \(1, 2\) give \(10, 6\), but the weight is \(10, 8\)"):
         KroneckerEmbedding(10, 8, (10, 3), (1, 2))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shared_paths import GPT2_TOKENIZER_DIR
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-import kronlm.models.loading as loading
-from kronlm.models.loading import (
+import kronlm.modeling.loading as loading
+from kronlm.modeling.loading import (
     MINILM_HUB_ID,
     SMOLLM2_HUB_ID,
     count_parameters,
@@ -17,10 +18,10 @@ from kronlm.models.loading import (
     load_tokenizer,
     resolve_model_spec,
 )
-from kronlm.utils.paths import package_dir, shared_data_dir
+from kronlm.utils.paths import package_dir
 
 D, LAYERS, VOCAB, POSITIONS = 32, 2, 101, 48
-GPT2_TOKENIZER = shared_data_dir().parent / "tokenizers" / "gpt2" if shared_data_dir() else None
+GPT2_TOKENIZER = GPT2_TOKENIZER_DIR
 
 
 def tiny_gpt2_config(**overrides) -> GPT2Config:
@@ -93,7 +94,7 @@ def test_missing_paths_and_bad_folders(tmp_path):
         load_model("weights.gguf")
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/absent"):
         load_tokenizer(str(tmp_path / "absent"))
-    with pytest.raises(ValueError, match=f"model folder {tmp_path} has no config.json"):
+    with pytest.raises(FileNotFoundError, match=f"model folder {tmp_path} has no config.json"):
         load_model(str(tmp_path))
     stray = tmp_path / "weights.bin"
     stray.write_bytes(b"\0")
@@ -158,8 +159,9 @@ def test_unreachable_hub_model_error_names_it(monkeypatch):
 
 def test_compressed_bare_encoder_still_returns_hidden_states():
     # compress() swaps the class in place; transformers 5 finds recordable outputs by class name.
-    import kronlm
     from conftest import tiny_bert
+
+    import kronlm
 
     model = tiny_bert()
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))

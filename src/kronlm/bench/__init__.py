@@ -1,6 +1,11 @@
 """Speed measurement: timers, peak memory, per-layer and per-model benchmarks, Markdown output (issue 5)."""
 
-from kronlm.bench.layers import LayerShape, layer_speed_markdown, layer_speed_rows, preset_layer_shapes
+from kronlm.bench.layers import (
+    LayerShape,
+    layer_speed_markdown,
+    layer_speed_rows,
+    preset_layer_shapes,
+)
 from kronlm.bench.memory import peak_memory
 from kronlm.bench.models import (
     attention_macs_per_token,
@@ -11,7 +16,12 @@ from kronlm.bench.models import (
     model_speed_rows,
     parameter_bytes,
 )
-from kronlm.bench.report import machine_info, machine_line, markdown_table, write_markdown
+from kronlm.bench.report import (
+    machine_info,
+    machine_line,
+    markdown_table,
+    write_markdown,
+)
 from kronlm.bench.timing import Timing, calls_for, time_interleaved
 
 __all__ = [

@@ -12,8 +12,15 @@ from tqdm.auto import tqdm
 
 from kronlm.bench.report import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import calls_for, time_interleaved
+from kronlm.compress.presets import PRESETS, get_preset, reference_model
+from kronlm.compress.surgery import plan_compression
 from kronlm.decompose.shapes import contraction_macs
-from kronlm.layers.linear import KroneckerLinear, autotune_plan, default_middle, kronecker_matmul
+from kronlm.layers.linear import (
+    KroneckerLinear,
+    autotune_plan,
+    default_middle,
+    kronecker_matmul,
+)
 
 DEFAULT_TOKENS = (1, 16, 512, 4096)
 # Issue 5: dense/Kronecker time ratio at least 0.8 × the multiply-add ratio from this many tokens on.
@@ -70,8 +77,6 @@ def preset_layer_shapes(names: Iterable[str] | None = None) -> list[LayerShape]:
     Raises:
         ValueError: an unknown preset name.
     """
-    from kronlm.compress.presets import PRESETS, get_preset, reference_model
-    from kronlm.compress.surgery import plan_compression
 
     names = list(PRESETS) if names is None else list(names)
     found: dict[tuple, list[str]] = {}
@@ -81,10 +86,10 @@ def preset_layer_shapes(names: Iterable[str] | None = None) -> list[LayerShape]:
         family = PRESETS[name].family
         if family not in models:
             models[family] = reference_model(family)
-        for entry in plan_compression(models[family], config).values():
-            if entry["kind"] != "linear":
+        for choice in plan_compression(models[family], config):
+            if choice.kind != "linear":
                 continue
-            key = (entry["out"], entry["in"], tuple(entry["a_shape"]), tuple(entry["b_shape"]), entry["rank"], entry["learnable_scales"])
+            key = (*choice.weight_shape, choice.a_shape, choice.b_shape, choice.rank, choice.target.learnable_scales)
             users = found.setdefault(key, [])
             if name not in users:
                 users.append(name)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 from typing import Callable
 
 import torch
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not a Unix system
+    resource = None
 
 _HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
 
@@ -22,8 +28,6 @@ def _vm_hwm_bytes() -> int | None:
 def _release_free_heap() -> None:
     # glibc keeps freed small-block heap resident; hand it back so the reset level is the live set.
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -71,10 +75,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         start = _vm_hwm_bytes()
         fn()
         return int(_vm_hwm_bytes()), int(start), "peak RSS (VmHWM after clear_refs)"
-    try:
-        import resource
-    except ImportError as exc:  # pragma: no cover - non-Unix
-        raise RuntimeError("peak_memory: neither /proc/self/status nor the resource module is available") from exc
+    if resource is None:  # pragma: no cover - non-Unix
+        raise RuntimeError("peak_memory: neither /proc/self/status nor the resource module is available")
     start = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     fn()
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, start, "ru_maxrss (process lifetime)"

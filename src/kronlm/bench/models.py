@@ -9,12 +9,16 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from kronlm.bench.memory import peak_memory
 from kronlm.bench.report import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import time_interleaved
+from kronlm.compress.presets import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import KroneckerLinear
+from kronlm.modeling import compress
 
 # Issue 5: compressed prefill speed-up at least 0.7 × the model's multiply-add ratio; decode not slower.
 PREFILL_TARGET_FRACTION = 0.7
@@ -36,7 +40,6 @@ def build_reference(family: str, seed: int = 0, **overrides) -> nn.Module:
     Raises:
         ValueError: an unknown family.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if family == "llama":
@@ -57,8 +60,6 @@ def compressed_copy(model: nn.Module, preset: str) -> nn.Module:
     Raises:
         ValueError: unknown preset, or one that does not fit the model.
     """
-    from kronlm.compress.presets import get_preset
-    from kronlm.compress.surgery import compress
 
     config = get_preset(preset)
     config.targets = [dataclasses.replace(t, init="random") for t in config.targets]
@@ -78,7 +79,6 @@ def linear_macs_per_token(model: nn.Module, *, include_head: bool = False) -> in
     KroneckerLinear counts its cheaper contraction order (SPEC §2); the LM head is left out
     unless ``include_head`` (prefill in ``generate`` computes logits at the last position only).
     """
-    from transformers.pytorch_utils import Conv1D
 
     total = 0
     for module in model.modules():

@@ -13,12 +13,27 @@ import shlex
 import sys
 
 import click
+import torch
+
+from kronlm.bench.layers import (
+    layer_speed_markdown,
+    layer_speed_rows,
+    preset_layer_shapes,
+)
+from kronlm.bench.models import (
+    FAMILY_LABEL,
+    FAMILY_PRESETS,
+    build_reference,
+    compressed_copy,
+    model_speed_markdown,
+    model_speed_rows,
+)
+from kronlm.bench.report import write_markdown
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _setup(threads: int | None, device: str, dtype: str):
-    import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -38,7 +53,6 @@ def _command_line() -> str:
 def _emit(text: str, out: str | None) -> None:
     click.echo(text)
     if out:
-        from kronlm.bench.report import write_markdown
 
         click.echo(f"wrote {write_markdown(text, out)}", err=True)
 
@@ -76,7 +90,6 @@ def command():
 @common_options
 def layers_command(presets, tokens, backward, autotune, threads, device, dtype, repeats, out):
     """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes."""
-    from kronlm.bench.layers import layer_speed_markdown, layer_speed_rows, preset_layer_shapes
 
     dev, dt = _setup(threads, device, dtype)
     token_counts = _int_list(tokens, "--tokens")
@@ -96,7 +109,6 @@ def layers_command(presets, tokens, backward, autotune, threads, device, dtype, 
 @common_options
 def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out):
     """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights)."""
-    from kronlm.bench.models import FAMILY_LABEL, FAMILY_PRESETS, build_reference, compressed_copy, model_speed_markdown, model_speed_rows
 
     dev, dt = _setup(threads, device, dtype)
     try:

@@ -11,12 +11,92 @@ then the command-line flags (which win). The same command runs on one device or,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
+from kronlm.cli.options import data_options
+from kronlm.data.blocks import build_blocks
+from kronlm.distill.blockwise import distill_blockwise
+from kronlm.distill.config import TrainingConfig
+from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.objective import DistillationObjective
+from kronlm.distill.trainer import train
+from kronlm.modeling.loading import (
+    has_lm_head,
+    load_model,
+    load_tokenizer,
+    resolve_model_spec,
+)
+
 # A data file whose name marks it as a test split ("wiki.test.raw", "test.txt", "ptb-test.txt").
 _TEST_SPLIT_NAME = re.compile(r"(^|[._\-])test([._\-]|$)", re.IGNORECASE)
+
+
+def config_options(flags: list[tuple[str, str, Any, str]]) -> Callable:
+    """Add one click option per ``(flag, config field, click type, help)``, default None (not given).
+
+    The command then receives each value under the field's name; :func:`config_overrides` takes
+    them out again. This is the one place a command maps flags to config fields.
+    """
+
+    def decorate(fn):
+        for flag, name, kind, text in reversed(flags):
+            if kind is bool:
+                fn = click.option(flag, name, is_flag=True, default=None, help=text)(fn)
+            else:
+                fn = click.option(flag, name, type=kind, default=None, help=text)(fn)
+        return fn
+
+    return decorate
+
+
+def config_overrides(flags: list[tuple[str, str, Any, str]], values: dict[str, Any]) -> dict[str, Any]:
+    """Remove the config flags from a command's keyword arguments; return those given, by field.
+
+    A field name ``section__key`` is the key of a nested section (``blockwise__inputs`` ->
+    ``{"blockwise": {"inputs": ...}}``).
+    """
+    taken = {name: values.pop(name) for _, name, _, _ in flags}
+    out: dict[str, Any] = {}
+    for name, value in taken.items():
+        if value is None:
+            continue
+        section, _, key = name.partition("__")
+        if key:
+            out.setdefault(section, {})[key] = value
+        else:
+            out[name] = value
+    return out
+
+
+# Command-line flags of TrainingConfig fields (they win over --config).
+TRAINING_FLAGS = [
+    ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce."),
+    ("--max-steps", "max_steps", click.IntRange(min=1), "Optimizer steps (replaces the config's max_steps / epochs)."),
+    ("--block-size", "block_size", click.IntRange(min=2), "Tokens per training block."),
+    ("--batch-size", "micro_batch_size", click.IntRange(min=1), "Blocks per micro-batch and process."),
+    ("--grad-accum", "grad_accum_steps", click.IntRange(min=1), "Micro-batches accumulated per optimizer step."),
+    ("--lr", "lr", click.FloatRange(min=0, min_open=True),
+     "Peak learning rate (of the non-Kronecker parameters, and of all when the config sets no other)."),
+    ("--warmup-steps", "warmup_steps", click.IntRange(min=0), "Linear warm-up steps before the cosine decay."),
+    ("--layer-map", "layer_map", str, "Teacher layer for each student layer, e.g. 1,3,5 (needed when the depths differ)."),
+    ("--early-stopping-patience", "early_stopping_patience", click.IntRange(min=1),
+     "Stop after this many validations without a better validation metric."),
+    ("--mode", "mode", click.Choice(["end_to_end", "blockwise"]),
+     "end_to_end: the whole student against the teacher's outputs; blockwise: one compressed block at a time on "
+     "cached teacher hidden states (step counts are then per block)."),
+    ("--block-inputs", "blockwise__inputs", click.Choice(["student", "teacher"]),
+     "Block-wise: train block l on the recovered student prefix's outputs (student, sequential) or on the teacher's (teacher)."),
+    ("--block-loss", "blockwise__loss", click.Choice(["mse", "relative_mse"]), "Block-wise: the block output loss."),
+    ("--train-norms", "blockwise__train_norms", bool, "Block-wise: also train each block's norm weights."),
+    ("--cache-dir", "blockwise__cache_dir", click.Path(file_okay=False),
+     "Block-wise: folder of the teacher hidden-state cache (default OUT/teacher_cache; reused when it matches)."),
+    ("--end-to-end-steps", "blockwise__end_to_end_steps", click.IntRange(min=0),
+     "Block-wise: steps of end-to-end distillation after the block-wise pass."),
+]
 
 
 def parse_index_list(text: str | None, option: str) -> list[int] | None:
@@ -48,21 +128,16 @@ def _context_length(model) -> int | None:
 @click.option("--teacher", default=None, help="The frozen reference model (same tokenizer); not needed for --recipe ce.")
 @click.option("--data", required=True, help="Training text: a text file, a dataset folder or a Hugging Face dataset id (train split; the last blocks are held out for validation).")
 @click.option("--data-config", default=None, help="Dataset configuration name (e.g. wikitext-103-raw-v1).")
+@data_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints/, best/, final/, logs/.")
-@click.option("--recipe", default=None, help="Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce (overrides the config).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="A training config, YAML or JSON (see configs/distill-*.yaml).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (replaces the config's max_steps / epochs).")
-@click.option("--block-size", type=click.IntRange(min=2), default=None, help="Tokens per training block.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Blocks per micro-batch and process.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches accumulated per optimizer step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (of the non-Kronecker parameters, and of all when the config sets no other).")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warm-up steps before the cosine decay.")
+@config_options(TRAINING_FLAGS)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use only the first N tokens of the data.")
-@click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True, help="Share of the tokens held out for validation.")
-@click.option("--layer-map", default=None, help="Teacher layer for each student layer, e.g. 1,3,5 (needed when the depths differ).")
+@click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True, help="Share of the tokens held out for validation (choosing OUT/best).")
 @click.option("--streaming", is_flag=True, help="Stream a hub dataset (OpenWebText-size corpora, with --max-tokens).")
-def command(student, teacher, data, data_config, out, recipe, config_file, max_steps, block_size, batch_size, grad_accum, lr, warmup_steps, resume, max_tokens, val_fraction, layer_map, streaming):
+def command(student, teacher, data, data_config, data_dir, text_field, out, config_file, resume, max_tokens, val_fraction,
+            streaming, **flags):
     """Recover a compressed or truncated STUDENT by distillation from TEACHER (or plain CE).
 
     Writes checkpoints (safetensors + JSON) to OUT/checkpoints, the best student by validation
@@ -70,46 +145,37 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
     a compressed MiniLM) to OUT/best, the last one to OUT/final (loadable by `kronlm eval`, or by
     `kronlm glue --general-distill` for an encoder), and TensorBoard logs to OUT/logs.
     """
-    import kronlm  # noqa: F401  (registers the Kronecker Auto classes, so kronlm folders load)
-    from kronlm.distill.config import TrainingConfig
 
-    overrides = {
-        "recipe": recipe,
-        "block_size": block_size,
-        "micro_batch_size": batch_size,
-        "grad_accum_steps": grad_accum,
-        "lr": lr,
-        "warmup_steps": warmup_steps,
-        "layer_map": parse_index_list(layer_map, "--layer-map"),
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if max_steps is not None:
-        overrides.update(max_steps=max_steps, epochs=None)
+    overrides = config_overrides(TRAINING_FLAGS, flags)
+    if "layer_map" in overrides:
+        overrides["layer_map"] = parse_index_list(overrides["layer_map"], "--layer-map")
+    if "max_steps" in overrides:
+        overrides["epochs"] = None
     if config_file:
         config = TrainingConfig.from_file(config_file, overrides)
     else:
         config = TrainingConfig.from_dict(overrides, source="command line")
-    from kronlm.distill.objective import DistillationObjective
 
-    needs_teacher = DistillationObjective(config.loss_weights_resolved()).needs_teacher
+    blockwise = config.mode == "blockwise"
+    needs_teacher = blockwise or DistillationObjective(config.loss_weights_resolved()).needs_teacher
     if needs_teacher and teacher is None:
-        raise click.BadParameter(f"recipe {config.recipe!r} distils from a teacher: give --teacher MODEL", param_hint="--teacher")
+        what = "block-wise distillation learns" if blockwise else f"recipe {config.recipe!r} distils"
+        raise click.BadParameter(f"{what} from a teacher: give --teacher MODEL", param_hint="--teacher")
     if _TEST_SPLIT_NAME.search(Path(str(data)).name):
         raise click.BadParameter(
             f"{data!r} looks like a test split; train and select checkpoints on training data only", param_hint="--data"
         )
 
-    from kronlm.data.blocks import build_blocks
-    from kronlm.distill import make_accelerator, train
-    from kronlm.models.loading import has_lm_head, load_model, load_tokenizer, resolve_model_spec
-
     accelerator = make_accelerator(config, out)
+    if blockwise and accelerator.num_processes > 1:
+        raise click.UsageError("block-wise distillation runs in one process (the CPU or one GPU); start it without "
+                               "accelerate launch / torchrun")
     tokenizer = load_tokenizer(teacher if needs_teacher else student)
     # Tokenise once: the main process fills the cache, the others read it.
     with accelerator.main_process_first():
         blocks = build_blocks(
             data, tokenizer, block_size=config.block_size, val_fraction=val_fraction, max_tokens=max_tokens,
-            name=data_config, streaming=streaming,
+            name=data_config, data_dir=data_dir, text_field=text_field, streaming=streaming,
         )
     student_model = load_model(student)
     teacher_model = load_model(teacher) if needs_teacher else None
@@ -136,8 +202,13 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
         click.echo(f"student: {resolve_model_spec(student).description}")
         if teacher_model is not None:
             click.echo(f"teacher: {resolve_model_spec(teacher).description}")
-        click.echo(f"data: {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks of {config.block_size} tokens")
+        click.echo(f"data: {blocks.source}")
+        click.echo(f"      {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks of {config.block_size} tokens")
 
+    if blockwise:
+        _run_blockwise(student_model, teacher_model, blocks, config, out, resume, tokenizer)
+        accelerator.end_training()
+        return
     result = train(student_model, teacher_model, blocks, config, out, resume=resume, accelerator=accelerator, tokenizer=tokenizer)
     if accelerator.is_main_process:
         click.echo(
@@ -150,3 +221,21 @@ def command(student, teacher, data, data_config, out, recipe, config_file, max_s
             click.echo(f"best validation {what} {result.best_val:.4f} at step {result.best_step} -> {Path(out) / 'best'}")
         click.echo(f"final student -> {result.final_dir}")
     accelerator.end_training()
+
+
+def _run_blockwise(student, teacher, blocks, config: TrainingConfig, out: str, resume: bool, tokenizer) -> None:
+    result = distill_blockwise(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer)
+    trained = [b for b in result.blocks if b.trained]
+    click.echo(f"teacher hidden-state cache: {result.cache_seconds:.0f} s; block-wise training of {len(trained)} of "
+               f"{len(result.blocks)} blocks: {result.train_seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s "
+               f"through the whole stack")
+    click.echo(f"{'block':>5} {'steps':>6} {'first loss':>11} {'last loss':>11} {'best val':>11} {'chosen':>8}")
+    for b in trained:
+        click.echo(f"{b.index:>5} {b.steps:>6} {b.first_loss:>11.4g} {b.last_loss:>11.4g} "
+                   f"{(b.best_val if b.best_val is not None else float('nan')):>11.4g} {b.chosen:>8}")
+    if result.val_ppl_before is not None:
+        line = f"validation perplexity: {result.val_ppl_before:,.3f} before, {result.val_ppl_blockwise:,.3f} after the block-wise pass"
+        if result.val_ppl_end_to_end is not None:
+            line += f", {result.val_ppl_end_to_end:,.3f} after {config.blockwise.end_to_end_steps} end-to-end steps"
+        click.echo(line)
+    click.echo(f"final student -> {result.final_dir}; best by validation perplexity -> {result.best_dir}")

@@ -1,4 +1,4 @@
-"""``kronlm eval MODEL_OR_DIR --data FILE_OR_DATASET``: token perplexity of a dense or compressed model."""
+"""``kronlm eval MODEL_OR_DIR [--data FILE_OR_DATASET] [--tasks T1,T2] [--baseline DENSE]``: perplexity and lm-eval task scores."""
 
 from __future__ import annotations
 
@@ -6,38 +6,93 @@ import time
 
 import click
 
-from kronlm.cli.options import perplexity_options, protocol_label, window_length
+from kronlm.cli.options import data_options, perplexity_options, protocol_label, window_length
+from kronlm.compress.report import count_parameters
+from kronlm.data.sources import resolve_source
+from kronlm.data.text import load_text
+from kronlm.evaluate.harness import harness_table, lambada_task, require_lm_eval, run_harness
+from kronlm.evaluate.perplexity import perplexity_of_text
+from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
+from kronlm.utils.io import write_json
 
 
 @click.command("eval")
 @click.argument("model")
-@click.option("--data", required=True, help="A text file, a dataset alias (wikitext2, wikitext103) or a Hugging Face dataset name.")
+@click.option("--data", default=None, help="Perplexity on a text file, a dataset alias (wikitext2, wikitext103) or a Hugging Face dataset name.")
 @click.option("--data-config", default=None, help="Dataset config name (e.g. wikitext-2-raw-v1).")
+@click.option("--tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (lambada_openai, hellaswag, ...), run in this process.")
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False), default=None, help="Folder of extra lm-eval task YAMLs (e.g. tasks over local files).")
+@click.option("--lambada-jsonl", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Offline LAMBADA: last-word accuracy and perplexity (lm-eval's lambada_openai task) on a local JSON Lines file of {\"text\": ...} lines.")
+@click.option("--limit", type=click.FloatRange(min=0, min_open=True), default=None, help="lm-eval: documents per task (>= 1) or a fraction (< 1).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="lm-eval: few-shot examples (default: each task's own).")
+@click.option("--baseline", default=None, help="Also evaluate this model (e.g. the dense original) and print both side by side.")
+@data_options
 @perplexity_options
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the result to this JSON file.")
-def command(model, data, data_config, split, max_tokens, max_length, stride, protocol, batch_size, json_out):
-    """Perplexity of MODEL (hub id, folder, kronlm folder, .gguf file or alias such as smollm2) on DATA."""
-    import kronlm  # noqa: F401  (registers the Kronecker Auto classes)
-    from kronlm.compress.report import count_parameters
-    from kronlm.data.text import load_text, resolve_text_source
-    from kronlm.evaluate.perplexity import perplexity_of_text
-    from kronlm.models.loading import load_model_and_tokenizer, resolve_model_spec
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results to this JSON file.")
+def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit, num_fewshot, baseline, data_dir, text_field, split,
+            max_tokens, max_length, stride, protocol, batch_size, json_out):
+    """Perplexity and/or lm-eval task scores of MODEL (hub id, folder, kronlm folder, .gguf file or alias such as smollm2).
 
-    source = resolve_model_spec(model)
-    t0 = time.perf_counter()
-    net, tokenizer = load_model_and_tokenizer(model)
-    click.echo(f"loaded {source.description} ({count_parameters(net):,} params) in {time.perf_counter() - t0:.1f} s")
-    text_source = resolve_text_source(data, split=split, name=data_config)
-    text = load_text(data, split=split, name=data_config)
-    length = window_length(net, max_length)
-    result = perplexity_of_text(net, tokenizer, text, max_tokens=max_tokens, max_length=length, stride=min(stride, length), protocol=protocol, batch_size=batch_size)
-    click.echo(f"data: {text_source.description}")
-    click.echo(f"protocol: {protocol_label(protocol, length, min(stride, length))}")
-    click.echo(
-        f"perplexity {result.ppl:.4f} over {result.tokens_scored:,} tokens scored in {result.windows} windows, "
-        f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"
-    )
+    --data DATA measures token perplexity: a text file (.txt, .raw), a JSON Lines / CSV / TSV /
+    Parquet file (--text-field names the column; records are joined with a blank line), an alias
+    (wikitext2, wikitext103), a dataset folder or a Hugging Face dataset id. --tasks runs
+    lm-evaluation-harness in this process on the loaded model (compressed models included; the
+    tasks download their data unless cached), --lambada-jsonl runs LAMBADA on a local file.
+    --baseline DENSE evaluates a second model the same way and prints both side by side.
+    """
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if data is None and not task_list and lambada_jsonl is None:
+        raise click.UsageError("give --data (perplexity), --tasks or --lambada-jsonl (lm-eval tasks), or several")
+    harness_tasks: list = list(task_list)
+    if lambada_jsonl is not None:
+        harness_tasks.append(lambada_task(lambada_jsonl))  # checks the file before the slow model load
+    if harness_tasks:
+        require_lm_eval()
+    text = text_source = None
+    if data is not None:  # read the text before the slow model load, so a typo fails fast
+        text_source = resolve_source(data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
+        text = load_text(text_source)
+    specs = {"model": model} if baseline is None else {"baseline": baseline, "model": model}
+    report: dict = {"model": model, "baseline": baseline, "results": {}}
+    perplexities, harness = {}, {}
+    for label, spec in specs.items():
+        source = resolve_model_spec(spec)
+        t0 = time.perf_counter()
+        net, tokenizer = load_model_and_tokenizer(spec)
+        params = count_parameters(net)
+        click.echo(f"{label}: loaded {source.description} ({params:,} params) in {time.perf_counter() - t0:.1f} s")
+        if text is not None:
+            length = window_length(net, max_length)
+            result = perplexity_of_text(net, tokenizer, text, max_tokens=max_tokens, max_length=length, stride=min(stride, length),
+                                        protocol=protocol, batch_size=batch_size, desc=f"{label} ppl")
+            perplexities[label] = (params, result)
+            click.echo(f"data: {text_source.description}")
+            click.echo(f"protocol: {protocol_label(protocol, length, min(stride, length))}")
+            click.echo(
+                f"perplexity {result.ppl:.4f} over {result.tokens_scored:,} tokens scored in {result.windows} windows, "
+                f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"
+            )
+        if harness_tasks:
+            limit_value = None if limit is None else (int(limit) if limit >= 1 else limit)
+            harness[label] = run_harness(net, tokenizer, harness_tasks, include_path=include_path, limit=limit_value,
+                                         num_fewshot=num_fewshot, batch_size=batch_size)
+        report["results"][label] = {"spec": spec, "params": params}
+        del net
+    if len(perplexities) > 1:
+        click.echo("")
+        click.echo(f"{'model':<10} {'params':>13} {'perplexity':>12}")
+        for label, (params, result) in perplexities.items():
+            click.echo(f"{label:<10} {params:>13,} {result.ppl:>12,.4f}")
+    if harness:
+        click.echo("")
+        click.echo(harness_table(harness))
     if json_out:
-        from kronlm.utils.io import write_json
-
-        write_json(json_out, {"model": model, "data": text_source.description, "params": count_parameters(net), **result.to_dict()})
+        for label in specs:
+            if label in perplexities:
+                report["results"][label]["perplexity"] = {"data": text_source.description, **perplexities[label][1].to_dict()}
+            if label in harness:
+                report["results"][label]["tasks"] = harness[label].to_dict()
+        if data is not None:  # MODEL's perplexity also at the top level: the layout before --tasks existed
+            report.update({"data": text_source.description, "params": report["results"]["model"]["params"], **perplexities["model"][1].to_dict()})
+        write_json(json_out, report)

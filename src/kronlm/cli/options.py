@@ -1,10 +1,14 @@
-"""Options shared by the subcommands that measure perplexity."""
+"""Options shared by the subcommands: perplexity measurement and data sources."""
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import click
+
+from kronlm.utils.paths import DATA_DIR_ENV
 
 PROTOCOL_HELP = "sliding: Hugging Face sliding window (SPEC §5); disjoint: Krony-PT's disjoint windows, exp(mean of window means)"
 
@@ -18,6 +22,36 @@ def perplexity_options(fn):
     @click.option("--stride", type=click.IntRange(min=1), default=512, show_default=True, help="Window advance in tokens (sliding protocol).")
     @click.option("--protocol", type=click.Choice(["sliding", "disjoint"]), default="sliding", show_default=True, help=PROTOCOL_HELP)
     @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+# The repository's example data: ../shared/data beside a checkout (its README lists the files).
+EXAMPLE_DATA_DIR = Path("..") / "shared" / "data"
+DATA_DIR_HELP = (
+    "Folder of local copies of public data (wikitext-2-raw/, glue/), read before the hub for aliases such as "
+    "wikitext2. Default: $KRONLM_DATA_DIR, else ../shared/data relative to the working directory when that "
+    "folder exists (the repository's example data), else none."
+)
+TEXT_FIELD_HELP = "JSON Lines field, or CSV/TSV/Parquet/dataset column, that holds the text."
+
+
+def default_data_dir() -> Path | None:
+    """``$KRONLM_DATA_DIR``, else ``../shared/data`` when that folder exists, else None (CLI default only)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    return EXAMPLE_DATA_DIR.resolve() if EXAMPLE_DATA_DIR.is_dir() else None
+
+
+def data_options(fn):
+    """Add --data-dir (a folder, see :data:`DATA_DIR_HELP`) and --text-field (default ``text``)."""
+
+    @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=default_data_dir,
+                  show_default="$KRONLM_DATA_DIR, else ../shared/data", help=DATA_DIR_HELP)
+    @click.option("--text-field", default="text", show_default=True, help=TEXT_FIELD_HELP)
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)

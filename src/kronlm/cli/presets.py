@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
+from kronlm.compress.presets import list_presets, preset_parameter_counts
+
 
 @click.command("presets")
 @click.option("--counts/--no-counts", default=True, show_default=True, help="Compute parameter counts on each reference architecture (a few seconds).")
 def command(counts):
     """List the presets, computing their parameter counts from the reference configurations alone."""
-    from kronlm.compress.presets import list_presets, preset_parameter_counts
 
     header = f"{'preset':<28} {'family':<6} {'dense':>12} {'compressed':>12} {'no LM head':>12}  {'paper':<22} description"
     click.echo(header)

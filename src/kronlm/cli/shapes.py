@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import click
 
+from kronlm.decompose.shapes import (
+    choose_factor_shapes,
+    factor_shapes,
+    shapes_within_ratio,
+)
+
 
 @click.command("shapes")
 @click.argument("out_features", type=click.IntRange(min=1))
@@ -14,7 +20,6 @@ import click
 @click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True, help="Rows to print (closest to the budget first when --ratio is given).")
 def command(out_features, in_features, rank, ratio, prefer, limit):
     """List factorisations (out, in) = (m1·m2, n1·n2) with parameters and multiply-adds per token."""
-    from kronlm.decompose.shapes import choose_factor_shapes, factor_shapes, shapes_within_ratio
 
     dense = out_features * in_features
     shapes = shapes_within_ratio(out_features, in_features, ratio, rank) if ratio else factor_shapes(out_features, in_features, rank)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import click
 
 from kronlm.cli.distill import parse_index_list
+from kronlm.compress.report import count_parameters
+from kronlm.compress.truncate import save_truncated
+from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
 
 
 @click.command("truncate")
@@ -19,10 +22,6 @@ from kronlm.cli.distill import parse_index_list
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out folder.")
 def command(model, layers, out, overwrite):
     """Keep only the --layers blocks of MODEL (hub id, folder, .gguf file or alias) and save it to --out."""
-    import kronlm  # noqa: F401  (registers the Kronecker Auto classes)
-    from kronlm.compress.report import count_parameters
-    from kronlm.compress.truncate import save_truncated
-    from kronlm.models.loading import load_model, load_tokenizer, resolve_model_spec
 
     keep = parse_index_list(layers, "--layers")
     net = load_model(model)

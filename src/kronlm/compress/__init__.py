@@ -1,28 +1,46 @@
-"""Compress: model surgery that swaps dense modules for Kronecker modules, configs and presets."""
+"""Compress: which dense modules become which Kronecker modules (configs, presets, budget
+allocation from calibration statistics), the module surgery itself, and layer truncation.
 
-from kronlm.compress.budget import BudgetAllocation, allocate_budget, compress_to_budget
+The Hugging Face side (a compressed model that saves and loads like any other) is
+:mod:`kronlm.modeling`; ``kronlm.compress`` at the top level does both.
+"""
+
+from kronlm.compress.budget import (
+    BudgetAllocation,
+    allocate_budget,
+    budget_candidates,
+    plan_budget,
+)
 from kronlm.compress.calibration import calibration_input_ids, collect_calibration
 from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.presets import PRESETS, Preset, get_preset, list_presets, preset_parameter_counts
+from kronlm.compress.presets import (
+    PRESETS,
+    Preset,
+    get_preset,
+    list_presets,
+    preset_parameter_counts,
+)
 from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
-from kronlm.compress.surgery import compress, plan_compression
+from kronlm.compress.surgery import FactorChoice, compress_modules, plan_compression
 
 __all__ = [
-    "BudgetAllocation",
-    "allocate_budget",
-    "calibration_input_ids",
-    "collect_calibration",
-    "compress_to_budget",
     "PRESETS",
+    "BudgetAllocation",
     "CompressionConfig",
     "CompressionReport",
+    "FactorChoice",
     "KroneckerTarget",
     "ModuleReport",
     "Preset",
-    "compress",
+    "allocate_budget",
+    "budget_candidates",
+    "calibration_input_ids",
+    "collect_calibration",
+    "compress_modules",
     "count_parameters",
     "get_preset",
     "list_presets",
+    "plan_budget",
     "plan_compression",
     "preset_parameter_counts",
 ]

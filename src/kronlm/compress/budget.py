@@ -33,15 +33,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.plan import dense_weight
+from kronlm.compress.calibration import ModuleCalibration, collect_calibration
+from kronlm.compress.config import CompressionConfig, KroneckerTarget, pattern_regex
 from kronlm.compress.report import count_parameters
 from kronlm.decompose.activation_aware import (
-    _sqrt_and_inverse,
-    lapack_threads,
-    partial_traces,
+    psd_sqrt_and_inverse,
+    whitened_tail_energies,
+    whitening_roots,
 )
-from kronlm.decompose.vanloan import rearrange
+from kronlm.layers.dense import dense_weight, is_conv1d
 
 DEFAULT_B_SHAPES = ((2, 1), (1, 2), (4, 1), (1, 4))
 
@@ -149,22 +149,6 @@ class BudgetAllocation:
         return "\n".join(lines)
 
 
-def _whitened_tails(weight: torch.Tensor, roots: tuple[torch.Tensor, torch.Tensor], a_shape, b_shape) -> torch.Tensor:
-    """tail[R] = Σ_{j>R} σ_j² of the whitened rearrangement, for R = 0..rank."""
-    (m1, n1), (m2, n2) = a_shape, b_shape
-    L1, L2 = roots
-    whitened = torch.einsum("qik,ij,kl->qjl", weight.reshape(m1 * m2, n1, n2), L1, L2).reshape(m1 * m2, n1 * n2)
-    M = rearrange(whitened, a_shape, b_shape)
-    small = min(M.shape)
-    if small <= 64:
-        gram = M.mT @ M if M.shape[0] >= M.shape[1] else M @ M.mT
-        s2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    else:
-        s2 = torch.linalg.svdvals(M).square()
-    total = s2.sum()
-    return torch.cat([total.reshape(1), total - s2.cumsum(0)]).clamp_min(0)
-
-
 def module_options(
     weight: torch.Tensor,
     covariance: torch.Tensor,
@@ -197,22 +181,13 @@ def module_options(
     scale = 0.5 * sensitivity if sensitivity is not None else 1.0 / max(energy, 1e-300)
     options = [BudgetOption("dense", None, None, 0, out_f * in_f, 0.0, 0.0, 0.0)]
     # With n1 = 1 or n2 = 1 the Kronecker-factored whitening is C^{1/2} itself: one eigh serves all.
-    full_root = _sqrt_and_inverse(C)[0]
+    full_root = psd_sqrt_and_inverse(C)[0]
     candidates = [("svd", (out_f, 1), (1, in_f))]
     for m2, n2 in b_shapes:
         if out_f % m2 == 0 and in_f % n2 == 0 and (m2, n2) != (1, 1):
             candidates.append(("kronecker", (out_f // m2, in_f // n2), (m2, n2)))
     for family, a_shape, b_shape in candidates:
-        n1, n2 = a_shape[1], b_shape[1]
-        one = torch.ones(1, 1, dtype=C.dtype)
-        if n1 == 1:
-            roots = (one, full_root)
-        elif n2 == 1:
-            roots = (full_root, one)
-        else:
-            p1, p2 = partial_traces(C, n1, n2)
-            roots = (_sqrt_and_inverse(p1)[0], _sqrt_and_inverse(p2 / C.trace())[0])
-        tails = _whitened_tails(W, roots, a_shape, b_shape)
+        tails = whitened_tail_energies(W, whitening_roots(C, a_shape, b_shape, full_root), a_shape, b_shape)
         per_term = a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
         max_rank = min(len(tails) - 1, (out_f * in_f - 1) // per_term)
         ranks = range(svd_step, max_rank + 1, svd_step) if family == "svd" else range(1, max_rank + 1)
@@ -247,8 +222,7 @@ def price_modules(
         if covariance is None:
             raise ValueError(f"{name}: budget allocation needs the full input second moment (raise max_full_dim)")
         weight = dense_weight(model.get_submodule(name))
-        with lapack_threads():
-            priced[name] = module_options(weight, covariance, sensitivity=entry.grad_sq, b_shapes=b_shapes, svd_step=svd_step)
+        priced[name] = module_options(weight, covariance, sensitivity=entry.grad_sq, b_shapes=b_shapes, svd_step=svd_step)
     return priced
 
 
@@ -334,11 +308,8 @@ def budget_candidates(model: nn.Module, patterns: list[str] | None = None) -> li
     Raises:
         ValueError: no module matches.
     """
-    from kronlm.compress.config import _pattern_regex
-    from kronlm.compress.plan import is_conv1d
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    regexes = [_pattern_regex(p) for p in patterns or []]
+    regexes = [pattern_regex(p) for p in patterns or []]
     names = [
         name
         for name, module in model.named_modules()
@@ -351,7 +322,7 @@ def budget_candidates(model: nn.Module, patterns: list[str] | None = None) -> li
     return names
 
 
-def compress_to_budget(
+def plan_budget(
     model: nn.Module,
     target_params: int,
     calibration: torch.Tensor,
@@ -362,12 +333,14 @@ def compress_to_budget(
     b_shapes: tuple[tuple[int, int], ...] = DEFAULT_B_SHAPES,
     init: str = "activation_aware",
     progress: bool = True,
-):
-    """Calibrate, allocate a parameter budget across modules, and compress ``model`` in place.
+) -> tuple[CompressionConfig, dict[str, ModuleCalibration], BudgetAllocation]:
+    """Calibrate the dense model and allocate a parameter budget across its modules.
 
     Input second moments come from all calibration sequences; the output-gradient sensitivities
     from the first ``sensitivity_sequences`` of them (a backward pass costs twice a forward one,
-    and a scalar per module needs far fewer tokens than an (in, in) matrix).
+    and a scalar per module needs far fewer tokens than an (in, in) matrix). The model is not
+    changed: compress it with the returned config and statistics
+    (``kronlm.compress_to_budget`` does both).
 
     Args:
         model: dense causal LM.
@@ -382,14 +355,12 @@ def compress_to_budget(
         progress: tqdm bars.
 
     Returns:
-        (``CompressionReport`` with ``allocation`` set, ``BudgetAllocation``).
+        (the ``CompressionConfig`` of the allocation, the per-module calibration statistics its
+        initialiser needs, the ``BudgetAllocation``).
 
     Raises:
-        ValueError: see ``allocate_budget``, ``collect_calibration`` and ``compress``.
+        ValueError: see ``allocate_budget`` and ``collect_calibration``.
     """
-    from kronlm.compress.calibration import collect_calibration
-    from kronlm.compress.surgery import compress
-
     names = budget_candidates(model, modules)
     stats = collect_calibration(model, names, calibration, batch_size=batch_size, progress=progress)
     if sensitivity_sequences > 0:
@@ -397,9 +368,7 @@ def compress_to_budget(
         for name in names:
             stats[name].grad_sq = grads[name].grad_sq
     allocation = allocate_budget(model, stats, target_params, b_shapes=b_shapes, progress=progress)
-    report = compress(model, allocation.to_config(init=init), calibration=stats, progress=progress)
-    report.allocation = allocation.to_dict()
-    return report, allocation
+    return allocation.to_config(init=init), stats, allocation
 
 
 __all__ = [
@@ -409,7 +378,7 @@ __all__ = [
     "ModuleChoice",
     "allocate_budget",
     "budget_candidates",
-    "compress_to_budget",
+    "plan_budget",
     "module_options",
     "price_modules",
 ]

@@ -19,12 +19,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.plan import dense_weight, is_conv1d
+from kronlm.layers import dense_weight, is_conv1d
+from kronlm.utils.io import atomic_path
 
 
 @dataclass
@@ -253,10 +257,6 @@ def save_calibration(calibration: dict[str, ModuleCalibration], path, metadata: 
     ``<name>.out`` and, when collected, ``<name>.grad_sq``; ``metadata`` (str -> str) goes into the
     safetensors header, e.g. how the calibration text was chosen.
     """
-    from safetensors.torch import save_file
-
-    from kronlm.utils.io import atomic_path
-
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in calibration.items():
         stats = entry.inputs
@@ -281,10 +281,6 @@ def load_calibration(path, metadata: dict[str, str] | None = None) -> dict[str, 
         ValueError: not a safetensors file, or its header metadata differs from ``metadata``
             (both are named in the message).
     """
-    from pathlib import Path
-
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path}: not found")

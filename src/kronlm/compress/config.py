@@ -8,21 +8,30 @@ regular expression matched against the whole name. The first target that matches
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from kronlm.decompose.initializers import INITIALIZERS
+from kronlm.decompose.vanloan import SVD_METHODS
+from kronlm.utils.config import ConfigBase
 
 LM_HEAD_MODES = ("tied", "dense")
 
 
-def _pattern_regex(pattern: str) -> re.Pattern:
+def pattern_regex(pattern: str) -> re.Pattern:
+    """The compiled regular expression of a module-name pattern (see the module docstring).
+
+    Raises:
+        ValueError: a ``re:`` pattern that is not a valid regular expression (names the pattern).
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"a module pattern must be a non-empty string, got {pattern!r}")
     if pattern.startswith("re:"):
-        return re.compile(pattern[3:])
+        try:
+            return re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"module pattern {pattern!r} is not a valid regular expression ({exc})") from None
     out, i = "", 0
     if pattern.startswith("**."):
         out, i = r"(?:.*\.)?", 3
@@ -53,8 +62,10 @@ def _pair(value, what: str) -> tuple[int, int] | None:
     return (int(value[0]), int(value[1]))
 
 
+
+
 @dataclass
-class KroneckerTarget:
+class KroneckerTarget(ConfigBase):
     """One rule of a compression config.
 
     Attributes:
@@ -67,9 +78,16 @@ class KroneckerTarget:
         compression_ratio: instead of shapes, pick per module the shapes that compress it at least
             this many times (``kronlm.decompose.choose_factor_shapes``).
         layers: only modules whose block index (first numeric name component) is listed.
-        init: registered initialiser (``van_loan``, ``van_loan_rescaled``, ``pruning``, ``random``).
+        init: registered initialiser (``van_loan``, ``van_loan_rescaled``, ``pruning``, ``random``,
+            ``activation_aware``).
         learnable_scales: add Krony-PT's learnable per-term scalars s_r.
+
+    Raises:
+        ValueError: no pattern, an invalid pattern, shapes that are not two positive integers,
+            neither shapes nor a ratio, a rank below 1, a ratio not above 1, an unknown init.
     """
+
+    config_name = "compression target"
 
     modules: list[str]
     a_shape: tuple[int, int] | None = None
@@ -80,22 +98,30 @@ class KroneckerTarget:
     init: str = "van_loan"
     learnable_scales: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Normalise the fields and check them (see the class docstring)."""
         if isinstance(self.modules, str):
             self.modules = [self.modules]
-        if not self.modules:
-            raise ValueError("a Kronecker target needs at least one module pattern")
+        if not isinstance(self.modules, (list, tuple)) or not self.modules:
+            raise ValueError(f"a Kronecker target needs a list of module patterns, got {self.modules!r}")
+        self.modules = list(self.modules)
         self.a_shape = _pair(self.a_shape, f"a_shape of target {self.modules}")
         self.b_shape = _pair(self.b_shape, f"b_shape of target {self.modules}")
         if self.a_shape is None and self.b_shape is None and self.compression_ratio is None:
             raise ValueError(f"target {self.modules}: give a_shape, b_shape or compression_ratio")
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"target {self.modules}: rank must be a positive integer, got {self.rank!r}")
-        if self.compression_ratio is not None and self.compression_ratio <= 1:
-            raise ValueError(f"target {self.modules}: compression_ratio must be > 1, got {self.compression_ratio}")
+        if self.compression_ratio is not None and not (
+            isinstance(self.compression_ratio, (int, float)) and self.compression_ratio > 1
+        ):
+            raise ValueError(f"target {self.modules}: compression_ratio must be a number > 1, got {self.compression_ratio!r}")
         if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                raise ValueError(f"target {self.modules}: layers must list non-negative block indices, got {self.layers!r}")
             self.layers = [int(i) for i in self.layers]
-        self._regexes = [_pattern_regex(p) for p in self.modules]
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"target {self.modules}: unknown initialiser {self.init!r}; registered: {', '.join(sorted(INITIALIZERS))}")
+        self._regexes = [pattern_regex(p) for p in self.modules]
 
     def matches(self, module_name: str) -> bool:
         """True when ``module_name`` matches a pattern and, if ``layers`` is set, its block index."""
@@ -106,16 +132,12 @@ class KroneckerTarget:
         return layer_index(module_name) in self.layers
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/YAML-ready dict of the set fields (shapes as lists)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("a_shape", "b_shape"):
-            if out[key] is not None:
-                out[key] = list(out[key])
-        return {k: v for k, v in out.items() if v is not None}
+        """JSON/YAML-ready dict of the set fields (shapes as lists, unset fields left out)."""
+        return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
 @dataclass
-class CompressionConfig:
+class CompressionConfig(ConfigBase):
     """What ``kronlm.compress`` does to a model.
 
     Attributes:
@@ -126,7 +148,12 @@ class CompressionConfig:
         svd: "auto", "exact" or "randomized" (see ``nearest_kronecker_product``).
         name: preset or experiment name (for reports).
         description: one line for humans.
+
+    Raises:
+        ValueError: targets that are not a list of targets, an unknown ``lm_head`` or ``svd``.
     """
+
+    config_name = "compression config"
 
     targets: list[KroneckerTarget] = field(default_factory=list)
     lm_head: str = "tied"
@@ -134,12 +161,25 @@ class CompressionConfig:
     name: str | None = None
     description: str | None = None
 
-    def __post_init__(self) -> None:
-        self.targets = [t if isinstance(t, KroneckerTarget) else KroneckerTarget(**_checked(t, KroneckerTarget)) for t in self.targets]
+    @classmethod
+    def _from_plain(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+        targets = data.get("targets", [])
+        if not isinstance(targets, list):
+            raise ValueError(f"{source}: targets must be a list of rules, got {type(targets).__name__}")
+        data["targets"] = [
+            t if isinstance(t, KroneckerTarget) else KroneckerTarget.from_dict(t, source=f"{source}, target {i}")
+            for i, t in enumerate(targets)
+        ]
+        return data
+
+    def validate(self) -> None:
+        """Check the fields (see the class docstring)."""
+        if not isinstance(self.targets, list) or not all(isinstance(t, KroneckerTarget) for t in self.targets):
+            raise ValueError(f"targets must be a list of KroneckerTarget, got {self.targets!r}")
         if self.lm_head not in LM_HEAD_MODES:
             raise ValueError(f"lm_head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
-        if self.svd not in ("auto", "exact", "randomized"):
-            raise ValueError(f"svd must be auto, exact or randomized, got {self.svd!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
 
     def target_for(self, module_name: str) -> KroneckerTarget | None:
         """The first target matching ``module_name``, or None."""
@@ -156,52 +196,3 @@ class CompressionConfig:
         if self.description:
             out["description"] = self.description
         return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
-        """Build from a dict (as read from JSON/YAML).
-
-        Raises:
-            ValueError: unknown keys (named) or invalid values.
-        """
-        if not isinstance(data, dict):
-            raise ValueError(f"a compression config must be a mapping, got {type(data).__name__}")
-        return cls(**_checked(data, cls))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "CompressionConfig":
-        """Read a ``.json``, ``.yaml`` or ``.yml`` file.
-
-        Raises:
-            FileNotFoundError: the file does not exist.
-            ValueError: it does not parse, or holds unknown keys / invalid values (message names the file).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"compression config {path}: file not found")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ValueError(f"compression config {path}: cannot parse ({str(exc).splitlines()[0]})") from None
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"compression config {path}: {exc}") from None
-
-    def save(self, path: str | Path) -> None:
-        """Write as JSON (``.json``) or YAML (other suffixes), atomically."""
-        from kronlm.utils.io import atomic_path
-
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            data = self.to_dict()
-            tmp.write_text(json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False))
-
-
-def _checked(data: dict[str, Any], cls) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(known)}")
-    return data

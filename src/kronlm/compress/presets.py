@@ -13,8 +13,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from kronlm.compress.config import CompressionConfig, KroneckerTarget
+from kronlm.compress.surgery import compress_modules
 
 GPT2_FC = "**.h.*.mlp.c_fc"
 GPT2_PROJ = "**.h.*.mlp.c_proj"
@@ -170,8 +179,6 @@ def reference_model(family: str):
     "gpt2": GPT-2 124M (tied head); "bert": BERT-base with pooler; "llama": SmolLM2-135M
     (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV heads, vocab 49,152, tied).
     """
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     with torch.device("meta"):
         if family == "gpt2":
             return GPT2LMHeadModel(GPT2Config())
@@ -197,9 +204,7 @@ def preset_parameter_counts(name: str) -> dict[str, int]:
     preset = PRESETS[name] if name in PRESETS else None
     if preset is None:
         get_preset(name)  # raises with the list of names
-    from kronlm.compress.surgery import compress
-
     model = reference_model(preset.family)
-    report = compress(model, preset.config, progress=False)
+    report = compress_modules(model, preset.config, progress=False)
     scalars = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".scales"))
     return {"before": report.params_before, "after": report.params_after, "after_no_head": report.params_after_no_head, "scalars": scalars}

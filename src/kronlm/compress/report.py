@@ -68,8 +68,9 @@ class CompressionReport:
         lm_head: what happened to a head tied to a factored embedding ("tied", "dense") or None.
         seconds: wall time of the whole compression.
         config: the ``CompressionConfig`` as a dict.
-        allocation: the per-module budget choice (``BudgetAllocation.to_dict()``) when the config
-            came from ``compress_to_budget``, else None.
+        allocation: the per-module budget choice when the config came from a budget allocation
+            (a ``kronlm.compress.budget.BudgetAllocation`` in memory, its dict once read back from
+            JSON), else None.
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
@@ -80,7 +81,7 @@ class CompressionReport:
     lm_head: str | None = None
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
-    allocation: dict[str, Any] | None = None
+    allocation: Any = None
 
     @property
     def compression_ratio(self) -> float:
@@ -94,10 +95,30 @@ class CompressionReport:
         return sum(errors) / len(errors) if errors else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        out = dataclasses.asdict(self)
+        """JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
+        allocation = self.allocation.to_dict() if hasattr(self.allocation, "to_dict") else self.allocation
+        out = dataclasses.asdict(dataclasses.replace(self, allocation=None))
+        out["allocation"] = allocation
         out["compression_ratio"] = self.compression_ratio
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionReport":
+        """Rebuild a report written by :meth:`to_dict` (``allocation`` stays a dict).
+
+        Raises:
+            ValueError: ``data`` is not a report dict (names the first bad key).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a compression report must be a mapping, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        try:
+            modules = [ModuleReport(**{**m, "weight_shape": tuple(m["weight_shape"]), "a_shape": tuple(m["a_shape"]),
+                                       "b_shape": tuple(m["b_shape"])}) for m in values.pop("modules", [])]
+            return cls(modules=modules, **values)
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"not a compression report ({exc})") from None
 
     def table(self, max_rows: int | None = None) -> str:
         """A fixed-width text table: one row per module, then the totals."""

@@ -1,46 +1,92 @@
-"""``compress``: replace the modules a config selects with Kronecker modules initialised from the
-pretrained weights (SPEC §2, §3)."""
+"""Model surgery: swap the dense modules a config selects for Kronecker modules initialised from
+the pretrained weights (SPEC §2, §3).
+
+This module changes modules only. Making the result a Hugging Face model that saves and loads as
+a compressed model (its config class, the plan in ``config.json``) is
+:func:`kronlm.modeling.compress`, which calls :func:`compress_modules`.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.config import CompressionConfig
-from kronlm.compress.plan import (
-    PLAN_VERSION,
-    build_empty,
-    dense_weight,
-    is_conv1d,
-    set_module,
-)
+from kronlm.compress.calibration import ModuleCalibration, collect_calibration
+from kronlm.compress.config import CompressionConfig, KroneckerTarget
 from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.shapes import choose_factor_shapes, resolve_factor_shapes
-from kronlm.layers import KroneckerEmbedding, KroneckerLinear, KroneckerTiedLMHead
+from kronlm.layers import (
+    KroneckerEmbedding,
+    KroneckerLinear,
+    KroneckerTiedLMHead,
+    dense_weight,
+    is_factorable,
+)
 
 
-def _is_supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
+@dataclass(frozen=True)
+class FactorChoice:
+    """Which Kronecker module one dense module becomes.
+
+    Attributes:
+        name: dotted module name.
+        kind: "linear" (``nn.Linear`` / ``Conv1D``) or "embedding".
+        weight_shape: (out, in), or (vocab, dim) for an embedding.
+        a_shape, b_shape: factor shapes (rows, cols).
+        target: the config rule that selected the module (rank, init, learnable scalars).
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, int]
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    target: KroneckerTarget
+
+    @property
+    def rank(self) -> int:
+        """Number of Kronecker terms R."""
+        return self.target.rank
+
+    @property
+    def init(self) -> str:
+        """The initialiser's registered name."""
+        return self.target.init
 
 
-def plan_compression(model: nn.Module, config: CompressionConfig) -> dict[str, dict[str, Any]]:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str | None:
+    """The dotted name of ``module`` inside ``model``, or None."""
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    return None
+
+
+def plan_compression(model: nn.Module, config: CompressionConfig) -> list[FactorChoice]:
     """Decide the factors of every module ``config`` selects, without touching weights.
 
     Returns:
-        {module name: {"kind", "out", "in", "a_shape", "b_shape", "rank", "bias",
-        "learnable_scales", "init", "padding_idx"}} in model order.
+        One :class:`FactorChoice` per selected module, in model order.
 
     Raises:
         ValueError: a pattern that matches no module, a matched module that is not Linear,
-            Conv1D or Embedding, shapes that do not divide the weight, or R above the rank of the
-            rearranged matrix; messages name the module and the numbers.
+            Conv1D or Embedding (or already a Kronecker module), shapes that do not divide the
+            weight, or R above the rank of the rearranged matrix; messages name the module and the
+            numbers.
     """
-    plan: dict[str, dict[str, Any]] = {}
+    choices: list[FactorChoice] = []
     used = [False] * len(config.targets)
     for name, module in model.named_modules():
         if not name:
@@ -51,12 +97,12 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> dict[str, d
         used[config.targets.index(target)] = True
         if isinstance(module, (KroneckerLinear, KroneckerEmbedding, KroneckerTiedLMHead)):
             raise ValueError(f"{name}: already a Kronecker module; compress the dense model instead")
-        if not _is_supported(module):
+        if not is_factorable(module):
             raise ValueError(f"{name}: pattern {target.modules} matched a {type(module).__name__}, which kronlm cannot factor (Linear, Conv1D, Embedding only)")
         rows, cols = dense_weight(module).shape
         if target.a_shape is None and target.b_shape is None:
-            choice = choose_factor_shapes(rows, cols, target.compression_ratio, target.rank, name=name)
-            a_shape, b_shape = choice.a_shape, choice.b_shape
+            shape = choose_factor_shapes(rows, cols, target.compression_ratio, target.rank, name=name)
+            a_shape, b_shape = shape.a_shape, shape.b_shape
         else:
             a_shape, b_shape = resolve_factor_shapes((rows, cols), target.a_shape, target.b_shape, name=name)
         max_rank = min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1])
@@ -65,39 +111,56 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> dict[str, d
                 f"{name}: rank R={target.rank} exceeds the rank of the rearranged ({a_shape[0] * a_shape[1]}, "
                 f"{b_shape[0] * b_shape[1]}) matrix, {max_rank}"
             )
-        get_initializer(target.init)  # fail on a typo before any work is done
-        is_embedding = isinstance(module, nn.Embedding)
-        plan[name] = {
-            "kind": "embedding" if is_embedding else "linear",
-            "out": rows,
-            "in": cols,
-            "a_shape": list(a_shape),
-            "b_shape": list(b_shape),
-            "rank": target.rank,
-            "bias": (not is_embedding) and module.bias is not None,
-            "learnable_scales": target.learnable_scales and not is_embedding,
-            "init": target.init,
-            "padding_idx": module.padding_idx if is_embedding else None,
-        }
+        kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
+        choices.append(FactorChoice(name, kind, (rows, cols), tuple(a_shape), tuple(b_shape), target))
     unused = [t.modules for t, hit in zip(config.targets, used) if not hit]
     if unused:
         raise ValueError(f"compression target {unused[0]} matches no module of {type(model).__name__}")
-    return plan
+    return choices
 
 
-def _find_name(model: nn.Module, module: nn.Module) -> str | None:
-    for name, mod in model.named_modules():
-        if mod is module:
-            return name
-    return None
+def empty_kronecker_module(dense: nn.Module, choice: FactorChoice) -> nn.Module:
+    """An uninitialised Kronecker module replacing ``dense``, on its device and dtype."""
+    weight = dense_weight(dense)
+    kw = {"device": weight.device, "dtype": weight.dtype}
+    rows, cols = choice.weight_shape
+    if choice.kind == "embedding":
+        return KroneckerEmbedding(rows, cols, choice.a_shape, choice.b_shape, choice.rank, padding_idx=dense.padding_idx, **kw)
+    return KroneckerLinear(
+        cols, rows, choice.a_shape, choice.b_shape, choice.rank,
+        bias=dense.bias is not None, learnable_scales=choice.target.learnable_scales, **kw,
+    )
+
+
+def calibration_for(
+    model: nn.Module, choices: list[FactorChoice], input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> dict[str, ModuleCalibration]:
+    """Run the dense model on calibration token ids and collect the input statistics of every
+    chosen module whose initialiser needs them (``collect_calibration``).
+
+    Args:
+        input_ids: (num_sequences, seq_len) calibration tokens.
+
+    Raises:
+        ValueError: an initialiser that needs statistics on an embedding (only linear layers have
+            input statistics).
+    """
+    wanted = [c for c in choices if get_initializer(c.init).needs_calibration]
+    if not wanted:
+        return {}
+    for c in wanted:
+        if c.kind != "linear":
+            raise ValueError(f"{c.name}: initialiser {c.init!r} needs input statistics, which only linear layers have")
+    factors = {c.name: (c.a_shape[1], c.b_shape[1]) for c in wanted}
+    return collect_calibration(model, [c.name for c in wanted], input_ids, batch_size=batch_size, input_factors=factors, progress=progress)
 
 
 @torch.no_grad()
-def compress(
+def compress_modules(
     model: nn.Module,
     config: CompressionConfig,
     *,
-    calibration: torch.Tensor | dict[str, Any] | None = None,
+    calibration: torch.Tensor | dict[str, ModuleCalibration] | None = None,
     calibration_batch_size: int = 4,
     progress: bool = True,
 ) -> CompressionReport:
@@ -110,19 +173,13 @@ def compress(
     pretrained matrix, untied). On a model built on the meta device (architecture only) no
     factors are computed: use it to count parameters from a configuration alone.
 
-    Afterwards the model's class and config are switched to kronlm's registered subclasses
-    (``model_type`` ``kronecker_<type>``) and ``config.kronlm`` holds the plan, so
-    ``model.save_pretrained`` / ``kronlm.save`` write a folder that
-    ``AutoModelForCausalLM.from_pretrained`` loads back compressed.
-
     Args:
         model: a Hugging Face ``PreTrainedModel`` (GPT-2, BERT, Llama-family, ...) or any module.
         config: the ``CompressionConfig`` (or a preset's).
         calibration: for initialisers that need activation statistics (``activation_aware``):
-            either calibration token ids (num_sequences, seq_len) — the dense model is run on them
-            first and the statistics of every such module are collected
-            (``kronlm.compress.calibration.collect_calibration``) — or statistics already
-            collected, {module name: ``ModuleCalibration``}.
+            calibration token ids (num_sequences, seq_len), on which the dense model is run first
+            (:func:`calibration_for`), or statistics already collected, {module name:
+            ``ModuleCalibration``}.
         calibration_batch_size: sequences per forward pass while calibrating.
         progress: show a tqdm bar over modules.
 
@@ -131,94 +188,94 @@ def compress(
         reconstruction error; totals with and without the LM head).
 
     Raises:
-        ValueError: see ``plan_compression``; also an initialiser that needs calibration data
-            that was not given, or a targeted LM head that is tied to the embedding.
+        ValueError: see :func:`plan_compression`; also an initialiser that needs calibration data
+            that was not given, a targeted LM head that is tied to the input embedding, or
+            factors that are not finite (names the module).
     """
     start = time.perf_counter()
-    plan = plan_compression(model, config)
+    choices = plan_compression(model, config)
     report = CompressionReport(config=config.to_dict())
     report.params_before = count_parameters(model)
     report.params_before_no_head = count_parameters(model, exclude_lm_head=True)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = _find_name(model, head) if head is not None else None
-    if head_name in plan and head is not None and isinstance(model.get_input_embeddings(), nn.Embedding) and head.weight is model.get_input_embeddings().weight:
+    head_name = module_name(model, head) if head is not None else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if any(c.name == head_name for c in choices) and isinstance(inputs, nn.Embedding) and head.weight is inputs.weight:
         raise ValueError(f"{head_name}: the LM head is tied to the input embedding; factor the embedding instead")
-    head_plan = None
     if isinstance(calibration, torch.Tensor):
-        calibration = _calibrate(model, plan, calibration, calibration_batch_size, progress)
+        calibration = calibration_for(model, choices, calibration, calibration_batch_size, progress)
 
-    for name, entry in tqdm(plan.items(), desc="compress", unit="module", disable=not progress):
+    for choice in tqdm(choices, desc="compress", unit="module", disable=not progress):
         t0 = time.perf_counter()
-        old = model.get_submodule(name)
+        old = model.get_submodule(choice.name)
         weight = dense_weight(old)
-        new = build_empty(entry, device=weight.device, dtype=weight.dtype)
+        new = empty_kronecker_module(old, choice)
         error = float("nan")
         if not weight.is_meta:
-            init = get_initializer(entry["init"])
-            stats = (calibration or {}).get(name)
-            if getattr(init, "needs_calibration", False) and stats is None:
-                raise ValueError(f"{name}: initialiser {entry['init']!r} needs calibration data; pass calibration= to compress")
-            factors = init(weight, tuple(entry["a_shape"]), tuple(entry["b_shape"]), entry["rank"], svd=config.svd, calibration=stats, name=name)
+            init = get_initializer(choice.init)
+            stats = (calibration or {}).get(choice.name)
+            if init.needs_calibration and stats is None:
+                raise ValueError(f"{choice.name}: initialiser {choice.init!r} needs calibration data; pass calibration= to compress")
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"{choice.name}: the dense weight {tuple(weight.shape)} holds NaN or inf values; refusing to factor it")
+            factors = init(weight, choice.a_shape, choice.b_shape, choice.rank, svd=config.svd, calibration=stats, name=choice.name)
+            for label, tensor in (("A", factors.A), ("B", factors.B), ("scales", factors.scales)):
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(
+                        f"{choice.name}: initialiser {choice.init!r} produced non-finite factor {label} "
+                        f"(the weight's largest magnitude is {weight.abs().max().item():.3g}); refusing to save it"
+                    )
             new.load_factors(factors)
-            if entry["bias"]:
+            if getattr(old, "bias", None) is not None:
                 new.bias.copy_(old.bias)
             error = factors.relative_error
-        tied = head is not None and entry["kind"] == "embedding" and getattr(head, "weight", None) is old.weight
-        set_module(model, name, new)
+        tied = head is not None and choice.kind == "embedding" and getattr(head, "weight", None) is old.weight
+        set_module(model, choice.name, new)
         if tied:
-            head_plan = {"module": head_name, "mode": config.lm_head, "embedding": name, "bias": getattr(head, "bias", None) is not None}
-            if config.lm_head == "tied":
-                set_module(model, head_name, KroneckerTiedLMHead(new, bias=getattr(head, "bias", None)))
-            else:
-                dense = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=weight.device, dtype=weight.dtype)
-                if not weight.is_meta:
-                    dense.weight.copy_(weight)
-                    if head.bias is not None:
-                        dense.bias.copy_(head.bias)
-                set_module(model, head_name, dense)
-            _untie_config(model)
+            _replace_tied_head(model, head, head_name, new, config.lm_head, weight)
             report.lm_head = config.lm_head
-        before = sum(p.numel() for p in old.parameters())
         report.modules.append(
             ModuleReport(
-                name=name, kind=entry["kind"], weight_shape=(entry["out"], entry["in"]),
-                a_shape=tuple(entry["a_shape"]), b_shape=tuple(entry["b_shape"]), rank=entry["rank"],
-                init=entry["init"], params_before=before, params_after=sum(p.numel() for p in new.parameters()),
+                name=choice.name, kind=choice.kind, weight_shape=choice.weight_shape,
+                a_shape=choice.a_shape, b_shape=choice.b_shape, rank=choice.rank,
+                init=choice.init, params_before=sum(p.numel() for p in old.parameters()),
+                params_after=sum(p.numel() for p in new.parameters()),
                 relative_error=error, seconds=time.perf_counter() - t0,
             )
         )
 
     report.params_after = count_parameters(model)
     report.params_after_no_head = count_parameters(model, exclude_lm_head=True)
-    if hasattr(model, "config"):
-        from kronlm.models.gguf import forget_gguf_quantizer
-        from kronlm.models.registry import adopt_kronecker_classes
-
-        forget_gguf_quantizer(model)
-
-        model.config.kronlm = {"version": PLAN_VERSION, "modules": plan, "lm_head": head_plan, "compression": config.to_dict()}
-        adopt_kronecker_classes(model)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _calibrate(model: nn.Module, plan: dict[str, dict[str, Any]], input_ids: torch.Tensor, batch_size: int, progress: bool) -> dict[str, Any]:
-    from kronlm.compress.calibration import collect_calibration
-
-    names = [name for name, entry in plan.items() if getattr(get_initializer(entry["init"]), "needs_calibration", False)]
-    if not names:
-        return {}
-    for name in names:
-        if plan[name]["kind"] != "linear":
-            raise ValueError(f"{name}: initialiser {plan[name]['init']!r} needs input statistics, which only linear layers have")
-    factors = {name: (plan[name]["a_shape"][1], plan[name]["b_shape"][1]) for name in names}
-    return collect_calibration(model, names, input_ids, batch_size=batch_size, input_factors=factors, progress=progress)
-
-
-def _untie_config(model: nn.Module) -> None:
+def _replace_tied_head(model: nn.Module, head: nn.Module, head_name: str, embedding: KroneckerEmbedding, mode: str, weight: torch.Tensor) -> None:
+    if mode == "tied":
+        set_module(model, head_name, KroneckerTiedLMHead(embedding, bias=getattr(head, "bias", None)))
+    else:
+        dense = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=weight.device, dtype=weight.dtype)
+        if not weight.is_meta:
+            dense.weight.copy_(weight)
+            if head.bias is not None:
+                dense.bias.copy_(head.bias)
+        set_module(model, head_name, dense)
     # transformers re-ties the head to the embedding on load while this flag is set.
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        cfg.tie_word_embeddings = False
+    config = getattr(model, "config", None)
+    if config is not None:
+        for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
     if hasattr(model, "all_tied_weights_keys"):
         model.all_tied_weights_keys = {}
+
+
+__all__ = [
+    "FactorChoice",
+    "calibration_for",
+    "compress_modules",
+    "empty_kronecker_module",
+    "module_name",
+    "plan_compression",
+    "set_module",
+]

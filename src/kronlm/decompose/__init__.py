@@ -17,7 +17,12 @@ from kronlm.decompose.initializers import (
     register_initializer,
 )
 from kronlm.decompose.pruning import pruning_factors
-from kronlm.decompose.shapes import FactorShape, choose_factor_shapes, factor_shapes, resolve_factor_shapes
+from kronlm.decompose.shapes import (
+    FactorShape,
+    choose_factor_shapes,
+    factor_shapes,
+    resolve_factor_shapes,
+)
 from kronlm.decompose.vanloan import (
     KroneckerFactors,
     kron_sum,

@@ -43,34 +43,17 @@ the undamped objective: both are scored and the better one is kept.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from kronlm.decompose.shapes import check_factor_shapes
 from kronlm.decompose.vanloan import (
     KroneckerFactors,
-    _check_shapes,
     kron_sum,
     nearest_kronecker_product,
+    rearrange,
     relative_error,
+    squared_singular_values,
 )
-
-
-@contextlib.contextmanager
-def lapack_threads(n: int = 1):
-    """Run eigh / SVD / solves on ``n`` intra-op threads, restoring the setting afterwards.
-
-    The matrices here are at most a few thousand wide, where extra threads gain little; on a
-    machine whose cores are shared, OpenMP threads that wait for each other made one float64 eigh
-    of a (576, 576) covariance take 16 s on 2 threads against 0.2 s on one (measured on this
-    project's 2-core machine under load).
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(n, old))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def partial_traces(covariance: torch.Tensor, n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +73,12 @@ def partial_traces(covariance: torch.Tensor, n1: int, n2: int) -> tuple[torch.Te
     return torch.einsum("ikjk->ij", C4), torch.einsum("ikil->kl", C4)
 
 
-def _sqrt_and_inverse(P: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric square root of a PSD matrix and its (eigenvalue-clamped) inverse."""
+def psd_sqrt_and_inverse(P: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix P (n, n) and its inverse, both (n, n).
+
+    Eigenvalues below ``eps`` times the largest are clamped, so the inverse stays finite for
+    dead input channels.
+    """
     evals, evecs = torch.linalg.eigh(P)
     floor = max(evals.max().item(), 0.0) * eps + torch.finfo(P.dtype).tiny
     root = evals.clamp_min(floor).sqrt()
@@ -148,18 +135,66 @@ def whitened_nearest_kronecker_product(
     Raises:
         ValueError: shapes that do not divide the weight, R out of range, P1/P2 of the wrong side.
     """
-    m1, n1, m2, n2 = _check_shapes(weight, a_shape, b_shape, name)
+    m1, n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, name)
     if p1.shape != (n1, n1) or p2.shape != (n2, n2):
         raise ValueError(f"{name}: input statistics are {tuple(p1.shape)} and {tuple(p2.shape)}, expected ({n1}, {n1}) and ({n2}, {n2})")
     W = weight.detach().double()
-    L1, L1_inv = _sqrt_and_inverse(p1.double())
-    L2, L2_inv = _sqrt_and_inverse(p2.double())
+    L1, L1_inv = psd_sqrt_and_inverse(p1.double())
+    L2, L2_inv = psd_sqrt_and_inverse(p2.double())
     whitened = torch.einsum("qik,ij,kl->qjl", W.reshape(m1 * m2, n1, n2), L1, L2).reshape(m1 * m2, n1 * n2)
     fw = nearest_kronecker_product(whitened, a_shape, b_shape, rank, svd=svd, name=name)
     A = fw.A @ L1_inv
     B = fw.B @ L2_inv
     scales = torch.ones(rank, dtype=torch.float64)
     return KroneckerFactors(A=A, B=B, scales=scales, relative_error=relative_error(W, A, B, scales), singular_values=fw.singular_values)
+
+
+def whitening_roots(
+    covariance: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int], full_root: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Kronecker-factored square root L1 (n1, n1), L2 (n2, n2) of an input second moment C.
+
+    With n1 = 1 or n2 = 1 the factorisation of C is exact and the root is C^{1/2} itself (pass
+    ``full_root`` to reuse one computed for several shapes); otherwise L1 = P1^{1/2},
+    L2 = (P2 / tr C)^{1/2} from the partial traces (module docstring, step 1).
+
+    Args:
+        covariance: (in, in) = (n1·n2, n1·n2), already damped if wanted.
+        a_shape, b_shape: (m1, n1), (m2, n2).
+        full_root: C^{1/2} (in, in), or None to compute it when needed.
+    """
+    n1, n2 = a_shape[1], b_shape[1]
+    one = torch.ones(1, 1, dtype=covariance.dtype)
+    if n1 == 1 or n2 == 1:
+        root = full_root if full_root is not None else psd_sqrt_and_inverse(covariance)[0]
+        return (one, root) if n1 == 1 else (root, one)
+    p1, p2 = partial_traces(covariance, n1, n2)
+    return psd_sqrt_and_inverse(p1)[0], psd_sqrt_and_inverse(p2 / covariance.trace())[0]
+
+
+def whitened_tail_energies(
+    weight: torch.Tensor, roots: tuple[torch.Tensor, torch.Tensor], a_shape: tuple[int, int], b_shape: tuple[int, int]
+) -> torch.Tensor:
+    """tail[R] = Σ_{j>R} σ_j² of the whitened rearrangement R(W (L1 ⊗ L2)), for R = 0 .. rank.
+
+    This is the output error tr(ΔW C ΔWᵀ) of the best activation-aware factors with R terms:
+    exact when n1 = 1 or n2 = 1, an estimate otherwise (module docstring). One spectrum prices
+    every R at once (the budget allocation's pricing).
+
+    Args:
+        weight: (out, in) = (m1·m2, n1·n2), float64 preferred.
+        roots: (L1 (n1, n1), L2 (n2, n2)) from :func:`whitening_roots`.
+        a_shape, b_shape: (m1, n1), (m2, n2).
+
+    Returns:
+        (min(m1·n1, m2·n2) + 1,) float64, non-increasing, tail[0] = tr(W C Wᵀ).
+    """
+    m1, n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, "weight")
+    L1, L2 = roots
+    whitened = torch.einsum("qik,ij,kl->qjl", weight.reshape(m1 * m2, n1, n2), L1, L2).reshape(m1 * m2, n1 * n2)
+    s2 = squared_singular_values(rearrange(whitened, a_shape, b_shape))
+    total = s2.sum()
+    return torch.cat([total.reshape(1), total - s2.cumsum(0)]).clamp_min(0)
 
 
 def _solve_spd(G: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -259,7 +294,7 @@ def activation_aware_factors(
         ValueError: neither statistics given, statistics of the wrong size, or the shape errors of
             ``nearest_kronecker_product``.
     """
-    _m1, n1, _m2, n2 = _check_shapes(weight, a_shape, b_shape, name)
+    _m1, n1, _m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, name)
     if covariance is None and (p1 is None or p2 is None):
         raise ValueError(f"{name}: activation-aware init needs the input second moment or both of its partial traces")
     if covariance is not None:

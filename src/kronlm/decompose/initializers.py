@@ -19,7 +19,12 @@ import torch
 
 from kronlm.decompose.activation_aware import activation_aware_factors
 from kronlm.decompose.pruning import pruning_factors
-from kronlm.decompose.vanloan import KroneckerFactors, nearest_kronecker_product, relative_error, rescale_to_norm
+from kronlm.decompose.vanloan import (
+    KroneckerFactors,
+    nearest_kronecker_product,
+    relative_error,
+    rescale_to_norm,
+)
 
 
 class Initializer(Protocol):

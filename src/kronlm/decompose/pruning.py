@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kronlm.decompose.shapes import check_factor_shapes
 from kronlm.decompose.vanloan import KroneckerFactors, relative_error
 
 
@@ -36,14 +37,7 @@ def pruning_factors(
     """
     if tuple(b_shape) not in ((2, 1), (1, 2)):
         raise ValueError(f"{name}: pruning init needs a B factor of shape (2, 1) or (1, 2), got {tuple(b_shape)}")
-    rows, cols = weight.shape
-    m1, n1 = a_shape
-    m2, n2 = b_shape
-    if m1 * m2 != rows or n1 * n2 != cols:
-        raise ValueError(
-            f"{name}: factor shapes A {tuple(a_shape)} ⊗ B {tuple(b_shape)} give ({m1 * m2}, {n1 * n2}), "
-            f"but the weight is ({rows}, {cols})"
-        )
+    _m1, _n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, name)
     W = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     # (A ⊗ B)[i*m2 + k, j*n2 + l] = A[i, j] B[k, l]: with B's first element 1, the k = l = 0
     # entries are the even rows (m2 = 2) or even columns (n2 = 2) of W.

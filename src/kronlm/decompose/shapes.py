@@ -36,6 +36,43 @@ class FactorShape:
         return self.max_rank == min(m1 * m2, n1 * n2)
 
 
+def check_factor_shapes(
+    weight_shape: tuple[int, int], a_shape: tuple[int, int], b_shape: tuple[int, int], name: str = "weight"
+) -> tuple[int, int, int, int]:
+    """Check that A (m1, n1) ⊗ B (m2, n2) has the weight's shape (out, in) = (m1·m2, n1·n2).
+
+    The one shape check behind every factorisation, layer and shape listing in kronlm.
+
+    Args:
+        weight_shape: (rows, cols) of the weight in the ``nn.Linear`` (out, in) orientation, or
+            (vocab, dim) for an embedding.
+        a_shape, b_shape: the factor shapes (rows, cols).
+        name: the module or tensor named in the error.
+
+    Returns:
+        (m1, n1, m2, n2).
+
+    Raises:
+        ValueError: a shape that is not two positive integers, or factors whose Kronecker product
+            has another shape (the message names ``name`` and all numbers).
+    """
+    pairs = []
+    for label, shape in (("A", a_shape), ("B", b_shape), ("weight", weight_shape)):
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) else shape
+        if label == "weight" and isinstance(shape, tuple) and len(shape) != 2:
+            raise ValueError(f"{name}: expected a 2-D weight, got shape {shape}")
+        if not isinstance(shape, tuple) or len(shape) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+            raise ValueError(f"{name}: {label} shape must be two positive integers (rows, cols), got {shape!r}")
+        pairs.append(shape)
+    (m1, n1), (m2, n2), (rows, cols) = pairs
+    if m1 * m2 != rows or n1 * n2 != cols:
+        raise ValueError(
+            f"{name}: factor shapes A {(m1, n1)} ⊗ B {(m2, n2)} give ({m1 * m2}, {n1 * n2}), "
+            f"but the weight is ({rows}, {cols})"
+        )
+    return m1, n1, m2, n2
+
+
 def contraction_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1) -> tuple[int, int]:
     """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (SPEC §2)."""
     (m1, n1), (m2, n2) = a_shape, b_shape
@@ -143,13 +180,8 @@ def resolve_factor_shapes(
     if a_shape is None and b_shape is None:
         raise ValueError(f"{name}: give a_shape, b_shape or a compression ratio")
     if a_shape is not None and b_shape is not None:
-        a_shape, b_shape = tuple(a_shape), tuple(b_shape)
-        if a_shape[0] * b_shape[0] != rows or a_shape[1] * b_shape[1] != cols:
-            raise ValueError(
-                f"{name}: factor shapes A {a_shape} ⊗ B {b_shape} give ({a_shape[0] * b_shape[0]}, "
-                f"{a_shape[1] * b_shape[1]}), but the weight is ({rows}, {cols})"
-            )
-        return a_shape, b_shape
+        m1, n1, m2, n2 = check_factor_shapes((rows, cols), a_shape, b_shape, name)
+        return (m1, n1), (m2, n2)
     given, label = (tuple(a_shape), "A") if a_shape is not None else (tuple(b_shape), "B")
     if len(given) != 2 or given[0] < 1 or given[1] < 1 or rows % given[0] or cols % given[1]:
         raise ValueError(f"{name}: factor {label} {given} does not divide the weight ({rows}, {cols})")

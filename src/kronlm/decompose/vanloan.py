@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kronlm.decompose.shapes import check_factor_shapes
+
 SVD_METHODS = ("auto", "exact", "randomized")
 
 
@@ -58,20 +60,6 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | None = Non
     return dense.reshape(m1 * m2, n1 * n2)
 
 
-def _check_shapes(weight: torch.Tensor, a_shape, b_shape, name: str) -> tuple[int, int, int, int]:
-    if weight.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    m1, n1 = a_shape
-    m2, n2 = b_shape
-    rows, cols = weight.shape
-    if m1 * m2 != rows or n1 * n2 != cols:
-        raise ValueError(
-            f"{name}: factor shapes A {tuple(a_shape)} ⊗ B {tuple(b_shape)} give "
-            f"({m1 * m2}, {n1 * n2}), but the weight is ({rows}, {cols})"
-        )
-    return m1, n1, m2, n2
-
-
 def rearrange(weight: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> torch.Tensor:
     """Van Loan's rearrangement R(W): (m1*m2, n1*n2) -> (m1*n1, m2*n2).
 
@@ -81,8 +69,33 @@ def rearrange(weight: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int
     Raises:
         ValueError: the weight is not 2-D or the factor shapes do not multiply to its shape.
     """
-    m1, n1, m2, n2 = _check_shapes(weight, a_shape, b_shape, "weight")
+    m1, n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, "weight")
     return weight.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+# Below this smaller side, with the other side at least GRAM_ASPECT times longer, the eigenvalues
+# of the small Gram matrix (float64) give the spectrum far faster than an SVD of the tall matrix.
+GRAM_MAX_SIDE = 64
+GRAM_ASPECT = 8
+
+
+def uses_gram(M: torch.Tensor) -> bool:
+    """True for a matrix elongated enough that its spectrum is best read off its Gram matrix."""
+    small = min(M.shape)
+    return small <= GRAM_MAX_SIDE and max(M.shape) >= GRAM_ASPECT * small
+
+
+def squared_singular_values(M: torch.Tensor) -> torch.Tensor:
+    """σ_j² of a matrix (rows, cols), descending, float64: (min(rows, cols),).
+
+    For elongated matrices (``uses_gram``) the eigenvalues of the small Gram matrix, otherwise
+    ``torch.linalg.svdvals``; both in float64.
+    """
+    M64 = M.double()
+    if uses_gram(M64):
+        gram = M64.mT @ M64 if M64.shape[0] >= M64.shape[1] else M64 @ M64.mT
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    return torch.linalg.svdvals(M64).square()
 
 
 def _top_singular_triplets(M: torch.Tensor, rank: int, method: str, n_iter: int, oversample: int):
@@ -96,10 +109,9 @@ def _top_singular_triplets(M: torch.Tensor, rank: int, method: str, n_iter: int,
         q = min(rank + oversample, small)
         U, S, V = torch.svd_lowrank(M, q=q, niter=n_iter)
         return U[:, :rank], S[:rank], V[:, :rank], None
-    if small <= 64 and max(M.shape) >= 8 * small:
-        # Very elongated R(W) (factor shapes like B (2, 1)): the eigen-decomposition of the small
-        # Gram matrix, in float64, gives the same triplets far faster than an SVD of the tall
-        # matrix, and its eigenvalues are the squared singular values.
+    if uses_gram(M):
+        # Very elongated R(W) (factor shapes like B (2, 1)): the eigenvectors of the small Gram
+        # matrix give the same triplets, and its eigenvalues are the squared singular values.
         M64 = M.double()
         tall = M.shape[0] >= M.shape[1]
         gram = M64.mT @ M64 if tall else M64 @ M64.mT
@@ -147,7 +159,7 @@ def nearest_kronecker_product(
         ValueError: a non-2-D weight, shapes that do not divide the weight, R out of range, or an
             unknown ``svd`` method; the message names ``name`` and the numbers.
     """
-    m1, n1, m2, n2 = _check_shapes(weight, a_shape, b_shape, name)
+    m1, n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, name)
     max_rank = min(m1 * n1, m2 * n2)
     if not 1 <= rank <= max_rank:
         raise ValueError(

@@ -1,15 +1,23 @@
-"""Recovery training by distillation (SPEC §4): loss terms, model tracing, recipes, objective,
-and the training engine (config, optimizer, checkpoints, the loop).
+"""Training by distillation (SPEC §4): loss terms, model tracing, recipes, objective, the one
+training engine (config, optimizer, data order, checkpoints, validators, exporters, the loop)
+that LM recovery, task fine-tuning and task distillation all run, and the task pipeline
+(teacher -> compressed student -> report) that task families such as GLUE plug into.
 
 Public API is re-exported here, one block per module; add new modules' exports as new blocks
 and extend ``__all__`` with them.
 """
 
 from kronlm.distill.capture import ModelTrace, is_causal_model, trace
-from kronlm.distill.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from kronlm.distill.config import TrainingConfig
+from kronlm.distill.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kronlm.distill.config import LossRecipeMixin, TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator
-from kronlm.distill.export import export_student
+from kronlm.distill.export import ModelExporter, export_student
 from kronlm.distill.losses import (
     attention_kl,
     attention_score_mse,
@@ -21,11 +29,29 @@ from kronlm.distill.losses import (
     logit_kd,
     sequence_classification_loss,
 )
-from kronlm.distill.objective import DistillationObjective, LossOutput, uniform_layer_map
+from kronlm.distill.objective import (
+    DistillationObjective,
+    LossOutput,
+    uniform_layer_map,
+)
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
-from kronlm.distill.trainer import TrainingDiverged, TrainResult, train
-from kronlm.distill.validation import evaluate_perplexity
+from kronlm.distill.trainer import (
+    StepStats,
+    Trainer,
+    TrainingDiverged,
+    TrainResult,
+    batch_tokens,
+    train,
+)
+from kronlm.distill.validation import (
+    DistillationLossValidator,
+    PerplexityValidator,
+    Validator,
+    evaluate_distillation_loss,
+    evaluate_perplexity,
+    evaluation_mode,
+)
 
 __all__ = [
     # capture
@@ -57,19 +83,33 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     # config
+    "LossRecipeMixin",
+    "TaskTrainConfig",
     "TrainingConfig",
     # distributed
     "make_accelerator",
     # export
+    "ModelExporter",
     "export_student",
     # optim
     "build_optimizer",
     "build_param_groups",
     "build_scheduler",
+    # task pipeline
+    # task report
+    # task student
     # trainer
+    "StepStats",
     "TrainResult",
+    "Trainer",
     "TrainingDiverged",
+    "batch_tokens",
     "train",
     # validation
+    "DistillationLossValidator",
+    "PerplexityValidator",
+    "Validator",
+    "evaluate_distillation_loss",
     "evaluate_perplexity",
+    "evaluation_mode",
 ]

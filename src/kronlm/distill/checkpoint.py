@@ -5,20 +5,38 @@ process, DDP, or FSDP, whose shards :mod:`kronlm.distill.distributed` gathers), 
 with the same number of processes resumes it. It is a folder ``<out_dir>/checkpoints/step-0000100/``
 holding
 
-- ``model.safetensors``: the student's state dict (tied tensors stored once, aliases in metadata);
+- ``model.safetensors``: the model's state dict (tied tensors stored once, aliases in metadata);
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter state tensors
   (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``) flattened as ``state.<param index>.<name>``, and
   its param groups (learning rates, betas, ...) as JSON;
 - ``scheduler.json``: the learning-rate scheduler's state dict;
 - ``rng.safetensors``: Python, NumPy, torch CPU and CUDA generator states of every process, one
   row per process rank;
-- ``trainer_state.json``: step, tokens seen, data position, best validation perplexity, the
+- ``trainer_state.json``: step, tokens seen, data position, best validation metric, the
   training config and a manifest (size in bytes and SHA-256) of the other five files.
 
-Nothing is pickled: ``accelerate``'s ``save_state`` writes the optimizer, scheduler and RNG with
-``torch.save``, so this module replaces it. The folder is assembled under a temporary name and
-swapped in (:func:`kronlm.utils.io.atomic_dir`); only then is the ``latest`` pointer file
-rewritten (atomically), so a run killed while writing leaves the previous checkpoint as latest.
+Why not Accelerate's ``save_state`` / ``load_state`` (checked in accelerate 1.15.0, the
+installed version): resuming must not execute code from a file, and Accelerate cannot promise
+that. ``accelerate/checkpointing.py`` line 340 (``load_custom_state``) reads every object
+registered with ``register_for_checkpointing`` -- the way to store the trainer's progress and
+data position -- with ``load(..., weights_only=False)``, i.e. full pickle; its RNG files
+(``random_states_<rank>.pkl``) are pickles that ``accelerate/utils/other.py`` lines 460-483
+(``load``) can only read with ``weights_only=True`` by allow-listing ``codecs.encode`` and NumPy's
+``_reconstruct`` as unpickling globals, and any caller's ``load_kwargs`` may switch
+``weights_only`` off; under FSDP with sharded state dicts it reads
+``torch.distributed.checkpoint``'s ``.metadata`` file, which torch 2.13 opens with
+``pickle.load`` (``torch/distributed/checkpoint/filesystem.py`` line 930). It also writes in
+place (a kill mid-write leaves a half checkpoint that ``load_state`` would read), keeps no
+checksums, and its FSDP checkpoints depend on the layout that wrote them, whereas these resume
+DDP <-> FSDP. ``skip_first_batches`` is not needed: the data order is computed from
+(seed, epoch, step) (:mod:`kronlm.distill.data_order`). ``ProjectConfiguration(total_limit=...)``
+prunes by age only; :func:`prune_checkpoints` does the same but also spares the best checkpoint
+and the one ``latest`` names.
+
+Nothing here is pickled. The folder is assembled under a temporary name and swapped in
+(:func:`kronlm.utils.io.atomic_dir`); only then is the ``latest`` pointer file rewritten
+(atomically), so a run killed while writing leaves the previous checkpoint as latest. Every file
+is checked against the manifest (size, SHA-256) before it is parsed.
 """
 
 from __future__ import annotations
@@ -33,10 +51,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kronlm.utils.io import atomic_dir, atomic_path, file_sha256, read_json
+from kronlm.utils.io import (
+    atomic_dir,
+    atomic_path,
+    file_sha256,
+    read_json,
+    remove_stale_locks,
+)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
@@ -406,6 +430,7 @@ def prune_checkpoints(out_dir: str | Path, keep: int, *, protect_steps: tuple[in
     root = checkpoints_dir(out_dir)
     for leftover in root.glob(".step-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
+    remove_stale_locks(root, ".step-*.lock")
     return removed
 
 
@@ -418,7 +443,6 @@ def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -1,37 +1,120 @@
-"""The settings of one recovery (distillation / continued pre-training) run.
+"""The settings of training runs: recovery (distillation / continued pre-training) and task runs.
 
 A :class:`TrainingConfig` is a flat dataclass that round-trips through YAML and JSON, so a run can
 be described by a file under ``configs/`` (litgpt style), overridden from the command line, and
 stored verbatim inside every checkpoint. Defaults follow Krony-PT's recovery recipe (SPEC §4):
 AdamW with betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, cosine learning rate
 6e-5 -> 6e-6 after a linear warm-up.
+
+A :class:`TaskTrainConfig` describes a fine-tuning or task-distillation run on a labelled task
+(GLUE; :class:`kronlm.tasks.glue.GlueTrainConfig` derives from it) in the terms such runs are
+usually given (examples per batch, epochs, a warm-up ratio, a held-out share of the training
+split); :meth:`TaskTrainConfig.training_config` maps it onto the :class:`TrainingConfig` the one
+training loop (:class:`kronlm.distill.trainer.Trainer`) runs. Both share the loss recipe fields
+through :class:`LossRecipeMixin`, so ``recipe`` + ``loss_weights`` resolve in one place.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from kronlm.distill.recipes import LossWeights, get_recipe
+from kronlm.utils.config import ConfigBase
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "auto")
+MODES = ("end_to_end", "blockwise")
+BLOCK_INPUTS = ("student", "teacher")
+BLOCK_LOSSES = ("mse", "relative_mse")
+CACHE_DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
-# Fields that fix which blocks each optimizer step sees; a resumed run must keep them to continue
-# the interrupted one exactly.
+# Fields that fix which examples each optimizer step sees; a resumed run must keep them to
+# continue the interrupted one exactly.
 DATA_ORDER_FIELDS = ("block_size", "micro_batch_size", "grad_accum_steps", "seed")
 
 
+class LossRecipeMixin:
+    """The ``recipe`` + ``loss_weights`` fields shared by every training config.
+
+    A subclass (a dataclass) declares ``recipe: str`` (a name in
+    :data:`kronlm.distill.recipes.RECIPES`) and ``loss_weights: dict`` (overrides of single
+    :class:`~kronlm.distill.recipes.LossWeights` fields).
+    """
+
+    recipe: str
+    loss_weights: dict[str, Any]
+
+    def loss_weights_resolved(self) -> LossWeights:
+        """The recipe's :class:`~kronlm.distill.recipes.LossWeights` with ``loss_weights`` applied.
+
+        Raises:
+            ValueError: unknown recipe, unknown loss-weight key, or an invalid weight (negative,
+                non-finite, unknown attention loss), as reported by ``get_recipe``.
+        """
+        return get_recipe(self.recipe, **self.loss_weights)
+
+    def check_loss_recipe(self) -> None:
+        """Normalise ``loss_weights`` to a dict and resolve the recipe once (raises ``ValueError``)."""
+        self.loss_weights = dict(self.loss_weights or {})
+        if not isinstance(self.recipe, str) or not self.recipe:
+            raise ValueError(f"recipe must be a recipe name, got {self.recipe!r}")
+        self.loss_weights_resolved()
+
+
 @dataclass
-class TrainingConfig:
-    """Settings of one recovery run of :func:`kronlm.distill.trainer.train`.
+class BlockwiseConfig(ConfigBase):
+    """How block-wise distillation (``mode: blockwise``) trains (:mod:`kronlm.distill.blockwise`).
+
+    Each transformer block that holds compressed modules is trained alone to map the teacher's
+    hidden state entering it to the one leaving the dense teacher block (ZeroQuant's
+    layer-by-layer distillation, BRECQ's block reconstruction); the optimizer, schedule and step
+    counts of the enclosing :class:`TrainingConfig` apply to each block.
+
+    Attributes:
+        inputs: "student" (sequential: block l learns from the outputs of the already recovered
+            student blocks 0..l-1, which corrects the error that accumulates through depth) or
+            "teacher" (parallel: from the cached teacher inputs; blocks are independent).
+        loss: "mse" (mean squared error of the block output) or "relative_mse" (its squared error
+            divided by the target's squared norm).
+        train_norms: also train the block's normalisation weights.
+        cache_dtype: dtype of the teacher hidden-state cache on disk ("bfloat16", "float16",
+            "float32").
+        cache_dir: where the cache lives; None = ``<out_dir>/teacher_cache``. A cache made from the
+            same teacher, tokens and dtype is reused.
+        end_to_end_steps: steps of end-to-end distillation (the enclosing config's recipe) after
+            the block-wise pass; 0 = none.
+
+    Raises:
+        ValueError: an unknown choice or a negative step count (named).
+    """
+
+    inputs: str = "student"
+    loss: str = "mse"
+    train_norms: bool = False
+    cache_dtype: str = "bfloat16"
+    cache_dir: str | None = None
+    end_to_end_steps: int = 0
+
+    config_name = "blockwise config"
+
+    def validate(self) -> None:
+        """Check the choices (see the class docstring)."""
+        for name, allowed in (("inputs", BLOCK_INPUTS), ("loss", BLOCK_LOSSES), ("cache_dtype", CACHE_DTYPE_NAMES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if isinstance(self.end_to_end_steps, bool) or not isinstance(self.end_to_end_steps, int) or self.end_to_end_steps < 0:
+            raise ValueError(f"end_to_end_steps must be a non-negative integer, got {self.end_to_end_steps!r}")
+
+
+@dataclass
+class TrainingConfig(LossRecipeMixin, ConfigBase):
+    """Settings of one run of the training loop (:func:`kronlm.distill.trainer.train`).
 
     Batch geometry: one optimizer step consumes ``micro_batch_size * grad_accum_steps *
-    num_processes`` blocks of ``block_size`` tokens. Step counts (``max_steps``, ``warmup_steps``,
-    ``eval_every``, ``save_every``) count optimizer steps, not micro-batches.
+    num_processes`` blocks (or examples) of at most ``block_size`` tokens. Step counts
+    (``max_steps``, ``warmup_steps``, ``eval_every``, ``save_every``) count optimizer steps, not
+    micro-batches.
 
     Learning rates: ``lr`` applies to every trainable tensor that is not a Kronecker factor or a
     Kronecker scalar; ``lr_kronecker`` (factors ``A``/``B`` of ``KroneckerLinear`` /
@@ -57,11 +140,17 @@ class TrainingConfig:
         mixed_precision: "no", "bf16", or "auto" (bf16 on a CUDA device that supports it).
         eval_every: validation every this many steps (and after the last step).
         eval_batches: validation micro-batches per pass (all processes together); None = all.
+        early_stopping_patience: stop after this many validations in a row without a new best
+            (validation data are held-out training data, never the test split); None = never.
         save_every: checkpoint every this many steps (and after the last step).
         keep_checkpoints: newest checkpoints kept (the best one is kept as well).
         seed: seeds the data order (same on every process) and the RNGs (offset by process rank).
         log_dir: TensorBoard folder; None = ``<out_dir>/logs``.
         freeze_uncompressed: train only Kronecker factors and scalars.
+        mode: "end_to_end" (the whole student against the teacher's outputs) or "blockwise" (one
+            compressed block at a time on cached teacher hidden states; step counts are then per
+            block, see :class:`BlockwiseConfig`).
+        blockwise: the block-wise settings.
 
     Raises:
         ValueError: from :meth:`validate` (called by ``__post_init__``) when a value is out of
@@ -88,163 +177,245 @@ class TrainingConfig:
     mixed_precision: str = "auto"
     eval_every: int = 500
     eval_batches: int | None = None
+    early_stopping_patience: int | None = None
     save_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 1337
     log_dir: str | None = None
     freeze_uncompressed: bool = False
+    mode: str = "end_to_end"
+    blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
 
-    def __post_init__(self) -> None:
+    config_name = "training config"
+
+    @classmethod
+    def _from_plain(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+        block = data.get("blockwise")
+        if block is not None and not isinstance(block, BlockwiseConfig):
+            data["blockwise"] = BlockwiseConfig.from_dict(block, source=f"{source}, blockwise")
+        return data
+
+    def validate(self) -> None:
+        """Normalise and check every value; raise ``ValueError`` naming the first bad key and its value."""
         if self.mixed_precision is False:
             # YAML 1.1 reads an unquoted `mixed_precision: no` as the boolean false.
             self.mixed_precision = "no"
+        if isinstance(self.blockwise, dict):
+            self.blockwise = BlockwiseConfig.from_dict(self.blockwise, source="blockwise")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         if self.layer_map is not None:
             self.layer_map = list(self.layer_map)
-        self.loss_weights = dict(self.loss_weights or {})
-        self.validate()
-
-    def validate(self) -> None:
-        """Check every value; raise ``ValueError`` naming the first bad key and its value."""
         for name in ("block_size", "micro_batch_size", "grad_accum_steps", "eval_every", "save_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"training config: {name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "keep_checkpoints", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"training config: {name} must be a non-negative integer, got {value!r}")
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.keep_checkpoints < 1:
-            raise ValueError(f"training config: keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError(
-                f"training config: give max_steps ({self.max_steps}) or epochs ({self.epochs}), not both"
+                f"give max_steps ({self.max_steps}) or epochs ({self.epochs}), not both"
             )
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"training config: max_steps must be a positive integer, got {self.max_steps!r}")
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(
-                f"training config: warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})"
+                f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})"
             )
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise ValueError(f"training config: epochs must be a positive number, got {self.epochs!r}")
-        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
-            raise ValueError(f"training config: eval_batches must be a positive integer, got {self.eval_batches!r}")
+            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
+        for name in ("eval_batches", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
         for name in ("lr", "lr_kronecker", "lr_scalars"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value > 0):
-                raise ValueError(f"training config: {name} must be a positive number, got {value!r}")
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not (_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"training config: min_lr must lie in [0, lr={self.lr}], got {self.min_lr!r}")
+            raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr!r}")
         if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"training config: betas must be two numbers in [0, 1), got {list(self.betas)!r}")
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)!r}")
         if not (_is_number(self.eps) and self.eps > 0):
-            raise ValueError(f"training config: eps must be a positive number, got {self.eps!r}")
+            raise ValueError(f"eps must be a positive number, got {self.eps!r}")
         if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"training config: weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
-            raise ValueError(f"training config: grad_clip must be a positive number or null, got {self.grad_clip!r}")
+            raise ValueError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(
-                f"training config: mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
                 f"got {self.mixed_precision!r}"
             )
         if self.layer_map is not None and not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layer_map
         ):
-            raise ValueError(f"training config: layer_map must list non-negative layer indices, got {self.layer_map!r}")
-        if not isinstance(self.recipe, str) or not self.recipe:
-            raise ValueError(f"training config: recipe must be a recipe name, got {self.recipe!r}")
-        self.loss_weights_resolved()
+            raise ValueError(f"layer_map must list non-negative layer indices, got {self.layer_map!r}")
+        self.check_loss_recipe()
 
-    def loss_weights_resolved(self):
-        """The recipe's :class:`~kronlm.distill.recipes.LossWeights` with ``loss_weights`` applied.
 
-        Raises:
-            ValueError: unknown recipe, unknown loss-weight key, or an invalid weight (negative,
-                non-finite, unknown attention loss), as reported by ``get_recipe``.
-        """
-        from kronlm.distill.recipes import get_recipe
+@dataclass
+class TaskTrainConfig(LossRecipeMixin, ConfigBase):
+    """Settings of a fine-tuning or task-distillation run on a labelled task (GLUE and the like).
 
-        try:
-            return get_recipe(self.recipe, **self.loss_weights)
-        except ValueError as exc:
-            raise ValueError(f"training config: {exc}") from None
+    The run is the one training loop of :mod:`kronlm.distill.trainer`; :meth:`training_config`
+    maps these fields onto its :class:`TrainingConfig`. Checkpoint choice never looks at the
+    reported split: a seeded ``val_fraction`` of the training examples is held out, scored with
+    the task's main metric, and picks ``best/`` (and any early stop).
 
-    # ---------------------------------------------------------------- serialisation
+    Attributes:
+        max_length: tokens per example after truncation (special tokens included).
+        batch_size: examples per optimizer step (and per process; one micro-batch per step).
+        epochs / max_steps: run length in passes over the training examples, or in optimizer
+            steps (``max_steps`` wins when both are set).
+        lr: peak AdamW learning rate; min_lr: floor of the cosine decay.
+        warmup_ratio: share of the steps spent warming up linearly from 0.
+        weight_decay: AdamW decoupled weight decay on matrices and Kronecker factors.
+        betas, eps: AdamW settings (BERT fine-tuning: (0.9, 0.999), 1e-8).
+        grad_clip: maximum global gradient L2 norm; None = no clipping.
+        mixed_precision: "no", "bf16" or "auto" (see :class:`TrainingConfig`).
+        seed: seeds the head, the held-out split, the subset, the data order and dropout.
+        max_train_examples: use a seeded random subset of this many training examples (before
+            the held-out split); None = all.
+        val_fraction: share of the (subset of the) training examples held out to choose the
+            checkpoint (seeded, disjoint from the examples trained on); 0 = no choice, the model
+            after the last step is used.
+        eval_every: validate every this many steps; 0 = once per epoch (and after the last step).
+        early_stopping_patience: stop after this many validations without a new best; None = never.
+        eval_batch_size: examples per forward pass when evaluating.
+        group_by_length: batch examples of similar length together (less padding, same data).
+        freeze_word_embeddings: keep a dense word-embedding matrix fixed (on a CPU this skips the
+            gradient and AdamW update of its vocab x hidden entries, 11.7M of MiniLM's 22.7M
+            parameters, at little cost in accuracy); Kronecker word embeddings stay trainable.
+        save_every: checkpoint every this many steps (0 = only after the last step).
+        keep_checkpoints: newest checkpoints kept (the best one is kept as well).
+        recipe: distillation recipe of a student run (:data:`kronlm.distill.recipes.RECIPES`);
+            a teacher is fine-tuned with CE on the labels whatever it says.
+        loss_weights: overrides of the recipe's ``LossWeights`` fields.
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-ready dict (tuples become lists)."""
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
+    Raises:
+        ValueError: a value out of range or an unknown key, naming it.
+    """
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "training config") -> "TrainingConfig":
-        """Build a config from a dict, e.g. a parsed YAML file.
+    max_length: int = 128
+    batch_size: int = 32
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    mixed_precision: str = "no"
+    seed: int = 42
+    max_train_examples: int | None = None
+    val_fraction: float = 0.1
+    eval_every: int = 0
+    early_stopping_patience: int | None = None
+    eval_batch_size: int = 128
+    group_by_length: bool = True
+    freeze_word_embeddings: bool = False
+    save_every: int = 0
+    keep_checkpoints: int = 1
+    recipe: str = "ilkd-kroneckerbert"
+    loss_weights: dict[str, Any] = field(default_factory=dict)
 
-        Raises:
-            ValueError: ``values`` is not a mapping, has keys that are not fields (all named), or a
-                value is out of range.
-        """
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+    config_name = "task config"
+
+    def validate(self) -> None:
+        """Normalise and check every value; raise ``ValueError`` naming the first bad key and its value."""
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        self.betas = tuple(self.betas)
+        for name in ("max_length", "batch_size", "eval_batch_size", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        for name in ("max_steps", "max_train_examples", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
+        for name in ("save_every", "eval_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not (_is_number(self.epochs) and math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
+        if not (_is_number(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr!r}")
+        if not (_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
+        if not (_is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(
-                f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                f"(known keys: {', '.join(sorted(known))})"
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {self.mixed_precision!r}"
             )
-        return cls(**values)
+        if self.early_stopping_patience is not None and self.val_fraction == 0:
+            raise ValueError(
+                f"early_stopping_patience {self.early_stopping_patience} needs held-out training examples: "
+                "set val_fraction > 0"
+            )
+        self.check_loss_recipe()
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainingConfig":
-        """Read a ``.yaml``/``.yml``/``.json`` config file, with ``overrides`` replacing its values.
+    def training_config(self, num_examples: int, num_processes: int = 1, *, recipe: str | None = None,
+                        log_dir: str | None = None) -> TrainingConfig:
+        """The :class:`TrainingConfig` of a run over ``num_examples`` training examples.
 
-        The overrides (e.g. command-line flags) are applied before validation, so a file that is
-        only consistent together with them (``warmup_steps`` below an overridden ``max_steps``)
-        is accepted.
+        Steps per epoch = ``num_examples // (batch_size * num_processes)`` (the remainder of
+        each epoch's permutation is left out, a different one every epoch); ``max_steps`` or
+        ``ceil(epochs * steps per epoch)`` steps, at least 2 (the warm-up + cosine schedule
+        needs two); warm-up = ``round(warmup_ratio * steps)``, below the step count; validation
+        every ``eval_every`` steps or once per epoch; a checkpoint every ``save_every`` steps or
+        only after the last.
+
+        Args:
+            num_examples: training examples after the held-out split.
+            num_processes: processes sharing each step.
+            recipe: the loss recipe of this run (a teacher's is ``"ce"``); None = ``self.recipe``.
+            log_dir: TensorBoard folder; None = ``<out_dir>/logs``.
 
         Raises:
-            FileNotFoundError: ``path`` does not exist.
-            ValueError: unknown suffix, unparsable content, unknown keys or bad values (the message
-                names the file).
+            ValueError: fewer training examples than one step needs (names both numbers).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: training config not found")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                values = yaml.safe_load(text)
-            elif path.suffix == ".json":
-                values = json.loads(text)
-            else:
-                raise ValueError(f"{path}: training config must end in .yaml, .yml or .json")
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot parse training config ({exc})".replace("\n", " ")) from None
-        values = values if values is not None else {}
-        if isinstance(values, dict) and overrides:
-            values = {**values, **overrides}
-        return cls.from_dict(values, source=str(path))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the config atomically as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
-        from kronlm.utils.io import atomic_path
-
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            if path.suffix in (".yaml", ".yml"):
-                tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-            else:
-                tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    def replace(self, **changes: Any) -> "TrainingConfig":
-        """A copy with some fields changed (validated again); unknown names raise ``ValueError``."""
-        return TrainingConfig.from_dict({**self.to_dict(), **changes}, source="training config override")
+        per_step = self.batch_size * num_processes
+        steps_per_epoch = num_examples // per_step
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_examples} training examples, fewer than one optimizer step needs (batch_size "
+                f"{self.batch_size} x {num_processes} processes = {per_step})"
+            )
+        max_steps = max(self.max_steps or math.ceil(self.epochs * steps_per_epoch), 2)
+        warmup = min(round(self.warmup_ratio * max_steps), max_steps - 1)
+        return TrainingConfig(
+            recipe=recipe or self.recipe, loss_weights=dict(self.loss_weights) if recipe in (None, self.recipe) else {},
+            block_size=self.max_length, micro_batch_size=self.batch_size, grad_accum_steps=1, max_steps=max_steps,
+            lr=float(self.lr), min_lr=float(self.min_lr), warmup_steps=warmup, betas=self.betas, eps=float(self.eps),
+            weight_decay=float(self.weight_decay), grad_clip=self.grad_clip, mixed_precision=self.mixed_precision,
+            eval_every=self.eval_every or steps_per_epoch, early_stopping_patience=self.early_stopping_patience,
+            save_every=self.save_every or max_steps, keep_checkpoints=self.keep_checkpoints, seed=self.seed,
+            log_dir=log_dir,
+        )
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+__all__ = ["DATA_ORDER_FIELDS", "MIXED_PRECISION_CHOICES", "MODES", "BlockwiseConfig", "LossRecipeMixin", "TaskTrainConfig", "TrainingConfig"]

@@ -1,17 +1,24 @@
-"""The deterministic, resumable data order of a recovery run.
+"""The deterministic, resumable data order of a training run.
 
-Each epoch is a permutation of the training blocks seeded by (seed, epoch), cut to whole
-optimizer steps and split across processes so that the blocks of a step do not depend on how
-many processes share it. A run resumed at step ``s`` therefore sees exactly the blocks an
-uninterrupted run would have seen, and draws no number from the global RNGs to get them.
+Each epoch is a permutation of the training examples (token blocks, or variable-length task
+examples) seeded by (seed, epoch), cut to whole optimizer steps and split across processes so
+that the examples of a step do not depend on how many processes share it. With example lengths
+given, the examples of each step are of similar length (less padding; the idea of transformers'
+``LengthGroupedSampler``), still as a pure function of (seed, epoch). A run resumed at step ``s``
+therefore sees exactly the examples an uninterrupted run would have seen, and draws no number
+from the global RNGs to get them: the order is computed from indices, not replayed from a
+sampler, so resuming needs no ``accelerate.skip_first_batches``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from kronlm.data.blocks import BlockDataset
 
 
 def split_data(blocks_or_datasets: Any) -> tuple[Any, Any]:
@@ -42,7 +49,8 @@ def as_dataset(data: Any, block_size: int, what: str) -> Dataset | None:
     """Wrap an int64 / int32 token tensor (N, block_size) in a ``BlockDataset``; pass datasets through.
 
     Args:
-        data: a token tensor, a map-style dataset, or None.
+        data: a token tensor, a map-style dataset (anything with ``__getitem__`` and ``__len__``,
+            a list of example dicts too), or None.
         block_size: tokens per block the run expects.
         what: "training" or "validation", for error messages.
 
@@ -62,7 +70,6 @@ def as_dataset(data: Any, block_size: int, what: str) -> Dataset | None:
             raise ValueError(f"{what} blocks have {data.shape[1]} tokens each but block_size is {block_size}")
         if data.shape[0] == 0:
             return None
-        from kronlm.data.blocks import BlockDataset
 
         return BlockDataset(data.long())
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
@@ -70,24 +77,44 @@ def as_dataset(data: Any, block_size: int, what: str) -> Dataset | None:
     return data if len(data) > 0 else None
 
 
-def epoch_indices(num_blocks: int, epoch: int, seed: int, per_step: int) -> list[int]:
-    """The block indices of one epoch in training order: a permutation seeded by (seed, epoch).
+def epoch_indices(num_blocks: int, epoch: int, seed: int, per_step: int,
+                  lengths: Sequence[int] | None = None, group_steps: int = 50) -> list[int]:
+    """The example indices of one epoch in training order, a pure function of (seed, epoch).
 
     Args:
-        num_blocks: training blocks N.
+        num_blocks: training examples N.
         epoch: 0-based epoch.
         seed: the run's seed.
-        per_step: blocks per optimizer step over all processes
+        per_step: examples per optimizer step over all processes
             (micro_batch_size x grad_accum_steps x processes).
+        lengths: tokens of each example (N entries); None = no length grouping. With lengths, the
+            permutation is cut into chunks of ``group_steps`` steps, each chunk is sorted by length
+            (stable) and cut into steps, and the steps are shuffled, so each step holds examples of
+            similar length while every example is still used once per epoch.
+        group_steps: steps per sorted chunk (transformers' ``LengthGroupedSampler`` uses 50
+            batches).
 
     Returns:
         ``(N // per_step) * per_step`` distinct indices in [0, N); the remainder is dropped, a
         different one every epoch. Step ``s`` uses entries ``[s * per_step, (s + 1) * per_step)``.
+
+    Raises:
+        ValueError: ``lengths`` does not have N entries.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_blocks, generator=generator)
     usable = (num_blocks // per_step) * per_step
-    return order[:usable].tolist()
+    order = order[:usable].tolist()
+    if lengths is None:
+        return order
+    if len(lengths) != num_blocks:
+        raise ValueError(f"lengths has {len(lengths)} entries for {num_blocks} training examples")
+    chunk = per_step * group_steps
+    steps = []
+    for start in range(0, usable, chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        steps.extend(part[k:k + per_step] for k in range(0, len(part), per_step))
+    return [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
 
 
 def process_share(indices: list[int], start_step: int, micro_batch_size: int, grad_accum_steps: int,
@@ -109,16 +136,20 @@ def process_share(indices: list[int], start_step: int, micro_batch_size: int, gr
     return out
 
 
-def epoch_loader(dataset: Dataset, indices: list[int], micro_batch_size: int, seed: int, epoch: int) -> DataLoader:
-    """Micro-batches of ``micro_batch_size`` blocks of ``dataset``, in the order of ``indices``.
+def epoch_loader(dataset: Dataset, indices: list[int], micro_batch_size: int, seed: int, epoch: int,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """Micro-batches of ``micro_batch_size`` examples of ``dataset``, in the order of ``indices``.
 
-    Yields {"input_ids": (micro_batch_size, T), "attention_mask": (micro_batch_size, T)}; no
-    worker processes.
+    ``collate_fn`` turns a list of examples into a batch (e.g. a padding collator for
+    variable-length examples); None = ``torch.utils.data.default_collate``, which stacks token
+    blocks into {"input_ids": (micro_batch_size, T), "attention_mask": (micro_batch_size, T)}.
+    No worker processes.
     """
     # A private generator: iterating a DataLoader otherwise draws a seed from the global torch RNG,
     # which would shift dropout masks between a resumed and an uninterrupted run.
     generator = torch.Generator().manual_seed(seed + epoch)
-    return DataLoader(dataset, batch_size=micro_batch_size, sampler=indices, generator=generator, num_workers=0)
+    return DataLoader(dataset, batch_size=micro_batch_size, sampler=indices, generator=generator, num_workers=0,
+                      collate_fn=collate_fn)
 
 
 __all__ = ["as_dataset", "epoch_indices", "epoch_loader", "process_share", "split_data"]

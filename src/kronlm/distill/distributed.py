@@ -32,7 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from kronlm.distill.config import TrainingConfig
 
@@ -66,7 +76,6 @@ def make_accelerator(config: TrainingConfig, out_dir: str | os.PathLike):
             so a launch fails before it loads data), or ``ACCELERATE_*`` settings from
             ``accelerate launch`` that contradict the config (raised by accelerate).
     """
-    from accelerate import Accelerator
 
     if _deepspeed_requested():  # before accelerate, which would first ask to install DeepSpeed
         raise ValueError(_DEEPSPEED_REFUSAL)
@@ -95,7 +104,6 @@ def _deepspeed_requested() -> bool:
 
 def is_sharded(accelerator) -> bool:
     """Whether the run shards the student over processes (Accelerate's FSDP plugin)."""
-    from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
 
@@ -113,7 +121,6 @@ def check_distributed_setup(accelerator) -> None:
             machine where accelerate runs another layout (FSDP needs accelerator devices; on
             CPU accelerate silently runs DDP).
     """
-    from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED or _deepspeed_requested():
@@ -148,7 +155,6 @@ def fill_from_process_0(accelerator, module: nn.Module, device: torch.device) ->
     Raises:
         ValueError: process 0 itself holds weights on the meta device.
     """
-    import torch.distributed as dist
 
     if not is_sharded(accelerator):
         return False
@@ -205,7 +211,6 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def _gather_options(accelerator):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Full states gathered into the CPU memory of process 0 only; the others get empty dicts.
     # FSDP1 on a CPU device cannot: its "offload" then frees storage the gathered tensors still
@@ -215,7 +220,6 @@ def _gather_options(accelerator):
 
 
 def _load_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Process 0 broadcasts tensor by tensor, on the device; every process keeps its shard there.
     return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
@@ -245,7 +249,6 @@ def gather_model_state(accelerator, model: nn.Module, aliases: dict[str, str]) -
     """
     if not is_sharded(accelerator):
         return accelerator.get_state_dict(model)
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=_gather_options(accelerator))
     for alias, name in aliases.items():
@@ -277,7 +280,6 @@ def gather_optimizer_state(accelerator, model: nn.Module, optimizer: torch.optim
     raw = _raw_optimizer(optimizer)
     if not is_sharded(accelerator):
         return raw.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     by_name = get_optimizer_state_dict(model, raw, options=_gather_options(accelerator))
     if not by_name:
@@ -297,7 +299,6 @@ def restore_model_state(accelerator, model: nn.Module, state: dict[str, torch.Te
     if not is_sharded(accelerator):
         accelerator.unwrap_model(model).load_state_dict(state, strict=True)
         return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     set_model_state_dict(model, state if accelerator.is_main_process else {},
                          options=_load_options())
@@ -326,7 +327,6 @@ def restore_optimizer_state(accelerator, model: nn.Module, optimizer: torch.opti
     if not is_sharded(accelerator):
         raw.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     by_name = _name_keyed(state, param_names) if accelerator.is_main_process else {}
     set_optimizer_state_dict(model, raw, by_name, options=_load_options())

@@ -12,15 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from kronlm.distill.config import TrainingConfig
-
-
-def kronecker_module_types() -> tuple[type, ...]:
-    """The module classes whose factors form the ``kronecker`` group: ``KroneckerLinear``, ``KroneckerEmbedding``."""
-    from kronlm.layers import KroneckerEmbedding, KroneckerLinear
-
-    return (KroneckerLinear, KroneckerEmbedding)
+from kronlm.layers import KRONECKER_MODULES
 
 
 def build_param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
@@ -45,7 +40,7 @@ def build_param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[st
     """
     kronecker, scalars = set(), set()
     for module in model.modules():
-        if isinstance(module, kronecker_module_types()):
+        if isinstance(module, KRONECKER_MODULES):
             for name, param in module.named_parameters(recurse=False):
                 if name in ("A", "B"):
                     kronecker.add(id(param))
@@ -109,7 +104,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, ma
     Raises:
         ValueError: ``warmup_steps`` is not smaller than ``max_steps``.
     """
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     if config.warmup_steps >= max_steps:
         raise ValueError(f"warmup_steps ({config.warmup_steps}) must be smaller than max_steps ({max_steps})")
@@ -140,4 +134,4 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return out
 
 
-__all__ = ["build_optimizer", "build_param_groups", "build_scheduler", "kronecker_module_types", "optimizer_param_names"]
+__all__ = ["build_optimizer", "build_param_groups", "build_scheduler", "optimizer_param_names"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kronlm.modeling.loading import has_lm_head
+
 PROTOCOLS = ("sliding", "disjoint")
 DEFAULT_STRIDE = 512
 
@@ -217,7 +219,6 @@ def perplexity(
             outside the model's vocabulary; ``batch_size < 1``; a model without an LM head (an
             encoder such as ``BertModel``, or a classifier).
     """
-    from kronlm.models.loading import has_lm_head
 
     if not has_lm_head(model):
         raise ValueError(

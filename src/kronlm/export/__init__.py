@@ -1,6 +1,10 @@
-"""Export: save a compressed model as safetensors + JSON, load it back, check a folder."""
+"""Export: compressed models for other runtimes.
 
-from kronlm.export.save import load, save
-from kronlm.export.validate import validate_folder
+- :mod:`onnx`: ONNX graphs checked with onnxruntime, with or without a KV cache (needs the ``onnx`` extra);
+- :mod:`gguf`: a merged dense GGUF file for llama.cpp (the ``gguf`` package, a core dependency).
+"""
 
-__all__ = ["load", "save", "validate_folder"]
+from kronlm.export.gguf import export_gguf, read_gguf_tensors
+from kronlm.export.onnx import compare_onnx, export_onnx, greedy_generate, onnx_session, verify_onnx
+
+__all__ = ["compare_onnx", "export_gguf", "export_onnx", "greedy_generate", "onnx_session", "read_gguf_tensors", "verify_onnx"]

@@ -1,6 +1,21 @@
-"""Kronecker-factored replacements for ``nn.Linear`` / ``Conv1D`` and ``nn.Embedding``."""
+"""Kronecker-factored replacements for ``nn.Linear`` / ``Conv1D`` and ``nn.Embedding``, and their export form."""
 
+from kronlm.layers.dense import dense_weight, is_conv1d, is_factorable
 from kronlm.layers.embedding import KroneckerEmbedding, KroneckerTiedLMHead
-from kronlm.layers.linear import KroneckerLinear, kronecker_matmul
+from kronlm.layers.linear import KroneckerLinear, kronecker_matmul, set_autotune
+from kronlm.layers.onnx_linear import OnnxKroneckerLinear
 
-__all__ = ["KroneckerEmbedding", "KroneckerLinear", "KroneckerTiedLMHead", "kronecker_matmul"]
+KRONECKER_MODULES = (KroneckerLinear, KroneckerEmbedding)
+
+__all__ = [
+    "KRONECKER_MODULES",
+    "KroneckerEmbedding",
+    "KroneckerLinear",
+    "KroneckerTiedLMHead",
+    "OnnxKroneckerLinear",
+    "dense_weight",
+    "is_conv1d",
+    "is_factorable",
+    "kronecker_matmul",
+    "set_autotune",
+]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kronlm.decompose.shapes import check_factor_shapes
 from kronlm.decompose.vanloan import KroneckerFactors, kron_sum
 from kronlm.layers.linear import kronecker_matmul
 
@@ -39,12 +40,7 @@ class KroneckerEmbedding(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        (m1, n1), (m2, n2) = tuple(a_shape), tuple(b_shape)
-        if m1 * m2 != num_embeddings or n1 * n2 != embedding_dim:
-            raise ValueError(
-                f"KroneckerEmbedding: A {tuple(a_shape)} ⊗ B {tuple(b_shape)} gives ({m1 * m2}, {n1 * n2}), "
-                f"expected (vocab, dim) = ({num_embeddings}, {embedding_dim})"
-            )
+        m1, n1, m2, n2 = check_factor_shapes((num_embeddings, embedding_dim), a_shape, b_shape, "KroneckerEmbedding")
         if rank < 1:
             raise ValueError(f"KroneckerEmbedding: rank must be >= 1, got {rank}")
         kw = {"device": device, "dtype": dtype}
@@ -92,6 +88,45 @@ class KroneckerEmbedding(nn.Module):
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=self.A.device, dtype=self.A.dtype)
         emb.weight.copy_(self.to_dense())
         return emb
+
+    @torch.no_grad()
+    def resized(self, num_embeddings: int, *, mean_resizing: bool = True) -> "KroneckerEmbedding":
+        """A copy with ``num_embeddings`` rows: A (R, V/m2, d/n2) gains or loses rows, B is kept.
+
+        Row i of E is Σ_r A_r[i // m2] ⊗ B_r[i % m2], so rows are added in blocks of m2. Kept rows
+        are unchanged; a new A row is the mean of the old A rows (``mean_resizing``, the default,
+        which makes each new embedding row the mean of the old rows with the same B row, as
+        transformers' ``resize_token_embeddings(mean_resizing=True)`` does on average) or is drawn
+        from N(0, std of the old A).
+
+        Args:
+            num_embeddings: the new vocabulary size V' (a multiple of m2).
+            mean_resizing: see above.
+
+        Returns:
+            A new ``KroneckerEmbedding`` on the same device and dtype (``padding_idx`` kept when below V').
+
+        Raises:
+            ValueError: V' below 1 or not a multiple of m2 (both numbers named).
+        """
+        m2 = self.b_shape[0]
+        if num_embeddings < 1 or num_embeddings % m2:
+            raise ValueError(f"KroneckerEmbedding: the vocabulary size must be a positive multiple of B's {m2} rows, got {num_embeddings}")
+        rows = num_embeddings // m2
+        padding = self.padding_idx if self.padding_idx is not None and self.padding_idx < num_embeddings else None
+        new = KroneckerEmbedding(num_embeddings, self.embedding_dim, (rows, self.a_shape[1]), self.b_shape, self.rank,
+                                 padding_idx=padding, device=self.A.device, dtype=self.A.dtype)
+        keep = min(rows, self.a_shape[0])
+        new.A[:, :keep] = self.A[:, :keep]
+        if rows > keep:
+            if mean_resizing:
+                new.A[:, keep:] = self.A.mean(dim=1, keepdim=True)
+            else:
+                new.A[:, keep:].normal_(0.0, float(self.A.float().std()))
+        new.B.copy_(self.B)
+        new.A.requires_grad_(self.A.requires_grad)
+        new.B.requires_grad_(self.B.requires_grad)
+        return new
 
     @torch.no_grad()
     def load_factors(self, factors: KroneckerFactors) -> None:

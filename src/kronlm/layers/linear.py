@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from kronlm.decompose.initializers import get_initializer
-from kronlm.decompose.shapes import contraction_macs
+from kronlm.decompose.shapes import check_factor_shapes, contraction_macs
 from kronlm.decompose.vanloan import KroneckerFactors, kron_sum
 
 ORDERS = ("b_first", "a_first")
@@ -158,8 +160,6 @@ def candidate_plans(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> list[
 
 
 def _time_plan(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str, middle: str, repeats: int = 3) -> float:
-    import time
-
     with torch.no_grad():
         kronecker_matmul(x, A, B, order, middle)  # warm-up
         best = float("inf")
@@ -230,12 +230,7 @@ class KroneckerLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        (m1, n1), (m2, n2) = tuple(a_shape), tuple(b_shape)
-        if m1 * m2 != out_features or n1 * n2 != in_features:
-            raise ValueError(
-                f"KroneckerLinear: A {tuple(a_shape)} ⊗ B {tuple(b_shape)} gives ({m1 * m2}, {n1 * n2}), "
-                f"expected (out, in) = ({out_features}, {in_features})"
-            )
+        m1, n1, m2, n2 = check_factor_shapes((out_features, in_features), a_shape, b_shape, "KroneckerLinear")
         if rank < 1:
             raise ValueError(f"KroneckerLinear: rank must be >= 1, got {rank}")
         kw = {"device": device, "dtype": dtype}

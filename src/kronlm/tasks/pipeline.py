@@ -1,0 +1,382 @@
+"""The task pipeline of KroneckerBERT-style students (SPEC §1, §4, §5), for any task family.
+
+teacher fine-tuning -> compression of the fine-tuned teacher -> optional stage-1 weights ->
+task distillation -> report, each training stage run by the one training loop
+(:class:`kronlm.distill.trainer.Trainer`), resumable, with its checkpoint chosen on held-out
+*training* examples:
+
+- :class:`TaskFamily` is what the pipeline needs to know about a task: its data (splits, batching,
+  example lengths), its model (a pretrained model with a new task head, a fine-tuned one, the
+  head's name) and its metric (main metric, direction, evaluation). GLUE implements it in
+  :class:`kronlm.tasks.glue.GlueFamily`; a span-extraction task (SQuAD: features, a QA head,
+  EM / F1 after span decoding) implements the same methods, and overrides
+  :meth:`TaskFamily.objective` when its outputs are not classifier logits.
+- :func:`train_task_model` runs one stage: the family's collator and lengths feed the loop, a
+  :class:`TaskMetricValidator` on the held-out split picks ``best/`` (and any early stop).
+- :func:`run_task_pipeline` runs the stages and writes ``report.{json,md}``
+  (:mod:`kronlm.tasks.report`).
+
+No dev leakage: :meth:`TaskFamily.load_splits` holds out ``config.val_fraction`` of the training
+examples (seeded, disjoint from those trained on); only they choose checkpoints. The reported
+split (GLUE dev) is evaluated for the final and the best model and reported, never used to choose.
+With ``val_fraction`` 0 nothing is chosen: the model after the last step is used.
+
+Layout of ``out_dir``: ``teacher-run/`` and ``student-run/`` (each a training run folder:
+``checkpoints/``, ``best/``, ``final/``, ``logs/``), ``teacher/`` and ``student/`` (the chosen
+models, with ``training_summary.json`` recording how they were trained and chosen), ``report.json``
+and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from kronlm.compress.config import CompressionConfig
+from kronlm.distill.checkpoint import latest_checkpoint
+from kronlm.distill.config import TaskTrainConfig, TrainingConfig
+from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.trainer import Trainer, TrainResult
+from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.modeling import SUMMARY_FILE, save
+from kronlm.tasks.report import ModelResult, TaskReport, write_report
+from kronlm.tasks.student import (
+    count_embedding_linear_parameters,
+    load_general_distilled,
+    make_student,
+)
+from kronlm.utils.io import read_json
+
+__all__ = [
+    "TaskFamily",
+    "TaskMetricValidator",
+    "TaskSplits",
+    "run_task_pipeline",
+    "train_task_model",
+]
+
+
+@dataclass
+class TaskSplits:
+    """The data of one stage, encoded for the model.
+
+    Attributes:
+        train: training examples (a map-style dataset, e.g. a list of encoded example dicts).
+        val: held-out training examples that choose the checkpoint (the family's evaluation
+            set), or None (no choice; ``val_fraction`` 0).
+        dev: the reported split (the family's evaluation set).
+        sources: where each split came from: {"train", "val", "dev"} -> description.
+        val_examples: examples in ``val``.
+    """
+
+    train: Sequence[Any]
+    val: Any
+    dev: Any
+    sources: dict[str, str] = field(default_factory=dict)
+    val_examples: int = 0
+
+
+class TaskFamily(ABC):
+    """One downstream task as :func:`run_task_pipeline` sees it.
+
+    Attributes:
+        family: the family's name ("glue"), recorded in summaries and reports.
+        name: the task ("sst2").
+        main_metric: the metric that chooses checkpoints and the report's retention ("accuracy").
+        greater_is_better: its direction.
+        tokenizer: the tokenizer of teacher and student (saved with the models).
+    """
+
+    family: str = "task"
+    name: str
+    main_metric: str
+    greater_is_better: bool = True
+    tokenizer: Any
+
+    @abstractmethod
+    def load_splits(self, config: TaskTrainConfig) -> TaskSplits:
+        """Read, subset (``max_train_examples``), hold out ``val_fraction`` (seeded, disjoint) and encode."""
+
+    @abstractmethod
+    def collate_fn(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+        """Turns a list of training examples into a batch dict of tensors (padding)."""
+
+    def lengths(self, examples: Sequence[Any]) -> list[int] | None:
+        """Tokens of each training example, for length-grouped steps; None = no grouping."""
+        return None
+
+    @abstractmethod
+    def new_model(self, spec: str, seed: int) -> PreTrainedModel:
+        """A pretrained model (hub id, folder, alias) with a newly initialised task head (seeded)."""
+
+    @abstractmethod
+    def load_model(self, folder: str | Path) -> PreTrainedModel:
+        """A fine-tuned task model saved by :func:`kronlm.save`, checked against the task."""
+
+    @abstractmethod
+    def head_name(self, model: nn.Module) -> str:
+        """The task head's module name (copied from the teacher, never compressed)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, eval_set: Any, config: TaskTrainConfig, device: torch.device) -> dict[str, float]:
+        """The task's metrics of ``model`` on an evaluation set (``main_metric`` among them)."""
+
+    def objective(self, config: TrainingConfig) -> Callable | None:
+        """The loss of a stage whose recipe is ``config.recipe`` (``"ce"`` for a teacher); None =
+        the trainer's default :class:`~kronlm.distill.objective.DistillationObjective`, which
+        handles classifier logits and labels."""
+        return None
+
+    def prepare_model(self, model: nn.Module, config: TaskTrainConfig) -> None:
+        """Before training: keep a dense word-embedding matrix fixed with ``freeze_word_embeddings``."""
+        if config.freeze_word_embeddings:
+            embedding = model.get_input_embeddings()
+            if isinstance(embedding, nn.Embedding):
+                embedding.weight.requires_grad_(False)
+
+
+class TaskMetricValidator(Validator):
+    """The family's main metric on the held-out training examples; every process scores them all.
+
+    Returns the family's metrics plus "examples"; ``best/`` has the best ``main_metric``.
+    """
+
+    def __init__(self, family: TaskFamily, eval_set: Any, config: TaskTrainConfig, examples: int = 0):
+        self.family, self.eval_set, self.config, self.examples = family, eval_set, config, examples
+        self.name = self.key = family.main_metric
+        self.greater_is_better = family.greater_is_better
+
+    def __call__(self, model: nn.Module, accelerator) -> dict[str, float]:
+        with evaluation_mode(model, accelerator) as net:
+            metrics = self.family.evaluate(net, self.eval_set, self.config, accelerator.device)
+        return {**metrics, "examples": self.examples}
+
+
+def train_task_model(
+    family: TaskFamily,
+    model: nn.Module,
+    splits: TaskSplits,
+    config: TaskTrainConfig,
+    out_dir: str | Path,
+    *,
+    role: str,
+    teacher: nn.Module | None = None,
+    task_kd: bool = True,
+    resume: bool = False,
+    summary: dict[str, Any] | None = None,
+    accelerator=None,
+) -> TrainResult:
+    """Train ``model`` in place on one stage's data: fine-tune a teacher or distil a student.
+
+    A teacher (``role="teacher"``) and a student without task KD are trained with recipe ``ce``
+    (cross-entropy on the labels; MSE for a regression head); a student with ``task_kd`` with
+    ``config.recipe`` against ``teacher``. With ``splits.val``, a :class:`TaskMetricValidator`
+    chooses ``out_dir/best``. Checkpoints go to ``out_dir/checkpoints``; ``resume`` continues
+    from the latest one when there is one (and starts afresh when there is none).
+
+    Returns:
+        The :class:`~kronlm.distill.trainer.TrainResult` (``final_dir``, ``best_dir``, ...).
+
+    Raises:
+        ValueError: too few training examples, a distillation recipe without a teacher, ...
+        kronlm.distill.TrainingDiverged: a non-finite loss or gradient norm (no update applied).
+    """
+    out_dir = Path(out_dir)
+    recipe = config.recipe if role == "student" and task_kd else "ce"
+    family.prepare_model(model, config)
+    tcfg = config.training_config(len(splits.train), recipe=recipe)
+    accelerator = accelerator or make_accelerator(tcfg, out_dir)
+    if accelerator.num_processes != 1:
+        tcfg = config.training_config(len(splits.train), accelerator.num_processes, recipe=recipe)
+    validator = None if splits.val is None else TaskMetricValidator(family, splits.val, config, splits.val_examples)
+    trainer = Trainer(
+        model, tcfg, splits.train, out_dir, teacher=teacher, objective=family.objective(tcfg), validator=validator,
+        collate_fn=family.collate_fn(), lengths=family.lengths(splits.train) if config.group_by_length else None,
+        tokenizer=family.tokenizer, summary=summary, accelerator=accelerator, desc=role,
+    )
+    return trainer.run(resume=resume and latest_checkpoint(out_dir) is not None)
+
+
+def run_task_pipeline(
+    family: TaskFamily,
+    out_dir: str | Path,
+    *,
+    config: TaskTrainConfig,
+    teacher_config: TaskTrainConfig | None = None,
+    model: str | None = None,
+    teacher: str | Path | None = None,
+    compression: CompressionConfig | None = None,
+    compression_name: str | None = None,
+    general_distill: str | Path | None = None,
+    task_kd: bool = True,
+    resume: bool = False,
+    settings: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> TaskReport:
+    """Fine-tune a teacher (or take a fine-tuned one), optionally distil a compressed student, report.
+
+    Args:
+        family: the task.
+        out_dir: run folder (layout in the module docstring).
+        config: settings of the student stage (and of the teacher's without ``teacher_config``);
+            its ``max_length`` also encodes the reported split when the teacher is given.
+        teacher_config: settings of teacher fine-tuning.
+        model: a pretrained model to fine-tune as the teacher (hub id, folder or alias).
+        teacher: a fine-tuned teacher folder instead (``out_dir/teacher`` of an earlier run).
+        compression: compress the chosen teacher with this config into the student; None = no
+            student.
+        compression_name: the student's name in the report (default ``compression.name``).
+        general_distill: a stage-1 folder whose encoder weights start the student.
+        task_kd: False trains the student with CE on the labels only (the ablation).
+        resume: continue each stage from its latest checkpoint (stages without one start afresh).
+        settings: extra entries for the report's settings.
+        log: where progress lines go.
+
+    Returns:
+        The :class:`~kronlm.tasks.report.TaskReport` written to ``out_dir``.
+
+    Raises:
+        ValueError: neither or both of ``model`` / ``teacher``; ``general_distill`` or
+            ``task_kd=False`` without a student; bad data or settings (from the family and the
+            trainer).
+        FileNotFoundError: missing data or model folders (named).
+    """
+    if (model is None) == (teacher is None):
+        raise ValueError("give model (a pretrained model to fine-tune as the teacher) or teacher (a fine-tuned "
+                         "teacher folder), exactly one of the two")
+    if compression is None and (general_distill is not None or not task_kd):
+        raise ValueError("general_distill / task_kd=False need a student: give a compression config")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_config = teacher_config or config
+    report_settings = {"task": family.name, "family": family.family, "torch_threads": torch.get_num_threads(),
+                       "date": time.strftime("%Y-%m-%d"), **(settings or {})}
+    base = {"task": family.name, "family": family.family}
+
+    if teacher is None:
+        splits = family.load_splits(teacher_config)
+        log(_describe_splits(family, splits))
+        net = family.new_model(model, seed=teacher_config.seed)
+        summary = {**base, "role": "teacher", "base_model": str(model), "data": splits.sources,
+                   "config": teacher_config.to_dict()}
+        result = train_task_model(family, net, splits, teacher_config, out_dir / "teacher-run", role="teacher",
+                                  resume=resume, summary=summary)
+        teacher_model, row = _trained_row(family, result, splits, teacher_config, "teacher", f"{model} fine-tuned")
+        save(teacher_model, out_dir / "teacher", tokenizer=family.tokenizer,
+             summary={**summary, **_row_summary(row, result)})
+        report_settings["teacher_config"] = teacher_config.to_dict()
+        report_settings["data"] = splits.sources
+    else:
+        teacher_model = family.load_model(teacher)
+        splits = family.load_splits(config)
+        row = _given_row(family, teacher_model, splits, config, Path(teacher))
+        report_settings["data"] = splits.sources
+    log(f"teacher {row.selection.get('reason', '')}: {family.name} dev {row.metrics}")
+    rows = [row]
+
+    if compression is not None:
+        student, comp_report = make_student(teacher_model, compression, family.head_name(teacher_model))
+        stages = []
+        if general_distill is not None:
+            load_general_distilled(student, general_distill)
+            stages.append(f"stage 1 from {general_distill}")
+        stages.append(f"task ILKD ({config.recipe})" if task_kd else "task CE only")
+        splits = family.load_splits(config)
+        log(f"student: {comp_report.params_before:,} -> {comp_report.params_after:,} params; {', '.join(stages)}; "
+            + _describe_splits(family, splits))
+        name = compression_name or compression.name or "compressed"
+        summary = {**base, "role": "student", "compression": compression.to_dict(), "stages": stages,
+                   "data": splits.sources, "config": config.to_dict()}
+        result = train_task_model(family, student, splits, config, out_dir / "student-run", role="student",
+                                  teacher=teacher_model, task_kd=task_kd, resume=resume, summary=summary)
+        student_model, row = _trained_row(family, result, splits, config, "student", name, notes="; ".join(stages))
+        save(student_model, out_dir / "student", tokenizer=family.tokenizer, report=comp_report,
+             summary={**summary, **_row_summary(row, result)})
+        log(f"student {row.selection['reason']}: {family.name} dev {row.metrics}")
+        rows.append(row)
+        report_settings["student_config"] = config.to_dict()
+        report_settings["compression"] = compression.to_dict()
+
+    report = TaskReport(family.name, "dev", family.main_metric, rows, report_settings)
+    write_report(report, out_dir)
+    return report
+
+
+def _describe_splits(family: TaskFamily, splits: TaskSplits) -> str:
+    val = f"{splits.val_examples:,} held out to choose the checkpoint" if splits.val is not None else "none held out"
+    return f"{family.name}: {len(splits.train):,} training examples ({splits.sources.get('train', '?')}), {val}"
+
+
+def _eval_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _model_row(family: TaskFamily, model: nn.Module, role: str, name: str, metrics: dict[str, float],
+               **fields: Any) -> ModelResult:
+    params = sum(p.numel() for p in model.parameters())  # tied tensors once
+    return ModelResult(role, name, metrics, params,
+                       count_embedding_linear_parameters(model, head_name=family.head_name(model)), **fields)
+
+
+def _trained_row(family: TaskFamily, result: TrainResult, splits: TaskSplits, config: TaskTrainConfig, role: str,
+                 name: str, notes: str = "") -> tuple[nn.Module, ModelResult]:
+    """Evaluate the final and the best model on the reported split; choose the best by the held-out metric."""
+    device = _eval_device()
+    final = family.load_model(result.final_dir)
+    metrics_final = family.evaluate(final, splits.dev, config, device)
+    metric = f"held-out {result.val_metric}"
+    if result.best_step is None:
+        why = ("val_fraction 0: no held-out training examples" if splits.val is None
+               else "no finite held-out metric")
+        chosen, metrics, metrics_best = final, metrics_final, None
+        selection = {"checkpoint": "final", "step": result.steps, "reason": f"final/ (step {result.steps}; {why})"}
+    else:
+        if result.best_step == result.steps:
+            chosen, metrics_best = final, metrics_final
+        else:
+            chosen = family.load_model(result.best_dir)
+            metrics_best = family.evaluate(chosen, splits.dev, config, device)
+        metrics = metrics_best
+        selection = {
+            "checkpoint": "best", "step": result.best_step, "max_steps": result.steps, "metric": metric,
+            "value": result.best_val, "val_examples": splits.val_examples,
+            "reason": (f"best/ (step {result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''}: "
+                       f"{metric} {result.best_val:.4f} on {splits.val_examples:,} held-out training examples)"),
+        }
+    row = _model_row(family, chosen, role, name, metrics, train_examples=len(splits.train), train_steps=result.steps,
+                     train_seconds=result.seconds, notes=notes, selection=selection, metrics_final=metrics_final,
+                     metrics_best=metrics_best)
+    return chosen, row
+
+
+def _given_row(family: TaskFamily, model: nn.Module, splits: TaskSplits, config: TaskTrainConfig,
+               folder: Path) -> ModelResult:
+    """The row of a teacher fine-tuned earlier: its training record comes from its ``training_summary.json``."""
+    metrics = family.evaluate(model, splits.dev, config, _eval_device())
+    recorded = read_json(folder / SUMMARY_FILE) if (folder / SUMMARY_FILE).is_file() else {}
+    run = recorded.get("run") or {}
+    selection = dict(recorded.get("selection") or {})
+    selection["checkpoint"] = "given"
+    selection["reason"] = f"given ({folder}" + (f"; {selection['reason']}" if "reason" in selection else "") + ")"
+    return _model_row(family, model, "teacher", str(folder), metrics, train_examples=int(run.get("train_examples", 0)),
+                      train_steps=int(run.get("steps", 0)), train_seconds=float(run.get("seconds", 0.0)),
+                      selection=selection)
+
+
+def _row_summary(row: ModelResult, result: TrainResult) -> dict[str, Any]:
+    """What ``training_summary.json`` of a chosen model records about its run and the choice."""
+    return {
+        "run": {"steps": result.steps, "seconds": result.seconds, "train_examples": row.train_examples,
+                "stopped_early": result.stopped_early, "first_losses": result.losses[:5],
+                "last_losses": result.losses[-5:], "val_history": result.val_history},
+        "selection": row.selection,
+        "dev": {"chosen": row.metrics, "final": row.metrics_final, "best": row.metrics_best},
+    }

@@ -1,0 +1,59 @@
+"""SQuAD v1.1 / v2.0 extractive question answering: the model-independent parts.
+
+Modules: :mod:`data` (official JSON files and Hugging Face ``squad`` / ``squad_v2`` rows into
+:class:`SquadExample`), :mod:`features` (question + context windows, answer token positions,
+batching; the Hugging Face ``run_qa.py`` recipe), :mod:`postprocess` (span decoding, the v2.0
+null-answer threshold) and :mod:`metrics` (the official evaluation scripts v1.1 / v2.0).
+Sources: Rajpurkar et al. 2016 (SQuAD), 2018 (SQuAD 2.0); KroneckerBERT (Tahaei et al., NAACL
+2022) reports both beside GLUE.
+"""
+
+from kronlm.tasks.squad.data import (
+    SquadExample,
+    default_squad_dir,
+    examples_from_hf_rows,
+    load_hf_squad,
+    load_squad_split,
+    read_squad_json,
+)
+from kronlm.tasks.squad.features import (
+    SquadCollator,
+    prepare_eval_features,
+    prepare_train_features,
+)
+from kronlm.tasks.squad.metrics import (
+    exact_match_score,
+    f1_score,
+    normalize_answer,
+    question_scores,
+    references_from_examples,
+    squad_metrics,
+)
+from kronlm.tasks.squad.postprocess import (
+    SquadPredictions,
+    apply_null_threshold,
+    best_null_threshold,
+    decode_predictions,
+)
+
+__all__ = [
+    "SquadCollator",
+    "SquadExample",
+    "SquadPredictions",
+    "apply_null_threshold",
+    "best_null_threshold",
+    "decode_predictions",
+    "default_squad_dir",
+    "exact_match_score",
+    "examples_from_hf_rows",
+    "f1_score",
+    "load_hf_squad",
+    "load_squad_split",
+    "normalize_answer",
+    "prepare_eval_features",
+    "prepare_train_features",
+    "question_scores",
+    "read_squad_json",
+    "references_from_examples",
+    "squad_metrics",
+]
