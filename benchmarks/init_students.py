@@ -2,8 +2,9 @@
 
 Both keep the parameter count of the krony-pt-llama-mlp-2x shapes on the MLPs of N evenly spaced
 blocks (N = 30: 94,702,068 parameters, 70.4 % of dense). ``van_loan`` uses those uniform shapes
-with plain Van Loan; ``budget`` uses ``allocate_budget`` on the calibration statistics cached by
-``benchmarks/zero_shot_init.py`` (run that first, same --work) with activation-aware factors.
+with plain Van Loan; ``budget`` is ``kronlm compress --budget-params N`` to the same count (the
+CLI's code path, ``compress_with_budget`` with its defaults) on the calibration statistics cached by
+``benchmarks/zero_shot_init.py`` (run that first, same --work and calibration flags).
 
     python benchmarks/init_students.py --fraction 0.7 --out runs/recovery_init
     kronlm distill --teacher smollm2 --student runs/recovery_init/van_loan ...   (see docs/benchmarks/zero_shot_init.md)
@@ -17,9 +18,9 @@ import sys
 from pathlib import Path
 
 import kronlm
-from kronlm.modeling import compress
-from kronlm.compress.budget import allocate_budget
+from kronlm.cli.compress import DEFAULTS, compress_with_budget
 from kronlm.compress.calibration import load_calibration
+from kronlm.modeling import compress
 from kronlm.modeling.loading import load_model_and_tokenizer
 
 
@@ -38,9 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     zs = _zero_shot_module()
     blocks = zs.spaced_blocks(zs.BLOCKS[args.fraction])
-    cache = args.work / "calibration.safetensors"
-    if not cache.is_file():
-        sys.exit(f"{cache}: not found; run benchmarks/zero_shot_init.py --work {args.work} first")
+    caches = sorted(args.work.glob("calibration-*.safetensors"))
+    if not caches:
+        sys.exit(f"{args.work}/calibration-*.safetensors: not found; run benchmarks/zero_shot_init.py --work {args.work} first")
+    cache = caches[0]
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
     stats = load_calibration(cache)
@@ -50,9 +52,8 @@ def main() -> None:
     print(f"van_loan: {target:,} parameters -> {args.out / 'van_loan'}")
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
-    allocation = allocate_budget(model, stats, target)
-    report = compress(model, allocation.to_config(), calibration=stats).compression_report
-    report.allocation = allocation.to_dict()
+    compress_with_budget(model, target, None, DEFAULTS, stats=stats)  # the statistics are given: no ids needed
+    report = model.compression_report
     kronlm.save(model, args.out / "budget", tokenizer=tokenizer, report=report)
     print(f"budget: {report.params_after:,} parameters -> {args.out / 'budget'}")
 

@@ -13,7 +13,11 @@ import sys
 import click
 import torch
 
-from kronlm.bench.layers import layer_speed_markdown, layer_speed_rows, preset_layer_shapes
+from kronlm.bench.layers import (
+    layer_speed_markdown,
+    layer_speed_rows,
+    preset_layer_shapes,
+)
 from kronlm.bench.plots import layer_speed_plot, png_beside
 from kronlm.bench.report import write_markdown
 from kronlm.cli.bench import layers_command

@@ -8,15 +8,21 @@ speed-up over dense beside the multiply-add ratio (``kronlm.bench.plots.model_sp
 ``NAME-llama.png``, ``NAME-gpt2.png``).
 """
 
-from pathlib import Path
-
 import shlex
 import sys
+from pathlib import Path
 
 import click
 import torch
 
-from kronlm.bench.models import FAMILY_LABEL, FAMILY_PRESETS, build_reference, compressed_copy, model_speed_markdown, model_speed_rows
+from kronlm.bench.models import (
+    FAMILY_LABEL,
+    FAMILY_PRESETS,
+    build_reference,
+    compressed_copy,
+    model_speed_markdown,
+    model_speed_rows,
+)
 from kronlm.bench.plots import model_speed_plot, png_beside
 from kronlm.bench.report import write_markdown
 from kronlm.cli.bench import models_command

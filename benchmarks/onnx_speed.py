@@ -28,7 +28,6 @@ import contextlib
 import copy
 import datetime
 import inspect
-import json
 import os
 import platform
 import statistics

@@ -12,7 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from kronlm.bench.plots import layer_speed_plot, markdown_tables, model_speed_plot, number, onnx_speed_plot
+from kronlm.bench.plots import (
+    layer_speed_plot,
+    markdown_tables,
+    model_speed_plot,
+    number,
+    onnx_speed_plot,
+)
 
 
 def column(headers: list[str], name: str) -> int:

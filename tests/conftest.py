@@ -6,15 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from shared_paths import SHARED_DATA  # noqa: E402
+from shared_paths import SHARED_DATA
 
 # Library code looks for local copies of public data only where it is told: point it at the
 # repository's example data, as `--data-dir`'s default does for the command line.
 if SHARED_DATA is not None:
     os.environ.setdefault("KRONLM_DATA_DIR", str(SHARED_DATA))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tiny models run fastest on one thread, and two test processes never fight over the cores.
 torch.set_num_threads(1)

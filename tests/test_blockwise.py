@@ -17,7 +17,11 @@ from kronlm import CompressionConfig, KroneckerTarget
 from kronlm.compress.truncate import truncate_layers
 from kronlm.distill.blockwise import distill_blockwise
 from kronlm.distill.config import TrainingConfig
-from kronlm.distill.hidden_cache import HiddenStateCache, boundary_name, build_hidden_cache
+from kronlm.distill.hidden_cache import (
+    HiddenStateCache,
+    boundary_name,
+    build_hidden_cache,
+)
 
 MLP_CFG = CompressionConfig(targets=[KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], b_shape=(4, 1)),
                                      KroneckerTarget(["**.mlp.down_proj"], b_shape=(1, 4))])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from training_models import BLOCK, VOCAB  # noqa: E402
-from training_models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
+from training_models import BLOCK, VOCAB
+from training_models import tiny_gpt2 as _tiny_gpt2
 from transformers import GPT2LMHeadModel
 
 from kronlm.data.blocks import TokenBlocks
@@ -140,8 +140,8 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint_latest(tmp_path):
     child.start()
     child.join(60)
     assert child.exitcode == 3
-    leftovers = list((tmp_path / "checkpoints").glob(".step-0000004*"))
-    assert leftovers and (leftovers[0] / ckpt_mod.MODEL_FILE).is_file()  # the half-written folder
+    leftovers = list((tmp_path / "checkpoints").glob(".step-0000004*.tmp"))
+    assert len(leftovers) == 1 and (leftovers[0] / ckpt_mod.MODEL_FILE).is_file()  # the half-written folder
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     assert latest_checkpoint(tmp_path).name == "step-0000002"
     after = load_checkpoint(latest_checkpoint(tmp_path))

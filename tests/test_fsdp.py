@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
+from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2
 
 STEPS = 6
 HALF = 3

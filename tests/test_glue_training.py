@@ -146,7 +146,7 @@ def test_checkpoint_is_chosen_on_held_out_training_examples_never_on_dev(tmp_pat
 
     with pytest.raises(ValueError, match="give model .* or teacher"):
         run_glue("sst2", tmp_path / "d", data_dir=glue)
-    with pytest.raises(ValueError, match="general_distill / task_kd=False need a student"):
+    with pytest.raises(ValueError, match="task_kd=False / layer_map need a student"):
         run_glue("sst2", tmp_path / "d", data_dir=glue, task_kd=False, **quiet)
     with pytest.raises(ValueError, match="glue config: early_stopping_patience 2 needs held-out training examples"):
         GlueTrainConfig(val_fraction=0.0, early_stopping_patience=2)

@@ -7,7 +7,7 @@ import torch
 from shared_paths import GPT2_TOKENIZER_DIR
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-import kronlm.modeling.loading as loading
+from kronlm.modeling import loading
 from kronlm.modeling.loading import (
     MINILM_HUB_ID,
     SMOLLM2_HUB_ID,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 matplotlib = pytest.importorskip("matplotlib")
-from kronlm.bench.plots import bar_plot, layer_speed_plot, line_plot, markdown_tables, model_speed_plot, number  # noqa: E402
+from kronlm.bench.plots import (
+    bar_plot,
+    layer_speed_plot,
+    line_plot,
+    markdown_tables,
+    model_speed_plot,
+    number,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from transformers import AutoModelForCausalLM, BertModel, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BertModel,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+)
 
 import kronlm
 from kronlm import CompressionConfig, KroneckerTarget

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2  # noqa: E402
+from training_models import BLOCK, VOCAB, compressed_gpt2, tiny_gpt2
 from transformers import AutoModelForCausalLM
 
 import kronlm

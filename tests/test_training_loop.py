@@ -196,3 +196,21 @@ def test_length_grouped_order_puts_similar_lengths_in_each_step_and_stays_a_pure
         assert sorted(two[0][2 * k:2 * k + 2] + two[1][2 * k:2 * k + 2]) == sorted(order[4 * k:4 * k + 4])
     with pytest.raises(ValueError, match="lengths has 3 entries for 48 training examples"):
         epoch_indices(48, 0, 9, 4, lengths=[1, 2, 3])
+
+
+def test_a_time_limit_stops_validates_and_checkpoints_and_a_resumed_run_continues(tmp_path, monkeypatch):
+    import kronlm.distill.trainer as trainer_module
+
+    clock = {"t": 0.0}
+
+    def fake_clock():
+        clock["t"] += 1.0  # every reading of the clock is one simulated second later
+        return clock["t"]
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", fake_clock)
+    run = block_trainer(tmp_path, Block(0), tmp_path / "t", config={"max_minutes": 0.5}).run()
+    assert run.time_limited and not run.stopped_early and 0 < run.steps < 20
+    assert run.val_history[-1]["step"] == run.steps  # validated at the stop, although not a multiple of eval_every
+    assert latest_checkpoint(tmp_path / "t").name == f"step-{run.steps:07d}"
+    again = block_trainer(tmp_path, Block(0), tmp_path / "t").run(resume=True)  # no limit this time
+    assert again.start_step == run.steps and again.steps == 20 and not again.time_limited

@@ -5,10 +5,13 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 import torch
+import transformers
 
 from kronlm.utils.io import atomic_path
 
@@ -72,3 +75,64 @@ def write_markdown(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text.rstrip("\n") + "\n")
     return path
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str:
+    """The commit of the git checkout holding ``path`` (default: this file), with ``-dirty`` when
+    tracked files differ from it; ``"unknown"`` outside a checkout or without git."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True,
+                               timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment_info(device: torch.device | str = "cpu") -> dict[str, str]:
+    """``machine_info`` plus the package versions a figure depends on: transformers, kronlm and the
+    kronlm git commit (``git_commit``)."""
+    info = machine_info(device)
+    try:
+        kronlm_version = metadata.version("kronlm")
+    except metadata.PackageNotFoundError:
+        kronlm_version = "unknown"
+    info.update({"transformers": transformers.__version__, "kronlm": kronlm_version, "commit": git_commit()})
+    return info
+
+
+def reproduce_header(command: str, info: dict[str, str] | None = None) -> str:
+    """What a benchmark prints first: the command, machine, date and versions, one per line.
+
+    Args:
+        command: the command line that reproduces the output, as a user would type it.
+        info: ``environment_info()`` (taken now when None).
+    """
+    info = info or environment_info()
+    return "\n".join([
+        f"command: {command}",
+        f"machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, {info['threads']} torch threads",
+        f"date: {info['date']}",
+        f"versions: torch {info['torch']}, transformers {info['transformers']}, kronlm {info['kronlm']} (commit {info['commit']}), "
+        f"Python {info['python']}",
+    ])
+
+
+def reproduce_section(commands: Sequence[str], info: dict[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+    """A Markdown ``## Reproduce`` section: the commands in a code block, then machine, date, versions.
+
+    Args:
+        commands: command lines, run in this order from the repository root.
+        info: ``environment_info()`` (taken now when None).
+        notes: extra lines (Markdown) after the versions.
+    """
+    info = info or environment_info()
+    lines = ["## Reproduce", "", "```bash", *commands, "```", "",
+             f"- Machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, {info['threads']} torch threads.",
+             f"- Date: {info['date']}.",
+             f"- Versions: torch {info['torch']}, transformers {info['transformers']}, kronlm {info['kronlm']}, commit `{info['commit']}`, "
+             f"Python {info['python']}."]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines)
+

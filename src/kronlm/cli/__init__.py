@@ -14,7 +14,7 @@ import sys
 
 import click
 
-SUBCOMMANDS = ("compress", "eval", "presets", "shapes", "distill", "truncate", "glue", "bench", "export", "merge")
+SUBCOMMANDS = ("compress", "eval", "presets", "shapes", "distill", "truncate", "glue", "squad", "bench", "export", "merge")
 _MODULES = {"eval": "evaluate"}
 
 

@@ -1,4 +1,4 @@
-"""``kronlm compress MODEL (--preset NAME | --config FILE | --budget F) --out DIR [--calibration DATA] [--eval DATA]``."""
+"""``kronlm compress MODEL (--preset NAME | --config FILE | --budget F | --budget-params N) --out DIR [--calibration DATA[=W] ...] [--eval DATA]``."""
 
 from __future__ import annotations
 
@@ -14,20 +14,97 @@ from kronlm.cli.options import (
     window_length,
 )
 from kronlm.compress import CompressionConfig, count_parameters, get_preset
-from kronlm.compress.calibration import calibration_input_ids
-from kronlm.data.sources import resolve_source
+from kronlm.compress.budget import (
+    FACTOR_FAMILIES,
+    BudgetAllocation,
+    BudgetSettings,
+    Pricing,
+    check_families,
+    plan_budget,
+)
+from kronlm.compress.calibration import (
+    CalibrationSource,
+    ModuleCalibration,
+    calibration_mix,
+)
+from kronlm.compress.sequential import SequentialCalibration
+from kronlm.data.sources import TEXT_ALIASES, resolve_source
 from kronlm.data.text import load_text
 from kronlm.decompose.initializers import get_initializer
 from kronlm.evaluate.perplexity import perplexity_of_text
-from kronlm.modeling import (
-    budget_allocation,
-    compress,
-    compress_to_budget,
-    compression_report,
-    save,
-)
+from kronlm.modeling import compress, compression_report, save
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
 from kronlm.utils.io import check_output_folder, folder_lock, write_json
+
+DEFAULTS = BudgetSettings()
+# Calibration defaults of the command line; the benchmarks import them, so their defaults agree.
+CALIBRATION_SEQUENCES = 128
+CALIBRATION_LENGTH = 512
+
+
+def compress_with_budget(
+    model,
+    target_params: int,
+    calibration_ids,
+    settings: BudgetSettings = DEFAULTS,
+    *,
+    modules: list[str] | None = None,
+    stats: dict[str, ModuleCalibration] | None = None,
+    pricing: Pricing | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> BudgetAllocation:
+    """The code path of ``kronlm compress --budget``: allocate, then compress ``model`` in place.
+
+    :func:`kronlm.compress.budget.plan_budget` with ``settings`` (calibration statistics and
+    pricing are computed unless given, e.g. by a benchmark that allocates several budgets from one
+    calibration), then :func:`kronlm.modeling.compress` with the allocation's config, on the dense
+    statistics or, with ``settings.sequential``, a :class:`SequentialCalibration` on the same ids.
+    The allocation is attached to ``model.compression_report`` (and so saved in
+    ``kronlm_compression.json``).
+
+    Args:
+        model: dense causal LM (changed in place).
+        target_params: parameters allowed for the whole model.
+        calibration_ids: (num_sequences, seq_len) token ids.
+        settings: ``BudgetSettings``; the CLI's flags build one, the defaults are ``DEFAULTS``.
+        modules: name patterns of the candidate modules (default: every linear layer but the head).
+        stats, pricing: precomputed ``budget_calibration`` / ``price_modules`` results for the
+            same ids, modules and settings.
+        batch_size: sequences per forward pass while calibrating.
+        progress: tqdm bars.
+
+    Returns:
+        The ``BudgetAllocation``.
+
+    Raises:
+        ValueError: see ``plan_budget`` and ``compress``.
+    """
+    config, stats, allocation = plan_budget(
+        model, target_params, calibration_ids, modules=modules, settings=settings, batch_size=batch_size, stats=stats,
+        options=pricing, progress=progress,
+    )
+    calibration = stats
+    if settings.sequential:
+        names = [c.name for c in allocation.choices if c.option.family != "dense"]
+        calibration = SequentialCalibration(model, names, calibration_ids, batch_size=batch_size, target=settings.sequential, progress=progress)
+    compress(model, config, calibration=calibration, progress=progress)
+    compression_report(model).allocation = allocation
+    return allocation
+
+
+def _families(ctx, param, value):
+    try:
+        return check_families(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _sources(ctx, param, value):
+    try:
+        return [CalibrationSource.parse(v) for v in value]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command("compress")
@@ -42,45 +119,70 @@ from kronlm.utils.io import check_output_folder, folder_lock, write_json
 @perplexity_options
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default=None, help="Override the config's SVD method.")
 @click.option("--init", "init_name", default=None, help="Override every target's initialiser (van_loan, van_loan_rescaled, pruning, random, activation_aware).")
-@click.option("--calibration", "calibration_data", default=None, help="Text file or dataset to calibrate activation-aware inits on (e.g. wikitext2: its validation split).")
-@click.option("--calibration-split", default="validation", show_default=True, help="Dataset split for --calibration.")
-@click.option("--calibration-sequences", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration sequences.")
-@click.option("--calibration-length", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calibration", "calibration_data", multiple=True, callback=_sources,
+              help="Calibration text: a text file or dataset (e.g. wikitext2: its --calibration-split), or `self` for sequences sampled "
+                   "from the model itself (LLM-QAT's data-free calibration). Repeat with SPEC=WEIGHT to mix sources, "
+                   "e.g. --calibration wikitext2=0.5 --calibration self=0.5.")
+@click.option("--calibration-split", default="validation", show_default=True, help="Dataset split of the --calibration datasets.")
+@click.option("--calibration-field", default=None, help="Column / field of --calibration files (default: --text-field; WikiText aliases always read `text`).")
+@click.option("--calibration-sequences", type=click.IntRange(min=1), default=CALIBRATION_SEQUENCES, show_default=True, help="Calibration sequences (all sources together).")
+@click.option("--calibration-length", type=click.IntRange(min=2), default=CALIBRATION_LENGTH, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calibration-seed", type=int, default=None, help="Seed: data sources give blocks at seeded random positions instead of their first blocks; `self` samples with it (default 0).")
 @click.option("--budget", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity (needs --calibration).")
-@click.option("--budget-modules", multiple=True, help="Name patterns of the modules --budget may factor (default: every linear layer but the LM head).")
+@click.option("--budget-params", type=click.IntRange(min=1), default=None, help="Like --budget, with an absolute parameter count for the whole model.")
+@click.option("--budget-modules", multiple=True, help="Name patterns of the modules a budget may factor (default: every linear layer but the LM head).")
+@click.option("--families", default=",".join(FACTOR_FAMILIES), show_default=True, callback=_families,
+              help=f"Factor families a budget may choose, comma-separated, from {', '.join(FACTOR_FAMILIES)} (dense is always one).")
+@click.option("--sensitivity-sequences", type=click.IntRange(min=0), default=DEFAULTS.sensitivity_sequences, show_default=True,
+              help="Calibration sequences of the budget's sensitivity (backward) pass; 0 prices by relative output error.")
+@click.option("--check-rounds", type=click.IntRange(min=0), default=DEFAULTS.check_rounds, show_default=True,
+              help="Rounds of fitting the chosen factors, measuring their output error and allocating again.")
+@click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default="off", show_default=True,
+              help="Fit each block on statistics of the partially compressed model (GPTQ order): `output` fits to the dense "
+                   "model's outputs, `weight` to W under the compressed model's inputs.")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
 def command(
     model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length, stride, protocol, batch_size, svd,
-    init_name, calibration_data, calibration_split, calibration_sequences, calibration_length, budget, budget_modules, rows,
+    init_name, calibration_data, calibration_split, calibration_field, calibration_sequences, calibration_length, calibration_seed, budget,
+    budget_params, budget_modules, families, sensitivity_sequences, check_rounds, sequential_calibration, rows,
 ):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
     MODEL is a hub id, a local folder, a .gguf file or an alias (smollm2). With --eval, prints
     dense and compressed perplexity side by side with the parameter counts. With --calibration,
     the dense model is first run on that text and activation-aware inits use the statistics;
-    --budget F (with --calibration) replaces the preset by a per-module choice of factors that
-    keeps F of the dense parameters.
+    --budget F / --budget-params N (with --calibration) replaces the preset by a per-module choice
+    of family and factors (truncated SVD, Kronecker products, Kronecker + low-rank) that keeps F
+    of the dense parameters / N parameters.
     """
-    if sum(x is not None for x in (preset, config_file, budget)) != 1:
-        raise click.UsageError("give exactly one of --preset NAME, --config FILE or --budget FRACTION")
-    if budget is not None and calibration_data is None:
+    if sum(x is not None for x in (preset, config_file, budget, budget_params)) != 1:
+        raise click.UsageError("give exactly one of --preset NAME, --config FILE or --budget FRACTION (or --budget-params N)")
+    budgeted = budget is not None or budget_params is not None
+    if budgeted and not calibration_data:
         raise click.UsageError("--budget needs --calibration DATA to measure sensitivities on")
     try:
         check_output_folder(out, overwrite=overwrite)
     except FileExistsError as exc:
         raise click.UsageError(str(exc)) from None
+    settings = None
+    if budgeted:
+        try:
+            settings = BudgetSettings(families=families, sensitivity_sequences=sensitivity_sequences, check_rounds=check_rounds,
+                                      init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     # Held for the whole run: a second command writing the same --out fails at once, not after compressing.
     with folder_lock(out):
         _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
-             stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_sequences,
-             calibration_length, budget, budget_modules, rows)
+             stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field or text_field,
+             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, rows)
 
 
 def _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
-         stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_sequences,
-         calibration_length, budget, budget_modules, rows):
+         stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field, calibration_sequences,
+         calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, rows):
     config = None
-    if budget is None:
+    if settings is None:
         config = get_preset(preset) if preset else CompressionConfig.from_file(config_file)
         if svd:
             config.svd = svd
@@ -89,14 +191,14 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
             for target in config.targets:
                 target.init = init_name
         needs = [t.init for t in config.targets if get_initializer(t.init).needs_calibration]
-        if needs and calibration_data is None:
+        if needs and not calibration_data:
             raise click.UsageError(f"initialiser {needs[0]!r} needs --calibration DATA")
-    calibration_text = None
-    if calibration_data is not None:
-        calibration_source = resolve_source(calibration_data, split=calibration_split, name=data_config, data_dir=data_dir, text_field=text_field)
-        calibration_text = load_text(calibration_source)
+    for item in calibration_data:  # resolve the data before the slow work, so a typo fails fast
+        if item.spec != "self":
+            resolve_source(item.spec, split=calibration_split, name=data_config, data_dir=data_dir,
+                           text_field="text" if item.spec in TEXT_ALIASES else calibration_field)
     text = None
-    if eval_data is not None:  # read the data before the slow work, so a typo fails fast
+    if eval_data is not None:
         text_source = resolve_source(eval_data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
         text = load_text(text_source)
 
@@ -113,14 +215,22 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
         results["dense"] = perplexity_of_text(net, tokenizer, text, desc="dense ppl", **ppl_kwargs)
 
     calibration = None
-    if calibration_text is not None:
-        calibration = calibration_input_ids(tokenizer, calibration_text, calibration_sequences, calibration_length)
-        click.echo(f"calibration: {calibration_sequences} x {calibration_length} tokens of {calibration_source.description}")
-    if budget is not None:
-        compress_to_budget(
-            net, int(budget * count_parameters(net)), calibration, modules=list(budget_modules) or None, init=init_name or "activation_aware"
-        )
-        click.echo(budget_allocation(net).table(max_rows=rows))
+    if calibration_data:
+        try:
+            calibration, described = calibration_mix(
+                net, tokenizer, list(calibration_data), calibration_sequences, calibration_length, seed=calibration_seed,
+                split=calibration_split, data_dir=data_dir, text_field=calibration_field,
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        click.echo(f"calibration: {described}")
+    if settings is not None:
+        target = budget_params if budget_params is not None else int(budget * count_parameters(net))
+        try:
+            allocation = compress_with_budget(net, target, calibration, settings, modules=list(budget_modules) or None)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        click.echo(allocation.table(max_rows=rows))
     else:
         compress(net, config, calibration=calibration)
     report = compression_report(net)

@@ -83,6 +83,8 @@ TRAINING_FLAGS = [
      "Peak learning rate (of the non-Kronecker parameters, and of all when the config sets no other)."),
     ("--warmup-steps", "warmup_steps", click.IntRange(min=0), "Linear warm-up steps before the cosine decay."),
     ("--layer-map", "layer_map", str, "Teacher layer for each student layer, e.g. 1,3,5 (needed when the depths differ)."),
+    ("--max-minutes", "max_minutes", click.FloatRange(min=0, min_open=True),
+     "Stop after the step that ends this many minutes into the run (wall clock), validating and exporting as at the end."),
     ("--early-stopping-patience", "early_stopping_patience", click.IntRange(min=1),
      "Stop after this many validations without a better validation metric."),
     ("--mode", "mode", click.Choice(["end_to_end", "blockwise"]),
@@ -205,11 +207,16 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
         click.echo(f"data: {blocks.source}")
         click.echo(f"      {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks of {config.block_size} tokens")
 
+    # Recorded in every checkpoint; --resume refuses other values (the token digests catch a changed
+    # file behind the same name). The student and teacher are compared by their weights instead.
+    run_settings = {"--data": str(data), "--data-config": data_config, "--text-field": text_field,
+                    "--max-tokens": max_tokens, "--val-fraction": val_fraction, "--streaming": bool(streaming)}
     if blockwise:
-        _run_blockwise(student_model, teacher_model, blocks, config, out, resume, tokenizer)
+        _run_blockwise(student_model, teacher_model, blocks, config, out, resume, tokenizer, run_settings)
         accelerator.end_training()
         return
-    result = train(student_model, teacher_model, blocks, config, out, resume=resume, accelerator=accelerator, tokenizer=tokenizer)
+    result = train(student_model, teacher_model, blocks, config, out, resume=resume, accelerator=accelerator, tokenizer=tokenizer,
+                   run_settings=run_settings, check_student=True)
     if accelerator.is_main_process:
         click.echo(
             f"done: {result.steps} steps, {result.tokens_seen:,} tokens, last loss {result.losses[-1]:.4f}"
@@ -223,8 +230,10 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
     accelerator.end_training()
 
 
-def _run_blockwise(student, teacher, blocks, config: TrainingConfig, out: str, resume: bool, tokenizer) -> None:
-    result = distill_blockwise(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer)
+def _run_blockwise(student, teacher, blocks, config: TrainingConfig, out: str, resume: bool, tokenizer,
+                   run_settings: dict) -> None:
+    result = distill_blockwise(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer,
+                               run_settings=run_settings)
     trained = [b for b in result.blocks if b.trained]
     click.echo(f"teacher hidden-state cache: {result.cache_seconds:.0f} s; block-wise training of {len(trained)} of "
                f"{len(result.blocks)} blocks: {result.train_seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s "

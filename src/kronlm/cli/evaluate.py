@@ -6,11 +6,23 @@ import time
 
 import click
 
-from kronlm.cli.options import data_options, perplexity_options, protocol_label, window_length
+from kronlm.cli.options import (
+    data_options,
+    device_option,
+    perplexity_options,
+    protocol_label,
+    resolve_device,
+    window_length,
+)
 from kronlm.compress.report import count_parameters
 from kronlm.data.sources import resolve_source
 from kronlm.data.text import load_text
-from kronlm.evaluate.harness import harness_table, lambada_task, require_lm_eval, run_harness
+from kronlm.evaluate.harness import (
+    harness_table,
+    lambada_task,
+    require_lm_eval,
+    run_harness,
+)
 from kronlm.evaluate.perplexity import perplexity_of_text
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
 from kronlm.utils.io import write_json
@@ -29,9 +41,10 @@ from kronlm.utils.io import write_json
 @click.option("--baseline", default=None, help="Also evaluate this model (e.g. the dense original) and print both side by side.")
 @data_options
 @perplexity_options
+@device_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results to this JSON file.")
 def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit, num_fewshot, baseline, data_dir, text_field, split,
-            max_tokens, max_length, stride, protocol, batch_size, json_out):
+            max_tokens, max_length, stride, protocol, batch_size, device, json_out):
     """Perplexity and/or lm-eval task scores of MODEL (hub id, folder, kronlm folder, .gguf file or alias such as smollm2).
 
     --data DATA measures token perplexity: a text file (.txt, .raw), a JSON Lines / CSV / TSV /
@@ -59,7 +72,7 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
     for label, spec in specs.items():
         source = resolve_model_spec(spec)
         t0 = time.perf_counter()
-        net, tokenizer = load_model_and_tokenizer(spec)
+        net, tokenizer = load_model_and_tokenizer(spec, device=resolve_device(device))
         params = count_parameters(net)
         click.echo(f"{label}: loaded {source.description} ({params:,} params) in {time.perf_counter() - t0:.1f} s")
         if text is not None:

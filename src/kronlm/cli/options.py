@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import click
+import torch
 
 from kronlm.utils.paths import DATA_DIR_ENV
 
@@ -52,6 +53,24 @@ def data_options(fn):
     @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=default_data_dir,
                   show_default="$KRONLM_DATA_DIR, else ../shared/data", help=DATA_DIR_HELP)
     @click.option("--text-field", default="text", show_default=True, help=TEXT_FIELD_HELP)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def device_option(fn):
+    """Add --device (auto, cpu, cuda, cuda:1, ...; default auto: the GPU when there is one)."""
+
+    @click.option("--device", default="auto", show_default=True, help="Where the models run: auto (a GPU when one is visible, else the CPU), cpu, cuda, cuda:N.")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)

@@ -25,7 +25,7 @@ def command(out_features, in_features, rank, ratio, prefer, limit):
     shapes = shapes_within_ratio(out_features, in_features, ratio, rank) if ratio else factor_shapes(out_features, in_features, rank)
     click.echo(f"{'A (m1,n1)':>14} {'B (m2,n2)':>14} {'params':>12} {'ratio':>8} {'MACs/token':>12} {'max rank':>9}")
     for s in shapes[:limit]:
-        click.echo(f"{str(s.a_shape):>14} {str(s.b_shape):>14} {s.params:>12,} {s.compression_ratio:>8.1f} {s.macs:>12,} {s.max_rank:>9}")
+        click.echo(f"{s.a_shape!s:>14} {s.b_shape!s:>14} {s.params:>12,} {s.compression_ratio:>8.1f} {s.macs:>12,} {s.max_rank:>9}")
     if ratio:
         best = choose_factor_shapes(out_features, in_features, ratio, rank, prefer=prefer)
         click.echo(f"chosen for ratio {ratio} (prefer {prefer}): A {best.a_shape} ⊗ B {best.b_shape}, {best.params:,} params")

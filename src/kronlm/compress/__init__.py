@@ -6,12 +6,21 @@ The Hugging Face side (a compressed model that saves and loads like any other) i
 """
 
 from kronlm.compress.budget import (
+    FACTOR_FAMILIES,
     BudgetAllocation,
+    BudgetSettings,
     allocate_budget,
     budget_candidates,
     plan_budget,
+    price_modules,
 )
-from kronlm.compress.calibration import calibration_input_ids, collect_calibration
+from kronlm.compress.calibration import (
+    CalibrationSource,
+    calibration_input_ids,
+    calibration_mix,
+    collect_calibration,
+    generate_calibration,
+)
 from kronlm.compress.config import CompressionConfig, KroneckerTarget
 from kronlm.compress.presets import (
     PRESETS,
@@ -21,26 +30,34 @@ from kronlm.compress.presets import (
     preset_parameter_counts,
 )
 from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
+from kronlm.compress.sequential import SequentialCalibration
 from kronlm.compress.surgery import FactorChoice, compress_modules, plan_compression
 
 __all__ = [
+    "FACTOR_FAMILIES",
     "PRESETS",
     "BudgetAllocation",
+    "BudgetSettings",
+    "CalibrationSource",
     "CompressionConfig",
     "CompressionReport",
     "FactorChoice",
     "KroneckerTarget",
     "ModuleReport",
     "Preset",
+    "SequentialCalibration",
     "allocate_budget",
     "budget_candidates",
     "calibration_input_ids",
+    "calibration_mix",
     "collect_calibration",
     "compress_modules",
     "count_parameters",
+    "generate_calibration",
     "get_preset",
     "list_presets",
     "plan_budget",
     "plan_compression",
     "preset_parameter_counts",
+    "price_modules",
 ]

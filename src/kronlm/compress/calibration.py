@@ -16,9 +16,10 @@ raises the mean token NLL by about ½ · s · E_t ||ΔW x_t||², which is what b
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from kronlm.data.sources import TEXT_ALIASES, resolve_source
+from kronlm.data.text import load_text
 from kronlm.layers import dense_weight, is_conv1d
 from kronlm.utils.io import atomic_path
 
@@ -86,22 +89,40 @@ class ModuleCalibration:
         out_features: output width of the module.
         grad_sq: mean over tokens of ||∂L/∂y_t||² / out (per output unit), or None when
             sensitivity was not collected. L is the summed token NLL (nats).
+        cross_moment: (in, in) float64 E[x x̃ᵀ] between the dense model's input x and the
+            statistics' input x̃ on the same tokens, when ``inputs`` come from a partially
+            compressed model (``kronlm.compress.sequential``); None otherwise.
+        fitted: factors already fitted on these statistics, keyed by the option
+            (``kronlm.compress.surgery.fit_key``), so that a budget allocation's error check and
+            the compression that follows fit each module once. Not saved.
     """
 
     inputs: InputStatistics
     out_features: int
     grad_sq: float | None = None
+    cross_moment: torch.Tensor | None = None
+    fitted: dict = field(default_factory=dict, repr=False)
 
 
-def calibration_input_ids(tokenizer, text: str, num_sequences: int, seq_len: int) -> torch.Tensor:
-    """Cut the tokenised text into ``num_sequences`` consecutive, disjoint blocks of ``seq_len`` tokens.
+def calibration_input_ids(tokenizer, text: str, num_sequences: int, seq_len: int, seed: int | None = None, *, source: str = "calibration text") -> torch.Tensor:
+    """Cut the tokenised text into ``num_sequences`` disjoint blocks of ``seq_len`` tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: the calibration text.
+        num_sequences, seq_len: how many blocks of how many tokens.
+        seed: None takes the first num_sequences·seq_len tokens, consecutive (deterministic, the
+            behaviour before seeds existed); an integer draws num_sequences distinct block
+            positions out of the text's len // seq_len with ``torch.randperm`` under that seed, in
+            text order.
+        source: what the text is, for the error message.
 
     Returns:
-        (num_sequences, seq_len) int64 token ids, from the start of the text (deterministic).
+        (num_sequences, seq_len) int64 token ids.
 
     Raises:
         ValueError: non-positive sizes, or a text with fewer than num_sequences·seq_len tokens
-            (the message gives both numbers).
+            (the message names ``source`` and gives both numbers).
     """
     if num_sequences < 1 or seq_len < 2:
         raise ValueError(f"calibration needs at least 1 sequence of at least 2 tokens, got {num_sequences} x {seq_len}")
@@ -109,9 +130,230 @@ def calibration_input_ids(tokenizer, text: str, num_sequences: int, seq_len: int
     need = num_sequences * seq_len
     if ids.numel() < need:
         raise ValueError(
-            f"calibration text has {ids.numel():,} tokens, fewer than the {num_sequences} x {seq_len} = {need:,} asked for"
+            f"{source} has {ids.numel():,} tokens, fewer than the {num_sequences} x {seq_len} = {need:,} asked for"
         )
-    return ids[:need].reshape(num_sequences, seq_len).clone()
+    if seed is None:
+        return ids[:need].reshape(num_sequences, seq_len).clone()
+    blocks = ids[: (ids.numel() // seq_len) * seq_len].reshape(-1, seq_len)
+    generator = torch.Generator().manual_seed(int(seed))
+    picked = torch.randperm(blocks.shape[0], generator=generator)[:num_sequences].sort().values
+    return blocks[picked].clone()
+
+
+def _special_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    config = getattr(model, "config", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        ids.update(value if isinstance(value, (list, tuple)) else ([] if value is None else [value]))
+    return {int(i) for i in ids}
+
+
+@torch.no_grad()
+def generate_calibration(
+    model: nn.Module,
+    num_sequences: int,
+    seq_len: int,
+    *,
+    tokenizer=None,
+    seed: int = 0,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    greedy_tokens: int = 4,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Calibration sequences sampled from the model itself (data-free calibration, LLM-QAT).
+
+    As in LLM-QAT (Liu et al. 2023, "data-free quantization-aware training"): the first token of
+    each sequence is drawn uniformly from the vocabulary (special tokens excluded), the next
+    ``greedy_tokens`` are the model's top-1 choice, and the rest are sampled from its softmax at
+    ``temperature``. Special tokens (BOS / EOS / padding and the tokenizer's special ids) are
+    never generated, so every sequence is ``seq_len`` tokens of running text. All randomness
+    comes from one ``torch.Generator`` seeded with ``seed`` (sampling runs on the CPU), so the same
+    seed, batch size, model and machine give the same tokens.
+
+    Args:
+        model: a causal LM (``model(input_ids, cache=... or past_key_values=..., use_cache=True)``).
+        num_sequences, seq_len: how many sequences of how many tokens (seq_len >= 2).
+        tokenizer: its special ids are excluded too (optional).
+        seed: sampling seed.
+        batch_size: sequences generated together.
+        temperature: softmax temperature (> 0).
+        greedy_tokens: top-1 tokens after the random first one.
+        progress: tqdm bar over generated tokens.
+
+    Returns:
+        (num_sequences, seq_len) int64 token ids on the CPU.
+
+    Raises:
+        ValueError: non-positive sizes or temperature.
+    """
+    if num_sequences < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError(f"self-generated calibration needs sizes >= 1 and seq_len >= 2, got {num_sequences} x {seq_len} (batch {batch_size})")
+    if not temperature > 0:
+        raise ValueError(f"self-generated calibration: temperature must be > 0, got {temperature}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(head, "out_features", None) or model.config.vocab_size
+    banned = sorted(i for i in _special_ids(model, tokenizer) if 0 <= i < vocab)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[banned] = False
+    allowed_ids = allowed.nonzero().flatten()
+    generator = torch.Generator().manual_seed(int(seed))
+    device = next(model.parameters()).device
+    # transformers 5.x renamed past_key_values to cache (argument and output); accept either.
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    was_training = model.training
+    model.eval()
+    out = []
+    bar = tqdm(total=num_sequences * seq_len, desc="generate calibration", unit="tok", disable=not progress)
+    try:
+        for start in range(0, num_sequences, batch_size):
+            n = min(batch_size, num_sequences - start)
+            first = allowed_ids[torch.randint(len(allowed_ids), (n,), generator=generator)]
+            ids = first[:, None]
+            result = model(input_ids=ids.to(device), use_cache=True)
+            bar.update(n)
+            for step in range(1, seq_len):
+                logits = result.logits[:, -1].float().cpu()
+                logits[:, ~allowed] = float("-inf")
+                if step <= greedy_tokens:
+                    nxt = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator).flatten()
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                bar.update(n)
+                if step < seq_len - 1:
+                    past = result.get("cache", None) if cache_kwarg == "cache" else result.past_key_values
+                    result = model(input_ids=nxt[:, None].to(device), use_cache=True, **{cache_kwarg: past})
+            out.append(ids)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return torch.cat(out).long()
+
+
+SELF_SOURCE = "self"
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """One part of a calibration mix.
+
+    Attributes:
+        spec: a data source for ``kronlm.data.sources.resolve_source`` (file, alias, hub id), or
+            ``"self"`` for sequences generated by the model (:func:`generate_calibration`).
+        weight: share of the calibration sequences (relative to the mix's total weight).
+    """
+
+    spec: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> CalibrationSource:
+        """Read ``SPEC`` or ``SPEC=WEIGHT`` (the command line's ``--calibration``).
+
+        Raises:
+            ValueError: an empty spec or a weight that is not a positive number (names it).
+        """
+        spec, sep, weight = str(text).rpartition("=") if "=" in str(text) else (str(text), "", "")
+        if not spec:
+            raise ValueError(f"calibration source {text!r}: give SPEC or SPEC=WEIGHT")
+        if not sep:
+            return cls(spec)
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"calibration source {text!r}: weight {weight!r} is not a number") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"calibration source {text!r}: weight must be a positive number, got {weight}")
+        return cls(spec, value)
+
+
+def mix_counts(weights: list[float], total: int) -> list[int]:
+    """Split ``total`` sequences by ``weights`` (largest remainder: the counts sum to ``total``).
+
+    Raises:
+        ValueError: no weights, or a weight that is not positive.
+    """
+    if not weights or any(not w > 0 for w in weights):
+        raise ValueError(f"calibration mix weights must be positive, got {weights}")
+    shares = [w / sum(weights) * total for w in weights]
+    counts = [int(s) for s in shares]
+    for i in sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def calibration_mix(
+    model: nn.Module,
+    tokenizer,
+    sources: list[CalibrationSource] | list[str],
+    num_sequences: int,
+    seq_len: int,
+    *,
+    seed: int | None = None,
+    split: str = "validation",
+    data_dir=None,
+    text_field: str = "text",
+    generation_batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[torch.Tensor, str]:
+    """Calibration token ids drawn from several sources in proportion to their weights.
+
+    Each source gets ``mix_counts`` of the sequences: a data source its blocks from
+    :func:`calibration_input_ids` (the first ones, or seeded positions with ``seed``), ``"self"``
+    sequences from :func:`generate_calibration` (seed ``seed`` or 0). With more than one source
+    the rows are shuffled under the seed (0 when None), so that the first sequences, which the
+    sensitivity pass uses, come from every source.
+
+    Args:
+        model, tokenizer: the dense model (for ``"self"``) and its tokenizer.
+        sources: ``CalibrationSource`` items or their ``SPEC[=WEIGHT]`` strings.
+        num_sequences, seq_len: total sequences and tokens per sequence.
+        seed: see above.
+        split: dataset split of data sources (WikiText: "validation" by default).
+        data_dir: folder of local copies of public data (``kronlm.data.sources.data_dir``).
+        text_field: column / field of file sources (WikiText aliases always read "text").
+        generation_batch_size: sequences generated together for ``"self"``.
+        progress: tqdm bars.
+
+    Returns:
+        ((num_sequences, seq_len) int64 ids, one line describing where each part came from).
+
+    Raises:
+        ValueError: a bad spec or weight, a source whose share rounds to no sequence, a source
+            that yields fewer tokens than its share needs (names the source and both numbers),
+            or the errors of the data layer (unknown file format, missing split, ...).
+    """
+    items = [s if isinstance(s, CalibrationSource) else CalibrationSource.parse(s) for s in sources]
+    if not items:
+        raise ValueError("calibration: give at least one source")
+    counts = mix_counts([s.weight for s in items], num_sequences)
+    parts, described = [], []
+    for index, (item, count) in enumerate(zip(items, counts)):
+        if count == 0:
+            raise ValueError(
+                f"calibration source {item.spec!r} (weight {item.weight:g}) gets 0 of {num_sequences} sequences; raise its weight or the sequence count"
+            )
+        if item.spec == SELF_SOURCE:
+            gen_seed = 0 if seed is None else int(seed)
+            parts.append(generate_calibration(model, count, seq_len, tokenizer=tokenizer, seed=gen_seed + index,
+                                              batch_size=generation_batch_size, progress=progress))
+            described.append(f"{count} generated by the model (seed {gen_seed + index}, LLM-QAT sampling)")
+            continue
+        field_name = "text" if item.spec in TEXT_ALIASES else text_field
+        resolved = resolve_source(item.spec, split=split, data_dir=data_dir, text_field=field_name)
+        text = load_text(resolved)
+        sub_seed = None if seed is None else int(seed) + index
+        parts.append(calibration_input_ids(tokenizer, text, count, seq_len, sub_seed, source=f"calibration source {item.spec!r}"))
+        where = "first blocks" if sub_seed is None else f"blocks drawn with seed {sub_seed}"
+        described.append(f"{count} of {resolved.label} ({where})")
+    ids = torch.cat(parts)
+    if len(parts) > 1:
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        ids = ids[torch.randperm(ids.shape[0], generator=generator)]
+    return ids, f"{num_sequences} x {seq_len} tokens: " + "; ".join(described)
 
 
 def _in_features(module: nn.Module) -> int:
@@ -309,10 +551,15 @@ def load_calibration(path, metadata: dict[str, str] | None = None) -> dict[str, 
 
 
 __all__ = [
+    "SELF_SOURCE",
+    "CalibrationSource",
     "InputStatistics",
     "ModuleCalibration",
     "calibration_input_ids",
+    "calibration_mix",
     "collect_calibration",
+    "generate_calibration",
     "load_calibration",
+    "mix_counts",
     "save_calibration",
 ]

@@ -17,6 +17,8 @@ from kronlm.decompose.vanloan import SVD_METHODS
 from kronlm.utils.config import ConfigBase
 
 LM_HEAD_MODES = ("tied", "dense")
+# Initialisers a Kronecker + low-rank target accepts: the weighted joint fit and the Frobenius one.
+LOWRANK_INITS = ("activation_aware", "van_loan")
 
 
 def pattern_regex(pattern: str) -> re.Pattern:
@@ -81,10 +83,16 @@ class KroneckerTarget(ConfigBase):
         init: registered initialiser (``van_loan``, ``van_loan_rescaled``, ``pruning``, ``random``,
             ``activation_aware``).
         learnable_scales: add Krony-PT's learnable per-term scalars s_r.
+        lowrank: rank k of a low-rank part U (out, k) V (k, in) added to the Kronecker sum
+            (``KroneckerLowRankLinear``, linear layers only); 0 (the default) for none. The fit
+            is joint (``kronlm.decompose.lowrank``): under the input covariance with
+            ``init="activation_aware"``, in the Frobenius norm with ``init="van_loan"``.
 
     Raises:
         ValueError: no pattern, an invalid pattern, shapes that are not two positive integers,
-            neither shapes nor a ratio, a rank below 1, a ratio not above 1, an unknown init.
+            neither shapes nor a ratio, a rank below 1, a ratio not above 1, an unknown init, a
+            negative ``lowrank``, or a low-rank part with learnable scalars or an init other than
+            ``activation_aware`` / ``van_loan``.
     """
 
     config_name = "compression target"
@@ -97,6 +105,7 @@ class KroneckerTarget(ConfigBase):
     layers: list[int] | None = None
     init: str = "van_loan"
     learnable_scales: bool = False
+    lowrank: int = 0
 
     def validate(self) -> None:
         """Normalise the fields and check them (see the class docstring)."""
@@ -121,6 +130,12 @@ class KroneckerTarget(ConfigBase):
             self.layers = [int(i) for i in self.layers]
         if self.init not in INITIALIZERS:
             raise ValueError(f"target {self.modules}: unknown initialiser {self.init!r}; registered: {', '.join(sorted(INITIALIZERS))}")
+        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) or self.lowrank < 0:
+            raise ValueError(f"target {self.modules}: lowrank must be an integer >= 0, got {self.lowrank!r}")
+        if self.lowrank and self.init not in LOWRANK_INITS:
+            raise ValueError(f"target {self.modules}: a low-rank part (lowrank={self.lowrank}) is fitted by {' or '.join(LOWRANK_INITS)}, not {self.init!r}")
+        if self.lowrank and self.learnable_scales:
+            raise ValueError(f"target {self.modules}: learnable_scales is not supported with a low-rank part (lowrank={self.lowrank})")
         self._regexes = [pattern_regex(p) for p in self.modules]
 
     def matches(self, module_name: str) -> bool:
@@ -132,8 +147,8 @@ class KroneckerTarget(ConfigBase):
         return layer_index(module_name) in self.layers
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/YAML-ready dict of the set fields (shapes as lists, unset fields left out)."""
-        return {k: v for k, v in super().to_dict().items() if v is not None}
+        """JSON/YAML-ready dict of the set fields (shapes as lists, unset fields and ``lowrank`` 0 left out)."""
+        return {k: v for k, v in super().to_dict().items() if v is not None and not (k == "lowrank" and v == 0)}
 
 
 @dataclass

@@ -42,6 +42,7 @@ class ModuleReport:
         params_before, params_after: parameters of the module (weight + bias [+ scalars]).
         relative_error: ||W - Ŵ||_F / ||W||_F at initialisation (NaN without weights).
         seconds: wall time spent initialising it.
+        lowrank: rank k of the low-rank part U V of a ``KroneckerLowRankLinear``, else 0.
     """
 
     name: str
@@ -55,6 +56,7 @@ class ModuleReport:
     params_after: int
     relative_error: float
     seconds: float
+    lowrank: int = 0
 
 
 @dataclass
@@ -103,7 +105,7 @@ class CompressionReport:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompressionReport":
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
         """Rebuild a report written by :meth:`to_dict` (``allocation`` stays a dict).
 
         Raises:
@@ -128,7 +130,7 @@ class CompressionReport:
         for m in rows:
             lines.append(
                 f"{m.name[-44:]:<44} {_shape(m.weight_shape):>13} {_shape(m.a_shape):>13} {_shape(m.b_shape):>9} "
-                f"{m.rank:>2} {m.params_before:>10,}->{m.params_after:<10,} {m.relative_error:>7.4f}"
+                f"{_terms(m):>2} {m.params_before:>10,}->{m.params_after:<10,} {m.relative_error:>7.4f}"
             )
         if max_rows is not None and len(self.modules) > max_rows:
             lines.append(f"... {len(self.modules) - max_rows} more modules")
@@ -148,6 +150,10 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _terms(m: ModuleReport) -> str:
+    return f"{m.rank}" if not m.lowrank else f"{m.rank}+k{m.lowrank}"
 
 
 def _shape(shape) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +19,15 @@ from tqdm.auto import tqdm
 from kronlm.compress.calibration import ModuleCalibration, collect_calibration
 from kronlm.compress.config import CompressionConfig, KroneckerTarget
 from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
+from kronlm.decompose.activation_aware import corrected_target
 from kronlm.decompose.initializers import get_initializer
+from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
 from kronlm.decompose.shapes import choose_factor_shapes, resolve_factor_shapes
+from kronlm.decompose.vanloan import KroneckerFactors
 from kronlm.layers import (
     KroneckerEmbedding,
     KroneckerLinear,
+    KroneckerLowRankLinear,
     KroneckerTiedLMHead,
     dense_weight,
     is_factorable,
@@ -57,6 +62,74 @@ class FactorChoice:
     def init(self) -> str:
         """The initialiser's registered name."""
         return self.target.init
+
+    @property
+    def lowrank(self) -> int:
+        """Rank k of the low-rank part (``KroneckerLowRankLinear``), 0 for none."""
+        return self.target.lowrank
+
+
+def fit_key(a_shape, b_shape, rank: int, lowrank: int, init: str, svd: str) -> tuple:
+    """Key of a fitted option in ``ModuleCalibration.fitted``."""
+    return (tuple(a_shape), tuple(b_shape), int(rank), int(lowrank), init, svd)
+
+
+def fit_factors(
+    weight: torch.Tensor,
+    a_shape: tuple[int, int],
+    b_shape: tuple[int, int],
+    rank: int,
+    *,
+    lowrank: int = 0,
+    init: str = "activation_aware",
+    svd: str = "auto",
+    calibration: ModuleCalibration | None = None,
+    name: str = "weight",
+) -> KroneckerFactors | KroneckerLowRankFactors:
+    """The factors of one module: a registered initialiser, or the joint Kronecker + low-rank fit.
+
+    Factors already fitted on the same statistics for the same option (``calibration.fitted``,
+    filled by the budget allocation's error check) are returned as they are; new fits are stored
+    there. With a ``cross_moment`` (sequential calibration) the activation-aware fits target
+    ``corrected_target``; ``relative_error`` is always against ``weight``.
+
+    Args:
+        weight: (out, in) dense weight (``nn.Linear`` orientation).
+        a_shape, b_shape: (m1, n1), (m2, n2).
+        rank: Kronecker terms R.
+        lowrank: rank k of the low-rank part; 0 for a plain Kronecker sum.
+        init: registered initialiser ("activation_aware" / "van_loan" with ``lowrank``).
+        svd: SVD method of the initialiser.
+        calibration: the module's statistics, for initialisers that need them.
+        name: module name for error messages.
+
+    Raises:
+        ValueError: see the initialiser and ``kronecker_lowrank_factors``; an activation-aware
+            fit without statistics.
+    """
+    key = fit_key(a_shape, b_shape, rank, lowrank, init, svd)
+    cache = getattr(calibration, "fitted", None)
+    if cache is not None and key in cache:
+        return cache[key]
+    if not lowrank:
+        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd=svd, calibration=calibration, name=name)
+    else:
+        covariance = cross = None
+        if get_initializer(init).needs_calibration:
+            if calibration is None:
+                raise ValueError(f"{name}: initialiser {init!r} needs calibration data; pass calibration= to compress")
+            covariance = calibration.inputs.covariance()
+            if covariance is None:
+                raise ValueError(f"{name}: a Kronecker + low-rank fit needs the full input second moment (raise max_full_dim)")
+            cross = getattr(calibration, "cross_moment", None)
+        target = weight if cross is None else corrected_target(weight, covariance, cross).to(weight.dtype)
+        factors = kronecker_lowrank_factors(target, a_shape, b_shape, rank, lowrank, covariance=covariance, name=name)
+        W = weight.detach().double()
+        norm = W.norm().item()
+        factors.relative_error = (W - factors.to_dense().double()).norm().item() / norm if norm > 0 else 0.0
+    if cache is not None:
+        cache[key] = factors
+    return factors
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -95,7 +168,7 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> list[Factor
         if target is None:
             continue
         used[config.targets.index(target)] = True
-        if isinstance(module, (KroneckerLinear, KroneckerEmbedding, KroneckerTiedLMHead)):
+        if isinstance(module, (KroneckerLinear, KroneckerLowRankLinear, KroneckerEmbedding, KroneckerTiedLMHead)):
             raise ValueError(f"{name}: already a Kronecker module; compress the dense model instead")
         if not is_factorable(module):
             raise ValueError(f"{name}: pattern {target.modules} matched a {type(module).__name__}, which kronlm cannot factor (Linear, Conv1D, Embedding only)")
@@ -112,6 +185,11 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> list[Factor
                 f"{b_shape[0] * b_shape[1]}) matrix, {max_rank}"
             )
         kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
+        if target.lowrank:
+            if kind != "linear":
+                raise ValueError(f"{name}: a low-rank part (lowrank={target.lowrank}) is for linear layers, not a {type(module).__name__}")
+            if target.lowrank > min(rows, cols):
+                raise ValueError(f"{name}: low rank k={target.lowrank} exceeds min(out, in) = {min(rows, cols)} of the ({rows}, {cols}) weight")
         choices.append(FactorChoice(name, kind, (rows, cols), tuple(a_shape), tuple(b_shape), target))
     unused = [t.modules for t, hit in zip(config.targets, used) if not hit]
     if unused:
@@ -126,6 +204,8 @@ def empty_kronecker_module(dense: nn.Module, choice: FactorChoice) -> nn.Module:
     rows, cols = choice.weight_shape
     if choice.kind == "embedding":
         return KroneckerEmbedding(rows, cols, choice.a_shape, choice.b_shape, choice.rank, padding_idx=dense.padding_idx, **kw)
+    if choice.lowrank:
+        return KroneckerLowRankLinear(cols, rows, choice.a_shape, choice.b_shape, choice.rank, choice.lowrank, bias=dense.bias is not None, **kw)
     return KroneckerLinear(
         cols, rows, choice.a_shape, choice.b_shape, choice.rank,
         bias=dense.bias is not None, learnable_scales=choice.target.learnable_scales, **kw,
@@ -160,15 +240,16 @@ def compress_modules(
     model: nn.Module,
     config: CompressionConfig,
     *,
-    calibration: torch.Tensor | dict[str, ModuleCalibration] | None = None,
+    calibration: torch.Tensor | dict[str, ModuleCalibration] | Any | None = None,
     calibration_batch_size: int = 4,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace the modules ``config`` selects with Kronecker modules, in place.
 
-    Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` and each
-    ``nn.Embedding`` a ``KroneckerEmbedding``, initialised from the pretrained weight by the
-    target's initialiser; biases are copied. When the factored embedding is tied to the LM head,
+    Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (a
+    ``KroneckerLowRankLinear`` when the target has a ``lowrank`` part) and each ``nn.Embedding`` a
+    ``KroneckerEmbedding``, initialised from the pretrained weight by the target's initialiser
+    (:func:`fit_factors`); biases are copied. When the factored embedding is tied to the LM head,
     the head follows ``config.lm_head`` ("tied": it reuses the factors; "dense": it keeps the
     pretrained matrix, untied). On a model built on the meta device (architecture only) no
     factors are computed: use it to count parameters from a configuration alone.
@@ -178,8 +259,11 @@ def compress_modules(
         config: the ``CompressionConfig`` (or a preset's).
         calibration: for initialisers that need activation statistics (``activation_aware``):
             calibration token ids (num_sequences, seq_len), on which the dense model is run first
-            (:func:`calibration_for`), or statistics already collected, {module name:
-            ``ModuleCalibration``}.
+            (:func:`calibration_for`), statistics already collected, {module name:
+            ``ModuleCalibration``}, or any object with that mapping's ``get(name)``, asked for
+            the modules in model order after every earlier module was replaced (a
+            ``kronlm.compress.sequential.SequentialCalibration`` collects each block's statistics
+            from the partially compressed model that way).
         calibration_batch_size: sequences per forward pass while calibrating.
         progress: show a tqdm bar over modules.
 
@@ -214,13 +298,16 @@ def compress_modules(
         error = float("nan")
         if not weight.is_meta:
             init = get_initializer(choice.init)
-            stats = (calibration or {}).get(choice.name)
+            stats = calibration.get(choice.name) if calibration is not None else None
             if init.needs_calibration and stats is None:
                 raise ValueError(f"{choice.name}: initialiser {choice.init!r} needs calibration data; pass calibration= to compress")
             if not torch.isfinite(weight).all():
                 raise ValueError(f"{choice.name}: the dense weight {tuple(weight.shape)} holds NaN or inf values; refusing to factor it")
-            factors = init(weight, choice.a_shape, choice.b_shape, choice.rank, svd=config.svd, calibration=stats, name=choice.name)
-            for label, tensor in (("A", factors.A), ("B", factors.B), ("scales", factors.scales)):
+            factors = fit_factors(weight, choice.a_shape, choice.b_shape, choice.rank, lowrank=choice.lowrank, init=choice.init,
+                                  svd=config.svd, calibration=stats, name=choice.name)
+            tensors = [("A", factors.A), ("B", factors.B)]
+            tensors += [("U", factors.U), ("V", factors.V)] if choice.lowrank else [("scales", factors.scales)]
+            for label, tensor in tensors:
                 if not torch.isfinite(tensor).all():
                     raise ValueError(
                         f"{choice.name}: initialiser {choice.init!r} produced non-finite factor {label} "
@@ -241,7 +328,7 @@ def compress_modules(
                 a_shape=choice.a_shape, b_shape=choice.b_shape, rank=choice.rank,
                 init=choice.init, params_before=sum(p.numel() for p in old.parameters()),
                 params_after=sum(p.numel() for p in new.parameters()),
-                relative_error=error, seconds=time.perf_counter() - t0,
+                relative_error=error, seconds=time.perf_counter() - t0, lowrank=choice.lowrank,
             )
         )
 
@@ -275,6 +362,8 @@ __all__ = [
     "calibration_for",
     "compress_modules",
     "empty_kronecker_module",
+    "fit_factors",
+    "fit_key",
     "module_name",
     "plan_compression",
     "set_module",

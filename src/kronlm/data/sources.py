@@ -25,7 +25,7 @@ from typing import Any
 import datasets
 
 from kronlm.utils import paths
-from kronlm.utils.io import file_sha256
+from kronlm.utils.io import file_sha256, utf8_error_message
 
 # Re-exported: the one place that decides which data directory is used.
 data_dir = paths.data_dir
@@ -314,8 +314,8 @@ def _iter_delimited(path: Path, field: str, fmt: str) -> Iterator[str]:
                 if len(row) != len(header):
                     raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has {len(header)}")
                 yield row[column]
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not valid UTF-8 after line {reader.line_num} ({exc.reason})") from None
+        except UnicodeDecodeError:
+            raise ValueError(utf8_error_message(path, what=f"{fmt.upper()} file")) from None
         except csv.Error as exc:
             raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
 

@@ -16,11 +16,14 @@ from kronlm.decompose.initializers import (
     get_initializer,
     register_initializer,
 )
+from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
 from kronlm.decompose.pruning import pruning_factors
 from kronlm.decompose.shapes import (
     FactorShape,
     choose_factor_shapes,
     factor_shapes,
+    is_low_rank_shape,
+    kronecker_shape_window,
     resolve_factor_shapes,
 )
 from kronlm.decompose.vanloan import (
@@ -32,23 +35,27 @@ from kronlm.decompose.vanloan import (
 )
 
 __all__ = [
-    "activation_aware_factors",
-    "partial_traces",
-    "weighted_als",
-    "weighted_error",
-    "whitened_nearest_kronecker_product",
     "INITIALIZERS",
     "FactorShape",
     "Initializer",
     "KroneckerFactors",
+    "KroneckerLowRankFactors",
+    "activation_aware_factors",
     "choose_factor_shapes",
     "factor_shapes",
     "get_initializer",
+    "is_low_rank_shape",
     "kron_sum",
+    "kronecker_lowrank_factors",
+    "kronecker_shape_window",
     "nearest_kronecker_product",
+    "partial_traces",
     "pruning_factors",
     "rearrange",
     "register_initializer",
     "rescale_to_norm",
     "resolve_factor_shapes",
+    "weighted_als",
+    "weighted_error",
+    "whitened_nearest_kronecker_product",
 ]

@@ -55,6 +55,11 @@ from kronlm.decompose.vanloan import (
     squared_singular_values,
 )
 
+# ALS solves (R·n1, R·n1) and (R·n2, R·n2) systems (float64): above this side one sweep costs
+# minutes and gigabytes on a CPU (an 8192-side system is 0.5 GB and ~2e11 flops), so the
+# whitened Van Loan factors are kept as they are.
+ALS_MAX_SIDE = 2048
+
 
 def partial_traces(covariance: torch.Tensor, n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial traces of an (n1·n2, n1·n2) second-moment matrix: P1 (n1, n1) and P2 (n2, n2).
@@ -83,6 +88,41 @@ def psd_sqrt_and_inverse(P: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Ten
     floor = max(evals.max().item(), 0.0) * eps + torch.finfo(P.dtype).tiny
     root = evals.clamp_min(floor).sqrt()
     return (evecs * root) @ evecs.mT, (evecs / root) @ evecs.mT
+
+
+def corrected_target(weight: torch.Tensor, covariance: torch.Tensor, cross_moment: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
+    """The weight that the compressed model's inputs should meet: W* = W (S + δI)(C̃ + δI)⁻¹.
+
+    With x the dense model's input to a module and x̃ the partially compressed model's input to
+    the same module on the same tokens, C̃ = E[x̃ x̃ᵀ] and S = E[x x̃ᵀ] (both (in, in)), the output
+    error against the dense model's output, E||W x - Ŵ x̃||² + δ||Ŵ - W||²_F (the ridge towards W
+    that ``damping`` adds everywhere in kronlm), equals tr((Ŵ - W*)(C̃ + δI)(Ŵ - W*)ᵀ) plus a
+    constant. So fitting W* under C̃ corrects the error that earlier compressed blocks put into
+    x̃, as far as a linear map can; with x̃ = x, W* = W. δ = damping·mean(diag C̃).
+
+    Args:
+        weight: (out, in) W.
+        covariance: (in, in) C̃.
+        cross_moment: (in, in) S = E[x x̃ᵀ].
+        damping: δ relative to mean(diag C̃).
+
+    Returns:
+        (out, in) float64 W*.
+
+    Raises:
+        ValueError: moments whose shape is not (in, in).
+    """
+    in_f = weight.shape[1]
+    if tuple(covariance.shape) != (in_f, in_f) or tuple(cross_moment.shape) != (in_f, in_f):
+        raise ValueError(
+            f"corrected target: moments are {tuple(covariance.shape)} and {tuple(cross_moment.shape)}, expected ({in_f}, {in_f})"
+        )
+    C = covariance.double()
+    delta = damping * C.diagonal().mean().clamp_min(0).item()
+    eye = torch.eye(in_f, dtype=torch.float64)
+    rhs = weight.detach().double() @ (cross_moment.double() + delta * eye)
+    # X (C̃ + δI) = rhs, C̃ + δI symmetric positive definite.
+    return torch.linalg.solve(C + delta * eye, rhs.mT).mT
 
 
 def weighted_error(weight: torch.Tensor, factors: KroneckerFactors, covariance: torch.Tensor) -> float:
@@ -274,7 +314,7 @@ def activation_aware_factors(
     """Kronecker factors minimising the output error over calibration inputs (module docstring).
 
     Give either the full input second moment ``covariance`` (in, in) — whitening by its partial
-    traces, then ALS when both n1 > 1 and n2 > 1 — or only its partial traces ``p1`` (n1, n1) and
+    traces, then ALS when both n1 > 1 and n2 > 1 and R·max(n1, n2) <= ``ALS_MAX_SIDE`` — or only its partial traces ``p1`` (n1, n1) and
     ``p2`` (n2, n2) for inputs too wide to keep C (whitening only; exact if C is Kronecker).
 
     Args:
@@ -310,7 +350,7 @@ def activation_aware_factors(
         p2 = p2 + damping * p2.diagonal().mean().clamp_min(0) * torch.eye(n2, dtype=p2.dtype)
     factors = whitened_nearest_kronecker_product(weight, a_shape, b_shape, rank, p1, p2, svd=svd, name=name)
     if damped is not None:
-        if n1 > 1 and n2 > 1 and iterations > 0:
+        if n1 > 1 and n2 > 1 and iterations > 0 and rank * max(n1, n2) <= ALS_MAX_SIDE:
             A, B, _ = weighted_als(weight, damped, factors.A, factors.B, iterations=iterations)
             factors = KroneckerFactors(A=A, B=B, scales=factors.scales, singular_values=factors.singular_values)
         # Keep the promise of never doing worse than Van Loan on the calibration data.

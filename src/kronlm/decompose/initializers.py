@@ -13,11 +13,12 @@ an initialiser that needs it sets ``needs_calibration = True``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
-from kronlm.decompose.activation_aware import activation_aware_factors
+from kronlm.decompose.activation_aware import activation_aware_factors, corrected_target
 from kronlm.decompose.pruning import pruning_factors
 from kronlm.decompose.vanloan import (
     KroneckerFactors,
@@ -112,12 +113,22 @@ def activation_aware_init(weight, a_shape, b_shape, rank, *, svd="auto", calibra
 
     ``calibration`` is the module's ``kronlm.compress.calibration.ModuleCalibration`` (or anything
     with ``.inputs.covariance()`` / ``.inputs.partial_traces()``); see
-    ``kronlm.decompose.activation_aware`` for the method (after ASVD / SVD-LLM).
+    ``kronlm.decompose.activation_aware`` for the method (after ASVD / SVD-LLM). When the
+    statistics carry a ``cross_moment`` (sequential calibration, ``kronlm.compress.sequential``),
+    the factors fit ``corrected_target`` instead of W.
     """
     if calibration is None:
         raise ValueError(f"{name}: the activation_aware init needs calibration statistics")
     stats = getattr(calibration, "inputs", calibration)
     covariance = stats.covariance()
+    cross = getattr(calibration, "cross_moment", None)
+    if cross is not None and covariance is not None:
+        # Sequential calibration: fit the weight that maps the compressed model's inputs onto the
+        # dense model's outputs (``corrected_target``); the reported error stays against W.
+        target = corrected_target(weight, covariance, cross).to(weight.dtype)
+        factors = activation_aware_factors(target, a_shape, b_shape, rank, covariance=covariance, svd=svd, name=name)
+        factors.relative_error = relative_error(weight, factors.A, factors.B, factors.scales)
+        return factors
     if covariance is not None:
         return activation_aware_factors(weight, a_shape, b_shape, rank, covariance=covariance, svd=svd, name=name)
     p1, p2 = stats.partial_traces()

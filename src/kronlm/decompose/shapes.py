@@ -117,6 +117,53 @@ def factor_shapes(out_features: int, in_features: int, rank: int = 1, *, include
     return shapes
 
 
+def is_low_rank_shape(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
+    """True when A ⊗ B is an outer product u vᵀ, i.e. a rank-1 term of a truncated SVD:
+    A (out, 1) ⊗ B (1, in) or A (1, in) ⊗ B (out, 1) (SPEC §2: n1 = 1, m2 = 1 or the mirror)."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return (n1 == 1 and m2 == 1) or (m1 == 1 and n2 == 1)
+
+
+def kronecker_shape_window(
+    out_features: int, in_features: int, *, small_factor: int = 8, balanced_slack: float = 1.05
+) -> list[FactorShape]:
+    """The Kronecker factor shapes worth pricing for an (out, in) matrix, R = 1 entries.
+
+    Every pair of ``factor_shapes`` whose Kronecker product is not an outer product
+    (``is_low_rank_shape``: the truncated-SVD family) and which is either
+
+    - a *small-factor* shape: the smaller of the two factors has at most ``small_factor``
+      elements, in every orientation (output-side B (k, 1), input-side B (1, k), B (2, 2), and the
+      mirrored small A); such shapes offer only coarse sizes (R terms keep about R/k of W); or
+    - a *balanced* shape: the rearranged matrix (m1·n1, m2·n2) is nearly square, its per-term cost
+      m1·n1 + m2·n2 at most ``balanced_slack`` times the minimum 2·√(out·in) (e.g. A (48, 24) ⊗
+      B (32, 24) for (1536, 576)); such shapes offer fine steps of rank.
+
+    Args:
+        out_features, in_features: the weight shape (out, in).
+        small_factor: largest element count of the small factor (>= 2).
+        balanced_slack: >= 1.
+
+    Returns:
+        ``FactorShape`` entries (rank 1), sorted as ``factor_shapes`` sorts them.
+
+    Raises:
+        ValueError: non-positive sizes, ``small_factor`` < 2 or ``balanced_slack`` < 1.
+    """
+    if small_factor < 2 or balanced_slack < 1:
+        raise ValueError(f"kronecker_shape_window: small_factor must be >= 2 and balanced_slack >= 1, got {small_factor}, {balanced_slack}")
+    floor = 2.0 * (out_features * in_features) ** 0.5
+    out = []
+    for shape in factor_shapes(out_features, in_features):
+        p = shape.a_shape[0] * shape.a_shape[1]
+        q = shape.b_shape[0] * shape.b_shape[1]
+        if is_low_rank_shape(shape.a_shape, shape.b_shape) or min(p, q) < 2:
+            continue
+        if min(p, q) <= small_factor or p + q <= balanced_slack * floor:
+            out.append(shape)
+    return out
+
+
 # Halving a matrix with a 2-element B adds 2 parameters to exactly half: 0.5 % slack counts it as 2x.
 RATIO_SLACK = 1.005
 

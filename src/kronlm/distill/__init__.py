@@ -10,14 +10,22 @@ and extend ``__all__`` with them.
 from kronlm.distill.capture import ModelTrace, is_causal_model, trace
 from kronlm.distill.checkpoint import (
     Checkpoint,
+    CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_resumable_checkpoint,
     save_checkpoint,
 )
 from kronlm.distill.config import LossRecipeMixin, TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.export import ModelExporter, export_student
+from kronlm.distill.fingerprint import (
+    RunFingerprint,
+    data_fingerprint,
+    model_fingerprint,
+    tokens_fingerprint,
+)
 from kronlm.distill.losses import (
     attention_kl,
     attention_score_mse,
@@ -37,6 +45,7 @@ from kronlm.distill.objective import (
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
 from kronlm.distill.trainer import (
+    ResumeMismatch,
     StepStats,
     Trainer,
     TrainingDiverged,
@@ -78,9 +87,11 @@ __all__ = [
     "get_recipe",
     # checkpoint
     "Checkpoint",
+    "CheckpointError",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_resumable_checkpoint",
     "save_checkpoint",
     # config
     "LossRecipeMixin",
@@ -91,6 +102,11 @@ __all__ = [
     # export
     "ModelExporter",
     "export_student",
+    # fingerprint
+    "RunFingerprint",
+    "data_fingerprint",
+    "model_fingerprint",
+    "tokens_fingerprint",
     # optim
     "build_optimizer",
     "build_param_groups",
@@ -99,6 +115,7 @@ __all__ = [
     # task report
     # task student
     # trainer
+    "ResumeMismatch",
     "StepStats",
     "TrainResult",
     "Trainer",

@@ -33,6 +33,8 @@ block-wise pass), ``end_to_end/`` (the optional pass), ``final/`` (the last stud
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,8 +49,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from kronlm.compress.truncate import find_block_list
+from kronlm.distill.checkpoint import remove_interrupted_writes
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.fingerprint import model_fingerprint
 from kronlm.distill.hidden_cache import (
     CacheKey,
     block_output,
@@ -60,7 +64,7 @@ from kronlm.distill.trainer import Trainer, train
 from kronlm.distill.validation import Validator, evaluate_perplexity, evaluation_mode
 from kronlm.layers import KRONECKER_MODULES
 from kronlm.modeling import save
-from kronlm.utils.io import atomic_dir, read_json, write_json
+from kronlm.utils.io import atomic_dir, folder_lock, read_json, write_json
 
 BLOCK_STATE_FILE = "block.safetensors"
 DONE_FILE = "done.json"
@@ -69,12 +73,17 @@ SUMMARY_FILE = "blockwise_summary.json"
 
 class BlockPairs(Dataset):
     """(input hidden state, target hidden state) pairs of one block: item i is
-    ``{"inputs": (T, d), "targets": (T, d)}`` from (N, T, d) tensors."""
+    ``{"inputs": (T, d), "targets": (T, d)}`` from (N, T, d) tensors.
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+    ``fingerprint`` names what the pairs were computed from (the run key: teacher, tokens,
+    starting student, settings; the block; the split), so a resumed block run can check its
+    data without hashing gigabytes of hidden states (:func:`kronlm.distill.fingerprint.data_fingerprint`).
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, fingerprint: str | None = None):
         if inputs.shape != targets.shape:
             raise ValueError(f"block inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ in shape")
-        self.inputs, self.targets = inputs, targets
+        self.inputs, self.targets, self.fingerprint = inputs, targets, fingerprint
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -157,9 +166,12 @@ class BlockValidator(Validator):
         return {"loss": total / count, "mse": mse / count, "sequences": count}
 
 
-def trainable_block_parameters(block: nn.Module, train_norms: bool) -> dict[str, nn.Parameter]:
+def trainable_block_parameters(block: nn.Module, train_norms: bool, train_uncompressed: bool = False) -> dict[str, nn.Parameter]:
     """The parameters block-wise distillation trains in ``block``, by name: every parameter of its
-    Kronecker modules (factors, scalars, bias), and with ``train_norms`` its norm weights."""
+    Kronecker modules (factors, scalars, bias), with ``train_norms`` its norm weights, and with
+    ``train_uncompressed`` all of them."""
+    if train_uncompressed:
+        return dict(block.named_parameters())
     names: dict[str, nn.Parameter] = {}
     for module_name, module in block.named_modules():
         is_norm = "norm" in type(module).__name__.lower()
@@ -273,6 +285,7 @@ def distill_blockwise(
     resume: bool = False,
     tokenizer=None,
     progress: bool = True,
+    run_settings: dict[str, Any] | None = None,
 ) -> BlockwiseResult:
     """Recover ``student`` block by block against ``teacher`` (module docstring); in place.
 
@@ -289,6 +302,8 @@ def distill_blockwise(
         resume: continue an interrupted run in ``out_dir``.
         tokenizer: saved with the exported students.
         progress: tqdm bars.
+        run_settings: settings outside ``config`` that change the result (the command line's
+            ``--max-tokens``, ...), recorded by every engine run and compared on resume.
 
     Returns:
         A :class:`BlockwiseResult`.
@@ -296,14 +311,32 @@ def distill_blockwise(
     Raises:
         ValueError: a student that is not a compressed version of the teacher (depth, hidden size
             or a module's shape differ), a model without a recognisable block list, a cache made
-            for another teacher or other tokens, a resumed run whose cache or settings differ.
-        OSError: the disk cannot hold the hidden-state cache.
+            for another teacher or other tokens, a resumed run whose cache, starting student or
+            settings differ (named).
+        OSError: the disk cannot hold the hidden-state cache; another process is writing
+            ``out_dir`` (``FolderBusyError``).
         kronlm.distill.TrainingDiverged: a block's loss became NaN / inf.
     """
-    settings = config.blockwise
     out_dir = Path(out_dir)
+    # One writer per run folder; what a killed run left (temporary exports, stale locks) goes first.
+    with folder_lock(out_dir.absolute()):
+        remove_interrupted_writes(out_dir, exports=("blockwise", "final", "best", SUMMARY_FILE))
+        return _distill_blockwise(student, teacher, blocks, config, out_dir, resume=resume, tokenizer=tokenizer,
+                                  progress=progress, run_settings=run_settings)
+
+
+def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir: Path, *, resume: bool, tokenizer,
+                       progress: bool, run_settings: dict[str, Any] | None) -> BlockwiseResult:
+    settings = config.blockwise
     train_ids, val_ids = _split(blocks)
     student_blocks, _ = _check_student(student, teacher)
+    if not resume:
+        # Refused before any finished block is loaded into the student, so the student a caller
+        # passes again with resume=True is still the starting point.
+        for index in range(len(student_blocks)):
+            folder = out_dir / "blocks" / f"block-{index:03d}"
+            if not (folder / DONE_FILE).is_file() and folder.is_dir() and any(folder.iterdir()):
+                raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
     device = next(student.parameters()).device
     result = BlockwiseResult()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +351,7 @@ def distill_blockwise(
     result.cache_seconds = time.perf_counter() - started
     n_train = train_ids.shape[0]
     block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
-    run_key = _run_key(cache.key, config)
+    run_key = _run_key(cache.key, config, model_fingerprint(student), run_settings)
     result.val_ppl_before = _validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
 
     for p in student.parameters():
@@ -328,7 +361,7 @@ def distill_blockwise(
     for index, block in enumerate(tqdm(student_blocks, desc="blocks", unit="block", disable=not progress)):
         targets = cache.boundary(index + 1)
         x = inputs if settings.inputs == "student" else cache.boundary(index)
-        record = _train_block(index, block, block_kwargs, x, targets, n_train, config, out_dir, resume, run_key)
+        record = _train_block(index, block, block_kwargs, x, targets, n_train, config, out_dir, resume, run_key, run_settings)
         result.blocks.append(record)
         result.block_tokens += record.tokens
         if settings.inputs == "student":
@@ -346,10 +379,12 @@ def distill_blockwise(
     save(student, out_dir / "blockwise", tokenizer=tokenizer, summary=summary, overwrite=True)
     best_dir, best_ppl = out_dir / "blockwise", result.val_ppl_blockwise
     if settings.end_to_end_steps > 0:
-        e2e = config.replace(mode="end_to_end", max_steps=settings.end_to_end_steps, epochs=None,
+        lr = settings.end_to_end_lr or config.lr
+        e2e = config.replace(mode="end_to_end", max_steps=settings.end_to_end_steps, epochs=None, lr=lr,
+                             min_lr=min(config.min_lr * lr / config.lr, lr),
                              warmup_steps=min(config.warmup_steps, settings.end_to_end_steps - 1))
         run = train(student, teacher, {"train": train_ids, "val": val_ids}, e2e, out_dir / "end_to_end", resume=resume,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, run_settings=run_settings, check_student=True)
         result.val_ppl_end_to_end = run.best_val_ppl
         if run.best_val_ppl is not None and (best_ppl is None or run.best_val_ppl < best_ppl):
             best_dir, best_ppl = run.best_dir, run.best_val_ppl
@@ -376,29 +411,61 @@ def _split(blocks: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return train_ids.long(), None if val_ids is None else val_ids.long()
 
 
-def _run_key(cache_key: CacheKey, config: TrainingConfig) -> dict[str, Any]:
-    # A resumed run must continue the same run: the same teacher and tokens (the cache key) and
-    # the settings that change a block's result (not where logs go, not the end-to-end pass).
+def _run_key(cache_key: CacheKey, config: TrainingConfig, student: str, run_settings: dict[str, Any] | None) -> dict[str, Any]:
+    # A resumed run must continue the same run: the same teacher and tokens (the cache key), the
+    # same starting student, and the settings that change a block's result (not where logs go,
+    # not the end-to-end pass).
     settings = config.to_dict()
     settings.pop("log_dir", None)
     settings["blockwise"].pop("end_to_end_steps", None)
     settings["blockwise"].pop("cache_dir", None)
-    return {"cache": cache_key.to_dict(), "config": settings}
+    return {"cache": cache_key.to_dict(), "config": settings, "student": student,
+            "settings": json.loads(json.dumps(run_settings or {}, default=str))}
+
+
+def _run_key_differences(saved: Any, current: dict[str, Any]) -> list[str]:
+    """What differs between a finished block's run key and this run's, in words. Keys a block
+    written by an earlier kronlm lacks (``student``, ``settings``) are not compared."""
+    if not isinstance(saved, dict):
+        return ["no run key"]
+    out = []
+    cache, now = saved.get("cache", {}), current["cache"]
+    for key, label in (("teacher", "teacher"), ("tokens", "tokens"), ("dtype", "cache dtype")):
+        if cache.get(key) != now[key]:
+            out.append(f"{label} {str(cache.get(key))[:12]} -> {str(now[key])[:12]}")
+    if "student" in saved and saved["student"] != current["student"]:
+        out.append(f"starting student {str(saved['student'])[:12]} -> {current['student'][:12]}")
+    old_config, new_config = saved.get("config", {}), current["config"]
+    for key in sorted(set(old_config) | set(new_config)):
+        if json.dumps(old_config.get(key), sort_keys=True) != json.dumps(new_config.get(key), sort_keys=True):
+            out.append(f"{key} {old_config.get(key)!r} -> {new_config.get(key)!r}")
+    if "settings" in saved and saved["settings"] != current["settings"]:
+        keys = sorted(k for k in set(saved["settings"]) | set(current["settings"])
+                      if saved["settings"].get(k) != current["settings"].get(k))
+        out += [f"{k} {saved['settings'].get(k)!r} -> {current['settings'].get(k)!r}" for k in keys]
+    return out
+
+
+def _pairs_fingerprint(run_key: dict[str, Any], index: int, split: str) -> str:
+    text = json.dumps({"run": run_key, "block": index, "split": split}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _train_block(index: int, block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
-                 n_train: int, config: TrainingConfig, out_dir: Path, resume: bool, run_key: dict[str, Any]) -> BlockRecord:
+                 n_train: int, config: TrainingConfig, out_dir: Path, resume: bool, run_key: dict[str, Any],
+                 run_settings: dict[str, Any] | None) -> BlockRecord:
     settings = config.blockwise
-    params = trainable_block_parameters(block, settings.train_norms)
+    params = trainable_block_parameters(block, settings.train_norms, settings.train_uncompressed)
     if not any(isinstance(m, KRONECKER_MODULES) for m in block.modules()):
         return BlockRecord(index, trained=False)
     folder = out_dir / "blocks" / f"block-{index:03d}"
     done = folder / DONE_FILE
     if done.is_file():
         record = read_json(done)
-        if record.get("run") != run_key:
-            raise ValueError(f"{done}: written by a run with another teacher, other tokens or other settings; "
-                             "start a new run (another --out) instead of --resume")
+        differences = _run_key_differences(record.get("run") if isinstance(record, dict) else None, run_key)
+        if differences:
+            raise ValueError(f"{done}: written by a run with another teacher, other tokens or other settings "
+                             f"({'; '.join(differences)}); start a new run (another --out) instead of --resume")
         _load_block_state(block, folder / record["chosen"] / BLOCK_STATE_FILE)
         return BlockRecord(**record["record"])
     if not resume and folder.exists() and any(folder.iterdir()):
@@ -406,13 +473,15 @@ def _train_block(index: int, block: nn.Module, block_kwargs: dict[str, Any], inp
     for p in params.values():
         p.requires_grad_(True)
     step = BlockStep(block, block_kwargs)
-    train_pairs = BlockPairs(inputs[:n_train], targets[:n_train])
-    val_pairs = BlockPairs(inputs[n_train:], targets[n_train:]) if inputs.shape[0] > n_train else None
+    train_pairs = BlockPairs(inputs[:n_train], targets[:n_train], _pairs_fingerprint(run_key, index, "train"))
+    val_pairs = (BlockPairs(inputs[n_train:], targets[n_train:], _pairs_fingerprint(run_key, index, "val"))
+                 if inputs.shape[0] > n_train else None)
     validator = BlockValidator(val_pairs, settings.loss, config.micro_batch_size) if val_pairs is not None else None
     block_config = config.replace(log_dir=str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None,
                                   freeze_uncompressed=False)
     trainer = Trainer(step, block_config, train_pairs, folder, val_data=val_pairs, objective=BlockObjective(settings.loss),
-                      validator=validator, exporter=BlockStateExporter(list(params)), desc=f"block {index}")
+                      validator=validator, exporter=BlockStateExporter(list(params)), desc=f"block {index}",
+                      run_settings=run_settings, check_student=True)
     run = trainer.run(resume=resume and (folder / "checkpoints").is_dir())
     for p in params.values():
         p.requires_grad_(False)

@@ -42,9 +42,9 @@ so ``nn.Linear`` / ``Conv1D`` replaced by any module with the same call signatur
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -67,7 +67,10 @@ class ModelTrace:
 
     Attributes:
         logits: the model output's ``logits`` ((batch, seq, vocab) for LMs, (batch, labels) for
-            classifiers), or None when requested but the model has no head.
+            classifiers), or None when requested but the model has no such head.
+        start_logits / end_logits: (batch, seq) span scores of an extractive question-answering
+            model (``*ForQuestionAnswering``: answer start / end at each position), captured with
+            "logits"; None for any other model.
         embeddings: (batch, seq, hidden), the embedding-layer output fed to block 0
             (GPT-2: dropout(wte + wpe); BERT: LayerNorm(word + position + type); Llama: embed_tokens).
         hidden_states: list of n_layers tensors (batch, seq, hidden), the raw output of each block
@@ -83,6 +86,8 @@ class ModelTrace:
     """
 
     logits: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None
     attention_scores: list[torch.Tensor] | None = None
@@ -234,7 +239,8 @@ def trace(
         model_kwargs: extra keyword arguments for the forward (e.g. ``token_type_ids``).
 
     Returns:
-        a :class:`ModelTrace` with the requested items (``logits`` None when the model has none)
+        a :class:`ModelTrace` with the requested items (``logits`` None when the model has none;
+        "logits" also fills ``start_logits`` / ``end_logits`` of a question-answering model)
         and ``is_causal``.
 
     Raises:
@@ -300,6 +306,8 @@ def trace(
     result = ModelTrace(is_causal=is_causal_model(inner))
     if "logits" in need:
         result.logits = getattr(output, "logits", None)
+        result.start_logits = getattr(output, "start_logits", None)
+        result.end_logits = getattr(output, "end_logits", None)
     if want_states:
         states = output.hidden_states
         if "embeddings" in need:

@@ -13,7 +13,10 @@ holding
 - ``rng.safetensors``: Python, NumPy, torch CPU and CUDA generator states of every process, one
   row per process rank;
 - ``trainer_state.json``: step, tokens seen, data position, best validation metric, the
-  training config and a manifest (size in bytes and SHA-256) of the other five files.
+  training config and the run's fingerprint (:mod:`kronlm.distill.fingerprint`: digests of the
+  data, the teacher and the starting student, and the settings that change the result);
+- ``manifest.json``, written last: the size in bytes and SHA-256 of the other six files, so
+  ``trainer_state.json`` is covered like the weights.
 
 Why not Accelerate's ``save_state`` / ``load_state`` (checked in accelerate 1.15.0, the
 installed version): resuming must not execute code from a file, and Accelerate cannot promise
@@ -36,12 +39,21 @@ and the one ``latest`` names.
 Nothing here is pickled. The folder is assembled under a temporary name and swapped in
 (:func:`kronlm.utils.io.atomic_dir`); only then is the ``latest`` pointer file rewritten
 (atomically), so a run killed while writing leaves the previous checkpoint as latest. Every file
-is checked against the manifest (size, SHA-256) before it is parsed.
+is checked against the manifest (size, SHA-256) before it is used, and ``trainer_state.json`` is
+range-checked (:func:`check_trainer_state`): a step of -5 or a best step after the checkpoint's
+step is refused naming the file, the key and the value. :func:`load_resumable_checkpoint` falls
+back from a damaged latest checkpoint to the newest earlier one that verifies, and
+:func:`clean_interrupted_writes` removes the temporary folders a killed run left.
+
+Checkpoints of format 1 (before ``manifest.json``; ``trainer_state.json`` then held the manifest
+of the other five files) still load; their ``trainer_state.json`` is range-checked but has no
+checksum, and they record no run fingerprint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -57,8 +69,10 @@ from safetensors.torch import load_file, save_file
 from kronlm.utils.io import (
     atomic_dir,
     atomic_path,
+    clean_interrupted_writes,
     file_sha256,
     read_json,
+    read_text,
     remove_stale_locks,
 )
 
@@ -70,8 +84,18 @@ OPTIMIZER_META_FILE = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "kronlm.checkpoint/2"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_DATA_FILES = (MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META_FILE, SCHEDULER_FILE, RNG_FILE)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is damaged or inconsistent: a file whose size or SHA-256 differs
+    from the manifest, an unparsable file, or a ``trainer_state.json`` value out of range. The
+    message names the file (and the key and value)."""
 
 
 @dataclass
@@ -99,6 +123,11 @@ class Checkpoint:
     def step(self) -> int:
         """Optimizer steps completed when the checkpoint was written."""
         return int(self.trainer_state["step"])
+
+    @property
+    def format_version(self) -> int:
+        """1: ``trainer_state.json`` without checksum and run fingerprint; 2: the current format."""
+        return int(self.trainer_state.get("format_version", 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,9 +170,9 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     pointer = checkpoints_dir(out_dir) / LATEST_FILENAME
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = read_text(pointer, what="checkpoint pointer").strip()
     if not _STEP_DIR.match(name):
-        raise ValueError(f"{pointer}: expected a checkpoint folder name like step-0000100, got {name!r}")
+        raise ValueError(f"{pointer}: expected a checkpoint folder name like step-0000100, got {name[:60]!r}")
     path = pointer.parent / name
     if not path.is_dir():
         raise FileNotFoundError(f"{pointer} names {name}, but the folder {path} does not exist")
@@ -330,31 +359,33 @@ def save_checkpoint(
         optimizer_state: ``optimizer.state_dict()``.
         scheduler_state: ``scheduler.state_dict()`` (must be JSON-serialisable).
         rng_state: gathered :func:`capture_rng_state` tensors, one row per rank.
-        trainer_state: JSON-serialisable progress; ``step`` and a file manifest are added.
+        trainer_state: JSON-serialisable progress; ``step`` and ``format_version`` are added.
+            It must pass :func:`check_trainer_state`.
 
     Returns:
         The checkpoint folder.
 
     Raises:
-        ValueError: a scheduler/optimizer/trainer value cannot be stored as JSON.
+        ValueError: a scheduler/optimizer/trainer value cannot be stored as JSON, or the trainer
+            state is out of range (a checkpoint that could not be resumed is never written).
         OSError: the folder cannot be written (the previous checkpoint stays latest).
     """
     root = checkpoints_dir(out_dir)
     final = root / step_dirname(step)
     opt_tensors, opt_meta = optimizer_state_to_safetensors(optimizer_state)
     scheduler_json = _json_checked(dict(scheduler_state), "scheduler state")
+    state = _json_checked(dict(trainer_state, step=step, format_version=FORMAT_VERSION), "trainer state")
+    check_trainer_state(state, final / TRAINER_STATE_FILE, folder_step=step)
     with atomic_dir(final) as tmp:
         save_model_state(model_state, tmp / MODEL_FILE)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         _write_json_plain(tmp / OPTIMIZER_META_FILE, opt_meta)
         _write_json_plain(tmp / SCHEDULER_FILE, scheduler_json)
         save_file({k: v.contiguous() for k, v in rng_state.items()}, str(tmp / RNG_FILE), metadata={"format": "pt"})
-        manifest = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-            for name in (MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META_FILE, SCHEDULER_FILE, RNG_FILE)
-        }
-        state = dict(trainer_state, step=step, format_version=FORMAT_VERSION, files=manifest)
-        _write_json_plain(tmp / TRAINER_STATE_FILE, _json_checked(state, "trainer state"))
+        _write_json_plain(tmp / TRAINER_STATE_FILE, state)
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+                 for name in (*_DATA_FILES, TRAINER_STATE_FILE)}
+        _write_json_plain(tmp / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "step": step, "files": files})
     with atomic_path(root / LATEST_FILENAME) as tmp_pointer:
         tmp_pointer.write_text(final.name + "\n")
     return final
@@ -363,8 +394,10 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", model_and_optimizer: bool = True) -> Checkpoint:
     """Read and verify one checkpoint folder.
 
-    Every file listed in ``trainer_state.json``'s manifest is checked for presence, size and
-    SHA-256 before it is parsed.
+    ``manifest.json`` lists every other file with its size and SHA-256; each is checked before
+    it is used, ``trainer_state.json`` included, and the trainer state is then range-checked
+    (:func:`check_trainer_state`). A format-1 folder (no ``manifest.json``) is checked against the
+    manifest its ``trainer_state.json`` holds, which covers the other five files only.
 
     Args:
         path: a ``step-XXXXXXX`` folder (or an ``out_dir``, meaning its latest checkpoint).
@@ -375,7 +408,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing (names it).
-        ValueError: a file is truncated, corrupt (checksum mismatch) or unparsable (names it).
+        ValueError: a file is truncated, corrupt (checksum mismatch) or unparsable, or a trainer
+            state value is out of range (:class:`CheckpointError`; names the file, key, value).
     """
     path = Path(path)
     if not _STEP_DIR.match(path.name) and (path / CHECKPOINTS_DIRNAME).is_dir():
@@ -385,19 +419,44 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         path = latest
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint folder not found")
-    trainer_state = read_json(path / TRAINER_STATE_FILE)
-    if not isinstance(trainer_state, dict) or "files" not in trainer_state or "step" not in trainer_state:
-        raise ValueError(f"{path / TRAINER_STATE_FILE}: not a kronlm trainer state (no 'step'/'files')")
+    state_file = path / TRAINER_STATE_FILE
+    # Parsing JSON runs no code, so the state is read first: a garbled file is named as such.
+    trainer_state = read_json(state_file)
+    if not isinstance(trainer_state, dict) or "step" not in trainer_state:
+        raise CheckpointError(f"{state_file}: not a kronlm trainer state (no 'step')")
+    manifest_file = path / MANIFEST_FILE
+    if manifest_file.is_file() or trainer_state.get("format_version") != 1:
+        where = manifest_file
+        manifest = read_json(manifest_file)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise CheckpointError(f"{manifest_file}: not a kronlm checkpoint manifest (expected format {MANIFEST_FORMAT!r} with a files mapping)")
+        expected_names = {*_DATA_FILES, TRAINER_STATE_FILE}
+    else:  # format 1: trainer_state.json holds the manifest of the other files
+        where = state_file
+        files = trainer_state.get("files")
+        if not isinstance(files, dict):
+            raise CheckpointError(f"{state_file}: not a kronlm trainer state (no 'files' manifest)")
+        expected_names = set(_DATA_FILES)
+    unlisted = sorted(expected_names - set(files))
+    if unlisted:
+        raise CheckpointError(f"{where}: the manifest does not list {unlisted[0]}")
     skipped = () if model_and_optimizer else (MODEL_FILE, OPTIMIZER_FILE)
-    for name, expected in trainer_state["files"].items():
+    for name, expected in sorted(files.items()):
+        if name not in expected_names:
+            raise CheckpointError(f"{where}: lists {name!r}, which is not a checkpoint file")
+        if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int) or not isinstance(expected.get("sha256"), str):
+            raise CheckpointError(f"{where}: entry {name!r} needs integer bytes and a sha256 string")
         file = path / name
         if not file.is_file():
             raise FileNotFoundError(f"{file}: checkpoint file missing")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise ValueError(f"{file}: checkpoint file truncated or altered ({size} bytes, expected {expected['bytes']})")
+            raise CheckpointError(f"{file}: checkpoint file truncated or altered ({size} bytes, expected {expected['bytes']})")
         if name not in skipped and file_sha256(file) != expected["sha256"]:
-            raise ValueError(f"{file}: checkpoint file corrupt (SHA-256 does not match the manifest)")
+            raise CheckpointError(f"{file}: checkpoint file corrupt (SHA-256 does not match the manifest)")
+    match = _STEP_DIR.match(path.name)
+    check_trainer_state(trainer_state, state_file, folder_step=int(match.group(1)) if match else None)
     model_state: dict[str, torch.Tensor] = {}
     optimizer_state: dict[str, Any] = {}
     if model_and_optimizer:
@@ -411,17 +470,182 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     return Checkpoint(path, model_state, optimizer_state, scheduler_state, rng_state, trainer_state)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# key -> (check, requirement in words); checked when the key is present.
+_STATE_RULES: dict[str, tuple[Any, str]] = {
+    "format_version": (lambda v: v in READABLE_VERSIONS, f"one of {', '.join(map(str, READABLE_VERSIONS))}"),
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "tokens_seen": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "step_in_epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "blocks_per_step": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train_examples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "sampler_seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "validations_since_best": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "best_step": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "best_val": (lambda v: v is None or _is_finite_number(v), "null or a finite number"),
+    "best_val_ppl": (lambda v: v is None or _is_finite_number(v), "null or a finite number"),
+    "val_metric": (lambda v: v is None or isinstance(v, str), "null or a metric name"),
+    "greater_is_better": (lambda v: isinstance(v, bool), "true or false"),
+    "stopped_early": (lambda v: isinstance(v, bool), "true or false"),
+    "length_grouped": (lambda v: isinstance(v, bool), "true or false"),
+    "distributed_type": (lambda v: isinstance(v, str), "a string"),
+    "param_groups": (lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v), "a list of group names"),
+    "config": (lambda v: isinstance(v, dict), "a mapping"),
+    "run": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def check_trainer_state(state: dict[str, Any], file: str | Path, *, folder_step: int | None = None) -> None:
+    """Range-check a trainer state, so a damaged or hand-edited one is refused before it is used.
+
+    Every known key that is present must hold a value of its type and range (``step`` and
+    ``tokens_seen`` integers >= 0, ``world_size`` >= 1, ``best_val`` finite or null, ...), and
+    together they must agree: ``step`` equals the folder's step, ``best_step`` and ``step`` are at
+    most ``max_steps``, ``best_step`` at most ``step``, and ``epoch`` x steps per epoch +
+    ``step_in_epoch`` equals ``step`` (steps per epoch = ``train_examples // blocks_per_step``).
+
+    Args:
+        state: the parsed ``trainer_state.json``.
+        file: its path (named in messages).
+        folder_step: the step in the folder's name (``step-0000100`` -> 100), or None.
+
+    Raises:
+        CheckpointError: names the file, the key and the value, e.g. ``.../trainer_state.json:
+        step = -5 is out of range (an integer >= 0)``.
+    """
+    for key, (ok, requirement) in _STATE_RULES.items():
+        if key in state and not ok(state[key]):
+            raise CheckpointError(f"{file}: {key} = {state[key]!r} is out of range ({requirement})")
+    if "step" not in state:
+        raise CheckpointError(f"{file}: no 'step'")
+    step = state["step"]
+    if folder_step is not None and step != folder_step:
+        raise CheckpointError(f"{file}: step = {step} but the folder is {step_dirname(folder_step)}")
+    if state.get("best_step") is not None and state["best_step"] > step:
+        raise CheckpointError(f"{file}: best_step = {state['best_step']} is after the checkpoint's step {step}")
+    if state.get("max_steps") is not None and step > state["max_steps"]:
+        raise CheckpointError(f"{file}: step = {step} exceeds max_steps = {state['max_steps']}")
+    if all(k in state for k in ("epoch", "step_in_epoch", "train_examples", "blocks_per_step")):
+        per_epoch = state["train_examples"] // state["blocks_per_step"]
+        if per_epoch >= 1 and (state["epoch"] * per_epoch + state["step_in_epoch"] != step or state["step_in_epoch"] >= per_epoch):
+            raise CheckpointError(
+                f"{file}: epoch = {state['epoch']} and step_in_epoch = {state['step_in_epoch']} do not give step {step} "
+                f"({per_epoch} steps per epoch)"
+            )
+
+
+def resume_candidates(out_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """The checkpoint folders a resume may use, in the order to try them, and problems met.
+
+    The folder ``latest`` names comes first, then the earlier ones, newest first. Folders newer
+    than the one ``latest`` names are never used (they belong to a run that was resumed from an
+    earlier checkpoint). When ``latest`` is unreadable or names a missing folder, every folder is
+    a candidate, newest first, and the problem is returned.
+
+    Returns:
+        ``(folders, problems)``: problems are one-line descriptions.
+    """
+    found = list_checkpoints(out_dir)
+    problems = []
+    try:
+        latest = latest_checkpoint(out_dir)
+    except (ValueError, OSError) as exc:
+        problems.append(str(exc))
+        latest = None
+    if latest is not None:
+        latest_step = int(_STEP_DIR.match(latest.name).group(1))
+        found = [(s, p) for s, p in found if s <= latest_step]
+    return [p for _, p in sorted(found, reverse=True)], problems
+
+
+def load_resumable_checkpoint(
+    out_dir: str | Path, *, model_and_optimizer: bool = True, map_location: str | torch.device = "cpu"
+) -> tuple[Checkpoint, list[str]]:
+    """Load the newest checkpoint of a run folder that verifies, falling back past damaged ones.
+
+    Args:
+        out_dir: the run folder (holding ``checkpoints/``).
+        model_and_optimizer / map_location: as :func:`load_checkpoint`.
+
+    Returns:
+        ``(checkpoint, skipped)``: ``skipped`` says, one line each, which newer checkpoints (or
+        the ``latest`` pointer) were unusable and why; empty when the latest one loaded.
+
+    Raises:
+        FileNotFoundError: no checkpoint folder at all under ``out_dir/checkpoints``.
+        CheckpointError: there are checkpoints but none verifies (each is named with its reason).
+    """
+    candidates, problems = resume_candidates(out_dir)
+    if not candidates:
+        detail = f" ({problems[0]})" if problems else ""
+        raise FileNotFoundError(f"{out_dir}: no completed checkpoint under {checkpoints_dir(out_dir)}{detail}")
+    skipped = list(problems)
+    for folder in candidates:
+        try:
+            return load_checkpoint(folder, model_and_optimizer=model_and_optimizer, map_location=map_location), skipped
+        except (ValueError, OSError) as exc:
+            skipped.append(f"{folder.name} is unusable: {_first_line(exc)}")
+    raise CheckpointError(f"{checkpoints_dir(out_dir)}: no checkpoint verifies: {'; '.join(skipped)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def remove_interrupted_writes(out_dir: str | Path, *, exports: tuple[str, ...] = ("best", "final")) -> list[Path]:
+    """Remove what a killed run left in its folder: temporary checkpoint folders (``.step-*.tmp``),
+    temporary ``latest`` pointers and exports (``.best.*.tmp``), stale lock files, and the
+    ``.<name>.old`` folders of an interrupted swap (put back when nothing replaced them).
+
+    Temporaries of a folder whose lock a live process holds are left alone.
+
+    Args:
+        out_dir: the run folder.
+        exports: the export folders (and files) of ``out_dir`` whose temporaries are removed.
+
+    Returns:
+        The paths removed (or put back).
+    """
+    out_dir = Path(out_dir)
+    removed = clean_interrupted_writes(checkpoints_dir(out_dir))
+    names = (*exports, "training_config.yaml")
+    removed += clean_interrupted_writes(out_dir, names=names)
+    return removed
+
+
 def prune_checkpoints(out_dir: str | Path, keep: int, *, protect_steps: tuple[int, ...] = ()) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoint folders, sparing ``protect_steps`` and latest.
 
-    Also removes leftover temporary folders of interrupted writes. Returns the deleted folders.
+    Also removes folders newer than the one ``latest`` names (left by a run that a resume
+    continued from an earlier checkpoint) and leftover temporary folders of interrupted writes.
+    Returns the deleted folders.
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     found = list_checkpoints(out_dir)
     latest = latest_checkpoint(out_dir)
-    spared = {step for step, _ in found[-keep:]} | set(protect_steps)
     removed = []
+    if latest is not None:
+        # Folders after the one `latest` names belong to a timeline a resume abandoned (it fell
+        # back to an earlier checkpoint); this run writes those steps anew.
+        latest_step = int(_STEP_DIR.match(latest.name).group(1))
+        for step, folder in found:
+            if step > latest_step:
+                shutil.rmtree(folder)
+                removed.append(folder)
+        found = [(step, folder) for step, folder in found if step <= latest_step]
+    spared = {step for step, _ in found[-keep:]} | set(protect_steps)
     for step, folder in found:
         if step in spared or (latest is not None and folder == latest):
             continue
@@ -466,16 +690,21 @@ def _write_json_plain(path: Path, obj: Any) -> None:
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
     "capture_rng_state",
+    "check_trainer_state",
     "checkpoints_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_model_state",
+    "load_resumable_checkpoint",
     "optimizer_state_from_safetensors",
     "optimizer_state_to_safetensors",
     "prune_checkpoints",
+    "remove_interrupted_writes",
     "restore_rng_state",
+    "resume_candidates",
     "save_checkpoint",
     "save_model_state",
     "step_dirname",

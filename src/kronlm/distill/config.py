@@ -32,6 +32,13 @@ CACHE_DTYPE_NAMES = ("bfloat16", "float16", "float32")
 # Fields that fix which examples each optimizer step sees; a resumed run must keep them to
 # continue the interrupted one exactly.
 DATA_ORDER_FIELDS = ("block_size", "micro_batch_size", "grad_accum_steps", "seed")
+# Fields a resumed run may change: the run's length (the cosine is re-timed), when it validates,
+# checkpoints and logs, and when it stops early; every other field changes the weights a step
+# produces, so a resume with another value is refused (``blockwise.x`` = field x of the section).
+RESUME_FREE_FIELDS = (
+    "max_steps", "epochs", "max_minutes", "eval_every", "eval_batches", "early_stopping_patience", "save_every",
+    "keep_checkpoints", "log_dir", "blockwise.cache_dir", "blockwise.end_to_end_steps",
+)
 
 
 class LossRecipeMixin:
@@ -84,6 +91,11 @@ class BlockwiseConfig(ConfigBase):
             same teacher, tokens and dtype is reused.
         end_to_end_steps: steps of end-to-end distillation (the enclosing config's recipe) after
             the block-wise pass; 0 = none.
+        end_to_end_lr: peak learning rate of that pass; None = the enclosing config's ``lr``
+            (block reconstruction tolerates larger steps than end-to-end distillation).
+        train_uncompressed: also train the block's uncompressed weights (attention, dense MLP
+            matrices, norms); by default only compressed modules (and, with ``train_norms``, the
+            norms) learn.
 
     Raises:
         ValueError: an unknown choice or a negative step count (named).
@@ -95,6 +107,8 @@ class BlockwiseConfig(ConfigBase):
     cache_dtype: str = "bfloat16"
     cache_dir: str | None = None
     end_to_end_steps: int = 0
+    end_to_end_lr: float | None = None
+    train_uncompressed: bool = False
 
     config_name = "blockwise config"
 
@@ -105,6 +119,8 @@ class BlockwiseConfig(ConfigBase):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if isinstance(self.end_to_end_steps, bool) or not isinstance(self.end_to_end_steps, int) or self.end_to_end_steps < 0:
             raise ValueError(f"end_to_end_steps must be a non-negative integer, got {self.end_to_end_steps!r}")
+        if self.end_to_end_lr is not None and not (_is_number(self.end_to_end_lr) and self.end_to_end_lr > 0):
+            raise ValueError(f"end_to_end_lr must be a positive number or null, got {self.end_to_end_lr!r}")
 
 
 @dataclass
@@ -140,6 +156,9 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
         mixed_precision: "no", "bf16", or "auto" (bf16 on a CUDA device that supports it).
         eval_every: validation every this many steps (and after the last step).
         eval_batches: validation micro-batches per pass (all processes together); None = all.
+        max_minutes: stop after the first step that ends this many minutes (wall clock) after the
+            run (or its resumption) started, validating, checkpointing and exporting as after the
+            last step; None = no limit. For equal-time comparisons of recipes.
         early_stopping_patience: stop after this many validations in a row without a new best
             (validation data are held-out training data, never the test split); None = never.
         save_every: checkpoint every this many steps (and after the last step).
@@ -177,6 +196,7 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
     mixed_precision: str = "auto"
     eval_every: int = 500
     eval_batches: int | None = None
+    max_minutes: float | None = None
     early_stopping_patience: int | None = None
     save_every: int = 1000
     keep_checkpoints: int = 2
@@ -230,6 +250,8 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
             )
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
+        if self.max_minutes is not None and not (_is_number(self.max_minutes) and self.max_minutes > 0):
+            raise ValueError(f"max_minutes must be a positive number or null, got {self.max_minutes!r}")
         for name in ("eval_batches", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -418,4 +440,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["DATA_ORDER_FIELDS", "MIXED_PRECISION_CHOICES", "MODES", "BlockwiseConfig", "LossRecipeMixin", "TaskTrainConfig", "TrainingConfig"]
+__all__ = ["DATA_ORDER_FIELDS", "MIXED_PRECISION_CHOICES", "MODES", "RESUME_FREE_FIELDS", "BlockwiseConfig", "LossRecipeMixin", "TaskTrainConfig", "TrainingConfig"]

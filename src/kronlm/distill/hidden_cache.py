@@ -23,7 +23,6 @@ and keyword arguments works (Llama, GPT-2, BERT, ...).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kronlm.compress.truncate import find_block_list
-from kronlm.utils.io import atomic_path, read_json, write_json
+from kronlm.distill.fingerprint import model_fingerprint, tokens_fingerprint
+from kronlm.utils.io import (
+    atomic_path,
+    clean_interrupted_writes,
+    folder_lock,
+    read_json,
+    write_json,
+)
 
 CACHE_FORMAT = "kronlm.hidden_cache/1"
 CACHE_FILE = "hidden.safetensors"
@@ -50,29 +56,6 @@ _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float3
 def boundary_name(index: int) -> str:
     """The tensor name of boundary ``index`` (0 = the input of block 0)."""
     return f"h.{index:03d}"
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's config and every tensor of its state dict (names, shapes, dtypes, bytes).
-
-    Identifies a teacher for caches and resumed runs: any changed weight changes it. Reads every
-    parameter once (about 1 s for 135M float32 parameters on one core).
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
-def tokens_fingerprint(input_ids: torch.Tensor) -> str:
-    """SHA-256 of token ids (any integer dtype; hashed as int64) and their shape."""
-    ids = input_ids.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha256(f"{tuple(ids.shape)}".encode() + ids.numpy().tobytes()).hexdigest()
 
 
 class _BlockKwargs(Exception):
@@ -120,8 +103,8 @@ class CacheKey:
     """What a hidden-state cache was computed from.
 
     Attributes:
-        teacher: :func:`model_fingerprint` of the teacher.
-        tokens: :func:`tokens_fingerprint` of the (sequences, seq_len) token ids.
+        teacher: :func:`kronlm.distill.fingerprint.model_fingerprint` of the teacher.
+        tokens: :func:`kronlm.distill.fingerprint.tokens_fingerprint` of the (sequences, seq_len) token ids.
         dtype: the storage dtype name ("bfloat16", "float16", "float32").
     """
 
@@ -233,7 +216,8 @@ def build_hidden_cache(
     Raises:
         ValueError: an unknown dtype, input ids that are not (sequences, seq_len), a teacher
             without a block list, or a cache in ``folder`` made for another run.
-        OSError: the disk cannot hold the cache (the message gives both sizes in bytes).
+        OSError: the disk cannot hold the cache (the message gives both sizes in bytes);
+            another process is writing the cache (``FolderBusyError``).
     """
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
@@ -241,10 +225,20 @@ def build_hidden_cache(
         raise ValueError(f"input_ids must be (sequences, seq_len), got shape {tuple(input_ids.shape)}")
     folder = Path(folder)
     key = CacheKey(model_fingerprint(teacher), tokens_fingerprint(input_ids), dtype)
-    if (folder / MANIFEST_FILE).is_file():
-        cache = HiddenStateCache(folder)
-        cache.check(key)
-        return cache
+    # One writer per cache folder (two runs sharing a --cache-dir do not both compute it); a
+    # killed writer's partial file (gigabytes) is removed first.
+    with folder_lock(folder.absolute()):
+        clean_interrupted_writes(folder, names=(CACHE_FILE, MANIFEST_FILE))
+        if (folder / MANIFEST_FILE).is_file():
+            cache = HiddenStateCache(folder)
+            cache.check(key)
+            return cache
+        return _write_cache(teacher, input_ids, folder, key, batch_size, progress)
+
+
+def _write_cache(teacher: nn.Module, input_ids: torch.Tensor, folder: Path, key: CacheKey, batch_size: int,
+                 progress: bool) -> HiddenStateCache:
+    dtype = key.dtype
     _, blocks = find_block_list(teacher)
     hidden = teacher.config.get_text_config().hidden_size
     shape = (input_ids.shape[0], input_ids.shape[1], hidden)
@@ -307,6 +301,4 @@ __all__ = [
     "boundary_name",
     "build_hidden_cache",
     "capture_block_kwargs",
-    "model_fingerprint",
-    "tokens_fingerprint",
 ]

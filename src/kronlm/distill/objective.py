@@ -35,10 +35,98 @@ from kronlm.distill.losses import (
 )
 from kronlm.distill.recipes import LossWeights
 
-__all__ = ["DistillationObjective", "LossOutput", "uniform_layer_map"]
+__all__ = ["DistillationObjective", "LossOutput", "span_ce", "span_kd", "uniform_layer_map"]
 
 # Extra batch entries forwarded to both models when present (BERT sentence pairs, packed rows).
 _FORWARDED_BATCH_KEYS = ("token_type_ids", "position_ids")
+
+
+def _check_span_logits(logits: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    if logits.dim() != 2 or logits.shape != mask.shape:
+        raise ValueError(f"{what}: span logits must be (batch, seq) like the mask {tuple(mask.shape)}, got {tuple(logits.shape)}")
+
+
+def span_kd(
+    student: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Knowledge distillation on the start and end logits of an extractive question-answering model.
+
+    Each of start and end is one distribution over the positions of a window; padded positions
+    are left out of both distributions (their logits are set to -inf before the softmax). The
+    term is the mean of :func:`~kronlm.distill.losses.logit_kd` on the start and on the end
+    distributions, each averaged over the windows of the batch and multiplied by T².
+
+    Args:
+        student, teacher: (start_logits, end_logits), each (batch, seq) float.
+        mask: (batch, seq) bool or 0/1, True = real token; every row needs one.
+        temperature: T > 0.
+
+    Returns:
+        0-dim tensor: (KL_start + KL_end) / 2 in nats per window, times T².
+
+    Raises:
+        ValueError: shapes that differ from the mask's, or a row without a real token.
+
+    Source: KroneckerBERT's task ILKD on SQuAD (Tahaei et al., NAACL 2022: KD on the start and end
+    logits); Hinton et al. (2015) for T².
+    """
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("span_kd: a window of the batch has no real token")
+    rows = torch.ones(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
+    terms = []
+    for s, t, name in ((student[0], teacher[0], "start"), (student[1], teacher[1], "end")):
+        _check_span_logits(s, mask, f"span_kd {name} (student)")
+        _check_span_logits(t, mask, f"span_kd {name} (teacher)")
+        s = s.float().masked_fill(~mask, float("-inf"))[:, None]
+        t = t.float().masked_fill(~mask, float("-inf"))[:, None]
+        terms.append(logit_kd(s, t, rows, temperature))
+    return (terms[0] + terms[1]) / 2
+
+
+def span_ce(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy of the gold answer span: the loss ``BertForQuestionAnswering`` computes.
+
+    (CE(start_logits, start_positions) + CE(end_logits, end_positions)) / 2, each the mean over
+    the windows of the batch, with padded positions left out of the softmax (a gold position
+    is always a real token: the answer's tokens, or the CLS token when the window does not hold
+    the answer).
+
+    Args:
+        start_logits, end_logits: (batch, seq) float.
+        start_positions, end_positions: (batch,) int64 token positions (inclusive).
+        mask: (batch, seq) bool or 0/1, True = real token.
+
+    Returns:
+        0-dim tensor in nats per window.
+
+    Raises:
+        ValueError: shapes that disagree; a gold position outside [0, seq) or on a padded
+            position (names the window and the position).
+
+    Source: Devlin et al. (2019), SQuAD fine-tuning; the α_ce term of task ILKD (SPEC §4).
+    """
+    mask = mask.bool()
+    losses = []
+    for logits, positions, name in ((start_logits, start_positions, "start"), (end_logits, end_positions, "end")):
+        _check_span_logits(logits, mask, f"span_ce {name}")
+        if positions.dim() != 1 or positions.shape[0] != logits.shape[0]:
+            raise ValueError(f"span_ce: {name}_positions have shape {tuple(positions.shape)}, expected ({logits.shape[0]},)")
+        positions = positions.long()
+        outside = (positions < 0) | (positions >= logits.shape[1])
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0])
+            raise ValueError(f"span_ce: {name} position {int(positions[row])} of window {row} is outside [0, {logits.shape[1]})")
+        padded = ~mask.gather(1, positions[:, None])[:, 0]
+        if bool(padded.any()):
+            row = int(padded.nonzero()[0])
+            raise ValueError(f"span_ce: {name} position {int(positions[row])} of window {row} is a padded position")
+        losses.append(nn.functional.cross_entropy(logits.float().masked_fill(~mask, float("-inf")), positions))
+    return (losses[0] + losses[1]) / 2
 
 
 def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
@@ -101,10 +189,13 @@ class DistillationObjective:
     - hidden: :func:`hidden_mse` on the block outputs.
     - kd: :func:`logit_kd` at ``weights.temperature``. Logits of a sequence classifier
       (batch, labels) are treated as one position per row; a 1-label regressor's prediction is
-      matched by MSE instead.
+      matched by MSE instead. A question-answering model (start and end logits, no ``logits``)
+      is distilled with :func:`span_kd`.
     - ce: :func:`causal_lm_ce` for causal LMs; for a sequence classifier ((batch, labels)
       logits) with ``batch["labels"]``, :func:`sequence_classification_loss` (cross-entropy, or
-      MSE for a 1-label regressor). Any other model with logits and a non-zero CE weight raises.
+      MSE for a 1-label regressor); for a question-answering model with
+      ``batch["start_positions"]`` / ``batch["end_positions"]``, :func:`span_ce`. Any other
+      model with logits and a non-zero CE weight raises.
     - cosine: :func:`hidden_cosine` on the last hidden states.
 
     When neither model returns logits (a BERT encoder such as ``BertModel``) the kd and ce terms
@@ -180,16 +271,18 @@ class DistillationObjective:
             batch: dict with "input_ids" (batch, seq) and "attention_mask" (batch, seq, 1 = real
                 token; absent = no padding); "token_type_ids" / "position_ids" are forwarded to
                 both models when present; "labels" (batch,) feeds the CE term of a sequence
-                classifier. Other keys are ignored.
+                classifier, "start_positions" / "end_positions" (batch,) that of a
+                question-answering model. Other keys are ignored.
 
         Returns:
             :class:`LossOutput`.
 
         Raises:
             ValueError: missing teacher or input_ids; depth mismatch without a layer map or a bad
-                layer map; hidden-size mismatch; only one model has logits; CE weight on a
-                non-causal model or on non-token logits; student and teacher disagree on
-                causality; any loss-level error (shapes, masks).
+                layer map; hidden-size mismatch; only one model has logits (or start / end
+                logits); CE weight on a non-causal model or on non-token logits, or on a
+                question-answering student without gold positions; student and teacher disagree
+                on causality; any loss-level error (shapes, masks, gold positions).
         """
         if "input_ids" not in batch:
             raise ValueError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
@@ -229,7 +322,12 @@ class DistillationObjective:
             kd = self._kd_term(s_trace, t_trace, mask)
             if kd is not None:
                 terms["kd"] = kd
-        if w.ce > 0 and s_trace.logits is not None and s_trace.logits.dim() == 2 and batch.get("labels") is not None:
+        if w.ce > 0 and s_trace.start_logits is not None:
+            if batch.get("start_positions") is None or batch.get("end_positions") is None:
+                raise ValueError("ce term: a question-answering student needs 'start_positions' and 'end_positions' in the batch")
+            terms["ce"] = span_ce(s_trace.start_logits, s_trace.end_logits, batch["start_positions"],
+                                  batch["end_positions"], mask)
+        elif w.ce > 0 and s_trace.logits is not None and s_trace.logits.dim() == 2 and batch.get("labels") is not None:
             # A sequence classifier with gold labels (GLUE task distillation).
             terms["ce"] = sequence_classification_loss(s_trace.logits, batch["labels"])
         elif w.ce > 0 and s_trace.logits is not None:
@@ -270,6 +368,11 @@ class DistillationObjective:
         return total
 
     def _kd_term(self, s: ModelTrace, t: ModelTrace, mask: torch.Tensor) -> torch.Tensor | None:
+        if (s.start_logits is None) != (t.start_logits is None):
+            who = "student" if s.start_logits is None else "teacher"
+            raise ValueError(f"kd term: the {who} returns no start / end logits but the other model does")
+        if s.start_logits is not None:
+            return span_kd((s.start_logits, s.end_logits), (t.start_logits, t.end_logits), mask, self.weights.temperature)
         if s.logits is None and t.logits is None:
             return None
         if s.logits is None or t.logits is None:

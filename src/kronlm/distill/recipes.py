@@ -85,7 +85,7 @@ class LossWeights:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LossWeights":
+    def from_dict(cls, data: dict[str, Any]) -> LossWeights:
         """Inverse of :meth:`to_dict`.
 
         Raises:

@@ -50,6 +50,7 @@ groups, schedule, clipping, NaN stop, checkpoints and resume are the ones here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,20 +61,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from kronlm.distill.checkpoint import (
+    TRAINER_STATE_FILE,
     Checkpoint,
+    CheckpointError,
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
+    load_resumable_checkpoint,
     prune_checkpoints,
+    remove_interrupted_writes,
     restore_rng_state,
     save_checkpoint,
 )
-from kronlm.distill.config import DATA_ORDER_FIELDS, TrainingConfig
+from kronlm.distill.config import DATA_ORDER_FIELDS, RESUME_FREE_FIELDS, TrainingConfig
 from kronlm.distill.data_order import (
     as_dataset,
     epoch_indices,
@@ -97,6 +102,12 @@ from kronlm.distill.distributed import (
     tied_aliases,
 )
 from kronlm.distill.export import ModelExporter
+from kronlm.distill.fingerprint import (
+    RunFingerprint,
+    compare_fingerprints,
+    data_fingerprint,
+    model_fingerprint,
+)
 from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.optim import build_optimizer, build_scheduler, optimizer_param_names
 from kronlm.distill.validation import (
@@ -105,6 +116,7 @@ from kronlm.distill.validation import (
     Validator,
 )
 from kronlm.modeling.loading import has_lm_head
+from kronlm.utils.io import folder_lock
 
 Exporter = Callable[[nn.Module, Path, dict[str, Any]], Path]
 # Validation results that count things rather than measure the model; not logged as scalars.
@@ -114,6 +126,11 @@ _DEFAULT = object()
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stopped before the update."""
+
+
+class ResumeMismatch(ValueError):
+    """``resume`` was asked with other inputs than the checkpoint's run: other data, another
+    teacher or starting student, or settings that change the result; the message names each."""
 
 
 @dataclass
@@ -136,6 +153,8 @@ class TrainResult:
             validation value).
         best_val_ppl: ``best_val`` when the metric is perplexity, else None.
         stopped_early: the run stopped before ``max_steps`` (``early_stopping_patience``).
+        time_limited: this call stopped before ``max_steps`` at ``max_minutes``; a resumed run
+            continues from there.
         train_examples: training examples (blocks) the data order draws from.
         seconds: wall time of this call, in seconds.
         final_dir / best_dir: the exported models (None when not written).
@@ -153,6 +172,7 @@ class TrainResult:
     best_val: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
+    time_limited: bool = False
     train_examples: int = 0
     seconds: float = 0.0
     final_dir: Path | None = None
@@ -196,6 +216,29 @@ def batch_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
     return 0
 
 
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key == "blockwise":
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"lr 0.001 -> 0.002"`` for every config field that differs and changes the result (data
+    order fields are reported separately)."""
+    old, new = _flatten(saved), _flatten(current)
+    out = []
+    for key in new:
+        if key in RESUME_FREE_FIELDS or key in DATA_ORDER_FIELDS or key not in old:
+            continue  # a field the checkpoint's kronlm did not have keeps its default meaning
+        if json.dumps(old[key], sort_keys=True) != json.dumps(new[key], sort_keys=True):
+            out.append(f"{key} {old[key]!r} -> {new[key]!r}")
+    return out
+
+
 def _hparams(config: TrainingConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """TensorBoard accepts only scalars and strings as hyper-parameters."""
 
@@ -230,6 +273,20 @@ class Trainer:
         summary: entries added to every exported ``training_summary.json`` (default exporter).
         accelerator: an existing ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
         desc: progress-bar label and TensorBoard project name.
+        run_settings: settings outside ``config`` that change the result, recorded in every
+            checkpoint and compared on resume (the command line passes ``--data``,
+            ``--max-tokens``, ``--val-fraction``, ...); JSON values.
+        check_student: on resume, also refuse a student whose weights differ from the starting
+            point the run recorded (the command line, which reloads ``--student``, sets it; the
+            Python API by default accepts any model of the right architecture, since the
+            checkpoint replaces its weights).
+
+    A run records a :class:`~kronlm.distill.fingerprint.RunFingerprint` (SHA-256 of the training
+    and validation data, of the teacher, of the student before its first step, and
+    ``run_settings``) in each checkpoint; ``run(resume=True)`` refuses different inputs or
+    result-changing config fields (all but :data:`~kronlm.distill.config.RESUME_FREE_FIELDS`)
+    with a :class:`ResumeMismatch` naming each difference, and falls back from a damaged latest
+    checkpoint to the newest earlier one that verifies, saying so.
     """
 
     def __init__(
@@ -251,8 +308,12 @@ class Trainer:
         summary: dict[str, Any] | None = None,
         accelerator=None,
         desc: str = "distill",
+        run_settings: dict[str, Any] | None = None,
+        check_student: bool = False,
     ):
         self.model, self.config, self.out_dir, self.teacher = model, config, Path(out_dir), teacher
+        self.run_settings, self.check_student = dict(run_settings or {}), check_student
+        self.fingerprint: RunFingerprint | None = None
         self.train_data, self.val_data, self.lengths = train_data, val_data, lengths
         self.objective, self.validator, self.collate_fn = objective, validator, collate_fn
         self.exporter = ModelExporter(tokenizer, summary) if exporter is _DEFAULT else exporter
@@ -268,14 +329,17 @@ class Trainer:
 
         Raises:
             ValueError: inconsistent inputs (an objective needing a teacher without one, too
-                little data for one step, a resume with a different data order, an unsupported
-                process layout such as DeepSpeed, ...).
+                little data for one step, an unsupported process layout such as DeepSpeed, ...).
+            ResumeMismatch: ``resume`` with other data, teacher, starting student (with
+                ``check_student``), data order or result-changing settings than the checkpoint's.
+            CheckpointError: ``resume`` where no checkpoint verifies (each one named, with why).
             FileNotFoundError: ``resume`` without a completed checkpoint in ``out_dir``.
         """
         self._setup_accelerator()
         self._setup_objective()
         self._setup_data()
         self._setup_validator()
+        self.fingerprint = self._run_fingerprint()
         self._setup_model()
         checkpoint = self._read_checkpoint() if resume else None
         self.prepared, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -345,6 +409,23 @@ class Trainer:
         self.validator = DistillationLossValidator(self.teacher, self.objective, self.val_set,
                                                    config.micro_batch_size, config.eval_batches)
 
+    def _run_fingerprint(self) -> RunFingerprint:
+        """Digests of the data, the teacher and the starting student, computed by process 0 (which
+        alone is sure to hold the student's weights under FSDP) and sent to the others."""
+        fingerprint = None
+        if self.accelerator.is_main_process:
+            fingerprint = RunFingerprint(
+                train_data=data_fingerprint(self.train_data if isinstance(self.train_data, torch.Tensor) else self.train_set,
+                                            "training data"),
+                val_data=data_fingerprint(self.val_data if isinstance(self.val_data, torch.Tensor) else self.val_set,
+                                          "validation data"),
+                teacher=None if self.teacher is None else model_fingerprint(self.teacher),
+                student_start=model_fingerprint(self.model),
+                settings=json.loads(json.dumps(self.run_settings, default=str)),
+            ).to_dict()
+        fingerprint = broadcast_object_list([fingerprint])[0]
+        return RunFingerprint.from_dict(fingerprint)
+
     def _setup_model(self) -> None:
         accelerator, model = self.accelerator, self.model
         set_seed(self.config.seed, device_specific=True)
@@ -365,15 +446,46 @@ class Trainer:
         self.shell = meta_copy(model) if self.sharded and accelerator.is_main_process and self.exporter else None
 
     def _read_checkpoint(self) -> Checkpoint:
-        path = latest_checkpoint(self.out_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no completed checkpoint under {self.out_dir / 'checkpoints'}")
-        # Under FSDP only process 0 reads the weights; it broadcasts them after sharding.
-        checkpoint = load_checkpoint(path, model_and_optimizer=self.accelerator.is_main_process or not self.sharded)
-        self._check_resume_compatible(checkpoint.trainer_state, path)
+        """The newest checkpoint that verifies: process 0 chooses (reading and checking every
+        file), the others load the same folder. A damaged newer one is named and skipped."""
+        accelerator = self.accelerator
+        checkpoint, choice = None, None
+        if accelerator.is_main_process:
+            try:
+                checkpoint, skipped = load_resumable_checkpoint(self.out_dir)
+                self._require_trainer_keys(checkpoint)
+                choice = ("ok", str(checkpoint.path), skipped)
+            except (FileNotFoundError, CheckpointError) as exc:
+                choice = (type(exc).__name__, str(exc), [])
+        kind, detail, skipped = broadcast_object_list([choice])[0]
+        if kind == "FileNotFoundError":
+            raise FileNotFoundError(f"--resume: {detail}")
+        if kind != "ok":
+            raise CheckpointError(detail)
+        for line in skipped:
+            self._say_early(f"--resume: {line}")
+        if skipped:
+            self._say_early(f"--resume: resuming from {detail}, the newest checkpoint that verifies")
+        if checkpoint is None:
+            # Under FSDP only process 0 reads the weights; it broadcasts them after sharding.
+            checkpoint = load_checkpoint(detail, model_and_optimizer=not self.sharded)
+        self._check_resume_compatible(checkpoint)
         return checkpoint
 
-    def _check_resume_compatible(self, saved: dict[str, Any], path: Path) -> None:
+    @staticmethod
+    def _require_trainer_keys(checkpoint: Checkpoint) -> None:
+        for key in ("tokens_seen", "config"):
+            if key not in checkpoint.trainer_state:
+                raise CheckpointError(f"{checkpoint.path / TRAINER_STATE_FILE}: no {key!r}; not written by the trainer")
+
+    def _say_early(self, message: str) -> None:
+        # Before the progress bar exists.
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+
+    def _check_resume_compatible(self, checkpoint: Checkpoint) -> None:
+        """Refuse to continue a run with other inputs than it started with (names each difference)."""
+        saved, path = checkpoint.trainer_state, checkpoint.path
         saved_config = saved.get("config", {})
         changed = [
             f"{name} {saved_config.get(name)!r} -> {getattr(self.config, name)!r}"
@@ -384,10 +496,22 @@ class Trainer:
             changed.append(f"number of processes {saved.get('world_size')} -> {self.world}")
         if saved.get("train_examples", len(self.train_set)) != len(self.train_set):
             changed.append(f"training examples {saved['train_examples']} -> {len(self.train_set)}")
-        if changed:
-            raise ValueError(
-                f"cannot resume from {path}: the data order would change ({'; '.join(changed)}); "
-                "use the same settings or start a new run"
+        problems = [f"the data order would change ({'; '.join(changed)})"] if changed else []
+        settings = _config_differences(saved_config, self.config.to_dict())
+        if settings:
+            problems.append(f"settings differ ({'; '.join(settings)})")
+        if "run" in saved:
+            recorded = RunFingerprint.from_dict(saved["run"], f"{path / TRAINER_STATE_FILE}: run")
+            problems += compare_fingerprints(recorded, self.fingerprint, check_student=self.check_student)
+            # The run's starting point stays the one it was started from.
+            self.fingerprint.student_start = recorded.student_start
+        else:
+            self._say_early(f"--resume: {path} was written before kronlm recorded a run's inputs; its data, teacher "
+                            "and starting student cannot be compared with these")
+        if problems:
+            raise ResumeMismatch(
+                f"cannot resume from {path}: {'; '.join(problems)}; use the same inputs and settings, "
+                "or start a new run in another folder"
             )
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -435,12 +559,28 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
 
     def run(self, *, resume: bool = False) -> TrainResult:
-        """Set up, train to ``max_steps`` (or an early stop), export ``final/``; see :func:`train`."""
-        started = time.perf_counter()
+        """Set up, train to ``max_steps`` (or an early stop), export ``final/``; see :func:`train`.
+
+        Process 0 holds ``out_dir``'s lock for the whole run (a second run writing the same
+        folder is refused at once, :class:`kronlm.utils.io.FolderBusyError`) and first removes
+        what a killed run left there (temporary checkpoint and export folders, stale locks).
+        """
+        self._setup_accelerator()
+        main = self.accelerator.is_main_process
+        with folder_lock(self.out_dir.absolute()) if main else contextlib.nullcontext():
+            if main:
+                removed = remove_interrupted_writes(self.out_dir)
+                if removed:
+                    tqdm.write(f"removed {len(removed)} leftover(s) of an interrupted run in {self.out_dir}: "
+                               + ", ".join(p.name for p in removed))
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainResult:
+        started = self._started = time.perf_counter()
         self.setup(resume=resume)
         try:
             step, smoothed = self.result.steps, None
-            while step < self.max_steps and not self.result.stopped_early:
+            while step < self.max_steps and not (self.result.stopped_early or self.result.time_limited):
                 epoch, offset = divmod(step, self.steps_per_epoch)
                 batches = self.epoch_batches(epoch, offset)
                 for _ in range(offset, self.steps_per_epoch):
@@ -515,7 +655,10 @@ class Trainer:
     def _check_finite(self, step: int, loss: float, terms: dict[str, float], grad_norm: float) -> None:
         if math.isfinite(loss) and math.isfinite(grad_norm) and all(map(math.isfinite, terms.values())):
             return
-        last = latest_checkpoint(self.out_dir)
+        try:
+            last = latest_checkpoint(self.out_dir)
+        except (ValueError, OSError):
+            last = None
         detail = "".join(f", {n}={v:.6g}" for n, v in terms.items())
         raise TrainingDiverged(
             f"non-finite loss at step {step}: total={loss:.6g}{detail}, grad norm={grad_norm:.6g}; "
@@ -551,7 +694,13 @@ class Trainer:
                 self.result.stopped_early = True
                 self.say(f"step {step}: no better validation {self.result.val_metric} in {patience} "
                          f"validations, stopping early (best at step {self.result.best_step})")
-        stop = last or self.result.stopped_early
+        limit = config.max_minutes
+        if limit is not None and not last and not self.result.stopped_early and time.perf_counter() - self._started >= 60 * limit:
+            self.result.time_limited = True
+            self.say(f"step {step}: time limit of {limit:g} minutes reached, stopping")
+            if self.validator is not None and step % config.eval_every != 0:
+                self.validate(step)
+        stop = last or self.result.stopped_early or self.result.time_limited
         if step % config.save_every == 0 or stop:
             self.save_checkpoint(step)
         return stop
@@ -565,7 +714,7 @@ class Trainer:
         if validator.key not in metrics:
             raise ValueError(f"{type(validator).__name__} returned {sorted(metrics)}, without its metric {validator.key!r}")
         value = float(metrics[validator.key])
-        result.val_history.append({"step": step, **metrics})
+        result.val_history.append({"step": step, "tokens_seen": result.tokens_seen, **metrics})
         self.accelerator.log({f"val/{k}": v for k, v in metrics.items() if k not in _COUNTS}, step=step)
         improved = validator.improves(value, result.best_val)
         best = "" if result.best_val is None else f" (best {result.best_val:.4f} at step {result.best_step})"
@@ -624,6 +773,7 @@ class Trainer:
             "stopped_early": result.stopped_early,
             "param_groups": self.group_names,
             "config": self.config.to_dict(),
+            "run": self.fingerprint.to_dict(),
         }
 
     # ------------------------------------------------------------------------------------ export
@@ -647,7 +797,8 @@ class Trainer:
             {"step": result.steps, "tokens_seen": result.tokens_seen, "recipe": self.config.recipe,
              "best_step": result.best_step, "val_metric": result.val_metric, "best_val": result.best_val,
              "best_val_ppl": result.best_val_ppl, "stopped_early": result.stopped_early,
-             "val": result.val_history[-1] if result.val_history else None},
+             "time_limited": result.time_limited, "seconds": time.perf_counter() - self._started,
+             "val": result.val_history[-1] if result.val_history else None, "val_history": result.val_history},
         )
         if result.best_step is not None and self.exporter is not None:
             result.best_dir = self.out_dir / "best"
@@ -695,12 +846,16 @@ def train(
         out_dir: run folder: ``checkpoints/``, ``best/``, ``final/``, ``logs/``.
         resume: continue from ``out_dir/checkpoints/latest`` (model, optimizer, scheduler, RNG,
             data position, best so far), reproducing the losses of an uninterrupted run. The
-            checkpoint may come from a DDP or an FSDP run with the same number of processes.
+            checkpoint may come from a DDP or an FSDP run with the same number of processes. A
+            damaged latest checkpoint is named and the newest earlier one that verifies is used;
+            other data, another teacher or result-changing settings are refused
+            (:class:`ResumeMismatch`).
         accelerator: an existing ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
             One process, DDP, FSDP2, or FSDP1 with ``use_orig_params``.
         tokenizer: saved next to the exported students when given.
         **extensions: keyword arguments of :class:`Trainer` (``objective``, ``validator``,
-            ``collate_fn``, ``lengths``, ``exporter``, ``count_tokens``, ``summary``, ``desc``).
+            ``collate_fn``, ``lengths``, ``exporter``, ``count_tokens``, ``summary``, ``desc``,
+            ``run_settings``, ``check_student``).
 
     Returns:
         A :class:`TrainResult`.
@@ -709,9 +864,12 @@ def train(
         TrainingDiverged: the loss or gradient norm of a step is NaN / inf; no update is applied
             and the last checkpoint stays as it was.
         ValueError: inconsistent inputs (a recipe needing a teacher without one, too little data
-            for one step, a resume with a different data order, an unsupported process layout
-            such as DeepSpeed, ...).
+            for one step, an unsupported process layout such as DeepSpeed, ...);
+            :class:`ResumeMismatch`: ``resume`` with other inputs than the checkpoint's run;
+            :class:`~kronlm.distill.checkpoint.CheckpointError`: ``resume`` where no checkpoint
+            verifies (each named with its reason).
         FileNotFoundError: ``resume`` without a completed checkpoint in ``out_dir``.
+        kronlm.utils.io.FolderBusyError: another process is training into ``out_dir``.
     """
     train_data, val_data = split_data(blocks_or_datasets)
     trainer = Trainer(student, config, train_data, out_dir, teacher=teacher, val_data=val_data,
@@ -719,4 +877,4 @@ def train(
     return trainer.run(resume=resume)
 
 
-__all__ = ["StepStats", "TrainResult", "Trainer", "TrainingDiverged", "batch_tokens", "train"]
+__all__ = ["ResumeMismatch", "StepStats", "TrainResult", "Trainer", "TrainingDiverged", "batch_tokens", "train"]

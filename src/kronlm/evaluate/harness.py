@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from kronlm.utils.io import read_text
+
 LAMBADA_LOCAL = "lambada_local"
 # The metrics kronlm prints for a task, when lm-eval reports them (in this order).
 REPORTED_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "exact_match", "f1", "mcc")
@@ -59,14 +61,13 @@ def lambada_task(jsonl_path: str | os.PathLike, name: str = LAMBADA_LOCAL) -> di
     path = Path(jsonl_path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: LAMBADA JSON Lines file not found")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            record = read_json_line(line, path, number)
-            text = record.get("text")
-            if not isinstance(text, str) or len(text.split(" ")) < 2:
-                raise ValueError(f"{path}:{number}: needs a string \"text\" of at least two space-separated words")
+    for number, line in enumerate(read_text(path, what="JSON Lines file").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = read_json_line(line, path, number)
+        text = record.get("text")
+        if not isinstance(text, str) or len(text.split(" ")) < 2:
+            raise ValueError(f"{path}:{number}: needs a string \"text\" of at least two space-separated words")
     return {
         "task": name,
         "dataset_path": "json",
@@ -125,7 +126,7 @@ def run_harness(
     tasks: list[str | dict[str, Any]],
     *,
     include_path: str | os.PathLike | None = None,
-    limit: int | float | None = None,
+    limit: float | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 1,
     bootstrap_iters: int = 0,

@@ -5,6 +5,12 @@
 """
 
 from kronlm.export.gguf import export_gguf, read_gguf_tensors
-from kronlm.export.onnx import compare_onnx, export_onnx, greedy_generate, onnx_session, verify_onnx
+from kronlm.export.onnx import (
+    compare_onnx,
+    export_onnx,
+    greedy_generate,
+    onnx_session,
+    verify_onnx,
+)
 
 __all__ = ["compare_onnx", "export_gguf", "export_onnx", "greedy_generate", "onnx_session", "read_gguf_tensors", "verify_onnx"]

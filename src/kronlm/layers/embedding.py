@@ -90,7 +90,7 @@ class KroneckerEmbedding(nn.Module):
         return emb
 
     @torch.no_grad()
-    def resized(self, num_embeddings: int, *, mean_resizing: bool = True) -> "KroneckerEmbedding":
+    def resized(self, num_embeddings: int, *, mean_resizing: bool = True) -> KroneckerEmbedding:
         """A copy with ``num_embeddings`` rows: A (R, V/m2, d/n2) gains or loses rows, B is kept.
 
         Row i of E is Σ_r A_r[i // m2] ⊗ B_r[i % m2], so rows are added in blocks of m2. Kept rows

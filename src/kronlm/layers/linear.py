@@ -348,7 +348,7 @@ class KroneckerLinear(nn.Module):
         svd: str = "auto",
         calibration=None,
         name: str = "weight",
-    ) -> tuple["KroneckerLinear", KroneckerFactors]:
+    ) -> tuple[KroneckerLinear, KroneckerFactors]:
         """Build a layer approximating ``weight`` (out, in) with a registered initialiser.
 
         Returns the layer (on the weight's device and dtype) and the factors, whose
@@ -377,12 +377,12 @@ class KroneckerLinear(nn.Module):
         return layer, factors
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, a_shape, b_shape, rank: int = 1, **kwargs) -> "KroneckerLinear":
+    def from_linear(cls, linear: nn.Linear, a_shape, b_shape, rank: int = 1, **kwargs) -> KroneckerLinear:
         """Approximate an ``nn.Linear`` (weight stored (out, in)); kwargs as ``from_dense``."""
         return cls.from_dense(linear.weight, linear.bias, a_shape, b_shape, rank, **kwargs)[0]
 
     @classmethod
-    def from_conv1d(cls, conv, a_shape, b_shape, rank: int = 1, **kwargs) -> "KroneckerLinear":
+    def from_conv1d(cls, conv, a_shape, b_shape, rank: int = 1, **kwargs) -> KroneckerLinear:
         """Approximate a Hugging Face ``Conv1D`` (GPT-2), whose weight is stored (in, out)."""
         return cls.from_dense(conv.weight.t(), conv.bias, a_shape, b_shape, rank, **kwargs)[0]
 

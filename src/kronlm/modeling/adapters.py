@@ -35,11 +35,11 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.layers import KroneckerLinear
+from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear
 
 ALL_LINEAR = "all-linear"
 # Kronecker module types LoRA can wrap (each maps (..., in) -> (..., out) and has in/out_features).
-ADAPTABLE_MODULES = (KroneckerLinear,)
+ADAPTABLE_MODULES = (KroneckerLinear, KroneckerLowRankLinear)
 
 
 class KroneckerLoraLinear(LoraLinear):

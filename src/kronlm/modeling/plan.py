@@ -10,7 +10,8 @@ JSON layout (version 1, unchanged since the first release)::
     {"version": 1,
      "modules": {"model.layers.0.mlp.up_proj": {"kind": "linear", "out": 1536, "in": 576,
                  "a_shape": [768, 576], "b_shape": [2, 1], "rank": 1, "bias": false,
-                 "learnable_scales": false, "init": "van_loan", "padding_idx": null}, ...},
+                 "learnable_scales": false, "init": "van_loan", "padding_idx": null},
+                 "model.layers.0.mlp.gate_proj": {"kind": "kronecker_lowrank", ..., "lowrank": 64}, ...},
      "lm_head": {"module": "lm_head", "mode": "tied", "embedding": "model.embed_tokens", "bias": false} | null,
      "compression": {... the CompressionConfig ...}}
 """
@@ -28,19 +29,22 @@ from kronlm.compress.surgery import set_module
 from kronlm.layers import (
     KroneckerEmbedding,
     KroneckerLinear,
+    KroneckerLowRankLinear,
     KroneckerTiedLMHead,
     dense_weight,
 )
 
 PLAN_VERSION = 1
-MODULE_KINDS = ("linear", "embedding")
+MODULE_KINDS = ("linear", "embedding", "kronecker_lowrank")
+# Module classes a plan entry describes (KroneckerTiedLMHead is recorded under lm_head instead).
+PLANNED_MODULES = (KroneckerLinear, KroneckerLowRankLinear, KroneckerEmbedding)
 # A compressed model's config is the base config with model_type "kronecker_<base type>".
 PREFIX = "kronecker_"
 
 
 def base_model_type(model_type: str) -> str:
     """``kronecker_llama`` -> ``llama``; other types unchanged."""
-    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+    return model_type.removeprefix(PREFIX)
 
 
 def _shape(value: Any, what: str) -> tuple[int, int]:
@@ -60,7 +64,8 @@ class ModulePlan:
     """One Kronecker module of a compressed model.
 
     Attributes:
-        kind: "linear" (``KroneckerLinear``) or "embedding" (``KroneckerEmbedding``).
+        kind: "linear" (``KroneckerLinear``), "embedding" (``KroneckerEmbedding``) or
+            "kronecker_lowrank" (``KroneckerLowRankLinear``: Σ_r A_r ⊗ B_r + U V).
         out_features, in_features: the dense shape (out, in), or (vocab, dim) for an embedding.
         a_shape, b_shape: factor shapes (rows, cols).
         rank: number of terms R.
@@ -68,6 +73,7 @@ class ModulePlan:
         learnable_scales: Krony-PT's per-term scalars (linear only).
         init: the initialiser that produced the factors (informative), or None.
         padding_idx: the embedding's padding index, or None.
+        lowrank: rank k of the low-rank part U (out, k) V (k, in) ("kronecker_lowrank" only, else 0).
     """
 
     kind: str
@@ -80,14 +86,19 @@ class ModulePlan:
     learnable_scales: bool = False
     init: str | None = None
     padding_idx: int | None = None
+    lowrank: int = 0
 
     @classmethod
-    def from_module(cls, module: nn.Module, init: str | None = None) -> "ModulePlan":
+    def from_module(cls, module: nn.Module, init: str | None = None) -> ModulePlan:
         """The plan of an existing Kronecker module.
 
         Raises:
-            TypeError: ``module`` is not a ``KroneckerLinear`` / ``KroneckerEmbedding``.
+            TypeError: ``module`` is not a ``KroneckerLinear`` / ``KroneckerLowRankLinear`` /
+                ``KroneckerEmbedding``.
         """
+        if isinstance(module, KroneckerLowRankLinear):
+            return cls("kronecker_lowrank", module.out_features, module.in_features, module.a_shape, module.b_shape, module.rank,
+                       module.bias is not None, False, init, None, module.lowrank)
         if isinstance(module, KroneckerLinear):
             return cls("linear", module.out_features, module.in_features, module.a_shape, module.b_shape, module.rank,
                        module.bias is not None, module.learnable_scales, init)
@@ -98,6 +109,9 @@ class ModulePlan:
 
     def build(self, device=None, dtype=None) -> nn.Module:
         """An uninitialised Kronecker module of this plan (factors to be loaded)."""
+        if self.kind == "kronecker_lowrank":
+            return KroneckerLowRankLinear(self.in_features, self.out_features, self.a_shape, self.b_shape, self.rank, self.lowrank,
+                                          bias=self.bias, device=device, dtype=dtype)
         if self.kind == "embedding":
             return KroneckerEmbedding(self.out_features, self.in_features, self.a_shape, self.b_shape, self.rank,
                                       padding_idx=self.padding_idx, device=device, dtype=dtype)
@@ -105,13 +119,17 @@ class ModulePlan:
                                bias=self.bias, learnable_scales=self.learnable_scales, device=device, dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON entry (keys ``out`` / ``in`` for the dense shape)."""
-        return {"kind": self.kind, "out": self.out_features, "in": self.in_features, "a_shape": list(self.a_shape),
-                "b_shape": list(self.b_shape), "rank": self.rank, "bias": self.bias,
-                "learnable_scales": self.learnable_scales, "init": self.init, "padding_idx": self.padding_idx}
+        """The JSON entry (keys ``out`` / ``in`` for the dense shape; ``lowrank`` only for the
+        "kronecker_lowrank" kind, so entries of the other kinds are as before)."""
+        out = {"kind": self.kind, "out": self.out_features, "in": self.in_features, "a_shape": list(self.a_shape),
+               "b_shape": list(self.b_shape), "rank": self.rank, "bias": self.bias,
+               "learnable_scales": self.learnable_scales, "init": self.init, "padding_idx": self.padding_idx}
+        if self.kind == "kronecker_lowrank":
+            out["lowrank"] = self.lowrank
+        return out
 
     @classmethod
-    def from_dict(cls, data: Any, name: str = "module") -> "ModulePlan":
+    def from_dict(cls, data: Any, name: str = "module") -> ModulePlan:
         """Read a JSON entry.
 
         Raises:
@@ -136,6 +154,7 @@ class ModulePlan:
                 learnable_scales=bool(data.get("learnable_scales", False)),
                 init=data.get("init"),
                 padding_idx=None if padding is None else _int(padding, "padding_idx", 0),
+                lowrank=_int(data["lowrank"], "lowrank") if kind == "kronecker_lowrank" else 0,
             )
         except KeyError as exc:
             raise ValueError(f"kronlm plan entry {name!r} has no key {exc.args[0]!r}") from None
@@ -165,7 +184,7 @@ class LMHeadPlan:
         return {"module": self.module, "mode": self.mode, "embedding": self.embedding, "bias": self.bias}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "LMHeadPlan":
+    def from_dict(cls, data: Any) -> LMHeadPlan:
         """Read the JSON entry.
 
         Raises:
@@ -199,7 +218,7 @@ class KroneckerPlan:
     version: int = PLAN_VERSION
 
     @classmethod
-    def from_model(cls, model: nn.Module, report: CompressionReport | None = None) -> "KroneckerPlan":
+    def from_model(cls, model: nn.Module, report: CompressionReport | None = None) -> KroneckerPlan:
         """The plan of a compressed model, read off its modules.
 
         Args:
@@ -211,7 +230,7 @@ class KroneckerPlan:
         modules = {
             name: ModulePlan.from_module(module, inits.get(name))
             for name, module in model.named_modules()
-            if isinstance(module, (KroneckerLinear, KroneckerEmbedding))
+            if isinstance(module, PLANNED_MODULES)
         }
         lm_head = None
         embedding_names = {id(m): n for n, m in model.named_modules() if isinstance(m, KroneckerEmbedding)}
@@ -232,7 +251,7 @@ class KroneckerPlan:
                 "lm_head": None if self.lm_head is None else self.lm_head.to_dict(), "compression": self.compression}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "KroneckerPlan":
+    def from_dict(cls, data: Any) -> KroneckerPlan:
         """Read the JSON stored under ``kronlm``.
 
         Raises:
@@ -277,7 +296,7 @@ class KroneckerPlan:
             if resolved is None:
                 raise ValueError(f"kronlm plan names module {name!r}, which {type(model).__name__} does not have")
             old = model.get_submodule(resolved)
-            if isinstance(old, (KroneckerLinear, KroneckerEmbedding)):
+            if isinstance(old, PLANNED_MODULES):
                 new = old
             else:
                 weight = dense_weight(old)
@@ -319,4 +338,4 @@ def resolve_module_name(model: nn.Module, name: str) -> str | None:
     return None
 
 
-__all__ = ["MODULE_KINDS", "PLAN_VERSION", "PREFIX", "base_model_type", "KroneckerPlan", "LMHeadPlan", "ModulePlan", "resolve_module_name"]
+__all__ = ["MODULE_KINDS", "PLANNED_MODULES", "PLAN_VERSION", "PREFIX", "KroneckerPlan", "LMHeadPlan", "ModulePlan", "base_model_type", "resolve_module_name"]

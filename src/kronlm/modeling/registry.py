@@ -64,7 +64,7 @@ from kronlm.modeling.remote_code import (
     is_kronlm_auto_map,
     write_remote_code,
 )
-from kronlm.modeling.validate import check_folder_files, check_loading_info
+from kronlm.modeling.validate import CONFIG_NAME, check_folder_files, check_loading_info
 
 try:  # transformers >= 5 records which outputs (hidden states, attentions) each class can return
     from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
@@ -322,6 +322,12 @@ def load_checked(load, class_name: str, path, *args, **kwargs):
         return load(path, *args, **kwargs)
     contents = check_folder_files(path)
     verify_manifest(path, hashes=verify_checksums)
+    if contents.config.get("kronlm"):
+        # Parsed here first so a malformed plan names its file (transformers would name nothing).
+        try:
+            KroneckerPlan.from_dict(contents.config["kronlm"])
+        except ValueError as exc:
+            raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {exc}") from None
     want_info = kwargs.pop("output_loading_info", False)
     # Mismatched shapes are reported by the check below, naming file and tensor.
     kwargs["ignore_mismatched_sizes"] = True

@@ -1,15 +1,28 @@
 """Downstream tasks: GLUE and SQuAD (extractive question answering) beside the language-model ones.
 
-:mod:`kronlm.tasks.squad` holds the model-independent parts of SQuAD v1.1 / v2.0: the readers,
-feature windows, span decoding and the official metrics.
-:mod:`kronlm.tasks.glue` is GLUE as a family of the task pipeline (:mod:`kronlm.tasks.pipeline`:
-teacher fine-tuning -> compression -> optional stage-1 weights -> task distillation -> report),
-trained by :class:`kronlm.distill.Trainer`.
+Both are families of the one task pipeline (:mod:`kronlm.tasks.pipeline`: teacher fine-tuning ->
+a compressed (optionally stage-1) or pretrained compressed / truncated student -> task
+distillation -> report), trained by :class:`kronlm.distill.Trainer`:
+:mod:`kronlm.tasks.glue` (sequence classification, ``kronlm glue``) and :mod:`kronlm.tasks.squad`
+(SQuAD v1.1 / v2.0: readers, windows, span decoding, the official metrics, ``kronlm squad``).
 """
 
-from kronlm.tasks.pipeline import TaskFamily, TaskMetricValidator, TaskSplits, run_task_pipeline, train_task_model
+from kronlm.tasks.pipeline import (
+    TaskFamily,
+    TaskMetricValidator,
+    TaskSplits,
+    run_task_pipeline,
+    train_task_model,
+)
 from kronlm.tasks.report import ModelResult, TaskReport, read_report, write_report
-from kronlm.tasks.student import count_embedding_linear_parameters, general_distill, load_general_distilled, make_student
+from kronlm.tasks.student import (
+    copy_head,
+    count_embedding_linear_parameters,
+    general_distill,
+    load_general_distilled,
+    make_student,
+    resolve_compression,
+)
 
 __all__ = [
     "ModelResult",
@@ -17,11 +30,13 @@ __all__ = [
     "TaskMetricValidator",
     "TaskReport",
     "TaskSplits",
+    "copy_head",
     "count_embedding_linear_parameters",
     "general_distill",
     "load_general_distilled",
     "make_student",
     "read_report",
+    "resolve_compression",
     "run_task_pipeline",
     "train_task_model",
     "write_report",

@@ -1,24 +1,29 @@
 """The task pipeline of KroneckerBERT-style students (SPEC §1, §4, §5), for any task family.
 
-teacher fine-tuning -> compression of the fine-tuned teacher -> optional stage-1 weights ->
-task distillation -> report, each training stage run by the one training loop
+teacher fine-tuning -> a student (the fine-tuned teacher compressed, with optional stage-1
+weights; or a compressed / truncated *pretrained* model given as a folder, which gets the
+teacher's task head) -> task distillation -> report, each training stage run by the one training loop
 (:class:`kronlm.distill.trainer.Trainer`), resumable, with its checkpoint chosen on held-out
 *training* examples:
 
 - :class:`TaskFamily` is what the pipeline needs to know about a task: its data (splits, batching,
   example lengths), its model (a pretrained model with a new task head, a fine-tuned one, the
   head's name) and its metric (main metric, direction, evaluation). GLUE implements it in
-  :class:`kronlm.tasks.glue.GlueFamily`; a span-extraction task (SQuAD: features, a QA head,
-  EM / F1 after span decoding) implements the same methods, and overrides
-  :meth:`TaskFamily.objective` when its outputs are not classifier logits.
+  :class:`kronlm.tasks.glue.GlueFamily`, SQuAD (features, a span head, EM / F1 after span
+  decoding) in :class:`kronlm.tasks.squad.SquadFamily`; the default objective
+  (:class:`~kronlm.distill.objective.DistillationObjective`) handles classifier logits and
+  start / end logits alike, and a family whose outputs are neither overrides
+  :meth:`TaskFamily.objective`.
 - :func:`train_task_model` runs one stage: the family's collator and lengths feed the loop, a
   :class:`TaskMetricValidator` on the held-out split picks ``best/`` (and any early stop).
 - :func:`run_task_pipeline` runs the stages and writes ``report.{json,md}``
   (:mod:`kronlm.tasks.report`).
 
 No dev leakage: :meth:`TaskFamily.load_splits` holds out ``config.val_fraction`` of the training
-examples (seeded, disjoint from those trained on); only they choose checkpoints. The reported
-split (GLUE dev) is evaluated for the final and the best model and reported, never used to choose.
+examples (seeded, disjoint from those trained on); only they choose checkpoints (and any other
+decision a family takes on data, such as SQuAD v2.0's no-answer threshold). The reported split
+(GLUE dev, the SQuAD evaluation slice) is evaluated for the final and the best model and
+reported, never used to choose.
 With ``val_fraction`` 0 nothing is chosen: the model after the last step is used.
 
 Layout of ``out_dir``: ``teacher-run/`` and ``student-run/`` (each a training run folder:
@@ -46,9 +51,10 @@ from kronlm.distill.config import TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.trainer import Trainer, TrainResult
 from kronlm.distill.validation import Validator, evaluation_mode
-from kronlm.modeling import SUMMARY_FILE, save
+from kronlm.modeling import SUMMARY_FILE, compression_report, save
 from kronlm.tasks.report import ModelResult, TaskReport, write_report
 from kronlm.tasks.student import (
+    copy_head,
     count_embedding_linear_parameters,
     load_general_distilled,
     make_student,
@@ -93,6 +99,7 @@ class TaskFamily(ABC):
         main_metric: the metric that chooses checkpoints and the report's retention ("accuracy").
         greater_is_better: its direction.
         tokenizer: the tokenizer of teacher and student (saved with the models).
+        split_name: what the report calls the reported split ("dev").
     """
 
     family: str = "task"
@@ -100,6 +107,7 @@ class TaskFamily(ABC):
     main_metric: str
     greater_is_better: bool = True
     tokenizer: Any
+    split_name: str = "dev"
 
     @abstractmethod
     def load_splits(self, config: TaskTrainConfig) -> TaskSplits:
@@ -128,6 +136,11 @@ class TaskFamily(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, eval_set: Any, config: TaskTrainConfig, device: torch.device) -> dict[str, float]:
         """The task's metrics of ``model`` on an evaluation set (``main_metric`` among them)."""
+
+    def eval_tokens(self, eval_set: Any) -> int | None:
+        """Tokens the model reads to evaluate ``eval_set`` (padding excluded), for the report's
+        tokens/s; None = not counted."""
+        return None
 
     def objective(self, config: TrainingConfig) -> Callable | None:
         """The loss of a stage whose recipe is ``config.recipe`` (``"ce"`` for a teacher); None =
@@ -173,6 +186,7 @@ def train_task_model(
     resume: bool = False,
     summary: dict[str, Any] | None = None,
     accelerator=None,
+    layer_map: list[int] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one stage's data: fine-tune a teacher or distil a student.
 
@@ -180,7 +194,9 @@ def train_task_model(
     (cross-entropy on the labels; MSE for a regression head); a student with ``task_kd`` with
     ``config.recipe`` against ``teacher``. With ``splits.val``, a :class:`TaskMetricValidator`
     chooses ``out_dir/best``. Checkpoints go to ``out_dir/checkpoints``; ``resume`` continues
-    from the latest one when there is one (and starts afresh when there is none).
+    from the latest one when there is one (and starts afresh when there is none). ``layer_map``
+    (student layer l learns from teacher layer ``layer_map[l]``) is needed by the layer-wise
+    terms of a student shallower than its teacher.
 
     Returns:
         The :class:`~kronlm.distill.trainer.TrainResult` (``final_dir``, ``best_dir``, ...).
@@ -196,6 +212,8 @@ def train_task_model(
     accelerator = accelerator or make_accelerator(tcfg, out_dir)
     if accelerator.num_processes != 1:
         tcfg = config.training_config(len(splits.train), accelerator.num_processes, recipe=recipe)
+    if layer_map is not None and recipe != "ce":
+        tcfg = tcfg.replace(layer_map=[int(i) for i in layer_map])
     validator = None if splits.val is None else TaskMetricValidator(family, splits.val, config, splits.val_examples)
     trainer = Trainer(
         model, tcfg, splits.train, out_dir, teacher=teacher, objective=family.objective(tcfg), validator=validator,
@@ -215,13 +233,26 @@ def run_task_pipeline(
     teacher: str | Path | None = None,
     compression: CompressionConfig | None = None,
     compression_name: str | None = None,
+    student_init: str | Path | None = None,
     general_distill: str | Path | None = None,
+    layer_map: list[int] | None = None,
     task_kd: bool = True,
     resume: bool = False,
     settings: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> TaskReport:
-    """Fine-tune a teacher (or take a fine-tuned one), optionally distil a compressed student, report.
+    """Fine-tune a teacher (or take a fine-tuned one), optionally distil a student, report.
+
+    Two kinds of student:
+
+    - ``compression``: the fine-tuned teacher compressed with this config (KroneckerBERT), its
+      task head copied; ``general_distill`` then replaces its encoder weights by those of a
+      stage-1 student compressed with the same config.
+    - ``student_init``: a model folder of the teacher's architecture and width, compressed or
+      truncated from the *pretrained* model and possibly recovered on plain text (KnGPT2,
+      DistilGPT2 / Li et al.'s truncated students). It is loaded with the family's task head
+      (:meth:`TaskFamily.new_model`) and that head is overwritten by the fine-tuned teacher's
+      (:func:`kronlm.tasks.student.copy_head`).
 
     Args:
         family: the task.
@@ -231,10 +262,13 @@ def run_task_pipeline(
         teacher_config: settings of teacher fine-tuning.
         model: a pretrained model to fine-tune as the teacher (hub id, folder or alias).
         teacher: a fine-tuned teacher folder instead (``out_dir/teacher`` of an earlier run).
-        compression: compress the chosen teacher with this config into the student; None = no
-            student.
-        compression_name: the student's name in the report (default ``compression.name``).
-        general_distill: a stage-1 folder whose encoder weights start the student.
+        compression: compress the chosen teacher with this config into the student.
+        compression_name: the student's name in the report (default ``compression.name``, or the
+            ``student_init`` folder).
+        student_init: a pretrained student folder instead of ``compression``.
+        general_distill: a stage-1 folder whose encoder weights start a ``compression`` student.
+        layer_map: student layer l learns from teacher layer ``layer_map[l]`` (layer-wise terms
+            of a shallower student; None = identity).
         task_kd: False trains the student with CE on the labels only (the ablation).
         resume: continue each stage from its latest checkpoint (stages without one start afresh).
         settings: extra entries for the report's settings.
@@ -244,16 +278,24 @@ def run_task_pipeline(
         The :class:`~kronlm.tasks.report.TaskReport` written to ``out_dir``.
 
     Raises:
-        ValueError: neither or both of ``model`` / ``teacher``; ``general_distill`` or
-            ``task_kd=False`` without a student; bad data or settings (from the family and the
+        ValueError: neither or both of ``model`` / ``teacher``; both ``compression`` and
+            ``student_init``; ``general_distill`` without ``compression``; ``task_kd=False`` or
+            ``layer_map`` without a student; bad data or settings (from the family and the
             trainer).
         FileNotFoundError: missing data or model folders (named).
     """
     if (model is None) == (teacher is None):
         raise ValueError("give model (a pretrained model to fine-tune as the teacher) or teacher (a fine-tuned "
                          "teacher folder), exactly one of the two")
-    if compression is None and (general_distill is not None or not task_kd):
-        raise ValueError("general_distill / task_kd=False need a student: give a compression config")
+    if compression is not None and student_init is not None:
+        raise ValueError("give compression (compress the fine-tuned teacher) or student_init (a pretrained student "
+                         "folder), not both")
+    if compression is None and general_distill is not None:
+        raise ValueError("general_distill needs a compression config: stage-1 weights go into the fine-tuned "
+                         "teacher compressed with the same config")
+    has_student = compression is not None or student_init is not None
+    if not has_student and (not task_kd or layer_map is not None):
+        raise ValueError("task_kd=False / layer_map need a student: give a compression config or student_init")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_config = teacher_config or config
@@ -279,33 +321,52 @@ def run_task_pipeline(
         splits = family.load_splits(config)
         row = _given_row(family, teacher_model, splits, config, Path(teacher))
         report_settings["data"] = splits.sources
-    log(f"teacher {row.selection.get('reason', '')}: {family.name} dev {row.metrics}")
+    log(f"teacher {row.selection.get('reason', '')}: {family.name} {family.split_name} {row.metrics}")
     rows = [row]
 
-    if compression is not None:
-        student, comp_report = make_student(teacher_model, compression, family.head_name(teacher_model))
+    if has_student:
+        head = family.head_name(teacher_model)
         stages = []
-        if general_distill is not None:
-            load_general_distilled(student, general_distill)
-            stages.append(f"stage 1 from {general_distill}")
-        stages.append(f"task ILKD ({config.recipe})" if task_kd else "task CE only")
+        if compression is not None:
+            student, comp_report = make_student(teacher_model, compression, head)
+            name = compression_name or compression.name or "compressed"
+            if general_distill is not None:
+                load_general_distilled(student, general_distill)
+                stages.append(f"stage 1 from {general_distill}")
+        else:
+            student = family.new_model(str(student_init), seed=config.seed)
+            copy_head(teacher_model, student, head)
+            student.requires_grad_(True)
+            comp_report = compression_report(student)
+            name = compression_name or str(student_init)
+            stages.append(f"initialised from {student_init} with the teacher's {head}")
+        kind = "task ILKD" if config.recipe.startswith("ilkd") else "task KD"
+        stages.append(f"{kind} ({config.recipe})" if task_kd else "task CE only")
         splits = family.load_splits(config)
-        log(f"student: {comp_report.params_before:,} -> {comp_report.params_after:,} params; {', '.join(stages)}; "
+        params_teacher = sum(p.numel() for p in teacher_model.parameters())
+        params_student = sum(p.numel() for p in student.parameters())
+        log(f"student: {params_teacher:,} -> {params_student:,} params; {', '.join(stages)}; "
             + _describe_splits(family, splits))
-        name = compression_name or compression.name or "compressed"
-        summary = {**base, "role": "student", "compression": compression.to_dict(), "stages": stages,
-                   "data": splits.sources, "config": config.to_dict()}
+        summary = {**base, "role": "student", "stages": stages, "data": splits.sources, "config": config.to_dict()}
+        if compression is not None:
+            summary["compression"] = compression.to_dict()
+            report_settings["compression"] = compression.to_dict()
+        else:
+            summary["student_init"] = str(student_init)
+            report_settings["student_init"] = str(student_init)
+        if layer_map is not None:
+            summary["layer_map"] = report_settings["layer_map"] = [int(i) for i in layer_map]
         result = train_task_model(family, student, splits, config, out_dir / "student-run", role="student",
-                                  teacher=teacher_model, task_kd=task_kd, resume=resume, summary=summary)
+                                  teacher=teacher_model, task_kd=task_kd, resume=resume, summary=summary,
+                                  layer_map=layer_map)
         student_model, row = _trained_row(family, result, splits, config, "student", name, notes="; ".join(stages))
         save(student_model, out_dir / "student", tokenizer=family.tokenizer, report=comp_report,
              summary={**summary, **_row_summary(row, result)})
-        log(f"student {row.selection['reason']}: {family.name} dev {row.metrics}")
+        log(f"student {row.selection['reason']}: {family.name} {family.split_name} {row.metrics}")
         rows.append(row)
         report_settings["student_config"] = config.to_dict()
-        report_settings["compression"] = compression.to_dict()
 
-    report = TaskReport(family.name, "dev", family.main_metric, rows, report_settings)
+    report = TaskReport(family.name, family.split_name, family.main_metric, rows, report_settings)
     write_report(report, out_dir)
     return report
 
@@ -319,11 +380,20 @@ def _eval_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _timed_evaluate(family: TaskFamily, model: nn.Module, eval_set: Any, config: TaskTrainConfig,
+                    device: torch.device) -> tuple[dict[str, float], float]:
+    """(metrics, wall seconds of the evaluation)."""
+    start = time.perf_counter()
+    metrics = family.evaluate(model, eval_set, config, device)
+    return metrics, time.perf_counter() - start
+
+
 def _model_row(family: TaskFamily, model: nn.Module, role: str, name: str, metrics: dict[str, float],
-               **fields: Any) -> ModelResult:
+               eval_set: Any, eval_seconds: float, **fields: Any) -> ModelResult:
     params = sum(p.numel() for p in model.parameters())  # tied tensors once
     return ModelResult(role, name, metrics, params,
-                       count_embedding_linear_parameters(model, head_name=family.head_name(model)), **fields)
+                       count_embedding_linear_parameters(model, head_name=family.head_name(model)),
+                       eval_seconds=eval_seconds, eval_tokens=family.eval_tokens(eval_set) or 0, **fields)
 
 
 def _trained_row(family: TaskFamily, result: TrainResult, splits: TaskSplits, config: TaskTrainConfig, role: str,
@@ -331,19 +401,19 @@ def _trained_row(family: TaskFamily, result: TrainResult, splits: TaskSplits, co
     """Evaluate the final and the best model on the reported split; choose the best by the held-out metric."""
     device = _eval_device()
     final = family.load_model(result.final_dir)
-    metrics_final = family.evaluate(final, splits.dev, config, device)
+    metrics_final, seconds_final = _timed_evaluate(family, final, splits.dev, config, device)
     metric = f"held-out {result.val_metric}"
     if result.best_step is None:
         why = ("val_fraction 0: no held-out training examples" if splits.val is None
                else "no finite held-out metric")
-        chosen, metrics, metrics_best = final, metrics_final, None
+        chosen, metrics, metrics_best, seconds = final, metrics_final, None, seconds_final
         selection = {"checkpoint": "final", "step": result.steps, "reason": f"final/ (step {result.steps}; {why})"}
     else:
         if result.best_step == result.steps:
-            chosen, metrics_best = final, metrics_final
+            chosen, metrics_best, seconds = final, metrics_final, seconds_final
         else:
             chosen = family.load_model(result.best_dir)
-            metrics_best = family.evaluate(chosen, splits.dev, config, device)
+            metrics_best, seconds = _timed_evaluate(family, chosen, splits.dev, config, device)
         metrics = metrics_best
         selection = {
             "checkpoint": "best", "step": result.best_step, "max_steps": result.steps, "metric": metric,
@@ -351,23 +421,24 @@ def _trained_row(family: TaskFamily, result: TrainResult, splits: TaskSplits, co
             "reason": (f"best/ (step {result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''}: "
                        f"{metric} {result.best_val:.4f} on {splits.val_examples:,} held-out training examples)"),
         }
-    row = _model_row(family, chosen, role, name, metrics, train_examples=len(splits.train), train_steps=result.steps,
-                     train_seconds=result.seconds, notes=notes, selection=selection, metrics_final=metrics_final,
-                     metrics_best=metrics_best)
+    row = _model_row(family, chosen, role, name, metrics, splits.dev, seconds, train_examples=len(splits.train),
+                     train_steps=result.steps, train_seconds=result.seconds, train_tokens=result.tokens_seen,
+                     notes=notes, selection=selection, metrics_final=metrics_final, metrics_best=metrics_best)
     return chosen, row
 
 
 def _given_row(family: TaskFamily, model: nn.Module, splits: TaskSplits, config: TaskTrainConfig,
                folder: Path) -> ModelResult:
     """The row of a teacher fine-tuned earlier: its training record comes from its ``training_summary.json``."""
-    metrics = family.evaluate(model, splits.dev, config, _eval_device())
+    metrics, seconds = _timed_evaluate(family, model, splits.dev, config, _eval_device())
     recorded = read_json(folder / SUMMARY_FILE) if (folder / SUMMARY_FILE).is_file() else {}
     run = recorded.get("run") or {}
     selection = dict(recorded.get("selection") or {})
     selection["checkpoint"] = "given"
     selection["reason"] = f"given ({folder}" + (f"; {selection['reason']}" if "reason" in selection else "") + ")"
-    return _model_row(family, model, "teacher", str(folder), metrics, train_examples=int(run.get("train_examples", 0)),
-                      train_steps=int(run.get("steps", 0)), train_seconds=float(run.get("seconds", 0.0)),
+    return _model_row(family, model, "teacher", str(folder), metrics, splits.dev, seconds,
+                      train_examples=int(run.get("train_examples", 0)), train_steps=int(run.get("steps", 0)),
+                      train_seconds=float(run.get("seconds", 0.0)), train_tokens=int(run.get("tokens_seen", 0)),
                       selection=selection)
 
 
@@ -375,8 +446,9 @@ def _row_summary(row: ModelResult, result: TrainResult) -> dict[str, Any]:
     """What ``training_summary.json`` of a chosen model records about its run and the choice."""
     return {
         "run": {"steps": result.steps, "seconds": result.seconds, "train_examples": row.train_examples,
-                "stopped_early": result.stopped_early, "first_losses": result.losses[:5],
-                "last_losses": result.losses[-5:], "val_history": result.val_history},
+                "tokens_seen": result.tokens_seen, "stopped_early": result.stopped_early,
+                "first_losses": result.losses[:5], "last_losses": result.losses[-5:],
+                "val_history": result.val_history},
         "selection": row.selection,
         "dev": {"chosen": row.metrics, "final": row.metrics_final, "best": row.metrics_best},
     }

@@ -16,7 +16,7 @@ from typing import Any
 
 from kronlm.utils.io import atomic_path, read_json, write_json
 
-__all__ = ["ModelResult", "TaskReport", "describe_selection", "read_report", "write_report"]
+__all__ = ["ModelResult", "TaskReport", "describe_selection", "format_metric", "read_report", "write_report"]
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -32,8 +32,11 @@ class ModelResult:
         metrics: reported-split metrics (fractions) of the chosen model.
         params: all parameters of the model (tied tensors once).
         params_embedding_linear: parameters in embedding and linear layers, head excluded.
-        train_examples, train_steps, train_seconds: what its training run did (examples trained
-            on, optimizer steps, seconds of wall time of the last call).
+        train_examples, train_steps, train_seconds, train_tokens: what its training run did
+            (examples trained on, optimizer steps, seconds of wall time of the last call, tokens
+            seen in all steps, padding excluded).
+        eval_seconds, eval_tokens: wall seconds of the reported-split evaluation of this model
+            (forward passes, decoding and metrics) and the tokens it read (0 = not counted).
         notes: free text (compression config name, distillation stages).
         selection: which checkpoint the row is and why: ``{"checkpoint": "best" | "final" |
             "given", "step", "max_steps", "metric", "value", "val_examples", "reason"}``.
@@ -49,6 +52,9 @@ class ModelResult:
     train_examples: int = 0
     train_steps: int = 0
     train_seconds: float = 0.0
+    train_tokens: int = 0
+    eval_seconds: float = 0.0
+    eval_tokens: int = 0
     notes: str = ""
     selection: dict[str, Any] = field(default_factory=dict)
     metrics_final: dict[str, float] | None = None
@@ -57,12 +63,15 @@ class ModelResult:
 
 @dataclass
 class TaskReport:
-    """The result of one task run (``kronlm glue``).
+    """The result of one task run (``kronlm glue``, ``kronlm squad``).
+
+    Metrics are fractions (the Markdown table shows them in percent), except those whose name
+    ends in ``_threshold`` (SQuAD v2.0's no-answer threshold, in logits), shown as they are.
 
     Attributes:
         task: task name; split: the evaluated split ("dev"); main_metric: the task's first metric.
         rows: teacher first, then the student when there is one.
-        settings: command and config details.
+        settings: command and config details; a ``"caveat"`` string is printed under the table.
     """
 
     task: str
@@ -112,10 +121,12 @@ class TaskReport:
             raise ValueError(f"not a kronlm task report ({exc})") from None
 
     def markdown(self) -> str:
-        """A Markdown table (one row per model, then retention and ratios) and the checkpoint choice."""
+        """A Markdown table (one row per model: metrics, parameters, ratios, retention, training
+        wall minutes, evaluation tokens/s), the caveat and the checkpoint choice."""
         metrics = list(self.rows[0].metrics) if self.rows else [self.main_metric]
         head = ["role", "model", *[f"{self.split} {m}" for m in metrics], "params", "emb+linear params",
-                "ratio (whole)", "ratio (emb+linear)", f"retention ({self.main_metric})"]
+                "ratio (whole)", "ratio (emb+linear)", f"retention ({self.main_metric})", "train (min)",
+                f"{self.split} tokens/s"]
         lines = [f"### {self.task} ({self.split} split)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         t = self.row("teacher")
         for r in self.rows:
@@ -125,13 +136,22 @@ class TaskReport:
                 ratio_el = f"{t.params_embedding_linear / r.params_embedding_linear:.2f}x"
                 if t.metrics.get(self.main_metric):
                     retention = f"{100 * r.metrics[self.main_metric] / t.metrics[self.main_metric]:.1f}%"
-            cells = [r.role, f"`{r.model}`", *[f"{100 * r.metrics.get(m, float('nan')):.2f}" for m in metrics],
-                     f"{r.params:,}", f"{r.params_embedding_linear:,}", ratio_all, ratio_el, retention]
+            speed = f"{r.eval_tokens / r.eval_seconds:,.0f}" if r.eval_tokens and r.eval_seconds else "-"
+            cells = [r.role, f"`{r.model}`", *[format_metric(m, r.metrics.get(m, float("nan"))) for m in metrics],
+                     f"{r.params:,}", f"{r.params_embedding_linear:,}", ratio_all, ratio_el, retention,
+                     f"{r.train_seconds / 60:.1f}" if r.train_seconds else "-", speed]
             lines.append("| " + " | ".join(cells) + " |")
+        if self.settings.get("caveat"):
+            lines += ["", str(self.settings["caveat"])]
         choices = [f"- {r.role}: {describe_selection(r, self.split, self.main_metric)}" for r in self.rows if r.selection]
         if choices:
             lines += ["", f"Checkpoint choice (on held-out training examples; the {self.split} split is only reported):", *choices]
         return "\n".join(lines) + "\n"
+
+
+def format_metric(name: str, value: float) -> str:
+    """A metric for a table: a fraction in percent with 2 decimals; a ``*_threshold`` as it is (3 decimals)."""
+    return f"{value:.3f}" if name.endswith("_threshold") else f"{100 * value:.2f}"
 
 
 def describe_selection(row: ModelResult, split: str, main_metric: str) -> str:

@@ -10,6 +10,9 @@
   student.
 - :func:`count_embedding_linear_parameters`: the parameter count the compression targets are
   stated on.
+- :func:`copy_head`: a student that was not made from the fine-tuned teacher (a compressed or
+  truncated *pretrained* model, KnGPT2 / DistilGPT2 style) starts from the teacher's task head.
+- :func:`resolve_compression`: a compression config from a config object, file or preset name.
 
 Stage 2 (task distillation against the fine-tuned teacher) is the training loop with the
 :class:`~kronlm.distill.objective.DistillationObjective` of the run's recipe; see
@@ -28,17 +31,67 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from kronlm.compress.config import CompressionConfig
+from kronlm.compress.presets import get_preset
 from kronlm.compress.surgery import plan_compression
 from kronlm.distill.trainer import train
 from kronlm.layers import KroneckerEmbedding, KroneckerLinear
 from kronlm.modeling import compress, compression_report, load
 
 __all__ = [
+    "copy_head",
     "count_embedding_linear_parameters",
     "general_distill",
     "load_general_distilled",
     "make_student",
+    "resolve_compression",
 ]
+
+
+def resolve_compression(spec: CompressionConfig | str) -> tuple[CompressionConfig, str]:
+    """(config, name) from a :class:`CompressionConfig`, a config file (.yaml / .yml / .json) or a preset name.
+
+    Raises:
+        FileNotFoundError: a config file that does not exist.
+        ValueError: an unknown preset or a bad config file.
+    """
+    if isinstance(spec, CompressionConfig):
+        return spec, spec.name or "compressed"
+    if Path(spec).suffix in (".yaml", ".yml", ".json"):
+        config = CompressionConfig.from_file(spec)
+    else:
+        config = get_preset(spec)
+    return config, config.name or str(spec)
+
+
+def copy_head(teacher: nn.Module, student: nn.Module, head_name: str) -> None:
+    """Overwrite the student's task head (``head_name``: ``classifier``, ``score``, ``qa_outputs``)
+    with the teacher's weights, in place.
+
+    For a student built from a pretrained model rather than from the fine-tuned teacher (a
+    truncated or compressed pretrained decoder): its head is new, and the teacher's was trained on
+    the task over hidden states of the same width, so it is the better start. A head with
+    compressed (Kronecker) layers is refused: heads are never compressed.
+
+    Raises:
+        ValueError: either model lacks the head, or the heads' tensors differ in names or shapes
+            (names the first one).
+    """
+    heads = []
+    for who, model in (("teacher", teacher), ("student", student)):
+        head = getattr(getattr(model, "module", model), head_name, None)
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"the {who} ({type(model).__name__}) has no task head {head_name!r}")
+        heads.append(head.state_dict())
+    source, target = heads
+    if source.keys() != target.keys():
+        raise ValueError(f"task head {head_name!r}: the teacher has tensors {sorted(source)}, the student {sorted(target)}")
+    for key in source:
+        if source[key].shape != target[key].shape:
+            raise ValueError(f"task head {head_name}.{key}: teacher shape {tuple(source[key].shape)}, "
+                             f"student shape {tuple(target[key].shape)}")
+    with torch.no_grad():
+        for key in source:
+            target[key].copy_(source[key])
 
 
 def count_embedding_linear_parameters(model: nn.Module, *, head_name: str | None = None) -> int:

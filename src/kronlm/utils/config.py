@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from typing_extensions import Self
 
 from kronlm.utils.io import atomic_path
 
@@ -91,7 +92,7 @@ class ConfigBase:
             )
 
     @classmethod
-    def from_dict(cls: type[C], data: Any, *, source: str | None = None) -> C:
+    def from_dict(cls, data: Any, *, source: str | None = None) -> Self:
         """Build from a dict (as read from YAML/JSON).
 
         Args:
@@ -113,8 +114,7 @@ class ConfigBase:
             if message.startswith(source):
                 raise ValueError(message) from None
             own = f"{cls.config_name}: "
-            if message.startswith(own):
-                message = message[len(own):]
+            message = message.removeprefix(own)
             raise ValueError(f"{source}: {message}") from None
 
     @classmethod
@@ -123,7 +123,7 @@ class ConfigBase:
         return data
 
     @classmethod
-    def from_file(cls: type[C], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> C:
+    def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Self:
         """Read a YAML or JSON file; ``overrides`` (e.g. command-line flags) replace its values.
 
         Overrides are applied before validation, so a file that is consistent only together with
@@ -152,7 +152,7 @@ class ConfigBase:
                 tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
 
-    def replace(self: C, **changes: Any) -> C:
+    def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed, validated again.
 
         Raises:

@@ -16,10 +16,12 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 try:
     import fcntl
@@ -87,15 +89,56 @@ def read_json(path: str | os.PathLike) -> Any:
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
-        ValueError: ``path`` is not valid JSON (the message names it and the position).
+        ValueError: ``path`` is not UTF-8 text or not valid JSON (the message names it and the
+            byte offset, or the line and column).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
+    text = read_text(path, what="JSON file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def read_text(path: str | os.PathLike, *, what: str = "text file") -> str:
+    """Read a UTF-8 text file (a byte-order mark is dropped).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (named).
+        ValueError: the bytes are not UTF-8; the message names the file and the byte offset,
+            e.g. ``config.json: not UTF-8 text at line 1 (byte 0xd0 at offset 9); save the JSON file as UTF-8``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(utf8_error_message(path, data, exc, what)) from None
+
+
+def utf8_error_message(path: str | os.PathLike, data: bytes | None = None, exc: UnicodeDecodeError | None = None,
+                       what: str = "file") -> str:
+    """One line naming the file, line and byte of the first invalid UTF-8 sequence in ``path``.
+
+    ``data`` (the file's bytes) and ``exc`` (the error of decoding them) are computed when not
+    given; readers that decode in chunks (``csv``, line iteration) call it with the path alone,
+    because their own error positions point into a buffer, not the file.
+    """
+    if data is None:
+        data = Path(path).read_bytes()
+    if exc is None:
+        try:
+            data.decode("utf-8-sig")
+            return f"{path}: not UTF-8 text; save the {what} as UTF-8"
+        except UnicodeDecodeError as found:
+            exc = found
+    line = data.count(b"\n", 0, exc.start) + 1
+    return (f"{path}: not UTF-8 text at line {line} (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            f"save the {what} as UTF-8")
 
 
 def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -210,6 +253,51 @@ def remove_stale_locks(folder: str | os.PathLike, pattern: str = ".*.lock") -> l
     return removed
 
 
+# mkstemp / mkdtemp name temporaries ".<target>.<8 random characters>.tmp".
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_PREVIOUS = re.compile(r"^\.(?P<target>.+)\.old$")
+
+
+def clean_interrupted_writes(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove what killed writers left in ``folder``: temporaries of :func:`atomic_path` /
+    :func:`atomic_dir` (``.<name>.XXXXXXXX.tmp``), stale lock files, and the ``.<name>.old``
+    folder of an interrupted two-rename swap (put back as ``<name>`` when nothing is there, else
+    deleted).
+
+    A temporary is removed only while its target's lock (:func:`folder_lock`) can be taken, so
+    a live writer's work in progress is left alone.
+
+    Args:
+        folder: the folder to clean (not recursive).
+        names: only the temporaries of these targets (None: of every target).
+
+    Returns:
+        The paths removed or put back.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMPORARY.match(entry.name) or _PREVIOUS.match(entry.name)
+        if match is None or (names is not None and match.group("target") not in names):
+            continue
+        target = folder / match.group("target")
+        try:
+            with folder_lock(target):
+                if entry.name.endswith(".old") and entry.is_dir() and not target.exists():
+                    os.replace(entry, target)
+                elif entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+        except FolderBusyError:
+            continue
+        done.append(entry)
+    done += remove_stale_locks(folder)
+    return done
+
+
 def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, marker: str = "config.json") -> Path:
     """Check that writing a folder at ``path`` destroys nothing kronlm did not write.
 
@@ -262,6 +350,19 @@ def _clean_stale_temporaries(path: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def _share_like_new_files(folder: Path) -> None:
+    # Some writers (transformers 5's shard writer, mkstemp) leave private 0600 files; the folder
+    # gets the permissions any new file of this user would, so a saved model can be shared.
+    os.chmod(folder, _default_mode(directory=True))
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), _default_mode(directory=True))
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, _default_mode(directory=False))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success, swap it in as ``path``.
@@ -289,7 +390,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
             yield tmp
-            os.chmod(tmp, _default_mode(directory=True))
+            _share_like_new_files(tmp)
             if not path.exists():
                 os.replace(tmp, path)
             elif exchange_paths(tmp, path):

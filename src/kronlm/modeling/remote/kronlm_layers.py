@@ -7,8 +7,8 @@ kronlm writes this file, unchanged, into every compressed model folder it saves,
 
 rebuilds the compressed model in a Python process that does not have kronlm installed (lm-eval's
 command line, a serving tool, a notebook). It depends only on torch; the forward passes are the
-same operations, in the same order, as kronlm's own ``KroneckerLinear`` / ``KroneckerEmbedding`` /
-``KroneckerTiedLMHead`` (``kronecker_matmul`` is a verbatim copy, checked by kronlm's tests), so the
+same operations, in the same order, as kronlm's own ``KroneckerLinear`` / ``KroneckerLowRankLinear`` /
+``KroneckerEmbedding`` / ``KroneckerTiedLMHead`` (``kronecker_matmul`` is a verbatim copy, checked by kronlm's tests), so the
 logits are bit-identical to ``kronlm.load(folder)``'s.
 
 The compressed architecture is described by the plan stored under ``kronlm`` in ``config.json``
@@ -221,6 +221,53 @@ class KroneckerLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, A={self.a_shape}, B={self.b_shape}, rank={self.rank}"
 
 
+class KroneckerLowRankLinear(nn.Module):
+    """y = x (Σ_r A_r ⊗ B_r + U V)ᵀ + b without forming the (out, in) weight.
+
+    Parameters ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``U`` (out, k), ``V`` (k, in), ``bias`` (out,);
+    same state-dict names and forward as kronlm's ``KroneckerLowRankLinear``.
+
+    Raises:
+        ValueError: factor shapes that do not multiply to (out, in).
+    """
+
+    def __init__(self, in_features, out_features, a_shape, b_shape, rank=1, lowrank=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        m1, n1, m2, n2 = _factor_shapes(out_features, in_features, a_shape, b_shape, "KroneckerLowRankLinear")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.a_shape, self.b_shape, self.rank, self.lowrank = (m1, n1), (m2, n2), rank, lowrank
+        self.A = nn.Parameter(torch.empty(rank, m1, n1, **kw))
+        self.B = nn.Parameter(torch.empty(rank, m2, n2, **kw))
+        self.U = nn.Parameter(torch.empty(out_features, lowrank, **kw))
+        self.V = nn.Parameter(torch.empty(lowrank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        b_first, a_first = contraction_macs(self.a_shape, self.b_shape, rank)
+        self.order = "b_first" if b_first <= a_first else "a_first"
+        if not self.A.is_meta:
+            with torch.no_grad():
+                for p in (self.A, self.B, self.U, self.V):
+                    p.normal_(0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        y = kronecker_matmul(x, self.A.to(x.dtype), self.B.to(x.dtype), self.order, None)
+        y = y + (x @ self.V.to(x.dtype).t()) @ self.U.to(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) weight Σ_r A_r ⊗ B_r + U V."""
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        return torch.einsum("rij,rkl->ikjl", self.A, self.B).reshape(m1 * m2, n1 * n2) + self.U @ self.V
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, A={self.a_shape}, B={self.b_shape}, "
+                f"rank={self.rank}, lowrank={self.lowrank}")
+
+
 class KroneckerEmbedding(nn.Module):
     """Embedding table E (V, d) = Σ_r A_r ⊗ B_r, A_r (V/m2, d/n2), B_r (m2, n2), looked up row by row.
 
@@ -315,8 +362,14 @@ def build_embedding(entry: dict, device, dtype) -> nn.Module:
                               padding_idx=entry.get("padding_idx"), device=device, dtype=dtype)
 
 
+def build_kronecker_lowrank(entry: dict, device, dtype) -> nn.Module:
+    """An empty ``KroneckerLowRankLinear`` for a plan entry of kind "kronecker_lowrank"."""
+    return KroneckerLowRankLinear(entry["in"], entry["out"], entry["a_shape"], entry["b_shape"], entry.get("rank", 1), entry["lowrank"],
+                                  bias=bool(entry.get("bias", False)), device=device, dtype=dtype)
+
+
 # Plan "kind" -> builder of the empty module. A new Kronecker module kind is one entry here.
-MODULE_BUILDERS = {"linear": build_linear, "embedding": build_embedding}
+MODULE_BUILDERS = {"linear": build_linear, "embedding": build_embedding, "kronecker_lowrank": build_kronecker_lowrank}
 
 
 def resolve_module_name(model: nn.Module, name: str) -> str | None:

@@ -21,7 +21,6 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from kronlm.compress.config import CompressionConfig
-from kronlm.compress.presets import get_preset
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_tokenizer
 from kronlm.tasks import student as task_student
@@ -44,6 +43,7 @@ from kronlm.tasks.glue.metrics import compute_metrics, predictions_from_logits
 from kronlm.tasks.glue.tasks import GlueTask, get_task
 from kronlm.tasks.pipeline import TaskFamily, TaskSplits, run_task_pipeline
 from kronlm.tasks.report import TaskReport
+from kronlm.tasks.student import resolve_compression
 
 __all__ = [
     "GlueFamily",
@@ -186,26 +186,13 @@ class GlueFamily(TaskFamily):
     def head_name(self, model: nn.Module) -> str:
         return classifier_head_name(model)
 
+    def eval_tokens(self, eval_set: list[dict[str, Any]]) -> int:
+        return sum(encoded_lengths(eval_set))
+
     def evaluate(self, model: nn.Module, eval_set: list[dict[str, Any]], config: GlueTrainConfig,
                  device: torch.device) -> dict[str, float]:
         return evaluate_classifier(model, eval_set, self.collator, self.task, batch_size=config.eval_batch_size,
                                    device=device)[0]
-
-
-def resolve_compression(spec: CompressionConfig | str) -> tuple[CompressionConfig, str]:
-    """(config, name) from a :class:`CompressionConfig`, a config file (.yaml / .yml / .json) or a preset name.
-
-    Raises:
-        FileNotFoundError: a config file that does not exist.
-        ValueError: an unknown preset or a bad config file.
-    """
-    if isinstance(spec, CompressionConfig):
-        return spec, spec.name or "compressed"
-    if Path(spec).suffix in (".yaml", ".yml", ".json"):
-        config = CompressionConfig.from_file(spec)
-    else:
-        config = get_preset(spec)
-    return config, config.name or str(spec)
 
 
 def run_glue(
@@ -217,18 +204,22 @@ def run_glue(
     config: GlueTrainConfig | None = None,
     teacher_config: GlueTrainConfig | None = None,
     student: CompressionConfig | str | None = None,
+    student_init: str | os.PathLike | None = None,
     general_distill: str | os.PathLike | None = None,
+    layer_map: list[int] | None = None,
     task_kd: bool = True,
     data_dir: str | os.PathLike | None = None,
     hf_dataset: bool = False,
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> TaskReport:
-    """Fine-tune a teacher on a GLUE task and optionally distil a Kronecker-compressed student.
+    """Fine-tune a teacher on a GLUE task and optionally distil a compressed or truncated student.
 
     The Python form of ``kronlm glue`` (KroneckerBERT, SPEC §1, §4, §5): teacher fine-tuning
     (or a fine-tuned ``teacher``) -> compression of the teacher with ``student`` -> optional
-    stage-1 weights (``general_distill``) -> task distillation -> ``report.{json,md}``. Each
+    stage-1 weights (``general_distill``) -> task distillation -> ``report.{json,md}``. Instead
+    of ``student``, ``student_init`` names a compressed or truncated *pretrained* model folder
+    (KnGPT2 / DistilGPT2 style decoder students), which gets the teacher's head. Each
     stage chooses its checkpoint on ``val_fraction`` of the training examples by the task's
     main metric; dev is evaluated (final and best model) and reported only.
 
@@ -242,8 +233,12 @@ def run_glue(
             :class:`GlueTrainConfig` ().
         teacher_config: teacher fine-tuning settings.
         student: compression of the student: a :class:`CompressionConfig`, a config file or a
-            preset name; None = teacher only.
+            preset name; None = teacher only (or ``student_init``).
+        student_init: a pretrained student folder (``kronlm compress`` / ``kronlm truncate`` of
+            the teacher's base model, possibly recovered by ``kronlm distill``) instead of ``student``.
         general_distill: a stage-1 folder (``kronlm distill`` of the compressed encoder).
+        layer_map: teacher layer of each student layer for the layer-wise terms of a shallower
+            student (e.g. the kept blocks of a truncated one); None = identity.
         task_kd: False = the student learns from the labels only (CE), not from the teacher.
         data_dir: folder with ``<TASK>/{train,dev}.tsv``; None = ``$KRONLM_DATA_DIR/glue``.
         hf_dataset: read the Hugging Face ``glue`` dataset instead.
@@ -266,6 +261,6 @@ def run_glue(
     family = GlueFamily(glue_task, load_tokenizer(str(teacher or model)), data_dir=data_dir, hf_dataset=hf_dataset)
     return run_task_pipeline(
         family, out_dir, config=config, teacher_config=teacher_config, model=model, teacher=teacher,
-        compression=compression, compression_name=name, general_distill=general_distill, task_kd=task_kd,
-        resume=resume, log=log,
+        compression=compression, compression_name=name, student_init=student_init, general_distill=general_distill,
+        layer_map=layer_map, task_kd=task_kd, resume=resume, log=log,
     )

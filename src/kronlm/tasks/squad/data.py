@@ -19,7 +19,6 @@ Every problem raises a one-line ``ValueError`` that names the file (or dataset) 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 from datasets import load_dataset
 
 from kronlm.utils import paths
+from kronlm.utils.io import read_json
 
 __all__ = [
     "HF_SQUAD_DATASETS",
@@ -151,12 +151,7 @@ def read_squad_json(path: str | Path, version: str = "1.1") -> list[SquadExample
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: SQuAD file not found")
-    try:
-        root = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
+    root = read_json(path)
     articles = _require(root, "data", list, str(path))
     file_version = root.get("version") if isinstance(root, Mapping) else None
     file_is_v2 = isinstance(file_version, str) and file_version.lstrip("vV").startswith("2")

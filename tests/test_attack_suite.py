@@ -1,0 +1,562 @@
+"""The reliability attack suite, recorded: every way a user (or a crash) has broken kronlm, as a
+test on a tiny model or a file crafted in tmp_path, seconds each.
+
+1. Resume tied to its inputs: a different --data, --max-tokens, --val-fraction, --teacher,
+   starting student or result-changing setting is refused, naming the difference.
+2. trainer_state.json is covered by the checkpoint manifest and range-checked.
+3. A damaged latest checkpoint falls back to the newest earlier one that verifies (saying so) and
+   the run continues exactly as the uninterrupted one; with none, each is named.
+4. What a killed run left (temporary folders, stale locks) is removed at the next start.
+5. The command line: every bad input gives one line ``kronlm: error: ...`` naming the file,
+   tensor, key or value, and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import struct
+
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from training_models import BLOCK, VOCAB
+from training_models import tiny_gpt2 as _tiny_gpt2
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+import kronlm
+from kronlm.cli import main
+from kronlm.data.blocks import TokenBlocks
+from kronlm.distill.checkpoint import (
+    MANIFEST_FILE,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    check_trainer_state,
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from kronlm.distill.config import TrainingConfig
+from kronlm.distill.fingerprint import model_fingerprint, tokens_fingerprint
+from kronlm.distill.trainer import ResumeMismatch, train
+from kronlm.utils.io import (
+    FolderBusyError,
+    clean_interrupted_writes,
+    file_sha256,
+    folder_lock,
+    read_json,
+)
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    return _tiny_gpt2(seed, dropout=0.1)
+
+
+def blocks(multiplier: int = 5, tokens: int = VOCAB * 20) -> TokenBlocks:
+    ids = (torch.arange(tokens) * multiplier) % VOCAB
+    return TokenBlocks.from_ids(ids, BLOCK, val_fraction=0.1)
+
+
+def config(tmp_path, **kw) -> TrainingConfig:
+    values = {"recipe": "ilkd-kngpt2", "block_size": BLOCK, "micro_batch_size": 2, "max_steps": 6, "lr": 5e-3, "min_lr": 5e-4,
+              "warmup_steps": 1, "eval_every": 2, "save_every": 2, "keep_checkpoints": 3, "mixed_precision": "no", "seed": 5,
+              "log_dir": str(tmp_path / "logs")}
+    values.update(kw)
+    return TrainingConfig(**values)
+
+
+def run(tmp_path, name, *, student_seed=1, teacher_seed=2, data=None, resume=False, **kw):
+    cfg = config(tmp_path, **kw.pop("cfg", {}))
+    return train(tiny_gpt2(student_seed), _tiny_gpt2(teacher_seed), data or blocks(), cfg, tmp_path / name,
+                 resume=resume, **kw)
+
+
+def rewrite_manifest(folder) -> None:
+    """Make a hand-edited checkpoint consistent again, as a careful attacker (or a buggy tool) would."""
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def edit_state(folder, consistent: bool, **values) -> None:
+    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+    state.update(values)
+    (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+    if consistent:
+        rewrite_manifest(folder)
+
+
+# ------------------------------------------------------------------------------------------------ 1. resume tied to inputs
+
+
+def test_the_checkpoint_records_the_runs_inputs(tmp_path):
+    result = run(tmp_path, "a", run_settings={"--max-tokens": 1000})
+    state = load_checkpoint(result.last_checkpoint).trainer_state
+    fp = state["run"]
+    data = blocks()
+    assert fp["train_data"] == tokens_fingerprint(data.train) and fp["val_data"] == tokens_fingerprint(data.val)
+    assert fp["teacher"] == model_fingerprint(_tiny_gpt2(2))
+    assert fp["student_start"] == model_fingerprint(tiny_gpt2(1))  # before training, not the trained weights
+    assert fp["settings"] == {"--max-tokens": 1000}
+    assert state["format_version"] == 2
+
+
+RESUME_CHANGES = [
+    ("tokens", {"data": "other-tokens"},
+     r"training data differ \(sha256 [0-9a-f]{12} in the checkpoint, [0-9a-f]{12} now: their content changed\); validation data differ"),
+    ("fewer-examples", {"data": "fewer"}, r"the data order would change \(training examples 72 -> 64\); training data differ"),
+    ("teacher", {"teacher_seed": 3}, r"teacher differs \(weights/config sha256 [0-9a-f]{12} in the checkpoint, [0-9a-f]{12} now\)"),
+    ("student", {"student_seed": 4, "check_student": True}, r"starting student differs \(weights/config sha256"),
+    ("lr", {"cfg": {"lr": 1e-3}}, r"settings differ \(lr 0\.005 -> 0\.001\)"),
+    ("recipe", {"cfg": {"recipe": "distilgpt2"}}, r"settings differ \(recipe 'ilkd-kngpt2' -> 'distilgpt2'\)"),
+    ("run-settings", {"run_settings": {"--max-tokens": 2000}}, r"--max-tokens 1000 -> 2000"),
+]
+
+
+@pytest.mark.parametrize("name, change, message", RESUME_CHANGES, ids=[c[0] for c in RESUME_CHANGES])
+def test_resume_with_other_inputs_is_refused_naming_the_difference(tmp_path, name, change, message):
+    run(tmp_path, "r", run_settings={"--max-tokens": 1000}, cfg={"max_steps": 4})
+    kw = {"run_settings": {"--max-tokens": 1000}, **change}
+    kw["cfg"] = {"max_steps": 6, **change.get("cfg", {})}
+    kw["data"] = {None: None, "other-tokens": blocks(multiplier=7), "fewer": blocks(tokens=VOCAB * 18)}[change.get("data")]
+    with pytest.raises(ResumeMismatch, match=r"cannot resume from \S*step-0000004: .*" + message):
+        run(tmp_path, "r", resume=True, **kw)
+    # Nothing was trained or written by the refused resume.
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [2, 4]
+
+
+def test_the_same_inputs_resume_and_a_longer_run_is_allowed(tmp_path):
+    full = run(tmp_path, "full", cfg={"max_steps": 6})
+    run(tmp_path, "r", cfg={"max_steps": 6, "save_every": 2}, check_student=True)
+    # A fresh process: the same student start from disk, other seeds in torch's RNG.
+    torch.manual_seed(999)
+    again = run(tmp_path, "r", resume=True, cfg={"max_steps": 6}, check_student=True)
+    assert again.start_step == 6 and again.losses == []
+    longer = run(tmp_path, "r", resume=True, cfg={"max_steps": 8, "eval_every": 4}, check_student=True)
+    assert longer.start_step == 6 and longer.steps == 8 and len(full.losses) == 6
+    # The recorded starting point is still the original student's.
+    assert load_checkpoint(tmp_path / "r").trainer_state["run"]["student_start"] == model_fingerprint(tiny_gpt2(1))
+
+
+def test_by_default_the_python_api_accepts_any_student_of_the_architecture(tmp_path):
+    run(tmp_path, "r", cfg={"max_steps": 4})
+    resumed = run(tmp_path, "r", resume=True, student_seed=77, cfg={"max_steps": 6})
+    assert resumed.start_step == 4  # the checkpoint's weights replaced the given ones
+
+
+# ------------------------------------------------------------------------------------------------ 2. trainer_state.json
+
+
+def test_trainer_state_is_covered_by_the_checksums(tmp_path):
+    result = run(tmp_path, "r", cfg={"max_steps": 2})
+    folder = result.last_checkpoint
+    edit_state(folder, consistent=False, step=-5)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: checkpoint file (corrupt|truncated or altered)"):
+        load_checkpoint(folder)
+    (folder / MANIFEST_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json: file not found"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"step": -5}, r"trainer_state\.json: step = -5 is out of range \(an integer >= 0\)"),
+        ({"step": 3}, r"trainer_state\.json: step = 3 but the folder is step-0000002"),
+        ({"tokens_seen": -1}, r"tokens_seen = -1 is out of range"),
+        ({"tokens_seen": "many"}, r"tokens_seen = 'many' is out of range"),
+        ({"world_size": 0}, r"world_size = 0 is out of range \(an integer >= 1\)"),
+        ({"best_step": 9}, r"best_step = 9 is after the checkpoint's step 2"),
+        ({"best_val": float("nan")}, r"best_val = nan is out of range \(null or a finite number\)"),
+        ({"epoch": 5}, r"epoch = 5 and step_in_epoch = 2 do not give step 2"),
+        ({"max_steps": 1}, r"step = 2 exceeds max_steps = 1"),
+        ({"format_version": 7}, r"format_version = 7 is out of range"),
+        ({"run": ["x"]}, r"run = \['x'\] is out of range \(a mapping\)"),
+    ],
+)
+def test_trainer_state_values_are_range_checked(tmp_path, values, message):
+    result = run(tmp_path, "r", cfg={"max_steps": 2, "eval_every": 1, "save_every": 2})
+    edit_state(result.last_checkpoint, consistent=True, **values)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(result.last_checkpoint)
+
+
+def test_a_bad_state_is_never_written():
+    with pytest.raises(CheckpointError, match=r"state\.json: tokens_seen = -3 is out of range"):
+        check_trainer_state({"step": 1, "tokens_seen": -3}, "state.json")
+
+
+def test_checkpoints_of_format_1_still_resume_with_a_note(tmp_path, capsys):
+    full = run(tmp_path, "full")
+    run(tmp_path, "r")
+    shutil.rmtree(checkpoints_dir(tmp_path / "r") / "step-0000006")  # as if killed during step 5
+    (checkpoints_dir(tmp_path / "r") / "latest").write_text("step-0000004\n")
+    for _, folder in list_checkpoints(tmp_path / "r"):  # as kronlm wrote them before manifest.json
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        (folder / MANIFEST_FILE).unlink()
+        state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+        del state["run"]
+        state.update(format_version=1, files={k: v for k, v in manifest["files"].items() if k != TRAINER_STATE_FILE})
+        (folder / TRAINER_STATE_FILE).write_text(json.dumps(state))
+    assert load_checkpoint(tmp_path / "r").format_version == 1
+    resumed = run(tmp_path, "r", resume=True)
+    assert resumed.start_step == 4
+    assert "was written before kronlm recorded a run's inputs" in "".join(capsys.readouterr())
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]), rtol=0, atol=1e-6)
+    assert load_checkpoint(tmp_path / "r").format_version == 2  # new checkpoints are written in the current format
+
+
+# ------------------------------------------------------------------------------------------------ 3. fallback
+
+
+def _damage(folder, how: str) -> None:
+    if how == "flip-weights":
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        data[-3] ^= 0x10
+        (folder / "model.safetensors").write_bytes(bytes(data))
+    elif how == "negative-step":
+        edit_state(folder, consistent=True, step=-5)
+    elif how == "missing-optimizer":
+        (folder / "optimizer.safetensors").unlink()
+    elif how == "garbled-state":
+        (folder / TRAINER_STATE_FILE).write_bytes(b"\xd0\xff{")
+
+
+@pytest.mark.parametrize("how", ["flip-weights", "negative-step", "missing-optimizer", "garbled-state"])
+def test_a_damaged_latest_checkpoint_falls_back_and_continues_exactly(tmp_path, capsys, how):
+    full = run(tmp_path, "full")
+    run(tmp_path, "r")
+    latest = latest_checkpoint(tmp_path / "r")
+    assert latest.name == "step-0000006"
+    _damage(latest, how)
+    capsys.readouterr()
+    resumed = run(tmp_path, "r", resume=True)
+    said = "".join(capsys.readouterr())
+    assert "--resume: step-0000006 is unusable: " in said
+    assert "resuming from " in said and "step-0000004, the newest checkpoint that verifies" in said
+    assert resumed.start_step == 4 and resumed.steps == 6
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]), rtol=0, atol=1e-6)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "r")  # step 6 rewritten, verifies again
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+
+
+def test_checkpoints_of_an_abandoned_timeline_are_pruned(tmp_path):
+    run(tmp_path, "r")
+    _damage(latest_checkpoint(tmp_path / "r"), "flip-weights")
+    resumed = run(tmp_path, "r", resume=True, cfg={"max_steps": 5, "save_every": 1})
+    assert resumed.start_step == 4 and resumed.steps == 5
+    # The damaged step 6 came after the step the run resumed from: never used again, removed.
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [2, 4, 5]
+
+
+def test_a_garbled_latest_pointer_falls_back_to_the_newest_folder(tmp_path, capsys):
+    run(tmp_path, "r", cfg={"max_steps": 4})
+    (checkpoints_dir(tmp_path / "r") / "latest").write_bytes(b"\x00\xffnonsense")
+    resumed = run(tmp_path, "r", resume=True, cfg={"max_steps": 6})
+    assert resumed.start_step == 4
+    assert "checkpoints/latest: not UTF-8 text at line 1 (byte 0xff at offset 1)" in "".join(capsys.readouterr())
+
+
+def test_with_no_checkpoint_that_verifies_each_is_named(tmp_path):
+    run(tmp_path, "r", cfg={"max_steps": 4})
+    for _, folder in list_checkpoints(tmp_path / "r"):
+        _damage(folder, "flip-weights")
+    with pytest.raises(CheckpointError, match=r"no checkpoint verifies: step-0000004 is unusable: .*model\.safetensors: checkpoint file "
+                                               r"corrupt.*; step-0000002 is unusable: .*model\.safetensors"):
+        run(tmp_path, "r", resume=True, cfg={"max_steps": 6})
+
+
+# ------------------------------------------------------------------------------------------------ 4. leftovers
+
+
+def test_leftovers_of_a_killed_run_are_removed_at_the_next_start(tmp_path, capsys):
+    run(tmp_path, "r", cfg={"max_steps": 4})
+    out = tmp_path / "r"
+    root = checkpoints_dir(out)
+    debris = [root / ".step-0000006.k3j2h1g0.tmp", out / ".best.a1b2c3d4.tmp", out / ".final.zzzzzzzz.tmp"]
+    for folder in debris:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    (root / ".latest.q1w2e3r4.tmp").write_text("step-0000006")
+    (root / ".step-0000006.lock").write_text("")  # no process holds it
+    (out / "notes.txt").write_text("mine")  # not kronlm's: kept
+    resumed = run(tmp_path, "r", resume=True, cfg={"max_steps": 6})
+    assert resumed.start_step == 4
+    assert not any(p.exists() for p in debris) and not (root / ".latest.q1w2e3r4.tmp").exists()
+    assert not (root / ".step-0000006.lock").exists() and (out / "notes.txt").read_text() == "mine"
+    assert "leftover(s) of an interrupted run" in "".join(capsys.readouterr())
+    assert not list(tmp_path.glob(".r.lock"))  # the run's own lock is gone after the run
+
+
+def _hold_lock(path: str, conn) -> None:
+    with folder_lock(path):
+        conn.send("held")
+        conn.recv()
+    os._exit(0)
+
+
+def test_a_live_writers_temporaries_and_a_second_run_are_left_alone(tmp_path):
+    out = tmp_path / "r"
+    run(tmp_path, "r", cfg={"max_steps": 2})
+    busy = checkpoints_dir(out) / ".step-0000004.abcdefgh.tmp"
+    busy.mkdir()
+    parent, child_end = multiprocessing.Pipe()
+    holders = []
+    for path in (checkpoints_dir(out) / "step-0000004", out):
+        child = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(str(path), child_end))
+        child.start()
+        assert parent.recv() == "held"
+        holders.append(child)
+    try:
+        assert clean_interrupted_writes(checkpoints_dir(out)) == [] and busy.is_dir()
+        with pytest.raises(FolderBusyError, match="another kronlm process is writing this folder"):
+            run(tmp_path, "r", resume=True, cfg={"max_steps": 4})
+    finally:
+        for child in holders:
+            parent.send("done")
+            child.join(30)
+
+
+# ------------------------------------------------------------------------------------------------ 5. the command line
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "sleeps", "in", "the", "sun", "."]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, "<eos>": 1}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>", pad_token="<eos>")
+
+
+MLP = {"targets": [{"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}, {"modules": ["**.mlp.c_proj"], "b_shape": [1, 2]}]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny dense GPT-2 with its own word-level tokenizer, its compressed copy, a teacher with other
+    weights, and two text files."""
+    root = tmp_path_factory.mktemp("attack")
+    tokenizer = _tokenizer()
+    paths = {}
+    for name, seed in (("dense", 0), ("other_teacher", 1)):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=2, n_positions=64, n_inner=64))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = root / name
+    config = root / "mlp.yaml"
+    config.write_text(yaml.safe_dump(MLP))
+    paths["compressed"] = root / "compressed"
+    assert main(["compress", str(paths["dense"]), "--config", str(config), "--out", str(paths["compressed"])]) == 0
+    for name, words in (("text", WORDS), ("other_text", list(reversed(WORDS)))):
+        paths[name] = root / f"{name}.txt"
+        paths[name].write_text("\n\n".join(" ".join(words) for _ in range(30)))
+    paths["config"] = config
+    return paths
+
+
+def _one_line_error(capsys, argv, code=1) -> str:
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("kronlm: error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def _header_edit(fn):
+    def edit(folder):
+        path = folder / "model.safetensors"
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = fn(json.loads(data[8 : 8 + n]))
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return edit
+
+
+def _tensors(header):
+    return [k for k in header if k != "__metadata__"]
+
+
+def _overlap(h):
+    first, second = _tensors(h)[:2]
+    h[second]["data_offsets"] = h[first]["data_offsets"]
+    return h
+
+
+def _config_edit(fn):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        fn(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _pickled_only(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95not a real pickle")
+
+
+FOLDER_ATTACKS = [
+    ("header-is-a-list", _header_edit(lambda h: [1, 2]), r"model\.safetensors: truncated or corrupt safetensors file \(.*sequence"),
+    ("header-entry-not-a-dict", _header_edit(lambda h: {**h, "x": 5}), r"model\.safetensors: truncated or corrupt .*integer `5`"),
+    ("overlapping-byte-ranges", _header_edit(_overlap), r"model\.safetensors: truncated or corrupt .*invalid .*offset for tensor"),
+    ("unknown-dtype", _header_edit(lambda h: {**h, _tensors(h)[0]: {**h[_tensors(h)[0]], "dtype": "Q99"}}), r"unknown variant `Q99`"),
+    ("no-data-offsets", _header_edit(lambda h: {**h, _tensors(h)[0]: {"dtype": "F32", "shape": [1]}}), r"missing field `data_offsets`"),
+    ("plan-modules-a-list", _config_edit(lambda c: c["kronlm"].__setitem__("modules", [1, 2])),
+     r"kronlm plan: modules must be a mapping of module names to entries, got list"),
+    ("plan-a-string", _config_edit(lambda c: c.__setitem__("kronlm", "tied")), r"kronlm plan must be a mapping, got str"),
+    ("plan-entry-without-out", _config_edit(lambda c: [v.pop("out") for v in c["kronlm"]["modules"].values()]),
+     r"kronlm plan entry 'transformer\.h\.0\.mlp\.c_fc' has no key 'out'"),
+    ("config-not-utf8", lambda f: (f / "config.json").write_bytes('{"model_type": "gpt2", "name": "Привет"}'.encode("koi8-r")),
+     r"config\.json"),
+    ("pickled-only", _pickled_only, r"holds only pytorch_model\.bin, a pickled checkpoint kronlm does not load"),
+    ("flipped-byte", lambda f: f.joinpath("model.safetensors").write_bytes(f.joinpath("model.safetensors").read_bytes()[:-1] + b"\x01"),
+     r"model\.safetensors: SHA-256 differs from the one recorded"),
+]
+
+
+@pytest.mark.parametrize("name, attack, message", FOLDER_ATTACKS, ids=[a[0] for a in FOLDER_ATTACKS])
+def test_a_damaged_model_folder_gives_one_line_naming_it(folders, tmp_path, capsys, name, attack, message):
+    folder = tmp_path / name
+    shutil.copytree(folders["compressed"], folder)
+    if name != "flipped-byte":
+        (folder / "kronlm_manifest.json").unlink()  # else every edit is caught as a checksum mismatch
+    attack(folder)
+    line = _one_line_error(capsys, ["eval", folder, "--data", folders["text"], "--max-length", "16", "--stride", "8"])
+    assert str(folder) in line, line
+    assert re.search(message, line), line
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("unclosed-pattern", {"targets": [{"modules": ["re:(unclosed"], "b_shape": [2, 1]}]},
+         r"target 0: module pattern 're:\(unclosed' is not a valid regular expression"),
+        ("targets-a-mapping", {"targets": {"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}}, r"targets must be a list of rules, got dict"),
+        ("not-utf8", b"targets: \xd0\xff\xfe\n", r"bad\.yaml: cannot parse \('utf-8' codec can't decode byte 0xd0"),
+    ],
+)
+def test_a_bad_compression_config_gives_one_line_naming_it(folders, tmp_path, capsys, name, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else yaml.safe_dump(content).encode())
+    line = _one_line_error(capsys, ["compress", folders["dense"], "--config", path, "--out", tmp_path / "out"])
+    assert str(path) in line and re.search(message, line), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_named_before_compressing(folders, tmp_path, capsys):
+    model = GPT2LMHeadModel.from_pretrained(folders["dense"])
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 4] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    _tokenizer().save_pretrained(tmp_path / "nan")
+    line = _one_line_error(capsys, ["compress", tmp_path / "nan", "--config", folders["config"], "--init", "activation_aware",
+                                    "--calibration", folders["text"], "--out", tmp_path / "out"])
+    assert "tensor transformer.h.1.mlp.c_fc.weight (32, 64) holds 1 NaN or infinite values" in line
+
+
+def test_out_dot_is_refused_before_compressing(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("precious")
+    line = _one_line_error(capsys, ["compress", folders["dense"], "--config", folders["config"], "--out", "."], code=2)
+    assert ".: exists and is not a model folder (it holds 1 entries: mine.txt)" in line
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+
+
+def test_text_and_json_readers_name_the_file_on_bad_bytes(folders, tmp_path, capsys):
+    text = tmp_path / "latin.txt"
+    text.write_bytes("Grüße aus Köln ".encode("latin-1") * 20)
+    line = _one_line_error(capsys, ["eval", folders["dense"], "--data", text, "--max-length", "16", "--stride", "8"])
+    assert str(text) in line and "UTF-8" in line
+    bad = tmp_path / "x.json"
+    bad.write_bytes(b'{"a": "\xd0"}')
+    with pytest.raises(ValueError, match=r"x\.json: not UTF-8 text at line 1 \(byte 0xd0 at offset 7\)"):
+        read_json(bad)
+
+
+def _distill(folders, out, *extra, teacher=None, data=None):
+    return ["distill", "--student", folders["compressed"], "--teacher", teacher or folders["dense"], "--data", data or folders["text"],
+            "--out", out, "--max-steps", "2", "--block-size", "16", "--batch-size", "2", "--warmup-steps", "0",
+            "--val-fraction", "0.1", *extra]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--max-tokens", "300"], r"--max-tokens None -> 300; .*training data differ"),
+        (["--val-fraction", "0.2"], r"--val-fraction 0\.1 -> 0\.2"),
+        (["data"], r"--data '.*text\.txt' -> '.*other_text\.txt'; training data differ"),
+        (["teacher"], r"teacher differs \(weights/config sha256"),
+        (["--lr", "0.5"], r"settings differ \(lr 6e-05 -> 0\.5\)"),
+    ],
+    ids=["max-tokens", "val-fraction", "data", "teacher", "lr"],
+)
+def test_distill_resume_with_other_inputs_gives_one_line(folders, tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    assert main([str(a) for a in _distill(folders, out)]) == 0
+    before = load_checkpoint(out).trainer_state
+    kw = {}
+    if change == ["data"]:
+        kw["data"], change = folders["other_text"], []
+    elif change == ["teacher"]:
+        kw["teacher"], change = folders["other_teacher"], []
+    argv = _distill(folders, out, "--resume", *change, **kw)
+    argv[argv.index("--max-steps") + 1] = "4"
+    if "--val-fraction" in change:
+        del argv[argv.index("--val-fraction") : argv.index("--val-fraction") + 2]
+        argv += ["--val-fraction", "0.2"]
+    line = _one_line_error(capsys, argv)
+    assert line.startswith("kronlm: error: cannot resume from ") and "step-0000002" in line
+    assert re.search(message, line), line
+    assert load_checkpoint(out).trainer_state == before  # nothing trained
+
+
+def test_distill_resume_with_the_same_inputs_continues(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([str(a) for a in _distill(folders, out)]) == 0
+    argv = _distill(folders, out, "--resume")
+    argv[argv.index("--max-steps") + 1] = "3"
+    assert main([str(a) for a in argv]) == 0
+    assert load_checkpoint(out).step == 3
+
+
+def test_distill_resume_with_no_good_checkpoint_gives_one_line(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([str(a) for a in _distill(folders, out, "--config", _save_every_one(tmp_path))]) == 0
+    for _, folder in list_checkpoints(out):
+        edit_state(folder, consistent=True, step=-5)
+    line = _one_line_error(capsys, _distill(folders, out, "--resume", "--config", _save_every_one(tmp_path)))
+    assert "no checkpoint verifies: step-0000002 is unusable: " in line and "trainer_state.json: step = -5 is out of range" in line
+
+
+def _save_every_one(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"save_every": 1, "eval_every": 1, "keep_checkpoints": 5}))
+    return path
+
+
+def test_saved_files_get_the_users_usual_permissions(folders, tmp_path):
+    # transformers 5 writes its shards through a private (0600) temporary file.
+    model = kronlm.load(folders["compressed"])
+    folder = tmp_path / "shared"
+    kronlm.save(model, folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -1,0 +1,108 @@
+"""The budget figures are reproducible with the command line: the Pareto benchmark's code path
+(one calibration and pricing, reused) and ``kronlm compress --budget`` give identical allocations
+and bit-identical factors on the same settings; the flags that the benchmarks vary exist."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from shared_paths import GPT2_TOKENIZER_DIR, REPO_ROOT
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+import kronlm
+from kronlm.cli import main
+from kronlm.cli.compress import DEFAULTS, compress_with_budget
+from kronlm.compress import count_parameters
+from kronlm.compress.budget import budget_calibration, budget_candidates, price_modules
+from kronlm.compress.calibration import calibration_mix
+
+pytestmark = pytest.mark.skipif(GPT2_TOKENIZER_DIR is None, reason="../shared/tokenizers/gpt2 missing")
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("pareto_benchmark", REPO_ROOT / "benchmarks" / "pareto.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, n_inner=64)).save_pretrained(path)
+    GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER_DIR).save_pretrained(path)
+    (path / "text.txt").write_text(" ".join(f"The quick brown fox number {i} jumps over the lazy dog." for i in range(60)))
+    return path
+
+
+@pytest.mark.parametrize("families,cut,extra", [("svd,kronecker,kronecker_lowrank", 6000, []), ("kronecker", 8000, ["--calibration-seed", "3"])])
+def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra):
+    text = str(folder / "text.txt")
+    out = tmp_path / "cli"
+    target = count_parameters(kronlm.load_model(str(folder))) - cut  # the tiny model is mostly its 50,257-token embedding
+    argv = ["compress", str(folder), "--budget-params", str(target), "--families", families, "--calibration", text,
+            "--calibration-sequences", "4", "--calibration-length", "32", "--sensitivity-sequences", "2", "--out", str(out), *extra]
+    assert main(argv) == 0
+
+    bench = _benchmark()
+    args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential="off")
+    model, tokenizer = kronlm.load_model_and_tokenizer(str(folder))
+    seed = int(extra[1]) if extra else None
+    ids, _ = calibration_mix(model, tokenizer, [text], 4, 32, seed=seed, progress=False)
+    # As the benchmark does: statistics and pricing once (all families), a copy per point.
+    stats = budget_calibration(model, ids, budget_candidates(model), sensitivity_sequences=2, progress=False)
+    pricing = price_modules(model, stats, settings=bench.settings_for(args, bench.SETS["mixed"]), progress=False)
+    student = copy.deepcopy(model)
+    allocation = compress_with_budget(student, target, ids,
+                                      bench.settings_for(args, tuple(families.split(","))), stats=stats,
+                                      pricing=copy.deepcopy(pricing), progress=False)
+
+    saved = json.loads((out / "kronlm_compression.json").read_text())["report"]["allocation"]
+    ours = json.loads(json.dumps(allocation.to_dict()))
+    assert saved == ours
+    assert allocation.family_counts() != {"dense": len(allocation.choices)}  # something was compressed
+    cli_state = kronlm.load(out).state_dict()
+    state = student.state_dict()
+    assert cli_state.keys() == state.keys()
+    for key, tensor in state.items():
+        assert torch.equal(cli_state[key], tensor), key
+    command = bench.cli_command(argparse.Namespace(model="smollm2", calibration=["wikitext2"], calibration_split="validation",
+                                                   calibration_sequences=32, calibration_length=512, sensitivity_sequences=32,
+                                                   calibration_seed=None, check_rounds=DEFAULTS.check_rounds, sequential="output",
+                                                   max_tokens=16384), 0.8, ("svd",))
+    assert command.startswith("kronlm compress smollm2 --budget 0.8 --families svd --calibration wikitext2 ")
+    assert "--sensitivity-sequences 32" in command and "--sequential-calibration output" in command
+
+
+def test_budget_params_and_sequential_from_the_cli(folder, tmp_path, capsys):
+    text = str(folder / "text.txt")
+    dense = count_parameters(kronlm.load_model(str(folder)))
+    out = tmp_path / "abs"
+    assert main(["compress", str(folder), "--budget-params", str(dense - 4000), "--calibration", text, "--calibration-sequences", "4",
+                 "--calibration-length", "32", "--sensitivity-sequences", "0", "--sequential-calibration", "output", "--families", "svd",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"(budget {dense - 4000:,})" in printed and "choices:" in printed
+    allocation = json.loads((out / "kronlm_compression.json").read_text())["report"]["allocation"]
+    assert allocation["target_params"] == dense - 4000 >= allocation["params_after"]
+    assert set(allocation["family_counts"]) <= {"dense", "svd"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "0.9", "--families", "svd,tucker"], "unknown factor family 'tucker'"),
+    (["--budget-params", "10", "--sensitivity-sequences", "0"], "below the smallest reachable"),
+    (["--budget", "0.9", "--calibration-sequences", "400"], "fewer than the 400 x 32"),
+])
+def test_bad_budget_input_is_one_line(folder, tmp_path, capsys, argv, message):
+    text = str(folder / "text.txt")
+    base = ["compress", str(folder), "--calibration", text, "--calibration-sequences", "4", "--calibration-length", "32", "--out", str(tmp_path / "x")]
+    code = main(base + argv)
+    err = capsys.readouterr().err.strip()
+    last = err.replace("\r", "\n").splitlines()[-1]  # progress bars may come first
+    assert code == 2 and last.startswith("kronlm: error:") and message in last and "Traceback" not in err, err
