@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import platform
+import shlex
+import sys
 import time
 
 import torch
 
 import kronlm
+from kronlm.bench.report import reproduce_header, reproduce_section
 from kronlm.compress import list_presets
 from kronlm.modeling.loading import load_model
 
@@ -27,11 +28,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = "python benchmarks/compress_time.py " + shlex.join(sys.argv[1:])
+    print(reproduce_header(command.strip()) + "\n")
     t0 = time.perf_counter()
     dense = load_model(args.model)
     load_s = time.perf_counter() - t0
-    print(f"# compress time, {args.model}, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; load took {load_s:.1f} s\n")
+    print(f"# compress time, {args.model}; load took {load_s:.1f} s\n")
     print("| preset | modules | params before | params after | mean rel. error | seconds |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for preset in list_presets():
@@ -44,6 +46,7 @@ def main() -> None:
         print(f"| {preset.name} | {len(report.modules)} | {report.params_before:,} | {report.params_after:,} | "
               f"{report.mean_relative_error:.4f} | {seconds:.1f} |", flush=True)
         del model
+    print("\n" + reproduce_section([command.strip()]))
 
 
 if __name__ == "__main__":

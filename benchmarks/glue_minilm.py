@@ -1,4 +1,4 @@
-"""GLUE benchmark of a KroneckerBERT-style MiniLM student (issue 4; results in docs/benchmarks/glue_minilm.md).
+"""GLUE benchmark of a KroneckerBERT-style MiniLM student (results in docs/benchmarks/glue_minilm.md).
 
 For each task: fine-tune all-MiniLM-L6-v2 as the teacher (``kronlm glue --model minilm``), then
 compress the fine-tuned teacher with ``configs/glue-minilm-kb8.yaml`` and train the student with
@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from pathlib import Path
+
+from kronlm.bench.report import reproduce_header, reproduce_section
+from kronlm.cli import main as kronlm_main
+from kronlm.tasks.glue import read_report
 
 # Per task: (max length, teacher flags, student flags) of the committed run.
 SETTINGS = {
@@ -36,11 +41,9 @@ SETTINGS = {
 
 def run(argv: list[str]) -> float:
     """Run ``kronlm`` with ``argv`` in this process; returns the wall time in seconds."""
-    from kronlm.cli import main
-
     print("$ kronlm " + shlex.join(argv), flush=True)
     start = time.perf_counter()
-    status = main(argv)
+    status = kronlm_main(argv)
     if status != 0:
         raise SystemExit(f"kronlm exited with status {status}")
     return time.perf_counter() - start
@@ -48,8 +51,6 @@ def run(argv: list[str]) -> float:
 
 def main() -> None:
     """Parse the arguments, run teacher and student per task, print the combined Markdown table."""
-    from kronlm.tasks.glue import read_report
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="run folder (one sub-folder per task)")
     parser.add_argument("--tasks", default="sst2,mrpc", help="comma-separated GLUE tasks among " + ", ".join(SETTINGS))
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--stage1", action="store_true", help="start the student from the stage-1 (general distillation) encoder")
     parser.add_argument("--no-task-kd", action="store_true", help="train the student with CE on the labels only")
     args = parser.parse_args()
+    command = "python benchmarks/glue_minilm.py " + shlex.join(sys.argv[1:])
+    print(reproduce_header(command), flush=True)
     extra = ["--no-task-kd"] if args.no_task_kd else []
     if args.stage1:
         stage1 = Path(args.out) / "stage1"
@@ -87,6 +90,7 @@ def main() -> None:
              "--config", args.student_settings, "--student-config", "configs/glue-minilm-kb8.yaml", *student_flags, *extra])
         tables.append(read_report(out / args.name).markdown())
     print("\n".join(tables))
+    print("\n" + reproduce_section([command]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import kronlm
+from kronlm.bench.report import reproduce_header
 from kronlm.cli.compress import DEFAULTS, compress_with_budget
 from kronlm.compress.calibration import load_calibration
 from kronlm.modeling import compress
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/zero_shot_init"), help="where zero_shot_init.py cached its calibration")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    print(reproduce_header("python benchmarks/init_students.py " + " ".join(sys.argv[1:])), flush=True)
     zs = _zero_shot_module()
     blocks = zs.spaced_blocks(zs.BLOCKS[args.fraction])
     caches = sorted(args.work.glob("calibration-*.safetensors"))

@@ -1,4 +1,4 @@
-"""Per-layer speed of KroneckerLinear vs nn.Linear for every preset's factor shapes (issue 5).
+"""Per-layer speed of KroneckerLinear vs nn.Linear for every preset's factor shapes.
 
     python benchmarks/layer_speed.py --threads 2 [--tokens 1,16,512,4096] [--autotune] [--out FILE.md] [--plot FILE.png]
 
@@ -19,7 +19,7 @@ from kronlm.bench.layers import (
     preset_layer_shapes,
 )
 from kronlm.bench.plots import layer_speed_plot, png_beside
-from kronlm.bench.report import write_markdown
+from kronlm.bench.report import reproduce_header, reproduce_section, write_markdown
 from kronlm.cli.bench import layers_command
 
 
@@ -42,10 +42,12 @@ def command_line() -> str:
 def main(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, plot):
     """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes, with a figure."""
     dev, dt = setup(threads, device, dtype)
+    click.echo(reproduce_header(command_line()), err=True)
     shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)
     rows = layer_speed_rows(shapes, [int(v) for v in tokens.split(",") if v.strip()], backward=backward, autotune=autotune, repeats=repeats or 5,
                             dtype=dt, device=dev, progress=True)
     text = layer_speed_markdown(rows, title=f"Per-layer speed, {dtype} on {dev.type}", command=command_line(), device=dev)
+    text += "\n\n" + reproduce_section([command_line()]) + "\n"
     click.echo(text)
     if out:
         click.echo(f"wrote {write_markdown(text, out)}", err=True)

@@ -1,4 +1,4 @@
-"""Prefill / decode throughput and peak memory of dense vs compressed models, random weights (issue 5).
+"""Prefill / decode throughput and peak memory of dense vs compressed models, random weights.
 
     python benchmarks/model_speed.py --threads 2 [--family llama|gpt2|all] [--out FILE.md] [--plot FILE.png]
 
@@ -24,7 +24,7 @@ from kronlm.bench.models import (
     model_speed_rows,
 )
 from kronlm.bench.plots import model_speed_plot, png_beside
-from kronlm.bench.report import write_markdown
+from kronlm.bench.report import reproduce_header, reproduce_section, write_markdown
 from kronlm.cli.bench import models_command
 
 
@@ -47,6 +47,7 @@ def command_line() -> str:
 def main(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, plot):
     """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights), with a figure."""
     dev, dt = setup(threads, device, dtype)
+    click.echo(reproduce_header(command_line()), err=True)
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in prefill.split(",") if s.strip()]
     except ValueError:
@@ -63,6 +64,7 @@ def main(family, presets, prefill, new_tokens, prompt_tokens, threads, device, d
         figures[fam] = (rows, title)
         del models, dense
     text = "\n\n".join(sections)
+    text += "\n\n" + reproduce_section([command_line()]) + "\n"
     click.echo(text)
     if out:
         click.echo(f"wrote {write_markdown(text, out)}", err=True)

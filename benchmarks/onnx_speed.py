@@ -44,6 +44,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from kronlm.bench.plots import markdown_tables, number, onnx_speed_plot
+from kronlm.bench.report import reproduce_header, reproduce_section
 from kronlm.compress import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.export import onnx as konnx
@@ -377,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     args.presets = [p for p in args.presets.split(",") if p]
     shapes = parse_shapes(args.shapes)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/onnx_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python benchmarks/onnx_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    print(reproduce_header(command), file=sys.stderr)
     if args.decode:
-        text = decode_main(args, command.strip())
+        text = decode_main(args, command) + "\n" + reproduce_section([command]) + "\n"
         print(text)
         if args.out:
             write_results(args.out, text, markers=(DECODE_BEGIN, DECODE_END))
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = build_models(args)
     medians = time_sessions(rows, shapes, args.threads, args.warmup, args.repeats)
-    text = markdown(rows, medians, shapes, args, command.strip())
+    text = markdown(rows, medians, shapes, args, command) + "\n" + reproduce_section([command]) + "\n"
     print(text)
     if args.out:
         write_results(args.out, text)

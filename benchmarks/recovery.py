@@ -43,6 +43,8 @@ from kronlm.bench.report import (
     machine_info,
     machine_line,
     markdown_table,
+    reproduce_header,
+    reproduce_section,
     write_markdown,
 )
 from kronlm.cli import main as kronlm_main
@@ -186,6 +188,7 @@ def main() -> None:
         for line in results_path.read_text().splitlines():
             row = json.loads(line)
             done[(row["method"], row["size"], row["mode"])] = row
+    print(reproduce_header(f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"), flush=True)
     log: list[str] = []
     dense = evaluate(args.model, work, args, log, "dense")
     for method in args.methods.split(","):
@@ -225,7 +228,8 @@ def report(rows: list[dict], args) -> str:
                "val ppl", "train tokens", "seconds", "checkpoint"]
     lines = [f"# Recovery of SmolLM2-135M at {int(args.size * 100)} % of the parameters", "",
              machine_line(machine_info()), f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`", "",
-             f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "", markdown_table(headers, table)]
+             f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "", markdown_table(headers, table), "",
+             reproduce_section([f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"])]
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,8 @@ from kronlm.bench.report import (
     machine_info,
     machine_line,
     markdown_table,
+    reproduce_header,
+    reproduce_section,
     write_markdown,
 )
 from kronlm.data.blocks import build_blocks
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    print(reproduce_header(f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"), flush=True)
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model_and_tokenizer(args.teacher)
     blocks = build_blocks("wikitext2", tokenizer, block_size=512, val_fraction=0.0, max_tokens=args.tokens, data_dir=args.data_dir)
@@ -84,6 +87,7 @@ def main() -> None:
         f"Student: `{args.student}` ({sum(p.numel() for p in student.parameters()):,} parameters); teacher {args.teacher}; "
         f"{args.tokens:,} tokens of WikiText-2 validation in blocks of 512.", "",
         markdown_table(headers, rows), "",
+        reproduce_section([f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"]), "",
     ])
     print(text)
     if args.out:

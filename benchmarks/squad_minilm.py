@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kronlm.bench.report import reproduce_header, reproduce_section
 from kronlm.cli import main as kronlm_main
 from kronlm.tasks.report import read_report
 
@@ -55,18 +57,22 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--threads", default="1", help="torch threads per run")
     parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher")
+    parser.add_argument("--teacher-examples", default=None, help="seeded subset of training questions for the teacher")
     parser.add_argument("--student-examples", default=None, help="seeded subset of training questions for the student")
     parser.add_argument("--name", default="kb8", help="sub-folder of the student run")
     parser.add_argument("--stage1", action="store_true", help="start the student from the stage-1 (general distillation) encoder")
     parser.add_argument("--stage1-steps", default=None, help="replace the stage-1 config's step count")
     parser.add_argument("--no-task-kd", action="store_true", help="train the student with CE on the gold spans only")
     args = parser.parse_args()
+    command = "python benchmarks/squad_minilm.py " + shlex.join(sys.argv[1:])
+    print(reproduce_header(command), flush=True)
     torch.set_num_threads(int(args.threads))  # kronlm distill has no --threads flag
     out = Path(args.out)
     teacher = out / "teacher-only"
     if not (teacher / "teacher").is_dir():
+        subset = ["--max-train-examples", args.teacher_examples] if args.teacher_examples else []
         run(["squad", "--model", "minilm", "--out", str(teacher), "--config", "configs/squad-minilm-teacher.yaml",
-             "--threads", args.threads])
+             "--threads", args.threads, *subset])
     tables = [read_report(teacher).markdown()]
     if not args.teacher_only:
         extra = ["--no-task-kd"] if args.no_task_kd else []
@@ -86,6 +92,7 @@ def main() -> None:
              "--threads", args.threads, *extra])
         tables.append(read_report(out / args.name).markdown())
     print("\n".join(tables))
+    print("\n" + reproduce_section([command]))
 
 
 if __name__ == "__main__":

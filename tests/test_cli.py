@@ -113,6 +113,51 @@ def test_distill_blockwise_mode_from_the_command_line(tiny_folder, tmp_path, cap
     assert "block-wise distillation learns from a teacher: give --teacher MODEL" in capsys.readouterr().err
 
 
+def _trained_teacher(tiny_folder, folder):
+    """The tiny GPT-2 after a few steps on its text: a teacher whose perplexity means something."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained(tiny_folder)
+    tokenizer = GPT2TokenizerFast.from_pretrained(tiny_folder)
+    ids = tokenizer((tiny_folder / "text.txt").read_text(), return_tensors="pt")["input_ids"][:, :128]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_compress_then_recover_block_wise_in_one_command(tiny_folder, tmp_path, capsys):
+    text = str(tiny_folder / "text.txt")
+    teacher = _trained_teacher(tiny_folder, tmp_path / "teacher")
+    recover = tmp_path / "recover.yaml"
+    recover.write_text(yaml.safe_dump({"mode": "blockwise", "recipe": "ce", "loss_weights": {"ce": 0.0, "kd": 1.0}, "block_size": 32,
+                                       "micro_batch_size": 2, "max_steps": 8, "epochs": None, "warmup_steps": 0, "lr": 3e-3,
+                                       "eval_every": 2, "freeze_uncompressed": True}))
+    out = tmp_path / "out"
+    coarse = tmp_path / "coarse.yaml"  # large B factors: an error worth recovering from
+    coarse.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc", "**.mlp.c_proj"], "b_shape": [8, 8]}]}))
+    argv = ["compress", str(teacher), "--config", str(coarse), "--out", str(out), "--recover", text,
+            "--recover-tokens", "1024", "--recover-config", str(recover), "--eval", text, "--max-length", "64", "--stride", "32"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "recovered in" in printed and "validation perplexity" in printed
+    results = json.loads((out / "eval.json").read_text())
+    # Every block's held-out output error went down, and the saved folder is the recovered model.
+    summary = json.loads((tmp_path / "out.recovery" / "blockwise_summary.json").read_text())
+    assert len(summary["blocks"]) == 2 and all(b["best_val"] < b["first_loss"] for b in summary["blocks"])
+    assert results["recovered"]["ppl"] != results["compressed"]["ppl"]
+    assert results["recovered"]["params"] == results["compressed"]["params"] < results["dense"]["params"]
+    assert main(["eval", str(out), "--data", text, "--max-length", "64", "--stride", "32", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(results["recovered"]["ppl"], rel=1e-6)
+
+    recover.write_text(yaml.safe_dump({"mode": "end_to_end"}))
+    assert main([*argv[:4], "--out", str(tmp_path / "o2"), *argv[6:]]) == 2
+    assert "--recover runs block-wise recovery" in capsys.readouterr().err
+
+
 def _mlp_config(tmp_path):
     config = tmp_path / "mlp.yaml"
     config.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}, {"modules": ["**.mlp.c_proj"], "b_shape": [1, 2]}]}))

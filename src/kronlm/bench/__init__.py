@@ -1,4 +1,4 @@
-"""Speed measurement: timers, peak memory, per-layer and per-model benchmarks, Markdown output (issue 5)."""
+"""Speed measurement: timers, peak memory, per-layer and per-model benchmarks, Markdown output."""
 
 from kronlm.bench.layers import (
     LayerShape,

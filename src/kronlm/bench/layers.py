@@ -1,5 +1,5 @@
 """Per-layer speed: ``KroneckerLinear`` against ``nn.Linear`` of the same (out, in), for the factor
-shapes of the presets (issue 5, item 1)."""
+shapes of the presets."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kronlm.layers.linear import (
 )
 
 DEFAULT_TOKENS = (1, 16, 512, 4096)
-# Issue 5: dense/Kronecker time ratio at least 0.8 × the multiply-add ratio from this many tokens on.
+# Speed target: dense/Kronecker time ratio at least 0.8 × the multiply-add ratio from this many tokens on.
 TARGET_FRACTION = 0.8
 TARGET_MIN_TOKENS = 512
 

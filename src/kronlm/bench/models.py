@@ -1,5 +1,5 @@
 """Model-level speed: prefill and KV-cache decode throughput and peak memory of dense and compressed
-models with random weights in the reference configurations (issue 5, item 1)."""
+models with random weights in the reference configurations."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import KroneckerLinear
 from kronlm.modeling import compress
 
-# Issue 5: compressed prefill speed-up at least 0.7 × the model's multiply-add ratio; decode not slower.
+# Speed target: compressed prefill speed-up at least 0.7 × the model's multiply-add ratio; decode not slower.
 PREFILL_TARGET_FRACTION = 0.7
 FAMILY_PRESETS = {
     "llama": ("krony-pt-llama-mlp-2x", "krony-pt-llama-mlp-4x"),

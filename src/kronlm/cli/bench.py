@@ -1,4 +1,4 @@
-"""``kronlm bench``: speed of Kronecker layers and compressed models against dense (issue 5).
+"""``kronlm bench``: speed of Kronecker layers and compressed models against dense.
 
 ``kronlm bench layers`` times ``KroneckerLinear`` against ``nn.Linear`` for every preset's factor
 shapes; ``kronlm bench models`` times prefill, KV-cache decode and peak memory of dense and

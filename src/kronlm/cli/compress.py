@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -28,11 +29,14 @@ from kronlm.compress.calibration import (
     calibration_mix,
 )
 from kronlm.compress.sequential import SequentialCalibration
+from kronlm.data.blocks import build_blocks
 from kronlm.data.sources import TEXT_ALIASES, resolve_source
 from kronlm.data.text import load_text
 from kronlm.decompose.initializers import get_initializer
+from kronlm.distill.blockwise import distill_blockwise
+from kronlm.distill.config import TrainingConfig
 from kronlm.evaluate.perplexity import perplexity_of_text
-from kronlm.modeling import compress, compression_report, save
+from kronlm.modeling import compress, compression_report, load, save
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
 from kronlm.utils.io import check_output_folder, folder_lock, write_json
 
@@ -40,6 +44,21 @@ DEFAULTS = BudgetSettings()
 # Calibration defaults of the command line; the benchmarks import them, so their defaults agree.
 CALIBRATION_SEQUENCES = 128
 CALIBRATION_LENGTH = 512
+# Block-wise recovery after compressing (--recover): the settings of configs/recover-blockwise.yaml,
+# which the recovery benchmark found best per CPU-minute (docs/benchmarks/recovery.md).
+RECOVER_SETTINGS = {
+    "mode": "blockwise", "recipe": "ce", "loss_weights": {"ce": 0.0, "kd": 1.0}, "block_size": 512, "micro_batch_size": 4,
+    "epochs": 1, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "eval_every": 8, "save_every": 8, "keep_checkpoints": 1,
+    "freeze_uncompressed": True, "blockwise": {"inputs": "student", "loss": "mse", "end_to_end_steps": 0},
+}
+RECOVER_TOKENS = 32768
+RECOVER_VAL_FRACTION = 0.0625
+
+
+def recovery_dir(out: str | Path) -> Path:
+    """The run folder of ``--recover`` beside the model folder ``out``: ``OUT.recovery``."""
+    out = Path(out)
+    return out.with_name(out.name + ".recovery")
 
 
 def compress_with_budget(
@@ -140,11 +159,22 @@ def _sources(ctx, param, value):
 @click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default="off", show_default=True,
               help="Fit each block on statistics of the partially compressed model (GPTQ order): `output` fits to the dense "
                    "model's outputs, `weight` to W under the compressed model's inputs.")
+@click.option("--recover", "recover_data", default=None,
+              help="After compressing, recover the student block by block against the dense model on this training text "
+                   "(e.g. wikitext2: its train split online, the local validation split offline), as `kronlm distill --mode "
+                   "blockwise`; the run folder is OUT.recovery and OUT holds the recovered model.")
+@click.option("--recover-tokens", type=click.IntRange(min=1024), default=RECOVER_TOKENS, show_default=True,
+              help="Tokens of --recover text used (the last 1/16 held out for validation).")
+@click.option("--recover-config", type=click.Path(dir_okay=False), default=None,
+              help="A training config for --recover (default: the settings of configs/recover-blockwise.yaml).")
+@click.option("--recover-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-clock cap of the recovery's end-to-end steps, if the config has any.")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
 def command(
     model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length, stride, protocol, batch_size, svd,
     init_name, calibration_data, calibration_split, calibration_field, calibration_sequences, calibration_length, calibration_seed, budget,
-    budget_params, budget_modules, families, sensitivity_sequences, check_rounds, sequential_calibration, rows,
+    budget_params, budget_modules, families, sensitivity_sequences, check_rounds, sequential_calibration, recover_data, recover_tokens,
+    recover_config, recover_minutes, rows,
 ):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
@@ -171,16 +201,26 @@ def command(
                                       init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+    recovery = None
+    if recover_data is not None:
+        overrides = {"max_minutes": recover_minutes} if recover_minutes else {}
+        recovery = (TrainingConfig.from_file(recover_config, overrides) if recover_config
+                    else TrainingConfig.from_dict({**RECOVER_SETTINGS, **overrides}, source="--recover defaults"))
+        if recovery.mode != "blockwise":
+            raise click.BadParameter(f"{recover_config}: mode is {recovery.mode!r}; --recover runs block-wise recovery "
+                                     "(use kronlm distill for end-to-end)", param_hint="--recover-config")
+        resolve_source(recover_data, split="train", name=data_config, data_dir=data_dir, text_field=text_field)
+        recovery = (recovery, recover_data, recover_tokens)
     # Held for the whole run: a second command writing the same --out fails at once, not after compressing.
     with folder_lock(out):
         _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
              stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field or text_field,
-             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, rows)
+             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows)
 
 
 def _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
          stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field, calibration_sequences,
-         calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, rows):
+         calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows):
     config = None
     if settings is None:
         config = get_preset(preset) if preset else CompressionConfig.from_file(config_file)
@@ -214,6 +254,8 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
         ppl_kwargs = {"max_tokens": max_tokens, "max_length": length, "stride": min(stride, length), "protocol": protocol, "batch_size": batch_size}
         results["dense"] = perplexity_of_text(net, tokenizer, text, desc="dense ppl", **ppl_kwargs)
 
+    # The dense model is the teacher of --recover; compressing changes ``net`` in place.
+    teacher = copy.deepcopy(net) if recovery is not None else None
     calibration = None
     if calibration_data:
         try:
@@ -235,18 +277,47 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
         compress(net, config, calibration=calibration)
     report = compression_report(net)
     click.echo(report.table(max_rows=rows))
+    if recovery is not None:
+        if text is not None:  # the zero-shot student, for the side-by-side table
+            results["compressed"] = perplexity_of_text(net, tokenizer, text, desc="compressed ppl", **ppl_kwargs)
+        _recover(net, teacher, tokenizer, recovery, out, data_config, data_dir, text_field)
+        del teacher
     save(net, out, tokenizer=tokenizer, overwrite=overwrite)
     click.echo(f"saved to {out}")
 
     if text is not None:
-        results["compressed"] = perplexity_of_text(net, tokenizer, text, desc="compressed ppl", **ppl_kwargs)
-        dense, comp = results["dense"], results["compressed"]
+        final = "recovered" if recovery is not None else "compressed"
+        results[final] = perplexity_of_text(net, tokenizer, text, desc=f"{final} ppl", **ppl_kwargs)
+        dense = results["dense"]
         click.echo("")
         click.echo(f"perplexity on {text_source.description}, first {dense.tokens_scored + 1:,} tokens, {protocol_label(protocol, length, ppl_kwargs['stride'])}:")
         click.echo(f"{'model':<12} {'params':>13} {'no LM head':>13} {'perplexity':>14} {'seconds':>8}")
         click.echo(f"{'dense':<12} {report.params_before:>13,} {report.params_before_no_head:>13,} {dense.ppl:>14,.2f} {dense.seconds:>8.1f}")
-        click.echo(f"{'compressed':<12} {report.params_after:>13,} {report.params_after_no_head:>13,} {comp.ppl:>14,.2f} {comp.seconds:>8.1f}")
+        for name in ("compressed", "recovered"):
+            if name in results:
+                r = results[name]
+                click.echo(f"{name:<12} {report.params_after:>13,} {report.params_after_no_head:>13,} {r.ppl:>14,.2f} {r.seconds:>8.1f}")
         write_json(
             Path(out) / "eval.json",
             {"data": text_source.description, "protocol": protocol, **{k: {**v.to_dict(), "params": report.params_before if k == "dense" else report.params_after} for k, v in results.items()}},
         )
+
+
+def _recover(student, teacher, tokenizer, recovery, out, data_config, data_dir, text_field) -> None:
+    """Block-wise recovery of ``student`` (in place) against ``teacher``, as ``kronlm distill --mode blockwise``."""
+    config, data, max_tokens = recovery
+    blocks = build_blocks(data, tokenizer, block_size=config.block_size, val_fraction=RECOVER_VAL_FRACTION, max_tokens=max_tokens,
+                          name=data_config, data_dir=data_dir, text_field=text_field)
+    run_dir = recovery_dir(out)
+    click.echo(f"recovery: {blocks.source}; {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks "
+               f"of {config.block_size} tokens -> {run_dir}")
+    t0 = time.perf_counter()
+    settings = {"--recover": str(data), "--recover-tokens": max_tokens, "--data-config": data_config, "--text-field": text_field}
+    result = distill_blockwise(student, teacher, blocks, config, run_dir, tokenizer=tokenizer, run_settings=settings)
+    line = (f"recovered in {time.perf_counter() - t0:.0f} s (teacher cache {result.cache_seconds:.0f} s); validation perplexity "
+            f"{result.val_ppl_before:,.2f} -> {result.val_ppl_blockwise:,.2f}")
+    if result.val_ppl_end_to_end is not None:
+        line += f" -> {result.val_ppl_end_to_end:,.2f} after the end-to-end steps"
+        # The end-to-end steps may end worse than they began: keep the checkpoint chosen on validation.
+        student.load_state_dict(load(result.best_dir).state_dict())
+    click.echo(line)

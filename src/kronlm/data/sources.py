@@ -380,7 +380,10 @@ def _load_error(source: DataSource, exc: BaseException) -> ValueError:
     if source.kind == "hub":
         why = "no local copy exists and the hub could not be reached or refused it"
         if source.config_name == "wikitext-2-raw-v1":
-            why += f" (local copies are looked up under data_dir / ${DATA_DIR_ENV})"
+            why += f" (local copies are looked up under data_dir / ${DATA_DIR_ENV}"
+            if source.split == "train":
+                why += "; without a hub, set HF_HUB_OFFLINE=1 to train on the local validation copy instead"
+            why += ")"
     else:
         why = "datasets could not load it"
     return ValueError(f"could not load {source.spec!r} ({source.label}): {why} ({_first_line(exc)})")

@@ -23,3 +23,25 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 __all__ = ["dense_weight", "is_conv1d", "is_factorable"]
+
+
+class MergesToLinear:
+    """Mixin of the factored linear layers: merge back into an ``nn.Linear`` and count parameters.
+
+    The layer provides ``to_dense()`` (the (out, in) weight), ``in_features``, ``out_features``
+    and ``bias`` (a parameter or None); peft's ``merge_and_unload`` follows the same idea.
+    """
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge back into an ``nn.Linear`` with the same output (up to float rounding)."""
+        weight = self.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def num_parameters(self) -> int:
+        """Parameters of the layer (factors, learnable scalars, bias), counted from ``parameters()``."""
+        return sum(p.numel() for p in self.parameters())

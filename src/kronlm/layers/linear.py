@@ -10,6 +10,7 @@ from torch import nn
 from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.shapes import check_factor_shapes, contraction_macs
 from kronlm.decompose.vanloan import KroneckerFactors, kron_sum
+from kronlm.layers.dense import MergesToLinear
 
 ORDERS = ("b_first", "a_first")
 MIDDLES = ("gemm", "bmm")
@@ -199,7 +200,7 @@ def autotune_plan(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, measure=Non
     return _PLAN_CACHE[key]
 
 
-class KroneckerLinear(nn.Module):
+class KroneckerLinear(MergesToLinear, nn.Module):
     """A linear map whose weight (out, in) = (m1·m2, n1·n2) is Σ_r s_r · A_r ⊗ B_r, plus a bias.
 
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``scales`` (R,) when ``learnable_scales``
@@ -301,19 +302,6 @@ class KroneckerLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The weight Σ_r s_r A_r ⊗ B_r as an (out, in) tensor (nn.Linear orientation)."""
         return kron_sum(self.A, self.B, self.scales)
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """Merge back into an ``nn.Linear`` with the same output (up to rounding)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device, dtype=self.A.dtype)
-        linear.weight.copy_(self.to_dense())
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
-
-    def num_parameters(self) -> int:
-        """Parameters of this layer: R·(m1·n1 + m2·n2) + R (learnable scalars) + out (bias)."""
-        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def load_factors(self, factors: KroneckerFactors) -> None:

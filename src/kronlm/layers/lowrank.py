@@ -8,10 +8,11 @@ from torch import nn
 from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
 from kronlm.decompose.shapes import check_factor_shapes, contraction_macs
 from kronlm.decompose.vanloan import kron_sum
+from kronlm.layers.dense import MergesToLinear
 from kronlm.layers.linear import kronecker_matmul
 
 
-class KroneckerLowRankLinear(nn.Module):
+class KroneckerLowRankLinear(MergesToLinear, nn.Module):
     """A linear map whose weight (out, in) = (m1·m2, n1·n2) is Σ_r A_r ⊗ B_r + U V, plus a bias.
 
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``U`` (out, k), ``V`` (k, in), ``bias``
@@ -84,19 +85,6 @@ class KroneckerLowRankLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The weight Σ_r A_r ⊗ B_r + U V as an (out, in) tensor (nn.Linear orientation)."""
         return kron_sum(self.A, self.B) + self.U @ self.V
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """Merge back into an ``nn.Linear`` with the same output (up to rounding)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device, dtype=self.A.dtype)
-        linear.weight.copy_(self.to_dense())
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
-
-    def num_parameters(self) -> int:
-        """R·(m1·n1 + m2·n2) + k·(out + in) (+ out for the bias)."""
-        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def load_factors(self, factors: KroneckerLowRankFactors) -> None:
