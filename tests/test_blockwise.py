@@ -163,7 +163,7 @@ def test_students_that_are_not_compressed_copies_of_the_teacher_are_refused(tmp_
     wider = tiny_llama(3, intermediate_size=64)
     with pytest.raises(ValueError, match=r"not a compressed version of the teacher: model\.layers\.0\.mlp\.\w+_proj\.weight is \((64, 32|32, 64)\)"):
         distill_blockwise(wider, teacher, data, _config(), tmp_path / "b", progress=False)
-    with pytest.raises(ValueError, match="block-wise distillation needs token blocks"):
+    with pytest.raises(ValueError, match="block-by-block recovery needs token blocks"):
         distill_blockwise(copy.deepcopy(teacher), teacher, {"train": [1, 2, 3]}, _config(), tmp_path / "c", progress=False)
 
 

@@ -20,6 +20,7 @@ import click
 from kronlm.cli.options import data_options
 from kronlm.data.blocks import build_blocks
 from kronlm.distill.blockwise import distill_blockwise
+from kronlm.distill.local import distill_local
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.objective import DistillationObjective
@@ -76,6 +77,8 @@ def config_overrides(flags: list[tuple[str, str, Any, str]], values: dict[str, A
 TRAINING_FLAGS = [
     ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce."),
     ("--max-steps", "max_steps", click.IntRange(min=1), "Optimizer steps (replaces the config's max_steps / epochs)."),
+    ("--epochs", "epochs", click.FloatRange(min=0, min_open=True),
+     "Passes over the training blocks (replaces the config's max_steps / epochs; per block in the block modes)."),
     ("--block-size", "block_size", click.IntRange(min=2), "Tokens per training block."),
     ("--batch-size", "micro_batch_size", click.IntRange(min=1), "Blocks per micro-batch and process."),
     ("--grad-accum", "grad_accum_steps", click.IntRange(min=1), "Micro-batches accumulated per optimizer step."),
@@ -87,9 +90,15 @@ TRAINING_FLAGS = [
      "Stop after the step that ends this many minutes into the run (wall clock), validating and exporting as at the end."),
     ("--early-stopping-patience", "early_stopping_patience", click.IntRange(min=1),
      "Stop after this many validations without a better validation metric."),
-    ("--mode", "mode", click.Choice(["end_to_end", "blockwise"]),
+    ("--mode", "mode", click.Choice(["end_to_end", "blockwise", "local"]),
      "end_to_end: the whole student against the teacher's outputs; blockwise: one compressed block at a time on "
-     "cached teacher hidden states (step counts are then per block)."),
+     "cached teacher hidden states; local: each compressed module alone on its captured inputs (step counts are "
+     "then per block in both)."),
+    ("--local-target", "local__target", click.Choice(["teacher", "dense"]),
+     "Local: fit each module to the teacher module's output on the teacher's inputs (teacher) or to the dense weight "
+     "applied to the student's inputs (dense)."),
+    ("--local-refit", "local__refit", click.BOOL,
+     "Local: start each module with its closed-form refit (true, the default) or not (false)."),
     ("--block-inputs", "blockwise__inputs", click.Choice(["student", "teacher"]),
      "Block-wise: train block l on the recovered student prefix's outputs (student, sequential) or on the teacher's (teacher)."),
     ("--block-loss", "blockwise__loss", click.Choice(["mse", "relative_mse"]), "Block-wise: the block output loss."),
@@ -151,17 +160,21 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
     overrides = config_overrides(TRAINING_FLAGS, flags)
     if "layer_map" in overrides:
         overrides["layer_map"] = parse_index_list(overrides["layer_map"], "--layer-map")
+    if "max_steps" in overrides and "epochs" in overrides:
+        raise click.UsageError("give --max-steps or --epochs, not both")
     if "max_steps" in overrides:
         overrides["epochs"] = None
+    if "epochs" in overrides:
+        overrides["max_steps"] = None
     if config_file:
         config = TrainingConfig.from_file(config_file, overrides)
     else:
         config = TrainingConfig.from_dict(overrides, source="command line")
 
-    blockwise = config.mode == "blockwise"
+    blockwise = config.mode in ("blockwise", "local")
     needs_teacher = blockwise or DistillationObjective(config.loss_weights_resolved()).needs_teacher
     if needs_teacher and teacher is None:
-        what = "block-wise distillation learns" if blockwise else f"recipe {config.recipe!r} distils"
+        what = {"blockwise": "block-wise distillation learns", "local": "local reconstruction learns"}[config.mode] if blockwise else f"recipe {config.recipe!r} distils"
         raise click.BadParameter(f"{what} from a teacher: give --teacher MODEL", param_hint="--teacher")
     if _TEST_SPLIT_NAME.search(Path(str(data)).name):
         raise click.BadParameter(
@@ -170,7 +183,7 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
 
     accelerator = make_accelerator(config, out)
     if blockwise and accelerator.num_processes > 1:
-        raise click.UsageError("block-wise distillation runs in one process (the CPU or one GPU); start it without "
+        raise click.UsageError(f"{config.mode} recovery runs in one process (the CPU or one GPU); start it without "
                                "accelerate launch / torchrun")
     tokenizer = load_tokenizer(teacher if needs_teacher else student)
     # Tokenise once: the main process fills the cache, the others read it.
@@ -211,6 +224,10 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
     # file behind the same name). The student and teacher are compared by their weights instead.
     run_settings = {"--data": str(data), "--data-config": data_config, "--text-field": text_field,
                     "--max-tokens": max_tokens, "--val-fraction": val_fraction, "--streaming": bool(streaming)}
+    if config.mode == "local":
+        _run_local(student_model, teacher_model, blocks, config, out, resume, tokenizer, run_settings)
+        accelerator.end_training()
+        return
     if blockwise:
         _run_blockwise(student_model, teacher_model, blocks, config, out, resume, tokenizer, run_settings)
         accelerator.end_training()
@@ -248,3 +265,17 @@ def _run_blockwise(student, teacher, blocks, config: TrainingConfig, out: str, r
             line += f", {result.val_ppl_end_to_end:,.3f} after {config.blockwise.end_to_end_steps} end-to-end steps"
         click.echo(line)
     click.echo(f"final student -> {result.final_dir}; best by validation perplexity -> {result.best_dir}")
+
+
+def _run_local(student, teacher, blocks, config: TrainingConfig, out: str, resume: bool, tokenizer, run_settings: dict) -> None:
+    result = distill_local(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer, run_settings=run_settings)
+    trained = [b for b in result.blocks if b.trained]
+    click.echo(f"teacher hidden-state cache: {result.cache_seconds:.0f} s; local reconstruction of {len(trained)} of "
+               f"{len(result.blocks)} blocks: {result.train_seconds:.0f} s")
+    click.echo(f"{'block':>5} {'steps':>6} {'rel.err before':>15} {'after refit':>12} {'best':>8} {'chosen':>8}")
+    for b in trained:
+        cells = [f"{v:.4f}" if v is not None else "-" for v in (b.error_before, b.error_refit, b.best_val)]
+        click.echo(f"{b.index:>5} {b.steps:>6} {cells[0]:>15} {cells[1]:>12} {cells[2]:>8} {b.chosen:>8}")
+    if result.val_ppl_before is not None:
+        click.echo(f"validation perplexity: {result.val_ppl_before:,.3f} before, {result.val_ppl_after:,.3f} after")
+    click.echo(f"recovered student -> {result.final_dir}")

@@ -33,8 +33,6 @@ block-wise pass), ``end_to_end/`` (the optional pass), ``final/`` (the last stud
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,31 +41,45 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kronlm.compress.truncate import find_block_list
+from kronlm.distill.block_runs import (
+    BLOCK_STATE_FILE,
+    BlockRecord,
+    BlockStateExporter,
+    BlockStep,
+    block_folder,
+    check_student,
+    copy_model,
+    finish_block,
+    finished_block,
+    load_block_state,
+    pairs_fingerprint,
+    propagate,
+    refuse_earlier_runs,
+    run_key,
+    split_blocks,
+    split_minutes,
+    validation_ppl,
+)
 from kronlm.distill.checkpoint import remove_interrupted_writes
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.fingerprint import model_fingerprint
 from kronlm.distill.hidden_cache import (
     CacheKey,
-    block_output,
     build_hidden_cache,
     capture_block_kwargs,
 )
 from kronlm.distill.objective import LossOutput
 from kronlm.distill.trainer import Trainer, train
-from kronlm.distill.validation import Validator, evaluate_perplexity, evaluation_mode
+from kronlm.distill.validation import Validator, evaluation_mode
 from kronlm.layers import KRONECKER_MODULES
 from kronlm.modeling import save
-from kronlm.utils.io import atomic_dir, folder_lock, read_json, write_json
+from kronlm.utils.io import folder_lock, write_json
 
-BLOCK_STATE_FILE = "block.safetensors"
-DONE_FILE = "done.json"
 SUMMARY_FILE = "blockwise_summary.json"
 
 
@@ -90,34 +102,6 @@ class BlockPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"inputs": self.inputs[index], "targets": self.targets[index]}
-
-
-class BlockStep(nn.Module):
-    """One transformer block called as its model calls it: (batch, T, d) -> (batch, T, d).
-
-    Args:
-        block: the block module (trained in place).
-        block_kwargs: the keyword arguments its model passes (attention mask, position
-            embeddings, ...), captured for one sequence so they broadcast over any batch.
-    """
-
-    def __init__(self, block: nn.Module, block_kwargs: dict[str, Any]):
-        super().__init__()
-        self.block = block
-        self.block_kwargs = block_kwargs
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """inputs: (batch, T, d) hidden states -> the block's output hidden states (batch, T, d)."""
-        kwargs = {k: _to(v, inputs.device) for k, v in self.block_kwargs.items()}
-        return block_output(self.block(inputs, **kwargs))
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
 
 
 def block_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -182,38 +166,6 @@ def trainable_block_parameters(block: nn.Module, train_norms: bool, train_uncomp
     return names
 
 
-class BlockStateExporter:
-    """Engine exporter of a block run: writes the block's trainable tensors to
-    ``folder/block.safetensors`` (with the run summary), never a whole model."""
-
-    def __init__(self, names: list[str]):
-        self.names = names
-
-    def __call__(self, model: nn.Module, folder: Path, summary: dict[str, Any]) -> Path:
-        state = {n: p.detach().to("cpu").contiguous() for n, p in model.block.named_parameters() if n in self.names}
-        with atomic_dir(folder) as tmp:
-            save_file(state, str(tmp / BLOCK_STATE_FILE), metadata={"format": "pt"})
-            write_json(tmp / "summary.json", summary)
-        return folder
-
-
-@dataclass
-class BlockRecord:
-    """What one block's run did (``blockwise_summary.json``)."""
-
-    index: int
-    trained: bool
-    tensors: int = 0
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    first_loss: float | None = None
-    last_loss: float | None = None
-    best_val: float | None = None
-    best_step: int | None = None
-    chosen: str = ""
-
-
 @dataclass
 class BlockwiseResult:
     """What :func:`distill_blockwise` did.
@@ -248,31 +200,6 @@ class BlockwiseResult:
         out["final_dir"] = None if self.final_dir is None else str(self.final_dir)
         out["best_dir"] = None if self.best_dir is None else str(self.best_dir)
         return out
-
-
-def _check_student(student: nn.Module, teacher: nn.Module) -> tuple[nn.ModuleList, nn.ModuleList]:
-    _, student_blocks = find_block_list(student)
-    _, teacher_blocks = find_block_list(teacher)
-    if len(student_blocks) != len(teacher_blocks):
-        raise ValueError(f"block-wise distillation needs the student's depth to equal the teacher's: "
-                         f"{len(student_blocks)} student blocks, {len(teacher_blocks)} teacher blocks")
-    student_shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
-    teacher_shapes = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
-    for name, shape in teacher_shapes.items():
-        if name in student_shapes and student_shapes[name] != shape:
-            raise ValueError(f"the student is not a compressed version of the teacher: {name} is {student_shapes[name]} "
-                             f"in the student and {shape} in the teacher")
-    if getattr(student.config, "hidden_size", None) != getattr(teacher.config, "hidden_size", None):
-        raise ValueError("the student is not a compressed version of the teacher: their hidden sizes differ")
-    return student_blocks, teacher_blocks
-
-
-def _validation_ppl(model: nn.Module, val_blocks: torch.Tensor | None, accelerator, batch_size: int) -> float | None:
-    # The same measure the end-to-end engine validates with, so the two passes compare.
-    if val_blocks is None:
-        return None
-    dataset = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in val_blocks]
-    return evaluate_perplexity(model, dataset, accelerator, batch_size)["ppl"]
 
 
 def distill_blockwise(
@@ -328,15 +255,12 @@ def distill_blockwise(
 def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir: Path, *, resume: bool, tokenizer,
                        progress: bool, run_settings: dict[str, Any] | None) -> BlockwiseResult:
     settings = config.blockwise
-    train_ids, val_ids = _split(blocks)
-    student_blocks, _ = _check_student(student, teacher)
+    train_ids, val_ids = split_blocks(blocks)
+    student_blocks, _ = check_student(student, teacher)
     if not resume:
         # Refused before any finished block is loaded into the student, so the student a caller
         # passes again with resume=True is still the starting point.
-        for index in range(len(student_blocks)):
-            folder = out_dir / "blocks" / f"block-{index:03d}"
-            if not (folder / DONE_FILE).is_file() and folder.is_dir() and any(folder.iterdir()):
-                raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
+        refuse_earlier_runs(out_dir, len(student_blocks))
     device = next(student.parameters()).device
     result = BlockwiseResult()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,21 +275,24 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
     result.cache_seconds = time.perf_counter() - started
     n_train = train_ids.shape[0]
     block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
-    run_key = _run_key(cache.key, config, model_fingerprint(student), run_settings)
-    result.val_ppl_before = _validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+    key = _run_key(cache.key, config, model_fingerprint(student), run_settings)
+    result.val_ppl_before = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
 
     for p in student.parameters():
         p.requires_grad_(False)
     started = time.perf_counter()
     inputs = cache.boundary(0)
+    to_train = [i for i, b in enumerate(student_blocks) if any(isinstance(m, KRONECKER_MODULES) for m in b.modules())]
     for index, block in enumerate(tqdm(student_blocks, desc="blocks", unit="block", disable=not progress)):
         targets = cache.boundary(index + 1)
         x = inputs if settings.inputs == "student" else cache.boundary(index)
-        record = _train_block(index, block, block_kwargs, x, targets, n_train, config, out_dir, resume, run_key, run_settings)
+        minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
+        record = _train_block(index, block, block_kwargs, x, targets, n_train, config.replace(max_minutes=minutes), out_dir,
+                              resume, key, run_settings)
         result.blocks.append(record)
         result.block_tokens += record.tokens
         if settings.inputs == "student":
-            inputs = _propagate(block, block_kwargs, x, config.micro_batch_size, device)
+            inputs = propagate(block, block_kwargs, x, config.micro_batch_size, device)
     result.train_seconds = time.perf_counter() - started
     trained = [r for r in result.blocks if r.trained]
     per_block = trained[0].tokens if trained else 0
@@ -373,14 +300,14 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
     for p in student.parameters():
         p.requires_grad_(True)
 
-    result.val_ppl_blockwise = _validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+    result.val_ppl_blockwise = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
     summary = {"mode": "blockwise", "inputs": settings.inputs, "val_ppl": result.val_ppl_blockwise,
                "val_ppl_before": result.val_ppl_before}
     save(student, out_dir / "blockwise", tokenizer=tokenizer, summary=summary, overwrite=True)
     best_dir, best_ppl = out_dir / "blockwise", result.val_ppl_blockwise
     if settings.end_to_end_steps > 0:
         lr = settings.end_to_end_lr or config.lr
-        e2e = config.replace(mode="end_to_end", max_steps=settings.end_to_end_steps, epochs=None, lr=lr,
+        e2e = config.replace(mode="end_to_end", max_steps=settings.end_to_end_steps, epochs=None, lr=lr, max_minutes=None,
                              min_lr=min(config.min_lr * lr / config.lr, lr),
                              warmup_steps=min(config.warmup_steps, settings.end_to_end_steps - 1))
         run = train(student, teacher, {"train": train_ids, "val": val_ids}, e2e, out_dir / "end_to_end", resume=resume,
@@ -392,89 +319,41 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
                             summary={**summary, "end_to_end_steps": settings.end_to_end_steps,
                                      "val_ppl_end_to_end": result.val_ppl_end_to_end}, overwrite=True)
     if best_dir is not None:
-        result.best_dir = _copy_model(best_dir, out_dir / "best")
+        result.best_dir = copy_model(best_dir, out_dir / "best")
     write_json(out_dir / SUMMARY_FILE, result.to_dict())
     return result
-
-
-def _split(blocks: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if hasattr(blocks, "train"):
-        train_ids, val_ids = blocks.train, getattr(blocks, "val", None)
-    elif isinstance(blocks, dict) and "train" in blocks:
-        train_ids, val_ids = blocks["train"], blocks.get("val")
-    else:
-        raise ValueError(f"blocks must be a TokenBlocks or a dict with 'train' (and 'val'), got {type(blocks).__name__}")
-    if not isinstance(train_ids, torch.Tensor) or train_ids.dim() != 2:
-        raise ValueError("block-wise distillation needs token blocks: an integer tensor (sequences, block_size)")
-    if val_ids is not None and val_ids.shape[0] == 0:
-        val_ids = None
-    return train_ids.long(), None if val_ids is None else val_ids.long()
 
 
 def _run_key(cache_key: CacheKey, config: TrainingConfig, student: str, run_settings: dict[str, Any] | None) -> dict[str, Any]:
     # A resumed run must continue the same run: the same teacher and tokens (the cache key), the
     # same starting student, and the settings that change a block's result (not where logs go,
-    # not the end-to-end pass).
+    # not the end-to-end pass, not the time budget).
     settings = config.to_dict()
-    settings.pop("log_dir", None)
+    for name in ("log_dir", "max_minutes", "local"):
+        settings.pop(name, None)
     settings["blockwise"].pop("end_to_end_steps", None)
     settings["blockwise"].pop("cache_dir", None)
-    return {"cache": cache_key.to_dict(), "config": settings, "student": student,
-            "settings": json.loads(json.dumps(run_settings or {}, default=str))}
-
-
-def _run_key_differences(saved: Any, current: dict[str, Any]) -> list[str]:
-    """What differs between a finished block's run key and this run's, in words. Keys a block
-    written by an earlier kronlm lacks (``student``, ``settings``) are not compared."""
-    if not isinstance(saved, dict):
-        return ["no run key"]
-    out = []
-    cache, now = saved.get("cache", {}), current["cache"]
-    for key, label in (("teacher", "teacher"), ("tokens", "tokens"), ("dtype", "cache dtype")):
-        if cache.get(key) != now[key]:
-            out.append(f"{label} {str(cache.get(key))[:12]} -> {str(now[key])[:12]}")
-    if "student" in saved and saved["student"] != current["student"]:
-        out.append(f"starting student {str(saved['student'])[:12]} -> {current['student'][:12]}")
-    old_config, new_config = saved.get("config", {}), current["config"]
-    for key in sorted(set(old_config) | set(new_config)):
-        if json.dumps(old_config.get(key), sort_keys=True) != json.dumps(new_config.get(key), sort_keys=True):
-            out.append(f"{key} {old_config.get(key)!r} -> {new_config.get(key)!r}")
-    if "settings" in saved and saved["settings"] != current["settings"]:
-        keys = sorted(k for k in set(saved["settings"]) | set(current["settings"])
-                      if saved["settings"].get(k) != current["settings"].get(k))
-        out += [f"{k} {saved['settings'].get(k)!r} -> {current['settings'].get(k)!r}" for k in keys]
-    return out
-
-
-def _pairs_fingerprint(run_key: dict[str, Any], index: int, split: str) -> str:
-    text = json.dumps({"run": run_key, "block": index, "split": split}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return run_key(cache_key.to_dict(), settings, student, run_settings)
 
 
 def _train_block(index: int, block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor,
-                 n_train: int, config: TrainingConfig, out_dir: Path, resume: bool, run_key: dict[str, Any],
+                 n_train: int, config: TrainingConfig, out_dir: Path, resume: bool, key: dict[str, Any],
                  run_settings: dict[str, Any] | None) -> BlockRecord:
     settings = config.blockwise
     params = trainable_block_parameters(block, settings.train_norms, settings.train_uncompressed)
     if not any(isinstance(m, KRONECKER_MODULES) for m in block.modules()):
         return BlockRecord(index, trained=False)
-    folder = out_dir / "blocks" / f"block-{index:03d}"
-    done = folder / DONE_FILE
-    if done.is_file():
-        record = read_json(done)
-        differences = _run_key_differences(record.get("run") if isinstance(record, dict) else None, run_key)
-        if differences:
-            raise ValueError(f"{done}: written by a run with another teacher, other tokens or other settings "
-                             f"({'; '.join(differences)}); start a new run (another --out) instead of --resume")
-        _load_block_state(block, folder / record["chosen"] / BLOCK_STATE_FILE)
-        return BlockRecord(**record["record"])
+    folder = block_folder(out_dir, index)
+    record = finished_block(block, folder, key)
+    if record is not None:
+        return record
     if not resume and folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
     for p in params.values():
         p.requires_grad_(True)
     step = BlockStep(block, block_kwargs)
-    train_pairs = BlockPairs(inputs[:n_train], targets[:n_train], _pairs_fingerprint(run_key, index, "train"))
-    val_pairs = (BlockPairs(inputs[n_train:], targets[n_train:], _pairs_fingerprint(run_key, index, "val"))
+    train_pairs = BlockPairs(inputs[:n_train], targets[:n_train], pairs_fingerprint(key, index, "train"))
+    val_pairs = (BlockPairs(inputs[n_train:], targets[n_train:], pairs_fingerprint(key, index, "val"))
                  if inputs.shape[0] > n_train else None)
     validator = BlockValidator(val_pairs, settings.loss, config.micro_batch_size) if val_pairs is not None else None
     block_config = config.replace(log_dir=str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None,
@@ -486,45 +365,12 @@ def _train_block(index: int, block: nn.Module, block_kwargs: dict[str, Any], inp
     for p in params.values():
         p.requires_grad_(False)
     chosen = "best" if run.best_dir is not None else "final"
-    _load_block_state(block, folder / chosen / BLOCK_STATE_FILE)
+    load_block_state(block, folder / chosen / BLOCK_STATE_FILE)
     record = BlockRecord(index, True, len(params), run.steps, run.tokens_seen, run.seconds,
                          run.losses[0] if run.losses else None, run.losses[-1] if run.losses else None,
                          run.best_val, run.best_step, chosen)
-    write_json(done, {"run": run_key, "chosen": chosen, "record": dataclasses.asdict(record)})
+    finish_block(folder, key, chosen, record)
     return record
-
-
-def _load_block_state(block: nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    missing = [n for n in state if n not in dict(block.named_parameters())]
-    if missing:
-        raise ValueError(f"{path}: tensor {missing[0]} is not a parameter of this block")
-    with torch.no_grad():
-        params = dict(block.named_parameters())
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
-
-
-@torch.no_grad()
-def _propagate(block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    step = BlockStep(block, block_kwargs)
-    was_training = block.training
-    block.eval()
-    out = torch.empty_like(inputs)
-    for start in range(0, inputs.shape[0], batch_size):
-        out[start : start + batch_size] = step(inputs[start : start + batch_size].to(device)).to(out.dtype).cpu()
-    block.train(was_training)
-    return out
-
-
-def _copy_model(source: Path, target: Path) -> Path:
-    if source.resolve() == target.resolve():
-        return target
-    with atomic_dir(target) as tmp:
-        for path in sorted(source.iterdir()):
-            if path.is_file():
-                (tmp / path.name).write_bytes(path.read_bytes())
-    return target
 
 
 __all__ = [

@@ -24,7 +24,8 @@ from kronlm.distill.recipes import LossWeights, get_recipe
 from kronlm.utils.config import ConfigBase
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "auto")
-MODES = ("end_to_end", "blockwise")
+MODES = ("end_to_end", "blockwise", "local")
+LOCAL_TARGETS = ("teacher", "dense")
 BLOCK_INPUTS = ("student", "teacher")
 BLOCK_LOSSES = ("mse", "relative_mse")
 CACHE_DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -37,7 +38,7 @@ DATA_ORDER_FIELDS = ("block_size", "micro_batch_size", "grad_accum_steps", "seed
 # produces, so a resume with another value is refused (``blockwise.x`` = field x of the section).
 RESUME_FREE_FIELDS = (
     "max_steps", "epochs", "max_minutes", "eval_every", "eval_batches", "early_stopping_patience", "save_every",
-    "keep_checkpoints", "log_dir", "blockwise.cache_dir", "blockwise.end_to_end_steps",
+    "keep_checkpoints", "log_dir", "blockwise.cache_dir", "blockwise.end_to_end_steps", "local.capture_memory_gb",
 )
 
 
@@ -124,6 +125,54 @@ class BlockwiseConfig(ConfigBase):
 
 
 @dataclass
+class LocalConfig(ConfigBase):
+    """How local reconstruction (``mode: local``) fits each compressed module
+    (:mod:`kronlm.distill.local`).
+
+    For each block in order, every compressed module's input is captured on the already
+    recovered student prefix, and the module alone is fitted to a target output on those tokens:
+    first in closed form (the reduced-rank regression / alternating least squares of the module's
+    family under the captured input second moment), then by gradient epochs over the captured
+    tokens with the enclosing :class:`TrainingConfig`'s optimizer, schedule and run length
+    (per block; ``max_minutes`` is the whole stage's budget, shared out over the blocks).
+
+    Attributes:
+        target: "teacher" (the dense teacher module's output on the teacher's own inputs: the
+            fit also corrects the error earlier blocks left in the student's inputs) or "dense"
+            (the dense weight applied to the student's inputs, GPTQ's objective: the fit only
+            undoes the module's own approximation).
+        refit: start each module with the closed-form fit (kept only where it lowers the held-out
+            output error).
+        refit_damping: ridge towards the dense weight in the closed-form fit, relative to the
+            mean input energy (δ = refit_damping · mean(diag C)).
+        capture_memory_gb: captured inputs and targets of one block are held in memory (float32)
+            up to this many gigabytes; larger captures go to disk as bfloat16 beside the run
+            (refused when the disk cannot hold them either).
+
+    Raises:
+        ValueError: an unknown target or a non-positive number (named).
+    """
+
+    target: str = "teacher"
+    refit: bool = True
+    refit_damping: float = 1e-2
+    capture_memory_gb: float = 8.0
+
+    config_name = "local config"
+
+    def validate(self) -> None:
+        """Check the choices (see the class docstring)."""
+        if self.target not in LOCAL_TARGETS:
+            raise ValueError(f"target must be one of {', '.join(LOCAL_TARGETS)}, got {self.target!r}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be true or false, got {self.refit!r}")
+        if not (_is_number(self.refit_damping) and math.isfinite(self.refit_damping) and self.refit_damping >= 0):
+            raise ValueError(f"refit_damping must be a non-negative number, got {self.refit_damping!r}")
+        if not (_is_number(self.capture_memory_gb) and math.isfinite(self.capture_memory_gb) and self.capture_memory_gb >= 0):
+            raise ValueError(f"capture_memory_gb must be a non-negative number, got {self.capture_memory_gb!r}")
+
+
+@dataclass
 class TrainingConfig(LossRecipeMixin, ConfigBase):
     """Settings of one run of the training loop (:func:`kronlm.distill.trainer.train`).
 
@@ -166,10 +215,13 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
         seed: seeds the data order (same on every process) and the RNGs (offset by process rank).
         log_dir: TensorBoard folder; None = ``<out_dir>/logs``.
         freeze_uncompressed: train only Kronecker factors and scalars.
-        mode: "end_to_end" (the whole student against the teacher's outputs) or "blockwise" (one
+        mode: "end_to_end" (the whole student against the teacher's outputs), "blockwise" (one
             compressed block at a time on cached teacher hidden states; step counts are then per
-            block, see :class:`BlockwiseConfig`).
-        blockwise: the block-wise settings.
+            block, see :class:`BlockwiseConfig`) or "local" (each compressed module alone on its
+            captured inputs, see :class:`LocalConfig`). In the block modes ``max_minutes`` is the
+            budget of all blocks together.
+        blockwise: the block-wise settings (its cache settings serve the local mode too).
+        local: the local-reconstruction settings.
 
     Raises:
         ValueError: from :meth:`validate` (called by ``__post_init__``) when a value is out of
@@ -205,14 +257,16 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
     freeze_uncompressed: bool = False
     mode: str = "end_to_end"
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
 
     config_name = "training config"
 
     @classmethod
     def _from_plain(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
-        block = data.get("blockwise")
-        if block is not None and not isinstance(block, BlockwiseConfig):
-            data["blockwise"] = BlockwiseConfig.from_dict(block, source=f"{source}, blockwise")
+        for name, section in (("blockwise", BlockwiseConfig), ("local", LocalConfig)):
+            value = data.get(name)
+            if value is not None and not isinstance(value, section):
+                data[name] = section.from_dict(value, source=f"{source}, {name}")
         return data
 
     def validate(self) -> None:
@@ -222,6 +276,8 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
             self.mixed_precision = "no"
         if isinstance(self.blockwise, dict):
             self.blockwise = BlockwiseConfig.from_dict(self.blockwise, source="blockwise")
+        if isinstance(self.local, dict):
+            self.local = LocalConfig.from_dict(self.local, source="local")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.betas, list):
@@ -440,4 +496,5 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["DATA_ORDER_FIELDS", "MIXED_PRECISION_CHOICES", "MODES", "RESUME_FREE_FIELDS", "BlockwiseConfig", "LossRecipeMixin", "TaskTrainConfig", "TrainingConfig"]
+__all__ = ["DATA_ORDER_FIELDS", "LOCAL_TARGETS", "MIXED_PRECISION_CHOICES", "MODES", "RESUME_FREE_FIELDS", "BlockwiseConfig", "LocalConfig",
+           "LossRecipeMixin", "TaskTrainConfig", "TrainingConfig"]

@@ -1,0 +1,673 @@
+"""Local reconstruction: recover a compressed student one module at a time on captured activations.
+
+End-to-end distillation sees each training token once per epoch and pays for the teacher, the
+whole student, the LM head and a backward pass through everything on every token. On a CPU that
+buys a few tens of thousands of tokens in a quarter of an hour. Most of what a freshly compressed
+module gets wrong, however, is local: its output differs from the dense module's on the inputs it
+receives. Local reconstruction (the layer-wise knowledge distillation of ZeroQuant, Yao et al.
+2022; the per-layer reconstruction of GPTQ, Frantar et al. 2023, and of BRECQ, Li et al. 2021)
+fixes that part with data reuse: the inputs of every compressed module are captured once, and the
+module alone is fitted to a target output over many passes of those tokens, at the cost of the
+module's own matrix products.
+
+For each block, in order:
+
+1. the student's hidden states entering the block come from the already recovered blocks before
+   it (sequential, as GPTQ calibrates each layer on the quantised prefix), the teacher's from the
+   hidden-state cache (:mod:`kronlm.distill.hidden_cache`, shared with block-wise distillation);
+2. the block's compressed modules are grouped by the input they share (q/k/v, o, gate/up, down
+   in a Llama block) and taken group by group in the order the block calls them, so that each
+   group's inputs are captured after the groups before it were fitted;
+3. each module's target on those tokens is ``target: teacher`` — the dense teacher module's output
+   on the teacher's own inputs, so the fit also corrects the error earlier blocks left in the
+   student's inputs — or ``target: dense`` — the dense weight applied to the student's inputs
+   (GPTQ's objective, which only undoes the module's own approximation);
+4. closed-form refit (``refit``): with X the captured inputs and Y the targets, the weight that
+   minimises ||Y - Ŵ X||² + δ||Ŵ - W||² is W* = (E[y xᵀ] + δW)(E[x xᵀ] + δI)⁻¹, and the module's own
+   family is fitted to W* under E[x xᵀ] by the activation-aware fits of compression: the
+   whitened truncated SVD for a low-rank module (the reduced-rank regression of Y on X, Izenman
+   1975), whitened Van Loan followed by alternating least squares (one factor given the other is
+   a linear least-squares problem) for Kronecker factors, both for Kronecker + low rank. The refit
+   replaces the module only where it lowers the held-out output error;
+5. gradient epochs: all of the block's compressed modules train together, each on its own
+   (input, target) pairs, to the mean relative squared error Σ(ŷ - y)² / Σ y², with the training
+   engine (:class:`kronlm.distill.trainer.Trainer`: AdamW, warm-up + cosine, clipping, NaN stop,
+   checkpoints, resume) and the held-out tokens' relative error choosing the best step and
+   stopping early;
+6. the fitted block's outputs become the next block's student inputs.
+
+Captures of one block are held in memory as float32 up to ``local.capture_memory_gb`` and go to
+disk as bfloat16 beyond it (refused up front when the disk cannot hold them).
+
+Run folder: ``blocks/block-007/`` (one engine run per block), ``teacher_cache/`` (unless
+``blockwise.cache_dir``), ``captures/`` (only while a block spills to disk), ``final/`` and
+``best/`` (the recovered student; best = final: each block already keeps its best step),
+``local_summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from kronlm.compress.calibration import InputStatistics, ModuleCalibration
+from kronlm.compress.surgery import fit_factors
+from kronlm.compress.truncate import find_block_list
+from kronlm.distill.block_runs import (
+    BLOCK_STATE_FILE,
+    BlockRecord,
+    BlockStateExporter,
+    BlockStep,
+    block_folder,
+    check_student,
+    copy_model,
+    finish_block,
+    finished_block,
+    load_block_state,
+    pairs_fingerprint,
+    propagate,
+    refuse_earlier_runs,
+    run_key,
+    split_blocks,
+    split_minutes,
+    validation_ppl,
+)
+from kronlm.distill.blockwise import trainable_block_parameters
+from kronlm.distill.checkpoint import remove_interrupted_writes
+from kronlm.distill.config import TrainingConfig
+from kronlm.distill.distributed import make_accelerator
+from kronlm.distill.fingerprint import model_fingerprint
+from kronlm.distill.hidden_cache import build_hidden_cache, capture_block_kwargs
+from kronlm.distill.objective import LossOutput
+from kronlm.distill.trainer import Trainer
+from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear, dense_weight
+from kronlm.modeling import save
+from kronlm.utils.io import folder_lock, write_json
+
+SUMMARY_FILE = "local_summary.json"
+CAPTURE_DIR = "captures"
+LOCAL_MODULES = (KroneckerLinear, KroneckerLowRankLinear)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once everything wanted from a forward pass is recorded."""
+
+
+def compressed_modules(block: nn.Module) -> list[str]:
+    """Names (relative to ``block``) of its factored linear modules, in registration order."""
+    return [name for name, module in block.named_modules() if isinstance(module, LOCAL_MODULES)]
+
+
+@torch.no_grad()
+def module_groups(block: nn.Module, block_kwargs: dict[str, Any], sample: torch.Tensor, names: list[str]) -> list[list[str]]:
+    """The modules ``names`` of ``block`` grouped by the input tensor they share, in the order the
+    block calls them: ``[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]`` for a Llama block.
+
+    Args:
+        sample: (1, T, d) hidden states to run the block on once.
+
+    Raises:
+        ValueError: a module of ``names`` that the block's forward pass never calls.
+    """
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def record(module, args):
+            x = args[0]
+            for index, seen in enumerate(inputs):
+                if x is seen:
+                    groups[index].append(name)
+                    return
+            inputs.append(x)
+            groups.append([name])
+        return record
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        BlockStep(block, block_kwargs)(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    called = {n for g in groups for n in g}
+    missing = [n for n in names if n not in called]
+    if missing:
+        raise ValueError(f"local reconstruction: the block's forward pass never calls {missing[0]}")
+    return groups
+
+
+class CaptureStore:
+    """Captured tensors of one block: float32 in memory up to ``memory_bytes``, else bfloat16 in
+    files under ``folder`` (removed by :meth:`close`).
+
+    Args:
+        shapes: {name: (N, T, width)} of everything the block will capture.
+        memory_bytes: the most bytes held in memory.
+        folder: where spilled captures go.
+
+    Raises:
+        OSError: the captures fit neither in ``memory_bytes`` nor on the disk holding ``folder``
+            (both sizes named).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], memory_bytes: float, folder: Path):
+        self.folder = folder
+        elements = sum(math.prod(s) for s in shapes.values())
+        self.in_memory = elements * 4 <= memory_bytes
+        self.tensors: dict[str, torch.Tensor] = {}
+        if self.in_memory:
+            self.tensors = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        need, free = elements * 2, shutil.disk_usage(folder).free
+        if need > free:
+            raise OSError(f"local reconstruction: one block's captures need {elements * 4:,} bytes in memory (more than "
+                          f"capture_memory_gb allows) or {need:,} bytes on disk, but {folder} has {free:,} free; "
+                          "use fewer tokens or raise local.capture_memory_gb")
+        tqdm.write(f"local reconstruction: captures of {need / 1e9:.2f} GB (bfloat16) go to {folder}")
+        for name, shape in shapes.items():
+            path = folder / f"{name}.bin"
+            self.tensors[name] = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=torch.bfloat16).view(shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def close(self) -> None:
+        """Drop the tensors; remove spilled files."""
+        self.tensors = {}
+        if not self.in_memory and self.folder.is_dir():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@torch.no_grad()
+def capture(block: nn.Module, block_kwargs: dict[str, Any], hidden: torch.Tensor, wanted: dict[str, tuple[str, torch.Tensor]],
+            batch_size: int, device, stop: bool) -> None:
+    """Run ``block`` over ``hidden`` (N, T, d) and copy tensors seen on the way into ``wanted``'s
+    (N, T, width) tensors: ``{module name: ("input", tensor)}`` or ``("output", tensor)``.
+
+    With ``stop`` the forward pass of each batch ends as soon as everything is recorded.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre(name: str):
+        def hook(module, args):
+            seen[name] = args[0]
+            if stop and len(seen) == len(wanted):
+                raise _Stop
+        return hook
+
+    def post(name: str):
+        def hook(module, args, output):
+            seen[name] = output
+            if stop and len(seen) == len(wanted):
+                raise _Stop
+        return hook
+
+    handles = []
+    for name, (kind, _) in wanted.items():
+        module = block.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre(name)) if kind == "input" else module.register_forward_hook(post(name)))
+    was_training = block.training
+    block.eval()
+    step = BlockStep(block, block_kwargs)
+    try:
+        for start in range(0, hidden.shape[0], batch_size):
+            seen.clear()
+            try:
+                step(hidden[start : start + batch_size].to(device).float())
+            except _Stop:
+                pass
+            for name, (_, tensor) in wanted.items():
+                tensor[start : start + batch_size] = seen[name].to("cpu", tensor.dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+        block.train(was_training)
+
+
+@torch.no_grad()
+def relative_output_error(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device) -> float:
+    """Σ ||module(x) - y||² / Σ ||y||² over (N, T, in) inputs and (N, T, out) targets (float64 sums)."""
+    err = norm = 0.0
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start : start + batch_size].to(device).float()
+        y = targets[start : start + batch_size].to(device).float()
+        err += (module(x).float() - y).double().square().sum().item()
+        norm += y.double().square().sum().item()
+    return err / max(norm, 1e-300)
+
+
+@torch.no_grad()
+def closed_form_refit(module: nn.Module, weight: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor | None, *,
+                      damping: float, batch_size: int, name: str) -> None:
+    """Refit a factored linear module, in place, to map ``inputs`` onto ``targets`` (module docstring, step 4).
+
+    Args:
+        module: a ``KroneckerLinear`` (any factor shapes; the SVD family is A (out, 1), B (1, in))
+            or ``KroneckerLowRankLinear``; its bias stays.
+        weight: (out, in) the dense weight it replaces (the ridge's centre).
+        inputs: (N, T, in) captured inputs.
+        targets: (N, T, out) target outputs; None = ``weight`` applied to ``inputs`` (then the
+            fit is the dense weight's activation-aware fit under the inputs' second moment).
+        damping: δ relative to mean(diag E[x xᵀ]).
+        name: module name for error messages.
+
+    Raises:
+        ValueError: non-finite factors (named), or the shape errors of the fits.
+    """
+    in_f = weight.shape[1]
+    gram = torch.zeros(in_f, in_f, dtype=torch.float64)
+    cross = torch.zeros(weight.shape[0], in_f, dtype=torch.float64) if targets is not None else None
+    bias = module.bias.detach().float().cpu() if module.bias is not None else None
+    tokens = 0
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start : start + batch_size].float().reshape(-1, in_f)
+        gram += (x.mT @ x).double()
+        if targets is not None:
+            y = targets[start : start + batch_size].float().reshape(x.shape[0], -1)
+            if bias is not None:
+                y = y - bias
+            cross += (y.mT @ x).double()
+        tokens += x.shape[0]
+    W = weight.detach().double().cpu()
+    C = gram / tokens
+    if cross is not None:
+        delta = damping * C.diagonal().mean().clamp_min(0).item()
+        eye = torch.eye(in_f, dtype=torch.float64)
+        # W* (C + δI) = E[y xᵀ] + δW, with C + δI symmetric positive definite.
+        W = torch.linalg.solve(C + delta * eye, (cross / tokens + delta * W).mT).mT
+    stats = ModuleCalibration(InputStatistics(in_f, tokens=tokens, moment_sum=gram), out_features=weight.shape[0])
+    lowrank = getattr(module, "lowrank", 0) if isinstance(module, KroneckerLowRankLinear) else 0
+    factors = fit_factors(W.to(torch.float32), module.a_shape, module.b_shape, module.rank, lowrank=lowrank,
+                          init="activation_aware", calibration=stats, name=name)
+    for label in ("A", "B", "U", "V", "scales"):
+        tensor = getattr(factors, label, None)
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name}: the closed-form refit produced non-finite factor {label}")
+    module.load_factors(factors)  # copy_ moves the factors to the module's device and dtype
+
+
+class LocalPairs(Dataset):
+    """One block's captured (input, target) pairs, by sequence: item i is ``{"x0": (T, in_0), ...,
+    "y0": (T, out_0), ...}`` (float32) with ``x{g}`` the input of group g and ``y{m}`` the target
+    of module m.
+
+    ``fingerprint`` names what the pairs were computed from (run key, block, split), so a resumed
+    block run can check its data without hashing the captures.
+    """
+
+    def __init__(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], rows: slice, fingerprint: str | None = None):
+        self.inputs, self.targets, self.rows, self.fingerprint = inputs, targets, rows, fingerprint
+        self.offset = rows.start or 0
+        self.count = (rows.stop if rows.stop is not None else inputs[0].shape[0]) - self.offset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        i = self.offset + index
+        item = {f"x{g}": x[i].float() for g, x in enumerate(self.inputs)}
+        item.update({f"y{m}": y[i].float() for m, y in enumerate(self.targets)})
+        return item
+
+
+class LocalModules(nn.Module):
+    """The compressed modules of one block as one trainable model: ``forward(batch)`` returns
+    each module's relative squared error Σ(ŷ - y)² / Σ y² on its own pairs, shape (modules,).
+
+    Args:
+        block: the block (held as ``.block`` for the exporter; only its modules named in
+            ``groups`` run).
+        groups: module names by shared input (:func:`module_groups`); module m is the m-th name
+            in reading order, input group g feeds the g-th list.
+    """
+
+    def __init__(self, block: nn.Module, groups: list[list[str]]):
+        super().__init__()
+        self.block = block
+        self.groups = groups
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Relative squared errors (modules,) of a batch of ``LocalPairs`` items."""
+        errors, m = [], 0
+        for g, names in enumerate(self.groups):
+            x = batch[f"x{g}"]
+            for name in names:
+                y = batch[f"y{m}"]
+                diff = self.block.get_submodule(name)(x).float() - y
+                errors.append(diff.square().sum() / y.square().sum().clamp_min(torch.finfo(torch.float32).tiny))
+                m += 1
+        return torch.stack(errors)
+
+
+class LocalObjective:
+    """``objective(model, teacher, batch) -> LossOutput``: the mean relative squared error of the
+    block's modules; logs it as term "rel_err" too."""
+
+    needs_teacher = False
+
+    def __call__(self, model: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor]) -> LossOutput:
+        errors = model(batch)
+        loss = errors.mean()
+        return LossOutput(total=loss, terms={"rel_err": loss.detach()})
+
+
+class LocalValidator(Validator):
+    """Held-out relative output error, mean over the block's modules (lower is better); one process."""
+
+    name, key, greater_is_better = "rel_err", "rel_err", False
+
+    def __init__(self, pairs: LocalPairs, batch_size: int):
+        self.pairs, self.batch_size = pairs, batch_size
+
+    def __call__(self, model: nn.Module, accelerator) -> dict[str, float]:
+        groups = model.groups if hasattr(model, "groups") else model.module.groups
+        sums: list[list[float]] = []
+        with evaluation_mode(model, accelerator) as net, torch.no_grad():
+            block = net.block if hasattr(net, "block") else net.module.block
+            for start in range(0, len(self.pairs), self.batch_size):
+                items = [self.pairs[i] for i in range(start, min(start + self.batch_size, len(self.pairs)))]
+                batch = {k: torch.stack([it[k] for it in items]).to(accelerator.device) for k in items[0]}
+                m = 0
+                for g, names in enumerate(groups):
+                    for name in names:
+                        y = batch[f"y{m}"]
+                        err = (block.get_submodule(name)(batch[f"x{g}"]).float() - y).double().square().sum().item()
+                        if len(sums) <= m:
+                            sums.append([0.0, 0.0])
+                        sums[m][0] += err
+                        sums[m][1] += y.double().square().sum().item()
+                        m += 1
+        errors = [e / max(n, 1e-300) for e, n in sums]
+        return {"rel_err": sum(errors) / len(errors), "max_rel_err": max(errors), "sequences": len(self.pairs)}
+
+
+@dataclass
+class LocalResult:
+    """What :func:`distill_local` did.
+
+    Attributes:
+        blocks: one :class:`~kronlm.distill.block_runs.BlockRecord` per block (with the held-out
+            relative output error before, after the refit, and the best of the gradient epochs).
+        cache_seconds: seconds spent computing (or 0 when reusing) the teacher cache.
+        train_seconds: seconds of the local pass (captures, refits, gradient epochs, propagation).
+        val_ppl_before, val_ppl_after: validation perplexity of the student before and after.
+        final_dir, best_dir: the exported student (the same model: each block keeps its best step).
+    """
+
+    blocks: list[BlockRecord] = field(default_factory=list)
+    cache_seconds: float = 0.0
+    train_seconds: float = 0.0
+    val_ppl_before: float | None = None
+    val_ppl_after: float | None = None
+    final_dir: Path | None = None
+    best_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        out = dataclasses.asdict(self)
+        out["final_dir"] = None if self.final_dir is None else str(self.final_dir)
+        out["best_dir"] = None if self.best_dir is None else str(self.best_dir)
+        return out
+
+
+def distill_local(
+    student: nn.Module,
+    teacher: nn.Module,
+    blocks: Any,
+    config: TrainingConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    tokenizer=None,
+    progress: bool = True,
+    run_settings: dict[str, Any] | None = None,
+) -> LocalResult:
+    """Recover ``student`` module by module against ``teacher`` (module docstring); in place.
+
+    Args:
+        student: a compressed copy of ``teacher`` (same depth and hidden size; uncompressed
+            tensors keep the teacher's shapes). Only factored linear modules inside the blocks
+            are fitted; a factored embedding or LM head is left to the other modes.
+        teacher: the dense model (frozen).
+        blocks: token blocks, a ``TokenBlocks`` or ``{"train": (N, T), "val": (M, T)}`` int64;
+            ``val`` are held-out training tokens (never the test split) for the held-out errors
+            and the validation perplexity.
+        config: a ``TrainingConfig`` with ``mode == "local"``: its optimizer, schedule and run
+            length apply to each block's gradient epochs (``max_minutes``: all blocks together),
+            ``config.local`` to the method, ``config.blockwise.cache_dir`` / ``cache_dtype`` to
+            the teacher hidden-state cache.
+        out_dir: run folder (module docstring).
+        resume: continue an interrupted run in ``out_dir``.
+        tokenizer: saved with the exported student.
+        progress: tqdm bars.
+        run_settings: settings outside ``config`` that change the result (recorded by every
+            engine run and compared on resume).
+
+    Returns:
+        A :class:`LocalResult`.
+
+    Raises:
+        ValueError: a student that is not a compressed copy of the teacher, a model without a
+            block list, a cache made for another teacher or other tokens, a resumed run whose
+            cache, starting student or settings differ (named).
+        OSError: the disk cannot hold the hidden-state cache or a block's spilled captures;
+            another process is writing ``out_dir``.
+        kronlm.distill.TrainingDiverged: a block's loss became NaN / inf.
+    """
+    out_dir = Path(out_dir)
+    with folder_lock(out_dir.absolute()):
+        remove_interrupted_writes(out_dir, exports=("final", "best", SUMMARY_FILE))
+        return _distill_local(student, teacher, blocks, config, out_dir, resume=resume, tokenizer=tokenizer,
+                              progress=progress, run_settings=run_settings)
+
+
+def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Path, *, resume: bool, tokenizer, progress: bool,
+                   run_settings: dict[str, Any] | None) -> LocalResult:
+    train_ids, val_ids = split_blocks(blocks)
+    student_blocks, teacher_blocks = check_student(student, teacher)
+    if not resume:
+        refuse_earlier_runs(out_dir, len(student_blocks))
+    device = next(student.parameters()).device
+    result = LocalResult()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.to_file(out_dir / "training_config.yaml")
+    accelerator = make_accelerator(config, out_dir)
+
+    cache_dir = Path(config.blockwise.cache_dir) if config.blockwise.cache_dir else out_dir / "teacher_cache"
+    all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
+    started = time.perf_counter()
+    cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=config.blockwise.cache_dtype, batch_size=config.micro_batch_size,
+                               progress=progress)
+    result.cache_seconds = time.perf_counter() - started
+    block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
+    key = _run_key(cache.key.to_dict(), config, model_fingerprint(student), run_settings)
+    result.val_ppl_before = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+
+    for p in student.parameters():
+        p.requires_grad_(False)
+    started = time.perf_counter()
+    inputs = _student_block_inputs(student, all_ids, config.micro_batch_size, device)
+    to_train = [i for i, b in enumerate(student_blocks) if compressed_modules(b)]
+    for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
+        if index in to_train:
+            minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
+            record = _fit_block(index, block, teacher_blocks[index], block_kwargs, inputs, cache.boundary(index), train_ids.shape[0],
+                                config.replace(max_minutes=minutes), out_dir, resume, key, run_settings, device)
+        else:
+            record = BlockRecord(index, trained=False)
+        result.blocks.append(record)
+        if index < len(student_blocks) - 1:
+            inputs = propagate(block, block_kwargs, inputs, config.micro_batch_size, device)
+    result.train_seconds = time.perf_counter() - started
+    for p in student.parameters():
+        p.requires_grad_(True)
+
+    result.val_ppl_after = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+    summary = {"mode": "local", "target": config.local.target, "val_ppl": result.val_ppl_after, "val_ppl_before": result.val_ppl_before}
+    result.final_dir = save(student, out_dir / "final", tokenizer=tokenizer, summary=summary, overwrite=True)
+    result.best_dir = copy_model(result.final_dir, out_dir / "best")
+    write_json(out_dir / SUMMARY_FILE, result.to_dict())
+    return result
+
+
+def _run_key(cache_key: dict[str, Any], config: TrainingConfig, student: str, run_settings: dict[str, Any] | None) -> dict[str, Any]:
+    # What changes a block's result: not where logs go, the time budget, or the block-wise section
+    # (whose cache settings are covered by the cache key).
+    settings = config.to_dict()
+    for name in ("log_dir", "max_minutes", "blockwise"):
+        settings.pop(name, None)
+    settings["local"].pop("capture_memory_gb", None)
+    return run_key(cache_key, settings, student, run_settings)
+
+
+@torch.no_grad()
+def _student_block_inputs(student: nn.Module, ids: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """The student's own hidden states entering block 0 (its embedding may be compressed): (N, T, d)."""
+    _, blocks = find_block_list(student)
+    out: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        out.append((args[0] if args else kwargs["hidden_states"]).detach().float().cpu())
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                student.base_model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor,
+               teacher_inputs: torch.Tensor, n_train: int, config: TrainingConfig, out_dir: Path, resume: bool,
+               key: dict[str, Any], run_settings: dict[str, Any] | None, device) -> BlockRecord:
+    settings = config.local
+    folder = block_folder(out_dir, index)
+    record = finished_block(block, folder, key)
+    if record is not None:
+        return record
+    if not resume and folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
+    names = compressed_modules(block)
+    groups = module_groups(block, block_kwargs, inputs[:1].to(device).float(), names)
+    order = [n for g in groups for n in g]
+    N, T = inputs.shape[:2]
+    widths_in = [block.get_submodule(g[0]).in_features for g in groups]
+    widths_out = [block.get_submodule(n).out_features for n in order]
+    shapes = {f"x{g}": (N, T, w) for g, w in enumerate(widths_in)}
+    shapes.update({f"y{m}": (N, T, w) for m, w in enumerate(widths_out)})
+    store = CaptureStore(shapes, settings.capture_memory_gb * 1e9, out_dir / CAPTURE_DIR / f"block-{index:03d}")
+    batch = config.micro_batch_size
+    try:
+        xs = [store[f"x{g}"] for g in range(len(groups))]
+        ys = [store[f"y{m}"] for m in range(len(order))]
+        if settings.target == "teacher":
+            capture(teacher_block, block_kwargs, teacher_inputs, {n: ("output", ys[m]) for m, n in enumerate(order)}, batch, device,
+                    stop=False)
+        val_rows = slice(n_train, N)
+        before, refit = [], []
+        m = 0
+        for g, group in enumerate(groups):
+            capture(block, block_kwargs, inputs, {group[0]: ("input", xs[g])}, batch, device, stop=True)
+            for name in group:
+                module, dense = block.get_submodule(name), teacher_block.get_submodule(name)
+                if settings.target == "dense":
+                    _apply(dense, xs[g], ys[m], batch, device)
+                error = relative_output_error(module, xs[g][val_rows], ys[m][val_rows], batch, device) if N > n_train else None
+                before.append(error)
+                if settings.refit:
+                    refit.append(_refit_if_better(module, dense, xs[g], ys[m], n_train, error, settings.target, settings.refit_damping,
+                                                  batch, device, name))
+                m += 1
+        record = _gradient_epochs(index, block, groups, xs, ys, n_train, config, folder, resume, key, run_settings)
+        record.error_before = _mean(before)
+        record.error_refit = _mean(refit) if settings.refit else None
+        finish_block(folder, key, record.chosen, record)
+        return record
+    finally:
+        store.close()
+
+
+@torch.no_grad()
+def _apply(dense: nn.Module, inputs: torch.Tensor, out: torch.Tensor, batch_size: int, device) -> None:
+    for start in range(0, inputs.shape[0], batch_size):
+        out[start : start + batch_size] = dense(inputs[start : start + batch_size].to(device).float()).to("cpu", out.dtype)
+
+
+def _refit_if_better(module, dense, x, y, n_train, error, target, damping, batch, device, name) -> float | None:
+    saved = {n: p.detach().clone() for n, p in module.named_parameters()}
+    closed_form_refit(module, dense_weight(dense), x[:n_train], y[:n_train] if target == "teacher" else None, damping=damping,
+                      batch_size=batch, name=name)
+    if error is None:
+        return None
+    after = relative_output_error(module, x[n_train:], y[n_train:], batch, device)
+    if after < error:
+        return after
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            p.copy_(saved[n])
+    return error
+
+
+def _gradient_epochs(index, block, groups, xs, ys, n_train, config: TrainingConfig, folder: Path, resume: bool, key, run_settings) -> BlockRecord:
+    params = trainable_block_parameters(block, train_norms=False)
+    for p in params.values():
+        p.requires_grad_(True)
+    model = LocalModules(block, groups)
+    train_pairs = LocalPairs(xs, ys, slice(0, n_train), pairs_fingerprint(key, index, "train"))
+    N = xs[0].shape[0]
+    val_pairs = LocalPairs(xs, ys, slice(n_train, N), pairs_fingerprint(key, index, "val")) if N > n_train else None
+    validator = LocalValidator(val_pairs, config.micro_batch_size) if val_pairs is not None else None
+    block_config = config.replace(log_dir=str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None,
+                                  freeze_uncompressed=False)
+    trainer = Trainer(model, block_config, train_pairs, folder, val_data=val_pairs, objective=LocalObjective(), validator=validator,
+                      exporter=BlockStateExporter(list(params)), desc=f"local {index}", run_settings=run_settings, check_student=True)
+    try:
+        run = trainer.run(resume=resume and (folder / "checkpoints").is_dir())
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    chosen = "best" if run.best_dir is not None else "final"
+    load_block_state(block, folder / chosen / BLOCK_STATE_FILE)
+    return BlockRecord(index, True, len(params), run.steps, run.tokens_seen, run.seconds,
+                       run.losses[0] if run.losses else None, run.losses[-1] if run.losses else None,
+                       run.best_val, run.best_step, chosen)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+__all__ = [
+    "CaptureStore",
+    "LocalModules",
+    "LocalObjective",
+    "LocalPairs",
+    "LocalResult",
+    "LocalValidator",
+    "capture",
+    "closed_form_refit",
+    "compressed_modules",
+    "distill_local",
+    "module_groups",
+    "relative_output_error",
+]
