@@ -10,6 +10,7 @@ from shared_paths import GPT2_TOKENIZER_DIR, SHARED_DATA
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from kronlm.cli import main
+from kronlm.distill.stages import DEFAULT_RECIPE
 
 TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 
@@ -146,16 +147,61 @@ def test_compress_then_recover_block_wise_in_one_command(tiny_folder, tmp_path, 
     assert "recovered in" in printed and "validation perplexity" in printed
     results = json.loads((out / "eval.json").read_text())
     # Every block's held-out output error went down, and the saved folder is the recovered model.
-    summary = json.loads((tmp_path / "out.recovery" / "blockwise_summary.json").read_text())
+    summary = json.loads((tmp_path / "out.recovery" / "stage-1-blockwise" / "blockwise_summary.json").read_text())
     assert len(summary["blocks"]) == 2 and all(b["best_val"] < b["first_loss"] for b in summary["blocks"])
-    assert results["recovered"]["ppl"] != results["compressed"]["ppl"]
+    # The recovery keeps a stage only when it lowers the validation perplexity: never worse than the start.
+    assert results["recovered"]["ppl"] <= results["compressed"]["ppl"]
     assert results["recovered"]["params"] == results["compressed"]["params"] < results["dense"]["params"]
     assert main(["eval", str(out), "--data", text, "--max-length", "64", "--stride", "32", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(results["recovered"]["ppl"], rel=1e-6)
 
-    recover.write_text(yaml.safe_dump({"mode": "end_to_end"}))
+    recover.write_text(yaml.safe_dump({"stages": [{"mode": "local", "block_size": 32}, {"mode": "end_to_end", "block_size": 64}]}))
     assert main([*argv[:4], "--out", str(tmp_path / "o2"), *argv[6:]]) == 2
-    assert "--recover runs block-wise recovery" in capsys.readouterr().err
+    assert "the recovery's stages use block sizes [32, 64]" in capsys.readouterr().err
+
+
+def test_compress_recovers_in_stages_by_default(tiny_folder, tmp_path, capsys):
+    text = str(tiny_folder / "text.txt")
+    teacher = _trained_teacher(tiny_folder, tmp_path / "teacher")
+    coarse = tmp_path / "coarse.yaml"
+    coarse.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc", "**.mlp.c_proj"], "b_shape": [8, 8]}]}))
+    out = tmp_path / "out"
+    # The packaged recipe with blocks the tiny model's context holds, its budget scaled to 0.3 minutes in all.
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe["defaults"].update(block_size=32, micro_batch_size=2)
+    (tmp_path / "recover.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["compress", str(teacher), "--config", str(coarse), "--out", str(out), "--recover", text, "--recover-tokens", "2048",
+            "--recover-config", str(tmp_path / "recover.yaml"), "--recover-minutes", "0.3", "--eval", text, "--max-length", "64",
+            "--stride", "32"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "local (0.1 min) -> blockwise (0.1 min) -> end_to_end (0.1 min)" in printed
+    summary = json.loads((tmp_path / "out.recovery" / "recovery_summary.json").read_text())
+    assert [s["mode"] for s in summary["stages"]] == ["local", "blockwise", "end_to_end"]
+    # The kept student is the stage result (or the start) with the lowest validation perplexity.
+    candidates = [summary["stages"][0]["val_ppl_before"]] + [s["val_ppl_after"] for s in summary["stages"]]
+    assert summary["val_ppl"] == min(candidates) and candidates.index(summary["val_ppl"]) == summary["chosen"]
+    results = json.loads((out / "eval.json").read_text())
+    assert results["recovered"]["ppl"] <= results["compressed"]["ppl"]
+
+
+def test_distill_local_mode_and_staged_configs_from_the_command_line(tiny_folder, tmp_path, capsys):
+    student = tmp_path / "student"
+    assert main(["compress", str(tiny_folder), "--config", str(_mlp_config(tmp_path)), "--out", str(student)]) == 0
+    common = ["distill", "--student", str(student), "--teacher", str(tiny_folder), "--data", str(tiny_folder / "text.txt"),
+              "--block-size", "32", "--batch-size", "2", "--warmup-steps", "0"]
+    assert main([*common, "--mode", "local", "--epochs", "2", "--local-target", "dense", "--out", str(tmp_path / "loc")]) == 0
+    printed = capsys.readouterr().out
+    assert "local reconstruction of 2 of 2 blocks" in printed and "validation perplexity:" in printed
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(yaml.safe_dump({"defaults": {"recipe": "ce", "loss_weights": {"ce": 0.0, "kd": 1.0}},
+                                      "stages": [{"mode": "local", "max_steps": 2}, {"mode": "end_to_end", "max_steps": 2}]}))
+    assert main([*common, "--config", str(staged), "--out", str(tmp_path / "st")]) == 0
+    printed = capsys.readouterr().out
+    assert "local" in printed and "end_to_end" in printed and "kept " in printed
+    assert (tmp_path / "st" / "stage-1-local" / "final" / "config.json").is_file()
+    assert main([*common, "--max-steps", "2", "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "give --max-steps or --epochs, not both" in capsys.readouterr().err
 
 
 def _mlp_config(tmp_path):

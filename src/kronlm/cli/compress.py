@@ -33,10 +33,9 @@ from kronlm.data.blocks import build_blocks
 from kronlm.data.sources import TEXT_ALIASES, resolve_source
 from kronlm.data.text import load_text
 from kronlm.decompose.initializers import get_initializer
-from kronlm.distill.blockwise import distill_blockwise
-from kronlm.distill.config import TrainingConfig
+from kronlm.distill.stages import RecoveryConfig, default_recovery_config, recover
 from kronlm.evaluate.perplexity import perplexity_of_text
-from kronlm.modeling import compress, compression_report, load, save
+from kronlm.modeling import compress, compression_report, save
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
 from kronlm.utils.io import check_output_folder, folder_lock, write_json
 
@@ -44,13 +43,6 @@ DEFAULTS = BudgetSettings()
 # Calibration defaults of the command line; the benchmarks import them, so their defaults agree.
 CALIBRATION_SEQUENCES = 128
 CALIBRATION_LENGTH = 512
-# Block-wise recovery after compressing (--recover): the settings of configs/recover-blockwise.yaml,
-# which the recovery benchmark found best per CPU-minute (docs/benchmarks/recovery.md).
-RECOVER_SETTINGS = {
-    "mode": "blockwise", "recipe": "ce", "loss_weights": {"ce": 0.0, "kd": 1.0}, "block_size": 512, "micro_batch_size": 4,
-    "epochs": 1, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "eval_every": 8, "save_every": 8, "keep_checkpoints": 1,
-    "freeze_uncompressed": True, "blockwise": {"inputs": "student", "loss": "mse", "end_to_end_steps": 0},
-}
 RECOVER_TOKENS = 32768
 RECOVER_VAL_FRACTION = 0.0625
 
@@ -160,15 +152,16 @@ def _sources(ctx, param, value):
               help="Fit each block on statistics of the partially compressed model (GPTQ order): `output` fits to the dense "
                    "model's outputs, `weight` to W under the compressed model's inputs.")
 @click.option("--recover", "recover_data", default=None,
-              help="After compressing, recover the student block by block against the dense model on this training text "
-                   "(e.g. wikitext2: its train split online, the local validation split offline), as `kronlm distill --mode "
-                   "blockwise`; the run folder is OUT.recovery and OUT holds the recovered model.")
+              help="After compressing, recover the student against the dense model on this training text (e.g. wikitext2: its "
+                   "train split online, the local validation split offline) in stages: local reconstruction, block-wise, then "
+                   "end-to-end distillation; the run folder is OUT.recovery and OUT holds the recovered model.")
 @click.option("--recover-tokens", type=click.IntRange(min=1024), default=RECOVER_TOKENS, show_default=True,
               help="Tokens of --recover text used (the last 1/16 held out for validation).")
 @click.option("--recover-config", type=click.Path(dir_okay=False), default=None,
-              help="A training config for --recover (default: the settings of configs/recover-blockwise.yaml).")
+              help="A recovery config for --recover: stages (defaults + stages) or one training config "
+                   "(default: the packaged recipe, a copy of configs/recover.yaml).")
 @click.option("--recover-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock cap of the recovery's end-to-end steps, if the config has any.")
+              help="Wall-clock budget of the whole recovery: the stages' max_minutes are scaled to add up to it.")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
 def command(
     model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length, stride, protocol, batch_size, svd,
@@ -203,14 +196,18 @@ def command(
             raise click.UsageError(str(exc)) from None
     recovery = None
     if recover_data is not None:
-        overrides = {"max_minutes": recover_minutes} if recover_minutes else {}
-        recovery = (TrainingConfig.from_file(recover_config, overrides) if recover_config
-                    else TrainingConfig.from_dict({**RECOVER_SETTINGS, **overrides}, source="--recover defaults"))
-        if recovery.mode != "blockwise":
-            raise click.BadParameter(f"{recover_config}: mode is {recovery.mode!r}; --recover runs block-wise recovery "
-                                     "(use kronlm distill for end-to-end)", param_hint="--recover-config")
+        try:
+            stages = RecoveryConfig.from_file(recover_config) if recover_config else default_recovery_config()
+            if recover_minutes:
+                stages = stages.with_budget(recover_minutes)
+        except (ValueError, FileNotFoundError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--recover-config") from None
+        sizes = {s.block_size for s in stages.stages}
+        if len(sizes) > 1:
+            raise click.BadParameter(f"the recovery's stages use block sizes {sorted(sizes)}; they share one set of training "
+                                     "blocks, so give them one block_size", param_hint="--recover-config")
         resolve_source(recover_data, split="train", name=data_config, data_dir=data_dir, text_field=text_field)
-        recovery = (recovery, recover_data, recover_tokens)
+        recovery = (stages, recover_data, recover_tokens)
     # Held for the whole run: a second command writing the same --out fails at once, not after compressing.
     with folder_lock(out):
         _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
@@ -304,20 +301,20 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
 
 
 def _recover(student, teacher, tokenizer, recovery, out, data_config, data_dir, text_field) -> None:
-    """Block-wise recovery of ``student`` (in place) against ``teacher``, as ``kronlm distill --mode blockwise``."""
+    """Staged recovery of ``student`` (in place) against ``teacher``, as ``kronlm distill --config`` with stages."""
     config, data, max_tokens = recovery
-    blocks = build_blocks(data, tokenizer, block_size=config.block_size, val_fraction=RECOVER_VAL_FRACTION, max_tokens=max_tokens,
+    block_size = config.stages[0].block_size
+    blocks = build_blocks(data, tokenizer, block_size=block_size, val_fraction=RECOVER_VAL_FRACTION, max_tokens=max_tokens,
                           name=data_config, data_dir=data_dir, text_field=text_field)
     run_dir = recovery_dir(out)
+    plan = " -> ".join(f"{s.mode}" + (f" ({s.max_minutes:.1f} min)" if s.max_minutes else "") for s in config.stages)
     click.echo(f"recovery: {blocks.source}; {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks "
-               f"of {config.block_size} tokens -> {run_dir}")
-    t0 = time.perf_counter()
+               f"of {block_size} tokens; {plan} -> {run_dir}")
     settings = {"--recover": str(data), "--recover-tokens": max_tokens, "--data-config": data_config, "--text-field": text_field}
-    result = distill_blockwise(student, teacher, blocks, config, run_dir, tokenizer=tokenizer, run_settings=settings)
-    line = (f"recovered in {time.perf_counter() - t0:.0f} s (teacher cache {result.cache_seconds:.0f} s); validation perplexity "
-            f"{result.val_ppl_before:,.2f} -> {result.val_ppl_blockwise:,.2f}")
-    if result.val_ppl_end_to_end is not None:
-        line += f" -> {result.val_ppl_end_to_end:,.2f} after the end-to-end steps"
-        # The end-to-end steps may end worse than they began: keep the checkpoint chosen on validation.
-        student.load_state_dict(load(result.best_dir).state_dict())
-    click.echo(line)
+    result = recover(student, teacher, blocks, config, run_dir, tokenizer=tokenizer, run_settings=settings)
+    for stage in result.stages:
+        before = "-" if stage.val_ppl_before is None else f"{stage.val_ppl_before:,.2f}"
+        after = "-" if stage.val_ppl_after is None else f"{stage.val_ppl_after:,.2f}"
+        click.echo(f"  stage {stage.index} {stage.mode:<10} {stage.seconds:>6.0f} s  validation perplexity {before} -> {after}")
+    click.echo(f"recovered in {result.seconds:.0f} s; kept stage {result.chosen} (validation perplexity {result.val_ppl:,.2f})"
+               if result.val_ppl is not None else f"recovered in {result.seconds:.0f} s")

@@ -21,6 +21,7 @@ from kronlm.cli.options import data_options
 from kronlm.data.blocks import build_blocks
 from kronlm.distill.blockwise import distill_blockwise
 from kronlm.distill.local import distill_local
+from kronlm.distill.stages import RecoveryConfig, recover
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.objective import DistillationObjective
@@ -164,17 +165,27 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
         raise click.UsageError("give --max-steps or --epochs, not both")
     if "max_steps" in overrides:
         overrides["epochs"] = None
-    if "epochs" in overrides:
+    elif "epochs" in overrides:
         overrides["max_steps"] = None
+    stages = None
     if config_file:
-        config = TrainingConfig.from_file(config_file, overrides)
+        stages = RecoveryConfig.from_file(config_file, overrides)
+        if len(stages.stages) == 1:
+            config, stages = stages.stages[0], None
+        else:
+            config = stages.stages[0]
+            sizes = {s.block_size for s in stages.stages}
+            if len(sizes) > 1:
+                raise click.BadParameter(f"{config_file}: the stages use block sizes {sorted(sizes)}; they share one set of "
+                                         "training blocks, so give them one block_size", param_hint="--config")
     else:
         config = TrainingConfig.from_dict(overrides, source="command line")
 
-    blockwise = config.mode in ("blockwise", "local")
+    blockwise = stages is not None or config.mode in ("blockwise", "local")
     needs_teacher = blockwise or DistillationObjective(config.loss_weights_resolved()).needs_teacher
     if needs_teacher and teacher is None:
-        what = {"blockwise": "block-wise distillation learns", "local": "local reconstruction learns"}[config.mode] if blockwise else f"recipe {config.recipe!r} distils"
+        what = ("staged recovery learns" if stages is not None else
+                {"blockwise": "block-wise distillation learns", "local": "local reconstruction learns"}[config.mode]) if blockwise else f"recipe {config.recipe!r} distils"
         raise click.BadParameter(f"{what} from a teacher: give --teacher MODEL", param_hint="--teacher")
     if _TEST_SPLIT_NAME.search(Path(str(data)).name):
         raise click.BadParameter(
@@ -183,7 +194,7 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
 
     accelerator = make_accelerator(config, out)
     if blockwise and accelerator.num_processes > 1:
-        raise click.UsageError(f"{config.mode} recovery runs in one process (the CPU or one GPU); start it without "
+        raise click.UsageError(f"{'staged' if stages is not None else config.mode} recovery runs in one process (the CPU or one GPU); start it without "
                                "accelerate launch / torchrun")
     tokenizer = load_tokenizer(teacher if needs_teacher else student)
     # Tokenise once: the main process fills the cache, the others read it.
@@ -224,6 +235,10 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
     # file behind the same name). The student and teacher are compared by their weights instead.
     run_settings = {"--data": str(data), "--data-config": data_config, "--text-field": text_field,
                     "--max-tokens": max_tokens, "--val-fraction": val_fraction, "--streaming": bool(streaming)}
+    if stages is not None:
+        _run_stages(student_model, teacher_model, blocks, stages, out, resume, tokenizer, run_settings)
+        accelerator.end_training()
+        return
     if config.mode == "local":
         _run_local(student_model, teacher_model, blocks, config, out, resume, tokenizer, run_settings)
         accelerator.end_training()
@@ -279,3 +294,13 @@ def _run_local(student, teacher, blocks, config: TrainingConfig, out: str, resum
     if result.val_ppl_before is not None:
         click.echo(f"validation perplexity: {result.val_ppl_before:,.3f} before, {result.val_ppl_after:,.3f} after")
     click.echo(f"recovered student -> {result.final_dir}")
+
+
+def _run_stages(student, teacher, blocks, config: RecoveryConfig, out: str, resume: bool, tokenizer, run_settings: dict) -> None:
+    result = recover(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer, run_settings=run_settings)
+    click.echo(f"{'stage':>5} {'mode':<10} {'seconds':>8} {'tokens':>9} {'val ppl before':>15} {'after':>10}")
+    for s in result.stages:
+        cells = [f"{v:,.3f}" if v is not None else "-" for v in (s.val_ppl_before, s.val_ppl_after)]
+        click.echo(f"{s.index:>5} {s.mode:<10} {s.seconds:>8.0f} {s.tokens:>9,} {cells[0]:>15} {cells[1]:>10}")
+    kept = f"stage {result.chosen}" if result.chosen else "the starting student (no stage improved it)"
+    click.echo(f"kept {kept}; recovered student -> {result.best_dir or 'unchanged'}")
