@@ -1,27 +1,41 @@
-"""Side-by-side recovery of compressed SmolLM2-135M students at equal parameters and equal budget.
+"""Quality against CPU time: compressed SmolLM2-135M students recovered side by side.
 
-Every step is the ``kronlm`` command line, called in-process with the arguments printed in the
-output, so a reader can run any row by hand:
+Students at about SIZE of the dense parameters (equal within 1 %), each built once with the
+``kronlm`` command line (the command is printed):
 
-- students (``kronlm compress`` / ``kronlm truncate``) at about SIZE of the dense parameters:
-  ``kron-vlr`` Krony-PT-style Kronecker MLPs (gate/up B (2,1), down B (1,2)) of N evenly spaced
-  blocks, modified Van Loan init; ``kron-prune`` the same shapes, pruning init; ``kron-aa`` the
-  same shapes, activation-aware init; ``budget`` the per-module allocation to the same parameter
-  count; ``truncate`` the Short Study's baseline, whole blocks dropped (evenly spaced ones kept);
-- recovery (``kronlm distill``) on the same training tokens (WikiText-2 validation text, the last
-  blocks held out for validation) under the same wall-clock cap of one core: ``end_to_end``
-  (``configs/recover-e2e.yaml``: logit KD, only compressed modules trainable; the truncated
-  student trains all weights with the DistilGPT2 recipe, ``configs/recover-truncation.yaml``) and
-  ``blockwise`` (``configs/recover-blockwise.yaml``);
-- evaluation (``kronlm eval``) before and after: WikiText-2 test (first ``--eval-tokens`` tokens,
-  sliding window 1024 / stride 512) and one out-of-domain text (GLUE SST-2 dev sentences, joined
-  with blank lines), on the checkpoint chosen by validation perplexity (``best/``).
+- ``kron-vlr``: Krony-PT-style Kronecker MLPs (gate/up B (2,1), down B (1,2)) of N evenly spaced
+  blocks, modified Van Loan init; ``kron-prune``: the same shapes, pruning init; ``kron-aa``: the
+  same shapes, activation-aware init;
+- ``budget-svd``: the per-module budget allocation to the same parameter count, truncated SVDs
+  only; ``budget-all``: the same with every factor family (Kronecker, Kronecker + low rank, SVD);
+- ``truncate``: the layer-truncation baseline, whole blocks dropped (evenly spaced ones kept).
 
-Results are appended to ``WORK/results.jsonl`` as they come, so a rerun skips what is done. With
-``--out`` a Markdown table (and ``--plot``, a PNG of validation perplexity against training
-tokens, one line per run) is written.
+Recoveries, all on the same training tokens (``--train-data``, default the enwiki-sample
+articles; the last blocks held out to choose checkpoints) under one wall-clock budget per run
+(``--minutes``) on one torch thread:
 
-    python benchmarks/recovery.py --size 0.85 --threads 1 --out docs/benchmarks/recovery.md --plot docs/benchmarks/recovery.png
+- ``staged``: local reconstruction, then block-wise, then end-to-end distillation (the stages of
+  ``configs/recover.yaml``; the block modes on the first ``--block-tokens`` training tokens, the
+  end-to-end stage on all of them). Its points after the local stage and after the block-wise
+  stage are the recoveries "local" and "local -> block-wise";
+- ``end_to_end``: logit distillation of the compressed modules alone (``configs/recover-e2e.yaml``);
+  the truncated student trains all weights with the DistilGPT2 recipe
+  (``configs/recover-truncation.yaml``), its own best recipe;
+- ``blockwise``: block-wise distillation alone, epochs until the budget.
+
+The end-to-end parts run in segments that end at the ``--points`` minutes (resumed from their
+checkpoints: the same run as an uninterrupted one); after each stage and segment the student
+chosen on the held-out blocks is evaluated on WikiText-2 test (first ``--eval-tokens`` tokens,
+sliding window 1024 / stride 512), and the final one also on GLUE SST-2 dev sentences (out of
+domain: text in no calibration or training set). CPU-minutes count everything a run spends
+(teacher cache, captures, training, validation), on one thread.
+
+Results are appended to ``WORK/results.jsonl`` one row per (student, size, recovery) as they come,
+so an interrupted invocation resumes where it stopped. ``--out`` writes the Markdown table and
+``--plot`` the PNG (test perplexity against CPU-minutes, log scale, one line per student x recovery).
+
+    python benchmarks/recovery.py --size 0.85 --students budget-svd,truncate --recoveries staged,end_to_end \\
+        --out docs/benchmarks/recovery.md --plot docs/benchmarks/recovery-85.png
 """
 
 from __future__ import annotations
@@ -49,15 +63,26 @@ from kronlm.bench.report import (
 )
 from kronlm.cli import main as kronlm_main
 from kronlm.compress import count_parameters
+from kronlm.data.blocks import build_blocks
+from kronlm.data.sources import resolve_source
+from kronlm.data.text import load_text
+from kronlm.distill.blockwise import distill_blockwise
+from kronlm.distill.config import TrainingConfig
+from kronlm.distill.local import distill_local
+from kronlm.distill.stages import RecoveryConfig
+from kronlm.distill.trainer import train
+from kronlm.evaluate.perplexity import perplexity_of_text
 from kronlm.modeling import load
+from kronlm.modeling.loading import load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = 30
 # Krony-PT-style MLPs of N blocks at 2x, and the number of whole blocks the truncation drops to
 # the same parameter count (a block of SmolLM2 is 3,539,840 parameters; 2x on its MLP saves 1,327,098).
 SIZES = {0.85: {"kron_blocks": 16, "drop": 6}, 0.70: {"kron_blocks": 30, "drop": 11}}
-METHODS = ("kron-vlr", "kron-prune", "kron-aa", "budget", "truncate")
-MODES = ("end_to_end", "blockwise")
+STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-all", "truncate")
+RECOVERIES = ("staged", "end_to_end", "blockwise")
+ENWIKI = Path("enwiki-sample") / "articles.jsonl"
 
 
 def spaced(n: int, total: int = BLOCKS) -> list[int]:
@@ -72,11 +97,10 @@ def run_cli(argv: list[str], log: list[str]) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = kronlm_main(argv)
-    text = out.getvalue()
-    print(text, flush=True)
+    print(out.getvalue(), flush=True)
     if code != 0:
         raise SystemExit(f"kronlm exited with {code}: {' '.join(argv)}")
-    return text
+    return out.getvalue()
 
 
 def kron_config(work: Path, blocks: list[int], init: str) -> Path:
@@ -88,96 +112,195 @@ def kron_config(work: Path, blocks: list[int], init: str) -> Path:
     return path
 
 
-def build_student(method: str, size: float, work: Path, args, log: list[str]) -> Path:
-    """The student folder of ``method`` at ``size`` (built once)."""
-    folder = work / "students" / f"{method}-{int(size * 100)}"
+def build_student(name: str, size: float, work: Path, args, log: list[str]) -> Path:
+    """The student folder of ``name`` at ``size`` (built once)."""
+    folder = work / "students" / f"{name}-{int(size * 100)}"
     if (folder / "config.json").is_file():
         return folder
     setting = SIZES[size]
     common = ["--out", str(folder), "--overwrite"]
     calibration = ["--calibration", "wikitext2", "--calibration-sequences", str(args.calibration_sequences),
                    "--calibration-length", "512", "--data-dir", str(args.data_dir)]
-    if method == "truncate":
+    if name == "truncate":
         keep = spaced(BLOCKS - setting["drop"])
         run_cli(["truncate", args.model, "--layers", ",".join(map(str, keep)), *common], log)
-    elif method == "budget":
+    elif name.startswith("budget"):
         reference = build_student("kron-vlr", size, work, args, log)
         target = count_parameters(load(reference))
-        run_cli(["compress", args.model, "--budget-params", str(target), *calibration, *common], log)
+        families = ["--families", "svd"] if name == "budget-svd" else []
+        run_cli(["compress", args.model, "--budget-params", str(target), *families, *calibration, *common], log)
     else:
-        init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[method]
+        init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[name]
         config = kron_config(work, spaced(setting["kron_blocks"]), init)
         run_cli(["compress", args.model, "--config", str(config), *(calibration if init == "activation_aware" else []), *common], log)
     return folder
 
 
-def evaluate(folder: str, work: Path, args, log: list[str], tag: str) -> dict[str, float]:
-    """Test and out-of-domain perplexity of a model (cached in WORK/evals)."""
-    out = {}
-    for name, data in (("test", ["--data", "wikitext2", "--split", "test"]),
-                       ("ood", ["--data", str(args.data_dir / "glue" / "SST-2" / "dev.tsv"), "--text-field", "sentence"])):
-        path = work / "evals" / f"{tag}-{name}.json"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            run_cli(["eval", folder, *data, "--data-dir", str(args.data_dir), "--max-tokens", str(args.eval_tokens), "--device", args.device,
-                     "--json", str(path)], log)
-        out[name] = json.loads(path.read_text())["ppl"]
-    return out
+class Evaluator:
+    """Test (and out-of-domain) perplexity of models, cached in ``WORK/evals/*.json`` by tag."""
+
+    def __init__(self, work: Path, args):
+        self.work, self.args = work, args
+        self.texts = {
+            "test": load_text(resolve_source("wikitext2", split="test", data_dir=args.data_dir)),
+            "ood": load_text(resolve_source(args.data_dir / "glue" / "SST-2" / "dev.tsv", split="dev", text_field="sentence")),
+        }
+
+    def __call__(self, model, tokenizer, tag: str, texts=("test", "ood")) -> dict[str, float]:
+        out = {}
+        for name in texts:
+            path = self.work / "evals" / f"{tag}-{name}.json"
+            if not path.is_file():
+                result = perplexity_of_text(model, tokenizer, self.texts[name], max_tokens=self.args.eval_tokens, max_length=1024,
+                                            stride=512, batch_size=1)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"ppl": result.ppl, "tokens": result.tokens_scored, "seconds": result.seconds}))
+            out[name] = json.loads(path.read_text())["ppl"]
+        return out
 
 
-def recover(method: str, mode: str, student: Path, size: float, work: Path, args, log: list[str]) -> dict:
-    """Run one recovery; returns what it did (tokens, seconds, validation history, chosen checkpoint)."""
-    run_dir = work / "runs" / f"{method}-{int(size * 100)}-{mode}"
-    config = {"end_to_end": "recover-e2e.yaml", "blockwise": "recover-blockwise.yaml"}[mode]
-    if method == "truncate":
-        config = "recover-truncation.yaml"
-    argv = ["distill", "--student", str(student), "--teacher", args.model, "--data", "wikitext2", "--data-dir", str(args.data_dir),
-            "--max-tokens", str(args.train_tokens), "--val-fraction", str(args.val_fraction), "--config", str(REPO / "configs" / config),
-            "--out", str(run_dir)]
-    if args.minutes is not None:
-        argv += ["--max-minutes", str(args.minutes)]
-    if mode == "blockwise" and method != "truncate":
-        # One teacher hidden-state cache for every block-wise run: same teacher, tokens and dtype.
-        argv += ["--cache-dir", str(work / "teacher_cache")]
-    finished = run_dir / ("blockwise_summary.json" if mode == "blockwise" and method != "truncate" else "final/training_summary.json")
-    started = time.perf_counter()
-    if finished.is_file():  # done by an earlier invocation: read its results back
-        log.append("# already run: kronlm " + shlex.join(argv))
+class Clock:
+    """Seconds a run has spent, saved beside it so that a resumed invocation continues the count;
+    :meth:`paused` stops it (evaluations are not part of a recovery's cost)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.spent = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.started = time.perf_counter()
+
+    def now(self) -> float:
+        return self.spent + time.perf_counter() - self.started
+
+    def add(self, seconds: float) -> None:
+        self.spent += seconds
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"seconds": self.now()}))
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.save()
+        stopped = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - stopped
+
+
+def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
+    """The settings of each part: the stages of configs/recover.yaml; the end-to-end baselines."""
+    staged = RecoveryConfig.from_file(REPO / "configs" / "recover.yaml").stages
+    parts = {s.mode: s for s in staged}
+    e2e_file = "recover-truncation.yaml" if truncated else "recover-e2e.yaml"
+    parts["end_to_end_alone"] = TrainingConfig.from_file(REPO / "configs" / e2e_file)
+    for mode in ("end_to_end", "end_to_end_alone"):
+        # Validation costs as much as ~1/4 of the training tokens at every 8 steps; the segments' ends
+        # (the points) validate anyway.
+        parts[mode] = parts[mode].replace(eval_every=32, save_every=32)
+    parts["blockwise_alone"] = parts["blockwise"].replace(epochs=100, max_minutes=None)
+    return parts
+
+
+def recover_and_measure(student_name: str, size: float, recovery: str, student_dir: Path, teacher, tokenizer, blocks,
+                        evaluate: Evaluator, work: Path, args) -> dict:
+    """One student x recovery: every point (CPU-minutes, test perplexity) and the final evaluation."""
+    tag = f"{student_name}-{int(size * 100)}-{recovery}"
+    run_dir = work / "runs" / tag
+    clock = Clock(run_dir / "clock.json")
+    student = load(student_dir)
+    parts = stage_configs(args, student_name == "truncate")
+    few = {"train": blocks.train[: args.block_tokens // blocks.train.shape[1]], "val": blocks.val}
+    every = {"train": blocks.train, "val": blocks.val}
+    settings = {"--train-data": str(args.train_data), "--train-tokens": args.train_tokens}
+    points: list[dict] = []
+    budget = 60.0 * args.minutes
+    charged = {"cache": False}
+
+    def charged_cache() -> bool:
+        # Once per run: the block stages of one run share the cache.
+        first, charged["cache"] = not charged["cache"], True
+        return first and (work / "teacher_cache_seconds.json").is_file()
+
+    def point(label: str) -> None:
+        minutes = clock.now() / 60.0
+        with clock.paused():
+            ppl = evaluate(student, tokenizer, f"{tag}-{label}", texts=("test",))["test"]
+        points.append({"label": label, "minutes": minutes, "test": ppl})
+        print(f"{tag}: {label} at {minutes:.1f} CPU-minutes: test perplexity {ppl:.2f}", flush=True)
+
+    def block_stage(mode: str, config: TrainingConfig, minutes: float) -> None:
+        config = config.replace(max_minutes=minutes, blockwise={**config.blockwise.to_dict(), "cache_dir": str(work / "teacher_cache")})
+        folder = run_dir / mode
+        fn = distill_local if mode == "local" else distill_blockwise
+        result = fn(student, teacher, few, config, folder, resume=folder.is_dir(), tokenizer=tokenizer, run_settings=settings)
+        if result.cache_seconds < 1.0:  # the shared teacher cache was built by an earlier run: charge its cost here too
+            clock.add(json.loads((work / "teacher_cache_seconds.json").read_text())["seconds"] if charged_cache() else 0.0)
+        else:
+            (work / "teacher_cache_seconds.json").write_text(json.dumps({"seconds": result.cache_seconds}))
+        student.load_state_dict(load(result.best_dir).state_dict())
+
+    def end_to_end(config: TrainingConfig, data) -> None:
+        folder = run_dir / "end_to_end"
+        for mark in args.points:
+            left = 60.0 * mark - clock.now()
+            if left <= 30 or clock.now() >= budget:
+                continue
+            # A segment ends at the next point; the run resumes from its checkpoint (RESUME_FREE: max_minutes).
+            run = train(student, teacher, data, config.replace(max_minutes=left / 60.0, epochs=None, max_steps=config_steps(config, data)),
+                        folder, resume=(folder / "checkpoints").is_dir(), tokenizer=tokenizer, run_settings=settings)
+            student.load_state_dict(load(run.best_dir or run.final_dir).state_dict())
+            point(f"e2e-{mark:g}min")
+            if not run.time_limited:
+                break
+
+    if recovery == "staged":
+        block_stage("local", parts["local"], args.local_minutes or parts["local"].max_minutes)
+        point("local")
+        block_stage("blockwise", parts["blockwise"], args.blockwise_minutes or parts["blockwise"].max_minutes)
+        point("local+blockwise")
+        end_to_end(parts["end_to_end"], every)
+    elif recovery == "blockwise":
+        block_stage("blockwise", parts["blockwise_alone"], args.minutes)
+        point("blockwise")
     else:
-        run_cli(argv, log)
-    seconds = time.perf_counter() - started
-    if mode == "blockwise" and method != "truncate":
-        summary = json.loads((run_dir / "blockwise_summary.json").read_text())
-        trained = [b for b in summary["blocks"] if b["trained"]]
-        tokens = trained[0]["tokens"] if trained else 0
-        history = [{"tokens_seen": 0, "ppl": summary["val_ppl_before"]}, {"tokens_seen": tokens, "ppl": summary["val_ppl_blockwise"]}]
-        return {"run_dir": str(run_dir), "tokens": tokens, "seconds": seconds, "train_seconds": summary["train_seconds"],
-                "cache_seconds": summary["cache_seconds"], "val_history": history, "best_val": summary["val_ppl_blockwise"],
-                "chosen": "best/ = the block-wise result (per block: lowest held-out block MSE)"}
-    summary = json.loads((run_dir / "final" / "training_summary.json").read_text())
-    return {"run_dir": str(run_dir), "tokens": summary["tokens_seen"], "seconds": seconds, "train_seconds": summary.get("seconds"),
-            "val_history": summary.get("val_history") or [], "best_val": summary.get("best_val"),
-            "chosen": f"best/ = step {summary.get('best_step')} of {summary.get('step')} (lowest validation perplexity)"}
+        end_to_end(parts["end_to_end_alone"], every)
+    with clock.paused():
+        final = evaluate(student, tokenizer, f"{tag}-final")
+    return {"student": student_name, "size": size, "recovery": recovery, "points": points, "after": final,
+            "cpu_minutes": clock.now() / 60.0, "train_tokens": blocks.train.numel(), "block_tokens": few["train"].numel()}
+
+
+def config_steps(config: TrainingConfig, data) -> int:
+    """Optimizer steps of one pass over ``data``'s training blocks (the cosine's length)."""
+    per_step = config.micro_batch_size * config.grad_accum_steps
+    return max(data["train"].shape[0] // per_step, config.warmup_steps + 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=float, choices=sorted(SIZES), required=True, help="Fraction of the dense parameters kept.")
-    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--modes", default=",".join(MODES), help="end_to_end, blockwise (truncation runs end_to_end only)")
+    parser.add_argument("--students", default=",".join(STUDENTS), help="Comma-separated subset of " + ", ".join(STUDENTS))
+    parser.add_argument("--recoveries", default="staged,end_to_end", help="Comma-separated subset of " + ", ".join(RECOVERIES))
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--train-tokens", type=int, default=73728, help="Tokens of WikiText-2 validation text to train on (validation blocks included).")
-    parser.add_argument("--val-fraction", type=float, default=0.0625)
+    parser.add_argument("--train-data", default=None, help="Training text (default: DATA_DIR/enwiki-sample/articles.jsonl).")
+    parser.add_argument("--train-tokens", type=int, default=262144, help="Training tokens (validation blocks included).")
+    parser.add_argument("--block-tokens", type=int, default=32768, help="Training tokens of the local and block-wise stages.")
+    parser.add_argument("--val-fraction", type=float, default=0.015625, help="Share of the training tokens held out (choosing checkpoints).")
+    parser.add_argument("--minutes", type=float, default=60.0, help="CPU-minute budget of each run (one torch thread).")
+    parser.add_argument("--local-minutes", type=float, default=None, help="Budget of the staged run's local stage (default: configs/recover.yaml).")
+    parser.add_argument("--blockwise-minutes", type=float, default=None, help="Budget of its block-wise stage (default: configs/recover.yaml).")
+    parser.add_argument("--points", default="5,10,20,40,60", help="CPU-minutes at which end-to-end segments end and are evaluated.")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--minutes", type=float, default=None, help="Time cap of each end-to-end run (default: the config's, 20).")
-    parser.add_argument("--device", default="auto", help="Where evaluation runs (training picks the GPU by itself).")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "recovery")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
+    args.points = [float(p) for p in args.points.split(",")]
+    args.train_data = args.train_data or str(args.data_dir / ENWIKI)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("KRONLM_DATA_DIR", str(args.data_dir))
     work = args.work
@@ -187,49 +310,62 @@ def main() -> None:
     if results_path.is_file():
         for line in results_path.read_text().splitlines():
             row = json.loads(line)
-            done[(row["method"], row["size"], row["mode"])] = row
-    print(reproduce_header(f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"), flush=True)
+            done[(row["student"], row["size"], row["recovery"])] = row
+    command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
+    print(reproduce_header(command), flush=True)
     log: list[str] = []
-    dense = evaluate(args.model, work, args, log, "dense")
-    for method in args.methods.split(","):
-        student = build_student(method, args.size, work, args, log)
-        params = count_parameters(load(student))
-        before = evaluate(str(student), work, args, log, f"{method}-{int(args.size * 100)}")
-        for mode in args.modes.split(","):
-            if method == "truncate" and mode == "blockwise":
+    teacher, tokenizer = load_model_and_tokenizer(args.model)
+    teacher.eval()
+    evaluate = Evaluator(work, args)
+    dense = evaluate(teacher, tokenizer, "dense")
+    blocks = build_blocks(args.train_data, tokenizer, block_size=512, val_fraction=args.val_fraction, max_tokens=args.train_tokens,
+                          data_dir=args.data_dir)
+    print(f"training text: {blocks.source}; {blocks.train.shape[0]} training and {blocks.val.shape[0]} validation blocks of 512 tokens",
+          flush=True)
+    for name in args.students.split(","):
+        student_dir = build_student(name, args.size, work, args, log)
+        student = load(student_dir)
+        params = count_parameters(student)
+        before = evaluate(student, tokenizer, f"{name}-{int(args.size * 100)}")
+        del student
+        for recovery in args.recoveries.split(","):
+            if name == "truncate" and recovery != "end_to_end":
                 continue
-            key = (method, args.size, mode)
+            key = (name, args.size, recovery)
             if key in done:
                 continue
-            run = recover(method, mode, student, args.size, work, args, log)
-            after = evaluate(str(Path(run["run_dir"]) / "best"), work, args, log, f"{method}-{int(args.size * 100)}-{mode}")
-            row = {"method": method, "size": args.size, "mode": mode, "params": params, "dense": dense, "before": before,
-                   "after": after, **run, "commands": list(log)}
+            row = recover_and_measure(name, args.size, recovery, student_dir, teacher, tokenizer, blocks, evaluate, work, args)
+            row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log))
             done[key] = row
             with open(results_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
     rows = [r for r in done.values() if r["size"] == args.size]
     if args.out:
-        write_markdown(report(rows, args), args.out)
+        write_markdown(report(rows, args, command), args.out)
     if args.plot:
-        series = {f"{r['method']} {r['mode']}": ([h["tokens_seen"] for h in r["val_history"] if h.get("ppl")],
-                                                  [h["ppl"] for h in r["val_history"] if h.get("ppl")]) for r in rows}
-        line_plot(series, args.plot, xlabel="training tokens", ylabel="validation perplexity",
-                  title=f"Recovery of SmolLM2-135M at {int(args.size * 100)} % of the parameters", logy=True)
+        series = {f"{r['student']} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
+                                                       [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in rows}
+        line_plot(series, args.plot, xlabel="CPU-minutes (one thread)", ylabel="WikiText-2 test perplexity",
+                  title=f"Recovery of SmolLM2-135M at {int(args.size * 100)} % of the parameters", logy=True,
+                  reference=dense["test"], reference_label="dense")
 
 
-def report(rows: list[dict], args) -> str:
+def report(rows: list[dict], args, command: str) -> str:
+    """The Markdown table of ``rows`` (one size)."""
     dense = rows[0]["dense"] if rows else {"test": float("nan"), "ood": float("nan")}
-    table = [[r["method"], r["mode"], f"{r['params']:,}", f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}",
-              f"{r['after']['test'] / dense['test']:.2f}", f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}",
-              f"{r['best_val']:,.2f}" if r.get("best_val") else "-", f"{r['tokens']:,}", f"{r['seconds']:.0f}", r["chosen"]]
-             for r in sorted(rows, key=lambda r: r["after"]["test"])]
-    headers = ["method", "recovery", "params", "test ppl before", "test ppl after", "x dense", "OOD ppl before", "OOD ppl after",
-               "val ppl", "train tokens", "seconds", "checkpoint"]
+    table = []
+    for r in sorted(rows, key=lambda r: r["after"]["test"]):
+        staged = {p["label"]: p["test"] for p in r["points"]}
+        table.append([r["student"], r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
+                      f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}", f"{r['after']['test'] / dense['test']:.2f}",
+                      f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}", f"{r['after']['ood'] / dense['ood']:.2f}",
+                      " / ".join(f"{label} {ppl:,.2f}" for label, ppl in staged.items()), f"{r['cpu_minutes']:.1f}"])
+    headers = ["student", "recovery", "params", "of dense", "test before", "test after", "x dense", "OOD before", "OOD after",
+               "OOD x dense", "points (test ppl)", "CPU-min"]
     lines = [f"# Recovery of SmolLM2-135M at {int(args.size * 100)} % of the parameters", "",
-             machine_line(machine_info()), f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`", "",
+             machine_line(machine_info()), f"Command: `{command}`", "",
              f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "", markdown_table(headers, table), "",
-             reproduce_section([f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"])]
+             reproduce_section([command])]
     return "\n".join(lines) + "\n"
 
 

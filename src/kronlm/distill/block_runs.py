@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,19 @@ def copy_model(source: Path, target: Path) -> Path:
     return target
 
 
+def block_run_config(config, index: int, n_train: int):
+    """The ``TrainingConfig`` of block ``index``'s engine run: logs in a per-block folder, no
+    freezing (the block's trainable tensors are chosen by the caller), and a warm-up shorter than
+    the run when the run's length comes from ``epochs`` over ``n_train`` sequences (a config's
+    warm-up is given for a whole recovery, a block may hold fewer steps)."""
+    changes = {"log_dir": str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None, "freeze_uncompressed": False}
+    if config.max_steps is None:
+        per_step = config.micro_batch_size * config.grad_accum_steps
+        steps = max(int(math.ceil((config.epochs or 1) * (n_train // per_step))), 1)
+        changes["warmup_steps"] = min(config.warmup_steps, steps - 1)
+    return config.replace(**changes)
+
+
 def split_minutes(total: float | None, spent_seconds: float, remaining_blocks: int) -> float | None:
     """A stage's time budget (``total`` minutes; None = no limit) shared out over its blocks: the
     minutes still left, divided evenly among the blocks still to train (so a block that finishes
@@ -302,6 +316,7 @@ __all__ = [
     "BlockStateExporter",
     "BlockStep",
     "block_folder",
+    "block_run_config",
     "check_student",
     "copy_model",
     "finish_block",

@@ -51,6 +51,7 @@ from kronlm.distill.block_runs import (
     BlockStateExporter,
     BlockStep,
     block_folder,
+    block_run_config,
     check_student,
     copy_model,
     finish_block,
@@ -356,8 +357,7 @@ def _train_block(index: int, block: nn.Module, block_kwargs: dict[str, Any], inp
     val_pairs = (BlockPairs(inputs[n_train:], targets[n_train:], pairs_fingerprint(key, index, "val"))
                  if inputs.shape[0] > n_train else None)
     validator = BlockValidator(val_pairs, settings.loss, config.micro_batch_size) if val_pairs is not None else None
-    block_config = config.replace(log_dir=str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None,
-                                  freeze_uncompressed=False)
+    block_config = block_run_config(config, index, n_train)
     trainer = Trainer(step, block_config, train_pairs, folder, val_data=val_pairs, objective=BlockObjective(settings.loss),
                       validator=validator, exporter=BlockStateExporter(list(params)), desc=f"block {index}",
                       run_settings=run_settings, check_student=True)

@@ -70,6 +70,7 @@ from kronlm.distill.block_runs import (
     BlockStateExporter,
     BlockStep,
     block_folder,
+    block_run_config,
     check_student,
     copy_model,
     finish_block,
@@ -251,8 +252,19 @@ def relative_output_error(module: nn.Module, inputs: torch.Tensor, targets: torc
 
 
 @torch.no_grad()
+def input_gram(inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Σ x xᵀ over the (N, T, in) inputs: (in, in) float64 (float32 products per batch)."""
+    in_f = inputs.shape[-1]
+    gram = torch.zeros(in_f, in_f, dtype=torch.float64)
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start : start + batch_size].float().reshape(-1, in_f)
+        gram += (x.mT @ x).double()
+    return gram
+
+
+@torch.no_grad()
 def closed_form_refit(module: nn.Module, weight: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor | None, *,
-                      damping: float, batch_size: int, name: str) -> None:
+                      damping: float, batch_size: int, name: str, gram: torch.Tensor | None = None) -> None:
     """Refit a factored linear module, in place, to map ``inputs`` onto ``targets`` (module docstring, step 4).
 
     Args:
@@ -264,24 +276,24 @@ def closed_form_refit(module: nn.Module, weight: torch.Tensor, inputs: torch.Ten
             fit is the dense weight's activation-aware fit under the inputs' second moment).
         damping: δ relative to mean(diag E[x xᵀ]).
         name: module name for error messages.
+        gram: :func:`input_gram` of ``inputs`` when already computed (modules sharing an input).
 
     Raises:
         ValueError: non-finite factors (named), or the shape errors of the fits.
     """
     in_f = weight.shape[1]
-    gram = torch.zeros(in_f, in_f, dtype=torch.float64)
-    cross = torch.zeros(weight.shape[0], in_f, dtype=torch.float64) if targets is not None else None
-    bias = module.bias.detach().float().cpu() if module.bias is not None else None
-    tokens = 0
-    for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start : start + batch_size].float().reshape(-1, in_f)
-        gram += (x.mT @ x).double()
-        if targets is not None:
+    gram = input_gram(inputs, batch_size) if gram is None else gram
+    tokens = inputs.shape[0] * inputs.shape[1]
+    cross = None
+    if targets is not None:
+        cross = torch.zeros(weight.shape[0], in_f, dtype=torch.float64)
+        bias = module.bias.detach().float().cpu() if module.bias is not None else None
+        for start in range(0, inputs.shape[0], batch_size):
+            x = inputs[start : start + batch_size].float().reshape(-1, in_f)
             y = targets[start : start + batch_size].float().reshape(x.shape[0], -1)
             if bias is not None:
                 y = y - bias
             cross += (y.mT @ x).double()
-        tokens += x.shape[0]
     W = weight.detach().double().cpu()
     C = gram / tokens
     if cross is not None:
@@ -587,6 +599,7 @@ def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwa
         m = 0
         for g, group in enumerate(groups):
             capture(block, block_kwargs, inputs, {group[0]: ("input", xs[g])}, batch, device, stop=True)
+            gram = input_gram(xs[g][:n_train], batch) if settings.refit else None
             for name in group:
                 module, dense = block.get_submodule(name), teacher_block.get_submodule(name)
                 if settings.target == "dense":
@@ -595,7 +608,7 @@ def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwa
                 before.append(error)
                 if settings.refit:
                     refit.append(_refit_if_better(module, dense, xs[g], ys[m], n_train, error, settings.target, settings.refit_damping,
-                                                  batch, device, name))
+                                                  batch, device, name, gram))
                 m += 1
         record = _gradient_epochs(index, block, groups, xs, ys, n_train, config, folder, resume, key, run_settings)
         record.error_before = _mean(before)
@@ -612,10 +625,10 @@ def _apply(dense: nn.Module, inputs: torch.Tensor, out: torch.Tensor, batch_size
         out[start : start + batch_size] = dense(inputs[start : start + batch_size].to(device).float()).to("cpu", out.dtype)
 
 
-def _refit_if_better(module, dense, x, y, n_train, error, target, damping, batch, device, name) -> float | None:
+def _refit_if_better(module, dense, x, y, n_train, error, target, damping, batch, device, name, gram) -> float | None:
     saved = {n: p.detach().clone() for n, p in module.named_parameters()}
     closed_form_refit(module, dense_weight(dense), x[:n_train], y[:n_train] if target == "teacher" else None, damping=damping,
-                      batch_size=batch, name=name)
+                      batch_size=batch, name=name, gram=gram)
     if error is None:
         return None
     after = relative_output_error(module, x[n_train:], y[n_train:], batch, device)
@@ -636,8 +649,7 @@ def _gradient_epochs(index, block, groups, xs, ys, n_train, config: TrainingConf
     N = xs[0].shape[0]
     val_pairs = LocalPairs(xs, ys, slice(n_train, N), pairs_fingerprint(key, index, "val")) if N > n_train else None
     validator = LocalValidator(val_pairs, config.micro_batch_size) if val_pairs is not None else None
-    block_config = config.replace(log_dir=str(Path(config.log_dir) / f"block-{index:03d}") if config.log_dir else None,
-                                  freeze_uncompressed=False)
+    block_config = block_run_config(config, index, n_train)
     trainer = Trainer(model, block_config, train_pairs, folder, val_data=val_pairs, objective=LocalObjective(), validator=validator,
                       exporter=BlockStateExporter(list(params)), desc=f"local {index}", run_settings=run_settings, check_student=True)
     try:
@@ -666,6 +678,7 @@ __all__ = [
     "LocalValidator",
     "capture",
     "closed_form_refit",
+    "input_gram",
     "compressed_modules",
     "distill_local",
     "module_groups",
