@@ -141,7 +141,7 @@ def test_compress_then_recover_block_wise_in_one_command(tiny_folder, tmp_path, 
     coarse = tmp_path / "coarse.yaml"  # large B factors: an error worth recovering from
     coarse.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc", "**.mlp.c_proj"], "b_shape": [8, 8]}]}))
     argv = ["compress", str(teacher), "--config", str(coarse), "--out", str(out), "--recover", text,
-            "--recover-tokens", "1024", "--recover-config", str(recover), "--eval", text, "--max-length", "64", "--stride", "32"]
+            "--recover-tokens", "384", "--recover-config", str(recover), "--eval", text, "--max-length", "64", "--stride", "32"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "recovered in" in printed and "validation perplexity" in printed
@@ -155,6 +155,14 @@ def test_compress_then_recover_block_wise_in_one_command(tiny_folder, tmp_path, 
     assert main(["eval", str(out), "--data", text, "--max-length", "64", "--stride", "32", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(results["recovered"]["ppl"], rel=1e-6)
 
+    # A corpus with fewer tokens than asked: one line, before any work, nothing written.
+    big = [a if a != "384" else "100000" for a in argv]
+    big[big.index(str(out))] = str(tmp_path / "o3")
+    assert main(big) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "400 tokens, fewer than the 100,000 asked for" in errors[0]
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o3.recovery").exists()
     recover.write_text(yaml.safe_dump({"stages": [{"mode": "local", "block_size": 32}, {"mode": "end_to_end", "block_size": 64}]}))
     assert main([*argv[:4], "--out", str(tmp_path / "o2"), *argv[6:]]) == 2
     assert "the recovery's stages use block sizes [32, 64]" in capsys.readouterr().err
@@ -170,7 +178,7 @@ def test_compress_recovers_in_stages_by_default(tiny_folder, tmp_path, capsys):
     recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
     recipe["defaults"].update(block_size=32, micro_batch_size=2)
     (tmp_path / "recover.yaml").write_text(yaml.safe_dump(recipe))
-    argv = ["compress", str(teacher), "--config", str(coarse), "--out", str(out), "--recover", text, "--recover-tokens", "2048",
+    argv = ["compress", str(teacher), "--config", str(coarse), "--out", str(out), "--recover", text, "--recover-tokens", "384",
             "--recover-config", str(tmp_path / "recover.yaml"), "--recover-minutes", "0.3", "--eval", text, "--max-length", "64",
             "--stride", "32"]
     assert main(argv) == 0

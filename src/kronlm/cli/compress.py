@@ -155,7 +155,7 @@ def _sources(ctx, param, value):
               help="After compressing, recover the student against the dense model on this training text (e.g. wikitext2: its "
                    "train split online, the local validation split offline) in stages: local reconstruction, block-wise, then "
                    "end-to-end distillation; the run folder is OUT.recovery and OUT holds the recovered model.")
-@click.option("--recover-tokens", type=click.IntRange(min=1024), default=RECOVER_TOKENS, show_default=True,
+@click.option("--recover-tokens", type=click.IntRange(min=2), default=RECOVER_TOKENS, show_default=True,
               help="Tokens of --recover text used (the last 1/16 held out for validation).")
 @click.option("--recover-config", type=click.Path(dir_okay=False), default=None,
               help="A recovery config for --recover: stages (defaults + stages) or one training config "
@@ -244,6 +244,15 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
     net, tokenizer = load_model_and_tokenizer(model)
     load_s = time.perf_counter() - t0
     click.echo(f"loaded {source.description} ({count_parameters(net):,} params) in {load_s:.1f} s")
+    if recovery is not None:  # tokenised before the slow work, so a corpus too small fails at once
+        stages, recover_data, recover_tokens = recovery
+        try:
+            blocks = build_blocks(recover_data, tokenizer, block_size=stages.stages[0].block_size, val_fraction=RECOVER_VAL_FRACTION,
+                                  max_tokens=recover_tokens, min_tokens=recover_tokens, name=data_config, data_dir=data_dir,
+                                  text_field=text_field)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--recover / --recover-tokens") from None
+        recovery = (stages, blocks, recover_data, recover_tokens)
 
     results = {}
     if text is not None:
@@ -302,10 +311,8 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
 
 def _recover(student, teacher, tokenizer, recovery, out, data_config, data_dir, text_field) -> None:
     """Staged recovery of ``student`` (in place) against ``teacher``, as ``kronlm distill --config`` with stages."""
-    config, data, max_tokens = recovery
+    config, blocks, data, max_tokens = recovery
     block_size = config.stages[0].block_size
-    blocks = build_blocks(data, tokenizer, block_size=block_size, val_fraction=RECOVER_VAL_FRACTION, max_tokens=max_tokens,
-                          name=data_config, data_dir=data_dir, text_field=text_field)
     run_dir = recovery_dir(out)
     plan = " -> ".join(f"{s.mode}" + (f" ({s.max_minutes:.1f} min)" if s.max_minutes else "") for s in config.stages)
     click.echo(f"recovery: {blocks.source}; {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks "

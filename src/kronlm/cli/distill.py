@@ -145,7 +145,7 @@ def _context_length(model) -> int | None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="A training config, YAML or JSON (see configs/distill-*.yaml).")
 @config_options(TRAINING_FLAGS)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use only the first N tokens of the data.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use the first N tokens of the data (a corpus with fewer is refused).")
 @click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True, help="Share of the tokens held out for validation (choosing OUT/best).")
 @click.option("--streaming", is_flag=True, help="Stream a hub dataset (OpenWebText-size corpora, with --max-tokens).")
 def command(student, teacher, data, data_config, data_dir, text_field, out, config_file, resume, max_tokens, val_fraction,
@@ -200,7 +200,7 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
     # Tokenise once: the main process fills the cache, the others read it.
     with accelerator.main_process_first():
         blocks = build_blocks(
-            data, tokenizer, block_size=config.block_size, val_fraction=val_fraction, max_tokens=max_tokens,
+            data, tokenizer, block_size=config.block_size, val_fraction=val_fraction, max_tokens=max_tokens, min_tokens=max_tokens,
             name=data_config, data_dir=data_dir, text_field=text_field, streaming=streaming,
         )
     student_model = load_model(student)

@@ -375,6 +375,7 @@ def build_blocks(
     cache_dir: str | os.PathLike | None = None,
     streaming: bool = False,
     documents: str = "paragraphs",
+    min_tokens: int | None = None,
 ) -> TokenBlocks:
     """Tokenise a corpus (or load its cached tokens) and pack it into training/validation blocks.
 
@@ -425,6 +426,8 @@ def build_blocks(
         cache_dir: cache folder, default ``~/.cache/kronlm/blocks``.
         streaming: stream a hub dataset instead of downloading it whole.
         documents: ``"paragraphs"`` or ``"file"``; ``"file"`` applies to plain text files only.
+        min_tokens: refuse a corpus with fewer tokens than this (a recovery asked for
+            ``max_tokens`` tokens and would silently train on fewer).
 
     Returns:
         :class:`TokenBlocks` with (N, block_size) int64 ``train`` and ``val`` tensors; its
@@ -436,7 +439,8 @@ def build_blocks(
         ValueError: bad ``block_size``, ``max_tokens`` or ``documents``; an unrecognised file
             format or a bad record (one line naming file and line); a dataset without
             ``text_field`` or one that cannot be loaded; a tokenizer without EOS; a corpus with
-            fewer tokens than one training block after the validation split.
+            fewer tokens than one training block after the validation split, or than ``min_tokens``
+            (the message names the source and both counts).
     """
     _check_block_size(block_size)
     if documents not in DOCUMENT_MODES:
@@ -494,6 +498,9 @@ def build_blocks(
             "tokenised %d documents of %s into %d tokens in %.1f s; cached at %s",
             num_documents, description, ids.numel(), time.perf_counter() - start, tensor_file,
         )
+    if min_tokens is not None and ids.numel() < min_tokens:
+        raise ValueError(f"{resolved.label}: {ids.numel():,} tokens, fewer than the {min_tokens:,} asked for; "
+                         "ask for fewer tokens or give a larger corpus")
     return TokenBlocks.from_ids(
         ids,
         block_size,
