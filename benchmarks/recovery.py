@@ -27,8 +27,10 @@ The end-to-end parts run in segments that end at the ``--points`` minutes (resum
 checkpoints: the same run as an uninterrupted one); after each stage and segment the student
 chosen on the held-out blocks is evaluated on WikiText-2 test (first ``--eval-tokens`` tokens,
 sliding window 1024 / stride 512), and the final one also on GLUE SST-2 dev sentences (out of
-domain: text in no calibration or training set). CPU-minutes count everything a run spends
-(teacher cache, captures, training, validation), on one thread.
+domain: text in no calibration or training set). CPU-minutes are the process's CPU time of
+everything a run spends (teacher cache, captures, training, validation) on one torch thread;
+the budgets (``--minutes``, the points, the stages' ``max_minutes``) are wall-clock limits, equal
+to CPU time on an otherwise idle core.
 
 Results are appended to ``WORK/results.jsonl`` one row per (student, size, recovery) as they come,
 so an interrupted invocation resumes where it stopped. ``--out`` writes the Markdown table and
@@ -160,16 +162,17 @@ class Evaluator:
 
 
 class Clock:
-    """Seconds a run has spent, saved beside it so that a resumed invocation continues the count;
+    """CPU seconds a run has spent (this process's CPU time: another job on the machine does not
+    inflate it), saved beside the run so that a resumed invocation continues the count;
     :meth:`paused` stops it (evaluations are not part of a recovery's cost)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.spent = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-        self.started = time.perf_counter()
+        self.started = time.process_time()
 
     def now(self) -> float:
-        return self.spent + time.perf_counter() - self.started
+        return self.spent + time.process_time() - self.started
 
     def add(self, seconds: float) -> None:
         self.spent += seconds
@@ -181,11 +184,11 @@ class Clock:
     @contextlib.contextmanager
     def paused(self):
         self.save()
-        stopped = time.perf_counter()
+        stopped = time.process_time()
         try:
             yield
         finally:
-            self.started += time.perf_counter() - stopped
+            self.started += time.process_time() - stopped
 
 
 def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
