@@ -287,10 +287,11 @@ def _run_local(student, teacher, blocks, config: TrainingConfig, out: str, resum
     trained = [b for b in result.blocks if b.trained]
     click.echo(f"teacher hidden-state cache: {result.cache_seconds:.0f} s; local reconstruction of {len(trained)} of "
                f"{len(result.blocks)} blocks: {result.train_seconds:.0f} s")
-    click.echo(f"{'block':>5} {'steps':>6} {'rel.err before':>15} {'after refit':>12} {'best':>8} {'chosen':>8}")
+    click.echo("held-out relative error of each block's output against the teacher block's:")
+    click.echo(f"{'block':>5} {'steps':>6} {'before':>8} {'refit':>8} {'after':>8} {'chosen':>8}")
     for b in trained:
-        cells = [f"{v:.4f}" if v is not None else "-" for v in (b.error_before, b.error_refit, b.best_val)]
-        click.echo(f"{b.index:>5} {b.steps:>6} {cells[0]:>15} {cells[1]:>12} {cells[2]:>8} {b.chosen:>8}")
+        cells = [f"{v:.4f}" if v is not None else "-" for v in (b.error_before, b.error_refit, b.error_after)]
+        click.echo(f"{b.index:>5} {b.steps:>6} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8} {b.chosen:>8}")
     if result.val_ppl_before is not None:
         click.echo(f"validation perplexity: {result.val_ppl_before:,.3f} before, {result.val_ppl_after:,.3f} after")
     click.echo(f"recovered student -> {result.final_dir}")

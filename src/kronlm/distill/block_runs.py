@@ -120,9 +120,11 @@ class BlockRecord:
         steps, tokens, seconds: optimizer steps, training tokens seen, wall-clock seconds.
         first_loss, last_loss: training loss of the first and last step.
         best_val, best_step: the held-out metric that chose the block's state, and its step.
-        chosen: "best" or "final" (the exported state loaded into the student).
-        error_before, error_refit: held-out relative output error (local mode) before anything
-            and after the closed-form refit; None in block-wise mode.
+        chosen: "best", "final" (the engine run's exports) or "refit" (local mode: the closed-form
+            refit, when the gradient epochs left the block farther from the teacher's output).
+        error_before, error_refit, error_after: local mode, the block's held-out relative output
+            error Σ||block(x) - h||² / Σ||h||² before anything, after the closed-form refits and at
+            the end; None in block-wise mode or without held-out sequences.
     """
 
     index: int
@@ -138,6 +140,7 @@ class BlockRecord:
     chosen: str = ""
     error_before: float | None = None
     error_refit: float | None = None
+    error_after: float | None = None
 
 
 def check_student(student: nn.Module, teacher: nn.Module) -> tuple[nn.ModuleList, nn.ModuleList]:

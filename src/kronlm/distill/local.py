@@ -240,18 +240,6 @@ def capture(block: nn.Module, block_kwargs: dict[str, Any], hidden: torch.Tensor
 
 
 @torch.no_grad()
-def relative_output_error(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device) -> float:
-    """Σ ||module(x) - y||² / Σ ||y||² over (N, T, in) inputs and (N, T, out) targets (float64 sums)."""
-    err = norm = 0.0
-    for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start : start + batch_size].to(device).float()
-        y = targets[start : start + batch_size].to(device).float()
-        err += (module(x).float() - y).double().square().sum().item()
-        norm += y.double().square().sum().item()
-    return err / max(norm, 1e-300)
-
-
-@torch.no_grad()
 def input_gram(inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Σ x xᵀ over the (N, T, in) inputs: (in, in) float64 (float32 products per batch)."""
     in_f = inputs.shape[-1]
@@ -517,8 +505,8 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
     for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
         if index in to_train:
             minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
-            record = _fit_block(index, block, teacher_blocks[index], block_kwargs, inputs, cache.boundary(index), train_ids.shape[0],
-                                config.replace(max_minutes=minutes), out_dir, resume, key, run_settings, device)
+            record = _fit_block(index, block, teacher_blocks[index], block_kwargs, inputs, cache.boundary(index), cache.boundary(index + 1),
+                                train_ids.shape[0], config.replace(max_minutes=minutes), out_dir, resume, key, run_settings, device)
         else:
             record = BlockRecord(index, trained=False)
         result.blocks.append(record)
@@ -569,8 +557,8 @@ def _student_block_inputs(student: nn.Module, ids: torch.Tensor, batch_size: int
 
 
 def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor,
-               teacher_inputs: torch.Tensor, n_train: int, config: TrainingConfig, out_dir: Path, resume: bool,
-               key: dict[str, Any], run_settings: dict[str, Any] | None, device) -> BlockRecord:
+               teacher_inputs: torch.Tensor, teacher_outputs: torch.Tensor, n_train: int, config: TrainingConfig, out_dir: Path,
+               resume: bool, key: dict[str, Any], run_settings: dict[str, Any] | None, device) -> BlockRecord:
     settings = config.local
     folder = block_folder(out_dir, index)
     record = finished_block(block, folder, key)
@@ -588,35 +576,61 @@ def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwa
     shapes.update({f"y{m}": (N, T, w) for m, w in enumerate(widths_out)})
     store = CaptureStore(shapes, settings.capture_memory_gb * 1e9, out_dir / CAPTURE_DIR / f"block-{index:03d}")
     batch = config.micro_batch_size
+    # What decides is the block's output on held-out sequences: a module fitted better on its own
+    # tokens can still move the block away from the teacher's (attention scores, the gate).
+    held_out = (inputs[n_train:], teacher_outputs[n_train:]) if N > n_train else None
+
+    def block_error() -> float | None:
+        return None if held_out is None else block_output_error(block, block_kwargs, *held_out, batch, device)
+
     try:
         xs = [store[f"x{g}"] for g in range(len(groups))]
         ys = [store[f"y{m}"] for m in range(len(order))]
         if settings.target == "teacher":
             capture(teacher_block, block_kwargs, teacher_inputs, {n: ("output", ys[m]) for m, n in enumerate(order)}, batch, device,
                     stop=False)
-        val_rows = slice(n_train, N)
-        before, refit = [], []
+        error_before = error = block_error()
         m = 0
         for g, group in enumerate(groups):
             capture(block, block_kwargs, inputs, {group[0]: ("input", xs[g])}, batch, device, stop=True)
-            gram = input_gram(xs[g][:n_train], batch) if settings.refit else None
             for name in group:
-                module, dense = block.get_submodule(name), teacher_block.get_submodule(name)
                 if settings.target == "dense":
-                    _apply(dense, xs[g], ys[m], batch, device)
-                error = relative_output_error(module, xs[g][val_rows], ys[m][val_rows], batch, device) if N > n_train else None
-                before.append(error)
-                if settings.refit:
-                    refit.append(_refit_if_better(module, dense, xs[g], ys[m], n_train, error, settings.target, settings.refit_damping,
-                                                  batch, device, name, gram))
+                    _apply(teacher_block.get_submodule(name), xs[g], ys[m], batch, device)
                 m += 1
+            if settings.refit:
+                error = _refit_group(block, teacher_block, group, xs[g], [ys[order.index(n)] for n in group], n_train, error, settings,
+                                     batch, block_error, device)
+        error_refit = error
+        BlockStateExporter(list(trainable_block_parameters(block, train_norms=False)))(LocalModules(block, groups), folder / "refit",
+                                                                                          {"error": error_refit})
         record = _gradient_epochs(index, block, groups, xs, ys, n_train, config, folder, resume, key, run_settings)
-        record.error_before = _mean(before)
-        record.error_refit = _mean(refit) if settings.refit else None
+        record.error_after = block_error()
+        if record.error_after is not None and error_refit is not None and record.error_after > error_refit:
+            load_block_state(block, folder / "refit" / BLOCK_STATE_FILE)
+            record.chosen, record.error_after = "refit", error_refit
+        record.error_before, record.error_refit = error_before, error_refit if settings.refit else None
         finish_block(folder, key, record.chosen, record)
         return record
     finally:
         store.close()
+
+
+@torch.no_grad()
+def block_output_error(block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                       device) -> float:
+    """Relative squared error Σ||block(x) - h||² / Σ||h||² of the block's outputs for (N, T, d) inputs
+    against (N, T, d) target hidden states (float64 sums), in eval mode."""
+    step = BlockStep(block, block_kwargs)
+    was_training = block.training
+    block.eval()
+    err = norm = 0.0
+    for start in range(0, inputs.shape[0], batch_size):
+        y = step(inputs[start : start + batch_size].to(device).float()).double()
+        t = targets[start : start + batch_size].to(device).double()
+        err += (y - t).square().sum().item()
+        norm += t.square().sum().item()
+    block.train(was_training)
+    return err / max(norm, 1e-300)
 
 
 @torch.no_grad()
@@ -625,18 +639,24 @@ def _apply(dense: nn.Module, inputs: torch.Tensor, out: torch.Tensor, batch_size
         out[start : start + batch_size] = dense(inputs[start : start + batch_size].to(device).float()).to("cpu", out.dtype)
 
 
-def _refit_if_better(module, dense, x, y, n_train, error, target, damping, batch, device, name, gram) -> float | None:
-    saved = {n: p.detach().clone() for n, p in module.named_parameters()}
-    closed_form_refit(module, dense_weight(dense), x[:n_train], y[:n_train] if target == "teacher" else None, damping=damping,
-                      batch_size=batch, name=name, gram=gram)
-    if error is None:
-        return None
-    after = relative_output_error(module, x[n_train:], y[n_train:], batch, device)
-    if after < error:
+def _refit_group(block, teacher_block, group: list[str], x: torch.Tensor, ys: list[torch.Tensor], n_train: int, error: float | None,
+                 settings, batch: int, block_error, device) -> float | None:
+    """Refit the modules of one input group; keep the refit only when the held-out block output
+    error does not grow (always, without held-out sequences). Returns the block error after."""
+    modules = [block.get_submodule(n) for n in group]
+    saved = [{n: p.detach().clone() for n, p in module.named_parameters()} for module in modules]
+    gram = input_gram(x[:n_train], batch)
+    for name, module, y in zip(group, modules, ys):
+        closed_form_refit(module, dense_weight(teacher_block.get_submodule(name)), x[:n_train],
+                          y[:n_train] if settings.target == "teacher" else None, damping=settings.refit_damping, batch_size=batch,
+                          name=name, gram=gram)
+    after = block_error()
+    if error is None or after <= error:
         return after
     with torch.no_grad():
-        for n, p in module.named_parameters():
-            p.copy_(saved[n])
+        for module, state in zip(modules, saved):
+            for n, p in module.named_parameters():
+                p.copy_(state[n])
     return error
 
 
@@ -677,10 +697,10 @@ __all__ = [
     "LocalResult",
     "LocalValidator",
     "capture",
+    "block_output_error",
     "closed_form_refit",
     "input_gram",
     "compressed_modules",
     "distill_local",
     "module_groups",
-    "relative_output_error",
 ]
