@@ -211,7 +211,7 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
     tag = f"{student_name}-{int(size * 100)}-{recovery}"
     run_dir = work / "runs" / tag
     clock = Clock(run_dir / "clock.json")
-    student = load(student_dir)
+    student = load(student_dir).to(args.device)
     parts = stage_configs(args, student_name == "truncate")
     few = {"train": blocks.train[: args.block_tokens // blocks.train.shape[1]], "val": blocks.val}
     every = {"train": blocks.train, "val": blocks.val}
@@ -298,6 +298,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="Where the models run (cpu, cuda); training and evaluation alike.")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "recovery")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
@@ -318,7 +319,7 @@ def main() -> None:
     print(reproduce_header(command), flush=True)
     log: list[str] = []
     teacher, tokenizer = load_model_and_tokenizer(args.model)
-    teacher.eval()
+    teacher.to(args.device).eval()
     evaluate = Evaluator(work, args)
     dense = evaluate(teacher, tokenizer, "dense")
     blocks = build_blocks(args.train_data, tokenizer, block_size=512, val_fraction=args.val_fraction, max_tokens=args.train_tokens,
@@ -327,7 +328,7 @@ def main() -> None:
           flush=True)
     for name in args.students.split(","):
         student_dir = build_student(name, args.size, work, args, log)
-        student = load(student_dir)
+        student = load(student_dir).to(args.device)
         params = count_parameters(student)
         before = evaluate(student, tokenizer, f"{name}-{int(args.size * 100)}")
         del student
