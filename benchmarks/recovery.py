@@ -162,17 +162,18 @@ class Evaluator:
 
 
 class Clock:
-    """CPU seconds a run has spent (this process's CPU time: another job on the machine does not
-    inflate it), saved beside the run so that a resumed invocation continues the count;
-    :meth:`paused` stops it (evaluations are not part of a recovery's cost)."""
+    """Seconds a run has spent, saved beside the run so that a resumed invocation continues the
+    count: on a CPU this process's CPU time (another job on the machine does not inflate it), on
+    a GPU wall-clock time; :meth:`paused` stops it (evaluations are not part of a recovery's cost)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cpu: bool = True):
         self.path = path
+        self.read = time.process_time if cpu else time.perf_counter
         self.spent = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-        self.started = time.process_time()
+        self.started = self.read()
 
     def now(self) -> float:
-        return self.spent + time.process_time() - self.started
+        return self.spent + self.read() - self.started
 
     def add(self, seconds: float) -> None:
         self.spent += seconds
@@ -184,11 +185,11 @@ class Clock:
     @contextlib.contextmanager
     def paused(self):
         self.save()
-        stopped = time.process_time()
+        stopped = self.read()
         try:
             yield
         finally:
-            self.started += time.process_time() - stopped
+            self.started += self.read() - stopped
 
 
 def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
@@ -210,7 +211,7 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
     """One student x recovery: every point (CPU-minutes, test perplexity) and the final evaluation."""
     tag = f"{student_name}-{int(size * 100)}-{recovery}"
     run_dir = work / "runs" / tag
-    clock = Clock(run_dir / "clock.json")
+    clock = Clock(run_dir / "clock.json", cpu=str(args.device) == "cpu")
     student = load(student_dir).to(args.device)
     parts = stage_configs(args, student_name == "truncate")
     few = {"train": blocks.train[: args.block_tokens // blocks.train.shape[1]], "val": blocks.val}
