@@ -9,6 +9,14 @@ test on a tiny model or a file crafted in tmp_path, seconds each.
 4. What a killed run left (temporary folders, stale locks) is removed at the next start.
 5. The command line: every bad input gives one line ``kronlm: error: ...`` naming the file,
    tensor, key or value, and a non-zero exit status, never a traceback.
+6. No command destroys what kronlm did not write: an output that exists is replaced only when
+   kronlm wrote it (or with --overwrite), never when it is, holds or lies inside an input, checked
+   before any work; a symlinked --out is followed.
+7. Every file read from a model folder is a regular file inside it; a folder replaced while it is
+   loaded gives one version, never a mixture blamed on the folder.
+8. Hostile configs and data: sizes of the wrong type or range, nesting, devices, huge records.
+9. A full disk or a file-size limit: one line, the previous model kept.
+10. Ecosystem paths that would silently skip the Kronecker layers refuse, saying what to do.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -470,12 +479,16 @@ def test_nan_weights_are_named_before_compressing(folders, tmp_path, capsys):
     assert "tensor transformer.h.1.mlp.c_fc.weight (32, 64) holds 1 NaN or infinite values" in line
 
 
-def test_out_dot_is_refused_before_compressing(folders, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mine.txt").write_text("precious")
-    line = _one_line_error(capsys, ["compress", folders["dense"], "--config", folders["config"], "--out", "."], code=2)
-    assert ".: exists and is not a model folder (it holds 1 entries: mine.txt)" in line
-    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+@pytest.mark.parametrize("out, message", [(".", r"--out \.: names an existing folder \(.*\), not a new one to write"),
+                                          ("", r"--out '': an empty path names no file or folder"),
+                                          ("..", r"--out \.\.: names an existing folder")])
+def test_out_dot_is_refused_before_compressing(folders, tmp_path, capsys, monkeypatch, out, message):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "cwd" / "mine.txt").write_text("precious")
+    line = _one_line_error(capsys, ["compress", folders["dense"], "--config", folders["config"], "--out", out], code=2)
+    assert re.search(message, line), line
+    assert sorted(os.listdir(tmp_path / "cwd")) == ["mine.txt"] and sorted(os.listdir(tmp_path)) == ["cwd"]
 
 
 def test_text_and_json_readers_name_the_file_on_bad_bytes(folders, tmp_path, capsys):
@@ -560,3 +573,384 @@ def test_saved_files_get_the_users_usual_permissions(folders, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
     assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------ 6. never destroy user data
+
+def _user_folder(path, **files):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (path / name.replace("__", "/")).parent.mkdir(parents=True, exist_ok=True)
+        (path / name.replace("__", "/")).write_text(text)
+    return _contents(path)
+
+
+def _contents(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def _compress(folders, model, out, *extra):
+    return ["compress", model, "--config", folders["config"], "--out", out, *extra]
+
+
+def test_a_folder_with_a_config_json_is_not_a_model_folder(folders, tmp_path, capsys):
+    before = _user_folder(tmp_path / "P", **{"config.json": "{}", "notes.txt": "x", "src__main.py": "print(1)"})
+    line = _one_line_error(capsys, _compress(folders, folders["dense"], tmp_path / "P"), code=2)
+    assert "P: exists and is not a model folder (it holds 3 entries: config.json, notes.txt, src)" in line
+    assert "kronlm replaces only folders it wrote itself (with kronlm_manifest.json)" in line and "--overwrite" in line
+    assert _contents(tmp_path / "P") == before
+
+
+def test_a_kronlm_folder_holding_user_files_is_not_replaced(folders, tmp_path, capsys):
+    out = tmp_path / "k"
+    shutil.copytree(folders["compressed"], out)
+    (out / "my-notes.md").write_text("keep me")
+    line = _one_line_error(capsys, _compress(folders, folders["dense"], out), code=2)
+    assert "a model folder kronlm wrote, but it also holds 1 entries: my-notes.md that kronlm did not write" in line
+    assert (out / "my-notes.md").read_text() == "keep me"
+    (out / "my-notes.md").unlink()  # a folder kronlm wrote, and nothing else: replaced
+    assert main([str(a) for a in _compress(folders, folders["dense"], out)]) == 0
+    (out / "my-notes.md").write_text("keep me")
+    assert main([str(a) for a in _compress(folders, folders["dense"], out, "--overwrite")]) == 0
+    assert not (out / "my-notes.md").exists()
+
+
+@pytest.mark.parametrize("where", ["parent", "same", "inside", "symlink-to-input"])
+def test_an_out_that_is_holds_or_lies_inside_the_input_is_refused(folders, tmp_path, capsys, where):
+    work = tmp_path / "W"
+    shutil.copytree(folders["dense"], work / "dense")
+    (work / "config.json").write_text("{}")
+    (work / "thesis.tex").write_text("chapter 1")
+    before = _contents(work)
+    out, message = {"parent": (work, "holds the input"), "same": (work / "dense", "is the input"),
+                    "inside": (work / "dense" / "k", "lies inside the input"), "symlink-to-input": (tmp_path / "link", "is the input")}[where]
+    if where == "symlink-to-input":
+        os.symlink(work / "dense", out)
+    line = _one_line_error(capsys, _compress(folders, work / "dense", out, "--overwrite"), code=2)
+    assert message in line and "refusing to write there" in line, line
+    assert _contents(work) == before
+
+
+def test_export_refuses_a_users_folder(folders, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    before = _user_folder(tmp_path / "U", **{"thesis.tex": "chapter 1"})
+    line = _one_line_error(capsys, ["export", folders["compressed"], "--onnx", "--out", tmp_path / "U"], code=2)
+    assert "U: exists and is not a model folder (it holds 1 entries: thesis.tex)" in line
+    assert _contents(tmp_path / "U") == before
+
+
+def test_distill_refuses_a_users_folder_before_any_work(folders, tmp_path, capsys, monkeypatch):
+    before = _user_folder(tmp_path / "U", **{"training_config.yaml": "mine: 1", "best__notes.txt": "mine"})
+    monkeypatch.setattr("kronlm.cli.distill.build_blocks", lambda *a, **k: pytest.fail("tokenised before refusing"))
+    line = _one_line_error(capsys, _distill(folders, tmp_path / "U"), code=2)
+    assert "U: exists and is not a kronlm run folder (it holds 2 entries: best, training_config.yaml)" in line
+    assert _contents(tmp_path / "U") == before
+    # A run folder kronlm made (its marker) is written into again, and the student may not sit where the run writes.
+    monkeypatch.undo()
+    assert main([str(a) for a in _distill(folders, tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "kronlm_run.json").is_file() and (tmp_path / "run" / "final" / "kronlm_manifest.json").is_file()
+    argv = _distill(folders, tmp_path / "run")
+    argv[argv.index("--student") + 1] = tmp_path / "run" / "final"
+    line = _one_line_error(capsys, argv, code=2)
+    assert re.search(r"run/final: is the input \S*run/final; refusing to write there", line), line
+
+
+def test_eval_json_and_merge_gguf_do_not_replace_a_users_file(folders, tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my notes")
+    eval_argv = ["eval", folders["compressed"], "--data", folders["text"], "--max-length", "16", "--stride", "8", "--json", precious]
+    line = _one_line_error(capsys, eval_argv, code=2)
+    assert "precious.txt: exists and was not written by kronlm; refusing to replace it (pass --overwrite" in line
+    assert precious.read_text() == "my notes"
+    line = _one_line_error(capsys, ["merge", folders["compressed"], "--gguf", precious], code=2)
+    assert "precious.txt: exists and was not written by kronlm" in line and precious.read_text() == "my notes"
+    report = tmp_path / "r.json"
+    for _ in range(2):  # a report kronlm wrote is replaced
+        assert main([str(a) for a in eval_argv[:-1] + [report]]) == 0
+    assert read_json(report)["written_by"] == "kronlm eval"
+    assert main([str(a) for a in eval_argv + ["--overwrite"]]) == 0 and "ppl" in read_json(precious)
+
+
+def test_bench_out_does_not_replace_a_users_file(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("# my page")
+    argv = ["bench", "layers", "--presets", "kroneckerbert21", "--tokens", "2", "--repeats", "1", "--no-backward", "--out", page]
+    line = _one_line_error(capsys, argv, code=2)
+    assert "page.md: exists and was not written by kronlm" in line and page.read_text() == "# my page"
+
+
+def test_a_symlinked_out_is_followed_and_left_clean(folders, tmp_path, capsys):
+    target = tmp_path / "models" / "k"
+    shutil.copytree(folders["compressed"], target)
+    link = tmp_path / "link"
+    os.symlink(target, link)
+    # What an earlier version left: an exchanged symlink under a temporary name.
+    os.symlink(target, tmp_path / ".link.abcd1234.tmp")
+    (tmp_path / "models" / ".k.efgh5678.tmp").mkdir()
+    assert main([str(a) for a in _compress(folders, folders["dense"], link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert (target / "kronlm_manifest.json").is_file()
+    kronlm.load(link)
+    leftovers = [p.name for d in (tmp_path, tmp_path / "models") for p in d.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == [".link.abcd1234.tmp"]  # beside the link: not the target's temporaries; left alone
+    assert not (tmp_path / "models" / ".k.efgh5678.tmp").exists()
+
+
+def test_kronlm_save_follows_the_policy(folders, tmp_path):
+    model = kronlm.load(folders["compressed"])
+    with pytest.raises(FileExistsError, match="is the input"):
+        kronlm.save(model, folders["compressed"], inputs=[folders["compressed"]])
+    mine = tmp_path / "mine"
+    _user_folder(mine, **{"config.json": "{}"})
+    with pytest.raises(FileExistsError, match="mine: exists and is not a model folder"):
+        kronlm.save(model, mine)
+    assert (mine / "config.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------------------------ 7. what a folder may hold
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("generation_config.json", lambda p: os.symlink("/dev/zero", p), r"file 'generation_config\.json' points outside the model folder \(to /dev/zero\)"),
+    ("tokenizer.json", os.mkfifo, r"tokenizer\.json: is a FIFO \(named pipe\), not a regular file"),
+    ("notes.txt", lambda p: os.symlink("/etc/hostname", p), r"file 'notes\.txt' points outside the model folder"),
+], ids=["generation-config-to-dev-zero", "tokenizer-a-fifo", "unlisted-symlink-out"])
+@pytest.mark.parametrize("command", ["eval", "compress"])
+def test_a_symlink_out_of_the_folder_or_a_special_file_is_refused(folders, tmp_path, capsys, name, make, message, command):
+    folder = tmp_path / "m"
+    shutil.copytree(folders["dense"], folder)
+    (folder / name).unlink(missing_ok=True)
+    make(folder / name)
+    argv = (["eval", folder, "--data", folders["text"], "--max-length", "16", "--stride", "8"] if command == "eval"
+            else _compress(folders, folder, tmp_path / "out"))
+    line = _one_line_error(capsys, argv)
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists()
+
+
+def _swap_once(folder, replacement, monkeypatch):
+    """Replace ``folder`` by ``replacement`` (atomically, as kronlm.save does) right after the first
+    time transformers has read its config, before it reads the weights."""
+    import transformers
+
+    real = transformers.AutoConfig.from_pretrained.__func__
+    calls = {"n": 0}
+
+    def reading(cls, *args, **kwargs):
+        config = real(cls, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            kronlm.save(replacement, folder)
+        return config
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", classmethod(reading))
+    return calls
+
+
+def test_a_folder_replaced_during_a_load_gives_one_version(tmp_path, monkeypatch):
+    old = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=3, n_head=2, n_positions=64, n_inner=64)).eval()
+    new = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=2, n_positions=64, n_inner=64)).eval()
+    folder = tmp_path / "m"
+    kronlm.save(old, folder)
+    calls = _swap_once(folder, new, monkeypatch)
+    loaded = kronlm.load(folder)  # the 3-layer config with 2-layer weights would be "missing tensors"
+    assert calls["n"] >= 2 and loaded.config.n_layer == 2
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, new(ids).logits)
+
+
+def _rewrite_forever(folder, conn):
+    # Another user's process saving two versions (3 and 2 layers) in turn, a few times a second.
+    models = [GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=n, n_head=2, n_positions=64, n_inner=64)) for n in (3, 2)]
+    conn.send("ready")
+    i = 0
+    while not conn.poll(0.1):
+        kronlm.save(models[i % 2], folder)
+        i += 1
+    conn.send(i)
+    os._exit(0)
+
+
+def test_loads_while_another_process_rewrites_the_folder(tmp_path):
+    folder = tmp_path / "m"
+    kronlm.save(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=2, n_positions=64, n_inner=64)), folder)
+    parent, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_rewrite_forever, args=(str(folder), child_end))
+    child.start()
+    assert parent.recv() == "ready"
+    depths = []
+    try:
+        for _ in range(15):
+            depths.append(kronlm.load(folder).config.n_layer)  # never a mixture, never "corrupt"
+    finally:
+        parent.send("stop")
+        saves = parent.recv()
+        child.join(60)
+    assert set(depths) <= {2, 3} and saves >= 3
+
+
+# ------------------------------------------------------------------------------------------------ 8. hostile configs and data
+
+CONFIG_VALUES = [
+    ("layers-a-billion", {"n_layer": 1_000_000_000}, r"config\.json: n_layer = 1,000,000,000 is out of range \(an integer from 1 to 4,096\)"),
+    ("layers-more-than-stored", {"n_layer": 7}, r"config\.json: n_layer = 7, but the weights hold 2 layers"),
+    ("layers-a-string", {"n_layer": "two"}, r"config\.json: n_layer = 'two' is not an integer"),
+    ("layers-a-float", {"n_layer": 2.5}, r"config\.json: n_layer = 2\.5 is not an integer"),
+    ("layers-null", {"n_layer": None}, r"config\.json: n_layer = None is not an integer"),
+    ("heads-zero", {"n_head": 0}, r"config\.json: n_head = 0 is out of range"),
+    ("heads-do-not-divide", {"n_head": 3}, r"config\.json: hidden size 32 is not a multiple of num_attention_heads = 3"),
+    ("vocab-huge", {"vocab_size": 10**12}, r"vocab_size = 1,000,000,000,000 is out of range"),
+    ("hidden-huge", {"n_embd": 65536, "n_head": 2}, r"the config describes a model of about [\d,]+ parameters, but the weights hold [\d,]+ numbers"),
+    ("eps-a-string", {"layer_norm_epsilon": "tiny"}, r"layer_norm_epsilon = 'tiny' is not a finite number"),
+    ("model-type-a-number", {"model_type": 5}, r"model_type = 5 is not a model type name"),
+]
+
+
+@pytest.mark.parametrize("name, values, message", CONFIG_VALUES, ids=[c[0] for c in CONFIG_VALUES])
+@pytest.mark.parametrize("command", ["eval", "compress"])
+def test_a_config_value_of_the_wrong_type_or_size_gives_one_line(folders, tmp_path, capsys, name, values, message, command):
+    folder = tmp_path / "m"
+    shutil.copytree(folders["dense"], folder)
+    _config_edit(lambda c: c.update(values))(folder)
+    argv = (["eval", folder, "--data", folders["text"], "--max-length", "16", "--stride", "8"] if command == "eval"
+            else _compress(folders, folder, tmp_path / "out"))
+    line = _one_line_error(capsys, argv)
+    assert str(folder / "config.json") in line and re.search(message, line), line
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", r"config\.json: not a model config \(a JSON list"),
+    ("[" * 50_000 + "]" * 50_000, r"config\.json: JSON nested too deeply"),
+])
+def test_a_config_that_is_not_a_mapping_gives_one_line(folders, tmp_path, capsys, content, message):
+    folder = tmp_path / "m"
+    shutil.copytree(folders["dense"], folder)
+    (folder / "config.json").write_text(content)
+    line = _one_line_error(capsys, _compress(folders, folder, tmp_path / "out"))
+    assert re.search(message, line), line
+
+
+def test_a_malformed_tokenizer_file_is_named(folders, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(folders["dense"], folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    del spec["added_tokens"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    line = _one_line_error(capsys, ["eval", folder, "--data", folders["text"], "--max-length", "16"])
+    assert re.search(r"tokenizer\.json: not a tokenizer file \(it needs a \"model\" object and an \"added_tokens\" list\)", line), line
+    (folder / "tokenizer.json").write_text(json.dumps({**spec, "added_tokens": [], "model": {"type": "WordLevel", "vocab": 5}}))
+    line = _one_line_error(capsys, ["eval", folder, "--data", folders["text"], "--max-length", "16"])
+    assert re.search(r"tokenizer\.json: not a valid tokenizer file \(", line), line
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_data_that_is_a_device_or_a_fifo_is_named(folders, tmp_path, capsys, kind):
+    path = "/dev/zero" if kind == "device" else tmp_path / "pipe.txt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    line = _one_line_error(capsys, ["eval", folders["dense"], "--data", path, "--max-length", "16"])
+    what = "a character device" if kind == "device" else r"a FIFO \(named pipe\)"
+    assert re.search(rf"{re.escape(str(path))}: is {what}, not a regular file", line), line
+
+
+def test_a_huge_json_lines_record_is_refused_and_max_tokens_reads_a_prefix(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kronlm.data.sources.MAX_RECORD_BYTES", 1 << 20)
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "the fox " * 200_000}) + "\n")
+    line = _one_line_error(capsys, ["eval", folders["dense"], "--data", big, "--max-tokens", "64", "--max-length", "16"])
+    assert "big.jsonl: line 1 is longer than 1 MiB" in line
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"text": "ok"}\n' + "[" * 50_000 + "]" * 50_000 + "\n")
+    line = _one_line_error(capsys, ["eval", folders["dense"], "--data", nested, "--max-length", "16"])
+    assert "nested.jsonl: line 2: JSON nested too deeply" in line
+    # A plain text file of one 3.2 MB line: --max-tokens 64 reads a few kilobytes, the same 64 tokens.
+    from kronlm.data.sources import resolve_source
+    from kronlm.data.text import load_text, load_text_for_tokens
+
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("the quick brown fox jumps over a lazy dog . " * 75_000)
+    tokenizer = _tokenizer()
+    source = resolve_source(one_line, split="test")
+    prefix = load_text_for_tokens(source, tokenizer, 64)
+    assert len(prefix) < 20_000
+    assert tokenizer(prefix)["input_ids"][:64] == tokenizer(load_text(source))["input_ids"][:64]
+
+
+def test_nan_and_inf_flags_are_named(folders, tmp_path, capsys):
+    line = _one_line_error(capsys, _compress(folders, folders["dense"], tmp_path / "o")[:2] + [
+        "--budget", "nan", "--calibration", folders["text"], "--out", tmp_path / "o"], code=2)
+    assert "Invalid value for '--budget': 'nan' is not a finite number" in line
+    line = _one_line_error(capsys, _distill(folders, tmp_path / "run", "--lr", "inf"), code=2)
+    assert "Invalid value for '--lr': 'inf' is not a finite number" in line
+
+
+# ------------------------------------------------------------------------------------------------ 9. a full disk
+
+
+def _save_under_file_limit(folder, limit, conn):
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        code = main(["compress", str(folder["dense"]), "--config", str(folder["config"]), "--out", str(folder["out"])])
+    except BaseException as exc:  # a traceback is a failure of the test, reported to the parent
+        conn.send(("raised", repr(exc)))
+        os._exit(0)
+    conn.send(("returned", code))
+    os._exit(0)
+
+
+def test_a_file_size_limit_during_save_gives_one_line_and_keeps_the_old_model(folders, tmp_path, capfd):
+    out = tmp_path / "k"
+    shutil.copytree(folders["compressed"], out)
+    before = _contents(out)
+    parent, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(
+        target=_save_under_file_limit, args=({"dense": folders["dense"], "config": folders["config"], "out": out}, 4096, child_end))
+    child.start()
+    child.join(120)
+    assert parent.recv() == ("returned", 1)
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("kronlm: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(rf"{re.escape(str(out))}: cannot write it: a file grew past the file-size limit \(4,096 bytes, see ulimit -f\); "
+                     r"about [\d,]+ bytes needed; its previous contents are unchanged", errors[0]), errors[0]
+    assert _contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]
+
+
+def test_a_full_disk_during_save_gives_one_line_and_keeps_the_old_model(folders, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "k"
+    shutil.copytree(folders["compressed"], out)
+    before = _contents(out)
+    real = kronlm.modeling.registry.write_compression_file
+
+    def full(folder, *args):
+        (Path(folder) / "partial.bin").write_bytes(b"x" * 1000)
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(kronlm.modeling.registry, "write_compression_file", full)
+    line = _one_line_error(capsys, _compress(folders, folders["dense"], out))
+    monkeypatch.setattr(kronlm.modeling.registry, "write_compression_file", real)
+    assert re.search(rf"{re.escape(str(out))}: cannot write it: no space left on device \(about [\d,]+ bytes needed, [\d,]+ bytes free\); "
+                     "its previous contents are unchanged", line), line
+    assert _contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["k"]
+
+
+# ------------------------------------------------------------------------------------------------ 10. ecosystem
+
+
+def test_plain_peft_with_all_linear_is_refused_unless_given_the_model(folders):
+    peft = pytest.importorskip("peft")
+    from kronlm.modeling import adapters
+
+    model = kronlm.load(folders["compressed"])
+    with pytest.raises(ValueError, match=r"target_modules='all-linear': PEFT expands it to nn\.Linear and Conv1D layers only"):
+        adapters.register_kronecker_modules(peft.LoraConfig(r=2, target_modules="all-linear"))
+    config = adapters.register_kronecker_modules(peft.LoraConfig(r=2, target_modules="all-linear"), model)
+    wrapped = peft.get_peft_model(model, config)
+    adapted = {n.split("transformer.", 1)[1] for n, m in wrapped.named_modules() if isinstance(m, adapters.KroneckerLoraLinear)}
+    assert adapted == {f"h.{i}.mlp.{name}" for i in range(2) for name in ("c_fc", "c_proj")}

@@ -227,9 +227,9 @@ def test_deleted_plan_or_missing_tensors_are_refused_not_reinitialised(tmp_path,
         kronlm.load(dense)
 
     config = json.loads((dense / "config.json").read_text())
-    config["num_hidden_layers"] = 7  # the file holds 3 layers
+    config["num_hidden_layers"] = 7  # the file holds 3 layers: refused before a model is built
     (dense / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"is missing from the weights"):
+    with pytest.raises(ValueError, match=r"config\.json: num_hidden_layers = 7, but the weights hold 3 layers"):
         kronlm.load(dense)
 
 

@@ -69,6 +69,19 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ali
     return "\n".join(lines)
 
 
+# The first line of a Markdown report the command line writes, by which it recognises its own files.
+MARKDOWN_MARK = "<!-- written by kronlm bench -->"
+
+
+def written_by_kronlm_markdown(path: str | os.PathLike) -> bool:
+    """True when ``path`` starts with :data:`MARKDOWN_MARK` (a report ``kronlm bench --out`` wrote)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline(len(MARKDOWN_MARK) + 2).rstrip("\n") == MARKDOWN_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_markdown(text: str, path: str | os.PathLike) -> Path:
     """Write ``text`` (plus a final newline) to ``path`` atomically; returns the path."""
     path = Path(path)

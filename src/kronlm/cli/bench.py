@@ -28,13 +28,22 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
-from kronlm.bench.report import write_markdown
+from kronlm.bench.report import (
+    MARKDOWN_MARK,
+    write_markdown,
+    written_by_kronlm_markdown,
+)
+from kronlm.utils.io import check_output_file
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def _setup(threads: int | None, device: str, dtype: str):
-
+def _setup(threads: int | None, device: str, dtype: str, out: str | None = None, overwrite: bool = False):
+    if out:
+        try:
+            check_output_file(out, overwrite=overwrite, written_by_kronlm=written_by_kronlm_markdown, option="--out")
+        except FileExistsError as exc:
+            raise click.UsageError(str(exc)) from None
     if threads is not None:
         torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -53,8 +62,7 @@ def _command_line() -> str:
 def _emit(text: str, out: str | None) -> None:
     click.echo(text)
     if out:
-
-        click.echo(f"wrote {write_markdown(text, out)}", err=True)
+        click.echo(f"wrote {write_markdown(MARKDOWN_MARK + chr(10) + text, out)}", err=True)
 
 
 def _int_list(value: str, name: str) -> list[int]:
@@ -68,8 +76,10 @@ def _int_list(value: str, name: str) -> list[int]:
 
 
 def common_options(fn):
-    """--threads, --device, --dtype, --repeats, --out."""
-    fn = click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown section to this file (atomically).")(fn)
+    """--threads, --device, --dtype, --repeats, --out, --overwrite."""
+    fn = click.option("--overwrite", is_flag=True, help="Replace --out even when kronlm did not write it.")(fn)
+    fn = click.option("--out", type=click.Path(dir_okay=False), default=None,
+                      help="Also write the Markdown section to this file (atomically; an existing file only when kronlm wrote it, or with --overwrite).")(fn)
     fn = click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed rounds per measurement (median reported).")(fn)
     fn = click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(fn)
     fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")(fn)
@@ -88,10 +98,9 @@ def command():
 @click.option("--backward/--no-backward", default=True, show_default=True, help="Also time forward+backward.")
 @click.option("--autotune/--no-autotune", default=False, show_default=True, help="Also time the plan a one-time measurement picks.")
 @common_options
-def layers_command(presets, tokens, backward, autotune, threads, device, dtype, repeats, out):
+def layers_command(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, overwrite):
     """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes."""
-
-    dev, dt = _setup(threads, device, dtype)
+    dev, dt = _setup(threads, device, dtype, out, overwrite)
     token_counts = _int_list(tokens, "--tokens")
     shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)
     rows = layer_speed_rows(shapes, token_counts, backward=backward, autotune=autotune, repeats=repeats or 5, dtype=dt, device=dev, progress=True)
@@ -107,10 +116,9 @@ def layers_command(presets, tokens, backward, autotune, threads, device, dtype, 
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens generated in the decode measurement.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Prompt length of the decode measurement.")
 @common_options
-def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out):
+def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, overwrite):
     """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights)."""
-
-    dev, dt = _setup(threads, device, dtype)
+    dev, dt = _setup(threads, device, dtype, out, overwrite)
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in prefill.split(",") if s.strip()]
     except ValueError:

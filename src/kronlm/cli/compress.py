@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from kronlm.cli.options import (
+    FiniteFloatRange,
     data_options,
     perplexity_options,
     protocol_label,
@@ -31,13 +32,18 @@ from kronlm.compress.calibration import (
 from kronlm.compress.sequential import SequentialCalibration
 from kronlm.data.blocks import build_blocks
 from kronlm.data.sources import TEXT_ALIASES, resolve_source
-from kronlm.data.text import load_text
+from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.decompose.initializers import get_initializer
 from kronlm.distill.stages import RecoveryConfig, default_recovery_config, recover
 from kronlm.evaluate.perplexity import perplexity_of_text
 from kronlm.modeling import compress, compression_report, save
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
-from kronlm.utils.io import check_output_folder, folder_lock, write_json
+from kronlm.utils.io import (
+    check_output_folder,
+    claim_run_folder,
+    folder_lock,
+    write_json,
+)
 
 DEFAULTS = BudgetSettings()
 # Calibration defaults of the command line; the benchmarks import them, so their defaults agree.
@@ -139,7 +145,7 @@ def _sources(ctx, param, value):
 @click.option("--calibration-sequences", type=click.IntRange(min=1), default=CALIBRATION_SEQUENCES, show_default=True, help="Calibration sequences (all sources together).")
 @click.option("--calibration-length", type=click.IntRange(min=2), default=CALIBRATION_LENGTH, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--calibration-seed", type=int, default=None, help="Seed: data sources give blocks at seeded random positions instead of their first blocks; `self` samples with it (default 0).")
-@click.option("--budget", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity (needs --calibration).")
+@click.option("--budget", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity (needs --calibration).")
 @click.option("--budget-params", type=click.IntRange(min=1), default=None, help="Like --budget, with an absolute parameter count for the whole model.")
 @click.option("--budget-modules", multiple=True, help="Name patterns of the modules a budget may factor (default: every linear layer but the LM head).")
 @click.option("--families", default=",".join(FACTOR_FAMILIES), show_default=True, callback=_families,
@@ -160,7 +166,7 @@ def _sources(ctx, param, value):
 @click.option("--recover-config", type=click.Path(dir_okay=False), default=None,
               help="A recovery config for --recover: stages (defaults + stages) or one training config "
                    "(default: the packaged recipe, a copy of configs/recover.yaml).")
-@click.option("--recover-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--recover-minutes", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Wall-clock budget of the whole recovery: the stages' max_minutes are scaled to add up to it.")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
 def command(
@@ -183,8 +189,11 @@ def command(
     budgeted = budget is not None or budget_params is not None
     if budgeted and not calibration_data:
         raise click.UsageError("--budget needs --calibration DATA to measure sensitivities on")
+    inputs = (model, config_file, eval_data, recover_data, recover_config, *(item.spec for item in calibration_data))
     try:
-        check_output_folder(out, overwrite=overwrite)
+        out = check_output_folder(out, overwrite=overwrite, inputs=inputs, option="--out")
+        if recover_data is not None:
+            check_output_folder(recovery_dir(out), inputs=inputs, kind="run", option="--recover's run folder")
     except FileExistsError as exc:
         raise click.UsageError(str(exc)) from None
     settings = None
@@ -212,12 +221,13 @@ def command(
     with folder_lock(out):
         _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
              stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field or text_field,
-             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows)
+             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows,
+             inputs)
 
 
 def _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
          stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field, calibration_sequences,
-         calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows):
+         calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows, inputs):
     config = None
     if settings is None:
         config = get_preset(preset) if preset else CompressionConfig.from_file(config_file)
@@ -237,7 +247,7 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
     text = None
     if eval_data is not None:
         text_source = resolve_source(eval_data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
-        text = load_text(text_source)
+        text = load_text(text_source) if max_tokens is None else ""  # with --max-tokens: read once the tokenizer is known
 
     source = resolve_model_spec(model)
     t0 = time.perf_counter()
@@ -256,6 +266,8 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
 
     results = {}
     if text is not None:
+        if max_tokens is not None:
+            text = load_text_for_tokens(text_source, tokenizer, max_tokens)
         length = window_length(net, max_length)
         ppl_kwargs = {"max_tokens": max_tokens, "max_length": length, "stride": min(stride, length), "protocol": protocol, "batch_size": batch_size}
         results["dense"] = perplexity_of_text(net, tokenizer, text, desc="dense ppl", **ppl_kwargs)
@@ -288,7 +300,7 @@ def _run(model, preset, config_file, out, eval_data, data_config, overwrite, dat
             results["compressed"] = perplexity_of_text(net, tokenizer, text, desc="compressed ppl", **ppl_kwargs)
         _recover(net, teacher, tokenizer, recovery, out, data_config, data_dir, text_field)
         del teacher
-    save(net, out, tokenizer=tokenizer, overwrite=overwrite)
+    save(net, out, tokenizer=tokenizer, overwrite=overwrite, inputs=inputs)
     click.echo(f"saved to {out}")
 
     if text is not None:
@@ -313,7 +325,7 @@ def _recover(student, teacher, tokenizer, recovery, out, data_config, data_dir, 
     """Staged recovery of ``student`` (in place) against ``teacher``, as ``kronlm distill --config`` with stages."""
     config, blocks, data, max_tokens = recovery
     block_size = config.stages[0].block_size
-    run_dir = recovery_dir(out)
+    run_dir = claim_run_folder(recovery_dir(out))
     plan = " -> ".join(f"{s.mode}" + (f" ({s.max_minutes:.1f} min)" if s.max_minutes else "") for s in config.stages)
     click.echo(f"recovery: {blocks.source}; {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks "
                f"of {block_size} tokens; {plan} -> {run_dir}")

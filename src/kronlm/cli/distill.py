@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from kronlm.cli.options import data_options
+from kronlm.cli.options import FiniteFloatRange, data_options
 from kronlm.data.blocks import build_blocks
 from kronlm.distill.blockwise import distill_blockwise
 from kronlm.distill.local import distill_local
@@ -32,7 +32,10 @@ from kronlm.modeling.loading import (
     load_tokenizer,
     resolve_model_spec,
 )
+from kronlm.utils.io import claim_run_folder
 
+# What a run replaces inside its folder: an input there would be destroyed.
+RUN_OUTPUTS = ("best", "final", "checkpoints", "logs", "training_config.yaml", "teacher_cache")
 # A data file whose name marks it as a test split ("wiki.test.raw", "test.txt", "ptb-test.txt").
 _TEST_SPLIT_NAME = re.compile(r"(^|[._\-])test([._\-]|$)", re.IGNORECASE)
 
@@ -78,16 +81,16 @@ def config_overrides(flags: list[tuple[str, str, Any, str]], values: dict[str, A
 TRAINING_FLAGS = [
     ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce."),
     ("--max-steps", "max_steps", click.IntRange(min=1), "Optimizer steps (replaces the config's max_steps / epochs)."),
-    ("--epochs", "epochs", click.FloatRange(min=0, min_open=True),
+    ("--epochs", "epochs", FiniteFloatRange(min=0, min_open=True),
      "Passes over the training blocks (replaces the config's max_steps / epochs; per block in the block modes)."),
     ("--block-size", "block_size", click.IntRange(min=2), "Tokens per training block."),
     ("--batch-size", "micro_batch_size", click.IntRange(min=1), "Blocks per micro-batch and process."),
     ("--grad-accum", "grad_accum_steps", click.IntRange(min=1), "Micro-batches accumulated per optimizer step."),
-    ("--lr", "lr", click.FloatRange(min=0, min_open=True),
+    ("--lr", "lr", FiniteFloatRange(min=0, min_open=True),
      "Peak learning rate (of the non-Kronecker parameters, and of all when the config sets no other)."),
     ("--warmup-steps", "warmup_steps", click.IntRange(min=0), "Linear warm-up steps before the cosine decay."),
     ("--layer-map", "layer_map", str, "Teacher layer for each student layer, e.g. 1,3,5 (needed when the depths differ)."),
-    ("--max-minutes", "max_minutes", click.FloatRange(min=0, min_open=True),
+    ("--max-minutes", "max_minutes", FiniteFloatRange(min=0, min_open=True),
      "Stop after the step that ends this many minutes into the run (wall clock), validating and exporting as at the end."),
     ("--early-stopping-patience", "early_stopping_patience", click.IntRange(min=1),
      "Stop after this many validations without a better validation metric."),
@@ -146,7 +149,7 @@ def _context_length(model) -> int | None:
 @config_options(TRAINING_FLAGS)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use the first N tokens of the data (a corpus with fewer is refused).")
-@click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True, help="Share of the tokens held out for validation (choosing OUT/best).")
+@click.option("--val-fraction", type=FiniteFloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True, help="Share of the tokens held out for validation (choosing OUT/best).")
 @click.option("--streaming", is_flag=True, help="Stream a hub dataset (OpenWebText-size corpora, with --max-tokens).")
 def command(student, teacher, data, data_config, data_dir, text_field, out, config_file, resume, max_tokens, val_fraction,
             streaming, **flags):
@@ -192,6 +195,10 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
             f"{data!r} looks like a test split; train and select checkpoints on training data only", param_hint="--data"
         )
 
+    try:
+        out = str(claim_run_folder(out, inputs=(student, teacher, data, config_file), option="--out", replaced=RUN_OUTPUTS))
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
     accelerator = make_accelerator(config, out)
     if blockwise and accelerator.num_processes > 1:
         raise click.UsageError(f"{'staged' if stages is not None else config.mode} recovery runs in one process (the CPU or one GPU); start it without "

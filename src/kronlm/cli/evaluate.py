@@ -7,6 +7,7 @@ import time
 import click
 
 from kronlm.cli.options import (
+    FiniteFloatRange,
     data_options,
     device_option,
     perplexity_options,
@@ -16,7 +17,7 @@ from kronlm.cli.options import (
 )
 from kronlm.compress.report import count_parameters
 from kronlm.data.sources import resolve_source
-from kronlm.data.text import load_text
+from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.evaluate.harness import (
     harness_table,
     lambada_task,
@@ -25,7 +26,12 @@ from kronlm.evaluate.harness import (
 )
 from kronlm.evaluate.perplexity import perplexity_of_text
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
-from kronlm.utils.io import write_json
+from kronlm.utils.io import (
+    WRITTEN_BY_KEY,
+    check_output_file,
+    write_json,
+    written_by_kronlm_json,
+)
 
 
 @click.command("eval")
@@ -36,15 +42,17 @@ from kronlm.utils.io import write_json
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False), default=None, help="Folder of extra lm-eval task YAMLs (e.g. tasks over local files).")
 @click.option("--lambada-jsonl", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Offline LAMBADA: last-word accuracy and perplexity (lm-eval's lambada_openai task) on a local JSON Lines file of {\"text\": ...} lines.")
-@click.option("--limit", type=click.FloatRange(min=0, min_open=True), default=None, help="lm-eval: documents per task (>= 1) or a fraction (< 1).")
+@click.option("--limit", type=FiniteFloatRange(min=0, min_open=True), default=None, help="lm-eval: documents per task (>= 1) or a fraction (< 1).")
 @click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="lm-eval: few-shot examples (default: each task's own).")
 @click.option("--baseline", default=None, help="Also evaluate this model (e.g. the dense original) and print both side by side.")
 @data_options
 @perplexity_options
 @device_option
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results to this JSON file.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results to this JSON file (an existing file only when kronlm wrote it, or with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace --json even when kronlm did not write it.")
 def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit, num_fewshot, baseline, data_dir, text_field, split,
-            max_tokens, max_length, stride, protocol, batch_size, device, json_out):
+            max_tokens, max_length, stride, protocol, batch_size, device, json_out, overwrite):
     """Perplexity and/or lm-eval task scores of MODEL (hub id, folder, kronlm folder, .gguf file or alias such as smollm2).
 
     --data DATA measures token perplexity: a text file (.txt, .raw), a JSON Lines / CSV / TSV /
@@ -57,17 +65,24 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if data is None and not task_list and lambada_jsonl is None:
         raise click.UsageError("give --data (perplexity), --tasks or --lambada-jsonl (lm-eval tasks), or several")
+    if json_out:
+        try:
+            json_out = check_output_file(json_out, overwrite=overwrite, inputs=(model, baseline, data, lambada_jsonl, include_path),
+                                         written_by_kronlm=written_by_kronlm_json, option="--json")
+        except FileExistsError as exc:
+            raise click.UsageError(str(exc)) from None
     harness_tasks: list = list(task_list)
     if lambada_jsonl is not None:
         harness_tasks.append(lambada_task(lambada_jsonl))  # checks the file before the slow model load
     if harness_tasks:
         require_lm_eval()
     text = text_source = None
-    if data is not None:  # read the text before the slow model load, so a typo fails fast
+    if data is not None:  # resolve (and without --max-tokens read) the text before the slow model load, so a typo fails fast
         text_source = resolve_source(data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
-        text = load_text(text_source)
+        if max_tokens is None:
+            text = load_text(text_source)
     specs = {"model": model} if baseline is None else {"baseline": baseline, "model": model}
-    report: dict = {"model": model, "baseline": baseline, "results": {}}
+    report: dict = {WRITTEN_BY_KEY: "kronlm eval", "model": model, "baseline": baseline, "results": {}}
     perplexities, harness = {}, {}
     for label, spec in specs.items():
         source = resolve_model_spec(spec)
@@ -75,7 +90,9 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
         net, tokenizer = load_model_and_tokenizer(spec, device=resolve_device(device))
         params = count_parameters(net)
         click.echo(f"{label}: loaded {source.description} ({params:,} params) in {time.perf_counter() - t0:.1f} s")
-        if text is not None:
+        if text_source is not None:
+            if max_tokens is not None:  # only as much of the text as the tokens need
+                text = load_text_for_tokens(text_source, tokenizer, max_tokens)
             length = window_length(net, max_length)
             result = perplexity_of_text(net, tokenizer, text, max_tokens=max_tokens, max_length=length, stride=min(stride, length),
                                         protocol=protocol, batch_size=batch_size, desc=f"{label} ppl")

@@ -24,19 +24,20 @@ import click
 import torch
 
 from kronlm.cli.distill import config_options, config_overrides, parse_index_list
-from kronlm.cli.options import DATA_DIR_HELP, default_data_dir
+from kronlm.cli.options import DATA_DIR_HELP, FiniteFloatRange, default_data_dir
 from kronlm.tasks.glue import GlueTrainConfig, run_glue
+from kronlm.utils.io import claim_run_folder
 
 # Command-line flags of TaskTrainConfig fields (they win over --config and --teacher-config).
 TASK_FLAGS = [
     ("--max-length", "max_length", click.IntRange(min=2), "Tokens per example after truncation."),
     ("--batch-size", "batch_size", click.IntRange(min=1), "Examples per optimizer step."),
-    ("--epochs", "epochs", click.FloatRange(min=0, min_open=True), "Passes over the training examples."),
+    ("--epochs", "epochs", FiniteFloatRange(min=0, min_open=True), "Passes over the training examples."),
     ("--max-steps", "max_steps", click.IntRange(min=1), "Optimizer steps (wins over --epochs)."),
-    ("--lr", "lr", click.FloatRange(min=0, min_open=True), "Peak learning rate."),
+    ("--lr", "lr", FiniteFloatRange(min=0, min_open=True), "Peak learning rate."),
     ("--max-train-examples", "max_train_examples", click.IntRange(min=1),
      "Use a seeded random subset of this many training examples (CPU runs)."),
-    ("--val-fraction", "val_fraction", click.FloatRange(min=0, max=1, max_open=True),
+    ("--val-fraction", "val_fraction", FiniteFloatRange(min=0, max=1, max_open=True),
      "Share of the training examples held out to choose the checkpoint (default 0.1; 0 = the last model)."),
     ("--early-stopping-patience", "early_stopping_patience", click.IntRange(min=1),
      "Stop after this many validations on the held-out examples without a better main metric."),
@@ -93,6 +94,23 @@ def student_choice(model, teacher, student_preset, student_config, student_init,
     return student_preset or student_config, parse_index_list(layer_map, "--layer-map")
 
 
+def claim_task_folder(out: str, teacher: str | None, inputs: tuple) -> str:
+    """Check and mark a task command's run folder before any work (see
+    :func:`kronlm.utils.io.claim_run_folder`): a new, empty or kronlm run folder that no input
+    is, or lies inside; an input may sit in it (``--teacher OUT/teacher`` of an earlier run) but
+    not where this run writes (``student``, ``student-run``, and ``teacher``, ``teacher-run``
+    unless ``--teacher`` is given).
+
+    Raises:
+        click.UsageError: the folder is refused (the message names it and why).
+    """
+    replaced = ("student", "student-run", "report.json", "report.md") + (("teacher", "teacher-run") if teacher is None else ())
+    try:
+        return str(claim_run_folder(out, inputs=(teacher, *inputs), option="--out", replaced=replaced))
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def load_task_config(config_class, config_file: str | None, overrides: dict):
     """``config_class`` from ``config_file`` with the flag overrides, or from the flags alone."""
     if config_file:
@@ -123,6 +141,7 @@ def command(task, model, teacher, out, data_dir, hf_dataset, config_file, teache
     overrides = config_overrides(TASK_FLAGS, flags)
     config = load_task_config(GlueTrainConfig, config_file, overrides)
     teacher_config = load_task_config(GlueTrainConfig, teacher_config_file, overrides) if teacher_config_file else None
+    out = claim_task_folder(out, teacher, (model, student_init, general_distill, student_config, config_file, teacher_config_file))
     report = run_glue(
         task, out, model=model, teacher=teacher, config=config, teacher_config=teacher_config, student=student,
         student_init=student_init, general_distill=general_distill, layer_map=layers, task_kd=not no_task_kd,

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import click
 import torch
 
 from kronlm.compress.report import count_parameters
-from kronlm.export.gguf import DEFAULT_PRE_TOKENIZER, GGUF_DTYPES, export_gguf
+from kronlm.export.gguf import (
+    DEFAULT_PRE_TOKENIZER,
+    GGUF_DTYPES,
+    export_gguf,
+    gguf_written_by_kronlm,
+)
 from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
 from kronlm.modeling.merge import merge_and_unload
 from kronlm.modeling.registry import is_kronecker_model
 from kronlm.modeling.serialization import save
-from kronlm.utils.io import check_output_folder
+from kronlm.utils.io import check_output_file, check_output_folder
 
 
 @click.command("merge")
 @click.argument("model")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the dense Hugging Face model (safetensors).")
-@click.option("--gguf", "gguf_file", type=click.Path(dir_okay=False), default=None, help="Also (or only) write a GGUF file for llama.cpp.")
+@click.option("--gguf", "gguf_file", type=click.Path(dir_okay=False), default=None,
+              help="Also (or only) write a GGUF file for llama.cpp (an existing file only when kronlm wrote it, or with --overwrite).")
 @click.option("--gguf-dtype", type=click.Choice(list(GGUF_DTYPES)), default="f16", show_default=True, help="GGUF weight type (2-D weights; norms stay f32).")
 @click.option("--gguf-pre", default=DEFAULT_PRE_TOKENIZER, show_default=True, help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre), e.g. smollm for SmolLM2.")
-@click.option("--overwrite", is_flag=True, help="Replace --out even when it holds something other than a model.")
+@click.option("--overwrite", is_flag=True, help="Replace --out / --gguf even when kronlm did not write them.")
 def command(model, out_dir, gguf_file, gguf_dtype, gguf_pre, overwrite):
     """Merge MODEL's Kronecker modules into dense weights and write a plain model of its base architecture.
 
@@ -33,11 +41,16 @@ def command(model, out_dir, gguf_file, gguf_dtype, gguf_pre, overwrite):
     """
     if out_dir is None and gguf_file is None:
         raise click.UsageError("give --out DENSE_DIR, --gguf FILE, or both")
-    if out_dir is not None:
-        try:
-            check_output_folder(out_dir, overwrite=overwrite)
-        except FileExistsError as exc:
-            raise click.UsageError(str(exc)) from None
+    try:
+        if out_dir is not None:
+            out_dir = check_output_folder(out_dir, overwrite=overwrite, inputs=(model,), option="--out")
+        if gguf_file is not None:
+            gguf_file = check_output_file(gguf_file, overwrite=overwrite, inputs=(model,), written_by_kronlm=gguf_written_by_kronlm,
+                                          option="--gguf")
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
+    if out_dir is not None and gguf_file is not None and Path(os.path.realpath(out_dir)) in Path(os.path.realpath(gguf_file)).parents:
+        raise click.UsageError(f"--gguf {gguf_file} lies inside --out {out_dir}, which is replaced as a whole; write the GGUF file elsewhere")
     source = resolve_model_spec(model)
     t0 = time.perf_counter()
     net = load_model(model)
@@ -55,7 +68,7 @@ def command(model, out_dir, gguf_file, gguf_dtype, gguf_pre, overwrite):
             diff = (dense(check).logits - net(check).logits).abs().max().item()
         click.echo(f"merged into {type(dense).__name__} ({count_parameters(dense):,} params); max |logits difference| {diff:.3g} on 16 tokens")
     if out_dir is not None:
-        save(dense, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        save(dense, out_dir, tokenizer=tokenizer, overwrite=overwrite, inputs=(model,))
         click.echo(f"wrote {out_dir} (a plain {type(dense).__name__}: loads with transformers alone)")
     if gguf_file is not None:
         if tokenizer is None:

@@ -1,8 +1,9 @@
-"""Options shared by the subcommands: perplexity measurement and data sources."""
+"""Options shared by the subcommands: perplexity measurement, data sources, finite numbers."""
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -10,6 +11,19 @@ import click
 import torch
 
 from kronlm.utils.paths import DATA_DIR_ENV
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``: NaN passes every bound check,
+    and either would surface later as an error that no longer names the option."""
+
+    def convert(self, value, param, ctx):
+        """The float ``value``, checked against the range and for being finite (``click`` names
+        the option in the error: ``Invalid value for '--budget': 'nan' is not a finite number``)."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
 
 PROTOCOL_HELP = "sliding: Hugging Face sliding window (SPEC §5); disjoint: Krony-PT's disjoint windows, exp(mean of window means)"
 

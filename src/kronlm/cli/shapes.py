@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kronlm.cli.options import FiniteFloatRange
 from kronlm.decompose.shapes import (
     choose_factor_shapes,
     factor_shapes,
@@ -15,7 +16,7 @@ from kronlm.decompose.shapes import (
 @click.argument("out_features", type=click.IntRange(min=1))
 @click.argument("in_features", type=click.IntRange(min=1))
 @click.option("--rank", type=click.IntRange(min=1), default=1, show_default=True, help="Kronecker terms R.")
-@click.option("--ratio", type=click.FloatRange(min=1, min_open=True), default=None, help="Also pick shapes that compress at least this much.")
+@click.option("--ratio", type=FiniteFloatRange(min=1, min_open=True), default=None, help="Also pick shapes that compress at least this much.")
 @click.option("--prefer", type=click.Choice(["params", "speed"]), default="params", show_default=True, help="How --ratio picks among the shapes within budget.")
 @click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True, help="Rows to print (closest to the budget first when --ratio is given).")
 def command(out_features, in_features, rank, ratio, prefer, limit):

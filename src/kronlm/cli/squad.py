@@ -21,6 +21,7 @@ import torch
 from kronlm.cli.distill import config_options, config_overrides
 from kronlm.cli.glue import (
     TASK_FLAGS,
+    claim_task_folder,
     load_task_config,
     student_choice,
     task_run_options,
@@ -69,6 +70,8 @@ def command(model, teacher, out, data_dir, train_file, dev_file, hf_dataset, con
             raise click.BadParameter(f"no data: give --data-dir (holding {LOCAL_SQUAD_DIR}/), --train-file and --dev-file, "
                                      "or --hf-dataset", param_hint="--data-dir")
         folder = Path(data_dir) / LOCAL_SQUAD_DIR
+    out = claim_task_folder(out, teacher, (model, student_init, general_distill, student_config, config_file, teacher_config_file,
+                                           train_file, dev_file, folder))
     report = run_squad(
         out, model=model, teacher=teacher, config=config, teacher_config=teacher_config, student=student,
         student_init=student_init, general_distill=general_distill, layer_map=layers, task_kd=not no_task_kd,

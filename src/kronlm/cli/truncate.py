@@ -13,17 +13,22 @@ from kronlm.cli.distill import parse_index_list
 from kronlm.compress.report import count_parameters
 from kronlm.compress.truncate import save_truncated
 from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
+from kronlm.utils.io import check_output_folder
 
 
 @click.command("truncate")
 @click.argument("model")
 @click.option("--layers", required=True, help="Teacher blocks to keep, in order, e.g. 0,2,4,6,8,10.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the truncated model.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even when kronlm did not write it.")
 def command(model, layers, out, overwrite):
     """Keep only the --layers blocks of MODEL (hub id, folder, .gguf file or alias) and save it to --out."""
 
     keep = parse_index_list(layers, "--layers")
+    try:
+        out = check_output_folder(out, overwrite=overwrite, inputs=(model,), option="--out")
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
     net = load_model(model)
     try:
         tokenizer = load_tokenizer(model)

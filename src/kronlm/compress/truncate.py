@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.utils.io import atomic_dir, write_json
+from kronlm.utils.io import atomic_dir, check_output_folder, write_json, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +250,11 @@ def save_truncated(
     Hugging Face folder.
 
     ``out_dir`` receives ``config.json``, ``model.safetensors`` (via ``save_pretrained``), the
-    tokenizer files when ``tokenizer`` is given, and ``kronlm_truncation.json``:
-    ``{"source_model", "source_class", "source_num_layers", "block_list", "layers", "num_layers"}``.
+    tokenizer files when ``tokenizer`` is given, ``kronlm_truncation.json``:
+    ``{"source_model", "source_class", "source_num_layers", "block_list", "layers", "num_layers"}``,
+    and ``kronlm_manifest.json`` (size and SHA-256 of every file). An existing ``out_dir`` is
+    replaced only when kronlm wrote it, or with ``overwrite``
+    (:func:`kronlm.utils.io.check_output_folder`).
     The folder is written under a temporary name and swapped in when complete, so a crash never
     leaves a partial model under ``out_dir``. ``AutoModelForCausalLM.from_pretrained(out_dir)``
     (or the matching Auto class) loads it back.
@@ -261,18 +264,16 @@ def save_truncated(
         layers: teacher block indices to keep, in order.
         out_dir: the folder to write.
         tokenizer: optional tokenizer saved alongside.
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace ``out_dir`` even when kronlm did not write it.
 
     Returns:
         The truncated model that was saved.
 
     Raises:
         ValueError: as :func:`truncate_layers`.
-        FileExistsError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
+        FileExistsError: ``out_dir`` holds something kronlm did not write and ``overwrite`` is False.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: folder exists and is not empty (pass overwrite=True to replace it)")
+    out_dir = check_output_folder(out_dir, overwrite=overwrite)
     student = truncate_layers(model, layers)
     block_path, _ = find_block_list(model)
     record = {
@@ -289,4 +290,5 @@ def save_truncated(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / TRUNCATION_FILE, record)
+        write_manifest(tmp)
     return student

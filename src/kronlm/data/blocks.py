@@ -205,6 +205,36 @@ def split_paragraphs(text: str) -> list[str]:
     return [doc for doc in documents if doc]
 
 
+def iter_paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """:func:`split_paragraphs` of the text made of ``lines`` (each with its line end), lazily.
+
+    A line holding only spaces or tabs ends a paragraph, as a blank-line match of
+    :func:`split_paragraphs` does, so both give the same documents; reading a file line by line
+    this way lets a token budget stop the reading early.
+    """
+    paragraph: list[str] = []
+    for line in lines:
+        if line.strip(" \t\r\n") == "" and line.endswith("\n"):
+            text = "".join(paragraph).strip()
+            if text:
+                yield text
+            paragraph = []
+        else:
+            paragraph.append(line)
+    text = "".join(paragraph).strip()
+    if text:
+        yield text
+
+
+def _file_paragraphs(path: str | os.PathLike) -> Iterator[str]:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yield from iter_paragraphs(fh)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file {path} is not valid UTF-8 ({exc.reason})") from None
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     """Identity of a tokenizer for cache keys.
 
@@ -314,8 +344,10 @@ def _documents(source: DataSource, documents: str, streaming: bool) -> Iterator[
     """The training documents of a source, lazily: paragraphs (or the whole file) of plain text,
     else every record that is not blank (WikiText's empty rows would put two EOS in a row)."""
     if source.format == "text":
-        text = read_text_file(source.path_or_dataset)
-        yield from split_paragraphs(text) if documents == "paragraphs" else [text]
+        if documents == "paragraphs":
+            yield from _file_paragraphs(source.path_or_dataset)  # read as far as the token budget needs
+        else:
+            yield read_text_file(source.path_or_dataset)
         return
     yield from (text for text in iter_records(source, streaming=streaming) if text.strip())
 

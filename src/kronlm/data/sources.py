@@ -25,7 +25,12 @@ from typing import Any
 import datasets
 
 from kronlm.utils import paths
-from kronlm.utils.io import file_sha256, utf8_error_message
+from kronlm.utils.io import (
+    file_sha256,
+    parse_json,
+    special_file_kind,
+    utf8_error_message,
+)
 
 # Re-exported: the one place that decides which data directory is used.
 data_dir = paths.data_dir
@@ -78,6 +83,9 @@ _LOCAL_WIKITEXT2_RAW: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+# The longest JSON Lines record read: a longer line is refused (reading and tokenising it whole
+# would take minutes even when a few tokens are asked for).
+MAX_RECORD_BYTES = 32 << 20
 _ENV_TRUE = {"1", "ON", "YES", "TRUE"}
 _READ_BATCH = 1000
 
@@ -214,13 +222,17 @@ def resolve_source(
     Raises:
         FileNotFoundError: ``spec`` looks like a path but nothing is there.
         NotADirectoryError: ``data_dir`` (or ``$KRONLM_DATA_DIR``) is not a folder.
-        ValueError: an unrecognised file suffix; ``name`` given for a data file; an alias with a
+        ValueError: a device, FIFO or socket (named: reading one could block or never end); an
+            unrecognised file suffix; ``name`` given for a data file; an alias with a
             different ``name``; an empty ``text_field``; a field other than ``text`` for WikiText.
     """
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty column name, got {text_field!r}")
     spec_str = os.fspath(spec)
     path = Path(spec_str).expanduser()
+    special = special_file_kind(path)
+    if special is not None:
+        raise ValueError(f"{path}: is {special}, not a regular file; kronlm reads data from regular files and folders")
     if path.is_file():
         return _file_source(spec_str, path, name, text_field)
     if path.is_dir():
@@ -247,19 +259,24 @@ def resolve_source(
     return DataSource(spec_str, "hub", dataset, "dataset", label, _joined(label), config_name, split, text_field)
 
 
-def read_text_file(path: str | os.PathLike) -> str:
+def read_text_file(path: str | os.PathLike, max_chars: int | None = None) -> str:
     """The text of a UTF-8 file, with ``\\r\\n`` and ``\\r`` line ends read as ``\\n``.
 
     Universal newlines on purpose: a file saved on Windows gives the same text and tokens as on
     Linux. The local ``wiki.test.hf_joined.txt`` is stored with ``\\r\\n`` while the hub text has
     ``\\n``; read this way it gives GPT-2's documented 287,644 tokens (303,606 with the ``\\r``).
 
+    Args:
+        path: the file.
+        max_chars: read at most this many characters (the beginning of the file); None reads all.
+
     Raises:
         ValueError: the file is not valid UTF-8 (names the file and the byte offset).
     """
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as fh:
+            return fh.read() if max_chars is None else fh.read(max_chars)
     except UnicodeDecodeError as exc:
         raise ValueError(f"text file {path} is not valid UTF-8 (byte {exc.start})") from None
 
@@ -269,30 +286,43 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "number")
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    # Lines read with a bound: a record longer than MAX_RECORD_BYTES is refused before it is held whole.
+    with open(path, "rb") as fh:
+        lineno = 0
+        while raw := fh.readline(MAX_RECORD_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                raise ValueError(f"{path}: line {lineno} is longer than {MAX_RECORD_BYTES >> 20} MiB; kronlm reads JSON Lines "
+                                 "records of up to that size (split the document into several records)")
+            yield lineno, raw
+
+
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
     # Binary lines: only b"\n" ends a record (a text-mode reader would also split inside JSON
     # strings at "\r"), and a decoding error can name its line.
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno} is not valid UTF-8 (byte {exc.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = "; a .json file is read as JSON Lines, one JSON object per line" if path.suffix.lower() == ".json" else ""
-                raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {lineno} is a JSON {_json_type(record)}, not an object with a {field!r} field")
-            if field not in record:
-                raise ValueError(f"{path}: line {lineno} has no field {field!r} (fields: {', '.join(record) or 'none'})")
-            text = record[field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: line {lineno} field {field!r} is a JSON {_json_type(text)}, not a string")
-            yield text
+    for lineno, raw in _jsonl_lines(path):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: line {lineno} is not valid UTF-8 (byte {exc.start} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = "; a .json file is read as JSON Lines, one JSON object per line" if path.suffix.lower() == ".json" else ""
+            raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        except RecursionError:
+            parse_json(line, f"{path}: line {lineno}")  # raises the one-line "nested too deeply" error
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {lineno} is a JSON {_json_type(record)}, not an object with a {field!r} field")
+        if field not in record:
+            raise ValueError(f"{path}: line {lineno} has no field {field!r} (fields: {', '.join(record) or 'none'})")
+        text = record[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: line {lineno} field {field!r} is a JSON {_json_type(text)}, not a string")
+        yield text
 
 
 def _iter_delimited(path: Path, field: str, fmt: str) -> Iterator[str]:
@@ -505,6 +535,7 @@ __all__ = [
     "RECORD_SEPARATOR",
     "TEXT_ALIASES",
     "WIKITEXT_DATASET",
+    "MAX_RECORD_BYTES",
     "DataSource",
     "data_dir",
     "hub_offline",

@@ -12,7 +12,11 @@ biases stay float32, as llama.cpp's own converter does) or float32. The layout f
 - a head tied to the embedding is not written for Llama (llama.cpp reuses ``token_embd``), and is
   written as ``output.weight`` for GPT-2 (as the converter does);
 - the tokenizer is written as a byte-level BPE vocabulary (``tokenizer.ggml.model = "gpt2"``:
-  tokens, token types, merges, special ids). Other tokenizer kinds (SentencePiece) are refused.
+  tokens, token types, merges, special ids) with its chat template
+  (``tokenizer.chat_template``). Other tokenizer kinds (SentencePiece) are refused;
+- ``general.name`` is the model's name (the last component of its folder or hub id, never the
+  path where it was stored), and ``kronlm.version`` marks the file as kronlm's, so that
+  ``kronlm merge --gguf`` may replace it later (:func:`gguf_written_by_kronlm`).
 
 Supported architectures: :data:`GGUF_ARCHITECTURES` (Hugging Face ``model_type`` -> GGUF arch).
 """
@@ -29,12 +33,15 @@ import torch
 from torch import nn
 
 from kronlm.modeling.merge import merge_and_unload
-from kronlm.modeling.registry import is_kronecker_model
+from kronlm.modeling.registry import is_kronecker_model, kronlm_version
 from kronlm.utils.io import atomic_path
 
 GGUF_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}
 GGUF_DTYPES = ("f16", "f32")
 DEFAULT_PRE_TOKENIZER = "default"
+# The metadata key that marks a GGUF file kronlm wrote (its value: kronlm's version).
+KRONLM_KEY = "kronlm.version"
+_GGUF_MAGIC = b"GGUF"
 # Buffers of the Hugging Face modules that are not weights (recomputed by llama.cpp).
 _SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 # Conv1D modules of GPT-2, stored (in, out).
@@ -143,6 +150,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str
         if added["id"] < vocab_size:
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges") or []]
+    template = getattr(tokenizer, "chat_template", None)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -155,6 +163,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str
         if token_id is not None:
             setter(int(token_id))
     writer.add_add_bos_token(False)
+    if isinstance(template, str) and template:
+        writer.add_chat_template(template)
 
 
 def export_gguf(
@@ -176,7 +186,8 @@ def export_gguf(
         dtype: "f16" (2-D weights as float16, the rest float32) or "f32".
         pre_tokenizer: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``), e.g. "smollm" for
             SmolLM2; llama.cpp falls back to its default splitting for "default".
-        name: ``general.name`` (default: the config's ``_name_or_path`` or the class name).
+        name: ``general.name`` (default: the last component of the config's ``_name_or_path``,
+            else the class name).
 
     Returns:
         The path written.
@@ -196,9 +207,11 @@ def export_gguf(
     arch = GGUF_ARCHITECTURES[config.model_type]
     tensors = gguf_tensors(model)
     path = Path(path)
-    with atomic_path(path) as tmp:
+    expected = sum(t.numel() * (2 if dtype == "f16" and t.dim() == 2 else 4) for t in tensors.values())
+    with atomic_path(path, expected_bytes=expected) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_name(name or str(getattr(config, "_name_or_path", "") or type(model).__name__))
+        writer.add_name(name or model_name(model))
+        writer.add_string(KRONLM_KEY, kronlm_version())
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
         (_add_llama_metadata if arch == gguf.MODEL_ARCH.LLAMA else _add_gpt2_metadata)(writer, config)
         _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
@@ -212,6 +225,26 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def model_name(model: nn.Module) -> str:
+    """A model's name for ``general.name``: the last component of ``config._name_or_path``
+    (``/home/me/runs/smol-2x`` -> ``smol-2x``; ``HuggingFaceTB/SmolLM2-135M`` -> ``SmolLM2-135M``),
+    else its class name; never the folder path, which says where the file was made."""
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "").rstrip("/\\")
+    return Path(source).name or type(model).__name__
+
+
+def gguf_written_by_kronlm(path: str | os.PathLike) -> bool:
+    """True for a GGUF file kronlm wrote (its metadata holds ``kronlm.version``)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != _GGUF_MAGIC:
+                return False
+        return KRONLM_KEY in gguf.GGUFReader(str(path)).fields
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
 
 
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -231,4 +264,5 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {t.name: np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
 
 
-__all__ = ["DEFAULT_PRE_TOKENIZER", "GGUF_ARCHITECTURES", "GGUF_DTYPES", "export_gguf", "gguf_tensors", "permute_rope_rows", "read_gguf_tensors"]
+__all__ = ["DEFAULT_PRE_TOKENIZER", "GGUF_ARCHITECTURES", "GGUF_DTYPES", "KRONLM_KEY", "export_gguf", "gguf_tensors", "gguf_written_by_kronlm",
+           "model_name", "permute_rope_rows", "read_gguf_tensors"]

@@ -56,7 +56,12 @@ from transformers import DynamicCache
 
 from kronlm.compress.surgery import set_module
 from kronlm.layers import KroneckerLinear, KroneckerTiedLMHead, OnnxKroneckerLinear
-from kronlm.utils.io import atomic_dir, write_json
+from kronlm.utils.io import (
+    atomic_dir,
+    check_output_folder,
+    write_json,
+    write_manifest,
+)
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
@@ -320,28 +325,20 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 16, see
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def check_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Check, before any work, that ``out_dir`` can be created or replaced.
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Path:
+    """Check, before any work, that ``out_dir`` can be created or replaced (kronlm's output policy,
+    :func:`kronlm.utils.io.check_output_folder`): a new or empty folder, a folder kronlm wrote
+    (an earlier export), or any folder with ``overwrite``; never one that is, holds or lies inside
+    an input. A symlinked ``out_dir`` is followed.
 
     Returns:
-        ``out_dir`` as a Path.
+        The folder to write (a symlink's target).
 
     Raises:
-        NotADirectoryError: ``out_dir`` or one of its parents exists and is a file.
-        OSError: the nearest existing parent folder is not writable.
+        FileExistsError: the folder is refused (named, with why).
+        PermissionError: the nearest existing parent folder is not writable.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"output path {out_dir} exists and is not a folder")
-    parent = out_dir.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"output folder {out_dir}: {parent} is a file, not a folder")
-    # atomic_dir writes a sibling temporary folder, so the parent must be writable.
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OSError(f"output folder {out_dir} is not writable (no write permission on {parent})")
-    return out_dir
+    return check_output_folder(out_dir, overwrite=overwrite, inputs=inputs, option="--out")
 
 
 def _graph_signature(model: nn.Module, kv_cache: bool) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
@@ -457,19 +454,21 @@ def export_onnx(
     exporter: str = "torchscript",
     tolerance: float | None = TOLERANCE,
     kv_cache: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Export a causal LM (dense or kronlm-compressed) to ``out_dir/model.onnx``, atomically.
 
     The folder also gets ``config.json`` (the model's config), the tokenizer files when
-    ``tokenizer`` is given, and ``kronlm_onnx.json`` (inputs, outputs, opset, exporter, KV cache
-    and the verification result). Weights go to ``model.onnx.data`` beside the graph when the
+    ``tokenizer`` is given, ``kronlm_onnx.json`` (inputs, outputs, opset, exporter, KV cache
+    and the verification result) and ``kronlm_manifest.json`` (size and SHA-256 of every file). Weights go to ``model.onnx.data`` beside the graph when the
     graph file would exceed 1 GiB; a head tied to the embedding is stored once. The folder is
     written under a temporary name and swapped in only after the graph has been checked with
     onnxruntime (``tolerance``): a failed export leaves no folder.
 
     Args:
         model: a Hugging Face causal LM (``...ForCausalLM`` / ``GPT2LMHeadModel``), possibly compressed.
-        out_dir: the output folder (replaced if it exists).
+        out_dir: the output folder; an existing one is replaced only when kronlm wrote it (an
+            earlier export) or with ``overwrite`` (:func:`check_output_dir`).
         tokenizer: saved beside the graph when given.
         opset: ONNX opset version of the default domain.
         batch_size, seq_len: shape of the example input traced (tokens); the graph's batch and
@@ -479,6 +478,7 @@ def export_onnx(
             with argmax agreement outside near ties (:func:`compare_logits`), on 3 × 11 tokens with
             padding (with ``kv_cache``: a 7-token prefill, then 4 tokens on its cache); None skips the check.
         kv_cache: export the decoder with past keys / values in and out (module docstring).
+        overwrite: replace ``out_dir`` even when kronlm did not write it.
 
     Returns:
         The path of ``model.onnx``.
@@ -487,7 +487,8 @@ def export_onnx(
         ImportError: onnx / onnxscript / onnxruntime missing (names the extra ``kronlm[onnx]``).
         ValueError: unknown exporter, opset below 14 (scaled-dot-product attention needs it),
             bad example shape, a config without head counts or the dynamo exporter (``kv_cache``).
-        OSError / NotADirectoryError: ``out_dir`` cannot be written.
+        FileExistsError: ``out_dir`` is refused (:func:`check_output_dir`).
+        OSError: ``out_dir`` cannot be written.
         RuntimeError: the check failed (the message gives both differences and the argmax agreement).
     """
     require_onnx()
@@ -497,7 +498,7 @@ def export_onnx(
         raise ValueError(f"opset {opset} is too old: the attention export needs opset 14 or newer")
     if kv_cache and exporter != "torchscript":
         raise ValueError("the KV-cache graph is exported with the torchscript exporter only (the one verified)")
-    out_dir = check_output_dir(out_dir)
+    out_dir = check_output_dir(out_dir, overwrite=overwrite)
     signature = _graph_signature(model, kv_cache)
     if kv_cache:
         inputs = example_past_inputs(model, batch_size, max(1, seq_len // 4), past_len=max(1, seq_len - seq_len // 4))
@@ -536,6 +537,7 @@ def export_onnx(
                     "tolerance": tolerance, "tolerance_kind": "max |difference| / max |logit|, plus argmax agreement outside near ties",
                 },
             )
+            write_manifest(tmp)
     finally:
         model.train(was_training)
     return out_dir / ONNX_FILE

@@ -16,7 +16,10 @@ experimental hook, which its saved ``adapter_config.json`` does not remember —
     dense = kronlm.merge_and_unload(reloaded)      # base architecture, adapters folded in
 
 or call :func:`register_kronecker_modules` on a ``LoraConfig`` before PEFT's own ``get_peft_model``
-/ ``PeftModel.from_pretrained(model, path, config=config)``.
+/ ``PeftModel.from_pretrained(model, path, config=config)``. With ``target_modules="all-linear"``
+give it the model too (``register_kronecker_modules(config, model)``): PEFT expands
+``"all-linear"`` to ``nn.Linear`` / ``Conv1D`` layers only and would skip every Kronecker layer
+without a word, so without the model that config is refused.
 
 Merging: scaling · B · A is a dense rank-r update, not a Kronecker product, so it cannot be folded
 into the factors; ``peft_model.merge_and_unload()`` refuses with that explanation, and
@@ -85,17 +88,33 @@ class KroneckerLoraLinear(LoraLinear):
         return "kronlm." + super().__repr__()
 
 
-def register_kronecker_modules(config: PeftConfig) -> PeftConfig:
+def register_kronecker_modules(config: PeftConfig, model: nn.Module | None = None) -> PeftConfig:
     """Let a ``LoraConfig`` adapt ``KroneckerLinear`` modules (``_register_custom_module``); returns it.
+
+    Args:
+        config: a ``LoraConfig``.
+        model: the model it will adapt; needed when ``target_modules="all-linear"``, which is then
+            expanded to every linear layer, Kronecker ones included (:func:`linear_module_names`).
 
     Raises:
         TypeError: a PEFT config other than ``LoraConfig`` (IA3 and the others have no custom-module hook).
+        ValueError: ``target_modules="all-linear"`` without ``model`` (PEFT's own expansion skips
+            every Kronecker layer; the message says what to call instead).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(
             f"kronlm can adapt Kronecker layers with LoRA only: PEFT has no custom-module hook for {type(config).__name__}"
         )
     config._register_custom_module({cls: KroneckerLoraLinear for cls in ADAPTABLE_MODULES})
+    target = getattr(config, "target_modules", None)
+    if isinstance(target, str) and target.lower() == ALL_LINEAR:
+        if model is None:
+            raise ValueError(
+                "target_modules='all-linear': PEFT expands it to nn.Linear and Conv1D layers only and would skip every "
+                "KroneckerLinear without a word; call register_kronecker_modules(config, model) or "
+                "kronlm.modeling.adapters.get_peft_model(model, config), which include the Kronecker layers"
+            )
+        config.target_modules = set(linear_module_names(model, config))
     return config
 
 
@@ -125,11 +144,7 @@ def prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
     Raises:
         TypeError: see :func:`register_kronecker_modules`.
     """
-    register_kronecker_modules(config)
-    target = getattr(config, "target_modules", None)
-    if isinstance(target, str) and target.lower() == ALL_LINEAR:
-        config.target_modules = set(linear_module_names(model, config))
-    return config
+    return register_kronecker_modules(config, model)
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, **kwargs: Any) -> PeftModel:
@@ -162,7 +177,7 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, *, is_trainable: 
     Raises:
         ValueError / OSError: PEFT's errors for a missing or mismatched adapter.
     """
-    config = register_kronecker_modules(PeftConfig.from_pretrained(str(adapter)))
+    config = register_kronecker_modules(PeftConfig.from_pretrained(str(adapter)), model)
     return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=is_trainable, **kwargs)
 
 

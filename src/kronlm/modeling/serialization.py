@@ -33,6 +33,7 @@ def save(
     report=None,
     summary: dict[str, Any] | None = None,
     overwrite: bool = False,
+    inputs=(),
 ) -> Path:
     """Write a (compressed) model to ``folder`` atomically.
 
@@ -44,8 +45,11 @@ def save(
     ``summary`` is, and ``kronlm_manifest.json`` (size and SHA-256 of every file, verified on
     load). It is assembled under a temporary name beside ``folder`` and exchanged with the old
     folder in one atomic step when complete (:func:`kronlm.utils.io.atomic_dir`): a crash leaves
-    the previous model or the new one at ``folder``, never neither. An existing ``folder`` that is
-    not a model folder (no ``config.json``) is refused unless ``overwrite``.
+    the previous model or the new one at ``folder``, never neither, and so does a full disk (one
+    error naming the folder and the bytes). An existing ``folder`` is replaced only when kronlm
+    wrote it (its ``kronlm_manifest.json`` lists every file in it) or with ``overwrite``, and never
+    when it is, holds or lies inside one of ``inputs`` (:func:`kronlm.utils.io.check_output_folder`);
+    a symlinked ``folder`` is followed (its target replaced, the link kept).
 
     Args:
         model: a Hugging Face model (compressed or dense).
@@ -53,15 +57,17 @@ def save(
         tokenizer: saved alongside when given.
         report: a ``CompressionReport`` to store instead of the one ``kronlm.compress`` attached.
         summary: a JSON-ready dict of how the model was trained (steps, losses, settings).
-        overwrite: replace ``folder`` even when it holds something other than a model.
+        overwrite: replace ``folder`` even when kronlm did not write it.
+        inputs: files and folders ``folder`` must not be, hold or lie inside (the model's source).
 
     Returns:
-        The folder path.
+        The folder path (a symlink's target).
 
     Raises:
-        FileExistsError: ``folder`` is a file, or a non-empty folder that is not a model folder
-            and ``overwrite`` is False (named).
+        FileExistsError: ``folder`` is refused (:class:`kronlm.utils.io.OutputRefused`: a file, a
+            folder kronlm did not write while ``overwrite`` is False, an input; named).
         FolderBusyError: another process is writing ``folder``.
+        StorageFullError: the disk or the file-size limit ran out (the old folder stays).
         OSError: the folder cannot be written.
         ValueError: NaN or infinite weights (the tensor is named), or GGUF weights that were kept
             quantized (see ``forget_gguf_quantizer``).
@@ -70,9 +76,8 @@ def save(
     check_finite(model, type(model).__name__)
     if report is not None:
         attach_report(model, report)
-    folder = Path(folder)
-    check_output_folder(folder, overwrite=overwrite)
-    with atomic_dir(folder) as tmp:
+    folder = check_output_folder(folder, overwrite=overwrite, inputs=inputs)
+    with atomic_dir(folder, expected_bytes=state_bytes(model)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -80,6 +85,18 @@ def save(
             write_json(tmp / SUMMARY_FILE, summary)
         write_manifest(tmp)
     return folder
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the tensors ``model.state_dict()`` holds, shared storage counted once (about the
+    size of its safetensors file)."""
+    seen: dict[tuple, int] = {}
+    for tensor in model.state_dict().values():
+        if tensor.is_meta:
+            continue
+        storage = tensor.untyped_storage()
+        seen[(tensor.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 def load(
@@ -115,4 +132,4 @@ def load(
     return load_model(str(folder), dtype="auto" if dtype is None else dtype, device=device, auto_class=auto_class)
 
 
-__all__ = ["SUMMARY_FILE", "load", "save"]
+__all__ = ["SUMMARY_FILE", "load", "save", "state_bytes"]

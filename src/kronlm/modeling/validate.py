@@ -1,8 +1,12 @@
 """Checks of a saved model folder, before and after transformers reads it, so every problem names
 its file and tensor.
 
-Before loading, :func:`check_folder_files` reads ``config.json`` and the safetensors headers
-(``safetensors.safe_open``, which refuses truncated files, bad offsets and unknown dtypes).
+Before loading, :func:`check_folder_files` checks the folder's entries (no symlink out, no device
+or FIFO), reads ``config.json`` and checks its sizes (:func:`check_config_values`: integers in a
+sane range, head counts that divide, as many layers as the weights hold, no more parameters than
+the weights could fill), so a hostile config never builds a model that hangs or divides by zero,
+and reads the safetensors headers (``safetensors.safe_open``, which refuses truncated files, bad
+offsets and unknown dtypes).
 After loading, :func:`check_loading_info` reads transformers' own report
 (``from_pretrained(..., output_loading_info=True)``) and turns a missing, unexpected or reshaped
 tensor into an error: transformers itself only warns and re-initialises, which for a compressed
@@ -11,19 +15,43 @@ model would silently give garbage.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from kronlm.modeling.integrity import inside
+from kronlm.modeling.integrity import check_folder_entries, inside
 from kronlm.utils.io import read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+
+# Integer sizes of a config: key -> (smallest, largest) accepted. The bounds are far beyond every
+# released model (about 130 layers, 128 heads, hidden 25,600, vocabulary 262k, 10M positions) and
+# far below what would hang or exhaust memory while the model is built.
+INT_FIELDS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1, 4096), "n_layer": (1, 4096),
+    "num_attention_heads": (1, 4096), "n_head": (1, 4096), "num_key_value_heads": (1, 4096),
+    "hidden_size": (1, 1 << 18), "n_embd": (1, 1 << 18),
+    "intermediate_size": (1, 1 << 20), "n_inner": (1, 1 << 20), "head_dim": (1, 1 << 16),
+    "vocab_size": (1, 1 << 24), "max_position_embeddings": (1, 1 << 26), "n_positions": (1, 1 << 26), "n_ctx": (1, 1 << 26),
+    "type_vocab_size": (0, 1 << 16),
+}
+# Keys transformers allows to be null (they then default to another size).
+NULLABLE_FIELDS = frozenset({"num_key_value_heads", "n_inner", "head_dim"})
+# Float settings that must be finite numbers.
+FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "initializer_range")
+# A config may describe at most this many times more parameters than its weights hold (a
+# compressed model's dense config against its factors), plus a slack for tiny models.
+MAX_PARAMS_PER_STORED = 1000
+_PARAMS_SLACK = 10_000_000
+# Block lists of the transformers architectures: "model.layers.3.", "transformer.h.3.", "encoder.layer.3.".
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
 @dataclass
@@ -66,10 +94,116 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...
         raise ValueError(f"{path}: truncated or corrupt safetensors file ({detail})") from None
 
 
+def _first(config: dict[str, Any], *keys: str) -> Any:
+    return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
+def check_config_values(config: Any, path: str | os.PathLike = CONFIG_NAME) -> dict[str, Any]:
+    """Check the sizes of a model config before a model is built from it.
+
+    Every key of :data:`INT_FIELDS` present must be an integer (not a bool, float or string) in
+    its range (null only for :data:`NULLABLE_FIELDS`); :data:`FLOAT_FIELDS` must be finite
+    numbers; ``model_type`` a string; the hidden size a multiple of the attention heads (when no
+    ``head_dim`` is given) and the attention heads a multiple of the key/value heads.
+
+    Args:
+        config: the parsed ``config.json``.
+        path: the file, for messages.
+
+    Returns:
+        ``config``.
+
+    Raises:
+        ValueError: names the file, the key and the value, e.g. ``config.json: num_hidden_layers =
+            'two' is not an integer``.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object with a model_type)")
+    if "model_type" not in config:
+        raise ValueError(f"{path}: not a model config (no model_type)")
+    if not isinstance(config["model_type"], str) or not config["model_type"]:
+        raise ValueError(f"{path}: model_type = {config['model_type']!r} is not a model type name")
+    for key, (low, high) in INT_FIELDS.items():
+        if key not in config or (config[key] is None and key in NULLABLE_FIELDS):
+            continue
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: {key} = {value!r} is not an integer")
+        if not low <= value <= high:
+            raise ValueError(f"{path}: {key} = {value:,} is out of range (an integer from {low} to {high:,})")
+    for key in FLOAT_FIELDS:
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ValueError(f"{path}: {key} = {value!r} is not a finite number")
+    heads = _first(config, "num_attention_heads", "n_head")
+    hidden = _first(config, "hidden_size", "n_embd")
+    if heads is not None and hidden is not None and config.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"{path}: hidden size {hidden} is not a multiple of num_attention_heads = {heads}")
+    kv_heads = config.get("num_key_value_heads")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise ValueError(f"{path}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}")
+    return config
+
+
+def _estimated_params(config: dict[str, Any]) -> int | None:
+    # A dense decoder or encoder of the config's sizes: embedding + per layer attention and MLP.
+    hidden = _first(config, "hidden_size", "n_embd")
+    layers = _first(config, "num_hidden_layers", "n_layer")
+    if hidden is None or layers is None:
+        return None
+    inner = _first(config, "intermediate_size", "n_inner") or 4 * hidden
+    vocab = config.get("vocab_size") or 0
+    return vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inner)
+
+
+def check_config_against_weights(contents: FolderContents) -> None:
+    """Refuse a config that describes more layers than the weights hold, or vastly more
+    parameters than they could fill (a hostile ``num_hidden_layers: 1000000000`` would otherwise
+    build for hours before the missing tensors are noticed).
+
+    Raises:
+        ValueError: names ``config.json``, the key and both counts.
+    """
+    path = contents.folder / CONFIG_NAME
+    config = contents.config
+    layers = _first(config, "num_hidden_layers", "n_layer")
+    found = {int(m.group(1)) for name in contents.shapes for m in [_LAYER_INDEX.search(name)] if m}
+    if layers is not None and found and layers > max(found) + 1:
+        key = "num_hidden_layers" if config.get("num_hidden_layers") is not None else "n_layer"
+        raise ValueError(f"{path}: {key} = {layers:,}, but the weights hold {max(found) + 1} layers")
+    stored = sum(math.prod(shape) for shape in contents.shapes.values())
+    estimate = _estimated_params(config)
+    if estimate is not None and estimate > MAX_PARAMS_PER_STORED * stored + _PARAMS_SLACK:
+        raise ValueError(f"{path}: the config describes a model of about {estimate:,} parameters, but the weights hold "
+                         f"{stored:,} numbers; refusing to build it")
+
+
+def read_folder_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``config.json`` of a local model folder: its entries checked
+    (:func:`~kronlm.modeling.integrity.check_folder_entries`) and its values
+    (:func:`check_config_values`). Cheap: no weights are read.
+
+    Raises:
+        FileNotFoundError: no folder, or no ``config.json`` (named).
+        ValueError: a symlink out of the folder, a device or FIFO, a config that is not UTF-8 JSON
+            or holds a bad value (named).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        previous = folder.with_name(f".{folder.name}.old")
+        hint = f" (an interrupted save left the previous model at {previous}; the next save to this path puts it back)" if previous.is_dir() else ""
+        raise FileNotFoundError(f"{folder}: model folder not found{hint}")
+    check_folder_entries(folder)
+    config_path = folder / CONFIG_NAME
+    return check_config_values(read_json(config_path), config_path)
+
+
 def check_folder_files(folder: str | os.PathLike) -> FolderContents:
     """Check that a model folder has a readable config and complete safetensors weights.
 
-    Checks: ``config.json`` exists, parses and names a ``model_type``; the weights
+    Checks: the folder's entries (no symlink leading out, no device or FIFO); ``config.json``
+    exists, parses, names a ``model_type`` and holds sane sizes (:func:`check_config_values`,
+    :func:`check_config_against_weights`); the weights
     (``model.safetensors``, or ``model.safetensors.index.json`` and its shards) lie inside the
     folder (no shard path or symlink leading out), exist and have valid headers; every tensor
     the index lists is in the shard it names. A folder that holds only a pickled
@@ -77,18 +211,12 @@ def check_folder_files(folder: str | os.PathLike) -> FolderContents:
 
     Raises:
         FileNotFoundError: the folder, the config or a weights file is missing (named).
-        ValueError: a corrupt config, a truncated or corrupt weights file, or an index that lists
-            a tensor its shard does not hold (named).
+        ValueError: a symlink out of the folder, a device or FIFO, a corrupt config or one with a
+            bad value, a truncated or corrupt weights file, or an index that lists a tensor its
+            shard does not hold (named).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        previous = folder.with_name(f".{folder.name}.old")
-        hint = f" (an interrupted save left the previous model at {previous}; the next save to this path puts it back)" if previous.is_dir() else ""
-        raise FileNotFoundError(f"{folder}: model folder not found{hint}")
-    config_path = folder / CONFIG_NAME
-    config = read_json(config_path)
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"{config_path}: not a model config (no model_type)")
+    config = read_folder_config(folder)
     contents = FolderContents(folder, config)
     single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
     if index.is_file():
@@ -104,6 +232,7 @@ def check_folder_files(folder: str | os.PathLike) -> FolderContents:
         missing = sorted(set(weight_map) - set(contents.shapes))
         if missing:
             raise ValueError(f"{index}: lists tensor {missing[0]} in {weight_map[missing[0]]}, which does not hold it")
+        check_config_against_weights(contents)
         return contents
     if not single.is_file():
         if (folder / "pytorch_model.bin").is_file():
@@ -115,6 +244,7 @@ def check_folder_files(folder: str | os.PathLike) -> FolderContents:
     inside(folder, WEIGHTS_NAME, "weights file")
     for name, shape in read_safetensors_shapes(single).items():
         contents.tensor_files[name], contents.shapes[name] = WEIGHTS_NAME, shape
+    check_config_against_weights(contents)
     return contents
 
 
@@ -169,7 +299,10 @@ __all__ = [
     "INDEX_NAME",
     "WEIGHTS_NAME",
     "FolderContents",
+    "check_config_against_weights",
+    "check_config_values",
     "check_folder_files",
     "check_loading_info",
+    "read_folder_config",
     "read_safetensors_shapes",
 ]
