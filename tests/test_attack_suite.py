@@ -804,6 +804,7 @@ CONFIG_VALUES = [
     ("hidden-huge", {"n_embd": 65536, "n_head": 2}, r"the config describes a model of about [\d,]+ parameters, but the weights hold [\d,]+ numbers"),
     ("eps-a-string", {"layer_norm_epsilon": "tiny"}, r"layer_norm_epsilon = 'tiny' is not a finite number"),
     ("model-type-a-number", {"model_type": 5}, r"model_type = 5 is not a model type name"),
+    ("architectures-a-string", {"architectures": "GPT2LMHeadModel"}, r"architectures = 'GPT2LMHeadModel' is not a list of class names"),
 ]
 
 
@@ -954,3 +955,57 @@ def test_plain_peft_with_all_linear_is_refused_unless_given_the_model(folders):
     wrapped = peft.get_peft_model(model, config)
     adapted = {n.split("transformer.", 1)[1] for n, m in wrapped.named_modules() if isinstance(m, adapters.KroneckerLoraLinear)}
     assert adapted == {f"h.{i}.mlp.{name}" for i in range(2) for name in ("c_fc", "c_proj")}
+
+
+def _bpe_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    return tok
+
+
+def test_gguf_keeps_the_chat_template_names_the_model_and_is_replaced_only_when_kronlm_wrote_it(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    from kronlm.export.gguf import gguf_written_by_kronlm
+
+    folder = tmp_path / "deep" / "path" / "tiny-chat"
+    tokenizer = _bpe_tokenizer()
+    kronlm.save(GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=1, n_head=2, n_positions=64, n_inner=64)), folder,
+                tokenizer=tokenizer)
+    path = tmp_path / "m.gguf"
+    for _ in range(2):  # the second run replaces the file the first one wrote
+        assert main(["merge", str(folder), "--gguf", str(path)]) == 0
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    assert fields["general.name"].contents() == "tiny-chat"  # not the folder path
+    assert gguf_written_by_kronlm(path)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + b"\0" * 60)
+    line = _one_line_error(capsys, ["merge", folder, "--gguf", other], code=2)
+    assert "other.gguf: exists and was not written by kronlm" in line
+
+
+def test_dynamic_quantization_says_that_kronecker_layers_stay_float(folders):
+    model = kronlm.load(folders["compressed"])
+    with pytest.warns(UserWarning, match=r"KroneckerLinear stays float under torch\.ao\.quantization: .*kronlm\.merge_and_unload"):
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.transformer.h[0].mlp.c_fc).__name__ == "KroneckerLinear"
+    assert not hasattr(model.transformer.h[0].mlp.c_fc, "qconfig")  # nothing left on the model that was copied
+
+
+def test_the_tokenizer_loads_without_kronlm_and_without_a_prompt(folders):
+    import subprocess
+    import sys
+
+    code = ("from transformers import PreTrainedTokenizerFast; import sys; "
+            f"print(PreTrainedTokenizerFast.from_pretrained({str(folders['compressed'])!r})('the fox')['input_ids']); "
+            "assert 'kronlm' not in sys.modules")
+    # stdin is a pipe nobody writes to: a "[y/N]" prompt would wait there until the timeout.
+    done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(_tokenizer()("the fox")["input_ids"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -22,10 +24,45 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
-__all__ = ["dense_weight", "is_conv1d", "is_factorable"]
+__all__ = ["QUANTIZATION_NOTICE", "StaysFloatNotice", "dense_weight", "is_conv1d", "is_factorable"]
+
+QUANTIZATION_NOTICE = (
+    "{name} stays float under torch.ao.quantization: PyTorch quantizes nn.Linear and the other layer types it knows, not "
+    "kronlm's Kronecker layers. To quantize every weight, merge first (kronlm.merge_and_unload(model): a dense model) and "
+    "quantize that; or keep the Kronecker layers in float (they hold few of the parameters) and ignore this warning"
+)
 
 
-class MergesToLinear:
+class StaysFloatNotice:
+    """Mixin: say so when ``torch.ao.quantization`` passes over a Kronecker layer.
+
+    ``torch.ao.quantization.quantize_dynamic`` / ``prepare`` assign ``module.qconfig`` to every
+    module while they walk the model, then swap only the types they have quantized versions of
+    (``nn.Linear``, ...). A Kronecker layer would silently stay float32 while the model looks
+    quantized; the ``qconfig`` setter warns instead (once per layer type), naming what to do.
+    Reading ``qconfig`` before it was assigned raises ``AttributeError`` like any missing attribute,
+    so PyTorch's own default applies.
+    """
+
+    @property
+    def qconfig(self):
+        """The quantization config PyTorch assigned (AttributeError until it assigns one)."""
+        try:
+            return self.__dict__["_torch_qconfig"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute 'qconfig'") from None
+
+    @qconfig.setter
+    def qconfig(self, value) -> None:
+        self.__dict__["_torch_qconfig"] = value
+        warnings.warn(QUANTIZATION_NOTICE.format(name=type(self).__name__), UserWarning, stacklevel=2)
+
+    @qconfig.deleter
+    def qconfig(self) -> None:
+        self.__dict__.pop("_torch_qconfig", None)
+
+
+class MergesToLinear(StaysFloatNotice):
     """Mixin of the factored linear layers: merge back into an ``nn.Linear`` and count parameters.
 
     The layer provides ``to_dense()`` (the (out, in) weight), ``in_features``, ``out_features``

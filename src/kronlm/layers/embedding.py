@@ -11,6 +11,7 @@ from torch import nn
 
 from kronlm.decompose.shapes import check_factor_shapes
 from kronlm.decompose.vanloan import KroneckerFactors, kron_sum
+from kronlm.layers.dense import StaysFloatNotice
 from kronlm.layers.linear import kronecker_matmul
 
 
@@ -147,7 +148,7 @@ class KroneckerEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, A={self.a_shape}, B={self.b_shape}, rank={self.rank}"
 
 
-class KroneckerTiedLMHead(nn.Module):
+class KroneckerTiedLMHead(StaysFloatNotice, nn.Module):
     """LM head tied to a ``KroneckerEmbedding``: logits = h Eᵀ with E = Σ_r A_r ⊗ B_r, never formed.
 
     E (V, d) is the weight of a linear map d -> V with the same factors, so the head reuses the

@@ -176,6 +176,8 @@ def _from_source(loader, source: ModelSource, what: str, **kwargs):
 def _task_of_source(source: ModelSource) -> str:
     if source.gguf_file is not None:
         return "causal-lm"
+    if Path(source.path_or_id).is_dir():
+        return task_of_architectures(read_folder_config(source.path_or_id).get("architectures"))
     config = _from_source(AutoConfig, source, "model")
     return task_of_architectures(getattr(config, "architectures", None))
 

@@ -103,7 +103,7 @@ def check_config_values(config: Any, path: str | os.PathLike = CONFIG_NAME) -> d
 
     Every key of :data:`INT_FIELDS` present must be an integer (not a bool, float or string) in
     its range (null only for :data:`NULLABLE_FIELDS`); :data:`FLOAT_FIELDS` must be finite
-    numbers; ``model_type`` a string; the hidden size a multiple of the attention heads (when no
+    numbers; ``model_type`` a string, ``architectures`` a list of strings; the hidden size a multiple of the attention heads (when no
     ``head_dim`` is given) and the attention heads a multiple of the key/value heads.
 
     Args:
@@ -123,6 +123,9 @@ def check_config_values(config: Any, path: str | os.PathLike = CONFIG_NAME) -> d
         raise ValueError(f"{path}: not a model config (no model_type)")
     if not isinstance(config["model_type"], str) or not config["model_type"]:
         raise ValueError(f"{path}: model_type = {config['model_type']!r} is not a model type name")
+    names = config.get("architectures")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: architectures = {names!r} is not a list of class names")
     for key, (low, high) in INT_FIELDS.items():
         if key not in config or (config[key] is None and key in NULLABLE_FIELDS):
             continue
