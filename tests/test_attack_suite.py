@@ -692,8 +692,7 @@ def test_a_symlinked_out_is_followed_and_left_clean(folders, tmp_path, capsys):
     assert (target / "kronlm_manifest.json").is_file()
     kronlm.load(link)
     leftovers = [p.name for d in (tmp_path, tmp_path / "models") for p in d.iterdir() if p.name.endswith(".tmp")]
-    assert leftovers == [".link.abcd1234.tmp"]  # beside the link: not the target's temporaries; left alone
-    assert not (tmp_path / "models" / ".k.efgh5678.tmp").exists()
+    assert leftovers == [] and (target / "config.json").is_file()  # the old exchanged link removed, not followed
 
 
 def test_kronlm_save_follows_the_policy(folders, tmp_path):
@@ -876,6 +875,17 @@ def test_a_huge_json_lines_record_is_refused_and_max_tokens_reads_a_prefix(folde
     prefix = load_text_for_tokens(source, tokenizer, 64)
     assert len(prefix) < 20_000
     assert tokenizer(prefix)["input_ids"][:64] == tokenizer(load_text(source))["input_ids"][:64]
+
+
+def test_a_huge_paragraph_is_refused_before_it_is_tokenised(tmp_path, monkeypatch):
+    from kronlm.data.blocks import build_blocks
+
+    monkeypatch.setattr("kronlm.data.blocks.MAX_RECORD_BYTES", 1 << 16)
+    text = tmp_path / "corpus.txt"
+    text.write_text("a short paragraph\n\n" + "word " * 20_000 + "\n\nanother one\n")
+    monkeypatch.setattr("kronlm.data.blocks.tokenize_documents", lambda docs, *a, **k: (list(docs), pytest.fail("not refused")))
+    with pytest.raises(ValueError, match=r"corpus\.txt: the paragraph ending at line 3 is longer than 0 Mi characters"):
+        build_blocks(text, _tokenizer(), block_size=8, cache_dir=tmp_path / "cache")
 
 
 def test_nan_and_inf_flags_are_named(folders, tmp_path, capsys):

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kronlm.data.sources import TEXT_ALIASES, resolve_source
-from kronlm.data.text import load_text
+from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.layers import dense_weight, is_conv1d
 from kronlm.utils.io import atomic_path
 
@@ -344,8 +344,9 @@ def calibration_mix(
             continue
         field_name = "text" if item.spec in TEXT_ALIASES else text_field
         resolved = resolve_source(item.spec, split=split, data_dir=data_dir, text_field=field_name)
-        text = load_text(resolved)
         sub_seed = None if seed is None else int(seed) + index
+        # The first blocks need only the beginning of the text; seeded blocks are drawn from all of it.
+        text = load_text(resolved) if sub_seed is not None else load_text_for_tokens(resolved, tokenizer, count * seq_len)
         parts.append(calibration_input_ids(tokenizer, text, count, seq_len, sub_seed, source=f"calibration source {item.spec!r}"))
         where = "first blocks" if sub_seed is None else f"blocks drawn with seed {sub_seed}"
         described.append(f"{count} of {resolved.label} ({where})")

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from kronlm.data.sources import (
+    MAX_RECORD_BYTES,
     DataSource,
     iter_records,
     read_text_file,
@@ -226,11 +227,24 @@ def iter_paragraphs(lines: Iterable[str]) -> Iterator[str]:
         yield text
 
 
+def _bounded_lines(fh, path: Path) -> Iterator[str]:
+    # A paragraph is one document, tokenised whole: one longer than a JSON Lines record may be is
+    # refused before it is held in memory (a 150 MB line would tokenise for minutes).
+    lineno, held = 0, 0
+    while line := fh.readline(MAX_RECORD_BYTES + 1):
+        lineno += 1
+        held = 0 if line.strip(" \t\r\n") == "" else held + len(line)
+        if held > MAX_RECORD_BYTES:
+            raise ValueError(f"{path}: the paragraph ending at line {lineno} is longer than {MAX_RECORD_BYTES >> 20} Mi characters; "
+                             "each blank-line separated paragraph is one training document: split it with blank lines")
+        yield line
+
+
 def _file_paragraphs(path: str | os.PathLike) -> Iterator[str]:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as fh:
-            yield from iter_paragraphs(fh)
+            yield from iter_paragraphs(_bounded_lines(fh, path))
     except UnicodeDecodeError as exc:
         raise ValueError(f"text file {path} is not valid UTF-8 ({exc.reason})") from None
 

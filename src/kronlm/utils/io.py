@@ -594,7 +594,10 @@ def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, inp
     """
     if kind not in ("model", "run"):
         raise ValueError(f"kind must be 'model' or 'run', got {kind!r}")
-    path = follow_link(_output_name_check(path, option))
+    path = _output_name_check(path, option)
+    if path.is_symlink():
+        _clean_exchanged_links(path)
+    path = follow_link(path)
     checks = [(path, output_conflict(path, inputs, holding_ok=kind == "run"))]
     checks += [(path / entry, output_conflict(path / entry, inputs, folder=False)) for entry in replaced]
     for where, conflict in checks:
@@ -748,6 +751,14 @@ def _clean_stale_temporaries(path: Path) -> None:
         _remove(leftover)
 
 
+def _clean_exchanged_links(link: Path) -> None:
+    # Writers before symlinks were followed exchanged a temporary folder with the link itself and
+    # left the link under the temporary's name: a symlink there is never a live writer's work.
+    for leftover in link.parent.glob(f".{link.name}.*.tmp"):
+        if leftover.is_symlink() and _TEMPORARY.match(leftover.name):
+            leftover.unlink(missing_ok=True)
+
+
 def _remove(path: Path) -> None:
     # A symlink (an exchange with a symlinked destination once left one) is removed, never followed.
     if path.is_dir() and not path.is_symlink():
@@ -793,6 +804,8 @@ def atomic_dir(path: str | os.PathLike, *, expected_bytes: int | None = None) ->
             ``path`` and the bytes; the old folder stays).
         OSError: the folder cannot be written.
     """
+    if Path(path).is_symlink():
+        _clean_exchanged_links(Path(path))
     path = follow_link(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a folder; refusing to replace it")
