@@ -458,11 +458,16 @@ def test_a_damaged_model_folder_gives_one_line_naming_it(folders, tmp_path, caps
          r"target 0: module pattern 're:\(unclosed' is not a valid regular expression"),
         ("targets-a-mapping", {"targets": {"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}}, r"targets must be a list of rules, got dict"),
         ("not-utf8", b"targets: \xd0\xff\xfe\n", r"bad\.yaml: cannot parse \('utf-8' codec can't decode byte 0xd0"),
+        ("nested", b"targets: " + b"[" * 50_000 + b"]" * 50_000, r"bad\.yaml: nested too deeply to parse"),
+        ("fifo", None, r"bad\.yaml: is a FIFO \(named pipe\), not a regular file"),
     ],
 )
 def test_a_bad_compression_config_gives_one_line_naming_it(folders, tmp_path, capsys, name, content, message):
     path = tmp_path / "bad.yaml"
-    path.write_bytes(content if isinstance(content, bytes) else yaml.safe_dump(content).encode())
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else yaml.safe_dump(content).encode())
     line = _one_line_error(capsys, ["compress", folders["dense"], "--config", path, "--out", tmp_path / "out"])
     assert str(path) in line and re.search(message, line), line
     assert not (tmp_path / "out").exists()
@@ -804,6 +809,8 @@ CONFIG_VALUES = [
     ("eps-a-string", {"layer_norm_epsilon": "tiny"}, r"layer_norm_epsilon = 'tiny' is not a finite number"),
     ("model-type-a-number", {"model_type": 5}, r"model_type = 5 is not a model type name"),
     ("architectures-a-string", {"architectures": "GPT2LMHeadModel"}, r"architectures = 'GPT2LMHeadModel' is not a list of class names"),
+    ("bool-a-string", {"tie_word_embeddings": "yes"}, r"config\.json: TypeError: Field 'tie_word_embeddings' expected bool, got str"),
+    ("activation-unknown", {"activation_function": "nope"}, r"activation_function = 'nope' is not an activation transformers knows"),
 ]
 
 
@@ -828,6 +835,20 @@ def test_a_config_that_is_not_a_mapping_gives_one_line(folders, tmp_path, capsys
     shutil.copytree(folders["dense"], folder)
     (folder / "config.json").write_text(content)
     line = _one_line_error(capsys, _compress(folders, folder, tmp_path / "out"))
+    assert re.search(message, line), line
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("generation_config.json", [1], r"generation_config\.json: not a generation config \(a JSON list, not an object\)"),
+    ("tokenizer_config.json", [1], r"tokenizer_config\.json: not a tokenizer setting file \(a JSON list"),
+    ("tokenizer_config.json", {"model_max_length": "x"}, r"tokenizer_config\.json: model_max_length = 'x' is not a number"),
+    ("special_tokens_map.json", "[" * 50_000 + "]" * 50_000, r"special_tokens_map\.json: JSON nested too deeply"),
+])
+def test_a_malformed_side_file_is_named(folders, tmp_path, capsys, name, content, message):
+    folder = tmp_path / "m"
+    shutil.copytree(folders["dense"], folder)
+    (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    line = _one_line_error(capsys, ["eval", folder, "--data", folders["text"], "--max-length", "16"])
     assert re.search(message, line), line
 
 

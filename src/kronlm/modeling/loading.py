@@ -68,6 +68,8 @@ TASKS = ("causal-lm", "encoder", "sequence-classification", "question-answering"
 LOAD_ATTEMPTS = 5
 _RETRY_WAIT_S = 0.05
 TOKENIZER_FILE = "tokenizer.json"
+# Tokenizer files that must hold a JSON object.
+TOKENIZER_MAPPINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 # Architecture names that carry a next-token head ("LlamaForCausalLM", "GPT2LMHeadModel",
 # kronlm's "KroneckerLlamaForCausalLM") and a sequence-classification head.
@@ -320,13 +322,24 @@ def _load_folder(folder: Path, auto_class, **kwargs):
         register_architecture(base_model_type(model_type))
     if auto_class is None:
         auto_class = _auto_class(task_of_architectures(contents.config.get("architectures")))
-    if contents.config.get("kronlm"):
-        return auto_class.from_pretrained(folder, **kwargs)  # the Kronecker class checks the folder itself
     try:
-        class_name = auto_class._model_mapping[CONFIG_MAPPING[model_type]].__name__
-    except (KeyError, AttributeError):
-        class_name = ""
-    return load_checked(auto_class.from_pretrained, class_name, folder, **kwargs)
+        if contents.config.get("kronlm"):
+            return auto_class.from_pretrained(folder, **kwargs)  # the Kronecker class checks the folder itself
+        try:
+            class_name = auto_class._model_mapping[CONFIG_MAPPING[model_type]].__name__
+        except (KeyError, AttributeError):
+            class_name = ""
+        return load_checked(auto_class.from_pretrained, class_name, folder, **kwargs)
+    except ValueError as exc:
+        if str(exc).startswith("kronlm plan"):  # raised while the model is built: name the file that holds the plan
+            raise ValueError(f"{folder / 'config.json'}: {exc}") from None
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        # The config passed kronlm's checks, yet building the model from it failed inside
+        # transformers or torch: one line naming the folder's config, not a traceback.
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{folder / 'config.json'}: transformers cannot build the model it describes "
+                         f"({type(exc).__name__}: {detail})") from None
 
 
 def check_tokenizer_files(folder: str | os.PathLike) -> None:
@@ -345,7 +358,13 @@ def check_tokenizer_files(folder: str | os.PathLike) -> None:
         read_folder_config(folder)
     for path in sorted(folder.glob("*.json")):
         if path.name != "model.safetensors.index.json":
-            read_json(path)
+            data = read_json(path)
+            if path.name in TOKENIZER_MAPPINGS and not isinstance(data, dict):
+                raise ValueError(f"{path}: not a tokenizer setting file (a JSON {type(data).__name__}, not an object)")
+    settings = folder / "tokenizer_config.json"
+    limit = read_json(settings).get("model_max_length") if settings.is_file() else None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))):
+        raise ValueError(f"{settings}: model_max_length = {limit!r} is not a number")
     path = folder / TOKENIZER_FILE
     if path.is_file():
         data = read_json(path)

@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
+from transformers import GenerationConfig
+from transformers.activations import ACT2FN
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from kronlm.modeling.integrity import check_folder_entries, inside
+from kronlm.modeling.plan import PREFIX
 from kronlm.utils.io import read_json
 
 CONFIG_NAME = "config.json"
@@ -44,6 +48,11 @@ INT_FIELDS: dict[str, tuple[int, int]] = {
 }
 # Keys transformers allows to be null (they then default to another size).
 NULLABLE_FIELDS = frozenset({"num_key_value_heads", "n_inner", "head_dim"})
+# Activation names, looked up in transformers' ACT2FN when the model is built.
+ACTIVATION_FIELDS = ("hidden_act", "activation_function")
+# Keys of the folder, not of the config class (kronlm's load guard, remote-code map).
+_FOLDER_KEYS = ("model_type", "auto_map", "transformers_weights")
+GENERATION_CONFIG_NAME = "generation_config.json"
 # Float settings that must be finite numbers.
 FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "initializer_range")
 # A config may describe at most this many times more parameters than its weights hold (a
@@ -103,8 +112,11 @@ def check_config_values(config: Any, path: str | os.PathLike = CONFIG_NAME) -> d
 
     Every key of :data:`INT_FIELDS` present must be an integer (not a bool, float or string) in
     its range (null only for :data:`NULLABLE_FIELDS`); :data:`FLOAT_FIELDS` must be finite
-    numbers; ``model_type`` a string, ``architectures`` a list of strings; the hidden size a multiple of the attention heads (when no
-    ``head_dim`` is given) and the attention heads a multiple of the key/value heads.
+    numbers; ``model_type`` a string, ``architectures`` a list of strings, the activation one
+    transformers knows; the hidden size a multiple of the attention heads (when no
+    ``head_dim`` is given) and the attention heads a multiple of the key/value heads. Then the
+    config class transformers has for the model type is built from it, so that its own checks
+    (field types, RoPE settings, ...) fail here, naming the file.
 
     Args:
         config: the parsed ``config.json``.
@@ -145,7 +157,50 @@ def check_config_values(config: Any, path: str | os.PathLike = CONFIG_NAME) -> d
     kv_heads = config.get("num_key_value_heads")
     if heads is not None and kv_heads is not None and heads % kv_heads:
         raise ValueError(f"{path}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}")
+    for key in ACTIVATION_FIELDS:
+        value = config.get(key)
+        if key in config and (not isinstance(value, str) or value not in ACT2FN):
+            raise ValueError(f"{path}: {key} = {value!r} is not an activation transformers knows")
+    _check_with_transformers(config, path)
     return config
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text.split(". Errors:")[0][:300]
+
+
+def _check_with_transformers(config: dict[str, Any], path: str | os.PathLike) -> None:
+    # transformers validates its config classes' fields when they are built (types, RoPE
+    # settings, layer types), raising its own exception types with several lines; built here, the
+    # error names the file. Model types transformers does not know are left to the loader.
+    model_type = config["model_type"]
+    base = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+    if base not in CONFIG_MAPPING:
+        return
+    try:
+        CONFIG_MAPPING[base].from_dict({k: v for k, v in config.items() if k not in _FOLDER_KEYS})
+    except Exception as exc:  # huggingface_hub's StrictDataclass errors, TypeError, ValueError, ...
+        raise ValueError(f"{path}: {_last_line(exc)}") from None
+
+
+def check_generation_config(folder: str | os.PathLike) -> None:
+    """Check a folder's ``generation_config.json`` (when it has one) as transformers will read it.
+
+    Raises:
+        ValueError: not a JSON object, or a value ``GenerationConfig`` refuses (the file named).
+    """
+    path = Path(folder) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a generation config (a JSON {type(data).__name__}, not an object)")
+    try:
+        GenerationConfig.from_dict(data).validate()
+    except Exception as exc:  # ValueError, TypeError or transformers' own
+        raise ValueError(f"{path}: {_last_line(exc)}") from None
 
 
 def _estimated_params(config: dict[str, Any]) -> int | None:
@@ -198,7 +253,9 @@ def read_folder_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder}: model folder not found{hint}")
     check_folder_entries(folder)
     config_path = folder / CONFIG_NAME
-    return check_config_values(read_json(config_path), config_path)
+    config = check_config_values(read_json(config_path), config_path)
+    check_generation_config(folder)
+    return config
 
 
 def check_folder_files(folder: str | os.PathLike) -> FolderContents:
@@ -305,6 +362,7 @@ __all__ = [
     "check_config_against_weights",
     "check_config_values",
     "check_folder_files",
+    "check_generation_config",
     "check_loading_info",
     "read_folder_config",
     "read_safetensors_shapes",

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from typing_extensions import Self
 
-from kronlm.utils.io import atomic_path
+from kronlm.utils.io import atomic_path, special_file_kind
 
 C = TypeVar("C", bound="ConfigBase")
 
@@ -31,10 +31,13 @@ def read_config_file(path: str | os.PathLike, what: str = "config") -> dict[str,
 
     Raises:
         FileNotFoundError: no such file (named).
-        ValueError: another suffix, unparsable text, or a top level that is not a mapping (the
-            message names the file).
+        ValueError: a device or FIFO, another suffix, unparsable or too deeply nested text, or a
+            top level that is not a mapping (the message names the file).
     """
     path = Path(path)
+    special = special_file_kind(path)
+    if special is not None:
+        raise ValueError(f"{what} {path}: is {special}, not a regular file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: file not found")
     if path.suffix not in CONFIG_SUFFIXES:
@@ -45,6 +48,8 @@ def read_config_file(path: str | os.PathLike, what: str = "config") -> dict[str,
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{what} {path}: cannot parse ({first})") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path}: nested too deeply to parse") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
