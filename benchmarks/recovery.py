@@ -196,6 +196,8 @@ def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
     """The settings of each part: the stages of configs/recover.yaml; the end-to-end baselines."""
     staged = RecoveryConfig.from_file(REPO / "configs" / "recover.yaml").stages
     parts = {s.mode: s for s in staged}
+    # Every student's local point is measured, whatever its init (the recipe refits data-free inits only).
+    parts["local"] = parts["local"].replace(local={**parts["local"].local.to_dict(), "modules": "all"})
     e2e_file = "recover-truncation.yaml" if truncated else "recover-e2e.yaml"
     parts["end_to_end_alone"] = TrainingConfig.from_file(REPO / "configs" / e2e_file)
     for mode in ("end_to_end", "end_to_end_alone"):

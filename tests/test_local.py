@@ -194,3 +194,18 @@ def test_gpt2_conv1d_blocks_fit_too(tmp_path):
     result = distill_local(student, teacher, {"train": _ids(8, 1), "val": _ids(4, 2)}, _config(max_steps=8), tmp_path / "g",
                            progress=False)
     assert all(b.trained and b.error_refit < b.error_before for b in result.blocks)
+
+
+def test_data_free_modules_only_leaves_activation_aware_modules_alone(tmp_path):
+    teacher = _teacher()
+    mixed = CompressionConfig(targets=[
+        KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], b_shape=(2, 1)),
+        KroneckerTarget(["**.mlp.down_proj"], b_shape=(1, 2), init="activation_aware")])
+    student = kronlm.compress(copy.deepcopy(teacher), mixed, calibration=_ids(8, 5), progress=False)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    distill_local(student, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, _config(local={"modules": "data_free"}),
+                  tmp_path / "run", progress=False)
+    changed = {n.rsplit(".", 2)[-2] for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"gate_proj", "up_proj"}
+    with pytest.raises(ValueError, match="modules must be one of all, data_free"):
+        _config(local={"modules": "some"})

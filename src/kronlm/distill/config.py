@@ -26,6 +26,7 @@ from kronlm.utils.config import ConfigBase
 MIXED_PRECISION_CHOICES = ("no", "bf16", "auto")
 MODES = ("end_to_end", "blockwise", "local")
 LOCAL_TARGETS = ("teacher", "dense")
+LOCAL_MODULES = ("all", "data_free")
 BLOCK_INPUTS = ("student", "teacher")
 BLOCK_LOSSES = ("mse", "relative_mse")
 CACHE_DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -145,6 +146,12 @@ class LocalConfig(ConfigBase):
             output error).
         refit_damping: ridge towards the dense weight in the closed-form fit, relative to the
             mean input energy (δ = refit_damping · mean(diag C)).
+        modules: "all" compressed linear modules of the blocks, or "data_free": only those whose
+            factors were initialised without calibration data (Van Loan, modified Van Loan,
+            pruning, random; the compression report says which). An activation-aware init
+            already minimises the output error on the teacher's inputs; refitting it to the
+            student's inputs fits the recovery text closely and was measured to help other text
+            less than block-wise distillation does (docs/recovery.md).
         capture_memory_gb: captured inputs and targets of one block are held in memory (float32)
             up to this many gigabytes; larger captures go to disk as bfloat16 beside the run
             (refused when the disk cannot hold them either).
@@ -154,6 +161,7 @@ class LocalConfig(ConfigBase):
     """
 
     target: str = "teacher"
+    modules: str = "all"
     refit: bool = True
     refit_damping: float = 1e-2
     capture_memory_gb: float = 8.0
@@ -164,6 +172,8 @@ class LocalConfig(ConfigBase):
         """Check the choices (see the class docstring)."""
         if self.target not in LOCAL_TARGETS:
             raise ValueError(f"target must be one of {', '.join(LOCAL_TARGETS)}, got {self.target!r}")
+        if self.modules not in LOCAL_MODULES:
+            raise ValueError(f"modules must be one of {', '.join(LOCAL_MODULES)}, got {self.modules!r}")
         if not isinstance(self.refit, bool):
             raise ValueError(f"refit must be true or false, got {self.refit!r}")
         if not (_is_number(self.refit_damping) and math.isfinite(self.refit_damping) and self.refit_damping >= 0):
@@ -496,5 +506,5 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["DATA_ORDER_FIELDS", "LOCAL_TARGETS", "MIXED_PRECISION_CHOICES", "MODES", "RESUME_FREE_FIELDS", "BlockwiseConfig", "LocalConfig",
+__all__ = ["DATA_ORDER_FIELDS", "LOCAL_MODULES", "LOCAL_TARGETS", "MIXED_PRECISION_CHOICES", "MODES", "RESUME_FREE_FIELDS", "BlockwiseConfig", "LocalConfig",
            "LossRecipeMixin", "TaskTrainConfig", "TrainingConfig"]

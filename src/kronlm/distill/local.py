@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from kronlm.compress.calibration import InputStatistics, ModuleCalibration
 from kronlm.compress.surgery import fit_factors
 from kronlm.compress.truncate import find_block_list
+from kronlm.decompose.initializers import INITIALIZERS, get_initializer
 from kronlm.distill.block_runs import (
     BLOCK_STATE_FILE,
     BlockRecord,
@@ -84,7 +85,6 @@ from kronlm.distill.block_runs import (
     split_minutes,
     validation_ppl,
 )
-from kronlm.distill.blockwise import trainable_block_parameters
 from kronlm.distill.checkpoint import remove_interrupted_writes
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
@@ -94,7 +94,7 @@ from kronlm.distill.objective import LossOutput
 from kronlm.distill.trainer import Trainer
 from kronlm.distill.validation import Validator, evaluation_mode
 from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear, dense_weight
-from kronlm.modeling import save
+from kronlm.modeling import compression_report, save
 from kronlm.utils.io import folder_lock, write_json
 
 SUMMARY_FILE = "local_summary.json"
@@ -106,9 +106,23 @@ class _Stop(Exception):
     """Raised by a capture hook once everything wanted from a forward pass is recorded."""
 
 
-def compressed_modules(block: nn.Module) -> list[str]:
-    """Names (relative to ``block``) of its factored linear modules, in registration order."""
-    return [name for name, module in block.named_modules() if isinstance(module, LOCAL_MODULES)]
+def compressed_modules(block: nn.Module, prefix: str = "", skip_inits: dict[str, str] | None = None) -> list[str]:
+    """Names (relative to ``block``) of its factored linear modules, in registration order.
+
+    Args:
+        prefix: the block's own name in the model (``model.layers.3``), for ``skip_inits``.
+        skip_inits: {full module name: initialiser}; a module listed with an initialiser that
+            needs calibration data (activation-aware) is left out.
+    """
+    out = []
+    for name, module in block.named_modules():
+        if not isinstance(module, LOCAL_MODULES):
+            continue
+        init = (skip_inits or {}).get(f"{prefix}.{name}" if prefix else name)
+        if init is not None and init in INITIALIZERS and get_initializer(init).needs_calibration:
+            continue
+        out.append(name)
+    return out
 
 
 @torch.no_grad()
@@ -501,12 +515,17 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
         p.requires_grad_(False)
     started = time.perf_counter()
     inputs = _student_block_inputs(student, all_ids, config.micro_batch_size, device)
-    to_train = [i for i, b in enumerate(student_blocks) if compressed_modules(b)]
+    list_name, _ = find_block_list(student)
+    report = compression_report(student)
+    inits = ({m.name: m.init for m in report.modules} if report is not None and config.local.modules == "data_free" else None)
+    chosen = {i: compressed_modules(b, f"{list_name}.{i}", inits) for i, b in enumerate(student_blocks)}
+    to_train = [i for i, names in chosen.items() if names]
     for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
         if index in to_train:
             minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
-            record = _fit_block(index, block, teacher_blocks[index], block_kwargs, inputs, cache.boundary(index), cache.boundary(index + 1),
-                                train_ids.shape[0], config.replace(max_minutes=minutes), out_dir, resume, key, run_settings, device)
+            record = _fit_block(index, block, chosen[index], teacher_blocks[index], block_kwargs, inputs, cache.boundary(index),
+                                cache.boundary(index + 1), train_ids.shape[0], config.replace(max_minutes=minutes), out_dir, resume, key,
+                                run_settings, device)
         else:
             record = BlockRecord(index, trained=False)
         result.blocks.append(record)
@@ -556,7 +575,7 @@ def _student_block_inputs(student: nn.Module, ids: torch.Tensor, batch_size: int
     return torch.cat(out)
 
 
-def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor,
+def _fit_block(index: int, block: nn.Module, names: list[str], teacher_block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor,
                teacher_inputs: torch.Tensor, teacher_outputs: torch.Tensor, n_train: int, config: TrainingConfig, out_dir: Path,
                resume: bool, key: dict[str, Any], run_settings: dict[str, Any] | None, device) -> BlockRecord:
     settings = config.local
@@ -566,7 +585,6 @@ def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwa
         return record
     if not resume and folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
-    names = compressed_modules(block)
     groups = module_groups(block, block_kwargs, inputs[:1].to(device).float(), names)
     order = [n for g in groups for n in g]
     N, T = inputs.shape[:2]
@@ -601,8 +619,7 @@ def _fit_block(index: int, block: nn.Module, teacher_block: nn.Module, block_kwa
                 error = _refit_group(block, teacher_block, group, xs[g], [ys[order.index(n)] for n in group], n_train, error, settings,
                                      batch, block_error, device)
         error_refit = error
-        BlockStateExporter(list(trainable_block_parameters(block, train_norms=False)))(LocalModules(block, groups), folder / "refit",
-                                                                                          {"error": error_refit})
+        BlockStateExporter(list(_parameters(block, order)))(LocalModules(block, groups), folder / "refit", {"error": error_refit})
         record = _gradient_epochs(index, block, groups, xs, ys, n_train, config, folder, resume, key, run_settings)
         record.error_after = block_error()
         if record.error_after is not None and error_refit is not None and record.error_after > error_refit:
@@ -661,7 +678,7 @@ def _refit_group(block, teacher_block, group: list[str], x: torch.Tensor, ys: li
 
 
 def _gradient_epochs(index, block, groups, xs, ys, n_train, config: TrainingConfig, folder: Path, resume: bool, key, run_settings) -> BlockRecord:
-    params = trainable_block_parameters(block, train_norms=False)
+    params = _parameters(block, [n for g in groups for n in g])
     for p in params.values():
         p.requires_grad_(True)
     model = LocalModules(block, groups)
@@ -684,9 +701,9 @@ def _gradient_epochs(index, block, groups, xs, ys, n_train, config: TrainingConf
                        run.best_val, run.best_step, chosen)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
+def _parameters(block: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """The parameters of the named modules, by their names relative to ``block``."""
+    return {f"{n}.{pn}": p for n in names for pn, p in block.get_submodule(n).named_parameters()}
 
 
 __all__ = [
