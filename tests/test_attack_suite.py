@@ -684,6 +684,15 @@ def test_bench_out_does_not_replace_a_users_file(tmp_path, capsys):
     assert "page.md: exists and was not written by kronlm" in line and page.read_text() == "# my page"
 
 
+def test_an_out_below_a_file_or_a_symlink_loop_gives_one_line(folders, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    line = _one_line_error(capsys, _compress(folders, folders["dense"], tmp_path / "afile" / "sub"))
+    assert line == f"kronlm: error: {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder; cannot write below it"
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    line = _one_line_error(capsys, _compress(folders, folders["dense"], tmp_path / "loop"))
+    assert line == f"kronlm: error: {tmp_path / 'loop'}: a symlink loop, leading to no file or folder"
+
+
 def test_a_symlinked_out_is_followed_and_left_clean(folders, tmp_path, capsys):
     target = tmp_path / "models" / "k"
     shutil.copytree(folders["compressed"], target)
@@ -946,6 +955,7 @@ def test_a_file_size_limit_during_save_gives_one_line_and_keeps_the_old_model(fo
     err = capfd.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("kronlm: error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"kronlm: error: {out}: cannot write it"), errors[0]  # no "[Errno 27]" in front
     assert re.search(rf"{re.escape(str(out))}: cannot write it: a file grew past the file-size limit \(4,096 bytes, see ulimit -f\); "
                      r"about [\d,]+ bytes needed; its previous contents are unchanged", errors[0]), errors[0]
     assert _contents(out) == before
@@ -967,6 +977,7 @@ def test_a_full_disk_during_save_gives_one_line_and_keeps_the_old_model(folders,
     monkeypatch.setattr(kronlm.modeling.registry, "write_compression_file", full)
     line = _one_line_error(capsys, _compress(folders, folders["dense"], out))
     monkeypatch.setattr(kronlm.modeling.registry, "write_compression_file", real)
+    assert line.startswith(f"kronlm: error: {out}: cannot write it"), line
     assert re.search(rf"{re.escape(str(out))}: cannot write it: no space left on device \(about [\d,]+ bytes needed, [\d,]+ bytes free\); "
                      "its previous contents are unchanged", line), line
     assert _contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["k"]

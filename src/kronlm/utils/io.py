@@ -133,9 +133,18 @@ def _default_mode(directory: bool) -> int:
 
 def follow_link(path: str | os.PathLike) -> Path:
     """``path`` with a symlink as its last component replaced by the link's target (all links
-    followed), else ``path`` unchanged: writers replace the target and keep the link."""
+    followed), else ``path`` unchanged: writers replace the target and keep the link.
+
+    Raises:
+        OSError: the link leads to itself (a loop; named).
+    """
     path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():
+        raise _with_errno(OSError(f"{path}: a symlink loop, leading to no file or folder"), errno.ELOOP)
+    return target
 
 
 def _storage_failure(exc: BaseException) -> int | None:
@@ -190,7 +199,14 @@ def storage_error(target: str | os.PathLike, code: int, *, written: int, expecte
         what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
         why = f"{what} ({needed}, {free})"
     kept = "its previous contents are unchanged" if target.exists() else "nothing was written"
-    return StorageFullError(code, f"{target}: cannot write it: {why}; {kept}")
+    return _with_errno(StorageFullError(f"{target}: cannot write it: {why}; {kept}"), code)
+
+
+def _with_errno(exc: OSError, code: int) -> OSError:
+    # OSError(code, message) would print as "[Errno 28] message"; the command line shows one
+    # plain line, so the code is set after construction.
+    exc.errno = code
+    return exc
 
 
 @contextlib.contextmanager
@@ -515,9 +531,9 @@ def _check_creatable(path: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{path}: {parent} is a file, not a folder; cannot write below it")
+        raise _with_errno(NotADirectoryError(f"{path}: {parent} is a file, not a folder; cannot write below it"), errno.ENOTDIR)
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"{path} is not writable (no write permission on {parent})")
+        raise _with_errno(PermissionError(f"{path} is not writable (no write permission on {parent})"), errno.EACCES)
 
 
 def model_folder_extras(folder: str | os.PathLike) -> list[str] | None:
