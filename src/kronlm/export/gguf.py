@@ -181,7 +181,8 @@ def export_gguf(
     Args:
         model: a Hugging Face causal LM of a :data:`GGUF_ARCHITECTURES` type; a kronlm-compressed
             model is merged first (the model passed in is not changed).
-        path: the ``.gguf`` file to write (replaced if it exists).
+        path: the ``.gguf`` file to write; an existing file is replaced (``kronlm merge --gguf``
+            checks first that kronlm wrote it, :func:`gguf_written_by_kronlm`).
         tokenizer: the model's fast byte-level BPE tokenizer (written into the file).
         dtype: "f16" (2-D weights as float16, the rest float32) or "f32".
         pre_tokenizer: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``), e.g. "smollm" for

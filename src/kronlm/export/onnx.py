@@ -336,6 +336,7 @@ def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, inp
 
     Raises:
         FileExistsError: the folder is refused (named, with why).
+        NotADirectoryError: a parent of the folder is a file.
         PermissionError: the nearest existing parent folder is not writable.
     """
     return check_output_folder(out_dir, overwrite=overwrite, inputs=inputs, option="--out")
