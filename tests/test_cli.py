@@ -10,7 +10,7 @@ from shared_paths import GPT2_TOKENIZER_DIR, SHARED_DATA
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from kronlm.cli import main
-from kronlm.distill.stages import DEFAULT_RECIPE
+from kronlm.distill.stages import DEFAULT_RECIPE, RecoveryConfig
 
 TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 
@@ -183,7 +183,8 @@ def test_compress_recovers_in_stages_by_default(tiny_folder, tmp_path, capsys):
             "--stride", "32"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "local (0.1 min) -> blockwise (0.1 min) -> end_to_end (0.1 min)" in printed
+    budgets = [s.max_minutes for s in RecoveryConfig.from_file(tmp_path / "recover.yaml").with_budget(0.3).stages]
+    assert " -> ".join(f"{mode} ({m:.1f} min)" for mode, m in zip(("local", "blockwise", "end_to_end"), budgets)) in printed
     summary = json.loads((tmp_path / "out.recovery" / "recovery_summary.json").read_text())
     assert [s["mode"] for s in summary["stages"]] == ["local", "blockwise", "end_to_end"]
     # The kept student is the stage result (or the start) with the lowest validation perplexity.
