@@ -209,3 +209,13 @@ def test_data_free_modules_only_leaves_activation_aware_modules_alone(tmp_path):
     assert changed == {"gate_proj", "up_proj"}
     with pytest.raises(ValueError, match="modules must be one of all, data_free"):
         _config(local={"modules": "some"})
+    # Nothing data-free to fit: the stage leaves the student as it is and runs no teacher.
+    aware = kronlm.compress(copy.deepcopy(teacher), CompressionConfig(targets=[KroneckerTarget(["**.mlp.*_proj"], b_shape=(2, 2),
+                                                                                                 init="activation_aware")]),
+                            calibration=_ids(8, 5), progress=False)
+    state = {n: p.detach().clone() for n, p in aware.named_parameters()}
+    result = distill_local(aware, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, _config(local={"modules": "data_free"}),
+                           tmp_path / "none", progress=False)
+    assert not any(b.trained for b in result.blocks) and result.val_ppl_after == result.val_ppl_before
+    assert all(torch.equal(p, state[n]) for n, p in aware.named_parameters())
+    assert not (tmp_path / "none" / "teacher_cache").exists()

@@ -501,6 +501,16 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
     config.to_file(out_dir / "training_config.yaml")
     accelerator = make_accelerator(config, out_dir)
 
+    list_name, _ = find_block_list(student)
+    report = compression_report(student)
+    inits = ({m.name: m.init for m in report.modules} if report is not None and config.local.modules == "data_free" else None)
+    chosen = {i: compressed_modules(b, f"{list_name}.{i}", inits) for i, b in enumerate(student_blocks)}
+    to_train = [i for i, names in chosen.items() if names]
+    if not to_train:  # nothing to fit (e.g. only activation-aware modules with modules: data_free): no cache, no captures
+        result.val_ppl_before = result.val_ppl_after = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+        result.blocks = [BlockRecord(i, trained=False) for i in range(len(student_blocks))]
+        return _export(student, config, result, out_dir, tokenizer)
+
     cache_dir = Path(config.blockwise.cache_dir) if config.blockwise.cache_dir else out_dir / "teacher_cache"
     all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
     started = time.perf_counter()
@@ -515,11 +525,6 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
         p.requires_grad_(False)
     started = time.perf_counter()
     inputs = _student_block_inputs(student, all_ids, config.micro_batch_size, device)
-    list_name, _ = find_block_list(student)
-    report = compression_report(student)
-    inits = ({m.name: m.init for m in report.modules} if report is not None and config.local.modules == "data_free" else None)
-    chosen = {i: compressed_modules(b, f"{list_name}.{i}", inits) for i, b in enumerate(student_blocks)}
-    to_train = [i for i, names in chosen.items() if names]
     for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
         if index in to_train:
             minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
@@ -536,6 +541,10 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
         p.requires_grad_(True)
 
     result.val_ppl_after = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
+    return _export(student, config, result, out_dir, tokenizer)
+
+
+def _export(student: nn.Module, config: TrainingConfig, result: LocalResult, out_dir: Path, tokenizer) -> LocalResult:
     summary = {"mode": "local", "target": config.local.target, "val_ppl": result.val_ppl_after, "val_ppl_before": result.val_ppl_before}
     result.final_dir = save(student, out_dir / "final", tokenizer=tokenizer, summary=summary, overwrite=True)
     result.best_dir = copy_model(result.final_dir, out_dir / "best")

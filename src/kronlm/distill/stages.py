@@ -16,7 +16,8 @@ Every stage ends with the student it chose on the held-out blocks (each block's 
 the block modes, the best validation perplexity end to end). The validation perplexity after each
 stage is recorded; the student returned is the stage result with the lowest one, so a stage that
 makes things worse is undone. Run folder: ``stage-1-local/``, ``stage-2-blockwise/``, ... (one run
-folder per stage), ``best/`` (the chosen student), ``recovery_summary.json``.
+folder per stage), ``teacher_cache/`` (shared by the block stages unless a stage names its own
+``blockwise.cache_dir``), ``best/`` (the chosen student), ``recovery_summary.json``.
 """
 
 from __future__ import annotations
@@ -287,6 +288,9 @@ def _recover(student, teacher, blocks, config: RecoveryConfig, out_dir: Path, re
 def _run_stage(index: int, student, teacher, blocks, stage: TrainingConfig, folder: Path, resume: bool, tokenizer, progress: bool,
                run_settings) -> tuple[StageRecord, Path]:
     record = StageRecord(index, stage.mode, str(folder))
+    if stage.mode in ("local", "blockwise") and stage.blockwise.cache_dir is None:
+        # One teacher hidden-state cache for all block stages of the recovery: the same teacher and tokens.
+        stage = stage.replace(blockwise={**stage.blockwise.to_dict(), "cache_dir": str(folder.parent / "teacher_cache")})
     if stage.mode == "local":
         out = distill_local(student, teacher, blocks, stage, folder, resume=resume, tokenizer=tokenizer, progress=progress,
                             run_settings=run_settings)
