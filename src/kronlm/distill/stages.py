@@ -254,8 +254,11 @@ def _recover(student, teacher, blocks, config: RecoveryConfig, out_dir: Path, re
     start = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
     current = validation_ppl(student, val_ids, make_accelerator(config.stages[0], out_dir), config.stages[0].micro_batch_size)
     best_ppl, best_folder = current, None
+    leftover = 0.0  # minutes an earlier stage left of its budget, given to the next one
     for index, stage in enumerate(config.stages, start=1):
         folder = stage_folder(out_dir, index, stage.mode)
+        if stage.max_minutes is not None and leftover > 0:
+            stage = stage.replace(max_minutes=stage.max_minutes + leftover)
         t0 = time.perf_counter()
         done = folder / STAGE_DONE_FILE
         if resume and done.is_file():
@@ -268,6 +271,7 @@ def _recover(student, teacher, blocks, config: RecoveryConfig, out_dir: Path, re
             record.seconds = time.perf_counter() - t0
             write_json(done, dataclasses.asdict(record))
         result.stages.append(record)
+        leftover = max(stage.max_minutes - record.seconds / 60.0, 0.0) if stage.max_minutes is not None else 0.0
         current = record.val_ppl_after
         if best_ppl is None or (current is not None and current < best_ppl):
             best_ppl, best_folder, result.chosen = current, chosen, index
