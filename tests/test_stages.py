@@ -137,3 +137,13 @@ def test_the_packaged_default_recipe_is_the_example_in_configs():
     config = default_recovery_config(minutes=6)
     assert [s.mode for s in config.stages] == ["local", "blockwise", "end_to_end"]
     assert sum(s.max_minutes for s in config.stages) == pytest.approx(6)
+
+
+def test_the_minutes_a_stage_leaves_go_to_the_next(tmp_path):
+    teacher, student = _pair()
+    config = RecoveryConfig.from_file(_staged_file(tmp_path)).with_budget(3.0)  # 1 minute a stage; each needs about a second
+    recover(student, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, config, tmp_path / "run", progress=False)
+    given = [TrainingConfig.from_file(tmp_path / "run" / f"stage-{i}-{m}" / "training_config.yaml").max_minutes
+             for i, m in ((1, "local"), (2, "blockwise"), (3, "end_to_end"))]
+    assert given[0] == pytest.approx(1.0)
+    assert 1.9 < given[1] < 2.0 and 2.8 < given[2] < 3.0
