@@ -304,7 +304,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="Where the models run (cpu, cuda); training and evaluation alike.")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "recovery")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true", help="Only write --out and --plot from WORK/results.jsonl.")
+    parser.add_argument("--plot", default=None, help="PNG path per size, with {size} (e.g. docs/benchmarks/recovery-{size}.png).")
     args = parser.parse_args()
     args.points = [float(p) for p in args.points.split(",")]
     args.train_data = args.train_data or str(args.data_dir / ENWIKI)
@@ -319,6 +320,9 @@ def main() -> None:
             row = json.loads(line)
             done[(row["student"], row["size"], row["recovery"])] = row
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
+    if args.report_only:
+        write_reports(results_path, args, command)
+        return
     print(reproduce_header(command), flush=True)
     log: list[str] = []
     teacher, tokenizer = load_model_and_tokenizer(args.model)
@@ -342,37 +346,52 @@ def main() -> None:
             if key in done:
                 continue
             row = recover_and_measure(name, args.size, recovery, student_dir, teacher, tokenizer, blocks, evaluate, work, args)
-            row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log))
+            row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
+                       command=command)
             done[key] = row
             with open(results_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    rows = [r for r in done.values() if r["size"] == args.size]
+    write_reports(results_path, args, command)
+
+
+def write_reports(results_path: Path, args, command: str) -> None:
+    """Markdown of every row in ``results_path`` (all sizes: several invocations append to one
+    file) to ``--out``, and one PNG per size to ``--plot`` (``{size}`` replaced by 85, 70)."""
+    rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
+    sizes = sorted({r["size"] for r in rows}, reverse=True)
     if args.out:
-        write_markdown(report(rows, args, command), args.out)
-    if args.plot:
+        write_markdown(report(rows, sizes, command), args.out)
+    for size in sizes if args.plot else ():
+        of_size = [r for r in rows if r["size"] == size]
         series = {f"{r['student']} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
-                                                       [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in rows}
-        line_plot(series, args.plot, xlabel="CPU-minutes (one thread)", ylabel="WikiText-2 test perplexity",
-                  title=f"Recovery of SmolLM2-135M at {int(args.size * 100)} % of the parameters", logy=True,
-                  reference=dense["test"], reference_label="dense")
+                                                       [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in of_size}
+        line_plot(series, str(args.plot).replace("{size}", str(int(size * 100))), xlabel="CPU-minutes (one thread)",
+                  ylabel="WikiText-2 test perplexity", title=f"Recovery of SmolLM2-135M at {int(size * 100)} % of the parameters",
+                  logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense")
 
 
-def report(rows: list[dict], args, command: str) -> str:
-    """The Markdown table of ``rows`` (one size)."""
-    dense = rows[0]["dense"] if rows else {"test": float("nan"), "ood": float("nan")}
-    table = []
-    for r in sorted(rows, key=lambda r: r["after"]["test"]):
-        staged = {p["label"]: p["test"] for p in r["points"]}
-        table.append([r["student"], r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
-                      f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}", f"{r['after']['test'] / dense['test']:.2f}",
-                      f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}", f"{r['after']['ood'] / dense['ood']:.2f}",
-                      " / ".join(f"{label} {ppl:,.2f}" for label, ppl in staged.items()), f"{r['cpu_minutes']:.1f}"])
+def report(rows: list[dict], sizes: list[float], command: str) -> str:
+    """The Markdown tables of ``rows``, one section per size."""
     headers = ["student", "recovery", "params", "of dense", "test before", "test after", "x dense", "OOD before", "OOD after",
                "OOD x dense", "points (test ppl)", "CPU-min"]
-    lines = [f"# Recovery of SmolLM2-135M at {int(args.size * 100)} % of the parameters", "",
-             machine_line(machine_info()), f"Command: `{command}`", "",
-             f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "", markdown_table(headers, table), "",
-             reproduce_section([command])]
+    lines = ["# Recovery of SmolLM2-135M: quality against CPU time", "", machine_line(machine_info()), f"Command: `{command}`", "",
+             "Protocols: \"test\" = WikiText-2 raw test, first 16,384 tokens, sliding window 1024 / stride 512; \"OOD\" = GLUE "
+             "SST-2 dev sentences joined with blank lines, same protocol (text in no calibration or training set). Points: the "
+             "student after each stage or end-to-end segment, chosen on the held-out training blocks, at the CPU-minutes it had "
+             "spent (one torch thread, teacher cache included, evaluations excluded).", ""]
+    for size in sizes:
+        of_size = [r for r in rows if r["size"] == size]
+        dense = of_size[0]["dense"]
+        table = []
+        for r in sorted(of_size, key=lambda r: r["after"]["test"]):
+            points = " / ".join(f"{p['label']} {p['test']:,.2f} ({p['minutes']:.0f} min)" for p in r["points"])
+            table.append([r["student"], r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
+                          f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}", f"{r['after']['test'] / dense['test']:.2f}",
+                          f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}", f"{r['after']['ood'] / dense['ood']:.2f}",
+                          points, f"{r['cpu_minutes']:.1f}"])
+        lines += [f"## {int(size * 100)} % of the parameters", "", f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "",
+                  markdown_table(headers, table), "", f"![test perplexity against CPU-minutes](recovery-{int(size * 100)}.png)", ""]
+    lines.append(reproduce_section(sorted({r.get("command", command) for r in rows}) or [command]))
     return "\n".join(lines) + "\n"
 
 
