@@ -219,3 +219,20 @@ def test_data_free_modules_only_leaves_activation_aware_modules_alone(tmp_path):
     assert not any(b.trained for b in result.blocks) and result.val_ppl_after == result.val_ppl_before
     assert all(torch.equal(p, state[n]) for n, p in aware.named_parameters())
     assert not (tmp_path / "none" / "teacher_cache").exists()
+
+
+def test_a_llama_mlp_is_fitted_as_one_unit_and_attention_module_by_module(tmp_path):
+    teacher = tiny_llama(0)
+    student = kronlm.compress(copy.deepcopy(teacher), ALL_CFG, progress=False)
+    block = student.model.layers[0]
+    names = local_module.compressed_modules(block)
+    kwargs = capture_block_kwargs(student, _ids(1, 0))
+    units = local_module.joint_units(block, kwargs, torch.randn(1, 16, 32), names)
+    assert units == {"mlp": (32, 32, ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])}
+    # Joint or not, the local pass runs and lowers the held-out block error.
+    for joint in (True, False):
+        teacher = _teacher()
+        student = kronlm.compress(copy.deepcopy(teacher), MLP_CFG, progress=False)
+        result = distill_local(student, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, _config(local={"joint": joint}),
+                               tmp_path / f"run-{joint}", progress=False)
+        assert all(b.error_after <= b.error_before for b in result.blocks)

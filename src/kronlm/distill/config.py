@@ -144,6 +144,10 @@ class LocalConfig(ConfigBase):
             undoes the module's own approximation).
         refit: start each module with the closed-form fit (kept only where it lowers the held-out
             output error).
+        joint: in the gradient epochs, fit the modules inside a child of the block that is called
+            with one tensor (an MLP) jointly, to that child's output, instead of each to its own
+            target: the activations between them (a 2x Kronecker gate cannot follow the dense
+            gate's) are then free, and only what leaves the MLP must match.
         refit_damping: ridge towards the dense weight in the closed-form fit, relative to the
             mean input energy (δ = refit_damping · mean(diag C)).
         modules: "all" compressed linear modules of the blocks, or "data_free": only those whose
@@ -163,6 +167,7 @@ class LocalConfig(ConfigBase):
     target: str = "teacher"
     modules: str = "all"
     refit: bool = True
+    joint: bool = True
     refit_damping: float = 1e-2
     capture_memory_gb: float = 8.0
 
@@ -174,8 +179,9 @@ class LocalConfig(ConfigBase):
             raise ValueError(f"target must be one of {', '.join(LOCAL_TARGETS)}, got {self.target!r}")
         if self.modules not in LOCAL_MODULES:
             raise ValueError(f"modules must be one of {', '.join(LOCAL_MODULES)}, got {self.modules!r}")
-        if not isinstance(self.refit, bool):
-            raise ValueError(f"refit must be true or false, got {self.refit!r}")
+        for name in ("refit", "joint"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (_is_number(self.refit_damping) and math.isfinite(self.refit_damping) and self.refit_damping >= 0):
             raise ValueError(f"refit_damping must be a non-negative number, got {self.refit_damping!r}")
         if not (_is_number(self.capture_memory_gb) and math.isfinite(self.capture_memory_gb) and self.capture_memory_gb >= 0):

@@ -164,6 +164,39 @@ def module_groups(block: nn.Module, block_kwargs: dict[str, Any], sample: torch.
     return groups
 
 
+@torch.no_grad()
+def joint_units(block: nn.Module, block_kwargs: dict[str, Any], sample: torch.Tensor, names: list[str]) -> dict[str, tuple[int, int, list[str]]]:
+    """Children of ``block`` that hold some of the compressed modules ``names`` and are called with
+    one tensor and nothing else (a Llama or GPT-2 MLP; not an attention module, which also takes
+    masks and position embeddings): ``{child name: (input width, output width, its modules)}``.
+
+    Their modules are fitted jointly in the gradient epochs, to the child's output, so the
+    activations between them are free to differ from the teacher's (module docstring, step 5).
+
+    Args:
+        sample: (1, T, d) hidden states to run the block on once.
+    """
+    calls: dict[str, tuple[bool, int, int]] = {}
+    handles = []
+    for child_name, child in block.named_children():
+        inside = [n for n in names if n.startswith(child_name + ".")]
+        if not inside:
+            continue
+
+        def record(module, args, kwargs, output, name=child_name):
+            single = (len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+                      and not any(isinstance(v, torch.Tensor) for v in kwargs.values()))
+            calls[name] = (single and name not in calls, args[0].shape[-1] if single else 0, output.shape[-1] if single else 0)
+        handles.append(child.register_forward_hook(record, with_kwargs=True))
+    try:
+        BlockStep(block, block_kwargs)(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (width_in, width_out, [n for n in names if n.startswith(name + ".")])
+            for name, (single, width_in, width_out) in calls.items() if single}
+
+
 class CaptureStore:
     """Captured tensors of one block: float32 in memory up to ``memory_bytes``, else bfloat16 in
     files under ``folder`` (removed by :meth:`close`).
@@ -315,61 +348,61 @@ def closed_form_refit(module: nn.Module, weight: torch.Tensor, inputs: torch.Ten
 
 
 class LocalPairs(Dataset):
-    """One block's captured (input, target) pairs, by sequence: item i is ``{"x0": (T, in_0), ...,
-    "y0": (T, out_0), ...}`` (float32) with ``x{g}`` the input of group g and ``y{m}`` the target
-    of module m.
+    """One block's captured tensors, by sequence: item i is ``{key: tensor[i] (T, width)}`` (float32)
+    for the ``keys`` the gradient epochs read (inputs and targets of each fit).
 
     ``fingerprint`` names what the pairs were computed from (run key, block, split), so a resumed
     block run can check its data without hashing the captures.
     """
 
-    def __init__(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], rows: slice, fingerprint: str | None = None):
-        self.inputs, self.targets, self.rows, self.fingerprint = inputs, targets, rows, fingerprint
+    def __init__(self, tensors: dict[str, torch.Tensor], keys: list[str], rows: slice, fingerprint: str | None = None):
+        self.tensors, self.keys, self.fingerprint = tensors, keys, fingerprint
         self.offset = rows.start or 0
-        self.count = (rows.stop if rows.stop is not None else inputs[0].shape[0]) - self.offset
+        self.count = (rows.stop if rows.stop is not None else tensors[keys[0]].shape[0]) - self.offset
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         i = self.offset + index
-        item = {f"x{g}": x[i].float() for g, x in enumerate(self.inputs)}
-        item.update({f"y{m}": y[i].float() for m, y in enumerate(self.targets)})
-        return item
+        return {k: self.tensors[k][i].float() for k in self.keys}
+
+
+def relative_errors(block: nn.Module, fits: list[tuple[str, str, str]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ(f(x) - y)² / Σ y² of every fit ``(submodule of block, input key, target key)`` on a batch: (fits,)."""
+    errors = []
+    for name, x_key, y_key in fits:
+        y = batch[y_key]
+        diff = block.get_submodule(name)(batch[x_key]).float() - y
+        errors.append(diff.square().sum() / y.square().sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(errors)
 
 
 class LocalModules(nn.Module):
-    """The compressed modules of one block as one trainable model: ``forward(batch)`` returns
-    each module's relative squared error Σ(ŷ - y)² / Σ y² on its own pairs, shape (modules,).
+    """What the gradient epochs of one block train, as one model: ``forward(batch)`` returns the
+    relative squared error Σ(ŷ - y)² / Σ y² of each fit, shape (fits,).
 
     Args:
-        block: the block (held as ``.block`` for the exporter; only its modules named in
-            ``groups`` run).
-        groups: module names by shared input (:func:`module_groups`); module m is the m-th name
-            in reading order, input group g feeds the g-th list.
+        block: the block (held as ``.block`` for the exporter).
+        fits: ``(name, input key, target key)``: a compressed module, or a child of the block
+            holding compressed modules that is called with one tensor (an MLP: its modules are
+            then fitted jointly, to the child's output, so the intermediate activations are free),
+            with the keys of its captured inputs and targets in the batch.
     """
 
-    def __init__(self, block: nn.Module, groups: list[list[str]]):
+    def __init__(self, block: nn.Module, fits: list[tuple[str, str, str]]):
         super().__init__()
         self.block = block
-        self.groups = groups
+        self.fits = fits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Relative squared errors (modules,) of a batch of ``LocalPairs`` items."""
-        errors, m = [], 0
-        for g, names in enumerate(self.groups):
-            x = batch[f"x{g}"]
-            for name in names:
-                y = batch[f"y{m}"]
-                diff = self.block.get_submodule(name)(x).float() - y
-                errors.append(diff.square().sum() / y.square().sum().clamp_min(torch.finfo(torch.float32).tiny))
-                m += 1
-        return torch.stack(errors)
+        """Relative squared errors (fits,) of a batch of ``LocalPairs`` items."""
+        return relative_errors(self.block, self.fits, batch)
 
 
 class LocalObjective:
     """``objective(model, teacher, batch) -> LossOutput``: the mean relative squared error of the
-    block's modules; logs it as term "rel_err" too."""
+    block's fits; logs it as term "rel_err" too."""
 
     needs_teacher = False
 
@@ -380,7 +413,7 @@ class LocalObjective:
 
 
 class LocalValidator(Validator):
-    """Held-out relative output error, mean over the block's modules (lower is better); one process."""
+    """Held-out relative output error, mean over the block's fits (lower is better); one process."""
 
     name, key, greater_is_better = "rel_err", "rel_err", False
 
@@ -388,24 +421,17 @@ class LocalValidator(Validator):
         self.pairs, self.batch_size = pairs, batch_size
 
     def __call__(self, model: nn.Module, accelerator) -> dict[str, float]:
-        groups = model.groups if hasattr(model, "groups") else model.module.groups
-        sums: list[list[float]] = []
-        with evaluation_mode(model, accelerator) as net, torch.no_grad():
-            block = net.block if hasattr(net, "block") else net.module.block
+        inner = model.module if hasattr(model, "module") else model
+        sums = torch.zeros(len(inner.fits), 2, dtype=torch.float64)
+        with evaluation_mode(model, accelerator), torch.no_grad():
             for start in range(0, len(self.pairs), self.batch_size):
                 items = [self.pairs[i] for i in range(start, min(start + self.batch_size, len(self.pairs)))]
                 batch = {k: torch.stack([it[k] for it in items]).to(accelerator.device) for k in items[0]}
-                m = 0
-                for g, names in enumerate(groups):
-                    for name in names:
-                        y = batch[f"y{m}"]
-                        err = (block.get_submodule(name)(batch[f"x{g}"]).float() - y).double().square().sum().item()
-                        if len(sums) <= m:
-                            sums.append([0.0, 0.0])
-                        sums[m][0] += err
-                        sums[m][1] += y.double().square().sum().item()
-                        m += 1
-        errors = [e / max(n, 1e-300) for e, n in sums]
+                for f, (name, x_key, y_key) in enumerate(inner.fits):
+                    y = batch[y_key].double()
+                    sums[f, 0] += (inner.block.get_submodule(name)(batch[x_key]).double() - y).square().sum().item()
+                    sums[f, 1] += y.square().sum().item()
+        errors = (sums[:, 0] / sums[:, 1].clamp_min(1e-300)).tolist()
         return {"rel_err": sum(errors) / len(errors), "max_rel_err": max(errors), "sequences": len(self.pairs)}
 
 
@@ -527,10 +553,12 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
     inputs = _student_block_inputs(student, all_ids, config.micro_batch_size, device)
     for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
         if index in to_train:
+            # This block's share of what is left; captures and refits spend from it, the gradient epochs get the rest.
             minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
+            deadline = None if minutes is None else time.perf_counter() + 60.0 * minutes
             record = _fit_block(index, block, chosen[index], teacher_blocks[index], block_kwargs, inputs, cache.boundary(index),
-                                cache.boundary(index + 1), train_ids.shape[0], config.replace(max_minutes=minutes), out_dir, resume, key,
-                                run_settings, device)
+                                cache.boundary(index + 1), train_ids.shape[0], config, out_dir, resume, key, run_settings, device,
+                                deadline)
         else:
             record = BlockRecord(index, trained=False)
         result.blocks.append(record)
@@ -586,7 +614,7 @@ def _student_block_inputs(student: nn.Module, ids: torch.Tensor, batch_size: int
 
 def _fit_block(index: int, block: nn.Module, names: list[str], teacher_block: nn.Module, block_kwargs: dict[str, Any], inputs: torch.Tensor,
                teacher_inputs: torch.Tensor, teacher_outputs: torch.Tensor, n_train: int, config: TrainingConfig, out_dir: Path,
-               resume: bool, key: dict[str, Any], run_settings: dict[str, Any] | None, device) -> BlockRecord:
+               resume: bool, key: dict[str, Any], run_settings: dict[str, Any] | None, device, deadline: float | None) -> BlockRecord:
     settings = config.local
     folder = block_folder(out_dir, index)
     record = finished_block(block, folder, key)
@@ -594,13 +622,15 @@ def _fit_block(index: int, block: nn.Module, names: list[str], teacher_block: nn
         return record
     if not resume and folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder}: holds an earlier run; pass --resume to continue it or choose another --out")
-    groups = module_groups(block, block_kwargs, inputs[:1].to(device).float(), names)
+    sample = inputs[:1].to(device).float()
+    groups = module_groups(block, block_kwargs, sample, names)
     order = [n for g in groups for n in g]
+    units = joint_units(block, block_kwargs, sample, order) if settings.joint else {}
     N, T = inputs.shape[:2]
-    widths_in = [block.get_submodule(g[0]).in_features for g in groups]
-    widths_out = [block.get_submodule(n).out_features for n in order]
-    shapes = {f"x{g}": (N, T, w) for g, w in enumerate(widths_in)}
-    shapes.update({f"y{m}": (N, T, w) for m, w in enumerate(widths_out)})
+    shapes = {f"x{g}": (N, T, block.get_submodule(group[0]).in_features) for g, group in enumerate(groups)}
+    shapes.update({f"y{m}": (N, T, block.get_submodule(n).out_features) for m, n in enumerate(order)})
+    for k, (width_in, width_out, _) in enumerate(units.values()):
+        shapes.update({f"u{k}": (N, T, width_in), f"v{k}": (N, T, width_out)})
     store = CaptureStore(shapes, settings.capture_memory_gb * 1e9, out_dir / CAPTURE_DIR / f"block-{index:03d}")
     batch = config.micro_batch_size
     # What decides is the block's output on held-out sequences: a module fitted better on its own
@@ -614,8 +644,9 @@ def _fit_block(index: int, block: nn.Module, names: list[str], teacher_block: nn
         xs = [store[f"x{g}"] for g in range(len(groups))]
         ys = [store[f"y{m}"] for m in range(len(order))]
         if settings.target == "teacher":
-            capture(teacher_block, block_kwargs, teacher_inputs, {n: ("output", ys[m]) for m, n in enumerate(order)}, batch, device,
-                    stop=False)
+            wanted = {n: ("output", ys[m]) for m, n in enumerate(order)}
+            wanted.update({u: ("output", store[f"v{k}"]) for k, u in enumerate(units)})
+            capture(teacher_block, block_kwargs, teacher_inputs, wanted, batch, device, stop=False)
         error_before = error = block_error()
         m = 0
         for g, group in enumerate(groups):
@@ -628,8 +659,18 @@ def _fit_block(index: int, block: nn.Module, names: list[str], teacher_block: nn
                 error = _refit_group(block, teacher_block, group, xs[g], [ys[order.index(n)] for n in group], n_train, error, settings,
                                      batch, block_error, device)
         error_refit = error
-        BlockStateExporter(list(_parameters(block, order)))(LocalModules(block, groups), folder / "refit", {"error": error_refit})
-        record = _gradient_epochs(index, block, groups, xs, ys, n_train, config, folder, resume, key, run_settings)
+        if units:  # their inputs, now that the modules before them are fitted
+            capture(block, block_kwargs, inputs, {u: ("input", store[f"u{k}"]) for k, u in enumerate(units)}, batch, device, stop=True)
+            if settings.target == "dense":
+                for k, u in enumerate(units):
+                    _apply(teacher_block.get_submodule(u), store[f"u{k}"], store[f"v{k}"], batch, device)
+        in_units = {n for _, _, modules in units.values() for n in modules}
+        fits = [(n, f"x{g}", f"y{order.index(n)}") for g, group in enumerate(groups) for n in group if n not in in_units]
+        fits += [(u, f"u{k}", f"v{k}") for k, u in enumerate(units)]
+        BlockStateExporter(list(_parameters(block, order)))(LocalModules(block, fits), folder / "refit", {"error": error_refit})
+        minutes = None if deadline is None else max(deadline - time.perf_counter(), 1.0) / 60.0
+        record = _gradient_epochs(index, block, order, fits, store.tensors, n_train, config.replace(max_minutes=minutes), folder, resume,
+                                  key, run_settings)
         record.error_after = block_error()
         if record.error_after is not None and error_refit is not None and record.error_after > error_refit:
             load_block_state(block, folder / "refit" / BLOCK_STATE_FILE)
@@ -686,14 +727,16 @@ def _refit_group(block, teacher_block, group: list[str], x: torch.Tensor, ys: li
     return error
 
 
-def _gradient_epochs(index, block, groups, xs, ys, n_train, config: TrainingConfig, folder: Path, resume: bool, key, run_settings) -> BlockRecord:
-    params = _parameters(block, [n for g in groups for n in g])
+def _gradient_epochs(index, block, order: list[str], fits, tensors: dict[str, torch.Tensor], n_train: int, config: TrainingConfig,
+                     folder: Path, resume: bool, key, run_settings) -> BlockRecord:
+    params = _parameters(block, order)
     for p in params.values():
         p.requires_grad_(True)
-    model = LocalModules(block, groups)
-    train_pairs = LocalPairs(xs, ys, slice(0, n_train), pairs_fingerprint(key, index, "train"))
-    N = xs[0].shape[0]
-    val_pairs = LocalPairs(xs, ys, slice(n_train, N), pairs_fingerprint(key, index, "val")) if N > n_train else None
+    model = LocalModules(block, fits)
+    keys = sorted({k for _, x_key, y_key in fits for k in (x_key, y_key)})
+    N = tensors[keys[0]].shape[0]
+    train_pairs = LocalPairs(tensors, keys, slice(0, n_train), pairs_fingerprint(key, index, "train"))
+    val_pairs = LocalPairs(tensors, keys, slice(n_train, N), pairs_fingerprint(key, index, "val")) if N > n_train else None
     validator = LocalValidator(val_pairs, config.micro_batch_size) if val_pairs is not None else None
     block_config = block_run_config(config, index, n_train)
     trainer = Trainer(model, block_config, train_pairs, folder, val_data=val_pairs, objective=LocalObjective(), validator=validator,
@@ -726,6 +769,8 @@ __all__ = [
     "block_output_error",
     "closed_form_refit",
     "input_gram",
+    "joint_units",
+    "relative_errors",
     "compressed_modules",
     "distill_local",
     "module_groups",
