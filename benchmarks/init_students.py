@@ -20,7 +20,7 @@ from pathlib import Path
 import kronlm
 from kronlm.bench.report import reproduce_header
 from kronlm.cli.compress import DEFAULTS, compress_with_budget
-from kronlm.compress.calibration import load_calibration
+from kronlm.compression.calibration import load_calibration
 from kronlm.modeling import compress
 from kronlm.modeling.loading import load_model_and_tokenizer
 

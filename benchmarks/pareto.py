@@ -62,21 +62,21 @@ from kronlm.cli.compress import (
     compress_with_budget,
 )
 from kronlm.cli.options import default_data_dir
-from kronlm.compress import count_parameters
-from kronlm.compress.budget import (
+from kronlm.compression import count_parameters
+from kronlm.compression.budget import (
     BudgetSettings,
     budget_calibration,
     budget_candidates,
     price_modules,
 )
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     CalibrationSource,
     calibration_mix,
     load_calibration,
     save_calibration,
 )
 from kronlm.data.text import load_text
-from kronlm.evaluate.perplexity import perplexity
+from kronlm.evaluation.perplexity import perplexity
 
 SETS = {"svd": ("svd",), "kronecker": ("kronecker",), "kronecker_lowrank": ("kronecker_lowrank",),
         "mixed": ("svd", "kronecker", "kronecker_lowrank")}

@@ -64,7 +64,7 @@ from kronlm.bench.report import (
     write_markdown,
 )
 from kronlm.cli import main as kronlm_main
-from kronlm.compress import count_parameters
+from kronlm.compression import count_parameters
 from kronlm.data.blocks import build_blocks
 from kronlm.data.sources import resolve_source
 from kronlm.data.text import load_text
@@ -73,7 +73,7 @@ from kronlm.distill.config import TrainingConfig
 from kronlm.distill.local import distill_local
 from kronlm.distill.stages import RecoveryConfig
 from kronlm.distill.trainer import train
-from kronlm.evaluate.perplexity import perplexity_of_text
+from kronlm.evaluation.perplexity import perplexity_of_text
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_model_and_tokenizer
 

@@ -50,22 +50,22 @@ from kronlm.cli.compress import (
     compress_with_budget,
 )
 from kronlm.cli.options import default_data_dir
-from kronlm.compress import CompressionConfig, KroneckerTarget, count_parameters
-from kronlm.compress.budget import (
+from kronlm.compression import CompressionConfig, KroneckerTarget, count_parameters
+from kronlm.compression.budget import (
     BudgetSettings,
     budget_calibration,
     budget_candidates,
     check_families,
     price_modules,
 )
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     ModuleCalibration,
     calibration_mix,
     load_calibration,
     save_calibration,
 )
 from kronlm.data.text import load_text
-from kronlm.evaluate.perplexity import perplexity
+from kronlm.evaluation.perplexity import perplexity
 from kronlm.modeling import compress
 from kronlm.modeling.loading import load_model_and_tokenizer
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
-from kronlm.compress import CompressionConfig, KroneckerTarget
-from kronlm.compress.budget import allocate_budget, module_options
-from kronlm.compress.calibration import calibration_input_ids, collect_calibration
+from kronlm.compression import CompressionConfig, KroneckerTarget
+from kronlm.compression.budget import allocate_budget, module_options
+from kronlm.compression.calibration import calibration_input_ids, collect_calibration
 from kronlm.decompose import (
     activation_aware_factors,
     kron_sum,
@@ -239,7 +239,7 @@ def test_budget_allocation_meets_the_budget_and_prefers_insensitive_modules():
 
 
 def test_calibration_file_round_trip_is_bit_identical(tmp_path):
-    from kronlm.compress.calibration import load_calibration, save_calibration
+    from kronlm.compression.calibration import load_calibration, save_calibration
 
     model = tiny_llama()
     ids = _calibration_ids(96)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from kronlm.compress.budget import (
+from kronlm.compression.budget import (
     BudgetSettings,
     allocate_budget,
     check_families,
@@ -17,7 +17,7 @@ from kronlm.compress.budget import (
     plan_budget,
     price_modules,
 )
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     InputStatistics,
     ModuleCalibration,
     collect_calibration,

@@ -17,9 +17,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 import kronlm
 from kronlm.cli import main
 from kronlm.cli.compress import DEFAULTS, compress_with_budget
-from kronlm.compress import count_parameters
-from kronlm.compress.budget import budget_calibration, budget_candidates, price_modules
-from kronlm.compress.calibration import calibration_mix
+from kronlm.compression import count_parameters
+from kronlm.compression.budget import budget_calibration, budget_candidates, price_modules
+from kronlm.compression.calibration import calibration_mix
 
 pytestmark = pytest.mark.skipif(GPT2_TOKENIZER_DIR is None, reason="../shared/tokenizers/gpt2 missing")
 

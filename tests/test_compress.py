@@ -6,8 +6,8 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 import kronlm
 from kronlm import CompressionConfig, KroneckerTarget
-from kronlm.compress import PRESETS, count_parameters, preset_parameter_counts
-from kronlm.compress.config import layer_index
+from kronlm.compression import PRESETS, count_parameters, preset_parameter_counts
+from kronlm.compression.config import layer_index
 from kronlm.layers import KroneckerEmbedding, KroneckerLinear, KroneckerTiedLMHead
 
 

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 
 from kronlm import CompressionConfig, KroneckerTarget
-from kronlm.compress.calibration import collect_calibration
-from kronlm.compress.sequential import SequentialCalibration, block_of
+from kronlm.compression.calibration import collect_calibration
+from kronlm.compression.sequential import SequentialCalibration, block_of
 from kronlm.decompose.activation_aware import corrected_target
 from kronlm.layers import dense_weight
 from kronlm.modeling import compress

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import kronlm
 from kronlm.data.text import load_text
-from kronlm.evaluate.perplexity import perplexity
+from kronlm.evaluation.perplexity import perplexity
 from kronlm.layers import KroneckerLinear
 from kronlm.utils.paths import package_dir
 

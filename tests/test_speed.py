@@ -24,7 +24,7 @@ from kronlm.bench.models import (
 )
 from kronlm.bench.report import markdown_table, write_markdown
 from kronlm.bench.timing import time_interleaved
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.layers import linear as kl
 from kronlm.layers.linear import (
     KroneckerLinear,

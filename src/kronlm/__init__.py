@@ -15,7 +15,7 @@ Hugging Face integration (compressed models that save, load and merge like any o
     dense = kronlm.merge_and_unload(model)   # a plain LlamaForCausalLM again
 """
 
-from kronlm.compress import (
+from kronlm.compression import (
     CompressionConfig,
     CompressionReport,
     KroneckerTarget,
@@ -25,7 +25,7 @@ from kronlm.compress import (
 )
 from kronlm.data import load_text
 from kronlm.decompose import nearest_kronecker_product
-from kronlm.evaluate import perplexity, perplexity_of_text
+from kronlm.evaluation import perplexity, perplexity_of_text
 from kronlm.layers import KroneckerEmbedding, KroneckerLinear, KroneckerTiedLMHead
 from kronlm.modeling import (
     compress,

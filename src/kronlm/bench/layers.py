@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from kronlm.bench.report import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import calls_for, time_interleaved
-from kronlm.compress.presets import PRESETS, get_preset, reference_model
-from kronlm.compress.surgery import plan_compression
+from kronlm.compression.presets import PRESETS, get_preset, reference_model
+from kronlm.compression.surgery import plan_compression
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import (
     KroneckerLinear,

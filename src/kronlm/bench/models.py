@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from kronlm.bench.memory import peak_memory
 from kronlm.bench.report import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import time_interleaved
-from kronlm.compress.presets import get_preset
+from kronlm.compression.presets import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import KroneckerLinear
 from kronlm.modeling import compress

@@ -15,8 +15,8 @@ from kronlm.cli.options import (
     protocol_label,
     window_length,
 )
-from kronlm.compress import CompressionConfig, count_parameters, get_preset
-from kronlm.compress.budget import (
+from kronlm.compression import CompressionConfig, count_parameters, get_preset
+from kronlm.compression.budget import (
     FACTOR_FAMILIES,
     BudgetAllocation,
     BudgetSettings,
@@ -24,18 +24,18 @@ from kronlm.compress.budget import (
     check_families,
     plan_budget,
 )
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     CalibrationSource,
     ModuleCalibration,
     calibration_mix,
 )
-from kronlm.compress.sequential import SequentialCalibration
+from kronlm.compression.sequential import SequentialCalibration
 from kronlm.data.blocks import build_blocks
 from kronlm.data.sources import TEXT_ALIASES, resolve_source
 from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.decompose.initializers import get_initializer
 from kronlm.distill.stages import RecoveryConfig, default_recovery_config, recover
-from kronlm.evaluate.perplexity import perplexity_of_text
+from kronlm.evaluation.perplexity import perplexity_of_text
 from kronlm.modeling import compress, compression_report, save
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
 from kronlm.utils.io import (
@@ -73,7 +73,7 @@ def compress_with_budget(
 ) -> BudgetAllocation:
     """The code path of ``kronlm compress --budget``: allocate, then compress ``model`` in place.
 
-    :func:`kronlm.compress.budget.plan_budget` with ``settings`` (calibration statistics and
+    :func:`kronlm.compression.budget.plan_budget` with ``settings`` (calibration statistics and
     pricing are computed unless given, e.g. by a benchmark that allocates several budgets from one
     calibration), then :func:`kronlm.modeling.compress` with the allocation's config, on the dense
     statistics or, with ``settings.sequential``, a :class:`SequentialCalibration` on the same ids.

@@ -15,16 +15,16 @@ from kronlm.cli.options import (
     resolve_device,
     window_length,
 )
-from kronlm.compress.report import count_parameters
+from kronlm.compression.report import count_parameters
 from kronlm.data.sources import resolve_source
 from kronlm.data.text import load_text, load_text_for_tokens
-from kronlm.evaluate.harness import (
+from kronlm.evaluation.harness import (
     harness_table,
     lambada_task,
     require_lm_eval,
     run_harness,
 )
-from kronlm.evaluate.perplexity import perplexity_of_text
+from kronlm.evaluation.perplexity import perplexity_of_text
 from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
 from kronlm.utils.io import (
     WRITTEN_BY_KEY,

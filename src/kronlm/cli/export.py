@@ -7,7 +7,7 @@ import time
 import click
 
 from kronlm.cli.options import FiniteFloatRange
-from kronlm.compress.report import count_parameters
+from kronlm.compression.report import count_parameters
 from kronlm.export.onnx import (
     METADATA_FILE,
     TOLERANCE,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import torch
 
-from kronlm.compress.report import count_parameters
+from kronlm.compression.report import count_parameters
 from kronlm.export.gguf import (
     DEFAULT_PRE_TOKENIZER,
     GGUF_DTYPES,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import click
 
 from kronlm.cli.distill import parse_index_list
-from kronlm.compress.report import count_parameters
-from kronlm.compress.truncate import save_truncated
+from kronlm.compression.report import count_parameters
+from kronlm.compression.truncate import save_truncated
 from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
 from kronlm.utils.io import check_output_folder
 

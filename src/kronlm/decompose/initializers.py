@@ -111,10 +111,10 @@ def random_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None,
 def activation_aware_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
     """Minimise the output error over calibration inputs: whitened Van Loan, then weighted ALS.
 
-    ``calibration`` is the module's ``kronlm.compress.calibration.ModuleCalibration`` (or anything
+    ``calibration`` is the module's ``kronlm.compression.calibration.ModuleCalibration`` (or anything
     with ``.inputs.covariance()`` / ``.inputs.partial_traces()``); see
     ``kronlm.decompose.activation_aware`` for the method (after ASVD / SVD-LLM). When the
-    statistics carry a ``cross_moment`` (sequential calibration, ``kronlm.compress.sequential``),
+    statistics carry a ``cross_moment`` (sequential calibration, ``kronlm.compression.sequential``),
     the factors fit ``corrected_target`` instead of W.
     """
     if calibration is None:

@@ -61,9 +61,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import InputStatistics, ModuleCalibration
-from kronlm.compress.surgery import fit_factors
-from kronlm.compress.truncate import find_block_list
+from kronlm.compression.calibration import InputStatistics, ModuleCalibration
+from kronlm.compression.surgery import fit_factors
+from kronlm.compression.truncate import find_block_list
 from kronlm.decompose.initializers import INITIALIZERS, get_initializer
 from kronlm.distill.block_runs import (
     BLOCK_STATE_FILE,

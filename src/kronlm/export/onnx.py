@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from kronlm.compress.surgery import set_module
+from kronlm.compression.surgery import set_module
 from kronlm.layers import KroneckerLinear, KroneckerTiedLMHead, OnnxKroneckerLinear
 from kronlm.utils.io import (
     atomic_dir,

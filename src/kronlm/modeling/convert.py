@@ -1,7 +1,7 @@
 """``kronlm.compress``: compress a model and make it a Hugging Face model that saves and loads
 compressed (peft's ``get_peft_model`` for Kronecker factors).
 
-:func:`compress` runs the module surgery (:func:`kronlm.compress.compress_modules`), records the
+:func:`compress` runs the module surgery (:func:`kronlm.compression.compress_modules`), records the
 plan in ``config.kronlm`` (:class:`~kronlm.modeling.plan.KroneckerPlan`), switches the model and
 config to kronlm's registered Kronecker classes and attaches the report as
 ``model.compression_report``. :func:`compress_to_budget` does the same after choosing the
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.compress.budget import DEFAULT_B_SHAPES, BudgetAllocation, plan_budget
-from kronlm.compress.calibration import ModuleCalibration
-from kronlm.compress.config import CompressionConfig
-from kronlm.compress.surgery import compress_modules
+from kronlm.compression.budget import DEFAULT_B_SHAPES, BudgetAllocation, plan_budget
+from kronlm.compression.calibration import ModuleCalibration
+from kronlm.compression.config import CompressionConfig
+from kronlm.compression.surgery import compress_modules
 from kronlm.modeling.gguf import forget_gguf_quantizer
 from kronlm.modeling.metadata import attach_report, compression_report
 from kronlm.modeling.plan import KroneckerPlan
@@ -39,7 +39,7 @@ def compress(
     target's initialiser (SPEC §2, §3). A Hugging Face model then carries the plan in
     ``config.kronlm`` and kronlm's Kronecker classes (``model_type`` ``kronecker_<type>``), so
     ``model.save_pretrained`` / ``kronlm.save`` write a folder that ``from_pretrained`` loads back
-    compressed. The :class:`~kronlm.compress.CompressionReport` (per module: shape, factors, R,
+    compressed. The :class:`~kronlm.compression.CompressionReport` (per module: shape, factors, R,
     parameters before/after, relative error) is ``model.compression_report``.
 
     Args:
@@ -87,9 +87,9 @@ def compress_to_budget(
 ) -> nn.Module:
     """Choose factors per module under a parameter budget, then :func:`compress` with them.
 
-    See :func:`kronlm.compress.budget.plan_budget` for the arguments and the method (estimated
+    See :func:`kronlm.compression.budget.plan_budget` for the arguments and the method (estimated
     NLL increase of every candidate from calibration statistics, Lagrangian allocation). The
-    :class:`~kronlm.compress.budget.BudgetAllocation` is ``model.compression_report.allocation``.
+    :class:`~kronlm.compression.budget.BudgetAllocation` is ``model.compression_report.allocation``.
 
     Args:
         model: dense causal LM.

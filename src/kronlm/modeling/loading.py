@@ -39,7 +39,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from kronlm.compress.report import count_parameters
+from kronlm.compression.report import count_parameters
 from kronlm.modeling.registry import (
     PREFIX,
     base_model_type,

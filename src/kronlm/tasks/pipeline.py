@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.compress.config import CompressionConfig
+from kronlm.compression.config import CompressionConfig
 from kronlm.distill.checkpoint import latest_checkpoint
 from kronlm.distill.config import TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator

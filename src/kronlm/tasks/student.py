@@ -30,9 +30,9 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from kronlm.compress.config import CompressionConfig
-from kronlm.compress.presets import get_preset
-from kronlm.compress.surgery import plan_compression
+from kronlm.compression.config import CompressionConfig
+from kronlm.compression.presets import get_preset
+from kronlm.compression.surgery import plan_compression
 from kronlm.distill.trainer import train
 from kronlm.layers import KroneckerEmbedding, KroneckerLinear
 from kronlm.modeling import compress, compression_report, load
@@ -129,7 +129,7 @@ def make_student(teacher: PreTrainedModel, config: CompressionConfig, head_name:
         head_name: the task head module (``classifier``), which must not be compressed.
 
     Returns:
-        (student, :class:`kronlm.compress.report.CompressionReport`). The student's head holds
+        (student, :class:`kronlm.compression.report.CompressionReport`). The student's head holds
         exactly the teacher's head weights; all its parameters are trainable, whatever the
         teacher's ``requires_grad`` flags.
 

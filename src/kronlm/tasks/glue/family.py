@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from kronlm.compress.config import CompressionConfig
+from kronlm.compression.config import CompressionConfig
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_tokenizer
 from kronlm.tasks import student as task_student

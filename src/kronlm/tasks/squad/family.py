@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, PreTrainedModel
 
-from kronlm.compress.config import CompressionConfig
+from kronlm.compression.config import CompressionConfig
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
 from kronlm.tasks.pipeline import TaskFamily, TaskSplits, run_task_pipeline

@@ -7,7 +7,7 @@ to the wrong distribution. GPTQ (Frantar et al. 2023) therefore quantises block 
 collects block b's inputs from the model whose blocks before b are already quantised.
 
 :class:`SequentialCalibration` does the same for ``compress``: it is passed as the
-``calibration`` of :func:`kronlm.compress.compress_modules`, which asks it for the modules in model
+``calibration`` of :func:`kronlm.compression.compress_modules`, which asks it for the modules in model
 order, after replacing every earlier module. On the first request for a module of block b it
 
 1. runs block b (still dense) on the dense model's hidden states and records each chosen module's
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     InputStatistics,
     ModuleCalibration,
     collect_calibration,

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import ModuleCalibration, collect_calibration
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
+from kronlm.compression.calibration import ModuleCalibration, collect_calibration
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.decompose.activation_aware import corrected_target
 from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
@@ -262,7 +262,7 @@ def compress_modules(
             (:func:`calibration_for`), statistics already collected, {module name:
             ``ModuleCalibration``}, or any object with that mapping's ``get(name)``, asked for
             the modules in model order after every earlier module was replaced (a
-            ``kronlm.compress.sequential.SequentialCalibration`` collects each block's statistics
+            ``kronlm.compression.sequential.SequentialCalibration`` collects each block's statistics
             from the partially compressed model that way).
         calibration_batch_size: sequences per forward pass while calibrating.
         progress: show a tqdm bar over modules.

@@ -1,11 +1,13 @@
-"""Compress: which dense modules become which Kronecker modules (configs, presets, budget
+"""Compression: which dense modules become which Kronecker modules (configs, presets, budget
 allocation from calibration statistics), the module surgery itself, and layer truncation.
 
 The Hugging Face side (a compressed model that saves and loads like any other) is
-:mod:`kronlm.modeling`; ``kronlm.compress`` at the top level does both.
+:mod:`kronlm.modeling`; the function ``kronlm.compress`` at the top level does both. (The
+subpackage is ``kronlm.compression`` so that the name ``kronlm.compress`` means only that
+function.)
 """
 
-from kronlm.compress.budget import (
+from kronlm.compression.budget import (
     FACTOR_FAMILIES,
     BudgetAllocation,
     BudgetSettings,
@@ -14,24 +16,24 @@ from kronlm.compress.budget import (
     plan_budget,
     price_modules,
 )
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     CalibrationSource,
     calibration_input_ids,
     calibration_mix,
     collect_calibration,
     generate_calibration,
 )
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.presets import (
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.presets import (
     PRESETS,
     Preset,
     get_preset,
     list_presets,
     preset_parameter_counts,
 )
-from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
-from kronlm.compress.sequential import SequentialCalibration
-from kronlm.compress.surgery import FactorChoice, compress_modules, plan_compression
+from kronlm.compression.report import CompressionReport, ModuleReport, count_parameters
+from kronlm.compression.sequential import SequentialCalibration
+from kronlm.compression.surgery import FactorChoice, compress_modules, plan_compression
 
 __all__ = [
     "FACTOR_FAMILIES",

@@ -1,6 +1,6 @@
-"""Evaluation: token perplexity under named protocols (:mod:`kronlm.evaluate.perplexity`)."""
+"""Evaluation: token perplexity under named protocols (:mod:`kronlm.evaluation.perplexity`)."""
 
-from kronlm.evaluate.perplexity import (
+from kronlm.evaluation.perplexity import (
     PROTOCOLS,
     PerplexityResult,
     Window,

@@ -22,8 +22,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.surgery import compress_modules
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.surgery import compress_modules
 
 GPT2_FC = "**.h.*.mlp.c_fc"
 GPT2_PROJ = "**.h.*.mlp.c_proj"

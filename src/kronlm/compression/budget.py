@@ -2,7 +2,7 @@
 
 One shape everywhere wastes parameters: some modules' outputs barely move the loss, others are
 fragile, and different matrices suit different factorisations. Given calibration statistics
-(``kronlm.compress.calibration``) we estimate, for every candidate factorisation of every module,
+(``kronlm.compression.calibration``) we estimate, for every candidate factorisation of every module,
 its increase of the mean token NLL and pick the set of candidates that minimises the total
 increase under a parameter budget.
 
@@ -39,7 +39,7 @@ solve its Lagrangian relaxation: for a price λ every module independently takes
 with the least ΔL + λ·params, and λ is bisected until the model fits the budget. This picks
 points of each module's lower convex hull, the standard rate–distortion allocation.
 
-Check. Each chosen option is then fitted (``kronlm.compress.surgery.fit_factors``, cached for the
+Check. Each chosen option is then fitted (``kronlm.compression.surgery.fit_factors``, cached for the
 compression that follows) and its output error measured on the calibration statistics. Where it
 differs from the estimate, every rank of that module's shape is rescaled by the measured /
 estimated ratio, the chosen option keeps its measured error, and the allocation runs again, up to
@@ -58,10 +58,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import ModuleCalibration, collect_calibration
-from kronlm.compress.config import CompressionConfig, KroneckerTarget, pattern_regex
-from kronlm.compress.report import count_parameters
-from kronlm.compress.surgery import fit_factors
+from kronlm.compression.calibration import ModuleCalibration, collect_calibration
+from kronlm.compression.config import CompressionConfig, KroneckerTarget, pattern_regex
+from kronlm.compression.report import count_parameters
+from kronlm.compression.surgery import fit_factors
 from kronlm.decompose.activation_aware import (
     partial_traces,
     psd_sqrt_and_inverse,
@@ -118,7 +118,7 @@ class BudgetSettings:
         check_rounds: rounds of fit-measure-reallocate (0: trust the estimates).
         init: initialiser of the chosen factors.
         sequential: None (fit on the dense model's statistics), "output" or "weight" (fit each
-            block on the partially compressed model's, ``kronlm.compress.sequential``).
+            block on the partially compressed model's, ``kronlm.compression.sequential``).
 
     Raises:
         ValueError: an unknown family or initialiser, or a value out of range (named).
@@ -917,7 +917,7 @@ def plan_budget(
     forward one, and a scalar per module needs far fewer tokens than an (in, in) matrix). The
     model is not changed: compress it with the returned config and statistics
     (``kronlm.compress_to_budget`` does both; with ``settings.sequential`` pass a
-    ``kronlm.compress.sequential.SequentialCalibration`` on the same ids instead).
+    ``kronlm.compression.sequential.SequentialCalibration`` on the same ids instead).
 
     Args:
         model: dense causal LM.

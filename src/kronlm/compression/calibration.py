@@ -11,7 +11,7 @@ With ``sensitivity=True`` a backward pass of the summed token NLL also records, 
 mean squared gradient of the loss with respect to the module's output per output unit,
 s = E_t ||∂L/∂y_t||² / out. Under the usual diagonal-Fisher approximation a weight change ΔW
 raises the mean token NLL by about ½ · s · E_t ||ΔW x_t||², which is what budget allocation
-(``kronlm.compress.budget``) trades against parameters.
+(``kronlm.compression.budget``) trades against parameters.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ class ModuleCalibration:
             sensitivity was not collected. L is the summed token NLL (nats).
         cross_moment: (in, in) float64 E[x x̃ᵀ] between the dense model's input x and the
             statistics' input x̃ on the same tokens, when ``inputs`` come from a partially
-            compressed model (``kronlm.compress.sequential``); None otherwise.
+            compressed model (``kronlm.compression.sequential``); None otherwise.
         fitted: factors already fitted on these statistics, keyed by the option
-            (``kronlm.compress.surgery.fit_key``), so that a budget allocation's error check and
+            (``kronlm.compression.surgery.fit_key``), so that a budget allocation's error check and
             the compression that follows fit each module once. Not saved.
     """
 
