@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from kronlm.bench.report import reproduce_header, reproduce_section
+from kronlm.bench.markdown import reproduce_header, reproduce_section
 from kronlm.cli import main as kronlm_main
 from kronlm.tasks.glue import read_report
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import kronlm
-from kronlm.bench.report import reproduce_header
+from kronlm.bench.markdown import reproduce_header
 from kronlm.cli.compress import DEFAULTS, compress_with_budget
 from kronlm.compression.calibration import load_calibration
 from kronlm.modeling import compress

@@ -19,7 +19,7 @@ from kronlm.bench.layers import (
     preset_layer_shapes,
 )
 from kronlm.bench.plots import layer_speed_plot, png_beside
-from kronlm.bench.report import reproduce_header, reproduce_section, write_markdown
+from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
 from kronlm.cli.bench import layers_command
 
 

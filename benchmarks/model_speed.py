@@ -24,7 +24,7 @@ from kronlm.bench.models import (
     model_speed_rows,
 )
 from kronlm.bench.plots import model_speed_plot, png_beside
-from kronlm.bench.report import reproduce_header, reproduce_section, write_markdown
+from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
 from kronlm.cli.bench import models_command
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from kronlm.bench.plots import markdown_tables, number, onnx_speed_plot
-from kronlm.bench.report import reproduce_header, reproduce_section
+from kronlm.bench.markdown import reproduce_header, reproduce_section
 from kronlm.compression import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.export import onnx as konnx

@@ -48,7 +48,7 @@ import torch
 
 import kronlm
 from kronlm.bench.plots import line_plot, png_beside
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     environment_info,
     markdown_table,
     reproduce_header,

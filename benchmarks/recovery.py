@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from kronlm.bench.plots import line_plot
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     machine_info,
     machine_line,
     markdown_table,

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from kronlm.bench.report import reproduce_header, reproduce_section
+from kronlm.bench.markdown import reproduce_header, reproduce_section
 from kronlm.cli import main as kronlm_main
-from kronlm.tasks.report import read_report
+from kronlm.tasks.results import read_report
 
 WIKITEXT_VALID = "../shared/data/wikitext-2-raw/wiki.valid.raw"
 

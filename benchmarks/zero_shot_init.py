@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     environment_info,
     reproduce_header,
     reproduce_section,

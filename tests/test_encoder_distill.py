@@ -25,7 +25,7 @@ from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.trainer import train
-from kronlm.distill.validation import evaluate_distillation_loss
+from kronlm.distill.validators import evaluate_distillation_loss
 from kronlm.evaluation.perplexity import perplexity
 from kronlm.modeling.loading import (
     has_lm_head,

@@ -6,6 +6,12 @@ from kronlm.bench.layers import (
     layer_speed_rows,
     preset_layer_shapes,
 )
+from kronlm.bench.markdown import (
+    machine_info,
+    machine_line,
+    markdown_table,
+    write_markdown,
+)
 from kronlm.bench.memory import peak_memory
 from kronlm.bench.models import (
     attention_macs_per_token,
@@ -15,12 +21,6 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
     parameter_bytes,
-)
-from kronlm.bench.report import (
-    machine_info,
-    machine_line,
-    markdown_table,
-    write_markdown,
 )
 from kronlm.bench.timing import Timing, calls_for, time_interleaved
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.bench.report import machine_info, machine_line, markdown_table
+from kronlm.bench.markdown import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import calls_for, time_interleaved
 from kronlm.compression.presets import PRESETS, get_preset, reference_model
 from kronlm.compression.surgery import plan_compression

@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D
 
 from kronlm.bench.memory import peak_memory
-from kronlm.bench.report import machine_info, machine_line, markdown_table
+from kronlm.bench.markdown import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import time_interleaved
 from kronlm.compression.presets import get_preset
 from kronlm.decompose.shapes import contraction_macs

@@ -28,7 +28,7 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     MARKDOWN_MARK,
     write_markdown,
     written_by_kronlm_markdown,

@@ -10,7 +10,7 @@ import click
 import torch
 
 from kronlm.compression.report import count_parameters
-from kronlm.export.gguf import (
+from kronlm.export.gguf_writer import (
     DEFAULT_PRE_TOKENIZER,
     GGUF_DTYPES,
     export_gguf,

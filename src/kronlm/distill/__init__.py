@@ -19,7 +19,7 @@ from kronlm.distill.checkpoint import (
 )
 from kronlm.distill.config import LossRecipeMixin, TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator
-from kronlm.distill.export import ModelExporter, export_student
+from kronlm.distill.exporters import ModelExporter, export_student
 from kronlm.distill.fingerprint import (
     RunFingerprint,
     data_fingerprint,
@@ -53,7 +53,7 @@ from kronlm.distill.trainer import (
     batch_tokens,
     train,
 )
-from kronlm.distill.validation import (
+from kronlm.distill.validators import (
     DistillationLossValidator,
     PerplexityValidator,
     Validator,

@@ -92,7 +92,7 @@ from kronlm.distill.fingerprint import model_fingerprint
 from kronlm.distill.hidden_cache import build_hidden_cache, capture_block_kwargs
 from kronlm.distill.objective import LossOutput
 from kronlm.distill.trainer import Trainer
-from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear, dense_weight
 from kronlm.modeling import compression_report, save
 from kronlm.utils.io import folder_lock, write_json

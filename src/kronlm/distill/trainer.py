@@ -20,7 +20,7 @@ one-call form. The pieces live next to this module:
   full (unsharded) model and optimizer states that checkpoints hold, under FSDP too;
 - :mod:`kronlm.distill.checkpoint`: checkpoints in safetensors + JSON (and why not Accelerate's
   ``save_state``);
-- :mod:`kronlm.distill.validation` / :mod:`kronlm.distill.export`: validators and exporters.
+- :mod:`kronlm.distill.validators` / :mod:`kronlm.distill.exporters`: validators and exporters.
 
 Extension points (every one defaults to today's LM-distillation behaviour):
 
@@ -33,11 +33,11 @@ Extension points (every one defaults to today's LM-distillation behaviour):
   grad; ``.terms``: detached 0-dim values, logged one by one), optionally with a
   ``needs_teacher`` attribute. Default: :class:`~kronlm.distill.objective.DistillationObjective`
   of ``config.recipe`` (which also handles sequence-classifier logits and labels).
-- **validator**: a :class:`~kronlm.distill.validation.Validator` (metric name, direction,
+- **validator**: a :class:`~kronlm.distill.validators.Validator` (metric name, direction,
   ``validator(model, accelerator) -> metrics``). Default with ``val_data``: perplexity for a
   model with an LM head, the held-out distillation loss for an encoder.
 - **exporter**: ``exporter(model, folder, summary) -> folder`` writes ``best/`` and ``final/``;
-  default :class:`~kronlm.distill.export.ModelExporter` (``kronlm.save`` with the tokenizer and
+  default :class:`~kronlm.distill.exporters.ModelExporter` (``kronlm.save`` with the tokenizer and
   ``summary``); None writes nothing.
 - **count_tokens**: tokens of a batch, for the tokens/s throughput (default :func:`batch_tokens`).
 
@@ -101,7 +101,7 @@ from kronlm.distill.distributed import (
     restore_optimizer_state,
     tied_aliases,
 )
-from kronlm.distill.export import ModelExporter
+from kronlm.distill.exporters import ModelExporter
 from kronlm.distill.fingerprint import (
     RunFingerprint,
     compare_fingerprints,
@@ -110,7 +110,7 @@ from kronlm.distill.fingerprint import (
 )
 from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.optim import build_optimizer, build_scheduler, optimizer_param_names
-from kronlm.distill.validation import (
+from kronlm.distill.validators import (
     DistillationLossValidator,
     PerplexityValidator,
     Validator,

@@ -1,10 +1,10 @@
 """Export: compressed models for other runtimes.
 
 - :mod:`onnx`: ONNX graphs checked with onnxruntime, with or without a KV cache (needs the ``onnx`` extra);
-- :mod:`gguf`: a merged dense GGUF file for llama.cpp (the ``gguf`` package, a core dependency).
+- :mod:`gguf_writer`: a merged dense GGUF file for llama.cpp (the ``gguf`` package, a core dependency).
 """
 
-from kronlm.export.gguf import export_gguf, read_gguf_tensors
+from kronlm.export.gguf_writer import export_gguf, read_gguf_tensors
 from kronlm.export.onnx import (
     compare_onnx,
     export_onnx,

@@ -18,7 +18,7 @@ from kronlm.compression.budget import DEFAULT_B_SHAPES, BudgetAllocation, plan_b
 from kronlm.compression.calibration import ModuleCalibration
 from kronlm.compression.config import CompressionConfig
 from kronlm.compression.surgery import compress_modules
-from kronlm.modeling.gguf import forget_gguf_quantizer
+from kronlm.modeling.gguf_checkpoint import forget_gguf_quantizer
 from kronlm.modeling.metadata import attach_report, compression_report
 from kronlm.modeling.plan import KroneckerPlan
 from kronlm.modeling.registry import adopt_kronecker_classes

@@ -46,7 +46,7 @@ from kronlm.modeling.registry import (
     load_checked,
     register_architecture,
 )
-from kronlm.modeling.validate import check_folder_files, read_folder_config
+from kronlm.modeling.folder_checks import check_folder_files, read_folder_config
 from kronlm.utils.io import MANIFEST_FILE, read_json, special_file_kind
 from kronlm.utils.paths import package_dir
 
@@ -227,7 +227,7 @@ def load_model(
     """Load a pretrained model by spec (see :func:`resolve_model_spec`).
 
     A local folder is checked before and after loading, dense or compressed alike
-    (:mod:`kronlm.modeling.validate`): a missing, truncated or reshaped tensor is an error naming
+    (:mod:`kronlm.modeling.folder_checks`): a missing, truncated or reshaped tensor is an error naming
     the file and the tensor, never a silently re-initialised weight. GGUF weights are dequantised by ``transformers`` into ``dtype`` on load (SmolLM2 Q4_1: ≈22 s on
     2 CPU cores).
 
@@ -345,7 +345,7 @@ def _load_folder(folder: Path, auto_class, **kwargs):
 def check_tokenizer_files(folder: str | os.PathLike) -> None:
     """Check a local folder's tokenizer files before transformers reads them.
 
-    The folder's entries and config (:func:`~kronlm.modeling.validate.read_folder_config`; a
+    The folder's entries and config (:func:`~kronlm.modeling.folder_checks.read_folder_config`; a
     folder without ``config.json`` is allowed, a tokenizer needs none) and every top-level JSON
     file (valid UTF-8 JSON, not nested too deeply), and ``tokenizer.json`` as the ``tokenizers``
     library reads it, with the ``model`` and ``added_tokens`` entries transformers needs.

@@ -14,7 +14,7 @@ from kronlm.tasks.pipeline import (
     run_task_pipeline,
     train_task_model,
 )
-from kronlm.tasks.report import ModelResult, TaskReport, read_report, write_report
+from kronlm.tasks.results import ModelResult, TaskReport, read_report, write_report
 from kronlm.tasks.student import (
     copy_head,
     count_embedding_linear_parameters,

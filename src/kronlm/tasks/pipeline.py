@@ -17,7 +17,7 @@ teacher's task head) -> task distillation -> report, each training stage run by 
 - :func:`train_task_model` runs one stage: the family's collator and lengths feed the loop, a
   :class:`TaskMetricValidator` on the held-out split picks ``best/`` (and any early stop).
 - :func:`run_task_pipeline` runs the stages and writes ``report.{json,md}``
-  (:mod:`kronlm.tasks.report`).
+  (:mod:`kronlm.tasks.results`).
 
 No dev leakage: :meth:`TaskFamily.load_splits` holds out ``config.val_fraction`` of the training
 examples (seeded, disjoint from those trained on); only they choose checkpoints (and any other
@@ -50,9 +50,9 @@ from kronlm.distill.checkpoint import latest_checkpoint
 from kronlm.distill.config import TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.trainer import Trainer, TrainResult
-from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.modeling import SUMMARY_FILE, compression_report, save
-from kronlm.tasks.report import ModelResult, TaskReport, write_report
+from kronlm.tasks.results import ModelResult, TaskReport, write_report
 from kronlm.tasks.student import (
     copy_head,
     count_embedding_linear_parameters,
@@ -275,7 +275,7 @@ def run_task_pipeline(
         log: where progress lines go.
 
     Returns:
-        The :class:`~kronlm.tasks.report.TaskReport` written to ``out_dir``.
+        The :class:`~kronlm.tasks.results.TaskReport` written to ``out_dir``.
 
     Raises:
         ValueError: neither or both of ``model`` / ``teacher``; both ``compression`` and

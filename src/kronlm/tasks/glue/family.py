@@ -42,7 +42,7 @@ from kronlm.tasks.glue.heads import (
 from kronlm.tasks.glue.metrics import compute_metrics, predictions_from_logits
 from kronlm.tasks.glue.tasks import GlueTask, get_task
 from kronlm.tasks.pipeline import TaskFamily, TaskSplits, run_task_pipeline
-from kronlm.tasks.report import TaskReport
+from kronlm.tasks.results import TaskReport
 from kronlm.tasks.student import resolve_compression
 
 __all__ = [
@@ -246,7 +246,7 @@ def run_glue(
         log: where progress lines go.
 
     Returns:
-        The :class:`GlueReport` (= :class:`kronlm.tasks.report.TaskReport`) written to
+        The :class:`GlueReport` (= :class:`kronlm.tasks.results.TaskReport`) written to
         ``out_dir``.
 
     Raises:

@@ -38,7 +38,7 @@ from kronlm.compression.config import CompressionConfig
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
 from kronlm.tasks.pipeline import TaskFamily, TaskSplits, run_task_pipeline
-from kronlm.tasks.report import TaskReport
+from kronlm.tasks.results import TaskReport
 from kronlm.tasks.squad.config import SquadTrainConfig
 from kronlm.tasks.squad.data import (
     HF_SQUAD_DATASETS,
@@ -493,7 +493,7 @@ def run_squad(
         log: where progress lines go.
 
     Returns:
-        The :class:`~kronlm.tasks.report.TaskReport` written to ``out_dir``.
+        The :class:`~kronlm.tasks.results.TaskReport` written to ``out_dir``.
 
     Raises:
         ValueError: bad settings; teacher and student configs of different versions; bad data
