@@ -117,6 +117,6 @@ def test_plan_budget_gives_low_rank_targets_that_compress(calibrated):
     settings = BudgetSettings(families=("kronecker_lowrank",), svd_step=2, lowrank_fractions=(0.05, 0.2))
     config, stats, allocation = plan_budget(model, before - 5000, ids, settings=settings, stats=stats, progress=False)
     chosen = [c for c in allocation.choices if c.option.family == "kronecker_lowrank"]
-    assert chosen and all(t.lowrank > 0 for t in config.targets)
+    assert chosen and all(t.lowrank_rank > 0 for t in config.targets)
     student = compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), config, calibration=stats, progress=False)
     assert student.compression_report.params_after == allocation.params_after <= before - 5000

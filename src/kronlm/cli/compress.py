@@ -134,7 +134,8 @@ def _sources(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace --out even when it holds something other than a model.")
 @data_options
 @perplexity_options
-@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default=None, help="Override the config's SVD method.")
+@click.option("--svd-solver", type=click.Choice(["auto", "exact", "randomized"]), default=None,
+              help="Override the config's SVD solver of the nearest Kronecker product (not the svd factor family of --families).")
 @click.option("--init", "init_name", default=None, help="Override every target's initialiser (van_loan, van_loan_rescaled, pruning, random, activation_aware).")
 @click.option("--calibration", "calibration_data", multiple=True, callback=_sources,
               help="Calibration text: a text file or dataset (e.g. wikitext2: its --calibration-split), or `self` for sequences sampled "
@@ -170,7 +171,7 @@ def _sources(ctx, param, value):
               help="Wall-clock budget of the whole recovery: the stages' max_minutes are scaled to add up to it.")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
 def command(
-    model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length, stride, protocol, batch_size, svd,
+    model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length, stride, protocol, batch_size, svd_solver,
     init_name, calibration_data, calibration_split, calibration_field, calibration_sequences, calibration_length, calibration_seed, budget,
     budget_params, budget_modules, families, sensitivity_sequences, check_rounds, sequential_calibration, recover_data, recover_tokens,
     recover_config, recover_minutes, rows,
@@ -220,19 +221,19 @@ def command(
     # Held for the whole run: a second command writing the same --out fails at once, not after compressing.
     with folder_lock(out):
         _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
-             stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field or text_field,
+             stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field or text_field,
              calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows,
              inputs)
 
 
 def _run(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
-         stride, protocol, batch_size, svd, init_name, calibration_data, calibration_split, calibration_field, calibration_sequences,
+         stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field, calibration_sequences,
          calibration_length, calibration_seed, budget, budget_params, budget_modules, settings, recovery, rows, inputs):
     config = None
     if settings is None:
         config = get_preset(preset) if preset else CompressionConfig.from_file(config_file)
-        if svd:
-            config.svd = svd
+        if svd_solver:
+            config.svd_solver = svd_solver
         if init_name:
             get_initializer(init_name)
             for target in config.targets:

@@ -410,7 +410,7 @@ class BudgetAllocation:
         targets = [
             KroneckerTarget(
                 modules=[f"re:{re.escape(c.name)}"], a_shape=c.option.a_shape, b_shape=c.option.b_shape, rank=c.option.rank,
-                init=init, lowrank=c.option.lowrank,
+                init=init, lowrank_rank=c.option.lowrank,
             )
             for c in self.choices
             if c.option.family != "dense"
@@ -519,7 +519,7 @@ def lowrank_spectrum(
     L1, L2, L1i, L2i = _roots_for(roots_cache, C, base.a_shape[1], base.b_shape[1])
     (m1, n1), (m2, n2) = base.a_shape, base.b_shape
     whitened = torch.einsum("qik,ij,kl->qjl", W.reshape(m1 * m2, n1, n2), L1, L2).reshape(m1 * m2, n1 * n2)
-    fw = nearest_kronecker_product(whitened, base.a_shape, base.b_shape, rank, svd="exact")
+    fw = nearest_kronecker_product(whitened, base.a_shape, base.b_shape, rank, svd_solver="exact")
     K = kron_sum(fw.A @ L1i, fw.B @ L2i)
     root = _roots_for(roots_cache, C, 1, W.shape[1])[1]
     tails = kronecker_lowrank_tail(W - K, root)
@@ -749,7 +749,7 @@ def _solve(options: list[list[BudgetOption]], fixed: int, target_params: int) ->
 def measure_option(weight: torch.Tensor, option: BudgetOption, stats: ModuleCalibration, *, init: str, damping: float, name: str) -> float:
     """Fit ``option`` (``fit_factors``, cached in ``stats.fitted``) and return its output error
     tr(ΔW C ΔWᵀ) under the damped C of the pricing (squared output units per token)."""
-    factors = fit_factors(weight, option.a_shape, option.b_shape, option.rank, lowrank=option.lowrank, init=init,
+    factors = fit_factors(weight, option.a_shape, option.b_shape, option.rank, lowrank_rank=option.lowrank, init=init,
                           calibration=stats, name=name)
     approx = factors.to_dense().double()
     return output_error(weight.detach().double() - approx, damp(stats.inputs.covariance(), damping))

@@ -64,14 +64,14 @@ class FactorChoice:
         return self.target.init
 
     @property
-    def lowrank(self) -> int:
+    def lowrank_rank(self) -> int:
         """Rank k of the low-rank part (``KroneckerLowRankLinear``), 0 for none."""
-        return self.target.lowrank
+        return self.target.lowrank_rank
 
 
-def fit_key(a_shape, b_shape, rank: int, lowrank: int, init: str, svd: str) -> tuple:
+def fit_key(a_shape, b_shape, rank: int, lowrank_rank: int, init: str, svd_solver: str) -> tuple:
     """Key of a fitted option in ``ModuleCalibration.fitted``."""
-    return (tuple(a_shape), tuple(b_shape), int(rank), int(lowrank), init, svd)
+    return (tuple(a_shape), tuple(b_shape), int(rank), int(lowrank_rank), init, svd_solver)
 
 
 def fit_factors(
@@ -80,9 +80,9 @@ def fit_factors(
     b_shape: tuple[int, int],
     rank: int,
     *,
-    lowrank: int = 0,
+    lowrank_rank: int = 0,
     init: str = "activation_aware",
-    svd: str = "auto",
+    svd_solver: str = "auto",
     calibration: ModuleCalibration | None = None,
     name: str = "weight",
 ) -> KroneckerFactors | KroneckerLowRankFactors:
@@ -97,9 +97,9 @@ def fit_factors(
         weight: (out, in) dense weight (``nn.Linear`` orientation).
         a_shape, b_shape: (m1, n1), (m2, n2).
         rank: Kronecker terms R.
-        lowrank: rank k of the low-rank part; 0 for a plain Kronecker sum.
-        init: registered initialiser ("activation_aware" / "van_loan" with ``lowrank``).
-        svd: SVD method of the initialiser.
+        lowrank_rank: rank k of the low-rank part; 0 for a plain Kronecker sum.
+        init: registered initialiser ("activation_aware" / "van_loan" with ``lowrank_rank``).
+        svd_solver: SVD method of the initialiser.
         calibration: the module's statistics, for initialisers that need them.
         name: module name for error messages.
 
@@ -107,12 +107,12 @@ def fit_factors(
         ValueError: see the initialiser and ``kronecker_lowrank_factors``; an activation-aware
             fit without statistics.
     """
-    key = fit_key(a_shape, b_shape, rank, lowrank, init, svd)
+    key = fit_key(a_shape, b_shape, rank, lowrank_rank, init, svd_solver)
     cache = getattr(calibration, "fitted", None)
     if cache is not None and key in cache:
         return cache[key]
-    if not lowrank:
-        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd=svd, calibration=calibration, name=name)
+    if not lowrank_rank:
+        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd_solver=svd_solver, calibration=calibration, name=name)
     else:
         covariance = cross = None
         if get_initializer(init).needs_calibration:
@@ -123,7 +123,7 @@ def fit_factors(
                 raise ValueError(f"{name}: a Kronecker + low-rank fit needs the full input second moment (raise max_full_dim)")
             cross = getattr(calibration, "cross_moment", None)
         target = weight if cross is None else corrected_target(weight, covariance, cross).to(weight.dtype)
-        factors = kronecker_lowrank_factors(target, a_shape, b_shape, rank, lowrank, covariance=covariance, name=name)
+        factors = kronecker_lowrank_factors(target, a_shape, b_shape, rank, lowrank_rank, covariance=covariance, name=name)
         W = weight.detach().double()
         norm = W.norm().item()
         factors.relative_error = (W - factors.to_dense().double()).norm().item() / norm if norm > 0 else 0.0
@@ -185,11 +185,11 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> list[Factor
                 f"{b_shape[0] * b_shape[1]}) matrix, {max_rank}"
             )
         kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
-        if target.lowrank:
+        if target.lowrank_rank:
             if kind != "linear":
-                raise ValueError(f"{name}: a low-rank part (lowrank={target.lowrank}) is for linear layers, not a {type(module).__name__}")
-            if target.lowrank > min(rows, cols):
-                raise ValueError(f"{name}: low rank k={target.lowrank} exceeds min(out, in) = {min(rows, cols)} of the ({rows}, {cols}) weight")
+                raise ValueError(f"{name}: a low-rank part (lowrank_rank={target.lowrank_rank}) is for linear layers, not a {type(module).__name__}")
+            if target.lowrank_rank > min(rows, cols):
+                raise ValueError(f"{name}: low rank k={target.lowrank_rank} exceeds min(out, in) = {min(rows, cols)} of the ({rows}, {cols}) weight")
         choices.append(FactorChoice(name, kind, (rows, cols), tuple(a_shape), tuple(b_shape), target))
     unused = [t.modules for t, hit in zip(config.targets, used) if not hit]
     if unused:
@@ -204,8 +204,8 @@ def empty_kronecker_module(dense: nn.Module, choice: FactorChoice) -> nn.Module:
     rows, cols = choice.weight_shape
     if choice.kind == "embedding":
         return KroneckerEmbedding(rows, cols, choice.a_shape, choice.b_shape, choice.rank, padding_idx=dense.padding_idx, **kw)
-    if choice.lowrank:
-        return KroneckerLowRankLinear(cols, rows, choice.a_shape, choice.b_shape, choice.rank, choice.lowrank, bias=dense.bias is not None, **kw)
+    if choice.lowrank_rank:
+        return KroneckerLowRankLinear(cols, rows, choice.a_shape, choice.b_shape, choice.rank, choice.lowrank_rank, bias=dense.bias is not None, **kw)
     return KroneckerLinear(
         cols, rows, choice.a_shape, choice.b_shape, choice.rank,
         bias=dense.bias is not None, learnable_scales=choice.target.learnable_scales, **kw,
@@ -247,7 +247,7 @@ def compress_modules(
     """Replace the modules ``config`` selects with Kronecker modules, in place.
 
     Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (a
-    ``KroneckerLowRankLinear`` when the target has a ``lowrank`` part) and each ``nn.Embedding`` a
+    ``KroneckerLowRankLinear`` when the target has a low-rank part, ``lowrank_rank`` > 0) and each ``nn.Embedding`` a
     ``KroneckerEmbedding``, initialised from the pretrained weight by the target's initialiser
     (:func:`fit_factors`); biases are copied. When the factored embedding is tied to the LM head,
     the head follows ``config.lm_head`` ("tied": it reuses the factors; "dense": it keeps the
@@ -303,10 +303,10 @@ def compress_modules(
                 raise ValueError(f"{choice.name}: initialiser {choice.init!r} needs calibration data; pass calibration= to compress")
             if not torch.isfinite(weight).all():
                 raise ValueError(f"{choice.name}: the dense weight {tuple(weight.shape)} holds NaN or inf values; refusing to factor it")
-            factors = fit_factors(weight, choice.a_shape, choice.b_shape, choice.rank, lowrank=choice.lowrank, init=choice.init,
-                                  svd=config.svd, calibration=stats, name=choice.name)
+            factors = fit_factors(weight, choice.a_shape, choice.b_shape, choice.rank, lowrank_rank=choice.lowrank_rank, init=choice.init,
+                                  svd_solver=config.svd_solver, calibration=stats, name=choice.name)
             tensors = [("A", factors.A), ("B", factors.B)]
-            tensors += [("U", factors.U), ("V", factors.V)] if choice.lowrank else [("scales", factors.scales)]
+            tensors += [("U", factors.U), ("V", factors.V)] if choice.lowrank_rank else [("scales", factors.scales)]
             for label, tensor in tensors:
                 if not torch.isfinite(tensor).all():
                     raise ValueError(
@@ -328,7 +328,7 @@ def compress_modules(
                 a_shape=choice.a_shape, b_shape=choice.b_shape, rank=choice.rank,
                 init=choice.init, params_before=sum(p.numel() for p in old.parameters()),
                 params_after=sum(p.numel() for p in new.parameters()),
-                relative_error=error, seconds=time.perf_counter() - t0, lowrank=choice.lowrank,
+                relative_error=error, seconds=time.perf_counter() - t0, lowrank=choice.lowrank_rank,
             )
         )
 

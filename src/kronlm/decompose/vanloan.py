@@ -132,7 +132,7 @@ def nearest_kronecker_product(
     b_shape: tuple[int, int],
     rank: int = 1,
     *,
-    svd: str = "auto",
+    svd_solver: str = "auto",
     n_iter: int = 6,
     oversample: int = 8,
     name: str = "weight",
@@ -145,7 +145,7 @@ def nearest_kronecker_product(
         a_shape: (m1, n1), shape of each A_r.
         b_shape: (m2, n2), shape of each B_r.
         rank: number of terms R, 1 <= R <= min(m1*n1, m2*n2) (the rank of the rearranged matrix).
-        svd: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank``, Halko et al. 2011,
+        svd_solver: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank``, Halko et al. 2011,
             with ``n_iter`` power iterations) or "auto" (randomized when the rearranged matrix's
             smaller side exceeds 1024 and R is at most 1/16 of it).
         name: module name used in error messages.
@@ -157,7 +157,7 @@ def nearest_kronecker_product(
 
     Raises:
         ValueError: a non-2-D weight, shapes that do not divide the weight, R out of range, or an
-            unknown ``svd`` method; the message names ``name`` and the numbers.
+            unknown ``svd_solver``; the message names ``name`` and the numbers.
     """
     m1, n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, name)
     max_rank = min(m1 * n1, m2 * n2)
@@ -166,12 +166,12 @@ def nearest_kronecker_product(
             f"{name}: rank R={rank} is out of range; the rearranged matrix of A {tuple(a_shape)} ⊗ "
             f"B {tuple(b_shape)} is ({m1 * n1}, {m2 * n2}), so 1 <= R <= {max_rank}"
         )
-    if svd not in SVD_METHODS:
-        raise ValueError(f"{name}: unknown svd method {svd!r}; choose one of {', '.join(SVD_METHODS)}")
+    if svd_solver not in SVD_METHODS:
+        raise ValueError(f"{name}: unknown svd_solver {svd_solver!r}; choose one of {', '.join(SVD_METHODS)}")
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(work_dtype)
     M = rearrange(W, a_shape, b_shape)
-    U, S, V, tail = _top_singular_triplets(M, rank, svd, n_iter, oversample)
+    U, S, V, tail = _top_singular_triplets(M, rank, svd_solver, n_iter, oversample)
     root = S.clamp_min(0).sqrt()
     A = (U * root).mT.reshape(rank, m1, n1)
     B = (V * root).mT.reshape(rank, m2, n2)

@@ -305,7 +305,7 @@ def closed_form_refit(module: nn.Module, weight: torch.Tensor, inputs: torch.Ten
         W = torch.linalg.solve(C + delta * eye, (cross / tokens + delta * W).mT).mT
     stats = ModuleCalibration(InputStatistics(in_f, tokens=tokens, moment_sum=gram), out_features=weight.shape[0])
     lowrank = getattr(module, "lowrank", 0) if isinstance(module, KroneckerLowRankLinear) else 0
-    factors = fit_factors(W.to(torch.float32), module.a_shape, module.b_shape, module.rank, lowrank=lowrank,
+    factors = fit_factors(W.to(torch.float32), module.a_shape, module.b_shape, module.rank, lowrank_rank=lowrank,
                           init="activation_aware", calibration=stats, name=name)
     for label in ("A", "B", "U", "V", "scales"):
         tensor = getattr(factors, label, None)

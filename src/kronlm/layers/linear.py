@@ -333,7 +333,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
         *,
         init: str = "van_loan",
         learnable_scales: bool = False,
-        svd: str = "auto",
+        svd_solver: str = "auto",
         calibration=None,
         name: str = "weight",
     ) -> tuple[KroneckerLinear, KroneckerFactors]:
@@ -346,7 +346,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
             ValueError: shapes that do not divide the weight, R out of range, unknown init.
         """
         out_features, in_features = weight.shape
-        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd=svd, calibration=calibration, name=name)
+        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd_solver=svd_solver, calibration=calibration, name=name)
         layer = cls(
             in_features,
             out_features,
