@@ -79,7 +79,7 @@ def config_overrides(flags: list[tuple[str, str, Any, str]], values: dict[str, A
 
 # Command-line flags of TrainingConfig fields (they win over --config).
 TRAINING_FLAGS = [
-    ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce."),
+    ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2, ce or kd."),
     ("--max-steps", "max_steps", click.IntRange(min=1), "Optimizer steps (replaces the config's max_steps / epochs)."),
     ("--epochs", "epochs", FiniteFloatRange(min=0, min_open=True),
      "Passes over the training blocks (replaces the config's max_steps / epochs; per block in the block modes)."),
