@@ -33,6 +33,10 @@ from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.layers import dense_weight, is_conv1d
 from kronlm.utils.io import atomic_path
 
+# Calibration token ids of ``kronlm compress --calibration`` and the benchmarks: sequences x tokens.
+DEFAULT_CALIBRATION_SEQUENCES = 128
+DEFAULT_CALIBRATION_LENGTH = 512
+
 
 @dataclass
 class InputStatistics:
@@ -552,6 +556,8 @@ def load_calibration(path, metadata: dict[str, str] | None = None) -> dict[str, 
 
 
 __all__ = [
+    "DEFAULT_CALIBRATION_LENGTH",
+    "DEFAULT_CALIBRATION_SEQUENCES",
     "SELF_SOURCE",
     "CalibrationSource",
     "InputStatistics",

@@ -44,6 +44,16 @@ from kronlm.distill.objective import (
 )
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
+from kronlm.distill.stages import (
+    DEFAULT_RECIPE,
+    DEFAULT_RECOVER_TOKENS,
+    RECOVER_VAL_FRACTION,
+    RecoveryConfig,
+    RecoveryResult,
+    default_recovery_config,
+    recover,
+    recovery_folder,
+)
 from kronlm.distill.trainer import (
     ResumeMismatch,
     StepStats,
@@ -111,9 +121,15 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "build_scheduler",
-    # task pipeline
-    # task report
-    # task student
+    # stages (kronlm.recover)
+    "DEFAULT_RECIPE",
+    "DEFAULT_RECOVER_TOKENS",
+    "RECOVER_VAL_FRACTION",
+    "RecoveryConfig",
+    "RecoveryResult",
+    "default_recovery_config",
+    "recover",
+    "recovery_folder",
     # trainer
     "ResumeMismatch",
     "StepStats",

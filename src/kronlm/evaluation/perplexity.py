@@ -1,4 +1,4 @@
-"""Token perplexity of a causal language model under two named protocols (SPEC §5).
+"""Token perplexity of a causal language model under two named protocols (docs/protocols.md).
 
 ``"sliding"``: the Hugging Face guide "Perplexity of fixed-length models" (transformers docs).
 Windows of ``max_length`` tokens start every ``stride`` tokens; each window scores only the tokens
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kronlm.data.sources import resolve_source
+from kronlm.data.text import load_text_for_tokens
 from kronlm.modeling.loading import has_lm_head
 
 PROTOCOLS = ("sliding", "disjoint")
@@ -91,6 +94,10 @@ class PerplexityResult:
         """The fields as a JSON-ready dict."""
         return asdict(self)
 
+    def protocol_label(self) -> str:
+        """The protocol with its parameters, as the command line prints it."""
+        return protocol_label(self.protocol, self.max_length, self.stride)
+
     def __str__(self) -> str:
         name = "sliding window (HF guide)" if self.protocol == "sliding" else "disjoint windows (Krony-PT)"
         return (
@@ -98,6 +105,20 @@ class PerplexityResult:
             f"{self.tokens_scored:,} tokens scored in {self.windows} windows, "
             f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)"
         )
+
+
+def protocol_label(protocol: str, max_length: int, stride: int) -> str:
+    """Human-readable name of a perplexity protocol with its parameters (docs/protocols.md)."""
+    if protocol == "sliding":
+        return f"sliding window, max_length {max_length}, stride {stride}"
+    return f"Krony-PT disjoint windows of {max_length}"
+
+
+def window_length(model: torch.nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the model's context length, when its config gives one."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(max_length, limit) if limit else max_length
 
 
 def plan_windows(n_tokens: int, max_length: int, stride: int | None = None, protocol: str = "sliding") -> list[Window]:
@@ -340,4 +361,72 @@ def perplexity_of_text(
     return perplexity(model, input_ids, **kwargs)
 
 
-__all__ = ["PROTOCOLS", "PerplexityResult", "Window", "perplexity", "perplexity_of_text", "plan_windows"]
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    data: str | os.PathLike,
+    *,
+    split: str = "test",
+    data_config: str | None = None,
+    text_field: str = "text",
+    data_dir: str | os.PathLike | None = None,
+    max_tokens: int | None = None,
+    max_length: int = 1024,
+    stride: int = DEFAULT_STRIDE,
+    protocol: str = "sliding",
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on the text named by ``data`` under a named protocol
+    (docs/protocols.md): what ``kronlm eval --data`` and ``kronlm compress --eval`` measure.
+
+    The text is resolved and read as :func:`kronlm.data.load_text` reads it (only the beginning
+    that holds the first ``max_tokens`` tokens), tokenised as :func:`perplexity_of_text` does, and
+    scored with windows of ``max_length`` tokens capped at the model's context
+    (:func:`window_length`), advancing by ``stride`` (at most the window).
+
+    Args:
+        model: a causal LM (see :func:`perplexity`).
+        tokenizer: its ``transformers`` tokenizer.
+        data: a data spec: a text / JSON Lines / CSV / TSV / Parquet file, a dataset folder, an
+            alias (``wikitext2``) or a hub dataset id (:func:`kronlm.data.resolve_source`).
+        split: dataset split (a local file ignores it).
+        data_config: dataset configuration name of a hub dataset or folder.
+        text_field: the column or field holding the text.
+        data_dir: folder of local copies of public data; None: ``$KRONLM_DATA_DIR``.
+        max_tokens: score only the first this many tokens; None: all.
+        max_length: window length in tokens.
+        stride: window advance in tokens (sliding protocol).
+        protocol: ``"sliding"`` (Hugging Face guide) or ``"disjoint"`` (Krony-PT).
+        batch_size: windows per forward pass.
+        progress: tqdm bar over windows.
+        desc: label of the progress bar.
+
+    Returns:
+        a :class:`PerplexityResult`.
+
+    Raises:
+        FileNotFoundError: ``data`` looks like a path but does not exist.
+        ValueError: see :func:`kronlm.data.resolve_source`, :func:`kronlm.data.load_text` and
+            :func:`perplexity`.
+    """
+    source = resolve_source(data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
+    text = load_text_for_tokens(source, tokenizer, max_tokens)
+    length = window_length(model, max_length)
+    return perplexity_of_text(model, tokenizer, text, max_tokens=max_tokens, max_length=length, stride=min(stride, length),
+                              protocol=protocol, batch_size=batch_size, progress=progress, desc=desc)
+
+
+__all__ = [
+    "DEFAULT_STRIDE",
+    "PROTOCOLS",
+    "PerplexityResult",
+    "Window",
+    "evaluate",
+    "perplexity",
+    "perplexity_of_text",
+    "plan_windows",
+    "protocol_label",
+    "window_length",
+]
