@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import torch
 
-from kronlm.utils.paths import default_data_dir
+from kronlm.utils import default_data_dir
 
 
 class FiniteFloatRange(click.FloatRange):

@@ -43,6 +43,7 @@ from kronlm.compression.presets import (
 from kronlm.compression.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.compression.sequential import SequentialCalibration
 from kronlm.compression.surgery import FactorChoice, compress_modules, plan_compression
+from kronlm.compression.truncate import save_truncated, truncate_layers
 
 __all__ = [
     "DEFAULT_CALIBRATION_LENGTH",
@@ -80,4 +81,6 @@ __all__ = [
     "preset_parameter_counts",
     "price_modules",
     "save_calibration",
+    "save_truncated",
+    "truncate_layers",
 ]

@@ -7,6 +7,7 @@ Public API is re-exported here, one block per module; add new modules' exports a
 and extend ``__all__`` with them.
 """
 
+from kronlm.distill.blockwise import BlockwiseResult, distill_blockwise
 from kronlm.distill.capture import ModelTrace, is_causal_model, trace
 from kronlm.distill.checkpoint import (
     Checkpoint,
@@ -26,6 +27,7 @@ from kronlm.distill.fingerprint import (
     model_fingerprint,
     tokens_fingerprint,
 )
+from kronlm.distill.local import LocalResult, distill_local
 from kronlm.distill.losses import (
     attention_kl,
     attention_score_mse,
@@ -54,6 +56,17 @@ from kronlm.distill.stages import (
     recover,
     recovery_folder,
 )
+from kronlm.distill.text_runs import (
+    RUN_OUTPUTS,
+    check_student_and_teacher,
+    distill_on_text,
+    distillation_settings,
+    load_student_and_teacher,
+    looks_like_test_split,
+    run_distillation,
+    single_stage,
+    teacher_reason,
+)
 from kronlm.distill.trainer import (
     ResumeMismatch,
     StepStats,
@@ -73,6 +86,11 @@ from kronlm.distill.validators import (
 )
 
 __all__ = [
+    # blockwise and local
+    "BlockwiseResult",
+    "LocalResult",
+    "distill_blockwise",
+    "distill_local",
     # capture
     "ModelTrace",
     "is_causal_model",
@@ -130,6 +148,16 @@ __all__ = [
     "default_recovery_config",
     "recover",
     "recovery_folder",
+    # runs from model and data specs (kronlm distill)
+    "RUN_OUTPUTS",
+    "check_student_and_teacher",
+    "distill_on_text",
+    "distillation_settings",
+    "load_student_and_teacher",
+    "looks_like_test_split",
+    "run_distillation",
+    "single_stage",
+    "teacher_reason",
     # trainer
     "ResumeMismatch",
     "StepStats",

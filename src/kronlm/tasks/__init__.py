@@ -11,6 +11,8 @@ from kronlm.tasks.pipeline import (
     TaskFamily,
     TaskMetricValidator,
     TaskSplits,
+    TaskStudent,
+    claim_task_folder,
     run_task_pipeline,
     train_task_model,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "TaskMetricValidator",
     "TaskReport",
     "TaskSplits",
+    "TaskStudent",
+    "claim_task_folder",
     "copy_head",
     "count_embedding_linear_parameters",
     "general_distill",
