@@ -46,6 +46,7 @@ from kronlm.distill.objective import (
 )
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.recipes import RECIPES, LossWeights, get_recipe
+from kronlm.distill.resume import CheckpointManager, config_differences, run_fingerprint
 from kronlm.distill.stages import (
     DEFAULT_RECIPE,
     DEFAULT_RECOVER_TOKENS,
@@ -139,6 +140,10 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "build_scheduler",
+    # resume
+    "CheckpointManager",
+    "config_differences",
+    "run_fingerprint",
     # stages (kronlm.recover)
     "DEFAULT_RECIPE",
     "DEFAULT_RECOVER_TOKENS",
