@@ -311,17 +311,13 @@ def compress_modules(
 ) -> CompressionReport:
     """Replace the modules ``config`` selects with Kronecker modules, in place.
 
-    Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (a
-    ``KroneckerLowRankLinear`` when the target has a low-rank part, ``lowrank_rank`` > 0) and each
-    ``nn.Embedding`` a ``KroneckerEmbedding``, initialised from the pretrained weight by the
-    target's initialiser (:func:`fit_module`); biases are copied. When the factored embedding is
-    tied to the LM head, the head follows ``config.lm_head`` ("tied": it reuses the factors;
-    "dense": it keeps the pretrained matrix, untied). On a model built on the meta device
-    (architecture only) no factors are computed: use it to count parameters from a configuration
-    alone.
-
     Stages: plan (:func:`plan_compression`), calibrate (:func:`calibration_for`, when token ids
-    are given and an initialiser needs statistics), then per module fit and swap.
+    are given and an initialiser needs statistics), then per module fit (:func:`fit_module`) and
+    swap: an ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (``KroneckerLowRankLinear``
+    when ``lowrank_rank`` > 0), an ``nn.Embedding`` a ``KroneckerEmbedding``; biases are copied. A
+    head tied to a factored embedding follows ``config.lm_head`` ("tied": it reuses the factors;
+    "dense": it keeps the pretrained matrix, untied). On the meta device no factors are computed:
+    parameter counts from a configuration alone.
 
     Args:
         model: a Hugging Face ``PreTrainedModel`` (GPT-2, BERT, Llama-family, ...) or any module.

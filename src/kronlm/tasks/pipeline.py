@@ -248,16 +248,10 @@ def run_task_pipeline(
 ) -> TaskReport:
     """Fine-tune a teacher (or take a fine-tuned one), optionally distil a student, report.
 
-    Two kinds of student:
-
-    - ``compression``: the fine-tuned teacher compressed with this config (KroneckerBERT), its
-      task head copied; ``general_distill`` then replaces its encoder weights by those of a
-      stage-1 student compressed with the same config.
-    - ``student_init``: a model folder of the teacher's architecture and width, compressed or
-      truncated from the *pretrained* model and possibly recovered on plain text (KnGPT2,
-      DistilGPT2 / Li et al.'s truncated students). It is loaded with the family's task head
-      (:meth:`TaskFamily.new_model`) and that head is overwritten by the fine-tuned teacher's
-      (:func:`kronlm.tasks.student.copy_head`).
+    Two kinds of student (:meth:`TaskStudent.build`): ``compression``, the fine-tuned teacher
+    compressed with this config (KroneckerBERT), optionally with the encoder weights of a stage-1
+    student (``general_distill``); or ``student_init``, a model folder compressed or truncated
+    from the *pretrained* model (KnGPT2, DistilGPT2 / Li et al.), given the teacher's task head.
 
     Args:
         family: the task.
@@ -283,10 +277,8 @@ def run_task_pipeline(
         The :class:`~kronlm.tasks.results.TaskReport` written to ``out_dir``.
 
     Raises:
-        ValueError: neither or both of ``model`` / ``teacher``; both ``compression`` and
-            ``student_init``; ``general_distill`` without ``compression``; ``task_kd=False`` or
-            ``layer_map`` without a student; bad data or settings (from the family and the
-            trainer).
+        ValueError: inconsistent arguments (:func:`check_task_students`); bad data or settings
+            (from the family and the trainer).
         FileNotFoundError: missing data or model folders (named).
     """
     check_task_students(model, teacher, compression, student_init, general_distill, layer_map, task_kd)
