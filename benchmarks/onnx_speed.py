@@ -69,7 +69,7 @@ def matmul_macs_per_token(model: nn.Module) -> int:
     """Multiply-adds per token of the model's weight products (linear layers and LM head).
 
     Attention scores (which grow with the sequence) and elementwise work are left out; a
-    Kronecker layer counts the cheaper contraction order (SPEC §2).
+    Kronecker layer counts the cheaper contraction order (docs/method.md, "The forward pass never forms W").
     """
     total = 0
     for module in model.modules():

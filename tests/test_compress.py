@@ -1,4 +1,4 @@
-"""kronlm.compress on tiny GPT-2 / Llama / BERT, the report, and the papers' presets (SPEC §6)."""
+"""kronlm.compress on tiny GPT-2 / Llama / BERT, the report, and the papers' presets (docs/method.md, "Parameter counts")."""
 
 import pytest
 import torch
@@ -205,9 +205,9 @@ def test_config_json_and_yaml_round_trip(tmp_path):
         CompressionConfig.from_file(tmp_path / "missing.yaml")
 
 
-# SPEC §6: parameter counts reproducible from the configurations alone (GPT-2 124M tied: 124,439,808;
+# docs/method.md, "Parameter counts": parameter counts reproducible from the configurations alone (GPT-2 124M tied: 124,439,808;
 # BERT-base with pooler: 109,482,240).
-SPEC_COUNTS = {
+PAPER_COUNTS = {
     "krony-pt-67m": 67_893_504,
     "krony-pt-81m": 81_972_576,
     "krony-pt-80m-2": 80_400_048 + 48,
@@ -217,11 +217,11 @@ SPEC_COUNTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_COUNTS))
+@pytest.mark.parametrize("name", list(PAPER_COUNTS))
 def test_paper_presets_reproduce_spec_parameter_counts(name):
     counts = preset_parameter_counts(name)
     assert counts["before"] == (109_482_240 if "bert" in name else 124_439_808)
-    assert counts["after"] == SPEC_COUNTS[name]
+    assert counts["after"] == PAPER_COUNTS[name]
     assert counts["scalars"] == (48 if name == "krony-pt-80m-2" else 0)
 
 
@@ -242,7 +242,7 @@ def test_kngpt2_preset_is_83_9m_without_head():
 ])
 def test_llama_presets_on_smollm2_architecture(name, k, rank, scalars):
     counts = preset_parameter_counts(name)
-    assert counts["before"] == 134_515_008  # SmolLM2-135M (SPEC §7)
+    assert counts["before"] == 134_515_008  # SmolLM2-135M (docs/protocols.md, "Models used by the benchmarks")
     # 90 MLP matrices of 1536·576 weights, each now R·(1536·576/k + k) (+ R scalars).
     per_matrix = rank * (1536 * 576 // k + k) + (rank if scalars else 0)
     assert counts["after"] == 134_515_008 - 90 * 1536 * 576 + 90 * per_matrix

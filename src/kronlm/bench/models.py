@@ -76,7 +76,7 @@ def _is_head(model: nn.Module, module: nn.Module) -> bool:
 def linear_macs_per_token(model: nn.Module, *, include_head: bool = False) -> int:
     """Multiply-adds per token of every linear map (nn.Linear, Conv1D, KroneckerLinear) in ``model``.
 
-    KroneckerLinear counts its cheaper contraction order (SPEC §2); the LM head is left out
+    KroneckerLinear counts its cheaper contraction order (docs/method.md, "The forward pass never forms W"); the LM head is left out
     unless ``include_head`` (prefill in ``generate`` computes logits at the last position only).
     """
 

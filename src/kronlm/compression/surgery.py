@@ -1,5 +1,5 @@
 """Model surgery: swap the dense modules a config selects for Kronecker modules initialised from
-the pretrained weights (SPEC §2, §3).
+the pretrained weights (docs/method.md, "The Kronecker-factored linear map"; docs/method.md, "Initialisation from the pretrained weights").
 
 This module changes modules only. Making the result a Hugging Face model that saves and loads as
 a compressed model (its config class, the plan in ``config.json``) is

@@ -5,7 +5,7 @@ A student of the same architecture and class as the teacher keeps a chosen subse
 blocks, in a given order (the paper's best 6-layer GPT-2 keeps blocks [0, 2, 4, 6, 8, 10];
 DistilGPT2 was initialised from [0, 2, 4, 7, 9, 11]). Embeddings, the final norm, the head (and
 BERT's pooler) are copied unchanged; the student is then recovered by causal-LM pre-training or
-distillation (SPEC §1, §4).
+distillation (docs/method.md, "The papers"; docs/recovery.md, "Layer truncation").
 
 The student is built from a fresh configuration rather than by deleting modules from a copy of the
 teacher, so that every per-layer index the modelling code derives from the configuration

@@ -4,7 +4,7 @@ A corpus is tokenised document by document with the model's fast tokenizer (no s
 added), the documents are joined into one token stream with the tokenizer's EOS token between
 them, and the stream is cut into consecutive blocks of ``block_size`` tokens, the trailing
 remainder dropped: the GPT-2 / Krony-PT recipe of training on packed 1024-token windows
-(SPEC §4; the ``group_texts`` step of the Hugging Face ``run_clm`` example). The last blocks form
+(docs/recovery.md, "The training engine"; the ``group_texts`` step of the Hugging Face ``run_clm`` example). The last blocks form
 the validation split, so training and validation never share a token.
 
 Sources are resolved by :func:`kronlm.data.sources.resolve_source`, the resolver evaluation uses

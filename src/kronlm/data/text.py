@@ -3,7 +3,7 @@
 A plain text file is its text. Every other source is a sequence of records (JSON Lines records,
 CSV/TSV/Parquet rows, dataset rows) joined as ``"\\n\\n".join(records)``: the convention of the
 Hugging Face perplexity guide ("Perplexity of fixed-length models", transformers docs) for
-``"\\n\\n".join(ds[split]["text"])``, which SPEC §5 follows.
+``"\\n\\n".join(ds[split]["text"])``, which docs/protocols.md, "Sliding window" follows.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 For W of shape (out, in) = (m1*m2, n1*n2) the problem
     min over A_r (m1, n1), B_r (m2, n2) of || W - sum_{r<=R} A_r ⊗ B_r ||_F
 is a rank-R approximation of the rearranged matrix R(W) of shape (m1*n1, m2*n2), whose rows are
-the vectorised (m2, n2) blocks of W. Its SVD gives the optimum (SPEC §3).
+the vectorised (m2, n2) blocks of W. Its SVD gives the optimum (docs/method.md, "Nearest Kronecker product").
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def nearest_kronecker_product(
     oversample: int = 8,
     name: str = "weight",
 ) -> KroneckerFactors:
-    """Best rank-R sum of Kronecker products of a weight (Van Loan & Pitsianis 1993; SPEC §3).
+    """Best rank-R sum of Kronecker products of a weight (Van Loan & Pitsianis 1993; docs/method.md, "Nearest Kronecker product").
 
     Args:
         weight: (out, in) = (m1*m2, n1*n2), in the ``nn.Linear`` orientation (transpose a
@@ -204,7 +204,7 @@ def relative_error(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale
 
 
 def rescale_to_norm(factors: KroneckerFactors, weight: torch.Tensor) -> KroneckerFactors:
-    """Krony-PT's "modified Van Loan": scale every term by α = ||W||_F / ||Ŵ||_F (SPEC §3).
+    """Krony-PT's "modified Van Loan": scale every term by α = ||W||_F / ||Ŵ||_F (docs/method.md, "Modified Van Loan").
 
     The truncated nearest Kronecker product keeps only part of W's Frobenius norm; rescaling
     restores it, which Krony-PT found to help recovery. α goes into ``scales`` (so a layer with

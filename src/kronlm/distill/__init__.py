@@ -1,4 +1,4 @@
-"""Training by distillation (SPEC §4): loss terms, model tracing, recipes, objective, the one
+"""Training by distillation (docs/recovery.md; the objectives: docs/method.md, "Recovery objectives"): loss terms, model tracing, recipes, objective, the one
 training engine (config, optimizer, data order, checkpoints, validators, exporters, the loop)
 that LM recovery, task fine-tuning and task distillation all run, and the task pipeline
 (teacher -> compressed student -> report) that task families such as GLUE plug into.

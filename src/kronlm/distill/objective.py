@@ -108,7 +108,7 @@ def span_ce(
         ValueError: shapes that disagree; a gold position outside [0, seq) or on a padded
             position (names the window and the position).
 
-    Source: Devlin et al. (2019), SQuAD fine-tuning; the α_ce term of task ILKD (SPEC §4).
+    Source: Devlin et al. (2019), SQuAD fine-tuning; the α_ce term of task ILKD (docs/method.md, "Recovery objectives").
     """
     mask = mask.bool()
     losses = []
@@ -167,7 +167,7 @@ class LossOutput:
 
 
 class DistillationObjective:
-    """Weighted distillation loss of a student against a frozen teacher (SPEC §4).
+    """Weighted distillation loss of a student against a frozen teacher (docs/method.md, "Recovery objectives").
 
     Args:
         weights: the recipe (see :mod:`kronlm.distill.recipes`).

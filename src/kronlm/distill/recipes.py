@@ -1,4 +1,4 @@
-"""Named loss recipes for recovery training (SPEC §4).
+"""Named loss recipes for recovery training (docs/method.md, "Recovery objectives").
 
 A recipe is a :class:`LossWeights`: one weight per loss term plus the attention distance and the
 KD temperature. :data:`RECIPES` holds the four recipes of the source papers and ``kd``; :func:`get_recipe`

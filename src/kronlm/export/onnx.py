@@ -21,8 +21,8 @@ A head tied to the input embedding is stored once: the TorchScript exporter fold
 transposed weight into a second initializer; :func:`dedupe_transposed_initializers` replaces such a
 copy by a ``Transpose`` of the original (494 -> 381 MB for SmolLM2 ``krony-pt-llama-mlp-2x``).
 
-Kronecker modules are exported through ``OnnxKroneckerLinear``, a form of the same product (SPEC
-§2, same contraction order and multiply-adds) arranged for onnxruntime: the large factor is one 2-D
+Kronecker modules are exported through ``OnnxKroneckerLinear``, a form of the same product (docs/method.md,
+"The forward pass never forms W": same contraction order and multiply-adds) arranged for onnxruntime: the large factor is one 2-D
 ``MatMul`` against a constant matrix (MLAS pre-packs it), the small factor of the presets' (2, 1) /
 (1, 2) B is a broadcast ``Mul`` or a small left ``MatMul`` along the long axis, and inside an MLP
 the hidden features travel in the swapped Kronecker order so that no ``Transpose`` is needed. Traced

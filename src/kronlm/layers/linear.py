@@ -1,4 +1,4 @@
-"""``KroneckerLinear``: y = x (Σ_r s_r A_r ⊗ B_r)ᵀ + b without materialising the weight (SPEC §2)."""
+"""``KroneckerLinear``: y = x (Σ_r s_r A_r ⊗ B_r)ᵀ + b without materialising the weight (docs/method.md, "The Kronecker-factored linear map")."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ _PLAN_CACHE: dict[tuple, tuple[str, str]] = {}
 def set_autotune(enabled: bool) -> None:
     """Turn the measured choice of contraction plan for every ``KroneckerLinear`` on or off.
 
-    Off (the default), a layer uses the order with fewer multiply-adds (SPEC §2) and
+    Off (the default), a layer uses the order with fewer multiply-adds (docs/method.md, "The forward pass never forms W") and
     ``default_middle``: deterministic, no timing in the forward pass. On, the first eager
     forward for each (factor shapes, R, token bucket, dtype, device) times the candidate plans
     once (``autotune_plan``) and caches the fastest in-process; under ``torch.compile`` the
@@ -224,7 +224,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``scales`` (R,) when ``learnable_scales``
     (Krony-PT's per-term scalars; otherwise the scalars are folded into A), ``bias`` (out,).
     The forward pass never forms W: it contracts x.reshape(..., n1, n2) with B then A, or A then
-    B, whichever costs fewer multiply-adds for these shapes (SPEC §2, ``self.order``), with the
+    B, whichever costs fewer multiply-adds for these shapes (``self.order``; docs/method.md, "The forward pass never forms W"), with the
     middle-axis layout of ``default_middle``; ``set_autotune(True)`` lets a one-time in-process
     measurement pick both instead. Any leading dimensions work; ``torch.compile`` traces it.
 

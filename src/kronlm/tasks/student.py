@@ -1,4 +1,4 @@
-"""The Kronecker student of a fine-tuned task teacher, and KroneckerBERT's stage 1 (SPEC §1, §4).
+"""The Kronecker student of a fine-tuned task teacher, and KroneckerBERT's stage 1 (docs/tasks.md).
 
 - :func:`make_student`: a copy of the fine-tuned teacher compressed with a compression config
   (a KroneckerBERT preset or any config); the task head (and BERT's pooler, unless the config
@@ -161,7 +161,7 @@ def general_distill(
 
     The Python form of ``kronlm compress ENCODER --config C --out DIR`` followed by
     ``kronlm distill --student DIR --teacher ENCODER --recipe ilkd-kroneckerbert ...``
-    (KroneckerBERT, SPEC §1). With validation blocks, ``out_dir/best`` is chosen by the held-out
+    (KroneckerBERT; docs/method.md, "The papers"). With validation blocks, ``out_dir/best`` is chosen by the held-out
     distillation loss (an encoder has no LM head for perplexity).
 
     Args:

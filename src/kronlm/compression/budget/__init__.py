@@ -18,7 +18,7 @@ see ``collect_calibration(sensitivity=True)``), the diagonal-Fisher approximatio
 ΔL ≈ ½ · s · E_t||ΔW x_t||² = ½ · s · tr(ΔW C ΔWᵀ). Every family is priced with the same
 activation-aware error estimate, under the damped C the fits use:
 
-- ``svd``: truncated SVD, the degenerate Kronecker product A (out, 1) ⊗ B (1, in) (SPEC §2) with
+- ``svd``: truncated SVD, the degenerate Kronecker product A (out, 1) ⊗ B (1, in) (docs/method.md, "Truncated SVD is a Kronecker product") with
   R terms; the tail Σ_{j>R} σ_j² of W C^{1/2} is its exact error (SVD-LLM).
 - ``kronecker``: Σ_{r<=R} A_r ⊗ B_r for every factor-shape pair of
   ``kronecker_shape_window`` (small input-side, output-side and square factors, and balanced

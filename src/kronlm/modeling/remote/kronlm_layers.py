@@ -16,7 +16,7 @@ The compressed architecture is described by the plan stored under ``kronlm`` in 
 planned shape before the weights are loaded. ``MODULE_BUILDERS`` maps each plan ``kind`` to the
 function that builds its module: a new kind of Kronecker module is one entry there (and one class).
 
-Source: the kronlm package (``kronlm.layers``, ``kronlm.modeling.plan``), kronlm's SPEC §2 (the product W = Σ_r s_r A_r ⊗ B_r
+Source: the kronlm package (``kronlm.layers``, ``kronlm.modeling.plan``), kronlm's docs/method.md, "The Kronecker-factored linear map" (the product W = Σ_r s_r A_r ⊗ B_r
 and its contraction orders), Van Loan & Pitsianis (1993), KnGPT2 / KroneckerBERT / Krony-PT.
 """
 
@@ -167,7 +167,7 @@ def a_first_matmul(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, middle: s
 
 
 def contraction_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1) -> tuple[int, int]:
-    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (kronlm SPEC §2)."""
+    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (kronlm's docs/method.md, "The forward pass never forms W")."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     return rank * (n1 * n2 * m2 + m1 * n1 * m2), rank * (m1 * n1 * n2 + m1 * n2 * m2)
 

@@ -1,4 +1,4 @@
-"""GLUE fine-tuning and task distillation (KroneckerBERT, SPEC §1, §4, §5).
+"""GLUE fine-tuning and task distillation (KroneckerBERT; docs/tasks.md).
 
 Modules: :mod:`.tasks` (task table), :mod:`.data` (TSV / ``datasets`` readers, the held-out
 split, batching), :mod:`.metrics` (dev metrics), :mod:`.heads` (sequence classifiers),

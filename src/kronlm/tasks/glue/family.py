@@ -215,7 +215,7 @@ def run_glue(
 ) -> TaskReport:
     """Fine-tune a teacher on a GLUE task and optionally distil a compressed or truncated student.
 
-    The Python form of ``kronlm glue`` (KroneckerBERT, SPEC §1, §4, §5): teacher fine-tuning
+    The Python form of ``kronlm glue`` (KroneckerBERT; docs/tasks.md): teacher fine-tuning
     (or a fine-tuned ``teacher``) -> compression of the teacher with ``student`` -> optional
     stage-1 weights (``general_distill``) -> task distillation -> ``report.{json,md}``. Instead
     of ``student``, ``student_init`` names a compressed or truncated *pretrained* model folder

@@ -465,7 +465,7 @@ def run_squad(
 ) -> TaskReport:
     """Fine-tune a span-prediction teacher on SQuAD and optionally distil a compressed student.
 
-    The Python form of ``kronlm squad`` (KroneckerBERT, SPEC §1, §4, §5): teacher fine-tuning of
+    The Python form of ``kronlm squad`` (KroneckerBERT; docs/tasks.md): teacher fine-tuning of
     ``AutoModelForQuestionAnswering`` (or a fine-tuned ``teacher``) -> compression of the teacher
     with ``student`` -> optional stage-1 weights (``general_distill``) -> task ILKD -> report.
     Each stage chooses its checkpoint by F1 on held-out training questions (``val_fraction``,
