@@ -16,8 +16,8 @@ import time
 import torch
 
 import kronlm
-from kronlm.bench.report import reproduce_header, reproduce_section
-from kronlm.compress import list_presets
+from kronlm.bench.markdown import reproduce_header, reproduce_section
+from kronlm.compression import list_presets
 from kronlm.modeling.loading import load_model
 
 

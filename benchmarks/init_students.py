@@ -3,7 +3,7 @@
 Both keep the parameter count of the krony-pt-llama-mlp-2x shapes on the MLPs of N evenly spaced
 blocks (N = 30: 94,702,068 parameters, 70.4 % of dense). ``van_loan`` uses those uniform shapes
 with plain Van Loan; ``budget`` is ``kronlm compress --budget-params N`` to the same count (the
-CLI's code path, ``compress_with_budget`` with its defaults) on the calibration statistics cached by
+CLI's code path, ``compress_to_budget`` with a default ``BudgetConfig``) on the calibration statistics cached by
 ``benchmarks/zero_shot_init.py`` (run that first, same --work and calibration flags).
 
     python benchmarks/init_students.py --fraction 0.7 --out runs/recovery_init
@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 
 import kronlm
-from kronlm.bench.report import reproduce_header
-from kronlm.cli.compress import DEFAULTS, compress_with_budget
-from kronlm.compress.calibration import load_calibration
-from kronlm.modeling import compress
-from kronlm.modeling.loading import load_model_and_tokenizer
+from kronlm.bench.markdown import reproduce_header
+from kronlm.compression import BudgetConfig, load_calibration
+from kronlm.modeling import compress, compress_to_budget, load_model_and_tokenizer
 
 
 def _zero_shot_module():
@@ -54,7 +52,7 @@ def main() -> None:
     print(f"van_loan: {target:,} parameters -> {args.out / 'van_loan'}")
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
-    compress_with_budget(model, target, None, DEFAULTS, stats=stats)  # the statistics are given: no ids needed
+    compress_to_budget(model, BudgetConfig(target_params=target), None, statistics=stats)  # the statistics are given: no ids needed
     report = model.compression_report
     kronlm.save(model, args.out / "budget", tokenizer=tokenizer, report=report)
     print(f"budget: {report.params_after:,} parameters -> {args.out / 'budget'}")

@@ -18,9 +18,9 @@ from kronlm.bench.layers import (
     layer_speed_rows,
     preset_layer_shapes,
 )
+from kronlm.bench.options import layer_speed_options
 from kronlm.bench.plots import layer_speed_plot, png_beside
-from kronlm.bench.report import reproduce_header, reproduce_section, write_markdown
-from kronlm.cli.bench import layers_command
+from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
 
 
 def setup(threads, device, dtype):
@@ -37,10 +37,13 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-@click.command(params=[*layers_command.params, click.Option(["--plot"], type=click.Path(dir_okay=False), default=None,
-                                                             help="PNG of the forward speed-up (default with --out: beside it).")])
-def main(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, plot):
+@click.command()
+@layer_speed_options
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="PNG of the forward speed-up (default with --out: beside it).")
+def main(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, overwrite, plot):
     """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes, with a figure."""
+    # --overwrite comes with the shared options; this script replaces --out whatever it holds.
     dev, dt = setup(threads, device, dtype)
     click.echo(reproduce_header(command_line()), err=True)
     shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)

@@ -23,9 +23,9 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
+from kronlm.bench.options import model_speed_options
 from kronlm.bench.plots import model_speed_plot, png_beside
-from kronlm.bench.report import reproduce_header, reproduce_section, write_markdown
-from kronlm.cli.bench import models_command
+from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
 
 
 def setup(threads, device, dtype):
@@ -42,10 +42,13 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-@click.command(params=[*models_command.params, click.Option(["--plot"], type=click.Path(dir_okay=False), default=None,
-                                                             help="PNG of the speed-ups (default with --out: beside it).")])
-def main(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, plot):
+@click.command()
+@model_speed_options
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="PNG of the speed-ups (default with --out: beside it).")
+def main(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, overwrite, plot):
     """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights), with a figure."""
+    # --overwrite comes with the shared options; this script replaces --out whatever it holds.
     dev, dt = setup(threads, device, dtype)
     click.echo(reproduce_header(command_line()), err=True)
     try:

@@ -44,8 +44,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from kronlm.bench.plots import markdown_tables, number, onnx_speed_plot
-from kronlm.bench.report import reproduce_header, reproduce_section
-from kronlm.compress import get_preset
+from kronlm.bench.markdown import reproduce_header, reproduce_section
+from kronlm.compression import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.export import onnx as konnx
 from kronlm.layers import KroneckerLinear, KroneckerTiedLMHead
@@ -69,7 +69,7 @@ def matmul_macs_per_token(model: nn.Module) -> int:
     """Multiply-adds per token of the model's weight products (linear layers and LM head).
 
     Attention scores (which grow with the sequence) and elementwise work are left out; a
-    Kronecker layer counts the cheaper contraction order (SPEC §2).
+    Kronecker layer counts the cheaper contraction order (docs/method.md, "The forward pass never forms W").
     """
     total = 0
     for module in model.modules():

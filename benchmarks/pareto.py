@@ -9,7 +9,7 @@ factor families the budget allocation may choose from,
 - ``mixed``: all three,
 
 the model is compressed by exactly the code path of ``kronlm compress --budget F --families ...``
-(``kronlm.cli.compress.compress_with_budget`` with the CLI's ``BudgetSettings`` defaults; the
+(``kronlm.modeling.compress_to_budget`` with a ``BudgetConfig`` of the CLI's defaults; the
 calibration statistics and the pricing are computed once and handed to it, a fresh copy of the
 pricing per point so that every point equals the CLI's run), then scored with no training on
 
@@ -17,7 +17,7 @@ pricing per point so that every point equals the CLI's run), then scored with no
 - out-of-domain text: GLUE dev sentences as plain text, the first ``--ood-tokens`` / 2 tokens of
   SST-2 dev then of QNLI dev (each file's ``sentence`` column joined with "\\n\\n"),
 
-both with the sliding window, max_length 1024, stride 512 (SPEC §5). Each row also gives the
+both with the sliding window, max_length 1024, stride 512 (docs/protocols.md). Each row also gives the
 ``kronlm compress`` command that reproduces it. Rows are appended to ``WORK/results.jsonl`` as
 they come (a rerun skips what is done; ``--tag`` separates calibration variants), the calibration
 statistics are cached in ``WORK/calibration-<hash of the calibration flags>.safetensors``.
@@ -29,8 +29,8 @@ kronlm folder; train the best Kronecker-containing one and the SVD-only one with
 
     python benchmarks/pareto.py --threads 1 --calibration-sequences 32 --out docs/benchmarks/pareto.md
 
-Defaults are the command line's (``kronlm.cli.compress``: ``DEFAULTS``, ``CALIBRATION_SEQUENCES``,
-``CALIBRATION_LENGTH``).
+Defaults are the command line's (``kronlm.BudgetConfig()``, ``DEFAULT_CALIBRATION_SEQUENCES`` and
+``DEFAULT_CALIBRATION_LENGTH`` of ``kronlm.compression``).
 """
 
 from __future__ import annotations
@@ -48,35 +48,30 @@ import torch
 
 import kronlm
 from kronlm.bench.plots import line_plot, png_beside
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     environment_info,
     markdown_table,
     reproduce_header,
     reproduce_section,
     write_markdown,
 )
-from kronlm.cli.compress import (
-    CALIBRATION_LENGTH,
-    CALIBRATION_SEQUENCES,
-    DEFAULTS,
-    compress_with_budget,
-)
-from kronlm.cli.options import default_data_dir
-from kronlm.compress import count_parameters
-from kronlm.compress.budget import (
-    BudgetSettings,
-    budget_calibration,
-    budget_candidates,
-    price_modules,
-)
-from kronlm.compress.calibration import (
+from kronlm.compression import (
+    DEFAULT_CALIBRATION_LENGTH,
+    DEFAULT_CALIBRATION_SEQUENCES,
+    BudgetConfig,
     CalibrationSource,
+    budget_candidates,
+    budget_statistics,
     calibration_mix,
+    count_parameters,
     load_calibration,
+    price_modules,
     save_calibration,
 )
-from kronlm.data.text import load_text
-from kronlm.evaluate.perplexity import perplexity
+from kronlm.data import load_text
+from kronlm.evaluation import perplexity
+from kronlm.modeling import compress_to_budget
+from kronlm.utils import default_data_dir
 
 SETS = {"svd": ("svd",), "kronecker": ("kronecker",), "kronecker_lowrank": ("kronecker_lowrank",),
         "mixed": ("svd", "kronecker", "kronecker_lowrank")}
@@ -97,10 +92,13 @@ def ood_ids(tokenizer, data_dir: Path, tokens: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def settings_for(args, families: tuple[str, ...]) -> BudgetSettings:
-    """The CLI's settings for these flags (``kronlm compress`` builds the same)."""
-    return BudgetSettings(families=families, sensitivity_sequences=args.sensitivity_sequences, check_rounds=args.check_rounds,
-                          sequential=None if args.sequential == "off" else args.sequential)
+DEFAULTS = BudgetConfig()
+
+
+def settings_for(args, families: tuple[str, ...], fraction: float | None = None) -> BudgetConfig:
+    """The CLI's budget config for these flags (``kronlm compress --budget FRACTION`` builds the same)."""
+    return BudgetConfig(target_fraction=fraction, families=families, sensitivity_sequences=args.sensitivity_sequences,
+                        check_rounds=args.check_rounds, sequential=None if args.sequential == "off" else args.sequential)
 
 
 def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
@@ -127,8 +125,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--calibration", nargs="+", default=["wikitext2"], help="SPEC[=WEIGHT] sources, as kronlm compress --calibration")
     parser.add_argument("--calibration-split", default="validation")
-    parser.add_argument("--calibration-sequences", type=int, default=CALIBRATION_SEQUENCES)
-    parser.add_argument("--calibration-length", type=int, default=CALIBRATION_LENGTH)
+    parser.add_argument("--calibration-sequences", type=int, default=DEFAULT_CALIBRATION_SEQUENCES)
+    parser.add_argument("--calibration-length", type=int, default=DEFAULT_CALIBRATION_LENGTH)
     parser.add_argument("--calibration-seed", type=int, default=None)
     parser.add_argument("--sensitivity-sequences", type=int, default=DEFAULTS.sensitivity_sequences)
     parser.add_argument("--check-rounds", type=int, default=DEFAULTS.check_rounds)
@@ -204,7 +202,7 @@ def run(args, done, record, command: str) -> None:
     if cache.exists():
         stats = load_calibration(cache, meta)
     else:
-        stats = budget_calibration(model, ids, names, sensitivity_sequences=args.sensitivity_sequences)
+        stats = budget_statistics(model, ids, names, sensitivity_sequences=args.sensitivity_sequences)
         save_calibration(stats, cache, meta)
     calibration_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -215,8 +213,8 @@ def run(args, done, record, command: str) -> None:
         families = SETS[name]
         student = copy.deepcopy(model)
         start = time.perf_counter()
-        allocation = compress_with_budget(student, int(fraction * dense_params), ids, settings_for(args, families),
-                                          stats=stats, pricing=copy.deepcopy(pricing))
+        allocation = compress_to_budget(student, settings_for(args, families, fraction), ids, statistics=stats,
+                                        pricing=copy.deepcopy(pricing))
         seconds = time.perf_counter() - start
         for entry in stats.values():
             entry.fitted.clear()

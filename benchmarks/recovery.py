@@ -1,7 +1,7 @@
 """Quality against CPU time: compressed SmolLM2-135M students recovered side by side.
 
-Students at about SIZE of the dense parameters (equal within 1 %), each built once with the
-``kronlm`` command line (the command is printed):
+Students at about SIZE of the dense parameters (equal within 1 %), each built once by the library
+calls of the ``kronlm`` command that is printed (``kronlm.compress``, ``kronlm.compression.save_truncated``):
 
 - ``kron-vlr``: Krony-PT-style Kronecker MLPs (gate/up B (2,1), down B (1,2)) of N evenly spaced
   blocks, modified Van Loan init; ``kron-prune``: the same shapes, pruning init; ``kron-aa``: the
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shlex
@@ -54,8 +53,7 @@ from pathlib import Path
 
 import torch
 
-from kronlm.bench.plots import line_plot
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     machine_info,
     machine_line,
     markdown_table,
@@ -63,19 +61,19 @@ from kronlm.bench.report import (
     reproduce_section,
     write_markdown,
 )
-from kronlm.cli import main as kronlm_main
-from kronlm.compress import count_parameters
-from kronlm.data.blocks import build_blocks
-from kronlm.data.sources import resolve_source
-from kronlm.data.text import load_text
-from kronlm.distill.blockwise import distill_blockwise
-from kronlm.distill.config import TrainingConfig
-from kronlm.distill.local import distill_local
-from kronlm.distill.stages import RecoveryConfig
-from kronlm.distill.trainer import train
-from kronlm.evaluate.perplexity import perplexity_of_text
-from kronlm.modeling import load
-from kronlm.modeling.loading import load_model_and_tokenizer
+from kronlm.bench.plots import line_plot
+from kronlm.compression import (
+    FACTOR_FAMILIES,
+    BudgetConfig,
+    CompressionConfig,
+    calibration_mix,
+    count_parameters,
+    save_truncated,
+)
+from kronlm.data import build_blocks, load_text, resolve_source
+from kronlm.distill import RecoveryConfig, TrainingConfig, distill_blockwise, distill_local, train
+from kronlm.evaluation import perplexity_of_text
+from kronlm.modeling import compress, load, load_model, load_model_and_tokenizer, load_tokenizer, save
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = 30
@@ -92,17 +90,32 @@ def spaced(n: int, total: int = BLOCKS) -> list[int]:
     return sorted({round(i * total / n) for i in range(n)})
 
 
-def run_cli(argv: list[str], log: list[str]) -> str:
-    """Run ``kronlm ARGV`` in-process; returns its standard output; raises on a non-zero exit."""
+def show(argv: list[str], log: list[str]) -> None:
+    """Record and print ``kronlm ARGV``: the command that builds what the next library calls build."""
     log.append("kronlm " + shlex.join(argv))
     print(log[-1], flush=True)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = kronlm_main(argv)
-    print(out.getvalue(), flush=True)
-    if code != 0:
-        raise SystemExit(f"kronlm exited with {code}: {' '.join(argv)}")
-    return out.getvalue()
+
+
+def truncated_student(model: str, keep: list[int], folder: Path) -> None:
+    """``kronlm truncate MODEL --layers KEEP --out FOLDER --overwrite``."""
+    net = load_model(model)
+    try:
+        tokenizer = load_tokenizer(model)
+    except (OSError, ValueError):
+        tokenizer = None
+    save_truncated(net, keep, folder, tokenizer=tokenizer, overwrite=True)
+
+
+def compressed_student(args, config: CompressionConfig | BudgetConfig, folder: Path, calibrate: bool) -> None:
+    """``kronlm compress MODEL (--config FILE | --budget-params N) [--calibration wikitext2 ...] --out FOLDER --overwrite``."""
+    net, tokenizer = load_model_and_tokenizer(args.model)
+    ids = None
+    if calibrate:
+        ids, described = calibration_mix(net, tokenizer, ["wikitext2"], args.calibration_sequences, 512, data_dir=args.data_dir)
+        print(f"calibration: {described}", flush=True)
+    compress(net, config, calibration=ids)
+    print(net.compression_report.table(max_rows=12), flush=True)
+    save(net, folder, tokenizer=tokenizer, overwrite=True)
 
 
 def kron_config(work: Path, blocks: list[int], init: str) -> Path:
@@ -125,16 +138,20 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
                    "--calibration-length", "512", "--data-dir", str(args.data_dir)]
     if name == "truncate":
         keep = spaced(BLOCKS - setting["drop"])
-        run_cli(["truncate", args.model, "--layers", ",".join(map(str, keep)), *common], log)
+        show(["truncate", args.model, "--layers", ",".join(map(str, keep)), *common], log)
+        truncated_student(args.model, keep, folder)
     elif name.startswith("budget"):
         reference = build_student("kron-vlr", size, work, args, log)
         target = count_parameters(load(reference))
         families = ["--families", "svd"] if name == "budget-svd" else []
-        run_cli(["compress", args.model, "--budget-params", str(target), *families, *calibration, *common], log)
+        show(["compress", args.model, "--budget-params", str(target), *families, *calibration, *common], log)
+        budget = BudgetConfig(target_params=target, families=("svd",) if name == "budget-svd" else FACTOR_FAMILIES)
+        compressed_student(args, budget, folder, calibrate=True)
     else:
         init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[name]
         config = kron_config(work, spaced(setting["kron_blocks"]), init)
-        run_cli(["compress", args.model, "--config", str(config), *(calibration if init == "activation_aware" else []), *common], log)
+        show(["compress", args.model, "--config", str(config), *(calibration if init == "activation_aware" else []), *common], log)
+        compressed_student(args, CompressionConfig.from_file(config), folder, calibrate=init == "activation_aware")
     return folder
 
 

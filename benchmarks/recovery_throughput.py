@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     machine_info,
     machine_line,
     markdown_table,

@@ -1,6 +1,7 @@
 """SQuAD v1.1 benchmark of a KroneckerBERT-style MiniLM student (results in docs/benchmarks/squad_minilm.md).
 
-Runs ``kronlm`` commands in this process, each part only when its output folder does not exist:
+Runs what these ``kronlm`` commands run, by library calls in this process (printing each command
+first), each part only when its output folder does not exist:
 
 1. teacher: all-MiniLM-L6-v2 with a new span head fine-tuned on the local split's training
    questions (``kronlm squad --model minilm --config configs/squad-minilm-teacher.yaml``);
@@ -28,27 +29,51 @@ from pathlib import Path
 
 import torch
 
-from kronlm.bench.report import reproduce_header, reproduce_section
-from kronlm.cli import main as kronlm_main
-from kronlm.tasks.report import read_report
+from kronlm.bench.markdown import reproduce_header, reproduce_section
+from kronlm.compression import CompressionConfig
+from kronlm.distill import RecoveryConfig, distill_on_text
+from kronlm.modeling import compress, load_model_and_tokenizer, save
+from kronlm.tasks import claim_task_folder
+from kronlm.tasks.results import read_report
+from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
+from kronlm.utils import check_output_folder, default_data_dir
 
 WIKITEXT_VALID = "../shared/data/wikitext-2-raw/wiki.valid.raw"
+KB8 = "configs/glue-minilm-kb8.yaml"
+GENERAL = "configs/distill-minilm-general.yaml"
 
 
-def run(argv: list[str]) -> float:
-    """Run ``kronlm`` with ``argv`` in this process; returns the wall time in seconds.
-
-    Raises:
-        SystemExit: the command failed (its status).
-    """
+def run(argv: list[str], step) -> float:
+    """Print the ``kronlm`` command that does what ``step`` does, run ``step`` (library calls);
+    returns the wall time in seconds."""
     print("$ kronlm " + shlex.join(argv), flush=True)
     start = time.perf_counter()
-    status = kronlm_main(argv)
-    if status != 0:
-        raise SystemExit(f"kronlm exited with status {status}")
+    step()
     seconds = time.perf_counter() - start
     print(f"# {seconds:.0f} s", flush=True)
     return seconds
+
+
+def compress_minilm(out: Path) -> None:
+    """``kronlm compress minilm --config configs/glue-minilm-kb8.yaml --out OUT``."""
+    out = check_output_folder(out, inputs=("minilm", KB8), option="--out")
+    model, tokenizer = load_model_and_tokenizer("minilm")
+    compress(model, CompressionConfig.from_file(KB8))
+    save(model, out, tokenizer=tokenizer, inputs=("minilm", KB8))
+
+
+def squad(out: Path, config_file: str, overrides: dict, **students) -> None:
+    """``kronlm squad --out OUT --config FILE`` on the local split, with the flags of
+    ``overrides`` and the teacher / student arguments of :func:`kronlm.tasks.squad.run_squad`."""
+    config = SquadTrainConfig.from_file(config_file, overrides)
+    data_dir = default_data_dir()
+    if data_dir is None:
+        raise SystemExit(f"no data: set $KRONLM_DATA_DIR to a folder holding {LOCAL_SQUAD_DIR}/")
+    folder = Path(data_dir) / LOCAL_SQUAD_DIR
+    inputs = (students.get("model"), None, students.get("general_distill"), students.get("student"), config_file, None, None, None, folder)
+    run_folder = claim_task_folder(out, students.get("teacher"), inputs)
+    report = run_squad(run_folder, config=config, data_dir=folder, **students)
+    print(report.markdown())
 
 
 def main() -> None:
@@ -66,30 +91,41 @@ def main() -> None:
     args = parser.parse_args()
     command = "python benchmarks/squad_minilm.py " + shlex.join(sys.argv[1:])
     print(reproduce_header(command), flush=True)
-    torch.set_num_threads(int(args.threads))  # kronlm distill has no --threads flag
+    torch.set_num_threads(int(args.threads))
     out = Path(args.out)
     teacher = out / "teacher-only"
     if not (teacher / "teacher").is_dir():
-        subset = ["--max-train-examples", args.teacher_examples] if args.teacher_examples else []
+        subset = {"max_train_examples": int(args.teacher_examples)} if args.teacher_examples else {}
         run(["squad", "--model", "minilm", "--out", str(teacher), "--config", "configs/squad-minilm-teacher.yaml",
-             "--threads", args.threads, *subset])
+             "--threads", args.threads, *(["--max-train-examples", args.teacher_examples] if subset else [])],
+            lambda: squad(teacher, "configs/squad-minilm-teacher.yaml", subset, model="minilm"))
     tables = [read_report(teacher).markdown()]
     if not args.teacher_only:
-        extra = ["--no-task-kd"] if args.no_task_kd else []
+        extra, overrides, students = [], {}, {}
+        if args.no_task_kd:
+            extra.append("--no-task-kd")
+            students["task_kd"] = False
         if args.student_examples:
             extra += ["--max-train-examples", args.student_examples]
+            overrides["max_train_examples"] = int(args.student_examples)
         if args.stage1:
             stage1 = out / "stage1"
             if not (stage1 / "run" / "best").is_dir():
                 if not (stage1 / "compressed").is_dir():
-                    run(["compress", "minilm", "--config", "configs/glue-minilm-kb8.yaml", "--out", str(stage1 / "compressed")])
+                    run(["compress", "minilm", "--config", KB8, "--out", str(stage1 / "compressed")],
+                        lambda: compress_minilm(stage1 / "compressed"))
                 steps = ["--max-steps", args.stage1_steps] if args.stage1_steps else []
+                stage_overrides = {"max_steps": int(args.stage1_steps), "epochs": None} if args.stage1_steps else {}
                 run(["distill", "--student", str(stage1 / "compressed"), "--teacher", "minilm", "--data", WIKITEXT_VALID,
-                     "--out", str(stage1 / "run"), "--config", "configs/distill-minilm-general.yaml", *steps])
+                     "--out", str(stage1 / "run"), "--config", GENERAL, *steps],
+                    lambda: distill_on_text(str(stage1 / "compressed"), "minilm", WIKITEXT_VALID,
+                                            RecoveryConfig.from_file(GENERAL, stage_overrides), stage1 / "run", data_dir=default_data_dir()))
             extra += ["--general-distill", str(stage1 / "run" / "best")]
+            students["general_distill"] = str(stage1 / "run" / "best")
         run(["squad", "--teacher", str(teacher / "teacher"), "--out", str(out / args.name), "--config",
-             "configs/squad-minilm-student.yaml", "--student-config", "configs/glue-minilm-kb8.yaml",
-             "--threads", args.threads, *extra])
+             "configs/squad-minilm-student.yaml", "--student-config", KB8, "--threads", args.threads, *extra],
+            lambda: squad(out / args.name, "configs/squad-minilm-student.yaml", overrides, teacher=str(teacher / "teacher"),
+                          student=KB8, **students))
         tables.append(read_report(out / args.name).markdown())
     print("\n".join(tables))
     print("\n" + reproduce_section([command]))

@@ -2,14 +2,14 @@
 
 Compresses SmolLM2-135M-Instruct to 90 %, 80 % and 70 % of its parameters in several ways and
 measures WikiText-2 test perplexity (first --max-tokens tokens, sliding window 1024 / stride 512,
-SPEC §5) with no training at all:
+docs/protocols.md) with no training at all:
 
 - uniform: the MLPs (gate/up B (2,1), down B (1,2), as the krony-pt-llama-mlp-2x preset) of N
   evenly spaced blocks, N = 10 / 20 / 30 (90.1 % / 80.3 % / 70.4 % of the parameters), initialised
   by ``van_loan``, ``van_loan_rescaled`` or ``activation_aware``;
 - ``svd``: the same modules as a truncated SVD of equal parameters (A (out,1) ⊗ B (1,in), R = 209);
-- ``budget``: the code path of ``kronlm compress --budget-params N`` (``compress_with_budget``
-  with the CLI's ``BudgetSettings`` defaults; ``--families`` as the CLI's) to the uniform rows'
+- ``budget``: the code path of ``kronlm compress --budget-params N`` (``compress_to_budget``
+  with a ``BudgetConfig`` of the CLI's defaults; ``--families`` as the CLI's) to the uniform rows'
   parameter count N, every linear layer a candidate.
 
 Every row comes with the ``kronlm compress`` command that reproduces it: the uniform rows read the
@@ -37,38 +37,34 @@ from pathlib import Path
 
 import torch
 
-from kronlm.bench.report import (
+from kronlm.bench.markdown import (
     environment_info,
     reproduce_header,
     reproduce_section,
     write_markdown,
 )
-from kronlm.cli.compress import (
-    CALIBRATION_LENGTH,
-    CALIBRATION_SEQUENCES,
-    DEFAULTS,
-    compress_with_budget,
-)
-from kronlm.cli.options import default_data_dir
-from kronlm.compress import CompressionConfig, KroneckerTarget, count_parameters
-from kronlm.compress.budget import (
-    BudgetSettings,
-    budget_calibration,
-    budget_candidates,
-    check_families,
-    price_modules,
-)
-from kronlm.compress.calibration import (
+from kronlm.compression import (
+    DEFAULT_CALIBRATION_LENGTH,
+    DEFAULT_CALIBRATION_SEQUENCES,
+    BudgetConfig,
+    CompressionConfig,
+    KroneckerTarget,
     ModuleCalibration,
+    budget_candidates,
+    budget_statistics,
     calibration_mix,
+    check_families,
+    count_parameters,
     load_calibration,
+    price_modules,
     save_calibration,
 )
-from kronlm.data.text import load_text
-from kronlm.evaluate.perplexity import perplexity
-from kronlm.modeling import compress
-from kronlm.modeling.loading import load_model_and_tokenizer
+from kronlm.data import load_text
+from kronlm.evaluation import perplexity
+from kronlm.modeling import compress, compress_to_budget, load_model_and_tokenizer
+from kronlm.utils import default_data_dir
 
+DEFAULTS = BudgetConfig()
 BLOCKS = {0.9: 10, 0.8: 20, 0.7: 30}
 METHODS = ("budget", "activation_aware", "van_loan", "svd", "van_loan_rescaled")
 
@@ -134,7 +130,7 @@ def cli_command(args, fraction: float, method: str, target: int) -> str:
 
 
 def calibrate(model, tokenizer, names, args) -> tuple[torch.Tensor, dict[str, ModuleCalibration]]:
-    """The CLI's calibration ids and statistics (``calibration_mix``, ``budget_calibration``), cached."""
+    """The CLI's calibration ids and statistics (``calibration_mix``, ``budget_statistics``), cached."""
     meta = {"calibration": " ".join(args.calibration), "split": "validation", "sequences": str(args.calibration_sequences),
             "length": str(args.calibration_length), "seed": str(args.calibration_seed), "sensitivity": str(args.sensitivity_sequences)}
     # Named as benchmarks/pareto.py names it, so one file serves both (link it across WORK folders).
@@ -147,7 +143,7 @@ def calibrate(model, tokenizer, names, args) -> tuple[torch.Tensor, dict[str, Mo
             return ids, load_calibration(cache, meta)
         except ValueError:
             pass  # made with other settings: collect again
-    stats = budget_calibration(model, ids, names, sensitivity_sequences=args.sensitivity_sequences)
+    stats = budget_statistics(model, ids, names, sensitivity_sequences=args.sensitivity_sequences)
     save_calibration(stats, cache, meta)
     return ids, stats
 
@@ -158,8 +154,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--calibration", nargs="+", default=["wikitext2"], help="SPEC[=WEIGHT] sources, as kronlm compress --calibration")
-    parser.add_argument("--calibration-sequences", type=int, default=CALIBRATION_SEQUENCES)
-    parser.add_argument("--calibration-length", type=int, default=CALIBRATION_LENGTH)
+    parser.add_argument("--calibration-sequences", type=int, default=DEFAULT_CALIBRATION_SEQUENCES)
+    parser.add_argument("--calibration-length", type=int, default=DEFAULT_CALIBRATION_LENGTH)
     parser.add_argument("--calibration-seed", type=int, default=None)
     parser.add_argument("--sensitivity-sequences", type=int, default=DEFAULTS.sensitivity_sequences)
     parser.add_argument("--families", type=check_families, default=DEFAULTS.families, help="comma-separated, as kronlm compress --families")
@@ -218,10 +214,11 @@ def main() -> None:
             start = time.perf_counter()
             extra = {}
             if method == "budget":
-                settings = BudgetSettings(families=args.families, sensitivity_sequences=args.sensitivity_sequences)
+                config = BudgetConfig(target_params=targets[fraction], families=args.families,
+                                      sensitivity_sequences=args.sensitivity_sequences)
                 if pricing is None:  # pricing does not depend on the budget: once for all fractions
-                    pricing = price_modules(model, stats, settings=settings)
-                allocation = compress_with_budget(student, targets[fraction], ids, settings, stats=stats, pricing=copy.deepcopy(pricing))
+                    pricing = price_modules(model, stats, settings=config)
+                allocation = compress_to_budget(student, config, ids, statistics=stats, pricing=copy.deepcopy(pricing))
                 for entry in stats.values():
                     entry.fitted.clear()
                 report = student.compression_report
@@ -231,8 +228,8 @@ def main() -> None:
                     counts[key] = counts.get(key, 0) + 1
                 extra = {"choices": counts, "estimated_nll_increase": allocation.estimated_loss, "pricing": pricing.summary.describe()}
             else:
-                calibration = stats if method == "activation_aware" else None
-                report = compress(student, row_config(fraction, method), calibration=calibration).compression_report
+                statistics = stats if method == "activation_aware" else None
+                report = compress(student, row_config(fraction, method), statistics=statistics).compression_report
             seconds = time.perf_counter() - start
             record({"fraction": fraction, "method": method, "params": report.params_after, "ppl": ppl(student), "seconds": seconds,
                     "command": cli_command(args, fraction, method, targets[fraction]), "invocation": command, **extra})

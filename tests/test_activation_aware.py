@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
-from kronlm.compress import CompressionConfig, KroneckerTarget
-from kronlm.compress.budget import allocate_budget, module_options
-from kronlm.compress.calibration import calibration_input_ids, collect_calibration
+from kronlm.compression import CompressionConfig, KroneckerTarget
+from kronlm.compression.budget import BudgetSettings, allocate_budget, module_options
+from kronlm.compression.calibration import calibration_input_ids, collect_calibration
 from kronlm.decompose import (
     activation_aware_factors,
     kron_sum,
@@ -225,7 +225,7 @@ def test_budget_allocation_meets_the_budget_and_prefers_insensitive_modules():
             stats[n].grad_sq *= 1000.0
     before = sum(p.numel() for p in model.parameters())
     target = before - 3000
-    alloc = allocate_budget(model, stats, target, b_shapes=((2, 1),), svd_step=2, progress=False)
+    alloc = allocate_budget(model, stats, target, settings=BudgetSettings(b_shapes=((2, 1),), svd_step=2), progress=False)
     assert alloc.params_after <= target
     cut = {c.name: c.weight_shape[0] * c.weight_shape[1] - c.option.params for c in alloc.choices}
     assert sum(v for k, v in cut.items() if ".0." in k) > sum(v for k, v in cut.items() if ".1." in k)
@@ -233,13 +233,13 @@ def test_budget_allocation_meets_the_budget_and_prefers_insensitive_modules():
         allocate_budget(model, stats, 10, progress=False)
     with pytest.raises(ValueError, match=f"budget of {before:,} parameters is not below the model's {before:,}"):
         allocate_budget(model, stats, before, progress=False)
-    report = compress(model, alloc.to_config(), calibration=stats, progress=False).compression_report
+    report = compress(model, alloc.to_config(), statistics=stats, progress=False).compression_report
     assert report.params_after == alloc.params_after
     assert "estimated NLL increase" in alloc.table()
 
 
 def test_calibration_file_round_trip_is_bit_identical(tmp_path):
-    from kronlm.compress.calibration import load_calibration, save_calibration
+    from kronlm.compression.calibration import load_calibration, save_calibration
 
     model = tiny_llama()
     ids = _calibration_ids(96)

@@ -1,5 +1,5 @@
 """The package's layout holds: dependencies between subpackages point one way (the pipeline
-decompose -> layers -> compress -> modeling -> {distill, evaluate, export, tasks, cli}), imports
+decompose -> layers -> compression -> modeling -> {distill, evaluation, export, tasks, cli}), imports
 sit at module top (only optional dependencies are imported inside functions), and no private name
 crosses a module boundary."""
 
@@ -18,9 +18,9 @@ RANKS = {
     "decompose": 1,
     "data": 1,
     "layers": 2,
-    "compress": 3,
+    "compression": 3,
     "modeling": 4,
-    "evaluate": 5,
+    "evaluation": 5,
     "export": 5,
     "bench": 5,
     "distill": 6,

@@ -1012,7 +1012,7 @@ def _bpe_tokenizer():
 
 def test_gguf_keeps_the_chat_template_names_the_model_and_is_replaced_only_when_kronlm_wrote_it(tmp_path, capsys):
     gguf = pytest.importorskip("gguf")
-    from kronlm.export.gguf import gguf_written_by_kronlm
+    from kronlm.export.gguf_writer import gguf_written_by_kronlm
 
     folder = tmp_path / "deep" / "path" / "tiny-chat"
     tokenizer = _bpe_tokenizer()

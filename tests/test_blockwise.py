@@ -14,7 +14,7 @@ from safetensors import safe_open
 import kronlm
 import kronlm.distill.hidden_cache as cache_module
 from kronlm import CompressionConfig, KroneckerTarget
-from kronlm.compress.truncate import truncate_layers
+from kronlm.compression.truncate import truncate_layers
 from kronlm.distill.blockwise import distill_blockwise
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.hidden_cache import (

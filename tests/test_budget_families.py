@@ -4,26 +4,28 @@ family filter, and the errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_llama
 
-from kronlm.compress.budget import (
+from kronlm.compression.budget import (
+    BudgetConfig,
     BudgetSettings,
     allocate_budget,
     check_families,
     measure_option,
     module_options,
-    plan_budget,
     price_modules,
 )
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     InputStatistics,
     ModuleCalibration,
     collect_calibration,
 )
 from kronlm.decompose.shapes import is_low_rank_shape, kronecker_shape_window
-from kronlm.modeling import compress
+from kronlm.modeling import compress, compress_to_budget
 
 
 def _covariance(n: int, seed: int = 0) -> torch.Tensor:
@@ -95,9 +97,9 @@ def test_family_filter_and_check_rounds(calibrated):
     pricing = price_modules(model, stats, settings=settings, progress=False)
     assert pricing.summary.modules == len(stats) and set(pricing.summary.kept) == set(pricing.summary.window)
     target = before - 6000
-    svd = allocate_budget(model, stats, target, settings=settings, options=pricing, families="svd", progress=False)
+    svd = allocate_budget(model, stats, target, settings=settings, pricing=pricing, families="svd", progress=False)
     assert set(svd.family_counts()) <= {"dense", "svd"} and svd.params_after <= target
-    kron = allocate_budget(model, stats, target, settings=settings, options=pricing, families="kronecker", progress=False)
+    kron = allocate_budget(model, stats, target, settings=settings, pricing=pricing, families="kronecker", progress=False)
     assert set(kron.family_counts()) <= {"dense", "kronecker"} and kron.params_after <= target
     # After the check every chosen option carries its measured error, which is what it is priced at.
     for c in kron.choices:
@@ -105,18 +107,49 @@ def test_family_filter_and_check_rounds(calibrated):
             assert c.option.measured_error is not None and c.option.output_error == c.option.measured_error
     assert "kronecker" in kron.table() and "est/meas" in kron.table()
     config = kron.to_config()
-    report = compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), config, calibration=stats, progress=False).compression_report
+    report = compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), config, statistics=stats, progress=False).compression_report
     assert report.params_after == kron.params_after
     with pytest.raises(ValueError, match=r"below the smallest reachable .* \(families svd\)"):
-        allocate_budget(model, stats, 1000, settings=settings, options=pricing, families="svd", progress=False)
+        allocate_budget(model, stats, 1000, settings=settings, pricing=pricing, families="svd", progress=False)
 
 
-def test_plan_budget_gives_low_rank_targets_that_compress(calibrated):
+def test_allocation_gives_low_rank_targets_that_compress(calibrated):
     model, ids, stats = calibrated
     before = sum(p.numel() for p in model.parameters())
     settings = BudgetSettings(families=("kronecker_lowrank",), svd_step=2, lowrank_fractions=(0.05, 0.2))
-    config, stats, allocation = plan_budget(model, before - 5000, ids, settings=settings, stats=stats, progress=False)
+    allocation = allocate_budget(model, stats, before - 5000, settings=settings, progress=False)
+    config = allocation.to_config(init=settings.init)
     chosen = [c for c in allocation.choices if c.option.family == "kronecker_lowrank"]
-    assert chosen and all(t.lowrank > 0 for t in config.targets)
-    student = compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), config, calibration=stats, progress=False)
+    assert chosen and all(t.lowrank_rank > 0 for t in config.targets)
+    student = compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), config, statistics=stats, progress=False)
     assert student.compression_report.params_after == allocation.params_after <= before - 5000
+
+
+def test_budget_config_round_trips_and_names_bad_input(tmp_path, calibrated):
+    config = BudgetConfig(target_fraction=0.8, families="svd,kronecker", b_shapes=[[2, 1]], modules=["**.mlp.*"])
+    for name in ("b.yaml", "b.json"):
+        config.to_file(tmp_path / name)
+        assert BudgetConfig.from_file(tmp_path / name) == config
+    assert config.target_for(1000) == 800 and BudgetConfig(target_params=5).target_for(1000) == 5
+    with pytest.raises(ValueError, match="budget config: give target_fraction or target_params, not both"):
+        BudgetConfig(target_fraction=0.5, target_params=10)
+    with pytest.raises(ValueError, match=r"budget config: target_fraction must lie in \(0, 1\), got 1.5"):
+        BudgetConfig(target_fraction=1.5)
+    model, ids, stats = calibrated
+    with pytest.raises(ValueError, match="give target_fraction .* or target_params"):
+        compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), BudgetConfig(), calibration=ids, progress=False)
+    with pytest.raises(ValueError, match="calibration must be token ids, an int64 tensor .*got dict; pass statistics already collected as statistics="):
+        compress(tiny_llama(hidden_size=48, intermediate_size=96, num_hidden_layers=2), BudgetConfig(target_fraction=0.9),
+                 calibration=stats, progress=False)
+
+
+def test_compress_with_a_budget_config_is_the_budget_path(calibrated):
+    model, ids, _ = calibrated
+    before = sum(p.numel() for p in model.parameters())
+    config = BudgetConfig(target_params=before - 6000, svd_step=2, sensitivity_sequences=3)
+    one = compress(copy.deepcopy(model), config, calibration=ids, progress=False)
+    two = copy.deepcopy(model)
+    allocation = compress_to_budget(two, config, ids, progress=False)
+    assert one.compression_report.allocation.to_dict() == allocation.to_dict()
+    assert allocation.params_after <= before - 6000 and one.compression_report.params_after == allocation.params_after
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))

@@ -16,10 +16,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 import kronlm
 from kronlm.cli import main
-from kronlm.cli.compress import DEFAULTS, compress_with_budget
-from kronlm.compress import count_parameters
-from kronlm.compress.budget import budget_calibration, budget_candidates, price_modules
-from kronlm.compress.calibration import calibration_mix
+from kronlm.compression import BudgetConfig, count_parameters
+from kronlm.compression.budget import budget_candidates, budget_statistics, price_modules
+from kronlm.compression.calibration import calibration_mix
+from kronlm.modeling import compress_to_budget
+
+DEFAULTS = BudgetConfig()
 
 pytestmark = pytest.mark.skipif(GPT2_TOKENIZER_DIR is None, reason="../shared/tokenizers/gpt2 missing")
 
@@ -56,12 +58,11 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra):
     seed = int(extra[1]) if extra else None
     ids, _ = calibration_mix(model, tokenizer, [text], 4, 32, seed=seed, progress=False)
     # As the benchmark does: statistics and pricing once (all families), a copy per point.
-    stats = budget_calibration(model, ids, budget_candidates(model), sensitivity_sequences=2, progress=False)
+    stats = budget_statistics(model, ids, budget_candidates(model), sensitivity_sequences=2, progress=False)
     pricing = price_modules(model, stats, settings=bench.settings_for(args, bench.SETS["mixed"]), progress=False)
     student = copy.deepcopy(model)
-    allocation = compress_with_budget(student, target, ids,
-                                      bench.settings_for(args, tuple(families.split(","))), stats=stats,
-                                      pricing=copy.deepcopy(pricing), progress=False)
+    config = bench.settings_for(args, tuple(families.split(","))).replace(target_params=target)
+    allocation = compress_to_budget(student, config, ids, statistics=stats, pricing=copy.deepcopy(pricing), progress=False)
 
     saved = json.loads((out / "kronlm_compression.json").read_text())["report"]["allocation"]
     ours = json.loads(json.dumps(allocation.to_dict()))

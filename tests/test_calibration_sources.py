@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama
 from shared_paths import GPT2_TOKENIZER_DIR
 
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     CalibrationSource,
     calibration_input_ids,
     calibration_mix,

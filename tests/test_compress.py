@@ -1,4 +1,4 @@
-"""kronlm.compress on tiny GPT-2 / Llama / BERT, the report, and the papers' presets (SPEC §6)."""
+"""kronlm.compress on tiny GPT-2 / Llama / BERT, the report, and the papers' presets (docs/method.md, "Parameter counts")."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 import kronlm
 from kronlm import CompressionConfig, KroneckerTarget
-from kronlm.compress import PRESETS, count_parameters, preset_parameter_counts
-from kronlm.compress.config import layer_index
+from kronlm.compression import PRESETS, count_parameters, preset_parameter_counts
+from kronlm.compression.config import layer_index
 from kronlm.layers import KroneckerEmbedding, KroneckerLinear, KroneckerTiedLMHead
 
 
@@ -17,7 +17,7 @@ def test_gpt2_conv1d_full_rank_is_exact():
     with torch.no_grad():
         ref = model(ids).logits
     # c_fc (64, 32) = A (8, 4) ⊗ B (8, 8): R = 32 = min(8*4, 8*8) reproduces W exactly.
-    cfg = CompressionConfig(targets=[KroneckerTarget(["**.h.*.mlp.c_fc"], (8, 4), (8, 8), rank=32)], svd="exact")
+    cfg = CompressionConfig(targets=[KroneckerTarget(["**.h.*.mlp.c_fc"], (8, 4), (8, 8), rank=32)], svd_solver="exact")
     report = kronlm.compress(model, cfg, progress=False).compression_report
     assert all(isinstance(model.transformer.h[i].mlp.c_fc, KroneckerLinear) for i in range(4))
     assert max(m.relative_error for m in report.modules) < 1e-10
@@ -86,7 +86,7 @@ def test_llama_mlp_matches_dense_reconstruction_and_exact_rank_keeps_logits():
     cfg = CompressionConfig(targets=[
         KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], (8, 4), (6, 8), rank=32),
         KroneckerTarget(["**.mlp.down_proj"], (4, 8), (8, 6), rank=32),
-    ], svd="exact")
+    ], svd_solver="exact")
     report = kronlm.compress(exact, cfg, progress=False).compression_report
     assert max(m.relative_error for m in report.modules) < 1e-12
     ids = torch.randint(0, 96, (2, 9))
@@ -121,7 +121,7 @@ def test_bert_all_linears_match_dense_reconstruction_and_exact_rank_keeps_output
             KroneckerTarget(["**.encoder.layer.*.intermediate.dense"], (8, 2), (8, 16), rank=16),
             KroneckerTarget(["**.encoder.layer.*.output.dense"], (2, 8), (16, 8), rank=16),
         ],
-        svd="exact",
+        svd_solver="exact",
     )
     kronlm.compress(exact, cfg, progress=False)
     ids = torch.randint(0, 96, (2, 7))
@@ -205,9 +205,9 @@ def test_config_json_and_yaml_round_trip(tmp_path):
         CompressionConfig.from_file(tmp_path / "missing.yaml")
 
 
-# SPEC §6: parameter counts reproducible from the configurations alone (GPT-2 124M tied: 124,439,808;
+# docs/method.md, "Parameter counts": parameter counts reproducible from the configurations alone (GPT-2 124M tied: 124,439,808;
 # BERT-base with pooler: 109,482,240).
-SPEC_COUNTS = {
+PAPER_COUNTS = {
     "krony-pt-67m": 67_893_504,
     "krony-pt-81m": 81_972_576,
     "krony-pt-80m-2": 80_400_048 + 48,
@@ -217,11 +217,11 @@ SPEC_COUNTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_COUNTS))
+@pytest.mark.parametrize("name", list(PAPER_COUNTS))
 def test_paper_presets_reproduce_spec_parameter_counts(name):
     counts = preset_parameter_counts(name)
     assert counts["before"] == (109_482_240 if "bert" in name else 124_439_808)
-    assert counts["after"] == SPEC_COUNTS[name]
+    assert counts["after"] == PAPER_COUNTS[name]
     assert counts["scalars"] == (48 if name == "krony-pt-80m-2" else 0)
 
 
@@ -242,8 +242,22 @@ def test_kngpt2_preset_is_83_9m_without_head():
 ])
 def test_llama_presets_on_smollm2_architecture(name, k, rank, scalars):
     counts = preset_parameter_counts(name)
-    assert counts["before"] == 134_515_008  # SmolLM2-135M (SPEC §7)
+    assert counts["before"] == 134_515_008  # SmolLM2-135M (docs/protocols.md, "Models used by the benchmarks")
     # 90 MLP matrices of 1536·576 weights, each now R·(1536·576/k + k) (+ R scalars).
     per_matrix = rank * (1536 * 576 // k + k) + (rank if scalars else 0)
     assert counts["after"] == 134_515_008 - 90 * 1536 * 576 + 90 * per_matrix
     assert {p.name for p in PRESETS.values() if p.family == "llama"} >= {name}
+
+
+def test_keys_of_earlier_versions_still_read():
+    # `svd` (the solver) became `svd_solver` and `lowrank` (k of the low-rank part) `lowrank_rank`;
+    # config files and the compression record of saved models written before still read.
+    old = {"targets": [{"modules": ["x"], "b_shape": [2, 1], "lowrank": 2, "init": "van_loan"}], "svd": "exact"}
+    cfg = CompressionConfig.from_dict(old)
+    assert cfg.svd_solver == "exact" and cfg.targets[0].lowrank_rank == 2
+    assert cfg.to_dict() == {"targets": [{"modules": ["x"], "b_shape": [2, 1], "rank": 1, "init": "van_loan", "learnable_scales": False,
+                                          "lowrank_rank": 2}], "lm_head": "tied", "svd_solver": "exact"}
+    with pytest.raises(ValueError, match="give svd_solver only"):
+        CompressionConfig.from_dict({"targets": [], "svd": "exact", "svd_solver": "auto"})
+    with pytest.raises(ValueError, match=r"target 0: give lowrank_rank only \(lowrank is its earlier name\)"):
+        CompressionConfig.from_dict({"targets": [{"modules": ["x"], "b_shape": [2, 1], "lowrank": 2, "lowrank_rank": 2}]})

@@ -1,4 +1,4 @@
-"""Nearest Kronecker product, rescale, pruning init and factor-shape helpers (SPEC §2, §3)."""
+"""Nearest Kronecker product, rescale, pruning init and factor-shape helpers (docs/method.md, "The Kronecker-factored linear map"; docs/method.md, "Initialisation from the pretrained weights")."""
 
 import math
 
@@ -32,11 +32,11 @@ def test_rearrange_maps_kron_to_outer_product():
     assert torch.allclose(M, torch.outer(A.flatten(), B.flatten()))
 
 
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
-def test_exact_kronecker_product_is_recovered(svd):
+@pytest.mark.parametrize("svd_solver", ["exact", "randomized"])
+def test_exact_kronecker_product_is_recovered(svd_solver):
     g = torch.Generator().manual_seed(2)
     A, B = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
-    f = nearest_kronecker_product(torch.kron(A, B), (6, 4), (3, 5), svd=svd)
+    f = nearest_kronecker_product(torch.kron(A, B), (6, 4), (3, 5), svd_solver=svd_solver)
     assert torch.allclose(f.to_dense(), torch.kron(A, B), atol=1e-9)
     assert f.relative_error < 1e-8
 
@@ -46,7 +46,7 @@ def test_error_equals_singular_value_tail_and_is_optimal():
     W = torch.randn(12, 20, generator=g, dtype=torch.float64)
     sigma = torch.linalg.svdvals(rearrange(W, (3, 4), (4, 5)))
     for R in (1, 2, 5):
-        f = nearest_kronecker_product(W, (3, 4), (4, 5), R, svd="exact")
+        f = nearest_kronecker_product(W, (3, 4), (4, 5), R, svd_solver="exact")
         direct = torch.linalg.matrix_norm(W - f.to_dense()) / torch.linalg.matrix_norm(W)
         tail = math.sqrt((sigma[R:] ** 2).sum() / (sigma**2).sum())
         assert f.relative_error == pytest.approx(tail, rel=1e-9)
@@ -54,7 +54,7 @@ def test_error_equals_singular_value_tail_and_is_optimal():
         # Any other rank-R Kronecker sum (a perturbed one) is no closer.
         worse = kron_sum(f.A + 0.01 * torch.randn_like(f.A), f.B)
         assert torch.linalg.matrix_norm(W - worse) > torch.linalg.matrix_norm(W - f.to_dense())
-    full = nearest_kronecker_product(W, (3, 4), (4, 5), 12, svd="exact")
+    full = nearest_kronecker_product(W, (3, 4), (4, 5), 12, svd_solver="exact")
     assert torch.allclose(full.to_dense(), W, atol=1e-10)
 
 
@@ -72,8 +72,8 @@ def test_elongated_rearrangement_uses_fast_path_with_same_answer():
 def test_randomized_matches_exact_on_low_rank_structure():
     g = torch.Generator().manual_seed(5)
     W = sum(torch.kron(torch.randn(40, 30, generator=g), torch.randn(30, 40, generator=g)) * (0.5**r) for r in range(3))
-    exact = nearest_kronecker_product(W, (40, 30), (30, 40), 2, svd="exact")
-    rand = nearest_kronecker_product(W, (40, 30), (30, 40), 2, svd="randomized")
+    exact = nearest_kronecker_product(W, (40, 30), (30, 40), 2, svd_solver="exact")
+    rand = nearest_kronecker_product(W, (40, 30), (30, 40), 2, svd_solver="randomized")
     assert rand.relative_error == pytest.approx(exact.relative_error, rel=1e-4)
 
 

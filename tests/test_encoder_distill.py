@@ -19,14 +19,14 @@ from test_glue_models import (
 from transformers import BertForSequenceClassification, BertModel, GPT2LMHeadModel
 
 import kronlm
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.data.blocks import BlockDataset, TokenBlocks, tokenize_documents
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.trainer import train
-from kronlm.distill.validation import evaluate_distillation_loss
-from kronlm.evaluate.perplexity import perplexity
+from kronlm.distill.validators import evaluate_distillation_loss
+from kronlm.evaluation.perplexity import perplexity
 from kronlm.modeling.loading import (
     has_lm_head,
     infer_task,

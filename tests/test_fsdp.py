@@ -282,7 +282,7 @@ def test_fsdp_training_saves_resumes_and_gathers_like_an_unsharded_run(tmp_path)
     # The sharded validation (uneven split over the ranks) scores what one process scores.
     from kronlm.data.blocks import BlockDataset
     from kronlm.distill.distributed import make_accelerator
-    from kronlm.distill.validation import evaluate_perplexity
+    from kronlm.distill.validators import evaluate_perplexity
 
     cfg = run_config(tmp_path / "check")
     single = evaluate_perplexity(final.double(), BlockDataset(tiny_blocks().val), make_accelerator(cfg, tmp_path / "check"),

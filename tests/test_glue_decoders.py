@@ -12,8 +12,8 @@ from test_glue_training import write_sst2
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import kronlm
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.truncate import save_truncated
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.truncate import save_truncated
 from kronlm.tasks import TaskSplits, copy_head, train_task_model
 from kronlm.tasks.glue import GlueFamily, GlueTrainConfig, get_task, run_glue
 

@@ -16,7 +16,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.distill import DistillationObjective, get_recipe
 from kronlm.tasks import TaskSplits, train_task_model
 from kronlm.tasks.glue import (

@@ -20,7 +20,7 @@ from kronlm import CompressionConfig, KroneckerTarget
 from kronlm.cli import main
 
 lm_eval = pytest.importorskip("lm_eval")
-from kronlm.evaluate.harness import lambada_task, run_harness
+from kronlm.evaluation.harness import lambada_task, run_harness
 
 WORDS = [f"w{i}" for i in range(40)]
 CFG = CompressionConfig(targets=[KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], b_shape=(2, 1)), KroneckerTarget(["**.mlp.down_proj"], b_shape=(1, 2))])

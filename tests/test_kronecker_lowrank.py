@@ -31,8 +31,8 @@ from kronlm.modeling.plan import KroneckerPlan
 
 CFG = CompressionConfig(
     targets=[
-        KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], a_shape=(8, 4), b_shape=(6, 8), rank=2, lowrank=3, init="van_loan"),
-        KroneckerTarget(["**.mlp.down_proj"], b_shape=(1, 2), lowrank=4, init="van_loan"),
+        KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], a_shape=(8, 4), b_shape=(6, 8), rank=2, lowrank_rank=3, init="van_loan"),
+        KroneckerTarget(["**.mlp.down_proj"], b_shape=(1, 2), lowrank_rank=4, init="van_loan"),
     ]
 )
 IDS = torch.arange(24).reshape(2, 12) % 96
@@ -112,17 +112,17 @@ def test_plan_entry_round_trips_and_old_kinds_keep_their_json():
 
 def test_config_refuses_what_the_low_rank_kind_cannot_do():
     with pytest.raises(ValueError, match="fitted by activation_aware or van_loan, not 'pruning'"):
-        KroneckerTarget(["x"], b_shape=(2, 1), lowrank=2, init="pruning")
+        KroneckerTarget(["x"], b_shape=(2, 1), lowrank_rank=2, init="pruning")
     with pytest.raises(ValueError, match="learnable_scales is not supported with a low-rank part"):
-        KroneckerTarget(["x"], b_shape=(2, 1), lowrank=2, learnable_scales=True)
-    with pytest.raises(ValueError, match="lowrank must be an integer >= 0, got -1"):
-        KroneckerTarget(["x"], b_shape=(2, 1), lowrank=-1)
-    assert "lowrank" not in KroneckerTarget(["x"], b_shape=(2, 1)).to_dict()
+        KroneckerTarget(["x"], b_shape=(2, 1), lowrank_rank=2, learnable_scales=True)
+    with pytest.raises(ValueError, match="lowrank_rank must be an integer >= 0, got -1"):
+        KroneckerTarget(["x"], b_shape=(2, 1), lowrank_rank=-1)
+    assert "lowrank_rank" not in KroneckerTarget(["x"], b_shape=(2, 1)).to_dict()
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"is for linear layers, not a Embedding"):
-        kronlm.compress(model, CompressionConfig(targets=[KroneckerTarget(["**.embed_tokens"], b_shape=(1, 2), lowrank=2)]), progress=False)
+        kronlm.compress(model, CompressionConfig(targets=[KroneckerTarget(["**.embed_tokens"], b_shape=(1, 2), lowrank_rank=2)]), progress=False)
     with pytest.raises(ValueError, match=r"low rank k=40 exceeds min\(out, in\) = 32"):
-        kronlm.compress(tiny_llama(), CompressionConfig(targets=[KroneckerTarget(["**.mlp.up_proj"], b_shape=(2, 1), lowrank=40)]), progress=False)
+        kronlm.compress(tiny_llama(), CompressionConfig(targets=[KroneckerTarget(["**.mlp.up_proj"], b_shape=(2, 1), lowrank_rank=40)]), progress=False)
 
 
 def _logits(model):

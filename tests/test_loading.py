@@ -127,7 +127,7 @@ def test_smollm2_alias_finds_the_packaged_gguf():
 def test_minilm_alias_loads_the_packaged_encoder():
     model, tokenizer = load_model_and_tokenizer("minilm", task="encoder")
     assert type(model).__name__ == "BertModel"
-    assert count_parameters(model) == 22_713_216  # SPEC §7
+    assert count_parameters(model) == 22_713_216  # docs/protocols.md, "Models used by the benchmarks"
     assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
 
 

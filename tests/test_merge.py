@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerF
 import kronlm
 from kronlm import CompressionConfig, KroneckerTarget
 from kronlm.cli import main
-from kronlm.export.gguf import export_gguf, permute_rope_rows, read_gguf_tensors
+from kronlm.export.gguf_writer import export_gguf, permute_rope_rows, read_gguf_tensors
 
 LLAMA_CFG = CompressionConfig(
     targets=[

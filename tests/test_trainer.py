@@ -24,7 +24,7 @@ from kronlm.distill.data_order import epoch_indices, process_share
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.optim import build_optimizer, build_param_groups, build_scheduler
 from kronlm.distill.trainer import TrainingDiverged, train
-from kronlm.distill.validation import evaluate_perplexity
+from kronlm.distill.validators import evaluate_perplexity
 from kronlm.modeling import COMPRESSION_FILE
 
 

@@ -22,7 +22,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from kronlm.compress.truncate import (
+from kronlm.compression.truncate import (
     TRUNCATION_FILE,
     find_block_list,
     save_truncated,

@@ -3,7 +3,7 @@
 import pytest
 
 from kronlm.data.text import load_text
-from kronlm.evaluate.harness import lambada_task
+from kronlm.evaluation.harness import lambada_task
 
 
 def test_utf8_errors_name_file_and_line(tmp_path):

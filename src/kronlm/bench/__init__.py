@@ -1,4 +1,6 @@
-"""Speed measurement: timers, peak memory, per-layer and per-model benchmarks, Markdown output."""
+"""Speed measurement: timers, peak memory, per-layer and per-model benchmarks, their options
+(shared by ``kronlm bench`` and ``benchmarks/*.py``), Markdown output. The figures
+(:mod:`kronlm.bench.plots`) need the ``plots`` extra."""
 
 from kronlm.bench.layers import (
     LayerShape,
@@ -6,8 +8,21 @@ from kronlm.bench.layers import (
     layer_speed_rows,
     preset_layer_shapes,
 )
+from kronlm.bench.markdown import (
+    MARKDOWN_MARK,
+    environment_info,
+    machine_info,
+    machine_line,
+    markdown_table,
+    reproduce_header,
+    reproduce_section,
+    write_markdown,
+    written_by_kronlm_markdown,
+)
 from kronlm.bench.memory import peak_memory
 from kronlm.bench.models import (
+    FAMILY_LABEL,
+    FAMILY_PRESETS,
     attention_macs_per_token,
     build_reference,
     compressed_copy,
@@ -16,17 +31,14 @@ from kronlm.bench.models import (
     model_speed_rows,
     parameter_bytes,
 )
-from kronlm.bench.report import (
-    machine_info,
-    machine_line,
-    markdown_table,
-    write_markdown,
-)
+from kronlm.bench.options import DTYPES, common_options, layer_speed_options, model_speed_options
 from kronlm.bench.timing import Timing, calls_for, time_interleaved
 
 __all__ = [
-    "LayerShape", "Timing", "attention_macs_per_token", "build_reference", "calls_for", "compressed_copy",
-    "layer_speed_markdown", "layer_speed_rows", "linear_macs_per_token", "machine_info", "machine_line",
-    "markdown_table", "model_speed_markdown", "model_speed_rows", "parameter_bytes", "peak_memory",
-    "preset_layer_shapes", "time_interleaved", "write_markdown",
+    "DTYPES", "FAMILY_LABEL", "FAMILY_PRESETS", "MARKDOWN_MARK", "LayerShape", "Timing", "attention_macs_per_token",
+    "build_reference", "calls_for", "common_options", "compressed_copy", "environment_info", "layer_speed_markdown",
+    "layer_speed_options", "layer_speed_rows", "linear_macs_per_token", "machine_info", "machine_line", "markdown_table",
+    "model_speed_markdown", "model_speed_options", "model_speed_rows", "parameter_bytes", "peak_memory",
+    "preset_layer_shapes", "reproduce_header", "reproduce_section", "time_interleaved", "write_markdown",
+    "written_by_kronlm_markdown",
 ]

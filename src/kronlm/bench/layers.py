@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.bench.report import machine_info, machine_line, markdown_table
+from kronlm.bench.markdown import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import calls_for, time_interleaved
-from kronlm.compress.presets import PRESETS, get_preset, reference_model
-from kronlm.compress.surgery import plan_compression
+from kronlm.compression.presets import PRESETS, get_preset, reference_model
+from kronlm.compression.surgery import plan_compression
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import (
     KroneckerLinear,
@@ -54,7 +54,7 @@ class LayerShape:
 
     @property
     def kron_macs(self) -> int:
-        """Multiply-adds per token of the Kronecker layer with the cheaper order (SPEC §2)."""
+        """Multiply-adds per token of the Kronecker layer with the cheaper order (docs/method.md, "The forward pass never forms W")."""
         return min(contraction_macs(self.a_shape, self.b_shape, self.rank))
 
     @property
@@ -262,7 +262,7 @@ def layer_speed_markdown(rows: Sequence[dict], *, title: str = "Per-layer speed"
     parts += [
         "",
         "Times are medians per call; ratio = dense time / Kronecker time; MAC ratio = out·in / the Kronecker "
-        "layer's multiply-adds per token with its order (SPEC §2); plan = contraction order / middle-axis layout. "
+        "layer's multiply-adds per token with its order (docs/method.md); plan = contraction order / middle-axis layout. "
         f"Target: fwd ratio >= {TARGET_FRACTION} × MAC ratio at >= {TARGET_MIN_TOKENS} tokens "
         f"(met in {met} of {len(measured)} rows).",
         "",

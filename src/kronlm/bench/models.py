@@ -13,9 +13,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D
 
 from kronlm.bench.memory import peak_memory
-from kronlm.bench.report import machine_info, machine_line, markdown_table
+from kronlm.bench.markdown import machine_info, machine_line, markdown_table
 from kronlm.bench.timing import time_interleaved
-from kronlm.compress.presets import get_preset
+from kronlm.compression.presets import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import KroneckerLinear
 from kronlm.modeling import compress
@@ -76,7 +76,7 @@ def _is_head(model: nn.Module, module: nn.Module) -> bool:
 def linear_macs_per_token(model: nn.Module, *, include_head: bool = False) -> int:
     """Multiply-adds per token of every linear map (nn.Linear, Conv1D, KroneckerLinear) in ``model``.
 
-    KroneckerLinear counts its cheaper contraction order (SPEC §2); the LM head is left out
+    KroneckerLinear counts its cheaper contraction order (docs/method.md, "The forward pass never forms W"); the LM head is left out
     unless ``include_head`` (prefill in ``generate`` computes logits at the last position only).
     """
 

@@ -15,27 +15,23 @@ import sys
 import click
 import torch
 
-from kronlm.bench.layers import (
-    layer_speed_markdown,
-    layer_speed_rows,
-    preset_layer_shapes,
-)
-from kronlm.bench.models import (
+from kronlm.bench import (
     FAMILY_LABEL,
     FAMILY_PRESETS,
+    MARKDOWN_MARK,
     build_reference,
     compressed_copy,
+    layer_speed_markdown,
+    layer_speed_options,
+    layer_speed_rows,
     model_speed_markdown,
+    model_speed_options,
     model_speed_rows,
-)
-from kronlm.bench.report import (
-    MARKDOWN_MARK,
+    preset_layer_shapes,
     write_markdown,
     written_by_kronlm_markdown,
 )
-from kronlm.utils.io import check_output_file
-
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+from kronlm.utils import check_output_file
 
 
 def _setup(threads: int | None, device: str, dtype: str, out: str | None = None, overwrite: bool = False):
@@ -75,29 +71,13 @@ def _int_list(value: str, name: str) -> list[int]:
     return items
 
 
-def common_options(fn):
-    """--threads, --device, --dtype, --repeats, --out, --overwrite."""
-    fn = click.option("--overwrite", is_flag=True, help="Replace --out even when kronlm did not write it.")(fn)
-    fn = click.option("--out", type=click.Path(dir_okay=False), default=None,
-                      help="Also write the Markdown section to this file (atomically; an existing file only when kronlm wrote it, or with --overwrite).")(fn)
-    fn = click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed rounds per measurement (median reported).")(fn)
-    fn = click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(fn)
-    fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")(fn)
-    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (default: torch's choice); printed with the table.")(fn)
-    return fn
-
-
 @click.group("bench")
 def command():
     """Measure Kronecker layers and compressed models against dense ones (Markdown tables)."""
 
 
 @command.command("layers")
-@click.option("--presets", default=None, help="Comma-separated preset names (default: all presets).")
-@click.option("--tokens", default="1,16,512,4096", show_default=True, help="Comma-separated token counts.")
-@click.option("--backward/--no-backward", default=True, show_default=True, help="Also time forward+backward.")
-@click.option("--autotune/--no-autotune", default=False, show_default=True, help="Also time the plan a one-time measurement picks.")
-@common_options
+@layer_speed_options
 def layers_command(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, overwrite):
     """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes."""
     dev, dt = _setup(threads, device, dtype, out, overwrite)
@@ -109,13 +89,7 @@ def layers_command(presets, tokens, backward, autotune, threads, device, dtype, 
 
 
 @command.command("models")
-@click.option("--family", type=click.Choice(["llama", "gpt2", "all"]), default="all", show_default=True,
-              help="llama: SmolLM2-135M configuration with the Llama MLP presets; gpt2: GPT2Config() with the GPT-2 presets.")
-@click.option("--presets", default=None, help="Comma-separated presets to compare (default: the family's list in kronlm.bench.models).")
-@click.option("--prefill", default="1x512,8x512", show_default=True, help="Comma-separated BATCHxSEQ prefill shapes.")
-@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens generated in the decode measurement.")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Prompt length of the decode measurement.")
-@common_options
+@model_speed_options
 def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, overwrite):
     """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights)."""
     dev, dt = _setup(threads, device, dtype, out, overwrite)

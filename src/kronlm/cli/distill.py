@@ -1,16 +1,16 @@
 """``kronlm distill --student DIR_OR_MODEL --data TEXT_OR_DATASET --out DIR [--teacher MODEL] ...``.
 
-Recovery training of a compressed or truncated student (SPEC §4): a causal LM (KnGPT2, Krony-PT),
+Recovery training of a compressed or truncated student (docs/recovery.md): a causal LM (KnGPT2, Krony-PT),
 or an encoder such as a compressed ``BertModel`` (KroneckerBERT's general distillation, stage 1 of
 ``kronlm glue``), validated by held-out distillation loss instead of perplexity. Settings come from the
 defaults of :class:`kronlm.distill.config.TrainingConfig`, then a ``--config`` YAML/JSON file,
 then the command-line flags (which win). The same command runs on one device or, under
-``accelerate launch`` / ``torchrun``, on several processes.
+``accelerate launch`` / ``torchrun``, on several processes. A thin wrapper: the run's stages are
+the library's (:mod:`kronlm.distill.text_runs`); this module parses flags and prints.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,26 +18,24 @@ from typing import Any
 import click
 
 from kronlm.cli.options import FiniteFloatRange, data_options
-from kronlm.data.blocks import build_blocks
-from kronlm.distill.blockwise import distill_blockwise
-from kronlm.distill.local import distill_local
-from kronlm.distill.stages import RecoveryConfig, recover
-from kronlm.distill.config import TrainingConfig
-from kronlm.distill.distributed import make_accelerator
-from kronlm.distill.objective import DistillationObjective
-from kronlm.distill.trainer import train
-from kronlm.modeling.loading import (
-    has_lm_head,
-    load_model,
-    load_tokenizer,
-    resolve_model_spec,
+from kronlm.data import build_blocks
+from kronlm.distill import (
+    RUN_OUTPUTS,
+    BlockwiseResult,
+    LocalResult,
+    RecoveryConfig,
+    RecoveryResult,
+    TrainingConfig,
+    distillation_settings,
+    load_student_and_teacher,
+    looks_like_test_split,
+    make_accelerator,
+    run_distillation,
+    single_stage,
+    teacher_reason,
 )
-from kronlm.utils.io import claim_run_folder
-
-# What a run replaces inside its folder: an input there would be destroyed.
-RUN_OUTPUTS = ("best", "final", "checkpoints", "logs", "training_config.yaml", "teacher_cache")
-# A data file whose name marks it as a test split ("wiki.test.raw", "test.txt", "ptb-test.txt").
-_TEST_SPLIT_NAME = re.compile(r"(^|[._\-])test([._\-]|$)", re.IGNORECASE)
+from kronlm.modeling import load_tokenizer, resolve_model_spec
+from kronlm.utils import claim_run_folder
 
 
 def config_options(flags: list[tuple[str, str, Any, str]]) -> Callable:
@@ -79,7 +77,7 @@ def config_overrides(flags: list[tuple[str, str, Any, str]], values: dict[str, A
 
 # Command-line flags of TrainingConfig fields (they win over --config).
 TRAINING_FLAGS = [
-    ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce."),
+    ("--recipe", "recipe", str, "Loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2, ce or kd."),
     ("--max-steps", "max_steps", click.IntRange(min=1), "Optimizer steps (replaces the config's max_steps / epochs)."),
     ("--epochs", "epochs", FiniteFloatRange(min=0, min_open=True),
      "Passes over the training blocks (replaces the config's max_steps / epochs; per block in the block modes)."),
@@ -133,11 +131,6 @@ def parse_index_list(text: str | None, option: str) -> list[int] | None:
     return out
 
 
-def _context_length(model) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 @click.command("distill")
 @click.option("--student", required=True, help="The model to train: a kronlm folder (from `kronlm compress` / `kronlm truncate`), a hub id, a folder or an alias.")
 @click.option("--teacher", default=None, help="The frozen reference model (same tokenizer); not needed for --recipe ce.")
@@ -161,6 +154,50 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
     `kronlm glue --general-distill` for an encoder), and TensorBoard logs to OUT/logs.
     """
 
+    config = _training_config(config_file, flags)
+    staged = isinstance(config, RecoveryConfig)
+    first = config.stages[0] if staged else config
+    reason = teacher_reason(first, staged)
+    if reason is not None and teacher is None:
+        raise click.BadParameter(f"{reason} from a teacher: give --teacher MODEL", param_hint="--teacher")
+    if looks_like_test_split(data):
+        raise click.BadParameter(
+            f"{data!r} looks like a test split; train and select checkpoints on training data only", param_hint="--data"
+        )
+    try:
+        out = str(claim_run_folder(out, inputs=(student, teacher, data, config_file), option="--out", replaced=RUN_OUTPUTS))
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
+    accelerator = make_accelerator(first, out)
+    if (staged or first.mode != "end_to_end") and accelerator.num_processes > 1:
+        raise click.UsageError(f"{'staged' if staged else first.mode} recovery runs in one process (the CPU or one GPU); start it without "
+                               "accelerate launch / torchrun")
+    tokenizer = load_tokenizer(teacher if reason is not None else student)
+    # Tokenise once: the main process fills the cache, the others read it.
+    with accelerator.main_process_first():
+        blocks = build_blocks(
+            data, tokenizer, block_size=first.block_size, val_fraction=val_fraction, max_tokens=max_tokens, min_tokens=max_tokens,
+            name=data_config, data_dir=data_dir, text_field=text_field, streaming=streaming,
+        )
+    student_model, teacher_model = load_student_and_teacher(student, teacher if reason is not None else None, tokenizer, first.block_size)
+    if accelerator.is_main_process:
+        click.echo(f"student: {resolve_model_spec(student).description}")
+        if teacher_model is not None:
+            click.echo(f"teacher: {resolve_model_spec(teacher).description}")
+        click.echo(f"data: {blocks.source}")
+        click.echo(f"      {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks of {first.block_size} tokens")
+    run_settings = distillation_settings(data, data_config=data_config, text_field=text_field, max_tokens=max_tokens,
+                                         val_fraction=val_fraction, streaming=streaming)
+    result = run_distillation(student_model, teacher_model, blocks, config, out, resume=resume, accelerator=accelerator,
+                              tokenizer=tokenizer, run_settings=run_settings)
+    if accelerator.is_main_process:
+        _print_result(result, config, out)
+    accelerator.end_training()
+
+
+def _training_config(config_file: str | None, flags: dict[str, Any]) -> TrainingConfig | RecoveryConfig:
+    """The run's settings: the TrainingConfig defaults, then ``--config`` (one training config, or
+    stages sharing one block size), then the flags."""
     overrides = config_overrides(TRAINING_FLAGS, flags)
     if "layer_map" in overrides:
         overrides["layer_map"] = parse_index_list(overrides["layer_map"], "--layer-map")
@@ -170,93 +207,26 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
         overrides["epochs"] = None
     elif "epochs" in overrides:
         overrides["max_steps"] = None
-    stages = None
-    if config_file:
-        stages = RecoveryConfig.from_file(config_file, overrides)
-        if len(stages.stages) == 1:
-            config, stages = stages.stages[0], None
-        else:
-            config = stages.stages[0]
-            sizes = {s.block_size for s in stages.stages}
-            if len(sizes) > 1:
-                raise click.BadParameter(f"{config_file}: the stages use block sizes {sorted(sizes)}; they share one set of "
-                                         "training blocks, so give them one block_size", param_hint="--config")
+    if not config_file:
+        return TrainingConfig.from_dict(overrides, source="command line")
+    config = single_stage(RecoveryConfig.from_file(config_file, overrides))
+    if isinstance(config, RecoveryConfig):
+        sizes = {s.block_size for s in config.stages}
+        if len(sizes) > 1:
+            raise click.BadParameter(f"{config_file}: the stages use block sizes {sorted(sizes)}; they share one set of "
+                                     "training blocks, so give them one block_size", param_hint="--config")
+    return config
+
+
+def _print_result(result, config, out: str) -> None:
+    """What the run did, by mode."""
+    if isinstance(result, RecoveryResult):
+        _print_stages(result)
+    elif isinstance(result, LocalResult):
+        _print_local(result)
+    elif isinstance(result, BlockwiseResult):
+        _print_blockwise(result, config)
     else:
-        config = TrainingConfig.from_dict(overrides, source="command line")
-
-    blockwise = stages is not None or config.mode in ("blockwise", "local")
-    needs_teacher = blockwise or DistillationObjective(config.loss_weights_resolved()).needs_teacher
-    if needs_teacher and teacher is None:
-        what = ("staged recovery learns" if stages is not None else
-                {"blockwise": "block-wise distillation learns", "local": "local reconstruction learns"}[config.mode]) if blockwise else f"recipe {config.recipe!r} distils"
-        raise click.BadParameter(f"{what} from a teacher: give --teacher MODEL", param_hint="--teacher")
-    if _TEST_SPLIT_NAME.search(Path(str(data)).name):
-        raise click.BadParameter(
-            f"{data!r} looks like a test split; train and select checkpoints on training data only", param_hint="--data"
-        )
-
-    try:
-        out = str(claim_run_folder(out, inputs=(student, teacher, data, config_file), option="--out", replaced=RUN_OUTPUTS))
-    except FileExistsError as exc:
-        raise click.UsageError(str(exc)) from None
-    accelerator = make_accelerator(config, out)
-    if blockwise and accelerator.num_processes > 1:
-        raise click.UsageError(f"{'staged' if stages is not None else config.mode} recovery runs in one process (the CPU or one GPU); start it without "
-                               "accelerate launch / torchrun")
-    tokenizer = load_tokenizer(teacher if needs_teacher else student)
-    # Tokenise once: the main process fills the cache, the others read it.
-    with accelerator.main_process_first():
-        blocks = build_blocks(
-            data, tokenizer, block_size=config.block_size, val_fraction=val_fraction, max_tokens=max_tokens, min_tokens=max_tokens,
-            name=data_config, data_dir=data_dir, text_field=text_field, streaming=streaming,
-        )
-    student_model = load_model(student)
-    teacher_model = load_model(teacher) if needs_teacher else None
-    for role, model in (("student", student_model), ("teacher", teacher_model)):
-        if model is None:
-            continue
-        limit = _context_length(model)
-        if limit is not None and config.block_size > limit:
-            raise ValueError(f"block size {config.block_size} exceeds the {role}'s context length {limit}")
-        if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the {role}'s vocabulary only {model.config.vocab_size}")
-    if teacher_model is not None and has_lm_head(teacher_model) != has_lm_head(student_model):
-        kinds = {True: "a language model", False: "an encoder without an LM head"}
-        raise ValueError(
-            f"the student ({type(student_model).__name__}) is {kinds[has_lm_head(student_model)]} but the teacher "
-            f"({type(teacher_model).__name__}) is {kinds[has_lm_head(teacher_model)]}; distil like from like"
-        )
-    if teacher_model is not None and teacher_model.config.vocab_size != student_model.config.vocab_size:
-        raise ValueError(
-            f"student vocabulary {student_model.config.vocab_size} differs from teacher vocabulary "
-            f"{teacher_model.config.vocab_size}"
-        )
-    if accelerator.is_main_process:
-        click.echo(f"student: {resolve_model_spec(student).description}")
-        if teacher_model is not None:
-            click.echo(f"teacher: {resolve_model_spec(teacher).description}")
-        click.echo(f"data: {blocks.source}")
-        click.echo(f"      {blocks.train.shape[0]:,} training and {blocks.val.shape[0]:,} validation blocks of {config.block_size} tokens")
-
-    # Recorded in every checkpoint; --resume refuses other values (the token digests catch a changed
-    # file behind the same name). The student and teacher are compared by their weights instead.
-    run_settings = {"--data": str(data), "--data-config": data_config, "--text-field": text_field,
-                    "--max-tokens": max_tokens, "--val-fraction": val_fraction, "--streaming": bool(streaming)}
-    if stages is not None:
-        _run_stages(student_model, teacher_model, blocks, stages, out, resume, tokenizer, run_settings)
-        accelerator.end_training()
-        return
-    if config.mode == "local":
-        _run_local(student_model, teacher_model, blocks, config, out, resume, tokenizer, run_settings)
-        accelerator.end_training()
-        return
-    if blockwise:
-        _run_blockwise(student_model, teacher_model, blocks, config, out, resume, tokenizer, run_settings)
-        accelerator.end_training()
-        return
-    result = train(student_model, teacher_model, blocks, config, out, resume=resume, accelerator=accelerator, tokenizer=tokenizer,
-                   run_settings=run_settings, check_student=True)
-    if accelerator.is_main_process:
         click.echo(
             f"done: {result.steps} steps, {result.tokens_seen:,} tokens, last loss {result.losses[-1]:.4f}"
             if result.losses
@@ -266,13 +236,9 @@ def command(student, teacher, data, data_config, data_dir, text_field, out, conf
             what = "perplexity" if result.val_metric == "ppl" else "distillation loss"
             click.echo(f"best validation {what} {result.best_val:.4f} at step {result.best_step} -> {Path(out) / 'best'}")
         click.echo(f"final student -> {result.final_dir}")
-    accelerator.end_training()
 
 
-def _run_blockwise(student, teacher, blocks, config: TrainingConfig, out: str, resume: bool, tokenizer,
-                   run_settings: dict) -> None:
-    result = distill_blockwise(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer,
-                               run_settings=run_settings)
+def _print_blockwise(result: BlockwiseResult, config: TrainingConfig) -> None:
     trained = [b for b in result.blocks if b.trained]
     click.echo(f"teacher hidden-state cache: {result.cache_seconds:.0f} s; block-wise training of {len(trained)} of "
                f"{len(result.blocks)} blocks: {result.train_seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s "
@@ -289,8 +255,7 @@ def _run_blockwise(student, teacher, blocks, config: TrainingConfig, out: str, r
     click.echo(f"final student -> {result.final_dir}; best by validation perplexity -> {result.best_dir}")
 
 
-def _run_local(student, teacher, blocks, config: TrainingConfig, out: str, resume: bool, tokenizer, run_settings: dict) -> None:
-    result = distill_local(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer, run_settings=run_settings)
+def _print_local(result: LocalResult) -> None:
     trained = [b for b in result.blocks if b.trained]
     click.echo(f"teacher hidden-state cache: {result.cache_seconds:.0f} s; local reconstruction of {len(trained)} of "
                f"{len(result.blocks)} blocks: {result.train_seconds:.0f} s")
@@ -304,8 +269,7 @@ def _run_local(student, teacher, blocks, config: TrainingConfig, out: str, resum
     click.echo(f"recovered student -> {result.final_dir}")
 
 
-def _run_stages(student, teacher, blocks, config: RecoveryConfig, out: str, resume: bool, tokenizer, run_settings: dict) -> None:
-    result = recover(student, teacher, blocks, config, out, resume=resume, tokenizer=tokenizer, run_settings=run_settings)
+def _print_stages(result: RecoveryResult) -> None:
     click.echo(f"{'stage':>5} {'mode':<10} {'seconds':>8} {'tokens':>9} {'val ppl before':>15} {'after':>10}")
     for s in result.stages:
         cells = [f"{v:,.3f}" if v is not None else "-" for v in (s.val_ppl_before, s.val_ppl_after)]

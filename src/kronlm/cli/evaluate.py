@@ -1,4 +1,8 @@
-"""``kronlm eval MODEL_OR_DIR [--data FILE_OR_DATASET] [--tasks T1,T2] [--baseline DENSE]``: perplexity and lm-eval task scores."""
+"""``kronlm eval MODEL_OR_DIR [--data FILE_OR_DATASET] [--tasks T1,T2] [--baseline DENSE]``: perplexity and lm-eval task scores.
+
+A thin wrapper: per model ``kronlm.load_model_and_tokenizer``, then ``kronlm.evaluate`` (perplexity)
+and ``kronlm.evaluation.run_harness`` (lm-eval tasks), printed side by side.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,19 @@ from kronlm.cli.options import (
     data_options,
     device_option,
     perplexity_options,
-    protocol_label,
     resolve_device,
-    window_length,
 )
-from kronlm.compress.report import count_parameters
-from kronlm.data.sources import resolve_source
-from kronlm.data.text import load_text, load_text_for_tokens
-from kronlm.evaluate.harness import (
+from kronlm.compression import count_parameters
+from kronlm.data import resolve_source
+from kronlm.evaluation import (
+    evaluate,
     harness_table,
     lambada_task,
     require_lm_eval,
     run_harness,
 )
-from kronlm.evaluate.perplexity import perplexity_of_text
-from kronlm.modeling.loading import load_model_and_tokenizer, resolve_model_spec
-from kronlm.utils.io import (
+from kronlm.modeling import load_model_and_tokenizer, resolve_model_spec
+from kronlm.utils import (
     WRITTEN_BY_KEY,
     check_output_file,
     write_json,
@@ -76,11 +77,9 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
         harness_tasks.append(lambada_task(lambada_jsonl))  # checks the file before the slow model load
     if harness_tasks:
         require_lm_eval()
-    text = text_source = None
-    if data is not None:  # resolve (and without --max-tokens read) the text before the slow model load, so a typo fails fast
+    text_source = None
+    if data is not None:  # resolve the text before the slow model load, so a typo fails fast
         text_source = resolve_source(data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
-        if max_tokens is None:
-            text = load_text(text_source)
     specs = {"model": model} if baseline is None else {"baseline": baseline, "model": model}
     report: dict = {WRITTEN_BY_KEY: "kronlm eval", "model": model, "baseline": baseline, "results": {}}
     perplexities, harness = {}, {}
@@ -91,14 +90,12 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
         params = count_parameters(net)
         click.echo(f"{label}: loaded {source.description} ({params:,} params) in {time.perf_counter() - t0:.1f} s")
         if text_source is not None:
-            if max_tokens is not None:  # only as much of the text as the tokens need
-                text = load_text_for_tokens(text_source, tokenizer, max_tokens)
-            length = window_length(net, max_length)
-            result = perplexity_of_text(net, tokenizer, text, max_tokens=max_tokens, max_length=length, stride=min(stride, length),
-                                        protocol=protocol, batch_size=batch_size, desc=f"{label} ppl")
+            result = evaluate(net, tokenizer, data, split=split, data_config=data_config, text_field=text_field, data_dir=data_dir,
+                              max_tokens=max_tokens, max_length=max_length, stride=stride, protocol=protocol, batch_size=batch_size,
+                              desc=f"{label} ppl")
             perplexities[label] = (params, result)
             click.echo(f"data: {text_source.description}")
-            click.echo(f"protocol: {protocol_label(protocol, length, min(stride, length))}")
+            click.echo(f"protocol: {result.protocol_label()}")
             click.echo(
                 f"perplexity {result.ppl:.4f} over {result.tokens_scored:,} tokens scored in {result.windows} windows, "
                 f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"

@@ -7,8 +7,8 @@ import time
 import click
 
 from kronlm.cli.options import FiniteFloatRange
-from kronlm.compress.report import count_parameters
-from kronlm.export.onnx import (
+from kronlm.compression import count_parameters
+from kronlm.export import (
     METADATA_FILE,
     TOLERANCE,
     LogitsCheck,
@@ -16,8 +16,8 @@ from kronlm.export.onnx import (
     export_onnx,
     require_onnx,
 )
-from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
-from kronlm.utils.io import read_json
+from kronlm.modeling import load_model, load_tokenizer, resolve_model_spec
+from kronlm.utils import read_json
 
 
 @click.command("export")

@@ -3,7 +3,7 @@
 
 Fine-tunes a teacher on a GLUE task and, with a student option, trains a student by task
 distillation: the fine-tuned teacher compressed (``--student-preset`` / ``--student-config``,
-KroneckerBERT, SPEC §1, §4), or a compressed / truncated pretrained model (``--student-init``,
+KroneckerBERT, docs/tasks.md), or a compressed / truncated pretrained model (``--student-init``,
 KnGPT2 / DistilGPT2-style decoder students). Settings come from the defaults of
 :class:`kronlm.tasks.glue.GlueTrainConfig`, then ``--config`` (YAML/JSON), then the flags of
 :data:`TASK_FLAGS`. Writes ``OUT/teacher`` (or uses ``--teacher``), ``OUT/student``, the run
@@ -25,8 +25,8 @@ import torch
 
 from kronlm.cli.distill import config_options, config_overrides, parse_index_list
 from kronlm.cli.options import DATA_DIR_HELP, FiniteFloatRange, default_data_dir
+from kronlm.tasks import claim_task_folder as claim_folder
 from kronlm.tasks.glue import GlueTrainConfig, run_glue
-from kronlm.utils.io import claim_run_folder
 
 # Command-line flags of TaskTrainConfig fields (they win over --config and --teacher-config).
 TASK_FLAGS = [
@@ -42,7 +42,7 @@ TASK_FLAGS = [
     ("--early-stopping-patience", "early_stopping_patience", click.IntRange(min=1),
      "Stop after this many validations on the held-out examples without a better main metric."),
     ("--eval-every", "eval_every", click.IntRange(min=0), "Validate on the held-out examples every N steps (0 = once per epoch)."),
-    ("--recipe", "recipe", str, "Student loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2 or ce."),
+    ("--recipe", "recipe", str, "Student loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2, ce or kd."),
     ("--seed", "seed", click.IntRange(min=0), "Seed of the head, held-out split, subset and data order."),
 ]
 GLUE_FLAGS = TASK_FLAGS
@@ -95,18 +95,13 @@ def student_choice(model, teacher, student_preset, student_config, student_init,
 
 
 def claim_task_folder(out: str, teacher: str | None, inputs: tuple) -> str:
-    """Check and mark a task command's run folder before any work (see
-    :func:`kronlm.utils.io.claim_run_folder`): a new, empty or kronlm run folder that no input
-    is, or lies inside; an input may sit in it (``--teacher OUT/teacher`` of an earlier run) but
-    not where this run writes (``student``, ``student-run``, and ``teacher``, ``teacher-run``
-    unless ``--teacher`` is given).
+    """:func:`kronlm.tasks.claim_task_folder` with the refusal as a usage error.
 
     Raises:
         click.UsageError: the folder is refused (the message names it and why).
     """
-    replaced = ("student", "student-run", "report.json", "report.md") + (("teacher", "teacher-run") if teacher is None else ())
     try:
-        return str(claim_run_folder(out, inputs=(teacher, *inputs), option="--out", replaced=replaced))
+        return claim_folder(out, teacher, inputs)
     except FileExistsError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -9,18 +9,22 @@ from pathlib import Path
 import click
 import torch
 
-from kronlm.compress.report import count_parameters
-from kronlm.export.gguf import (
+from kronlm.compression import count_parameters
+from kronlm.export import (
     DEFAULT_PRE_TOKENIZER,
     GGUF_DTYPES,
     export_gguf,
     gguf_written_by_kronlm,
 )
-from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
-from kronlm.modeling.merge import merge_and_unload
-from kronlm.modeling.registry import is_kronecker_model
-from kronlm.modeling.serialization import save
-from kronlm.utils.io import check_output_file, check_output_folder
+from kronlm.modeling import (
+    is_kronecker_model,
+    load_model,
+    load_tokenizer,
+    merge_and_unload,
+    resolve_model_spec,
+    save,
+)
+from kronlm.utils import check_output_file, check_output_folder
 
 
 @click.command("merge")

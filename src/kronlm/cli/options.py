@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 
 import click
 import torch
 
-from kronlm.utils.paths import DATA_DIR_ENV
+from kronlm.utils import default_data_dir
+
 
 class FiniteFloatRange(click.FloatRange):
     """``click.FloatRange`` that also refuses ``nan`` and ``inf``: NaN passes every bound check,
@@ -25,7 +25,7 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-PROTOCOL_HELP = "sliding: Hugging Face sliding window (SPEC §5); disjoint: Krony-PT's disjoint windows, exp(mean of window means)"
+PROTOCOL_HELP = "sliding: Hugging Face sliding window; disjoint: Krony-PT's disjoint windows, exp(mean of window means) (docs/protocols.md)"
 
 
 def perplexity_options(fn):
@@ -44,21 +44,12 @@ def perplexity_options(fn):
     return wrapper
 
 
-# The repository's example data: ../shared/data beside a checkout (its README lists the files).
-EXAMPLE_DATA_DIR = Path("..") / "shared" / "data"
 DATA_DIR_HELP = (
     "Folder of local copies of public data (wikitext-2-raw/, glue/), read before the hub for aliases such as "
     "wikitext2. Default: $KRONLM_DATA_DIR, else ../shared/data relative to the working directory when that "
     "folder exists (the repository's example data), else none."
 )
 TEXT_FIELD_HELP = "JSON Lines field, or CSV/TSV/Parquet/dataset column, that holds the text."
-
-
-def default_data_dir() -> Path | None:
-    """``$KRONLM_DATA_DIR``, else ``../shared/data`` when that folder exists, else None (CLI default only)."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
-    return EXAMPLE_DATA_DIR.resolve() if EXAMPLE_DATA_DIR.is_dir() else None
 
 
 def data_options(fn):
@@ -90,16 +81,3 @@ def device_option(fn):
         return fn(*args, **kwargs)
 
     return wrapper
-
-
-def protocol_label(protocol: str, max_length: int, stride: int) -> str:
-    """Human-readable name of a perplexity protocol with its parameters."""
-    if protocol == "sliding":
-        return f"sliding window, max_length {max_length}, stride {stride}"
-    return f"Krony-PT disjoint windows of {max_length}"
-
-
-def window_length(model, max_length: int) -> int:
-    """``max_length`` capped at the model's context length, when the config gives one."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or getattr(getattr(model, "config", None), "n_positions", None)
-    return min(max_length, limit) if limit else max_length

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kronlm.compress.presets import list_presets, preset_parameter_counts
+from kronlm.compression import list_presets, preset_parameter_counts
 
 
 @click.command("presets")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from kronlm.cli.options import FiniteFloatRange
-from kronlm.decompose.shapes import (
+from kronlm.decompose import (
     choose_factor_shapes,
     factor_shapes,
     shapes_within_ratio,

@@ -27,8 +27,7 @@ from kronlm.cli.glue import (
     task_run_options,
 )
 from kronlm.cli.options import DATA_DIR_HELP, default_data_dir
-from kronlm.tasks.squad import SquadTrainConfig, run_squad
-from kronlm.tasks.squad.data import LOCAL_SQUAD_DIR
+from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
 
 SQUAD_FLAGS = [
     *TASK_FLAGS,

@@ -10,10 +10,9 @@ from __future__ import annotations
 import click
 
 from kronlm.cli.distill import parse_index_list
-from kronlm.compress.report import count_parameters
-from kronlm.compress.truncate import save_truncated
-from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
-from kronlm.utils.io import check_output_folder
+from kronlm.compression import count_parameters, save_truncated
+from kronlm.modeling import load_model, load_tokenizer, resolve_model_spec
+from kronlm.utils import check_output_folder
 
 
 @click.command("truncate")

@@ -4,7 +4,7 @@ A corpus is tokenised document by document with the model's fast tokenizer (no s
 added), the documents are joined into one token stream with the tokenizer's EOS token between
 them, and the stream is cut into consecutive blocks of ``block_size`` tokens, the trailing
 remainder dropped: the GPT-2 / Krony-PT recipe of training on packed 1024-token windows
-(SPEC §4; the ``group_texts`` step of the Hugging Face ``run_clm`` example). The last blocks form
+(docs/recovery.md, "The training engine"; the ``group_texts`` step of the Hugging Face ``run_clm`` example). The last blocks form
 the validation split, so training and validation never share a token.
 
 Sources are resolved by :func:`kronlm.data.sources.resolve_source`, the resolver evaluation uses
@@ -355,8 +355,18 @@ def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _documents(source: DataSource, documents: str, streaming: bool) -> Iterator[str]:
-    """The training documents of a source, lazily: paragraphs (or the whole file) of plain text,
-    else every record that is not blank (WikiText's empty rows would put two EOS in a row)."""
+    """The training documents of a source, lazily.
+
+    - a plain text file (``.txt .raw .tokens .text``): ``documents="paragraphs"`` (default) makes
+      every blank-line separated paragraph a document (:func:`split_paragraphs`; for WikiText each
+      heading and each paragraph is one), ``documents="file"`` tokenises the whole file, unchanged,
+      as one document;
+    - everything else (JSON Lines records, CSV/TSV/Parquet rows, the rows of a dataset folder or
+      hub dataset, the local WikiText copies of an alias such as ``wikitext2``): every record
+      that is not blank is one document, unchanged (WikiText's empty rows would put two EOS in a
+      row). ``streaming=True`` (hub datasets) reads rows only as far as the token budget needs
+      (OpenWebText-scale corpora).
+    """
     if source.format == "text":
         if documents == "paragraphs":
             yield from _file_paragraphs(source.path_or_dataset)  # read as far as the token budget needs
@@ -406,6 +416,80 @@ def _load_cache(tensor_file: Path, manifest_file: Path, key: dict[str, Any]) -> 
     return ids, int(manifest.get("num_documents", 0))
 
 
+def _check_build_arguments(block_size: int, documents: str, max_tokens: int | None) -> None:
+    _check_block_size(block_size)
+    if documents not in DOCUMENT_MODES:
+        raise ValueError(f"documents must be one of {DOCUMENT_MODES}, got {documents!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+
+
+def cached_token_stream(
+    resolved: DataSource,
+    tokenizer: Any,
+    *,
+    documents: str,
+    block_size: int,
+    max_tokens: int | None,
+    cache_dir: str | os.PathLike | None,
+    streaming: bool,
+) -> tuple[torch.Tensor, int, str, Path, bool]:
+    """The token stream of a resolved source, from the cache or tokenised and cached.
+
+    Cache: ``<cache_dir>/<key>.safetensors`` (the (T,) int32 stream) and ``<key>.json`` (manifest
+    with the key, token and document counts and the file's SHA-256), keyed by a hash of the
+    source's content (:func:`kronlm.data.sources.source_fingerprint`: SHA-256 of a local file's
+    bytes, of every file of a dataset folder, or the ``datasets`` builder hash of a hub dataset),
+    the document rule, the tokenizer (:func:`tokenizer_fingerprint`), ``block_size`` and
+    ``max_tokens``. A cache whose manifest is missing or does not match, or whose file fails the
+    checksum, is reported with a warning naming the file and rebuilt. Both files are written
+    atomically, the manifest last. The project keeps its own cache rather than ``datasets.map``'s
+    because that one keys local files by mtime (a rewritten corpus with the same mtime would reuse
+    stale tokens), has none for streamed datasets, and measured slower on WikiText-2 validation
+    (246,212 GPT-2 tokens, one thread, typical of several runs): this cache 0.35-0.5 s cold and
+    0.03-0.04 s warm, a ``datasets.map`` pipeline 0.6-1.1 s cold and 0.13-0.19 s warm, with
+    identical token streams. Tokenising dominates the cold time (about 0.7 M tokens/s).
+
+    Returns:
+        ((T,) int32 token ids, number of documents, a description of the stream, the cache
+        file, whether it came from the cache).
+
+    Raises:
+        ValueError: see :func:`tokenize_documents` and the readers of the source.
+    """
+    rule = _document_rule(resolved, documents)
+    separator = _separator_id(tokenizer)
+    description = f"{resolved.label}; {rule}, joined with {tokenizer.convert_ids_to_tokens(separator)!r} (id {separator})"
+    key = {
+        "format": CACHE_FORMAT,
+        "source": source_fingerprint(resolved),
+        "documents": rule,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "block_size": block_size,
+        "max_tokens": None if max_tokens is None else int(max_tokens),
+    }
+    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    cache_root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    tensor_file = cache_root / f"{key_hash}.safetensors"
+    manifest_file = cache_root / f"{key_hash}.json"
+    cached = _load_cache(tensor_file, manifest_file, key)
+    if cached is not None:
+        ids, num_documents = cached
+        logger.info("loaded %d tokens of %s from cache %s", ids.numel(), description, tensor_file)
+        return ids, num_documents, description, tensor_file, True
+    start = time.perf_counter()
+    ids, num_documents = tokenize_documents(_documents(resolved, documents, streaming), tokenizer, max_tokens=max_tokens)
+    with atomic_path(tensor_file) as tmp:
+        save_file({"input_ids": ids.contiguous()}, str(tmp), metadata={"format": CACHE_FORMAT})
+    # The manifest is written last: a crash in between leaves a file without a manifest, which
+    # the next call rebuilds.
+    write_json(manifest_file, {"format": CACHE_FORMAT, "key": key, "description": description, "num_tokens": ids.numel(),
+                               "num_documents": num_documents, "dtype": "int32", "sha256": file_sha256(tensor_file)})
+    logger.info("tokenised %d documents of %s into %d tokens in %.1f s; cached at %s",
+                num_documents, description, ids.numel(), time.perf_counter() - start, tensor_file)
+    return ids, num_documents, description, tensor_file, False
+
+
 def build_blocks(
     source: str | os.PathLike | DataSource,
     tokenizer: Any,
@@ -425,37 +509,11 @@ def build_blocks(
 ) -> TokenBlocks:
     """Tokenise a corpus (or load its cached tokens) and pack it into training/validation blocks.
 
-    ``source`` is resolved by :func:`kronlm.data.sources.resolve_source` (the resolver of
-    evaluation too) with ``split``, ``name``, ``data_dir`` and ``text_field``. Documents:
-
-    - a plain text file (``.txt .raw .tokens .text``): ``documents="paragraphs"`` (default) makes
-      every blank-line separated paragraph a document (:func:`split_paragraphs`; for WikiText each
-      heading and each paragraph is one), ``documents="file"`` tokenises the whole file, unchanged,
-      as one document;
-    - everything else (JSON Lines records, CSV/TSV/Parquet rows, the rows of a dataset folder or
-      hub dataset, the local WikiText copies of an alias such as ``wikitext2``): every record
-      that is not blank is one document, unchanged. ``wikitext2`` with ``split="train"`` offline
-      and without a local train copy trains on the local validation split, and
-      :attr:`TokenBlocks.source` says so. ``streaming=True`` (hub datasets) with ``max_tokens``
-      reads rows only until ``max_tokens`` tokens are collected (OpenWebText-scale corpora).
-
-    Documents are tokenised in batches by the fast tokenizer without special tokens and joined
-    with EOS (:func:`tokenize_documents`); blocks and the validation split follow
-    :meth:`TokenBlocks.from_ids`.
-
-    Cache: ``<cache_dir>/<key>.safetensors`` (the (T,) int32 stream) and ``<key>.json`` (manifest
-    with the key, token and document counts and the file's SHA-256), keyed by a hash of the
-    source's content (:func:`kronlm.data.sources.source_fingerprint`: SHA-256 of a local file's
-    bytes, of every file of a dataset folder, or the ``datasets`` builder hash of a hub dataset),
-    the document rule, the tokenizer (:func:`tokenizer_fingerprint`), ``block_size`` and
-    ``max_tokens``. A cache whose manifest is missing or does not match, or whose file fails the
-    checksum, is reported with a warning naming the file and rebuilt. Both files are written
-    atomically, the manifest last. The project keeps its own cache rather than ``datasets.map``'s
-    because that one keys local files by mtime (a rewritten corpus with the same mtime would reuse
-    stale tokens), has none for streamed datasets, and measured slower on WikiText-2 validation
-    (246,212 GPT-2 tokens, one thread, typical of several runs): this cache 0.35-0.5 s cold and
-    0.03-0.04 s warm, a ``datasets.map`` pipeline 0.6-1.1 s cold and 0.13-0.19 s warm, with
-    identical token streams. Tokenising dominates the cold time (about 0.7 M tokens/s).
+    Stages: resolve ``source`` (:func:`kronlm.data.sources.resolve_source`, evaluation's resolver
+    too; ``wikitext2`` train offline without a local train copy is the validation split, and
+    :attr:`TokenBlocks.source` says so), take the token stream from the cache or tokenise its
+    documents (:func:`cached_token_stream`; what a document is: :func:`_documents`), then cut
+    blocks and the validation split (:meth:`TokenBlocks.from_ids`).
 
     Args:
         source: a :class:`~kronlm.data.sources.DataSource`, a data file, a dataset folder, an
@@ -488,62 +546,15 @@ def build_blocks(
             fewer tokens than one training block after the validation split, or than ``min_tokens``
             (the message names the source and both counts).
     """
-    _check_block_size(block_size)
-    if documents not in DOCUMENT_MODES:
-        raise ValueError(f"documents must be one of {DOCUMENT_MODES}, got {documents!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1):
-        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+    _check_build_arguments(block_size, documents, max_tokens)
     resolved = source if isinstance(source, DataSource) else resolve_source(
         source, split=split, name=name, data_dir=data_dir, text_field=text_field
     )
     if documents == "file" and resolved.format != "text":
         raise ValueError(f"documents='file' applies to plain text files; {resolved.label} has one document per record")
-    rule = _document_rule(resolved, documents)
-    separator = _separator_id(tokenizer)
-    description = f"{resolved.label}; {rule}, joined with {tokenizer.convert_ids_to_tokens(separator)!r} (id {separator})"
-
-    key = {
-        "format": CACHE_FORMAT,
-        "source": source_fingerprint(resolved),
-        "documents": rule,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "block_size": block_size,
-        "max_tokens": None if max_tokens is None else int(max_tokens),
-    }
-    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    cache_root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
-    tensor_file = cache_root / f"{key_hash}.safetensors"
-    manifest_file = cache_root / f"{key_hash}.json"
-
-    cached = _load_cache(tensor_file, manifest_file, key)
-    if cached is not None:
-        ids, num_documents = cached
-        from_cache = True
-        logger.info("loaded %d tokens of %s from cache %s", ids.numel(), description, tensor_file)
-    else:
-        start = time.perf_counter()
-        ids, num_documents = tokenize_documents(_documents(resolved, documents, streaming), tokenizer, max_tokens=max_tokens)
-        with atomic_path(tensor_file) as tmp:
-            save_file({"input_ids": ids.contiguous()}, str(tmp), metadata={"format": CACHE_FORMAT})
-        # The manifest is written last: a crash in between leaves a file without a manifest,
-        # which the next call rebuilds.
-        write_json(
-            manifest_file,
-            {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "description": description,
-                "num_tokens": ids.numel(),
-                "num_documents": num_documents,
-                "dtype": "int32",
-                "sha256": file_sha256(tensor_file),
-            },
-        )
-        from_cache = False
-        logger.info(
-            "tokenised %d documents of %s into %d tokens in %.1f s; cached at %s",
-            num_documents, description, ids.numel(), time.perf_counter() - start, tensor_file,
-        )
+    stream = cached_token_stream(resolved, tokenizer, documents=documents, block_size=block_size, max_tokens=max_tokens,
+                                 cache_dir=cache_dir, streaming=streaming)
+    ids, num_documents, description, tensor_file, from_cache = stream
     if min_tokens is not None and ids.numel() < min_tokens:
         raise ValueError(f"{resolved.label}: {ids.numel():,} tokens, fewer than the {min_tokens:,} asked for; "
                          "ask for fewer tokens or give a larger corpus")

@@ -3,7 +3,7 @@
 A plain text file is its text. Every other source is a sequence of records (JSON Lines records,
 CSV/TSV/Parquet rows, dataset rows) joined as ``"\\n\\n".join(records)``: the convention of the
 Hugging Face perplexity guide ("Perplexity of fixed-length models", transformers docs) for
-``"\\n\\n".join(ds[split]["text"])``, which SPEC §5 follows.
+``"\\n\\n".join(ds[split]["text"])``, which docs/protocols.md, "Sliding window" follows.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def load_text_for_tokens(source: DataSource, tokenizer: Any, max_tokens: int | N
     """The beginning of ``source`` that holds its first ``max_tokens`` tokens, read without the rest.
 
     Reads a prefix of about 8 characters per token (at least 4,096), tokenises it as
-    :func:`kronlm.evaluate.perplexity.perplexity_of_text` does (``tokenizer(text)``), and reads
+    :func:`kronlm.evaluation.perplexity.perplexity_of_text` does (``tokenizer(text)``), and reads
     4 times more until it holds more than ``max_tokens`` tokens; then reads twice that and keeps
     the prefix once its first ``max_tokens`` tokens come out the same both times (so a token cut
     in half at the end of a prefix cannot change them). A 150 MB file scored on 64 tokens reads a

@@ -25,6 +25,7 @@ from kronlm.decompose.shapes import (
     is_low_rank_shape,
     kronecker_shape_window,
     resolve_factor_shapes,
+    shapes_within_ratio,
 )
 from kronlm.decompose.vanloan import (
     KroneckerFactors,
@@ -55,6 +56,7 @@ __all__ = [
     "register_initializer",
     "rescale_to_norm",
     "resolve_factor_shapes",
+    "shapes_within_ratio",
     "weighted_als",
     "weighted_error",
     "whitened_nearest_kronecker_product",

@@ -154,7 +154,7 @@ def whitened_nearest_kronecker_product(
     p1: torch.Tensor,
     p2: torch.Tensor,
     *,
-    svd: str = "auto",
+    svd_solver: str = "auto",
     name: str = "weight",
 ) -> KroneckerFactors:
     """Step 1 of the module docstring: Van Loan on W (L1 ⊗ L2), then un-whiten.
@@ -165,7 +165,7 @@ def whitened_nearest_kronecker_product(
         rank: number of terms R.
         p1: (n1, n1), p2: (n2, n2) partial traces of the (damped) input second moment; only their
             Kronecker product matters, so their relative scale is free.
-        svd: passed to ``nearest_kronecker_product``.
+        svd_solver: passed to ``nearest_kronecker_product``.
         name: module name for error messages.
 
     Returns:
@@ -182,7 +182,7 @@ def whitened_nearest_kronecker_product(
     L1, L1_inv = psd_sqrt_and_inverse(p1.double())
     L2, L2_inv = psd_sqrt_and_inverse(p2.double())
     whitened = torch.einsum("qik,ij,kl->qjl", W.reshape(m1 * m2, n1, n2), L1, L2).reshape(m1 * m2, n1 * n2)
-    fw = nearest_kronecker_product(whitened, a_shape, b_shape, rank, svd=svd, name=name)
+    fw = nearest_kronecker_product(whitened, a_shape, b_shape, rank, svd_solver=svd_solver, name=name)
     A = fw.A @ L1_inv
     B = fw.B @ L2_inv
     scales = torch.ones(rank, dtype=torch.float64)
@@ -308,7 +308,7 @@ def activation_aware_factors(
     p2: torch.Tensor | None = None,
     damping: float = 1e-2,
     iterations: int = 10,
-    svd: str = "auto",
+    svd_solver: str = "auto",
     name: str = "weight",
 ) -> KroneckerFactors:
     """Kronecker factors minimising the output error over calibration inputs (module docstring).
@@ -323,7 +323,7 @@ def activation_aware_factors(
         rank: number of terms R.
         damping: δ, adds δ·mean(diag C)·I to C (δ·mean(diag) of each partial trace for p1/p2).
         iterations: ALS sweeps at most.
-        svd: SVD method for the whitened Van Loan step.
+        svd_solver: SVD method for the whitened Van Loan step.
         name: module name for error messages.
 
     Returns:
@@ -348,13 +348,13 @@ def activation_aware_factors(
         p1, p2 = p1.double(), p2.double()
         p1 = p1 + damping * p1.diagonal().mean().clamp_min(0) * torch.eye(n1, dtype=p1.dtype)
         p2 = p2 + damping * p2.diagonal().mean().clamp_min(0) * torch.eye(n2, dtype=p2.dtype)
-    factors = whitened_nearest_kronecker_product(weight, a_shape, b_shape, rank, p1, p2, svd=svd, name=name)
+    factors = whitened_nearest_kronecker_product(weight, a_shape, b_shape, rank, p1, p2, svd_solver=svd_solver, name=name)
     if damped is not None:
         if n1 > 1 and n2 > 1 and iterations > 0 and rank * max(n1, n2) <= ALS_MAX_SIDE:
             A, B, _ = weighted_als(weight, damped, factors.A, factors.B, iterations=iterations)
             factors = KroneckerFactors(A=A, B=B, scales=factors.scales, singular_values=factors.singular_values)
         # Keep the promise of never doing worse than Van Loan on the calibration data.
-        plain = nearest_kronecker_product(weight, a_shape, b_shape, rank, svd=svd, name=name)
+        plain = nearest_kronecker_product(weight, a_shape, b_shape, rank, svd_solver=svd_solver, name=name)
         if weighted_error(weight, plain, C) < weighted_error(weight, factors, C):
             factors = plain
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32

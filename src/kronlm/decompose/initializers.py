@@ -2,7 +2,7 @@
 
 An initialiser is a callable
 
-    init(weight (out, in), a_shape (m1, n1), b_shape (m2, n2), rank, *, svd, calibration, name)
+    init(weight (out, in), a_shape (m1, n1), b_shape (m2, n2), rank, *, svd_solver, calibration, name)
         -> KroneckerFactors
 
 registered under a name with ``@register_initializer(name)``. ``calibration`` carries per-module
@@ -40,7 +40,7 @@ class Initializer(Protocol):
         b_shape: tuple[int, int],
         rank: int,
         *,
-        svd: str = "auto",
+        svd_solver: str = "auto",
         calibration: Any = None,
         name: str = "weight",
     ) -> KroneckerFactors: ...
@@ -73,20 +73,20 @@ def get_initializer(name: str) -> Initializer:
 
 
 @register_initializer("van_loan")
-def van_loan_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
+def van_loan_init(weight, a_shape, b_shape, rank, *, svd_solver="auto", calibration=None, name="weight"):
     """Nearest Kronecker product (Van Loan), scales 1 (KnGPT2, KroneckerBERT, Krony-PT)."""
-    return nearest_kronecker_product(weight, a_shape, b_shape, rank, svd=svd, name=name)
+    return nearest_kronecker_product(weight, a_shape, b_shape, rank, svd_solver=svd_solver, name=name)
 
 
 @register_initializer("van_loan_rescaled")
-def van_loan_rescaled_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
+def van_loan_rescaled_init(weight, a_shape, b_shape, rank, *, svd_solver="auto", calibration=None, name="weight"):
     """Krony-PT's modified Van Loan: nearest Kronecker product rescaled to W's Frobenius norm."""
-    factors = nearest_kronecker_product(weight, a_shape, b_shape, rank, svd=svd, name=name)
+    factors = nearest_kronecker_product(weight, a_shape, b_shape, rank, svd_solver=svd_solver, name=name)
     return rescale_to_norm(factors, weight)
 
 
 @register_initializer("pruning")
-def pruning_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
+def pruning_init(weight, a_shape, b_shape, rank, *, svd_solver="auto", calibration=None, name="weight"):
     """Krony-PT's pruning-based init for a B of 2 elements: keep every other row/column, B = [1, 0.1]."""
     if rank != 1:
         raise ValueError(f"{name}: pruning init makes one Kronecker term, got rank R={rank}")
@@ -94,7 +94,7 @@ def pruning_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None
 
 
 @register_initializer("random")
-def random_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
+def random_init(weight, a_shape, b_shape, rank, *, svd_solver="auto", calibration=None, name="weight"):
     """Random factors whose sum has the dense weight's per-entry standard deviation (a baseline)."""
     gen = torch.Generator().manual_seed(0)
     (m1, n1), (m2, n2) = a_shape, b_shape
@@ -108,13 +108,13 @@ def random_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None,
 
 
 @register_initializer("activation_aware", needs_calibration=True)
-def activation_aware_init(weight, a_shape, b_shape, rank, *, svd="auto", calibration=None, name="weight"):
+def activation_aware_init(weight, a_shape, b_shape, rank, *, svd_solver="auto", calibration=None, name="weight"):
     """Minimise the output error over calibration inputs: whitened Van Loan, then weighted ALS.
 
-    ``calibration`` is the module's ``kronlm.compress.calibration.ModuleCalibration`` (or anything
+    ``calibration`` is the module's ``kronlm.compression.calibration.ModuleCalibration`` (or anything
     with ``.inputs.covariance()`` / ``.inputs.partial_traces()``); see
     ``kronlm.decompose.activation_aware`` for the method (after ASVD / SVD-LLM). When the
-    statistics carry a ``cross_moment`` (sequential calibration, ``kronlm.compress.sequential``),
+    statistics carry a ``cross_moment`` (sequential calibration, ``kronlm.compression.sequential``),
     the factors fit ``corrected_target`` instead of W.
     """
     if calibration is None:
@@ -126,10 +126,10 @@ def activation_aware_init(weight, a_shape, b_shape, rank, *, svd="auto", calibra
         # Sequential calibration: fit the weight that maps the compressed model's inputs onto the
         # dense model's outputs (``corrected_target``); the reported error stays against W.
         target = corrected_target(weight, covariance, cross).to(weight.dtype)
-        factors = activation_aware_factors(target, a_shape, b_shape, rank, covariance=covariance, svd=svd, name=name)
+        factors = activation_aware_factors(target, a_shape, b_shape, rank, covariance=covariance, svd_solver=svd_solver, name=name)
         factors.relative_error = relative_error(weight, factors.A, factors.B, factors.scales)
         return factors
     if covariance is not None:
-        return activation_aware_factors(weight, a_shape, b_shape, rank, covariance=covariance, svd=svd, name=name)
+        return activation_aware_factors(weight, a_shape, b_shape, rank, covariance=covariance, svd_solver=svd_solver, name=name)
     p1, p2 = stats.partial_traces()
-    return activation_aware_factors(weight, a_shape, b_shape, rank, p1=p1, p2=p2, svd=svd, name=name)
+    return activation_aware_factors(weight, a_shape, b_shape, rank, p1=p1, p2=p2, svd_solver=svd_solver, name=name)

@@ -151,7 +151,7 @@ def kronecker_part(
     _, n1, _, n2 = check_factor_shapes(tuple(target.shape), a_shape, b_shape, name)
     if start is None:
         L1, L2 = whitening_roots(covariance, a_shape, b_shape)
-        fw = whitened_nearest_kronecker_product(target, a_shape, b_shape, rank, L1 @ L1, L2 @ L2, svd="exact", name=name)
+        fw = whitened_nearest_kronecker_product(target, a_shape, b_shape, rank, L1 @ L1, L2 @ L2, svd_solver="exact", name=name)
         A, B = fw.A, fw.B
     else:
         A, B = start

@@ -1,4 +1,4 @@
-"""Pruning-based initialisation for a 2-element factor (Krony-PT's 96M model, SPEC §3)."""
+"""Pruning-based initialisation for a 2-element factor (Krony-PT's 96M model; docs/method.md, "Pruning-based initialisation")."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class FactorShape:
         b_shape: (m2, n2).
         rank: number of terms R.
         params: R·(m1·n1 + m2·n2) factor parameters (no bias, no scalars).
-        macs: multiply-adds per token with the cheaper contraction order (SPEC §2).
+        macs: multiply-adds per token with the cheaper contraction order (docs/method.md, "The forward pass never forms W").
         max_rank: upper bound on rank(Σ A_r⊗B_r) = min(R·min(m1,n1)·min(m2,n2), out, in).
         compression_ratio: out·in / params.
     """
@@ -74,7 +74,7 @@ def check_factor_shapes(
 
 
 def contraction_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1) -> tuple[int, int]:
-    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (SPEC §2)."""
+    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (docs/method.md, "The forward pass never forms W")."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     b_first = rank * (n1 * n2 * m2 + m1 * n1 * m2)
     a_first = rank * (m1 * n1 * n2 + m1 * n2 * m2)
@@ -119,7 +119,7 @@ def factor_shapes(out_features: int, in_features: int, rank: int = 1, *, include
 
 def is_low_rank_shape(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
     """True when A ⊗ B is an outer product u vᵀ, i.e. a rank-1 term of a truncated SVD:
-    A (out, 1) ⊗ B (1, in) or A (1, in) ⊗ B (out, 1) (SPEC §2: n1 = 1, m2 = 1 or the mirror)."""
+    A (out, 1) ⊗ B (1, in) or A (1, in) ⊗ B (out, 1) (n1 = 1, m2 = 1 or the mirror; docs/method.md, "Truncated SVD is a Kronecker product")."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     return (n1 == 1 and m2 == 1) or (m1 == 1 and n2 == 1)
 

@@ -3,7 +3,7 @@
 For W of shape (out, in) = (m1*m2, n1*n2) the problem
     min over A_r (m1, n1), B_r (m2, n2) of || W - sum_{r<=R} A_r ⊗ B_r ||_F
 is a rank-R approximation of the rearranged matrix R(W) of shape (m1*n1, m2*n2), whose rows are
-the vectorised (m2, n2) blocks of W. Its SVD gives the optimum (SPEC §3).
+the vectorised (m2, n2) blocks of W. Its SVD gives the optimum (docs/method.md, "Nearest Kronecker product").
 """
 
 from __future__ import annotations
@@ -132,12 +132,12 @@ def nearest_kronecker_product(
     b_shape: tuple[int, int],
     rank: int = 1,
     *,
-    svd: str = "auto",
+    svd_solver: str = "auto",
     n_iter: int = 6,
     oversample: int = 8,
     name: str = "weight",
 ) -> KroneckerFactors:
-    """Best rank-R sum of Kronecker products of a weight (Van Loan & Pitsianis 1993; SPEC §3).
+    """Best rank-R sum of Kronecker products of a weight (Van Loan & Pitsianis 1993; docs/method.md, "Nearest Kronecker product").
 
     Args:
         weight: (out, in) = (m1*m2, n1*n2), in the ``nn.Linear`` orientation (transpose a
@@ -145,7 +145,7 @@ def nearest_kronecker_product(
         a_shape: (m1, n1), shape of each A_r.
         b_shape: (m2, n2), shape of each B_r.
         rank: number of terms R, 1 <= R <= min(m1*n1, m2*n2) (the rank of the rearranged matrix).
-        svd: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank``, Halko et al. 2011,
+        svd_solver: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank``, Halko et al. 2011,
             with ``n_iter`` power iterations) or "auto" (randomized when the rearranged matrix's
             smaller side exceeds 1024 and R is at most 1/16 of it).
         name: module name used in error messages.
@@ -157,7 +157,7 @@ def nearest_kronecker_product(
 
     Raises:
         ValueError: a non-2-D weight, shapes that do not divide the weight, R out of range, or an
-            unknown ``svd`` method; the message names ``name`` and the numbers.
+            unknown ``svd_solver``; the message names ``name`` and the numbers.
     """
     m1, n1, m2, n2 = check_factor_shapes(tuple(weight.shape), a_shape, b_shape, name)
     max_rank = min(m1 * n1, m2 * n2)
@@ -166,12 +166,12 @@ def nearest_kronecker_product(
             f"{name}: rank R={rank} is out of range; the rearranged matrix of A {tuple(a_shape)} ⊗ "
             f"B {tuple(b_shape)} is ({m1 * n1}, {m2 * n2}), so 1 <= R <= {max_rank}"
         )
-    if svd not in SVD_METHODS:
-        raise ValueError(f"{name}: unknown svd method {svd!r}; choose one of {', '.join(SVD_METHODS)}")
+    if svd_solver not in SVD_METHODS:
+        raise ValueError(f"{name}: unknown svd_solver {svd_solver!r}; choose one of {', '.join(SVD_METHODS)}")
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(work_dtype)
     M = rearrange(W, a_shape, b_shape)
-    U, S, V, tail = _top_singular_triplets(M, rank, svd, n_iter, oversample)
+    U, S, V, tail = _top_singular_triplets(M, rank, svd_solver, n_iter, oversample)
     root = S.clamp_min(0).sqrt()
     A = (U * root).mT.reshape(rank, m1, n1)
     B = (V * root).mT.reshape(rank, m2, n2)
@@ -204,7 +204,7 @@ def relative_error(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale
 
 
 def rescale_to_norm(factors: KroneckerFactors, weight: torch.Tensor) -> KroneckerFactors:
-    """Krony-PT's "modified Van Loan": scale every term by α = ||W||_F / ||Ŵ||_F (SPEC §3).
+    """Krony-PT's "modified Van Loan": scale every term by α = ||W||_F / ||Ŵ||_F (docs/method.md, "Modified Van Loan").
 
     The truncated nearest Kronecker product keeps only part of W's Frobenius norm; rescaling
     restores it, which Krony-PT found to help recovery. α goes into ``scales`` (so a layer with

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kronlm.compress.truncate import find_block_list
+from kronlm.compression.truncate import find_block_list
 from kronlm.distill.hidden_cache import block_output
-from kronlm.distill.validation import evaluate_perplexity
+from kronlm.distill.validators import evaluate_perplexity
 from kronlm.utils.io import atomic_dir, read_json, write_json
 
 BLOCK_STATE_FILE = "block.safetensors"

@@ -76,7 +76,7 @@ from kronlm.distill.hidden_cache import (
 )
 from kronlm.distill.objective import LossOutput
 from kronlm.distill.trainer import Trainer, train
-from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KRONECKER_MODULES
 from kronlm.modeling import save
 from kronlm.utils.io import folder_lock, write_json

@@ -45,6 +45,7 @@ import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -250,34 +251,11 @@ def trace(
             model never called the attention interface.
     """
     need = set(need)
-    unknown = need - NEED_KEYS
-    if unknown:
-        raise ValueError(f"trace: unknown items {sorted(unknown)}; valid items are {sorted(NEED_KEYS)}")
-    inner = getattr(model, "module", model)
-    if not isinstance(inner, PreTrainedModel):
-        raise TypeError(f"trace: expected a transformers PreTrainedModel, got {type(inner).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"trace: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"trace: attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-            f"shape {tuple(input_ids.shape)}"
-        )
+    inner = _check_trace_inputs(model, input_ids, attention_mask, need)
     want_attention = bool(need & {"attention_scores", "attention_probs"})
-    want_states = bool(need & {"embeddings", "hidden"})
-    checkpointing = getattr(inner, "is_activation_checkpointing", None)
-    if checkpointing is None:  # transformers < 5.x spelling
-        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    if want_attention and inner.training and checkpointing:
-        raise ValueError(
-            f"trace: cannot capture attention of {type(inner).__name__} while it trains with gradient "
-            "checkpointing (the backward recomputation would use another attention implementation); "
-            "disable gradient checkpointing or drop the attention term"
-        )
-
     kwargs = dict(model_kwargs or {})
     kwargs.update(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-    if want_states:
+    if need & {"embeddings", "hidden"}:
         kwargs["output_hidden_states"] = True
     if getattr(inner.config, "use_cache", None) is not None:
         # A KV cache is useless for a single full-sequence pass and would keep K/V alive.
@@ -302,13 +280,45 @@ def trace(
         _attention_records.reset(token)
         if hook is not None:
             hook.remove()
+    return _collect_trace(inner, output, need, last_hidden, records)
 
+
+def _check_trace_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, need: set[str]) -> PreTrainedModel:
+    """The unwrapped model, after refusing what :func:`trace` cannot do (see its Raises)."""
+    unknown = need - NEED_KEYS
+    if unknown:
+        raise ValueError(f"trace: unknown items {sorted(unknown)}; valid items are {sorted(NEED_KEYS)}")
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, PreTrainedModel):
+        raise TypeError(f"trace: expected a transformers PreTrainedModel, got {type(inner).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"trace: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"trace: attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"shape {tuple(input_ids.shape)}"
+        )
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5.x spelling
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if need & {"attention_scores", "attention_probs"} and inner.training and checkpointing:
+        raise ValueError(
+            f"trace: cannot capture attention of {type(inner).__name__} while it trains with gradient "
+            "checkpointing (the backward recomputation would use another attention implementation); "
+            "disable gradient checkpointing or drop the attention term"
+        )
+    return inner
+
+
+def _collect_trace(inner: PreTrainedModel, output: Any, need: set[str], last_hidden: list[torch.Tensor], records: list) -> ModelTrace:
+    """The :class:`ModelTrace` of one forward: the items of ``need`` from its output, the
+    last-hidden hook and the attention records."""
     result = ModelTrace(is_causal=is_causal_model(inner))
     if "logits" in need:
         result.logits = getattr(output, "logits", None)
         result.start_logits = getattr(output, "start_logits", None)
         result.end_logits = getattr(output, "end_logits", None)
-    if want_states:
+    if need & {"embeddings", "hidden"}:
         states = output.hidden_states
         if "embeddings" in need:
             result.embeddings = states[0]
@@ -316,7 +326,7 @@ def trace(
             result.hidden_states = list(states[1:])
     if "last_hidden" in need:
         result.last_hidden = last_hidden[-1]
-    if want_attention:
+    if need & {"attention_scores", "attention_probs"}:
         if not records:
             raise ValueError(
                 f"trace: {type(inner).__name__} never called the transformers attention interface, so "

@@ -2,7 +2,7 @@
 
 A :class:`TrainingConfig` is a flat dataclass that round-trips through YAML and JSON, so a run can
 be described by a file under ``configs/`` (litgpt style), overridden from the command line, and
-stored verbatim inside every checkpoint. Defaults follow Krony-PT's recovery recipe (SPEC §4):
+stored verbatim inside every checkpoint. Defaults follow Krony-PT's recovery recipe (docs/method.md, "Recovery objectives"):
 AdamW with betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, cosine learning rate
 6e-5 -> 6e-6 after a linear warm-up.
 

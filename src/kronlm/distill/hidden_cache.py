@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.truncate import find_block_list
+from kronlm.compression.truncate import find_block_list
 from kronlm.distill.fingerprint import model_fingerprint, tokens_fingerprint
 from kronlm.utils.io import (
     atomic_path,

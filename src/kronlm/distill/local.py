@@ -61,9 +61,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import InputStatistics, ModuleCalibration
-from kronlm.compress.surgery import fit_factors
-from kronlm.compress.truncate import find_block_list
+from kronlm.compression.calibration import InputStatistics, ModuleCalibration
+from kronlm.compression.surgery import fit_factors
+from kronlm.compression.truncate import find_block_list
 from kronlm.decompose.initializers import INITIALIZERS, get_initializer
 from kronlm.distill.block_runs import (
     BLOCK_STATE_FILE,
@@ -92,7 +92,7 @@ from kronlm.distill.fingerprint import model_fingerprint
 from kronlm.distill.hidden_cache import build_hidden_cache, capture_block_kwargs
 from kronlm.distill.objective import LossOutput
 from kronlm.distill.trainer import Trainer
-from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear, dense_weight
 from kronlm.modeling import compression_report, save
 from kronlm.utils.io import folder_lock, write_json
@@ -338,7 +338,7 @@ def closed_form_refit(module: nn.Module, weight: torch.Tensor, inputs: torch.Ten
         W = torch.linalg.solve(C + delta * eye, (cross / tokens + delta * W).mT).mT
     stats = ModuleCalibration(InputStatistics(in_f, tokens=tokens, moment_sum=gram), out_features=weight.shape[0])
     lowrank = getattr(module, "lowrank", 0) if isinstance(module, KroneckerLowRankLinear) else 0
-    factors = fit_factors(W.to(torch.float32), module.a_shape, module.b_shape, module.rank, lowrank=lowrank,
+    factors = fit_factors(W.to(torch.float32), module.a_shape, module.b_shape, module.rank, lowrank_rank=lowrank,
                           init="activation_aware", calibration=stats, name=name)
     for label in ("A", "B", "U", "V", "scales"):
         tensor = getattr(factors, label, None)

@@ -1,4 +1,4 @@
-"""Distillation loss terms on plain tensors (SPEC §4).
+"""Distillation loss terms on plain tensors (docs/method.md, "Recovery objectives").
 
 Every function takes the student's and the teacher's tensors for the same batch plus a padding
 mask ``mask`` of shape (batch, seq) (True / 1 = real token, False / 0 = padding) and returns a
@@ -95,7 +95,7 @@ def embedding_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
         ValueError: shapes differ, inputs are not 3-D, the mask has the wrong shape or dtype, or the
             mask selects no position.
 
-    Source: TinyBERT / KroneckerBERT embedding-layer distillation (SPEC §4, α_emb term).
+    Source: TinyBERT / KroneckerBERT embedding-layer distillation (docs/method.md, "Recovery objectives", the α_emb term).
     """
     what = "embedding_mse"
     _check_dims(student, 3, what, "student")
@@ -148,14 +148,14 @@ def hidden_mse(
 
     Returns:
         0-dim tensor: Σ_l embedding_mse(H_S,l, H_T,layer_map[l], mask) (divided by mean(H_T,l²) when
-        ``normalize``), each term the mean over real positions and features. SPEC §4 *sums* over
+        ``normalize``), each term the mean over real positions and features. The papers' objective (docs/method.md, "Recovery objectives") *sums* over
         layers, so the term grows with depth.
 
     Raises:
         ValueError: empty student list, layer map of the wrong length or with an index out of range,
             any shape mismatch or bad mask (see :func:`embedding_mse`).
 
-    Source: TinyBERT / KroneckerBERT hidden-state distillation (SPEC §4, α_hid term).
+    Source: TinyBERT / KroneckerBERT hidden-state distillation (docs/method.md, "Recovery objectives", the α_hid term).
     """
     if len(student_states) == 0:
         raise ValueError("hidden_mse: the student has 0 hidden states")
@@ -190,7 +190,7 @@ def attention_score_mse(
     Raises:
         ValueError: shapes differ, inputs are not (batch, heads, seq, seq), bad mask.
 
-    Source: KroneckerBERT / TinyBERT attention distillation, D = MSE on scores (SPEC §4).
+    Source: KroneckerBERT / TinyBERT attention distillation, D = MSE on scores (docs/method.md, "Recovery objectives").
     """
     what = "attention_score_mse"
     _check_dims(student, 4, what, "student")
@@ -226,7 +226,7 @@ def attention_kl(
     Raises:
         ValueError: shapes differ, inputs are not (batch, heads, seq, seq), bad mask.
 
-    Source: KnGPT2 attention distillation, D = KL between attention distributions (SPEC §4).
+    Source: KnGPT2 attention distillation, D = KL between attention distributions (docs/method.md, "Recovery objectives").
     """
     what = "attention_kl"
     _check_dims(student_probs, 4, what, "student_probs")
@@ -268,7 +268,7 @@ def logit_kd(
     Raises:
         ValueError: shapes differ, inputs are not 3-D, temperature <= 0, bad mask.
 
-    Source: Hinton et al. (2015); DistilGPT2 recipe 5·KD at T = 2 (SPEC §4).
+    Source: Hinton et al. (2015); DistilGPT2 recipe 5·KD at T = 2 (docs/method.md, "Recovery objectives").
     """
     what = "logit_kd"
     _check_dims(student_logits, 3, what, "student_logits")
@@ -303,7 +303,7 @@ def causal_lm_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tens
         ValueError: wrong dimensions, shapes that disagree, seq < 2, a token id outside
             [0, vocab), a bad mask, or no scored token.
 
-    Source: standard causal-LM loss (Krony-PT trains with this alone; SPEC §4).
+    Source: standard causal-LM loss (Krony-PT trains with this alone; docs/method.md, "Recovery objectives").
     """
     what = "causal_lm_ce"
     _check_dims(logits, 3, what, "logits")
@@ -341,7 +341,7 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     Raises:
         ValueError: shapes differ, inputs are not 3-D, bad mask.
 
-    Source: Sanh et al. (2019), DistilGPT2 recipe 1·cosine (SPEC §4).
+    Source: Sanh et al. (2019), DistilGPT2 recipe 1·cosine (docs/method.md, "Recovery objectives").
     """
     what = "hidden_cosine"
     _check_dims(student, 3, what, "student")
@@ -367,7 +367,7 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> 
         ValueError: logits not 2-D, a batch size that differs from the labels', or a class id
             outside [0, num_labels).
 
-    Source: the α_ce term of task ILKD (KroneckerBERT, SPEC §4); Devlin et al. (2019) fine-tuning.
+    Source: the α_ce term of task ILKD (KroneckerBERT; docs/method.md, "Recovery objectives"); Devlin et al. (2019) fine-tuning.
     """
     what = "sequence_classification_loss"
     _check_dims(logits, 2, what, "logits")

@@ -108,7 +108,7 @@ def span_ce(
         ValueError: shapes that disagree; a gold position outside [0, seq) or on a padded
             position (names the window and the position).
 
-    Source: Devlin et al. (2019), SQuAD fine-tuning; the α_ce term of task ILKD (SPEC §4).
+    Source: Devlin et al. (2019), SQuAD fine-tuning; the α_ce term of task ILKD (docs/method.md, "Recovery objectives").
     """
     mask = mask.bool()
     losses = []
@@ -167,7 +167,7 @@ class LossOutput:
 
 
 class DistillationObjective:
-    """Weighted distillation loss of a student against a frozen teacher (SPEC §4).
+    """Weighted distillation loss of a student against a frozen teacher (docs/method.md, "Recovery objectives").
 
     Args:
         weights: the recipe (see :mod:`kronlm.distill.recipes`).
@@ -322,22 +322,10 @@ class DistillationObjective:
             kd = self._kd_term(s_trace, t_trace, mask)
             if kd is not None:
                 terms["kd"] = kd
-        if w.ce > 0 and s_trace.start_logits is not None:
-            if batch.get("start_positions") is None or batch.get("end_positions") is None:
-                raise ValueError("ce term: a question-answering student needs 'start_positions' and 'end_positions' in the batch")
-            terms["ce"] = span_ce(s_trace.start_logits, s_trace.end_logits, batch["start_positions"],
-                                  batch["end_positions"], mask)
-        elif w.ce > 0 and s_trace.logits is not None and s_trace.logits.dim() == 2 and batch.get("labels") is not None:
-            # A sequence classifier with gold labels (GLUE task distillation).
-            terms["ce"] = sequence_classification_loss(s_trace.logits, batch["labels"])
-        elif w.ce > 0 and s_trace.logits is not None:
-            if s_trace.logits.dim() != 3 or not s_trace.is_causal:
-                raise ValueError(
-                    f"ce weight is {w.ce} but the student is not a causal LM (logits shape "
-                    f"{tuple(s_trace.logits.shape)}, causal={s_trace.is_causal}); set ce=0 for MLM or "
-                    "classification students"
-                )
-            terms["ce"] = causal_lm_ce(s_trace.logits, input_ids, mask)
+        if w.ce > 0:
+            ce = self._ce_term(s_trace, batch, input_ids, mask)
+            if ce is not None:
+                terms["ce"] = ce
         if w.cosine > 0:
             self._check_width(s_trace.last_hidden, t_trace.last_hidden, "cosine")
             terms["cosine"] = hidden_cosine(s_trace.last_hidden, t_trace.last_hidden, mask)
@@ -349,6 +337,26 @@ class DistillationObjective:
         weight_of = {name: getattr(w, name) for name in terms}
         total = sum(weight_of[name] * value for name, value in terms.items())
         return LossOutput(total=total, terms={name: value.detach().float() for name, value in terms.items()})
+
+    def _ce_term(self, s_trace: ModelTrace, batch: dict, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The CE term of the student's own head: span CE (question answering), classification CE
+        (with gold labels) or causal-LM CE; None for a model without logits."""
+        if s_trace.start_logits is not None:
+            if batch.get("start_positions") is None or batch.get("end_positions") is None:
+                raise ValueError("ce term: a question-answering student needs 'start_positions' and 'end_positions' in the batch")
+            return span_ce(s_trace.start_logits, s_trace.end_logits, batch["start_positions"], batch["end_positions"], mask)
+        if s_trace.logits is not None and s_trace.logits.dim() == 2 and batch.get("labels") is not None:
+            # A sequence classifier with gold labels (GLUE task distillation).
+            return sequence_classification_loss(s_trace.logits, batch["labels"])
+        if s_trace.logits is not None:
+            if s_trace.logits.dim() != 3 or not s_trace.is_causal:
+                raise ValueError(
+                    f"ce weight is {self.weights.ce} but the student is not a causal LM (logits shape "
+                    f"{tuple(s_trace.logits.shape)}, causal={s_trace.is_causal}); set ce=0 for MLM or "
+                    "classification students"
+                )
+            return causal_lm_ce(s_trace.logits, input_ids, mask)
+        return None
 
     def _attention_term(self, s: ModelTrace, t: ModelTrace, mask: torch.Tensor) -> torch.Tensor:
         if s.is_causal != t.is_causal:

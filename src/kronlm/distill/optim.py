@@ -1,6 +1,6 @@
 """AdamW parameter groups and the warm-up + cosine learning-rate schedule of a recovery run.
 
-Krony-PT's optimiser (SPEC §4): AdamW with betas (0.9, 0.95) and weight decay 0.1, separate
+Krony-PT's optimiser (docs/method.md, "Recovery objectives"): AdamW with betas (0.9, 0.95) and weight decay 0.1, separate
 groups (and optionally learning rates) for Kronecker factors and Krony-PT's per-term scalars, no
 weight decay on biases, norm weights and scalars, and a linear warm-up followed by a cosine decay
 to ``min_lr``.

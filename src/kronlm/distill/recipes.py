@@ -1,7 +1,7 @@
-"""Named loss recipes for recovery training (SPEC §4).
+"""Named loss recipes for recovery training (docs/method.md, "Recovery objectives").
 
 A recipe is a :class:`LossWeights`: one weight per loss term plus the attention distance and the
-KD temperature. :data:`RECIPES` holds the four recipes of the source papers; :func:`get_recipe`
+KD temperature. :data:`RECIPES` holds the four recipes of the source papers and ``kd``; :func:`get_recipe`
 returns one, optionally with fields overridden.
 
 Recipes:
@@ -15,6 +15,9 @@ Recipes:
 - ``distilgpt2``: DistilGPT2 (Sanh et al., 2019): 5 · KD at T = 2, 2 · CE, 1 · cosine loss on
   the last hidden state.
 - ``ce``: Krony-PT (Ayad et al., 2024): causal-LM cross-entropy only, no teacher.
+- ``kd``: pure logit KD, KL(teacher ‖ student) at T = 1 and no CE: the recovery of a compressed
+  student (``kronlm compress --recover``, ``configs/recover*.yaml``). The same weights as ``ce``
+  with ``loss_weights {ce: 0, kd: 1}``, which earlier configs wrote.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ RECIPES: dict[str, LossWeights] = {
     ),
     "distilgpt2": LossWeights(kd=5.0, ce=2.0, cosine=1.0, temperature=2.0),
     "ce": LossWeights(ce=1.0),
+    "kd": LossWeights(kd=1.0),
 }
 
 

@@ -44,6 +44,16 @@ from kronlm.utils.io import folder_lock, read_json, write_json
 DEFAULT_RECIPE = Path(__file__).with_name("defaults") / "recover.yaml"
 SUMMARY_FILE = "recovery_summary.json"
 STAGE_DONE_FILE = "stage_done.json"
+# ``kronlm compress --recover``: tokens of the training text used, and the share held out (the
+# last 1/16) to choose each stage's student.
+DEFAULT_RECOVER_TOKENS = 32768
+RECOVER_VAL_FRACTION = 0.0625
+
+
+def recovery_folder(out: str | os.PathLike) -> Path:
+    """The run folder of ``kronlm compress --recover`` beside the model folder ``out``: ``OUT.recovery``."""
+    out = Path(out)
+    return out.with_name(out.name + ".recovery")
 
 
 @dataclass
@@ -320,4 +330,15 @@ def _run_stage(index: int, student, teacher, blocks, stage: TrainingConfig, fold
     return record, chosen
 
 
-__all__ = ["DEFAULT_RECIPE", "RecoveryConfig", "RecoveryResult", "StageRecord", "default_recovery_config", "recover", "stage_folder"]
+__all__ = [
+    "DEFAULT_RECIPE",
+    "DEFAULT_RECOVER_TOKENS",
+    "RECOVER_VAL_FRACTION",
+    "RecoveryConfig",
+    "RecoveryResult",
+    "StageRecord",
+    "default_recovery_config",
+    "recover",
+    "recovery_folder",
+    "stage_folder",
+]

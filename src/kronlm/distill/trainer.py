@@ -12,15 +12,16 @@ norm before the optimizer touches the weights), :meth:`~Trainer.validate` (the m
 one-call form. The pieces live next to this module:
 
 - :mod:`kronlm.distill.optim`: AdamW parameter groups, warm-up + cosine schedule (Krony-PT,
-  SPEC §4);
+  docs/method.md, "Recovery objectives");
 - :mod:`kronlm.distill.data_order`: the deterministic, resumable data order (a pure function of
   seed, epoch and step, optionally length-grouped), split across processes, so ``resume=True``
   continues to the same losses and weights as an uninterrupted run;
 - :mod:`kronlm.distill.distributed`: the accelerator, the supported process layouts, and the
   full (unsharded) model and optimizer states that checkpoints hold, under FSDP too;
 - :mod:`kronlm.distill.checkpoint`: checkpoints in safetensors + JSON (and why not Accelerate's
-  ``save_state``);
-- :mod:`kronlm.distill.validation` / :mod:`kronlm.distill.export`: validators and exporters.
+  ``save_state``); :mod:`kronlm.distill.resume`: writing them, and on resume choosing, checking
+  and restoring one (:class:`~kronlm.distill.resume.CheckpointManager`);
+- :mod:`kronlm.distill.validators` / :mod:`kronlm.distill.exporters`: validators and exporters.
 
 Extension points (every one defaults to today's LM-distillation behaviour):
 
@@ -33,11 +34,11 @@ Extension points (every one defaults to today's LM-distillation behaviour):
   grad; ``.terms``: detached 0-dim values, logged one by one), optionally with a
   ``needs_teacher`` attribute. Default: :class:`~kronlm.distill.objective.DistillationObjective`
   of ``config.recipe`` (which also handles sequence-classifier logits and labels).
-- **validator**: a :class:`~kronlm.distill.validation.Validator` (metric name, direction,
+- **validator**: a :class:`~kronlm.distill.validators.Validator` (metric name, direction,
   ``validator(model, accelerator) -> metrics``). Default with ``val_data``: perplexity for a
   model with an LM head, the held-out distillation loss for an encoder.
 - **exporter**: ``exporter(model, folder, summary) -> folder`` writes ``best/`` and ``final/``;
-  default :class:`~kronlm.distill.export.ModelExporter` (``kronlm.save`` with the tokenizer and
+  default :class:`~kronlm.distill.exporters.ModelExporter` (``kronlm.save`` with the tokenizer and
   ``summary``); None writes nothing.
 - **count_tokens**: tokens of a batch, for the tokens/s throughput (default :func:`batch_tokens`).
 
@@ -61,24 +62,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.distill.checkpoint import (
-    TRAINER_STATE_FILE,
-    Checkpoint,
-    CheckpointError,
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    load_resumable_checkpoint,
-    prune_checkpoints,
-    remove_interrupted_writes,
-    restore_rng_state,
-    save_checkpoint,
-)
-from kronlm.distill.config import DATA_ORDER_FIELDS, RESUME_FREE_FIELDS, TrainingConfig
+from kronlm.distill.checkpoint import Checkpoint, latest_checkpoint, remove_interrupted_writes
+from kronlm.distill.config import TrainingConfig
 from kronlm.distill.data_order import (
     as_dataset,
     epoch_indices,
@@ -90,27 +79,19 @@ from kronlm.distill.distributed import (
     check_distributed_setup,
     fill_from_process_0,
     full_student,
-    gather_model_state,
-    gather_optimizer_state,
     grad_norm_value,
     is_sharded,
     make_accelerator,
     meta_copy,
     place_teacher,
-    restore_model_state,
-    restore_optimizer_state,
     tied_aliases,
 )
-from kronlm.distill.export import ModelExporter
-from kronlm.distill.fingerprint import (
-    RunFingerprint,
-    compare_fingerprints,
-    data_fingerprint,
-    model_fingerprint,
-)
+from kronlm.distill.exporters import ModelExporter
+from kronlm.distill.fingerprint import RunFingerprint
 from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.optim import build_optimizer, build_scheduler, optimizer_param_names
-from kronlm.distill.validation import (
+from kronlm.distill.resume import CheckpointManager, ResumeMismatch, run_fingerprint
+from kronlm.distill.validators import (
     DistillationLossValidator,
     PerplexityValidator,
     Validator,
@@ -126,11 +107,6 @@ _DEFAULT = object()
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stopped before the update."""
-
-
-class ResumeMismatch(ValueError):
-    """``resume`` was asked with other inputs than the checkpoint's run: other data, another
-    teacher or starting student, or settings that change the result; the message names each."""
 
 
 @dataclass
@@ -214,29 +190,6 @@ def batch_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             return value.shape[0] * value.shape[1]
     return 0
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and key == "blockwise":
-            out.update(_flatten(value, f"{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"lr 0.001 -> 0.002"`` for every config field that differs and changes the result (data
-    order fields are reported separately)."""
-    old, new = _flatten(saved), _flatten(current)
-    out = []
-    for key in new:
-        if key in RESUME_FREE_FIELDS or key in DATA_ORDER_FIELDS or key not in old:
-            continue  # a field the checkpoint's kronlm did not have keeps its default meaning
-        if json.dumps(old[key], sort_keys=True) != json.dumps(new[key], sort_keys=True):
-            out.append(f"{key} {old[key]!r} -> {new[key]!r}")
-    return out
 
 
 def _hparams(config: TrainingConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +292,10 @@ class Trainer:
         self._setup_objective()
         self._setup_data()
         self._setup_validator()
-        self.fingerprint = self._run_fingerprint()
+        self.checkpoints = CheckpointManager(self.accelerator, self.out_dir, sharded=self.sharded, say=self._say_early)
+        self.fingerprint = run_fingerprint(self.accelerator, train_data=self.train_data, train_set=self.train_set,
+                                           val_data=self.val_data, val_set=self.val_set, teacher=self.teacher, student=self.model,
+                                           run_settings=self.run_settings)
         self._setup_model()
         checkpoint = self._read_checkpoint() if resume else None
         self.prepared, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -409,23 +365,6 @@ class Trainer:
         self.validator = DistillationLossValidator(self.teacher, self.objective, self.val_set,
                                                    config.micro_batch_size, config.eval_batches)
 
-    def _run_fingerprint(self) -> RunFingerprint:
-        """Digests of the data, the teacher and the starting student, computed by process 0 (which
-        alone is sure to hold the student's weights under FSDP) and sent to the others."""
-        fingerprint = None
-        if self.accelerator.is_main_process:
-            fingerprint = RunFingerprint(
-                train_data=data_fingerprint(self.train_data if isinstance(self.train_data, torch.Tensor) else self.train_set,
-                                            "training data"),
-                val_data=data_fingerprint(self.val_data if isinstance(self.val_data, torch.Tensor) else self.val_set,
-                                          "validation data"),
-                teacher=None if self.teacher is None else model_fingerprint(self.teacher),
-                student_start=model_fingerprint(self.model),
-                settings=json.loads(json.dumps(self.run_settings, default=str)),
-            ).to_dict()
-        fingerprint = broadcast_object_list([fingerprint])[0]
-        return RunFingerprint.from_dict(fingerprint)
-
     def _setup_model(self) -> None:
         accelerator, model = self.accelerator, self.model
         set_seed(self.config.seed, device_specific=True)
@@ -446,83 +385,24 @@ class Trainer:
         self.shell = meta_copy(model) if self.sharded and accelerator.is_main_process and self.exporter else None
 
     def _read_checkpoint(self) -> Checkpoint:
-        """The newest checkpoint that verifies: process 0 chooses (reading and checking every
-        file), the others load the same folder. A damaged newer one is named and skipped."""
-        accelerator = self.accelerator
-        checkpoint, choice = None, None
-        if accelerator.is_main_process:
-            try:
-                checkpoint, skipped = load_resumable_checkpoint(self.out_dir)
-                self._require_trainer_keys(checkpoint)
-                choice = ("ok", str(checkpoint.path), skipped)
-            except (FileNotFoundError, CheckpointError) as exc:
-                choice = (type(exc).__name__, str(exc), [])
-        kind, detail, skipped = broadcast_object_list([choice])[0]
-        if kind == "FileNotFoundError":
-            raise FileNotFoundError(f"--resume: {detail}")
-        if kind != "ok":
-            raise CheckpointError(detail)
-        for line in skipped:
-            self._say_early(f"--resume: {line}")
-        if skipped:
-            self._say_early(f"--resume: resuming from {detail}, the newest checkpoint that verifies")
-        if checkpoint is None:
-            # Under FSDP only process 0 reads the weights; it broadcasts them after sharding.
-            checkpoint = load_checkpoint(detail, model_and_optimizer=not self.sharded)
-        self._check_resume_compatible(checkpoint)
+        """The checkpoint to resume from, checked against this run's inputs and settings."""
+        checkpoint = self.checkpoints.read()
+        self.checkpoints.check_compatible(checkpoint, config=self.config, world=self.world, train_examples=len(self.train_set),
+                                          fingerprint=self.fingerprint, check_student=self.check_student)
         return checkpoint
-
-    @staticmethod
-    def _require_trainer_keys(checkpoint: Checkpoint) -> None:
-        for key in ("tokens_seen", "config"):
-            if key not in checkpoint.trainer_state:
-                raise CheckpointError(f"{checkpoint.path / TRAINER_STATE_FILE}: no {key!r}; not written by the trainer")
 
     def _say_early(self, message: str) -> None:
         # Before the progress bar exists.
         if self.accelerator.is_main_process:
             tqdm.write(message)
 
-    def _check_resume_compatible(self, checkpoint: Checkpoint) -> None:
-        """Refuse to continue a run with other inputs than it started with (names each difference)."""
-        saved, path = checkpoint.trainer_state, checkpoint.path
-        saved_config = saved.get("config", {})
-        changed = [
-            f"{name} {saved_config.get(name)!r} -> {getattr(self.config, name)!r}"
-            for name in DATA_ORDER_FIELDS
-            if saved_config.get(name) != getattr(self.config, name)
-        ]
-        if saved.get("world_size") != self.world:
-            changed.append(f"number of processes {saved.get('world_size')} -> {self.world}")
-        if saved.get("train_examples", len(self.train_set)) != len(self.train_set):
-            changed.append(f"training examples {saved['train_examples']} -> {len(self.train_set)}")
-        problems = [f"the data order would change ({'; '.join(changed)})"] if changed else []
-        settings = _config_differences(saved_config, self.config.to_dict())
-        if settings:
-            problems.append(f"settings differ ({'; '.join(settings)})")
-        if "run" in saved:
-            recorded = RunFingerprint.from_dict(saved["run"], f"{path / TRAINER_STATE_FILE}: run")
-            problems += compare_fingerprints(recorded, self.fingerprint, check_student=self.check_student)
-            # The run's starting point stays the one it was started from.
-            self.fingerprint.student_start = recorded.student_start
-        else:
-            self._say_early(f"--resume: {path} was written before kronlm recorded a run's inputs; its data, teacher "
-                            "and starting student cannot be compared with these")
-        if problems:
-            raise ResumeMismatch(
-                f"cannot resume from {path}: {'; '.join(problems)}; use the same inputs and settings, "
-                "or start a new run in another folder"
-            )
-
     def _restore(self, checkpoint: Checkpoint) -> None:
-        accelerator, state, result = self.accelerator, checkpoint.trainer_state, self.result
-        restore_model_state(accelerator, self.prepared, checkpoint.model_state)
-        restore_optimizer_state(accelerator, self.prepared, self.optimizer, checkpoint.optimizer_state, self.param_names)
-        self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        state, result = checkpoint.trainer_state, self.result
+        self.checkpoints.restore(checkpoint, model=self.prepared, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 param_names=self.param_names, device=self.device)
         if state.get("max_steps") != self.max_steps:
             # A longer (or shorter) run re-times the cosine: keep only the schedule's position.
             self.scheduler = build_scheduler(self.optimizer, self.config, self.max_steps, completed_steps=checkpoint.step)
-        restore_rng_state(checkpoint.rng_state, accelerator.process_index, self.device)
         result.steps = result.start_step = checkpoint.step
         result.tokens_seen = int(state["tokens_seen"])
         if state.get("val_metric", "ppl") == result.val_metric:  # checkpoints from before val_metric are "ppl"
@@ -736,20 +616,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self, step: int) -> None:
-        """Write the step-``step`` checkpoint (full states, every process's RNG); a collective."""
-        accelerator, result = self.accelerator, self.result
-        rng = {k: v.unsqueeze(0).to(self.device) for k, v in capture_rng_state(self.device).items()}
-        rng = {k: v.cpu() for k, v in accelerator.gather(rng).items()}
-        model_state = gather_model_state(accelerator, self.prepared, self.aliases)
-        optimizer_state = gather_optimizer_state(accelerator, self.prepared, self.optimizer, self.param_names)
-        if accelerator.is_main_process:
-            result.last_checkpoint = save_checkpoint(
-                self.out_dir, step=step, model_state=model_state, optimizer_state=optimizer_state,
-                scheduler_state=self.scheduler.state_dict(), rng_state=rng, trainer_state=self._trainer_state(step),
-            )
-            protect = (result.best_step,) if result.best_step is not None else ()
-            prune_checkpoints(self.out_dir, self.config.keep_checkpoints, protect_steps=protect)
-        accelerator.wait_for_everyone()
+        """Write the step-``step`` checkpoint (:class:`~kronlm.distill.resume.CheckpointManager`); a collective."""
+        path = self.checkpoints.save(step, model=self.prepared, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     aliases=self.aliases, param_names=self.param_names, device=self.device,
+                                     trainer_state=self._trainer_state(step), keep=self.config.keep_checkpoints,
+                                     protect_step=self.result.best_step)
+        if path is not None:
+            self.result.last_checkpoint = path
 
     def _trainer_state(self, step: int) -> dict[str, Any]:
         result = self.result

@@ -21,8 +21,8 @@ A head tied to the input embedding is stored once: the TorchScript exporter fold
 transposed weight into a second initializer; :func:`dedupe_transposed_initializers` replaces such a
 copy by a ``Transpose`` of the original (494 -> 381 MB for SmolLM2 ``krony-pt-llama-mlp-2x``).
 
-Kronecker modules are exported through ``OnnxKroneckerLinear``, a form of the same product (SPEC
-§2, same contraction order and multiply-adds) arranged for onnxruntime: the large factor is one 2-D
+Kronecker modules are exported through ``OnnxKroneckerLinear``, a form of the same product (docs/method.md,
+"The forward pass never forms W": same contraction order and multiply-adds) arranged for onnxruntime: the large factor is one 2-D
 ``MatMul`` against a constant matrix (MLAS pre-packs it), the small factor of the presets' (2, 1) /
 (1, 2) B is a broadcast ``Mul`` or a small left ``MatMul`` along the long axis, and inside an MLP
 the hidden features travel in the swapped Kronecker order so that no ``Transpose`` is needed. Traced
@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from kronlm.compress.surgery import set_module
+from kronlm.compression.surgery import set_module
 from kronlm.layers import KroneckerLinear, KroneckerTiedLMHead, OnnxKroneckerLinear
 from kronlm.utils.io import (
     atomic_dir,
@@ -514,34 +514,51 @@ def export_onnx(
             with export_friendly(model), torch.no_grad():
                 _export_graph(wrapper, inputs, tmp / ONNX_FILE, opset, exporter, signature)
             deduplicated = _finalize_graph(tmp / ONNX_FILE)
-            # Checked against the model's own Kronecker modules, not the export form.
-            check = None
-            if tolerance is not None:
-                check = check_onnx_past(model, tmp / ONNX_FILE) if kv_cache else compare_onnx(model, tmp / ONNX_FILE)
-                if not check.passed(tolerance):
-                    raise RuntimeError(f"ONNX logits differ from PyTorch's: {check.describe(tolerance)}; nothing written")
-            config = getattr(model, "config", None)
-            if config is not None:
-                config.to_json_file(tmp / "config.json")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            input_names, output_names, axes = signature
-            write_json(
-                tmp / METADATA_FILE,
-                {
-                    "inputs": {name: _describe_axes(name, axes) for name in input_names},
-                    "outputs": {name: _describe_axes(name, axes) for name in output_names},
-                    "kv_cache": kv_cache, "opset": opset, "exporter": exporter, "torch": torch.__version__,
-                    "tied_copies_removed": deduplicated,
-                    "max_abs_diff": None if check is None else check.max_abs_diff,
-                    "check": None if check is None else check.to_dict(),
-                    "tolerance": tolerance, "tolerance_kind": "max |difference| / max |logit|, plus argmax agreement outside near ties",
-                },
-            )
-            write_manifest(tmp)
+            check = _check_export(model, tmp / ONNX_FILE, tolerance, kv_cache)
+            _write_export_files(tmp, model, tokenizer, signature, check, opset=opset, exporter=exporter, kv_cache=kv_cache,
+                                deduplicated=deduplicated, tolerance=tolerance)
     finally:
         model.train(was_training)
     return out_dir / ONNX_FILE
+
+
+def _check_export(model: nn.Module, path: Path, tolerance: float | None, kv_cache: bool) -> LogitsCheck | None:
+    """onnxruntime against the model's own Kronecker modules (not the export form); None without
+    a tolerance.
+
+    Raises:
+        RuntimeError: the logits differ beyond ``tolerance`` (nothing is written).
+    """
+    if tolerance is None:
+        return None
+    check = check_onnx_past(model, path) if kv_cache else compare_onnx(model, path)
+    if not check.passed(tolerance):
+        raise RuntimeError(f"ONNX logits differ from PyTorch's: {check.describe(tolerance)}; nothing written")
+    return check
+
+
+def _write_export_files(folder: Path, model: nn.Module, tokenizer, signature, check: LogitsCheck | None, *, opset: int,
+                        exporter: str, kv_cache: bool, deduplicated: int, tolerance: float | None) -> None:
+    """Beside the graph: ``config.json``, the tokenizer, ``kronlm_onnx.json`` and the manifest (last)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.to_json_file(folder / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    input_names, output_names, axes = signature
+    write_json(
+        folder / METADATA_FILE,
+        {
+            "inputs": {name: _describe_axes(name, axes) for name in input_names},
+            "outputs": {name: _describe_axes(name, axes) for name in output_names},
+            "kv_cache": kv_cache, "opset": opset, "exporter": exporter, "torch": torch.__version__,
+            "tied_copies_removed": deduplicated,
+            "max_abs_diff": None if check is None else check.max_abs_diff,
+            "check": None if check is None else check.to_dict(),
+            "tolerance": tolerance, "tolerance_kind": "max |difference| / max |logit|, plus argmax agreement outside near ties",
+        },
+    )
+    write_manifest(folder)
 
 
 def _describe_axes(name: str, axes: dict[str, dict[int, str]]) -> str:

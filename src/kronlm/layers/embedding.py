@@ -1,6 +1,6 @@
 """``KroneckerEmbedding``: E (vocab, d) ≈ Σ_r A_r ⊗ B_r with an O(d) lookup, and its tied LM head.
 
-KnGPT2 and KroneckerBERT factor the token embedding as A (vocab, d/n) ⊗ B (1, n) (SPEC §3).
+KnGPT2 and KroneckerBERT factor the token embedding as A (vocab, d/n) ⊗ B (1, n) (docs/method.md, "Kronecker embedding").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``KroneckerLinear``: y = x (Σ_r s_r A_r ⊗ B_r)ᵀ + b without materialising the weight (SPEC §2)."""
+"""``KroneckerLinear``: y = x (Σ_r s_r A_r ⊗ B_r)ᵀ + b without materialising the weight (docs/method.md, "The Kronecker-factored linear map")."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def default_middle(order: str, b_shape: tuple[int, int]) -> str:
 
 
 def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str, middle: str | None = None) -> torch.Tensor:
-    """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ (SPEC §2).
+    """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ (docs/method.md, "The
+    forward pass never forms W").
 
     With X = x.reshape(N, n1, n2), y = Σ_r A_r X B_rᵀ. All R terms share each matmul (B_r
     stacked along the output, A_r along the contraction), so there is no loop over terms. With
@@ -75,50 +76,67 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     # so that no guard on the token count is added.
     few_tokens = R > 1 and not torch.compiler.is_compiling() and N * (m1 + n1) < m1 * n1
     if order == "b_first":
-        if m2 == 1 or middle == "bmm":
-            # Z (N, n1, R, m2): every B_r in one (N*n1, n2) @ (n2, R*m2) product.
-            Z = x2.reshape(N * n1, n2) @ B.reshape(R * m2, n2).t()
-        if m2 == 1 and few_tokens:
-            # Few tokens: one (N, n1) @ (n1, m1) product per term and a sum, instead of stacking
-            # the A_r (a copy of R*m1*n1 values, the dominant cost at decode).
-            Y = torch.bmm(Z.reshape(N, n1, R).permute(2, 0, 1), A.transpose(1, 2)).sum(0)
-        elif m2 == 1:
-            # Z is already (N, n1*R) with the contraction index (i, r) last: one flat GEMM.
-            Y = Z.reshape(N, n1 * R) @ A.permute(2, 0, 1).reshape(n1 * R, m1)
-        elif middle == "bmm":
-            if R > 1:
-                Z = Z.reshape(N, n1, R, m2).permute(0, 2, 1, 3)
-            # (m1, R*n1) @ (N, R*n1, m2) -> (N, m1, m2).
-            Y = A.permute(1, 0, 2).reshape(m1, R * n1) @ Z.reshape(N, R * n1, m2)
-        else:
-            # Per token (R*m2, n2) @ (n2, n1) against the transposed view of X (no copy), B_r
-            # stacked (b, r) so that (N*m2, R*n1) is a free view; then one flat GEMM with A.
-            B_br = B.permute(1, 0, 2).reshape(m2 * R, n2)
-            Zt = torch.bmm(B_br.expand(N, m2 * R, n2), x2.reshape(N, n1, n2).transpose(1, 2))
-            Yt = Zt.reshape(N * m2, R * n1) @ A.permute(1, 0, 2).reshape(m1, R * n1).t()
-            Y = Yt.reshape(N, m2, m1).transpose(1, 2)
-    elif n2 == 1 and few_tokens:
+        Y = b_first_matmul(x2, A, B, middle, few_tokens)
+    else:
+        Y = a_first_matmul(x2, A, B, middle, few_tokens)
+    return Y.reshape(*lead, m1 * m2)
+
+
+def b_first_matmul(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, middle: str, few_tokens: bool) -> torch.Tensor:
+    """The "b_first" order of :func:`kronecker_matmul` on x2 (N, n1*n2): Z = X B_rᵀ, then A_r Z;
+    returns Y as (N, m1, m2) or a tensor of the same elements in that order."""
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x2.shape[0]
+    if m2 == 1 or middle == "bmm":
+        # Z (N, n1, R, m2): every B_r in one (N*n1, n2) @ (n2, R*m2) product.
+        Z = x2.reshape(N * n1, n2) @ B.reshape(R * m2, n2).t()
+    if m2 == 1 and few_tokens:
+        # Few tokens: one (N, n1) @ (n1, m1) product per term and a sum, instead of stacking
+        # the A_r (a copy of R*m1*n1 values, the dominant cost at decode).
+        return torch.bmm(Z.reshape(N, n1, R).permute(2, 0, 1), A.transpose(1, 2)).sum(0)
+    if m2 == 1:
+        # Z is already (N, n1*R) with the contraction index (i, r) last: one flat GEMM.
+        return Z.reshape(N, n1 * R) @ A.permute(2, 0, 1).reshape(n1 * R, m1)
+    if middle == "bmm":
+        if R > 1:
+            Z = Z.reshape(N, n1, R, m2).permute(0, 2, 1, 3)
+        # (m1, R*n1) @ (N, R*n1, m2) -> (N, m1, m2).
+        return A.permute(1, 0, 2).reshape(m1, R * n1) @ Z.reshape(N, R * n1, m2)
+    # Per token (R*m2, n2) @ (n2, n1) against the transposed view of X (no copy), B_r
+    # stacked (b, r) so that (N*m2, R*n1) is a free view; then one flat GEMM with A.
+    B_br = B.permute(1, 0, 2).reshape(m2 * R, n2)
+    Zt = torch.bmm(B_br.expand(N, m2 * R, n2), x2.reshape(N, n1, n2).transpose(1, 2))
+    Yt = Zt.reshape(N * m2, R * n1) @ A.permute(1, 0, 2).reshape(m1, R * n1).t()
+    return Yt.reshape(N, m2, m1).transpose(1, 2)
+
+
+def a_first_matmul(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, middle: str, few_tokens: bool) -> torch.Tensor:
+    """The "a_first" order of :func:`kronecker_matmul` on x2 (N, n1*n2): A_r X, then · B_rᵀ;
+    returns Y as (N, m1, m2) or a tensor of the same elements in that order."""
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x2.shape[0]
+    if n2 == 1 and few_tokens:
         # Few tokens: x @ A_rᵀ per term (R, N, m1) without stacking the A_r, then B mixes the terms.
         Wx = torch.matmul(x2, A.transpose(1, 2))
-        Y = Wx.permute(1, 2, 0).reshape(N * m1, R) @ B.reshape(R, m2)
-    elif n2 == 1:
+        return Wx.permute(1, 2, 0).reshape(N * m1, R) @ B.reshape(R, m2)
+    if n2 == 1:
         # x @ A_catᵀ with the output index (a, r), then the (R, m2) matrix of B mixes the terms.
         Wx = x2 @ A.permute(1, 0, 2).reshape(m1 * R, n1).t()
-        Y = Wx.reshape(N * m1, R) @ B.reshape(R, m2)
-    elif middle == "bmm":
+        return Wx.reshape(N * m1, R) @ B.reshape(R, m2)
+    if middle == "bmm":
         # (R*m1, n1) @ (N, n1, n2) -> (N, R*m1, n2), then (N*m1, R*n2) @ (R*n2, m2).
         Wx = A.reshape(R * m1, n1) @ x2.reshape(N, n1, n2)
         if R > 1:
             Wx = Wx.reshape(N, R, m1, n2).permute(0, 2, 1, 3)
-        Y = Wx.reshape(N * m1, R * n2) @ B.permute(0, 2, 1).reshape(R * n2, m2)
-    else:
-        # One flat GEMM on the transposed activations: U (N, n2*R, m1) indexed (j, r, a).
-        Xt = x2.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
-        U = (Xt @ A.reshape(R * m1, n1).t()).reshape(N, n2 * R, m1)
-        # Per token (m1, n2*R) @ (n2*R, m2) on the transposed view of U (no copy).
-        B_jr = B.permute(2, 0, 1).reshape(n2 * R, m2)
-        Y = torch.bmm(U.transpose(1, 2), B_jr.expand(N, n2 * R, m2))
-    return Y.reshape(*lead, m1 * m2)
+        return Wx.reshape(N * m1, R * n2) @ B.permute(0, 2, 1).reshape(R * n2, m2)
+    # One flat GEMM on the transposed activations: U (N, n2*R, m1) indexed (j, r, a).
+    Xt = x2.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
+    U = (Xt @ A.reshape(R * m1, n1).t()).reshape(N, n2 * R, m1)
+    # Per token (m1, n2*R) @ (n2*R, m2) on the transposed view of U (no copy).
+    B_jr = B.permute(2, 0, 1).reshape(n2 * R, m2)
+    return torch.bmm(U.transpose(1, 2), B_jr.expand(N, n2 * R, m2))
 
 
 # Opt-in measured plan choice: {(m1, n1, m2, n2, R, token bucket, dtype, device type): (order, middle)}.
@@ -129,7 +147,7 @@ _PLAN_CACHE: dict[tuple, tuple[str, str]] = {}
 def set_autotune(enabled: bool) -> None:
     """Turn the measured choice of contraction plan for every ``KroneckerLinear`` on or off.
 
-    Off (the default), a layer uses the order with fewer multiply-adds (SPEC §2) and
+    Off (the default), a layer uses the order with fewer multiply-adds (docs/method.md, "The forward pass never forms W") and
     ``default_middle``: deterministic, no timing in the forward pass. On, the first eager
     forward for each (factor shapes, R, token bucket, dtype, device) times the candidate plans
     once (``autotune_plan``) and caches the fastest in-process; under ``torch.compile`` the
@@ -206,7 +224,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``scales`` (R,) when ``learnable_scales``
     (Krony-PT's per-term scalars; otherwise the scalars are folded into A), ``bias`` (out,).
     The forward pass never forms W: it contracts x.reshape(..., n1, n2) with B then A, or A then
-    B, whichever costs fewer multiply-adds for these shapes (SPEC §2, ``self.order``), with the
+    B, whichever costs fewer multiply-adds for these shapes (``self.order``; docs/method.md, "The forward pass never forms W"), with the
     middle-axis layout of ``default_middle``; ``set_autotune(True)`` lets a one-time in-process
     measurement pick both instead. Any leading dimensions work; ``torch.compile`` traces it.
 
@@ -333,7 +351,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
         *,
         init: str = "van_loan",
         learnable_scales: bool = False,
-        svd: str = "auto",
+        svd_solver: str = "auto",
         calibration=None,
         name: str = "weight",
     ) -> tuple[KroneckerLinear, KroneckerFactors]:
@@ -346,7 +364,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
             ValueError: shapes that do not divide the weight, R out of range, unknown init.
         """
         out_features, in_features = weight.shape
-        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd=svd, calibration=calibration, name=name)
+        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd_solver=svd_solver, calibration=calibration, name=name)
         layer = cls(
             in_features,
             out_features,

@@ -17,7 +17,7 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
 
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``U`` (out, k), ``V`` (k, in), ``bias``
     (out,). The forward pass never forms W: y = kronecker_matmul(x, A, B) + (x Vᵀ) Uᵀ + b, the
-    Kronecker part in the contraction order with fewer multiply-adds (SPEC §2), the low-rank part
+    Kronecker part in the contraction order with fewer multiply-adds (docs/method.md, "The forward pass never forms W"), the low-rank part
     as two thin GEMMs (k·(in + out) multiply-adds per token). Parameters:
     R·(m1·n1 + m2·n2) + k·(out + in) (+ out for the bias).
 

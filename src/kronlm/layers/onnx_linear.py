@@ -1,6 +1,6 @@
 """``OnnxKroneckerLinear``: the export form of a Kronecker layer, arranged for onnxruntime.
 
-Same product and multiply-adds as ``KroneckerLinear`` (SPEC §2), but every large-factor product is
+Same product and multiply-adds as ``KroneckerLinear`` (docs/method.md, "The forward pass never forms W"), but every large-factor product is
 one 2-D ``MatMul`` against a constant matrix (which onnxruntime's MLAS pre-packs) and every
 small-factor product runs along the long axis, because traced as is, ``kronecker_matmul`` gives
 GEMMs with 1-4 columns that MLAS runs about as slowly as the large GEMM they follow (measured with
@@ -50,7 +50,7 @@ def left_matmul(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 class OnnxKroneckerLinear(nn.Module):
     """Export form of ``KroneckerLinear`` / ``KroneckerTiedLMHead``: y = x (Σ_r s_r A_r ⊗ B_r)ᵀ + b.
 
-    Same contraction orders and multiply-adds as ``kronecker_matmul`` (SPEC §2), with X =
+    Same contraction orders and multiply-adds as ``kronecker_matmul`` (docs/method.md, "The forward pass never forms W"), with X =
     x.reshape(N, n1, n2), arranged for onnxruntime: the large factor is always one 2-D GEMM of
     (rows, K) activations with a constant (K, cols) matrix, which MLAS pre-packs; the small factor
     (a side of at most ``SMALL_SIDE``, as in the presets' (2, 1) / (1, 4) B) is applied from the

@@ -4,9 +4,10 @@
 - :mod:`registry`: the ``Kronecker*`` config and model classes registered with the Auto classes;
 - :mod:`convert`: ``compress`` / ``compress_to_budget`` (dense -> compressed);
 - :mod:`merge`: ``merge_and_unload`` (compressed -> dense);
-- :mod:`serialization`, :mod:`metadata`, :mod:`validate`: save / load, ``kronlm_compression.json``,
+- :mod:`serialization`, :mod:`metadata`, :mod:`folder_checks`: save / load, ``kronlm_compression.json``,
   folder and tensor checks;
-- :mod:`loading`: models and tokenizers by hub id, folder, GGUF file or alias; :mod:`gguf`.
+- :mod:`loading`: models and tokenizers by hub id, folder, GGUF file or alias;
+  :mod:`gguf_checkpoint`: what loading a GGUF checkpoint leaves on a model.
 """
 
 from kronlm.modeling.convert import budget_allocation, compress, compress_to_budget
@@ -34,7 +35,7 @@ from kronlm.modeling.registry import (
     register_defaults,
 )
 from kronlm.modeling.serialization import SUMMARY_FILE, load, save
-from kronlm.modeling.validate import check_folder_files
+from kronlm.modeling.folder_checks import check_folder_files
 
 __all__ = [
     "COMPRESSION_FILE",

@@ -1,24 +1,38 @@
 """``kronlm.compress``: compress a model and make it a Hugging Face model that saves and loads
 compressed (peft's ``get_peft_model`` for Kronecker factors).
 
-:func:`compress` runs the module surgery (:func:`kronlm.compress.compress_modules`), records the
-plan in ``config.kronlm`` (:class:`~kronlm.modeling.plan.KroneckerPlan`), switches the model and
-config to kronlm's registered Kronecker classes and attaches the report as
-``model.compression_report``. :func:`compress_to_budget` does the same after choosing the
-factors per module under a parameter budget.
+:func:`compress` takes a model and a config and returns the model, compressed in place. The config
+says what to do: a :class:`~kronlm.compression.CompressionConfig` (a preset is
+``kronlm.get_preset(name)``, a per-module plan is one target per module) runs the module surgery
+(:func:`kronlm.compression.compress_modules`); a :class:`~kronlm.compression.BudgetConfig` first
+chooses the factors per module under a parameter budget (:func:`compress_to_budget`, the one code
+path of ``kronlm compress --budget``, benchmarks included). Either way the plan is recorded in
+``config.kronlm`` (:class:`~kronlm.modeling.plan.KroneckerPlan`), the model and config switch to
+kronlm's registered Kronecker classes, and the report is ``model.compression_report``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.compress.budget import DEFAULT_B_SHAPES, BudgetAllocation, plan_budget
-from kronlm.compress.calibration import ModuleCalibration
-from kronlm.compress.config import CompressionConfig
-from kronlm.compress.surgery import compress_modules
-from kronlm.modeling.gguf import forget_gguf_quantizer
+from kronlm.compression.budget import (
+    BudgetAllocation,
+    BudgetConfig,
+    Pricing,
+    allocate_budget,
+    budget_candidates,
+    budget_statistics,
+)
+from kronlm.compression.calibration import ModuleCalibration
+from kronlm.compression.config import CompressionConfig
+from kronlm.compression.report import count_parameters
+from kronlm.compression.sequential import SequentialCalibration
+from kronlm.compression.surgery import check_calibration_ids, compress_modules
+from kronlm.modeling.gguf_checkpoint import forget_gguf_quantizer
 from kronlm.modeling.metadata import attach_report, compression_report
 from kronlm.modeling.plan import KroneckerPlan
 from kronlm.modeling.registry import adopt_kronecker_classes
@@ -26,28 +40,37 @@ from kronlm.modeling.registry import adopt_kronecker_classes
 
 def compress(
     model: nn.Module,
-    config: CompressionConfig,
+    config: CompressionConfig | BudgetConfig,
     *,
-    calibration: torch.Tensor | dict[str, ModuleCalibration] | None = None,
-    calibration_batch_size: int = 4,
+    calibration: torch.Tensor | None = None,
+    statistics: Mapping[str, ModuleCalibration] | None = None,
+    batch_size: int = 4,
     progress: bool = True,
 ) -> nn.Module:
     """Replace the modules ``config`` selects with Kronecker modules, in place; return the model.
 
-    Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` and each
-    ``nn.Embedding`` a ``KroneckerEmbedding``, initialised from the pretrained weight by the
-    target's initialiser (SPEC §2, §3). A Hugging Face model then carries the plan in
-    ``config.kronlm`` and kronlm's Kronecker classes (``model_type`` ``kronecker_<type>``), so
-    ``model.save_pretrained`` / ``kronlm.save`` write a folder that ``from_pretrained`` loads back
-    compressed. The :class:`~kronlm.compress.CompressionReport` (per module: shape, factors, R,
-    parameters before/after, relative error) is ``model.compression_report``.
+    Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (or
+    ``KroneckerLowRankLinear``) and each ``nn.Embedding`` a ``KroneckerEmbedding``, initialised
+    from the pretrained weight by the target's initialiser (docs/method.md, "Initialisation from
+    the pretrained weights"). A Hugging Face model then carries the plan in ``config.kronlm`` and
+    kronlm's Kronecker classes (``model_type`` ``kronecker_<type>``), so ``model.save_pretrained``
+    / ``kronlm.save`` write a folder that ``from_pretrained`` loads back compressed. The
+    :class:`~kronlm.compression.CompressionReport` (per module: shape, factors, R, parameters
+    before/after, relative error) is ``model.compression_report``; after a budget its
+    ``allocation`` is the :class:`~kronlm.compression.BudgetAllocation`.
 
     Args:
         model: a ``PreTrainedModel`` (GPT-2, BERT, Llama-family, ...) or any module.
-        config: a ``CompressionConfig`` (``kronlm.get_preset(name)`` for the papers' presets).
-        calibration: calibration token ids (num_sequences, seq_len) or statistics already
-            collected, for initialisers that need activation statistics (``activation_aware``).
-        calibration_batch_size: sequences per forward pass while calibrating.
+        config: a ``CompressionConfig`` (``kronlm.get_preset(name)`` for the papers' presets) or a
+            ``BudgetConfig`` (a parameter budget; needs ``calibration``).
+        calibration: calibration token ids, an int64 tensor (num_sequences, seq_len), e.g. from
+            ``kronlm.compression.calibration_input_ids``. The dense model is run on them for
+            initialisers that need activation statistics (``activation_aware``) and to price a
+            budget.
+        statistics: instead of ``calibration``, statistics already collected on such ids
+            ({module name: ``ModuleCalibration``}, ``collect_calibration`` /
+            ``budget_statistics``), e.g. to compress several copies from one calibration.
+        batch_size: sequences per forward pass while calibrating.
         progress: show tqdm bars.
 
     Returns:
@@ -55,11 +78,17 @@ def compress(
 
     Raises:
         ValueError: patterns that match nothing or a module kronlm cannot factor, factor shapes
-            that do not divide a weight, a missing calibration, non-finite weights or factors
-            (each message names the module and the numbers).
+            that do not divide a weight, calibration that is not token ids or is missing,
+            non-finite weights or factors, a budget that cannot be met (each message names the
+            module and the numbers).
     """
+    if isinstance(config, BudgetConfig):
+        compress_to_budget(model, config, calibration, statistics=statistics, batch_size=batch_size, progress=progress)
+        return model
+    if not isinstance(config, CompressionConfig):
+        raise ValueError(f"config must be a CompressionConfig or a BudgetConfig, got {type(config).__name__}")
     previous = compression_report(model)
-    report = compress_modules(model, config, calibration=calibration, calibration_batch_size=calibration_batch_size, progress=progress)
+    report = compress_modules(model, config, calibration=calibration, statistics=statistics, batch_size=batch_size, progress=progress)
     if previous is not None:  # compressed twice: keep the first call's modules in the report
         report.modules = previous.modules + report.modules
         report.params_before = previous.params_before
@@ -75,44 +104,65 @@ def compress(
 
 def compress_to_budget(
     model: nn.Module,
-    target_params: int,
-    calibration: torch.Tensor,
+    config: BudgetConfig,
+    calibration: torch.Tensor | None,
     *,
-    modules: list[str] | None = None,
-    sensitivity_sequences: int = 16,
+    statistics: dict[str, ModuleCalibration] | None = None,
+    pricing: Pricing | None = None,
     batch_size: int = 4,
-    b_shapes: tuple[tuple[int, int], ...] = DEFAULT_B_SHAPES,
-    init: str = "activation_aware",
     progress: bool = True,
-) -> nn.Module:
-    """Choose factors per module under a parameter budget, then :func:`compress` with them.
+) -> BudgetAllocation:
+    """Compress ``model`` in place to the budget of ``config``; return the allocation.
 
-    See :func:`kronlm.compress.budget.plan_budget` for the arguments and the method (estimated
-    NLL increase of every candidate from calibration statistics, Lagrangian allocation). The
-    :class:`~kronlm.compress.budget.BudgetAllocation` is ``model.compression_report.allocation``.
+    The one budget path (``kronlm.compress(model, BudgetConfig(...))`` and ``kronlm compress
+    --budget`` call it): calibrate the candidate modules (``budget_statistics``), price and
+    allocate (``allocate_budget``, docs/compression.md), then :func:`compress` with the
+    allocation's config on the dense statistics or, with ``config.sequential``, on a
+    :class:`~kronlm.compression.SequentialCalibration` over the same ids. The allocation is
+    attached to ``model.compression_report`` (and so saved in ``kronlm_compression.json``).
 
     Args:
-        model: dense causal LM.
-        target_params: parameters allowed for the whole model.
-        calibration: (num_sequences, seq_len) token ids.
+        model: dense causal LM (changed in place).
+        config: the target (``target_fraction`` or ``target_params``), candidate ``modules`` and
+            settings.
+        calibration: (num_sequences, seq_len) int64 token ids; may be None only when
+            ``statistics`` is given and ``config.sequential`` is None.
+        statistics, pricing: ``budget_statistics`` / ``price_modules`` results already computed
+            on the same ids, candidates and settings (a benchmark allocating several budgets from
+            one calibration passes them; give each call its own copy of ``pricing``, which the
+            check updates).
+        batch_size: sequences per forward pass while calibrating.
+        progress: tqdm bars.
 
     Returns:
-        ``model`` itself, compressed.
+        The :class:`~kronlm.compression.BudgetAllocation`.
 
     Raises:
-        ValueError: see ``plan_budget`` and :func:`compress`.
+        ValueError: no target in ``config``, calibration that is not token ids or is missing;
+            see ``allocate_budget`` and :func:`compress`.
     """
-    config, stats, allocation = plan_budget(
-        model, target_params, calibration, modules=modules, sensitivity_sequences=sensitivity_sequences,
-        batch_size=batch_size, b_shapes=b_shapes, init=init, progress=progress,
-    )
-    compress(model, config, calibration=stats, progress=progress)
+    target = config.target_for(count_parameters(model))
+    if statistics is None or config.sequential:
+        if calibration is None:
+            raise ValueError("a budget needs calibration token ids (num_sequences, seq_len) to measure sensitivities on")
+        check_calibration_ids(calibration)
+    if statistics is None:
+        names = budget_candidates(model, config.modules)
+        statistics = budget_statistics(model, calibration, names, sensitivity_sequences=config.sensitivity_sequences,
+                                       batch_size=batch_size, progress=progress)
+    allocation = allocate_budget(model, statistics, target, settings=config, pricing=pricing, progress=progress)
+    plan = allocation.to_config(init=config.init)
+    fitted: Mapping[str, ModuleCalibration] = statistics
+    if config.sequential:
+        names = [c.name for c in allocation.choices if c.option.family != "dense"]
+        fitted = SequentialCalibration(model, names, calibration, batch_size=batch_size, target=config.sequential, progress=progress)
+    compress(model, plan, statistics=fitted, progress=progress)
     compression_report(model).allocation = allocation
-    return model
+    return allocation
 
 
 def budget_allocation(model: nn.Module) -> BudgetAllocation | None:
-    """The budget allocation behind a model compressed by :func:`compress_to_budget`, or None."""
+    """The budget allocation behind a model compressed to a ``BudgetConfig``, or None."""
     report = compression_report(model)
     allocation = getattr(report, "allocation", None)
     return allocation if isinstance(allocation, BudgetAllocation) else None

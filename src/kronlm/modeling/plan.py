@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from kronlm.compress.config import LM_HEAD_MODES
-from kronlm.compress.report import CompressionReport
-from kronlm.compress.surgery import set_module
+from kronlm.compression.config import LM_HEAD_MODES
+from kronlm.compression.report import CompressionReport
+from kronlm.compression.surgery import set_module
 from kronlm.layers import (
     KroneckerEmbedding,
     KroneckerLinear,

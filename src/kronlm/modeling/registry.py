@@ -10,7 +10,7 @@ then replaces the modules listed in ``config.kronlm`` with Kronecker modules. Re
     AutoModelForCausalLM.from_pretrained(folder)
 
 return the compressed model. ``from_pretrained`` of these classes first checks the folder (see
-``kronlm.modeling.validate``) and, after loading, refuses a tensor that transformers would have
+``kronlm.modeling.folder_checks``) and, after loading, refuses a tensor that transformers would have
 re-initialised, so a missing, truncated or inconsistent file is named in the error instead of
 silently giving garbage. ``save_pretrained`` also writes ``kronlm_compression.json`` (the
 compression config and report), so ``model.save_pretrained`` and ``kronlm.save`` write the same
@@ -64,7 +64,7 @@ from kronlm.modeling.remote_code import (
     is_kronlm_auto_map,
     write_remote_code,
 )
-from kronlm.modeling.validate import CONFIG_NAME, check_folder_files, check_loading_info
+from kronlm.modeling.folder_checks import CONFIG_NAME, check_folder_files, check_loading_info
 
 try:  # transformers >= 5 records which outputs (hidden states, attentions) each class can return
     from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
@@ -306,9 +306,9 @@ def plan_of_config(config: Any) -> KroneckerPlan | None:
 def load_checked(load, class_name: str, path, *args, **kwargs):
     """Call ``load(path, *args, **kwargs)`` (a ``from_pretrained``) with kronlm's folder checks.
 
-    For a local folder: :func:`~kronlm.modeling.validate.check_folder_files` and the checksum
+    For a local folder: :func:`~kronlm.modeling.folder_checks.check_folder_files` and the checksum
     manifest (:func:`~kronlm.modeling.integrity.verify_manifest`; ``verify_checksums=False`` in
-    ``kwargs`` compares sizes only) first; after loading, no NaN or infinite weight, and :func:`~kronlm.modeling.validate.check_loading_info` (strict when the folder was
+    ``kwargs`` compares sizes only) first; after loading, no NaN or infinite weight, and :func:`~kronlm.modeling.folder_checks.check_loading_info` (strict when the folder was
     saved from the class called ``class_name``; otherwise the planned Kronecker modules must still be complete),
     and the folder's compression report is attached to the model. A hub id is loaded as
     transformers loads it. ``output_loading_info=True`` in ``kwargs`` returns (model, info) as

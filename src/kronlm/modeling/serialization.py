@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from kronlm.modeling.gguf import forget_gguf_quantizer
+from kronlm.modeling.gguf_checkpoint import forget_gguf_quantizer
 from kronlm.modeling.integrity import check_finite, write_manifest
 from kronlm.modeling.loading import load_model
 from kronlm.modeling.metadata import attach_report
-from kronlm.modeling.validate import check_folder_files
+from kronlm.modeling.folder_checks import check_folder_files
 from kronlm.utils.io import atomic_dir, check_output_folder, write_json
 
 SUMMARY_FILE = "training_summary.json"

@@ -11,10 +11,12 @@ from kronlm.tasks.pipeline import (
     TaskFamily,
     TaskMetricValidator,
     TaskSplits,
+    TaskStudent,
+    claim_task_folder,
     run_task_pipeline,
     train_task_model,
 )
-from kronlm.tasks.report import ModelResult, TaskReport, read_report, write_report
+from kronlm.tasks.results import ModelResult, TaskReport, read_report, write_report
 from kronlm.tasks.student import (
     copy_head,
     count_embedding_linear_parameters,
@@ -30,6 +32,8 @@ __all__ = [
     "TaskMetricValidator",
     "TaskReport",
     "TaskSplits",
+    "TaskStudent",
+    "claim_task_folder",
     "copy_head",
     "count_embedding_linear_parameters",
     "general_distill",

@@ -1,4 +1,4 @@
-"""The task pipeline of KroneckerBERT-style students (SPEC §1, §4, §5), for any task family.
+"""The task pipeline of KroneckerBERT-style students (docs/tasks.md), for any task family.
 
 teacher fine-tuning -> a student (the fine-tuned teacher compressed, with optional stage-1
 weights; or a compressed / truncated *pretrained* model given as a folder, which gets the
@@ -16,8 +16,8 @@ teacher's task head) -> task distillation -> report, each training stage run by 
   :meth:`TaskFamily.objective`.
 - :func:`train_task_model` runs one stage: the family's collator and lengths feed the loop, a
   :class:`TaskMetricValidator` on the held-out split picks ``best/`` (and any early stop).
-- :func:`run_task_pipeline` runs the stages and writes ``report.{json,md}``
-  (:mod:`kronlm.tasks.report`).
+- :func:`run_task_pipeline` runs the stages (:func:`fine_tune_teacher`, :class:`TaskStudent`,
+  :func:`distil_task_student`) and writes ``report.{json,md}`` (:mod:`kronlm.tasks.results`).
 
 No dev leakage: :meth:`TaskFamily.load_splits` holds out ``config.val_fraction`` of the training
 examples (seeded, disjoint from those trained on); only they choose checkpoints (and any other
@@ -45,26 +45,31 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.compress.config import CompressionConfig
+from kronlm.compression.config import CompressionConfig
 from kronlm.distill.checkpoint import latest_checkpoint
 from kronlm.distill.config import TaskTrainConfig, TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.trainer import Trainer, TrainResult
-from kronlm.distill.validation import Validator, evaluation_mode
+from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.modeling import SUMMARY_FILE, compression_report, save
-from kronlm.tasks.report import ModelResult, TaskReport, write_report
+from kronlm.tasks.results import ModelResult, TaskReport, write_report
 from kronlm.tasks.student import (
     copy_head,
     count_embedding_linear_parameters,
     load_general_distilled,
     make_student,
 )
-from kronlm.utils.io import read_json
+from kronlm.utils.io import claim_run_folder, read_json
 
 __all__ = [
     "TaskFamily",
     "TaskMetricValidator",
     "TaskSplits",
+    "TaskStudent",
+    "check_task_students",
+    "claim_task_folder",
+    "distil_task_student",
+    "fine_tune_teacher",
     "run_task_pipeline",
     "train_task_model",
 ]
@@ -243,16 +248,10 @@ def run_task_pipeline(
 ) -> TaskReport:
     """Fine-tune a teacher (or take a fine-tuned one), optionally distil a student, report.
 
-    Two kinds of student:
-
-    - ``compression``: the fine-tuned teacher compressed with this config (KroneckerBERT), its
-      task head copied; ``general_distill`` then replaces its encoder weights by those of a
-      stage-1 student compressed with the same config.
-    - ``student_init``: a model folder of the teacher's architecture and width, compressed or
-      truncated from the *pretrained* model and possibly recovered on plain text (KnGPT2,
-      DistilGPT2 / Li et al.'s truncated students). It is loaded with the family's task head
-      (:meth:`TaskFamily.new_model`) and that head is overwritten by the fine-tuned teacher's
-      (:func:`kronlm.tasks.student.copy_head`).
+    Two kinds of student (:meth:`TaskStudent.build`): ``compression``, the fine-tuned teacher
+    compressed with this config (KroneckerBERT), optionally with the encoder weights of a stage-1
+    student (``general_distill``); or ``student_init``, a model folder compressed or truncated
+    from the *pretrained* model (KnGPT2, DistilGPT2 / Li et al.), given the teacher's task head.
 
     Args:
         family: the task.
@@ -275,14 +274,44 @@ def run_task_pipeline(
         log: where progress lines go.
 
     Returns:
-        The :class:`~kronlm.tasks.report.TaskReport` written to ``out_dir``.
+        The :class:`~kronlm.tasks.results.TaskReport` written to ``out_dir``.
+
+    Raises:
+        ValueError: inconsistent arguments (:func:`check_task_students`); bad data or settings
+            (from the family and the trainer).
+        FileNotFoundError: missing data or model folders (named).
+    """
+    check_task_students(model, teacher, compression, student_init, general_distill, layer_map, task_kd)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_config = teacher_config or config
+    report_settings = {"task": family.name, "family": family.family, "torch_threads": torch.get_num_threads(),
+                       "date": time.strftime("%Y-%m-%d"), **(settings or {})}
+    if teacher is None:
+        teacher_model, row = fine_tune_teacher(family, model, teacher_config, out_dir, resume, report_settings, log)
+    else:
+        teacher_model = family.load_model(teacher)
+        splits = family.load_splits(config)
+        row = _given_row(family, teacher_model, splits, config, Path(teacher))
+        report_settings["data"] = splits.sources
+    log(f"teacher {row.selection.get('reason', '')}: {family.name} {family.split_name} {row.metrics}")
+    rows = [row]
+    if compression is not None or student_init is not None:
+        student = TaskStudent.build(family, teacher_model, config, compression, compression_name, student_init, general_distill)
+        rows.append(distil_task_student(family, student, teacher_model, config, out_dir, layer_map=layer_map, task_kd=task_kd,
+                                        resume=resume, report_settings=report_settings, log=log))
+    report = TaskReport(family.name, family.split_name, family.main_metric, rows, report_settings)
+    write_report(report, out_dir)
+    return report
+
+
+def check_task_students(model, teacher, compression, student_init, general_distill, layer_map, task_kd: bool) -> None:
+    """Refuse inconsistent arguments of :func:`run_task_pipeline`.
 
     Raises:
         ValueError: neither or both of ``model`` / ``teacher``; both ``compression`` and
             ``student_init``; ``general_distill`` without ``compression``; ``task_kd=False`` or
-            ``layer_map`` without a student; bad data or settings (from the family and the
-            trainer).
-        FileNotFoundError: missing data or model folders (named).
+            ``layer_map`` without a student.
     """
     if (model is None) == (teacher is None):
         raise ValueError("give model (a pretrained model to fine-tune as the teacher) or teacher (a fine-tuned "
@@ -296,79 +325,111 @@ def run_task_pipeline(
     has_student = compression is not None or student_init is not None
     if not has_student and (not task_kd or layer_map is not None):
         raise ValueError("task_kd=False / layer_map need a student: give a compression config or student_init")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    teacher_config = teacher_config or config
-    report_settings = {"task": family.name, "family": family.family, "torch_threads": torch.get_num_threads(),
-                       "date": time.strftime("%Y-%m-%d"), **(settings or {})}
-    base = {"task": family.name, "family": family.family}
 
-    if teacher is None:
-        splits = family.load_splits(teacher_config)
-        log(_describe_splits(family, splits))
-        net = family.new_model(model, seed=teacher_config.seed)
-        summary = {**base, "role": "teacher", "base_model": str(model), "data": splits.sources,
-                   "config": teacher_config.to_dict()}
-        result = train_task_model(family, net, splits, teacher_config, out_dir / "teacher-run", role="teacher",
-                                  resume=resume, summary=summary)
-        teacher_model, row = _trained_row(family, result, splits, teacher_config, "teacher", f"{model} fine-tuned")
-        save(teacher_model, out_dir / "teacher", tokenizer=family.tokenizer,
-             summary={**summary, **_row_summary(row, result)})
-        report_settings["teacher_config"] = teacher_config.to_dict()
-        report_settings["data"] = splits.sources
-    else:
-        teacher_model = family.load_model(teacher)
-        splits = family.load_splits(config)
-        row = _given_row(family, teacher_model, splits, config, Path(teacher))
-        report_settings["data"] = splits.sources
-    log(f"teacher {row.selection.get('reason', '')}: {family.name} {family.split_name} {row.metrics}")
-    rows = [row]
 
-    if has_student:
-        head = family.head_name(teacher_model)
+def fine_tune_teacher(family: TaskFamily, model: str, config: TaskTrainConfig, out_dir: Path, resume: bool,
+                      report_settings: dict[str, Any], log: Callable[[str], None]) -> tuple[nn.Module, ModelResult]:
+    """Stage 1 of :func:`run_task_pipeline`: fine-tune ``model`` with a new task head in
+    ``out_dir/teacher-run``, save the chosen model to ``out_dir/teacher``; returns it and its row."""
+    splits = family.load_splits(config)
+    log(_describe_splits(family, splits))
+    net = family.new_model(model, seed=config.seed)
+    summary = {"task": family.name, "family": family.family, "role": "teacher", "base_model": str(model), "data": splits.sources,
+               "config": config.to_dict()}
+    result = train_task_model(family, net, splits, config, out_dir / "teacher-run", role="teacher", resume=resume, summary=summary)
+    teacher_model, row = _trained_row(family, result, splits, config, "teacher", f"{model} fine-tuned")
+    save(teacher_model, out_dir / "teacher", tokenizer=family.tokenizer, summary={**summary, **_row_summary(row, result)})
+    report_settings["teacher_config"] = config.to_dict()
+    report_settings["data"] = splits.sources
+    return teacher_model, row
+
+
+@dataclass
+class TaskStudent:
+    """The student of a task run before task distillation.
+
+    Attributes:
+        model: the student, with the teacher's task head.
+        name: its name in the report.
+        stages: what it went through so far (for the report's notes).
+        compression: the config that compressed the teacher into it, or None.
+        student_init: the pretrained student folder it came from, or None.
+        report: its compression report (saved with it), or None.
+    """
+
+    model: nn.Module
+    name: str
+    stages: list[str]
+    compression: CompressionConfig | None = None
+    student_init: str | Path | None = None
+    report: Any = None
+
+    @classmethod
+    def build(cls, family: TaskFamily, teacher: nn.Module, config: TaskTrainConfig, compression: CompressionConfig | None,
+              compression_name: str | None, student_init: str | Path | None, general_distill: str | Path | None) -> TaskStudent:
+        """The fine-tuned ``teacher`` compressed with ``compression`` (optionally with stage-1
+        weights), or the pretrained ``student_init`` folder with the teacher's head."""
+        head = family.head_name(teacher)
         stages = []
         if compression is not None:
-            student, comp_report = make_student(teacher_model, compression, head)
+            student, comp_report = make_student(teacher, compression, head)
             name = compression_name or compression.name or "compressed"
             if general_distill is not None:
                 load_general_distilled(student, general_distill)
                 stages.append(f"stage 1 from {general_distill}")
         else:
             student = family.new_model(str(student_init), seed=config.seed)
-            copy_head(teacher_model, student, head)
+            copy_head(teacher, student, head)
             student.requires_grad_(True)
             comp_report = compression_report(student)
             name = compression_name or str(student_init)
             stages.append(f"initialised from {student_init} with the teacher's {head}")
-        kind = "task ILKD" if config.recipe.startswith("ilkd") else "task KD"
-        stages.append(f"{kind} ({config.recipe})" if task_kd else "task CE only")
-        splits = family.load_splits(config)
-        params_teacher = sum(p.numel() for p in teacher_model.parameters())
-        params_student = sum(p.numel() for p in student.parameters())
-        log(f"student: {params_teacher:,} -> {params_student:,} params; {', '.join(stages)}; "
-            + _describe_splits(family, splits))
-        summary = {**base, "role": "student", "stages": stages, "data": splits.sources, "config": config.to_dict()}
-        if compression is not None:
-            summary["compression"] = compression.to_dict()
-            report_settings["compression"] = compression.to_dict()
-        else:
-            summary["student_init"] = str(student_init)
-            report_settings["student_init"] = str(student_init)
-        if layer_map is not None:
-            summary["layer_map"] = report_settings["layer_map"] = [int(i) for i in layer_map]
-        result = train_task_model(family, student, splits, config, out_dir / "student-run", role="student",
-                                  teacher=teacher_model, task_kd=task_kd, resume=resume, summary=summary,
-                                  layer_map=layer_map)
-        student_model, row = _trained_row(family, result, splits, config, "student", name, notes="; ".join(stages))
-        save(student_model, out_dir / "student", tokenizer=family.tokenizer, report=comp_report,
-             summary={**summary, **_row_summary(row, result)})
-        log(f"student {row.selection['reason']}: {family.name} {family.split_name} {row.metrics}")
-        rows.append(row)
-        report_settings["student_config"] = config.to_dict()
+        return cls(student, name, stages, compression, student_init, comp_report)
 
-    report = TaskReport(family.name, family.split_name, family.main_metric, rows, report_settings)
-    write_report(report, out_dir)
-    return report
+
+def distil_task_student(family: TaskFamily, student: TaskStudent, teacher: nn.Module, config: TaskTrainConfig, out_dir: Path, *,
+                        layer_map: list[int] | None, task_kd: bool, resume: bool, report_settings: dict[str, Any],
+                        log: Callable[[str], None]) -> ModelResult:
+    """Stage 2 of :func:`run_task_pipeline`: task distillation of ``student`` from ``teacher`` in
+    ``out_dir/student-run``, the chosen student saved to ``out_dir/student``; returns its row."""
+    stages = list(student.stages)
+    kind = "task ILKD" if config.recipe.startswith("ilkd") else "task KD"
+    stages.append(f"{kind} ({config.recipe})" if task_kd else "task CE only")
+    splits = family.load_splits(config)
+    params_teacher = sum(p.numel() for p in teacher.parameters())
+    params_student = sum(p.numel() for p in student.model.parameters())
+    log(f"student: {params_teacher:,} -> {params_student:,} params; {', '.join(stages)}; " + _describe_splits(family, splits))
+    summary = {"task": family.name, "family": family.family, "role": "student", "stages": stages, "data": splits.sources,
+               "config": config.to_dict()}
+    if student.compression is not None:
+        summary["compression"] = student.compression.to_dict()
+        report_settings["compression"] = student.compression.to_dict()
+    else:
+        summary["student_init"] = str(student.student_init)
+        report_settings["student_init"] = str(student.student_init)
+    if layer_map is not None:
+        summary["layer_map"] = report_settings["layer_map"] = [int(i) for i in layer_map]
+    result = train_task_model(family, student.model, splits, config, out_dir / "student-run", role="student", teacher=teacher,
+                              task_kd=task_kd, resume=resume, summary=summary, layer_map=layer_map)
+    student_model, row = _trained_row(family, result, splits, config, "student", student.name, notes="; ".join(stages))
+    save(student_model, out_dir / "student", tokenizer=family.tokenizer, report=student.report,
+         summary={**summary, **_row_summary(row, result)})
+    log(f"student {row.selection['reason']}: {family.name} {family.split_name} {row.metrics}")
+    report_settings["student_config"] = config.to_dict()
+    return row
+
+
+def claim_task_folder(out: str | Path, teacher: str | Path | None, inputs: tuple) -> str:
+    """Check and mark a task run's folder before any work (:func:`kronlm.utils.io.claim_run_folder`):
+    a new, empty or kronlm run folder that no input is, or lies inside; an input may sit in it
+    (``teacher=OUT/teacher`` of an earlier run) but not where this run writes (``student``,
+    ``student-run``, the report, and ``teacher``, ``teacher-run`` unless a teacher is given).
+
+    Raises:
+        FileExistsError: the folder is refused (the message names it and why).
+    """
+    replaced = ("student", "student-run", "report.json", "report.md") + (("teacher", "teacher-run") if teacher is None else ())
+    return str(claim_run_folder(out, inputs=(teacher, *inputs), option="--out", replaced=replaced))
 
 
 def _describe_splits(family: TaskFamily, splits: TaskSplits) -> str:

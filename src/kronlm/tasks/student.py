@@ -1,4 +1,4 @@
-"""The Kronecker student of a fine-tuned task teacher, and KroneckerBERT's stage 1 (SPEC §1, §4).
+"""The Kronecker student of a fine-tuned task teacher, and KroneckerBERT's stage 1 (docs/tasks.md).
 
 - :func:`make_student`: a copy of the fine-tuned teacher compressed with a compression config
   (a KroneckerBERT preset or any config); the task head (and BERT's pooler, unless the config
@@ -30,9 +30,9 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from kronlm.compress.config import CompressionConfig
-from kronlm.compress.presets import get_preset
-from kronlm.compress.surgery import plan_compression
+from kronlm.compression.config import CompressionConfig
+from kronlm.compression.presets import get_preset
+from kronlm.compression.surgery import plan_compression
 from kronlm.distill.trainer import train
 from kronlm.layers import KroneckerEmbedding, KroneckerLinear
 from kronlm.modeling import compress, compression_report, load
@@ -129,7 +129,7 @@ def make_student(teacher: PreTrainedModel, config: CompressionConfig, head_name:
         head_name: the task head module (``classifier``), which must not be compressed.
 
     Returns:
-        (student, :class:`kronlm.compress.report.CompressionReport`). The student's head holds
+        (student, :class:`kronlm.compression.report.CompressionReport`). The student's head holds
         exactly the teacher's head weights; all its parameters are trainable, whatever the
         teacher's ``requires_grad`` flags.
 
@@ -161,7 +161,7 @@ def general_distill(
 
     The Python form of ``kronlm compress ENCODER --config C --out DIR`` followed by
     ``kronlm distill --student DIR --teacher ENCODER --recipe ilkd-kroneckerbert ...``
-    (KroneckerBERT, SPEC §1). With validation blocks, ``out_dir/best`` is chosen by the held-out
+    (KroneckerBERT; docs/method.md, "The papers"). With validation blocks, ``out_dir/best`` is chosen by the held-out
     distillation loss (an encoder has no LM head for perplexity).
 
     Args:

@@ -1,1 +1,46 @@
-"""Small shared helpers: atomic file writes, path discovery."""
+"""Small shared helpers: atomic file and folder writes with write locks and the output rules
+(:mod:`kronlm.utils.io`), the base class of every settings file (:mod:`kronlm.utils.config`),
+where local data and packaged models are found (:mod:`kronlm.utils.paths`)."""
+
+from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
+from kronlm.utils.io import (
+    WRITTEN_BY_KEY,
+    FolderBusyError,
+    OutputRefused,
+    StorageFullError,
+    atomic_dir,
+    atomic_path,
+    check_output_file,
+    check_output_folder,
+    claim_run_folder,
+    folder_lock,
+    read_json,
+    read_text,
+    write_json,
+    written_by_kronlm_json,
+)
+from kronlm.utils.paths import DATA_DIR_ENV, data_dir, default_data_dir, package_dir
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "WRITTEN_BY_KEY",
+    "ConfigBase",
+    "FolderBusyError",
+    "OutputRefused",
+    "StorageFullError",
+    "atomic_dir",
+    "atomic_path",
+    "check_output_file",
+    "check_output_folder",
+    "claim_run_folder",
+    "data_dir",
+    "default_data_dir",
+    "folder_lock",
+    "merge_settings",
+    "package_dir",
+    "read_config_file",
+    "read_json",
+    "read_text",
+    "write_json",
+    "written_by_kronlm_json",
+]

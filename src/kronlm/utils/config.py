@@ -63,10 +63,13 @@ class ConfigBase:
     Subclasses are ``@dataclass``es; they may override :meth:`validate` (called after
     construction, raising ``ValueError`` that names the key and the value) and
     :meth:`_from_plain` (to turn nested dicts into nested configs). ``config_name`` is the
-    phrase used in messages ("training config").
+    phrase used in messages ("training config"). ``renamed_keys`` maps a key of earlier versions
+    to the field that replaced it, so files and saved models written before a rename still read;
+    a mapping holding both the old and the new key is refused.
     """
 
     config_name = "config"
+    renamed_keys: dict[str, str] = {}
 
     def __post_init__(self) -> None:
         try:
@@ -111,6 +114,7 @@ class ConfigBase:
         source = source or cls.config_name
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+        data = cls.rename_old_keys(data, source)
         cls.check_keys(data, source)
         try:
             return cls(**cls._from_plain(dict(data), source))
@@ -121,6 +125,21 @@ class ConfigBase:
             own = f"{cls.config_name}: "
             message = message.removeprefix(own)
             raise ValueError(f"{source}: {message}") from None
+
+    @classmethod
+    def rename_old_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+        """``data`` with every key of ``renamed_keys`` replaced by its new name.
+
+        Raises:
+            ValueError: ``data`` holds both a key and the one that replaced it (both named).
+        """
+        out = dict(data)
+        for old, new in cls.renamed_keys.items():
+            if old in out:
+                if new in out:
+                    raise ValueError(f"{source}: give {new} only ({old} is its earlier name)")
+                out[new] = out.pop(old)
+        return out
 
     @classmethod
     def _from_plain(cls, data: dict[str, Any], source: str) -> dict[str, Any]:

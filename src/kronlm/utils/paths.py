@@ -1,8 +1,8 @@
 """Where kronlm finds local copies of public data and the models shipped inside PyPI packages.
 
 Library code knows no machine layout: the data folder is what the caller passes, else what
-``$KRONLM_DATA_DIR`` names, else there is none (the command line adds its own default, see
-:func:`kronlm.cli.options.data_options`).
+``$KRONLM_DATA_DIR`` names, else there is none. The command line and the benchmarks add one
+default of their own, :func:`default_data_dir` (the repository's example data beside a checkout).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 DATA_DIR_ENV = "KRONLM_DATA_DIR"
+# The repository's example data: ../shared/data beside a checkout (its README lists the files).
+EXAMPLE_DATA_DIR = Path("..") / "shared" / "data"
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -40,6 +42,15 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     if not folder.is_dir():
         raise NotADirectoryError(f"{origin} {folder} is not a folder")
     return folder
+
+
+def default_data_dir() -> Path | None:
+    """The data folder of the command line and the benchmarks when none is given:
+    ``$KRONLM_DATA_DIR``, else ``../shared/data`` relative to the working directory when that folder
+    exists (the repository's example data), else None. Library functions never use it."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    return EXAMPLE_DATA_DIR.resolve() if EXAMPLE_DATA_DIR.is_dir() else None
 
 
 def package_dir(import_name: str) -> Path | None:

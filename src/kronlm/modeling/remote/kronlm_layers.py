@@ -8,7 +8,7 @@ kronlm writes this file, unchanged, into every compressed model folder it saves,
 rebuilds the compressed model in a Python process that does not have kronlm installed (lm-eval's
 command line, a serving tool, a notebook). It depends only on torch; the forward passes are the
 same operations, in the same order, as kronlm's own ``KroneckerLinear`` / ``KroneckerLowRankLinear`` /
-``KroneckerEmbedding`` / ``KroneckerTiedLMHead`` (``kronecker_matmul`` is a verbatim copy, checked by kronlm's tests), so the
+``KroneckerEmbedding`` / ``KroneckerTiedLMHead`` (``kronecker_matmul`` and its two orders are verbatim copies, checked by kronlm's tests), so the
 logits are bit-identical to ``kronlm.load(folder)``'s.
 
 The compressed architecture is described by the plan stored under ``kronlm`` in ``config.json``
@@ -16,7 +16,7 @@ The compressed architecture is described by the plan stored under ``kronlm`` in 
 planned shape before the weights are loaded. ``MODULE_BUILDERS`` maps each plan ``kind`` to the
 function that builds its module: a new kind of Kronecker module is one entry there (and one class).
 
-Source: the kronlm package (``kronlm.layers``, ``kronlm.modeling.plan``), kronlm's SPEC §2 (the product W = Σ_r s_r A_r ⊗ B_r
+Source: the kronlm package (``kronlm.layers``, ``kronlm.modeling.plan``), kronlm's docs/method.md, "The Kronecker-factored linear map" (the product W = Σ_r s_r A_r ⊗ B_r
 and its contraction orders), Van Loan & Pitsianis (1993), KnGPT2 / KroneckerBERT / Krony-PT.
 """
 
@@ -62,7 +62,8 @@ def default_middle(order: str, b_shape: tuple[int, int]) -> str:
 
 
 def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str, middle: str | None = None) -> torch.Tensor:
-    """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ (SPEC §2).
+    """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ (docs/method.md, "The
+    forward pass never forms W").
 
     With X = x.reshape(N, n1, n2), y = Σ_r A_r X B_rᵀ. All R terms share each matmul (B_r
     stacked along the output, A_r along the contraction), so there is no loop over terms. With
@@ -100,56 +101,73 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     # so that no guard on the token count is added.
     few_tokens = R > 1 and not torch.compiler.is_compiling() and N * (m1 + n1) < m1 * n1
     if order == "b_first":
-        if m2 == 1 or middle == "bmm":
-            # Z (N, n1, R, m2): every B_r in one (N*n1, n2) @ (n2, R*m2) product.
-            Z = x2.reshape(N * n1, n2) @ B.reshape(R * m2, n2).t()
-        if m2 == 1 and few_tokens:
-            # Few tokens: one (N, n1) @ (n1, m1) product per term and a sum, instead of stacking
-            # the A_r (a copy of R*m1*n1 values, the dominant cost at decode).
-            Y = torch.bmm(Z.reshape(N, n1, R).permute(2, 0, 1), A.transpose(1, 2)).sum(0)
-        elif m2 == 1:
-            # Z is already (N, n1*R) with the contraction index (i, r) last: one flat GEMM.
-            Y = Z.reshape(N, n1 * R) @ A.permute(2, 0, 1).reshape(n1 * R, m1)
-        elif middle == "bmm":
-            if R > 1:
-                Z = Z.reshape(N, n1, R, m2).permute(0, 2, 1, 3)
-            # (m1, R*n1) @ (N, R*n1, m2) -> (N, m1, m2).
-            Y = A.permute(1, 0, 2).reshape(m1, R * n1) @ Z.reshape(N, R * n1, m2)
-        else:
-            # Per token (R*m2, n2) @ (n2, n1) against the transposed view of X (no copy), B_r
-            # stacked (b, r) so that (N*m2, R*n1) is a free view; then one flat GEMM with A.
-            B_br = B.permute(1, 0, 2).reshape(m2 * R, n2)
-            Zt = torch.bmm(B_br.expand(N, m2 * R, n2), x2.reshape(N, n1, n2).transpose(1, 2))
-            Yt = Zt.reshape(N * m2, R * n1) @ A.permute(1, 0, 2).reshape(m1, R * n1).t()
-            Y = Yt.reshape(N, m2, m1).transpose(1, 2)
-    elif n2 == 1 and few_tokens:
+        Y = b_first_matmul(x2, A, B, middle, few_tokens)
+    else:
+        Y = a_first_matmul(x2, A, B, middle, few_tokens)
+    return Y.reshape(*lead, m1 * m2)
+
+
+def b_first_matmul(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, middle: str, few_tokens: bool) -> torch.Tensor:
+    """The "b_first" order of :func:`kronecker_matmul` on x2 (N, n1*n2): Z = X B_rᵀ, then A_r Z;
+    returns Y as (N, m1, m2) or a tensor of the same elements in that order."""
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x2.shape[0]
+    if m2 == 1 or middle == "bmm":
+        # Z (N, n1, R, m2): every B_r in one (N*n1, n2) @ (n2, R*m2) product.
+        Z = x2.reshape(N * n1, n2) @ B.reshape(R * m2, n2).t()
+    if m2 == 1 and few_tokens:
+        # Few tokens: one (N, n1) @ (n1, m1) product per term and a sum, instead of stacking
+        # the A_r (a copy of R*m1*n1 values, the dominant cost at decode).
+        return torch.bmm(Z.reshape(N, n1, R).permute(2, 0, 1), A.transpose(1, 2)).sum(0)
+    if m2 == 1:
+        # Z is already (N, n1*R) with the contraction index (i, r) last: one flat GEMM.
+        return Z.reshape(N, n1 * R) @ A.permute(2, 0, 1).reshape(n1 * R, m1)
+    if middle == "bmm":
+        if R > 1:
+            Z = Z.reshape(N, n1, R, m2).permute(0, 2, 1, 3)
+        # (m1, R*n1) @ (N, R*n1, m2) -> (N, m1, m2).
+        return A.permute(1, 0, 2).reshape(m1, R * n1) @ Z.reshape(N, R * n1, m2)
+    # Per token (R*m2, n2) @ (n2, n1) against the transposed view of X (no copy), B_r
+    # stacked (b, r) so that (N*m2, R*n1) is a free view; then one flat GEMM with A.
+    B_br = B.permute(1, 0, 2).reshape(m2 * R, n2)
+    Zt = torch.bmm(B_br.expand(N, m2 * R, n2), x2.reshape(N, n1, n2).transpose(1, 2))
+    Yt = Zt.reshape(N * m2, R * n1) @ A.permute(1, 0, 2).reshape(m1, R * n1).t()
+    return Yt.reshape(N, m2, m1).transpose(1, 2)
+
+
+def a_first_matmul(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, middle: str, few_tokens: bool) -> torch.Tensor:
+    """The "a_first" order of :func:`kronecker_matmul` on x2 (N, n1*n2): A_r X, then · B_rᵀ;
+    returns Y as (N, m1, m2) or a tensor of the same elements in that order."""
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x2.shape[0]
+    if n2 == 1 and few_tokens:
         # Few tokens: x @ A_rᵀ per term (R, N, m1) without stacking the A_r, then B mixes the terms.
         Wx = torch.matmul(x2, A.transpose(1, 2))
-        Y = Wx.permute(1, 2, 0).reshape(N * m1, R) @ B.reshape(R, m2)
-    elif n2 == 1:
+        return Wx.permute(1, 2, 0).reshape(N * m1, R) @ B.reshape(R, m2)
+    if n2 == 1:
         # x @ A_catᵀ with the output index (a, r), then the (R, m2) matrix of B mixes the terms.
         Wx = x2 @ A.permute(1, 0, 2).reshape(m1 * R, n1).t()
-        Y = Wx.reshape(N * m1, R) @ B.reshape(R, m2)
-    elif middle == "bmm":
+        return Wx.reshape(N * m1, R) @ B.reshape(R, m2)
+    if middle == "bmm":
         # (R*m1, n1) @ (N, n1, n2) -> (N, R*m1, n2), then (N*m1, R*n2) @ (R*n2, m2).
         Wx = A.reshape(R * m1, n1) @ x2.reshape(N, n1, n2)
         if R > 1:
             Wx = Wx.reshape(N, R, m1, n2).permute(0, 2, 1, 3)
-        Y = Wx.reshape(N * m1, R * n2) @ B.permute(0, 2, 1).reshape(R * n2, m2)
-    else:
-        # One flat GEMM on the transposed activations: U (N, n2*R, m1) indexed (j, r, a).
-        Xt = x2.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
-        U = (Xt @ A.reshape(R * m1, n1).t()).reshape(N, n2 * R, m1)
-        # Per token (m1, n2*R) @ (n2*R, m2) on the transposed view of U (no copy).
-        B_jr = B.permute(2, 0, 1).reshape(n2 * R, m2)
-        Y = torch.bmm(U.transpose(1, 2), B_jr.expand(N, n2 * R, m2))
-    return Y.reshape(*lead, m1 * m2)
+        return Wx.reshape(N * m1, R * n2) @ B.permute(0, 2, 1).reshape(R * n2, m2)
+    # One flat GEMM on the transposed activations: U (N, n2*R, m1) indexed (j, r, a).
+    Xt = x2.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)
+    U = (Xt @ A.reshape(R * m1, n1).t()).reshape(N, n2 * R, m1)
+    # Per token (m1, n2*R) @ (n2*R, m2) on the transposed view of U (no copy).
+    B_jr = B.permute(2, 0, 1).reshape(n2 * R, m2)
+    return torch.bmm(U.transpose(1, 2), B_jr.expand(N, n2 * R, m2))
 
 
 
 
 def contraction_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1) -> tuple[int, int]:
-    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (kronlm SPEC §2)."""
+    """Multiply-adds per token of y = Σ_r A_r X B_rᵀ, as (B first, A first) (kronlm's docs/method.md, "The forward pass never forms W")."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     return rank * (n1 * n2 * m2 + m1 * n1 * m2), rank * (m1 * n1 * n2 + m1 * n2 * m2)
 

@@ -1,10 +1,10 @@
-"""GLUE fine-tuning and task distillation (KroneckerBERT, SPEC §1, §4, §5).
+"""GLUE fine-tuning and task distillation (KroneckerBERT; docs/tasks.md).
 
 Modules: :mod:`.tasks` (task table), :mod:`.data` (TSV / ``datasets`` readers, the held-out
 split, batching), :mod:`.metrics` (dev metrics), :mod:`.heads` (sequence classifiers),
 :mod:`.config` (run settings), :mod:`.family` (GLUE as a family of the task pipeline, dev
 evaluation, :func:`run_glue`). The training loop is :mod:`kronlm.distill.trainer`, the stages and
-the report are :mod:`kronlm.tasks.pipeline` / :mod:`kronlm.tasks.report`. The
+the report are :mod:`kronlm.tasks.pipeline` / :mod:`kronlm.tasks.results`. The
 command is ``kronlm glue``.
 """
 
@@ -34,8 +34,8 @@ from kronlm.tasks.glue.heads import (
 )
 from kronlm.tasks.glue.metrics import compute_metrics, predictions_from_logits
 from kronlm.tasks.glue.tasks import GLUE_TASKS, GlueTask, get_task
-from kronlm.tasks.report import ModelResult, read_report, write_report
-from kronlm.tasks.report import TaskReport as GlueReport
+from kronlm.tasks.results import ModelResult, read_report, write_report
+from kronlm.tasks.results import TaskReport as GlueReport
 from kronlm.tasks.student import general_distill, load_general_distilled
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from kronlm.compress.config import CompressionConfig
+from kronlm.compression.config import CompressionConfig
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_tokenizer
 from kronlm.tasks import student as task_student
@@ -42,7 +42,7 @@ from kronlm.tasks.glue.heads import (
 from kronlm.tasks.glue.metrics import compute_metrics, predictions_from_logits
 from kronlm.tasks.glue.tasks import GlueTask, get_task
 from kronlm.tasks.pipeline import TaskFamily, TaskSplits, run_task_pipeline
-from kronlm.tasks.report import TaskReport
+from kronlm.tasks.results import TaskReport
 from kronlm.tasks.student import resolve_compression
 
 __all__ = [
@@ -215,7 +215,7 @@ def run_glue(
 ) -> TaskReport:
     """Fine-tune a teacher on a GLUE task and optionally distil a compressed or truncated student.
 
-    The Python form of ``kronlm glue`` (KroneckerBERT, SPEC §1, §4, §5): teacher fine-tuning
+    The Python form of ``kronlm glue`` (KroneckerBERT; docs/tasks.md): teacher fine-tuning
     (or a fine-tuned ``teacher``) -> compression of the teacher with ``student`` -> optional
     stage-1 weights (``general_distill``) -> task distillation -> ``report.{json,md}``. Instead
     of ``student``, ``student_init`` names a compressed or truncated *pretrained* model folder
@@ -246,7 +246,7 @@ def run_glue(
         log: where progress lines go.
 
     Returns:
-        The :class:`GlueReport` (= :class:`kronlm.tasks.report.TaskReport`) written to
+        The :class:`GlueReport` (= :class:`kronlm.tasks.results.TaskReport`) written to
         ``out_dir``.
 
     Raises:

@@ -1,4 +1,4 @@
-"""GLUE dev metrics (SPEC §5) with scikit-learn and scipy.
+"""GLUE dev metrics (docs/protocols.md, "GLUE dev metrics") with scikit-learn and scipy.
 
 CoLA: Matthews correlation; SST-2, QNLI, RTE, MNLI: accuracy; MRPC, QQP: F1 (of the positive
 class 1) and accuracy; STS-B: Pearson and Spearman correlation. Values are fractions in [0, 1]

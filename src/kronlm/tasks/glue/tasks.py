@@ -3,7 +3,7 @@
 One :class:`GlueTask` per task of the GLUE benchmark (Wang et al., 2019) that the project
 supports: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE. Label ids follow the Hugging Face
 ``glue`` dataset (``datasets.load_dataset("glue", name)``), so a model fine-tuned on the TSV files
-and one fine-tuned on the hub dataset agree on what class 0 means. Dev metrics follow SPEC §5.
+and one fine-tuned on the hub dataset agree on what class 0 means. Dev metrics follow docs/protocols.md, "GLUE dev metrics".
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class GlueTask:
         label_column: TSV header name (or 0-based column index for header-less CoLA) of the label.
         labels: the label strings as they appear in the TSV files, in id order; None for a
             regression task (STS-B, scores in [0, 5]).
-        metrics: dev metrics (SPEC §5), the first one is the task's main metric.
+        metrics: dev metrics (docs/protocols.md, "GLUE dev metrics"), the first one is the task's main metric.
         dev_split: file stem of the reported split ("dev"; "dev_matched" for MNLI).
         has_header: whether the TSV files start with a header row (all but CoLA).
         text_indices: for header-less files, the 0-based column of each text column.

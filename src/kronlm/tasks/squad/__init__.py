@@ -13,6 +13,7 @@ Sources: Rajpurkar et al. 2016 (SQuAD), 2018 (SQuAD 2.0); KroneckerBERT (Tahaei 
 
 from kronlm.tasks.squad.config import SquadTrainConfig
 from kronlm.tasks.squad.data import (
+    LOCAL_SQUAD_DIR,
     SquadExample,
     default_squad_dir,
     examples_from_hf_rows,
@@ -53,6 +54,7 @@ from kronlm.tasks.squad.postprocess import (
 )
 
 __all__ = [
+    "LOCAL_SQUAD_DIR",
     "QA_HEAD",
     "SquadCollator",
     "SquadEvalSet",

@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, PreTrainedModel
 
-from kronlm.compress.config import CompressionConfig
+from kronlm.compression.config import CompressionConfig
 from kronlm.modeling import load
 from kronlm.modeling.loading import load_model, load_tokenizer, resolve_model_spec
 from kronlm.tasks.pipeline import TaskFamily, TaskSplits, run_task_pipeline
-from kronlm.tasks.report import TaskReport
+from kronlm.tasks.results import TaskReport
 from kronlm.tasks.squad.config import SquadTrainConfig
 from kronlm.tasks.squad.data import (
     HF_SQUAD_DATASETS,
@@ -465,7 +465,7 @@ def run_squad(
 ) -> TaskReport:
     """Fine-tune a span-prediction teacher on SQuAD and optionally distil a compressed student.
 
-    The Python form of ``kronlm squad`` (KroneckerBERT, SPEC §1, §4, §5): teacher fine-tuning of
+    The Python form of ``kronlm squad`` (KroneckerBERT; docs/tasks.md): teacher fine-tuning of
     ``AutoModelForQuestionAnswering`` (or a fine-tuned ``teacher``) -> compression of the teacher
     with ``student`` -> optional stage-1 weights (``general_distill``) -> task ILKD -> report.
     Each stage chooses its checkpoint by F1 on held-out training questions (``val_fraction``,
@@ -493,7 +493,7 @@ def run_squad(
         log: where progress lines go.
 
     Returns:
-        The :class:`~kronlm.tasks.report.TaskReport` written to ``out_dir``.
+        The :class:`~kronlm.tasks.results.TaskReport` written to ``out_dir``.
 
     Raises:
         ValueError: bad settings; teacher and student configs of different versions; bad data

@@ -27,7 +27,7 @@ import torch
 from kronlm.tasks.squad.data import SquadExample
 from kronlm.tasks.squad.metrics import question_scores
 
-__all__ = ["SquadPredictions", "apply_null_threshold", "best_null_threshold", "decode_predictions"]
+__all__ = ["SquadPredictions", "apply_null_threshold", "best_null_threshold", "best_window_span", "decode_predictions"]
 
 
 @dataclass
@@ -127,24 +127,9 @@ def decode_predictions(
             raise ValueError(f"feature {f} (question {feature['example_id']!r}): non-finite logits")
         cls = feature.get("cls_index", 0)
         null_score[index] = min(null_score[index], float(s_logits[cls] + e_logits[cls]))
-        # Stable sort on the negated logits: ties keep the lower position, so results are reproducible.
-        top_s = np.argsort(-s_logits, kind="stable")[:n_best_size]
-        top_e = np.argsort(-e_logits, kind="stable")[:n_best_size]
-        is_context = np.array([o is not None for o in offsets])
-        valid = (
-            is_context[top_s][:, None] & is_context[top_e][None, :]
-            & (top_e[None, :] >= top_s[:, None])
-            & (top_e[None, :] - top_s[:, None] + 1 <= max_answer_length)
-        )
-        if not valid.any():
-            continue
-        scores = np.where(valid, s_logits[top_s][:, None] + e_logits[top_e][None, :], -np.inf)
-        flat = int(np.argmax(scores))
-        score = float(scores.flat[flat])
-        if score > best_score[index]:
-            s, e = int(top_s[flat // len(top_e)]), int(top_e[flat % len(top_e)])
-            best_score[index] = score
-            best_offsets[index] = (offsets[s][0], offsets[e][1])
+        span = best_window_span(s_logits, e_logits, offsets, n_best_size, max_answer_length)
+        if span is not None and span[0] > best_score[index]:
+            best_score[index], best_offsets[index] = span
     out = SquadPredictions(threshold=float(null_score_diff_threshold))
     for index, example in enumerate(examples):
         if not seen[index]:
@@ -161,6 +146,33 @@ def decode_predictions(
     if version_2_with_negative:
         out.predictions = apply_null_threshold(out.best_spans, out.score_diff, null_score_diff_threshold)
     return out
+
+
+def best_window_span(s_logits: np.ndarray, e_logits: np.ndarray, offsets: Sequence, n_best_size: int,
+                     max_answer_length: int) -> tuple[float, tuple[int, int]] | None:
+    """(score, (char start, char end)) of the best context span of one window, among its top
+    ``n_best_size`` starts and ends, at most ``max_answer_length`` tokens long; None when no pair
+    is valid. Score = start logit + end logit.
+
+    Args:
+        s_logits, e_logits: (n,) start and end logits of the window's n tokens.
+        offsets: (n,) (char start, char end) of each token, None outside the context.
+    """
+    # Stable sort on the negated logits: ties keep the lower position, so results are reproducible.
+    top_s = np.argsort(-s_logits, kind="stable")[:n_best_size]
+    top_e = np.argsort(-e_logits, kind="stable")[:n_best_size]
+    is_context = np.array([o is not None for o in offsets])
+    valid = (
+        is_context[top_s][:, None] & is_context[top_e][None, :]
+        & (top_e[None, :] >= top_s[:, None])
+        & (top_e[None, :] - top_s[:, None] + 1 <= max_answer_length)
+    )
+    if not valid.any():
+        return None
+    scores = np.where(valid, s_logits[top_s][:, None] + e_logits[top_e][None, :], -np.inf)
+    flat = int(np.argmax(scores))
+    s, e = int(top_s[flat // len(top_e)]), int(top_e[flat % len(top_e)])
+    return float(scores.flat[flat]), (offsets[s][0], offsets[e][1])
 
 
 def apply_null_threshold(best_spans: Mapping[str, str], score_diff: Mapping[str, float], threshold: float) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Token perplexity of a causal language model under two named protocols (SPEC §5).
+"""Token perplexity of a causal language model under two named protocols (docs/protocols.md).
 
 ``"sliding"``: the Hugging Face guide "Perplexity of fixed-length models" (transformers docs).
 Windows of ``max_length`` tokens start every ``stride`` tokens; each window scores only the tokens
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kronlm.data.sources import resolve_source
+from kronlm.data.text import load_text_for_tokens
 from kronlm.modeling.loading import has_lm_head
 
 PROTOCOLS = ("sliding", "disjoint")
@@ -91,6 +94,10 @@ class PerplexityResult:
         """The fields as a JSON-ready dict."""
         return asdict(self)
 
+    def protocol_label(self) -> str:
+        """The protocol with its parameters, as the command line prints it."""
+        return protocol_label(self.protocol, self.max_length, self.stride)
+
     def __str__(self) -> str:
         name = "sliding window (HF guide)" if self.protocol == "sliding" else "disjoint windows (Krony-PT)"
         return (
@@ -98,6 +105,20 @@ class PerplexityResult:
             f"{self.tokens_scored:,} tokens scored in {self.windows} windows, "
             f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)"
         )
+
+
+def protocol_label(protocol: str, max_length: int, stride: int) -> str:
+    """Human-readable name of a perplexity protocol with its parameters (docs/protocols.md)."""
+    if protocol == "sliding":
+        return f"sliding window, max_length {max_length}, stride {stride}"
+    return f"Krony-PT disjoint windows of {max_length}"
+
+
+def window_length(model: torch.nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the model's context length, when its config gives one."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(max_length, limit) if limit else max_length
 
 
 def plan_windows(n_tokens: int, max_length: int, stride: int | None = None, protocol: str = "sliding") -> list[Window]:
@@ -220,73 +241,15 @@ def perplexity(
             encoder such as ``BertModel``, or a classifier).
     """
 
-    if not has_lm_head(model):
-        raise ValueError(
-            f"perplexity needs a model with a language-modelling head; {type(model).__name__} has none "
-            "(an encoder or a classifier)"
-        )
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.is_floating_point():
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a 1-D integer tensor of token ids, got {shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size is {batch_size} but must be at least 1")
-    n_tokens = input_ids.numel()
-    stride = _check_arguments(n_tokens, max_length, stride, protocol)
-    windows = plan_windows(n_tokens, max_length, stride, protocol)
-
-    config = getattr(model, "config", None)
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions is not None and max_length > max_positions:
-        raise ValueError(f"max_length is {max_length} but the model has only {max_positions} positions")
-    vocab_size = getattr(config, "vocab_size", None)
-    lowest, highest = int(input_ids.min()), int(input_ids.max())
-    if lowest < 0:
-        raise ValueError(f"token id {lowest} is negative")
-    if vocab_size is not None and highest >= vocab_size:
-        raise ValueError(f"token id {highest} is outside the model's vocabulary of {vocab_size}")
-
+    stride = _check_inputs(model, input_ids, max_length=max_length, stride=stride, protocol=protocol, batch_size=batch_size)
+    windows = plan_windows(input_ids.numel(), max_length, stride, protocol)
     device = torch.device(device) if device is not None else _model_device(model)
     if _model_device(model) != device:
         model.to(device)
     input_ids = input_ids.to(device=device, dtype=torch.long)
-
-    # Consecutive windows of equal length form a batch; in practice all but the last are full.
-    batches: list[list[Window]] = []
-    for window in windows:
-        if batches and len(batches[-1]) < batch_size and batches[-1][0].length == window.length:
-            batches[-1].append(window)
-        else:
-            batches.append([window])
-
-    # Models that take ``logits_to_keep`` (transformers' causal LMs) project only the positions a
-    # window scores onto the vocabulary: with stride 512 of 1024 that halves the LM-head work.
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-
-    # Restore each module's own flag afterwards: model.train(flag) would also flip submodules that
-    # were deliberately left in another mode (a frozen teacher inside a training wrapper).
-    training_flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    window_nll: list[float] = []
     start_time = time.perf_counter()
-    bar = tqdm(total=len(windows), desc=desc or f"perplexity ({protocol})", unit="window", disable=not progress)
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                batch_ids = torch.stack([input_ids[w.begin : w.end] for w in batch])
-                extra = {}
-                if keeps_logits:
-                    # The last position predicts past the window; keep it so the count is simple.
-                    extra["logits_to_keep"] = min(max(w.scored for w in batch) + 1, batch_ids.shape[1])
-                logits = model(input_ids=batch_ids, use_cache=False, **extra).logits
-                for row, window in enumerate(batch):
-                    window_nll.append(_window_nll(logits[row], input_ids, window).item())
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        for module, flag in training_flags:
-            module.training = flag
+    window_nll = _score_windows(model, input_ids, windows, batch_size, progress, desc or f"perplexity ({protocol})")
     seconds = time.perf_counter() - start_time
-
     tokens_scored = sum(w.scored for w in windows)
     nll = math.fsum(window_nll)
     if protocol == "sliding":
@@ -304,6 +267,73 @@ def perplexity(
         max_length=max_length,
         stride=stride,
     )
+
+
+def _check_inputs(model: torch.nn.Module, input_ids: torch.Tensor, *, max_length: int, stride: int | None, protocol: str,
+                  batch_size: int) -> int:
+    """The window advance of the protocol, after checking the model and the tokens (see
+    :func:`perplexity` for what is refused)."""
+    if not has_lm_head(model):
+        raise ValueError(
+            f"perplexity needs a model with a language-modelling head; {type(model).__name__} has none "
+            "(an encoder or a classifier)"
+        )
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a 1-D integer tensor of token ids, got {shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size} but must be at least 1")
+    stride = _check_arguments(input_ids.numel(), max_length, stride, protocol)
+    config = getattr(model, "config", None)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and max_length > max_positions:
+        raise ValueError(f"max_length is {max_length} but the model has only {max_positions} positions")
+    vocab_size = getattr(config, "vocab_size", None)
+    lowest, highest = int(input_ids.min()), int(input_ids.max())
+    if lowest < 0:
+        raise ValueError(f"token id {lowest} is negative")
+    if vocab_size is not None and highest >= vocab_size:
+        raise ValueError(f"token id {highest} is outside the model's vocabulary of {vocab_size}")
+    return stride
+
+
+def _score_windows(model: torch.nn.Module, input_ids: torch.Tensor, windows: list[Window], batch_size: int, progress: bool,
+                   desc: str) -> list[float]:
+    """Summed NLL (nats) of every window's scored tokens, windows of equal length run
+    ``batch_size`` at a time in eval mode; every module's training flag is restored afterwards."""
+    # Consecutive windows of equal length form a batch; in practice all but the last are full.
+    batches: list[list[Window]] = []
+    for window in windows:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].length == window.length:
+            batches[-1].append(window)
+        else:
+            batches.append([window])
+    # Models that take ``logits_to_keep`` (transformers' causal LMs) project only the positions a
+    # window scores onto the vocabulary: with stride 512 of 1024 that halves the LM-head work.
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    # Restore each module's own flag afterwards: model.train(flag) would also flip submodules that
+    # were deliberately left in another mode (a frozen teacher inside a training wrapper).
+    training_flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    window_nll: list[float] = []
+    bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                batch_ids = torch.stack([input_ids[w.begin : w.end] for w in batch])
+                extra = {}
+                if keeps_logits:
+                    # The last position predicts past the window; keep it so the count is simple.
+                    extra["logits_to_keep"] = min(max(w.scored for w in batch) + 1, batch_ids.shape[1])
+                logits = model(input_ids=batch_ids, use_cache=False, **extra).logits
+                for row, window in enumerate(batch):
+                    window_nll.append(_window_nll(logits[row], input_ids, window).item())
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        for module, flag in training_flags:
+            module.training = flag
+    return window_nll
 
 
 def perplexity_of_text(
@@ -340,4 +370,72 @@ def perplexity_of_text(
     return perplexity(model, input_ids, **kwargs)
 
 
-__all__ = ["PROTOCOLS", "PerplexityResult", "Window", "perplexity", "perplexity_of_text", "plan_windows"]
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    data: str | os.PathLike,
+    *,
+    split: str = "test",
+    data_config: str | None = None,
+    text_field: str = "text",
+    data_dir: str | os.PathLike | None = None,
+    max_tokens: int | None = None,
+    max_length: int = 1024,
+    stride: int = DEFAULT_STRIDE,
+    protocol: str = "sliding",
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on the text named by ``data`` under a named protocol
+    (docs/protocols.md): what ``kronlm eval --data`` and ``kronlm compress --eval`` measure.
+
+    The text is resolved and read as :func:`kronlm.data.load_text` reads it (only the beginning
+    that holds the first ``max_tokens`` tokens), tokenised as :func:`perplexity_of_text` does, and
+    scored with windows of ``max_length`` tokens capped at the model's context
+    (:func:`window_length`), advancing by ``stride`` (at most the window).
+
+    Args:
+        model: a causal LM (see :func:`perplexity`).
+        tokenizer: its ``transformers`` tokenizer.
+        data: a data spec: a text / JSON Lines / CSV / TSV / Parquet file, a dataset folder, an
+            alias (``wikitext2``) or a hub dataset id (:func:`kronlm.data.resolve_source`).
+        split: dataset split (a local file ignores it).
+        data_config: dataset configuration name of a hub dataset or folder.
+        text_field: the column or field holding the text.
+        data_dir: folder of local copies of public data; None: ``$KRONLM_DATA_DIR``.
+        max_tokens: score only the first this many tokens; None: all.
+        max_length: window length in tokens.
+        stride: window advance in tokens (sliding protocol).
+        protocol: ``"sliding"`` (Hugging Face guide) or ``"disjoint"`` (Krony-PT).
+        batch_size: windows per forward pass.
+        progress: tqdm bar over windows.
+        desc: label of the progress bar.
+
+    Returns:
+        a :class:`PerplexityResult`.
+
+    Raises:
+        FileNotFoundError: ``data`` looks like a path but does not exist.
+        ValueError: see :func:`kronlm.data.resolve_source`, :func:`kronlm.data.load_text` and
+            :func:`perplexity`.
+    """
+    source = resolve_source(data, split=split, name=data_config, data_dir=data_dir, text_field=text_field)
+    text = load_text_for_tokens(source, tokenizer, max_tokens)
+    length = window_length(model, max_length)
+    return perplexity_of_text(model, tokenizer, text, max_tokens=max_tokens, max_length=length, stride=min(stride, length),
+                              protocol=protocol, batch_size=batch_size, progress=progress, desc=desc)
+
+
+__all__ = [
+    "DEFAULT_STRIDE",
+    "PROTOCOLS",
+    "PerplexityResult",
+    "Window",
+    "evaluate",
+    "perplexity",
+    "perplexity_of_text",
+    "plan_windows",
+    "protocol_label",
+    "window_length",
+]

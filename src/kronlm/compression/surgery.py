@@ -1,5 +1,5 @@
 """Model surgery: swap the dense modules a config selects for Kronecker modules initialised from
-the pretrained weights (SPEC §2, §3).
+the pretrained weights (docs/method.md, "The Kronecker-factored linear map"; docs/method.md, "Initialisation from the pretrained weights").
 
 This module changes modules only. Making the result a Hugging Face model that saves and loads as
 a compressed model (its config class, the plan in ``config.json``) is
@@ -9,6 +9,7 @@ a compressed model (its config class, the plan in ``config.json``) is
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import ModuleCalibration, collect_calibration
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.report import CompressionReport, ModuleReport, count_parameters
+from kronlm.compression.calibration import ModuleCalibration, collect_calibration
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.decompose.activation_aware import corrected_target
 from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
@@ -64,14 +65,14 @@ class FactorChoice:
         return self.target.init
 
     @property
-    def lowrank(self) -> int:
+    def lowrank_rank(self) -> int:
         """Rank k of the low-rank part (``KroneckerLowRankLinear``), 0 for none."""
-        return self.target.lowrank
+        return self.target.lowrank_rank
 
 
-def fit_key(a_shape, b_shape, rank: int, lowrank: int, init: str, svd: str) -> tuple:
+def fit_key(a_shape, b_shape, rank: int, lowrank_rank: int, init: str, svd_solver: str) -> tuple:
     """Key of a fitted option in ``ModuleCalibration.fitted``."""
-    return (tuple(a_shape), tuple(b_shape), int(rank), int(lowrank), init, svd)
+    return (tuple(a_shape), tuple(b_shape), int(rank), int(lowrank_rank), init, svd_solver)
 
 
 def fit_factors(
@@ -80,9 +81,9 @@ def fit_factors(
     b_shape: tuple[int, int],
     rank: int,
     *,
-    lowrank: int = 0,
+    lowrank_rank: int = 0,
     init: str = "activation_aware",
-    svd: str = "auto",
+    svd_solver: str = "auto",
     calibration: ModuleCalibration | None = None,
     name: str = "weight",
 ) -> KroneckerFactors | KroneckerLowRankFactors:
@@ -97,9 +98,9 @@ def fit_factors(
         weight: (out, in) dense weight (``nn.Linear`` orientation).
         a_shape, b_shape: (m1, n1), (m2, n2).
         rank: Kronecker terms R.
-        lowrank: rank k of the low-rank part; 0 for a plain Kronecker sum.
-        init: registered initialiser ("activation_aware" / "van_loan" with ``lowrank``).
-        svd: SVD method of the initialiser.
+        lowrank_rank: rank k of the low-rank part; 0 for a plain Kronecker sum.
+        init: registered initialiser ("activation_aware" / "van_loan" with ``lowrank_rank``).
+        svd_solver: SVD method of the initialiser.
         calibration: the module's statistics, for initialisers that need them.
         name: module name for error messages.
 
@@ -107,12 +108,12 @@ def fit_factors(
         ValueError: see the initialiser and ``kronecker_lowrank_factors``; an activation-aware
             fit without statistics.
     """
-    key = fit_key(a_shape, b_shape, rank, lowrank, init, svd)
+    key = fit_key(a_shape, b_shape, rank, lowrank_rank, init, svd_solver)
     cache = getattr(calibration, "fitted", None)
     if cache is not None and key in cache:
         return cache[key]
-    if not lowrank:
-        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd=svd, calibration=calibration, name=name)
+    if not lowrank_rank:
+        factors = get_initializer(init)(weight, a_shape, b_shape, rank, svd_solver=svd_solver, calibration=calibration, name=name)
     else:
         covariance = cross = None
         if get_initializer(init).needs_calibration:
@@ -123,7 +124,7 @@ def fit_factors(
                 raise ValueError(f"{name}: a Kronecker + low-rank fit needs the full input second moment (raise max_full_dim)")
             cross = getattr(calibration, "cross_moment", None)
         target = weight if cross is None else corrected_target(weight, covariance, cross).to(weight.dtype)
-        factors = kronecker_lowrank_factors(target, a_shape, b_shape, rank, lowrank, covariance=covariance, name=name)
+        factors = kronecker_lowrank_factors(target, a_shape, b_shape, rank, lowrank_rank, covariance=covariance, name=name)
         W = weight.detach().double()
         norm = W.norm().item()
         factors.relative_error = (W - factors.to_dense().double()).norm().item() / norm if norm > 0 else 0.0
@@ -185,11 +186,11 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> list[Factor
                 f"{b_shape[0] * b_shape[1]}) matrix, {max_rank}"
             )
         kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
-        if target.lowrank:
+        if target.lowrank_rank:
             if kind != "linear":
-                raise ValueError(f"{name}: a low-rank part (lowrank={target.lowrank}) is for linear layers, not a {type(module).__name__}")
-            if target.lowrank > min(rows, cols):
-                raise ValueError(f"{name}: low rank k={target.lowrank} exceeds min(out, in) = {min(rows, cols)} of the ({rows}, {cols}) weight")
+                raise ValueError(f"{name}: a low-rank part (lowrank_rank={target.lowrank_rank}) is for linear layers, not a {type(module).__name__}")
+            if target.lowrank_rank > min(rows, cols):
+                raise ValueError(f"{name}: low rank k={target.lowrank_rank} exceeds min(out, in) = {min(rows, cols)} of the ({rows}, {cols}) weight")
         choices.append(FactorChoice(name, kind, (rows, cols), tuple(a_shape), tuple(b_shape), target))
     unused = [t.modules for t, hit in zip(config.targets, used) if not hit]
     if unused:
@@ -204,8 +205,8 @@ def empty_kronecker_module(dense: nn.Module, choice: FactorChoice) -> nn.Module:
     rows, cols = choice.weight_shape
     if choice.kind == "embedding":
         return KroneckerEmbedding(rows, cols, choice.a_shape, choice.b_shape, choice.rank, padding_idx=dense.padding_idx, **kw)
-    if choice.lowrank:
-        return KroneckerLowRankLinear(cols, rows, choice.a_shape, choice.b_shape, choice.rank, choice.lowrank, bias=dense.bias is not None, **kw)
+    if choice.lowrank_rank:
+        return KroneckerLowRankLinear(cols, rows, choice.a_shape, choice.b_shape, choice.rank, choice.lowrank_rank, bias=dense.bias is not None, **kw)
     return KroneckerLinear(
         cols, rows, choice.a_shape, choice.b_shape, choice.rank,
         bias=dense.bias is not None, learnable_scales=choice.target.learnable_scales, **kw,
@@ -235,36 +236,100 @@ def calibration_for(
     return collect_calibration(model, [c.name for c in wanted], input_ids, batch_size=batch_size, input_factors=factors, progress=progress)
 
 
+def check_calibration_ids(calibration: Any, what: str = "calibration") -> torch.Tensor:
+    """``calibration`` itself when it is token ids: a 2-D integer tensor (num_sequences, seq_len).
+
+    Raises:
+        ValueError: anything else (named with its type or shape; statistics already collected
+            go through ``statistics=`` instead).
+    """
+    if not isinstance(calibration, torch.Tensor):
+        hint = "; pass statistics already collected as statistics=" if isinstance(calibration, Mapping) else ""
+        raise ValueError(f"{what} must be token ids, an int64 tensor (num_sequences, seq_len), got {type(calibration).__name__}{hint}")
+    if calibration.dim() != 2 or calibration.dtype.is_floating_point or calibration.dtype.is_complex or calibration.dtype == torch.bool:
+        raise ValueError(f"{what} must be token ids, an int64 tensor (num_sequences, seq_len), got {calibration.dtype} of shape "
+                         f"{tuple(calibration.shape)}")
+    return calibration
+
+
+def fit_module(choice: FactorChoice, old: nn.Module, new: nn.Module, stats: ModuleCalibration | None, svd_solver: str) -> float:
+    """Fit the factors of one chosen module from its dense weight, load them and the bias into
+    ``new``, and return the relative Frobenius error (NaN on the meta device: nothing fitted).
+
+    Raises:
+        ValueError: an initialiser that needs statistics without them, a non-finite dense weight
+            or non-finite factors (module and numbers named).
+    """
+    weight = dense_weight(old)
+    if weight.is_meta:
+        return float("nan")
+    init = get_initializer(choice.init)
+    if init.needs_calibration and stats is None:
+        raise ValueError(f"{choice.name}: initialiser {choice.init!r} needs calibration data; pass calibration= to compress")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{choice.name}: the dense weight {tuple(weight.shape)} holds NaN or inf values; refusing to factor it")
+    factors = fit_factors(weight, choice.a_shape, choice.b_shape, choice.rank, lowrank_rank=choice.lowrank_rank, init=choice.init,
+                          svd_solver=svd_solver, calibration=stats, name=choice.name)
+    tensors = [("A", factors.A), ("B", factors.B)]
+    tensors += [("U", factors.U), ("V", factors.V)] if choice.lowrank_rank else [("scales", factors.scales)]
+    for label, tensor in tensors:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"{choice.name}: initialiser {choice.init!r} produced non-finite factor {label} "
+                f"(the weight's largest magnitude is {weight.abs().max().item():.3g}); refusing to save it"
+            )
+    new.load_factors(factors)
+    if getattr(old, "bias", None) is not None:
+        new.bias.copy_(old.bias)
+    return factors.relative_error
+
+
+def check_tied_head_not_targeted(model: nn.Module, choices: list[FactorChoice]) -> tuple[nn.Module | None, str | None]:
+    """(the LM head, its name) of ``model``; refuses a plan that targets a head tied to the input
+    embedding (factor the embedding instead).
+
+    Raises:
+        ValueError: the targeted head is tied to the input embedding (named).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = module_name(model, head) if head is not None else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if any(c.name == head_name for c in choices) and isinstance(inputs, nn.Embedding) and head.weight is inputs.weight:
+        raise ValueError(f"{head_name}: the LM head is tied to the input embedding; factor the embedding instead")
+    return head, head_name
+
+
 @torch.no_grad()
 def compress_modules(
     model: nn.Module,
     config: CompressionConfig,
     *,
-    calibration: torch.Tensor | dict[str, ModuleCalibration] | Any | None = None,
-    calibration_batch_size: int = 4,
+    calibration: torch.Tensor | None = None,
+    statistics: Mapping[str, ModuleCalibration] | None = None,
+    batch_size: int = 4,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace the modules ``config`` selects with Kronecker modules, in place.
 
-    Each selected ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (a
-    ``KroneckerLowRankLinear`` when the target has a ``lowrank`` part) and each ``nn.Embedding`` a
-    ``KroneckerEmbedding``, initialised from the pretrained weight by the target's initialiser
-    (:func:`fit_factors`); biases are copied. When the factored embedding is tied to the LM head,
-    the head follows ``config.lm_head`` ("tied": it reuses the factors; "dense": it keeps the
-    pretrained matrix, untied). On a model built on the meta device (architecture only) no
-    factors are computed: use it to count parameters from a configuration alone.
+    Stages: plan (:func:`plan_compression`), calibrate (:func:`calibration_for`, when token ids
+    are given and an initialiser needs statistics), then per module fit (:func:`fit_module`) and
+    swap: an ``nn.Linear`` / ``Conv1D`` becomes a ``KroneckerLinear`` (``KroneckerLowRankLinear``
+    when ``lowrank_rank`` > 0), an ``nn.Embedding`` a ``KroneckerEmbedding``; biases are copied. A
+    head tied to a factored embedding follows ``config.lm_head`` ("tied": it reuses the factors;
+    "dense": it keeps the pretrained matrix, untied). On the meta device no factors are computed:
+    parameter counts from a configuration alone.
 
     Args:
         model: a Hugging Face ``PreTrainedModel`` (GPT-2, BERT, Llama-family, ...) or any module.
         config: the ``CompressionConfig`` (or a preset's).
-        calibration: for initialisers that need activation statistics (``activation_aware``):
-            calibration token ids (num_sequences, seq_len), on which the dense model is run first
-            (:func:`calibration_for`), statistics already collected, {module name:
-            ``ModuleCalibration``}, or any object with that mapping's ``get(name)``, asked for
-            the modules in model order after every earlier module was replaced (a
-            ``kronlm.compress.sequential.SequentialCalibration`` collects each block's statistics
-            from the partially compressed model that way).
-        calibration_batch_size: sequences per forward pass while calibrating.
+        calibration: calibration token ids, an int64 tensor (num_sequences, seq_len), for
+            initialisers that need activation statistics (``activation_aware``): the dense model
+            is run on them first.
+        statistics: instead, statistics already collected on such ids: {module name:
+            ``ModuleCalibration``}, read in model order after every earlier module was replaced
+            (a ``kronlm.compression.sequential.SequentialCalibration`` collects each block's
+            statistics from the partially compressed model that way).
+        batch_size: sequences per forward pass while calibrating.
         progress: show a tqdm bar over modules.
 
     Returns:
@@ -272,51 +337,28 @@ def compress_modules(
         reconstruction error; totals with and without the LM head).
 
     Raises:
-        ValueError: see :func:`plan_compression`; also an initialiser that needs calibration data
-            that was not given, a targeted LM head that is tied to the input embedding, or
-            factors that are not finite (names the module).
+        ValueError: see :func:`plan_compression` and :func:`fit_module`; also calibration that is
+            not token ids, both ``calibration`` and ``statistics``, or a targeted LM head that is
+            tied to the input embedding.
     """
     start = time.perf_counter()
+    if calibration is not None and statistics is not None:
+        raise ValueError("give calibration token ids or statistics collected on them, not both")
     choices = plan_compression(model, config)
     report = CompressionReport(config=config.to_dict())
     report.params_before = count_parameters(model)
     report.params_before_no_head = count_parameters(model, exclude_lm_head=True)
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = module_name(model, head) if head is not None else None
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if any(c.name == head_name for c in choices) and isinstance(inputs, nn.Embedding) and head.weight is inputs.weight:
-        raise ValueError(f"{head_name}: the LM head is tied to the input embedding; factor the embedding instead")
-    if isinstance(calibration, torch.Tensor):
-        calibration = calibration_for(model, choices, calibration, calibration_batch_size, progress)
+    head, head_name = check_tied_head_not_targeted(model, choices)
+    if calibration is not None:
+        statistics = calibration_for(model, choices, check_calibration_ids(calibration), batch_size, progress)
 
     for choice in tqdm(choices, desc="compress", unit="module", disable=not progress):
         t0 = time.perf_counter()
         old = model.get_submodule(choice.name)
         weight = dense_weight(old)
         new = empty_kronecker_module(old, choice)
-        error = float("nan")
-        if not weight.is_meta:
-            init = get_initializer(choice.init)
-            stats = calibration.get(choice.name) if calibration is not None else None
-            if init.needs_calibration and stats is None:
-                raise ValueError(f"{choice.name}: initialiser {choice.init!r} needs calibration data; pass calibration= to compress")
-            if not torch.isfinite(weight).all():
-                raise ValueError(f"{choice.name}: the dense weight {tuple(weight.shape)} holds NaN or inf values; refusing to factor it")
-            factors = fit_factors(weight, choice.a_shape, choice.b_shape, choice.rank, lowrank=choice.lowrank, init=choice.init,
-                                  svd=config.svd, calibration=stats, name=choice.name)
-            tensors = [("A", factors.A), ("B", factors.B)]
-            tensors += [("U", factors.U), ("V", factors.V)] if choice.lowrank else [("scales", factors.scales)]
-            for label, tensor in tensors:
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(
-                        f"{choice.name}: initialiser {choice.init!r} produced non-finite factor {label} "
-                        f"(the weight's largest magnitude is {weight.abs().max().item():.3g}); refusing to save it"
-                    )
-            new.load_factors(factors)
-            if getattr(old, "bias", None) is not None:
-                new.bias.copy_(old.bias)
-            error = factors.relative_error
+        stats = statistics.get(choice.name) if statistics is not None else None
+        error = fit_module(choice, old, new, stats, config.svd_solver)
         tied = head is not None and choice.kind == "embedding" and getattr(head, "weight", None) is old.weight
         set_module(model, choice.name, new)
         if tied:
@@ -328,7 +370,7 @@ def compress_modules(
                 a_shape=choice.a_shape, b_shape=choice.b_shape, rank=choice.rank,
                 init=choice.init, params_before=sum(p.numel() for p in old.parameters()),
                 params_after=sum(p.numel() for p in new.parameters()),
-                relative_error=error, seconds=time.perf_counter() - t0, lowrank=choice.lowrank,
+                relative_error=error, seconds=time.perf_counter() - t0, lowrank=choice.lowrank_rank,
             )
         )
 
@@ -360,10 +402,13 @@ def _replace_tied_head(model: nn.Module, head: nn.Module, head_name: str, embedd
 __all__ = [
     "FactorChoice",
     "calibration_for",
+    "check_calibration_ids",
+    "check_tied_head_not_targeted",
     "compress_modules",
     "empty_kronecker_module",
     "fit_factors",
     "fit_key",
+    "fit_module",
     "module_name",
     "plan_compression",
     "set_module",

@@ -83,19 +83,21 @@ class KroneckerTarget(ConfigBase):
         init: registered initialiser (``van_loan``, ``van_loan_rescaled``, ``pruning``, ``random``,
             ``activation_aware``).
         learnable_scales: add Krony-PT's learnable per-term scalars s_r.
-        lowrank: rank k of a low-rank part U (out, k) V (k, in) added to the Kronecker sum
+        lowrank_rank: rank k of a low-rank part U (out, k) V (k, in) added to the Kronecker sum
             (``KroneckerLowRankLinear``, linear layers only); 0 (the default) for none. The fit
             is joint (``kronlm.decompose.lowrank``): under the input covariance with
-            ``init="activation_aware"``, in the Frobenius norm with ``init="van_loan"``.
+            ``init="activation_aware"``, in the Frobenius norm with ``init="van_loan"``. Files
+            and saved models written before the rename call it ``lowrank``; that key still reads.
 
     Raises:
         ValueError: no pattern, an invalid pattern, shapes that are not two positive integers,
             neither shapes nor a ratio, a rank below 1, a ratio not above 1, an unknown init, a
-            negative ``lowrank``, or a low-rank part with learnable scalars or an init other than
+            negative ``lowrank_rank``, or a low-rank part with learnable scalars or an init other than
             ``activation_aware`` / ``van_loan``.
     """
 
     config_name = "compression target"
+    renamed_keys = {"lowrank": "lowrank_rank"}
 
     modules: list[str]
     a_shape: tuple[int, int] | None = None
@@ -105,7 +107,7 @@ class KroneckerTarget(ConfigBase):
     layers: list[int] | None = None
     init: str = "van_loan"
     learnable_scales: bool = False
-    lowrank: int = 0
+    lowrank_rank: int = 0
 
     def validate(self) -> None:
         """Normalise the fields and check them (see the class docstring)."""
@@ -130,12 +132,13 @@ class KroneckerTarget(ConfigBase):
             self.layers = [int(i) for i in self.layers]
         if self.init not in INITIALIZERS:
             raise ValueError(f"target {self.modules}: unknown initialiser {self.init!r}; registered: {', '.join(sorted(INITIALIZERS))}")
-        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) or self.lowrank < 0:
-            raise ValueError(f"target {self.modules}: lowrank must be an integer >= 0, got {self.lowrank!r}")
-        if self.lowrank and self.init not in LOWRANK_INITS:
-            raise ValueError(f"target {self.modules}: a low-rank part (lowrank={self.lowrank}) is fitted by {' or '.join(LOWRANK_INITS)}, not {self.init!r}")
-        if self.lowrank and self.learnable_scales:
-            raise ValueError(f"target {self.modules}: learnable_scales is not supported with a low-rank part (lowrank={self.lowrank})")
+        rank_k = self.lowrank_rank
+        if isinstance(rank_k, bool) or not isinstance(rank_k, int) or rank_k < 0:
+            raise ValueError(f"target {self.modules}: lowrank_rank must be an integer >= 0, got {rank_k!r}")
+        if rank_k and self.init not in LOWRANK_INITS:
+            raise ValueError(f"target {self.modules}: a low-rank part (lowrank_rank={rank_k}) is fitted by {' or '.join(LOWRANK_INITS)}, not {self.init!r}")
+        if rank_k and self.learnable_scales:
+            raise ValueError(f"target {self.modules}: learnable_scales is not supported with a low-rank part (lowrank_rank={rank_k})")
         self._regexes = [pattern_regex(p) for p in self.modules]
 
     def matches(self, module_name: str) -> bool:
@@ -147,8 +150,8 @@ class KroneckerTarget(ConfigBase):
         return layer_index(module_name) in self.layers
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/YAML-ready dict of the set fields (shapes as lists, unset fields and ``lowrank`` 0 left out)."""
-        return {k: v for k, v in super().to_dict().items() if v is not None and not (k == "lowrank" and v == 0)}
+        """JSON/YAML-ready dict of the set fields (shapes as lists, unset fields and ``lowrank_rank`` 0 left out)."""
+        return {k: v for k, v in super().to_dict().items() if v is not None and not (k == "lowrank_rank" and v == 0)}
 
 
 @dataclass
@@ -160,19 +163,22 @@ class CompressionConfig(ConfigBase):
         lm_head: when the input embedding is factored and the model ties its LM head to it:
             ``"tied"`` (the head reuses the Kronecker factors: no head parameters) or ``"dense"``
             (the head keeps the pretrained embedding as an untied dense matrix, as KnGPT2 does).
-        svd: "auto", "exact" or "randomized" (see ``nearest_kronecker_product``).
+        svd_solver: how the SVD of the nearest Kronecker product is computed: "auto", "exact" or
+            "randomized" (see ``nearest_kronecker_product``). Not the ``svd`` factor family of
+            the budget; files written before the rename call it ``svd``, which still reads.
         name: preset or experiment name (for reports).
         description: one line for humans.
 
     Raises:
-        ValueError: targets that are not a list of targets, an unknown ``lm_head`` or ``svd``.
+        ValueError: targets that are not a list of targets, an unknown ``lm_head`` or ``svd_solver``.
     """
 
     config_name = "compression config"
+    renamed_keys = {"svd": "svd_solver"}
 
     targets: list[KroneckerTarget] = field(default_factory=list)
     lm_head: str = "tied"
-    svd: str = "auto"
+    svd_solver: str = "auto"
     name: str | None = None
     description: str | None = None
 
@@ -193,8 +199,8 @@ class CompressionConfig(ConfigBase):
             raise ValueError(f"targets must be a list of KroneckerTarget, got {self.targets!r}")
         if self.lm_head not in LM_HEAD_MODES:
             raise ValueError(f"lm_head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
-        if self.svd not in SVD_METHODS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
+        if self.svd_solver not in SVD_METHODS:
+            raise ValueError(f"svd_solver must be one of {', '.join(SVD_METHODS)}, got {self.svd_solver!r}")
 
     def target_for(self, module_name: str) -> KroneckerTarget | None:
         """The first target matching ``module_name``, or None."""
@@ -205,7 +211,7 @@ class CompressionConfig(ConfigBase):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-ready dict; ``CompressionConfig.from_dict`` inverts it."""
-        out = {"targets": [t.to_dict() for t in self.targets], "lm_head": self.lm_head, "svd": self.svd}
+        out = {"targets": [t.to_dict() for t in self.targets], "lm_head": self.lm_head, "svd_solver": self.svd_solver}
         if self.name:
             out["name"] = self.name
         if self.description:

@@ -71,7 +71,7 @@ class CompressionReport:
         seconds: wall time of the whole compression.
         config: the ``CompressionConfig`` as a dict.
         allocation: the per-module budget choice when the config came from a budget allocation
-            (a ``kronlm.compress.budget.BudgetAllocation`` in memory, its dict once read back from
+            (a ``kronlm.compression.budget.BudgetAllocation`` in memory, its dict once read back from
             JSON), else None.
     """
 

@@ -7,8 +7,9 @@ to the wrong distribution. GPTQ (Frantar et al. 2023) therefore quantises block 
 collects block b's inputs from the model whose blocks before b are already quantised.
 
 :class:`SequentialCalibration` does the same for ``compress``: it is passed as the
-``calibration`` of :func:`kronlm.compress.compress_modules`, which asks it for the modules in model
-order, after replacing every earlier module. On the first request for a module of block b it
+``statistics`` of :func:`kronlm.compression.compress_modules` (a mapping of module names to
+statistics, filled lazily), which asks it for the modules in model order, after replacing every
+earlier module. On the first request for a module of block b it
 
 1. runs block b (still dense) on the dense model's hidden states and records each chosen module's
    input x (and the block output, the dense stream's next state);
@@ -33,13 +34,13 @@ that list get statistics from the dense model.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronlm.compress.calibration import (
+from kronlm.compression.calibration import (
     InputStatistics,
     ModuleCalibration,
     collect_calibration,
@@ -67,11 +68,13 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class SequentialCalibration:
+class SequentialCalibration(Mapping):
     """Per-module input statistics from the partially compressed model (module docstring).
 
-    Use as ``compress(model, config, calibration=SequentialCalibration(model, names, ids))``; the
-    model must be the one ``compress`` is changing, still dense when this object is made.
+    Use as ``compress(model, config, statistics=SequentialCalibration(model, names, ids))``; the
+    model must be the one ``compress`` is changing, still dense when this object is made. It is a
+    read-only mapping {module name: ``ModuleCalibration``} over ``module_names`` whose entries are
+    collected when first asked for, so they must be asked for in model order.
 
     Args:
         model: the dense model.
@@ -103,6 +106,7 @@ class SequentialCalibration:
             raise ValueError(f"calibration input_ids must be (num_sequences, seq_len), got shape {tuple(input_ids.shape)}")
         self.model, self.target, self.progress = model, target, progress
         names = list(module_names)
+        self.names = names
         lists = {}
         outside = []
         for name in names:
@@ -138,6 +142,22 @@ class SequentialCalibration:
 
     def __bool__(self) -> bool:
         return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        # Without collecting anything: Mapping's default would ask for the statistics.
+        return name in self.names
+
+    def __getitem__(self, name: str) -> ModuleCalibration:
+        stats = self.get(name)
+        if stats is None:
+            raise KeyError(name)
+        return stats
 
     @torch.no_grad()
     def _capture(self, input_ids: torch.Tensor, batch_size: int) -> None:

@@ -5,7 +5,7 @@ A student of the same architecture and class as the teacher keeps a chosen subse
 blocks, in a given order (the paper's best 6-layer GPT-2 keeps blocks [0, 2, 4, 6, 8, 10];
 DistilGPT2 was initialised from [0, 2, 4, 7, 9, 11]). Embeddings, the final norm, the head (and
 BERT's pooler) are copied unchanged; the student is then recovered by causal-LM pre-training or
-distillation (SPEC §1, §4).
+distillation (docs/method.md, "The papers"; docs/recovery.md, "Layer truncation").
 
 The student is built from a fresh configuration rather than by deleting modules from a copy of the
 teacher, so that every per-layer index the modelling code derives from the configuration
@@ -153,12 +153,50 @@ def _same_tensor(a: nn.Module | None, b: nn.Module | None) -> bool:
     return a is not None and b is not None and a.weight is b.weight
 
 
+def copy_kept_blocks(teacher: nn.Module, student: nn.Module, block_path: str, layers: list[int]) -> None:
+    """Load ``student`` with the teacher's weights: block i from teacher block ``layers[i]``, every
+    other parameter and buffer unchanged.
+
+    Raises:
+        RuntimeError: a state key outside the expected layout (``load_state_dict(strict=True)``).
+    """
+    prefix = block_path + "."
+    position_of = {teacher_index: i for i, teacher_index in enumerate(layers)}
+
+    def student_key(key: str) -> str | None:
+        if not key.startswith(prefix):
+            return key
+        index, rest = key[len(prefix) :].split(".", 1)
+        if int(index) not in position_of:
+            return None
+        return f"{prefix}{position_of[int(index)]}.{rest}"
+
+    state = {}
+    for key, tensor in teacher.state_dict().items():
+        if (new_key := student_key(key)) is not None:
+            state[new_key] = tensor
+    # strict: a key outside the expected layout is an architecture this function does not
+    # understand, better an error than a half-copied student.
+    student.load_state_dict(state, strict=True)
+    # Non-persistent buffers (rotary inv_freq, position ids) are rebuilt from the config; copy the
+    # teacher's anyway so that the student computes exactly what the teacher's blocks compute.
+    student_buffers = dict(student.named_buffers())
+    with torch.no_grad():
+        for key, buffer in teacher.named_buffers():
+            new_key = student_key(key)
+            if new_key is None or new_key in state:
+                continue
+            target = student_buffers.get(new_key)
+            if target is not None and target.shape == buffer.shape:
+                target.copy_(buffer)
+
+
 def truncate_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """Build a shallower model of the same class from the teacher blocks ``layers``, in that order.
 
     Student block i is a bit-exact copy of teacher block ``layers[i]``; every parameter and
     persistent buffer outside the block list (embeddings, final norm, LM / classification head,
-    BERT pooler) is copied unchanged. The configuration is the teacher's with the number of layers
+    BERT pooler) is copied unchanged (:func:`copy_kept_blocks`). The configuration is the teacher's with the number of layers
     set to ``len(layers)`` (``n_layer`` / ``num_hidden_layers``) and per-layer lists
     (``layer_types``, ``mlp_layer_types``) re-indexed; per-layer indices stored in modules
     (``layer_idx`` of attention, used by the KV cache) are the student's own 0..len(layers)-1.
@@ -196,36 +234,7 @@ def truncate_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedMode
         student = type(model)._from_config(config, dtype=first.dtype)
     student.to(first.device)
 
-    prefix = block_path + "."
-    position_of = {teacher_index: i for i, teacher_index in enumerate(layers)}
-
-    def student_key(key: str) -> str | None:
-        if not key.startswith(prefix):
-            return key
-        index, rest = key[len(prefix) :].split(".", 1)
-        if int(index) not in position_of:
-            return None
-        return f"{prefix}{position_of[int(index)]}.{rest}"
-
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if (new_key := student_key(key)) is not None:
-            state[new_key] = tensor
-    # strict: a key outside the expected layout is an architecture this function does not
-    # understand, better an error than a half-copied student.
-    student.load_state_dict(state, strict=True)
-    # Non-persistent buffers (rotary inv_freq, position ids) are rebuilt from the config; copy the
-    # teacher's anyway so that the student computes exactly what the teacher's blocks compute.
-    student_buffers = dict(student.named_buffers())
-    with torch.no_grad():
-        for key, buffer in model.named_buffers():
-            new_key = student_key(key)
-            if new_key is None or new_key in state:
-                continue
-            target = student_buffers.get(new_key)
-            if target is not None and target.shape == buffer.shape:
-                target.copy_(buffer)
-
+    copy_kept_blocks(model, student, block_path, layers)
     teacher_tied = _same_tensor(model.get_input_embeddings(), model.get_output_embeddings())
     student_tied = _same_tensor(student.get_input_embeddings(), student.get_output_embeddings())
     if model.get_output_embeddings() is not None and teacher_tied != student_tied:

@@ -1,4 +1,4 @@
-"""Named compression configs that reproduce the papers' architectures (SPEC §1, §6).
+"""Named compression configs that reproduce the papers' architectures (docs/method.md, "The papers"; docs/method.md, "Parameter counts").
 
 Each preset knows the reference architecture it was written for, so its parameter count can be
 computed from the configuration alone, on the meta device, without weights
@@ -22,8 +22,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from kronlm.compress.config import CompressionConfig, KroneckerTarget
-from kronlm.compress.surgery import compress_modules
+from kronlm.compression.config import CompressionConfig, KroneckerTarget
+from kronlm.compression.surgery import compress_modules
 
 GPT2_FC = "**.h.*.mlp.c_fc"
 GPT2_PROJ = "**.h.*.mlp.c_proj"
@@ -48,7 +48,7 @@ class Preset:
         family: the architecture it targets ("gpt2", "bert", "llama").
         source: the paper or idea it follows.
         description: one line.
-        reference: the parameter count the paper reports (SPEC §6), as text, or "".
+        reference: the parameter count the paper reports (docs/method.md, "Parameter counts"), as text, or "".
         build: returns a fresh ``CompressionConfig``.
     """
 

@@ -11,7 +11,7 @@ With ``sensitivity=True`` a backward pass of the summed token NLL also records, 
 mean squared gradient of the loss with respect to the module's output per output unit,
 s = E_t ||∂L/∂y_t||² / out. Under the usual diagonal-Fisher approximation a weight change ΔW
 raises the mean token NLL by about ½ · s · E_t ||ΔW x_t||², which is what budget allocation
-(``kronlm.compress.budget``) trades against parameters.
+(``kronlm.compression.budget``) trades against parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from kronlm.data.sources import TEXT_ALIASES, resolve_source
 from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.layers import dense_weight, is_conv1d
 from kronlm.utils.io import atomic_path
+
+# Calibration token ids of ``kronlm compress --calibration`` and the benchmarks: sequences x tokens.
+DEFAULT_CALIBRATION_SEQUENCES = 128
+DEFAULT_CALIBRATION_LENGTH = 512
 
 
 @dataclass
@@ -91,9 +95,9 @@ class ModuleCalibration:
             sensitivity was not collected. L is the summed token NLL (nats).
         cross_moment: (in, in) float64 E[x x̃ᵀ] between the dense model's input x and the
             statistics' input x̃ on the same tokens, when ``inputs`` come from a partially
-            compressed model (``kronlm.compress.sequential``); None otherwise.
+            compressed model (``kronlm.compression.sequential``); None otherwise.
         fitted: factors already fitted on these statistics, keyed by the option
-            (``kronlm.compress.surgery.fit_key``), so that a budget allocation's error check and
+            (``kronlm.compression.surgery.fit_key``), so that a budget allocation's error check and
             the compression that follows fit each module once. Not saved.
     """
 
@@ -197,11 +201,7 @@ def generate_calibration(
     banned = sorted(i for i in _special_ids(model, tokenizer) if 0 <= i < vocab)
     allowed = torch.ones(vocab, dtype=torch.bool)
     allowed[banned] = False
-    allowed_ids = allowed.nonzero().flatten()
     generator = torch.Generator().manual_seed(int(seed))
-    device = next(model.parameters()).device
-    # transformers 5.x renamed past_key_values to cache (argument and output); accept either.
-    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
     out = []
@@ -209,28 +209,38 @@ def generate_calibration(
     try:
         for start in range(0, num_sequences, batch_size):
             n = min(batch_size, num_sequences - start)
-            first = allowed_ids[torch.randint(len(allowed_ids), (n,), generator=generator)]
-            ids = first[:, None]
-            result = model(input_ids=ids.to(device), use_cache=True)
-            bar.update(n)
-            for step in range(1, seq_len):
-                logits = result.logits[:, -1].float().cpu()
-                logits[:, ~allowed] = float("-inf")
-                if step <= greedy_tokens:
-                    nxt = logits.argmax(-1)
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator).flatten()
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                bar.update(n)
-                if step < seq_len - 1:
-                    past = result.get("cache", None) if cache_kwarg == "cache" else result.past_key_values
-                    result = model(input_ids=nxt[:, None].to(device), use_cache=True, **{cache_kwarg: past})
-            out.append(ids)
+            out.append(_sample_sequences(model, n, seq_len, allowed, generator, temperature, greedy_tokens, bar))
     finally:
         bar.close()
         model.train(was_training)
     return torch.cat(out).long()
+
+
+def _sample_sequences(model: nn.Module, n: int, seq_len: int, allowed: torch.Tensor, generator: torch.Generator,
+                      temperature: float, greedy_tokens: int, bar) -> torch.Tensor:
+    """(n, seq_len) token ids of one batch of :func:`generate_calibration`, decoded with the KV cache."""
+    device = next(model.parameters()).device
+    # transformers 5.x renamed past_key_values to cache (argument and output); accept either.
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    allowed_ids = allowed.nonzero().flatten()
+    first = allowed_ids[torch.randint(len(allowed_ids), (n,), generator=generator)]
+    ids = first[:, None]
+    result = model(input_ids=ids.to(device), use_cache=True)
+    bar.update(n)
+    for step in range(1, seq_len):
+        logits = result.logits[:, -1].float().cpu()
+        logits[:, ~allowed] = float("-inf")
+        if step <= greedy_tokens:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).flatten()
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        bar.update(n)
+        if step < seq_len - 1:
+            past = result.get("cache", None) if cache_kwarg == "cache" else result.past_key_values
+            result = model(input_ids=nxt[:, None].to(device), use_cache=True, **{cache_kwarg: past})
+    return ids
 
 
 SELF_SOURCE = "self"
@@ -396,6 +406,36 @@ def collect_calibration(
     names = list(module_names)
     if input_ids.dim() != 2:
         raise ValueError(f"calibration input_ids must be (num_sequences, seq_len), got shape {tuple(input_ids.shape)}")
+    recorder = StatisticsRecorder(calibration_modules(model, names, input_factors, max_full_dim), input_factors, max_full_dim)
+    handles, frozen = recorder.attach(model, sensitivity)
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = _calibration_passes(model, input_ids, batch_size, sensitivity, progress, recorder)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    results = recorder.results
+    missing = [name for name in names if name not in results]
+    if missing:
+        raise ValueError(f"calibration: module {missing[0]} was never called in the forward pass")
+    if sensitivity:
+        for name, entry in results.items():
+            entry.grad_sq = recorder.grad_sums[name] / max(tokens, 1) / entry.out_features
+    return results
+
+
+def calibration_modules(model: nn.Module, names: list[str], input_factors: dict[str, tuple[int, int]] | None,
+                        max_full_dim: int) -> dict[str, nn.Module]:
+    """{name: module} of the modules to calibrate.
+
+    Raises:
+        ValueError: an unknown name, a module that is not Linear/Conv1D, or a module wider than
+            ``max_full_dim`` without input factors.
+    """
     modules: dict[str, nn.Module] = {}
     for name in names:
         try:
@@ -409,88 +449,97 @@ def collect_calibration(
                 f"calibration: {name} has {_in_features(module)} inputs, more than max_full_dim={max_full_dim}; give its input factors (n1, n2)"
             )
         modules[name] = module
+    return modules
 
-    results: dict[str, ModuleCalibration] = {}
-    shared: dict[int, tuple[weakref.ref, InputStatistics]] = {}
-    updated: set[int] = set()
-    grad_sums = {name: 0.0 for name in names}
-    handles = []
 
-    def pre_hook(name: str):
+class StatisticsRecorder:
+    """The hooks of :func:`collect_calibration`: a forward pre-hook per module accumulates its
+    input statistics (modules reading the same input tensor in a pass share one accumulator), and
+    with sensitivity an output hook sums the squared output gradients per module.
+
+    Attributes:
+        results: {module name: ``ModuleCalibration``}, filled as modules are first called.
+        grad_sums: {module name: Σ ||∂L/∂y_t||²} over the batches seen.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], input_factors: dict[str, tuple[int, int]] | None, max_full_dim: int):
+        self.modules, self.input_factors, self.max_full_dim = modules, input_factors, max_full_dim
+        self.results: dict[str, ModuleCalibration] = {}
+        self.shared: dict[int, tuple[weakref.ref, InputStatistics]] = {}
+        self.updated: set[int] = set()
+        self.grad_sums = {name: 0.0 for name in modules}
+
+    def new_batch(self) -> None:
+        """Forget which inputs this batch has seen (an accumulator is updated once per batch)."""
+        self.updated.clear()
+        self.shared.clear()
+
+    def pre_hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            entry = results.get(name)
+            entry = self.results.get(name)
             if entry is None:
-                seen = shared.get(id(x))
+                seen = self.shared.get(id(x))
                 stats = seen[1] if seen is not None and seen[0]() is x else InputStatistics(_in_features(module))
-                shared[id(x)] = (weakref.ref(x), stats)
-                entry = results[name] = ModuleCalibration(inputs=stats, out_features=dense_weight(module).shape[0])
-            if id(entry.inputs) in updated:
+                self.shared[id(x)] = (weakref.ref(x), stats)
+                entry = self.results[name] = ModuleCalibration(inputs=stats, out_features=dense_weight(module).shape[0])
+            if id(entry.inputs) in self.updated:
                 return
-            updated.add(id(entry.inputs))
-            wide = entry.inputs.in_features > max_full_dim
-            entry.inputs.add(x, input_factors[name] if wide else None)
+            self.updated.add(id(entry.inputs))
+            wide = entry.inputs.in_features > self.max_full_dim
+            entry.inputs.add(x, self.input_factors[name] if wide else None)
 
         return hook
 
-    def output_hook(name: str):
+    def output_hook(self, name: str):
         def hook(module, args, output):
             if output.requires_grad:
                 def grad_hook(grad):
-                    grad_sums[name] += grad.detach().double().square().sum().item()
+                    self.grad_sums[name] += grad.detach().double().square().sum().item()
 
                 output.register_hook(grad_hook)
 
         return hook
 
-    def embedding_hook(module, args, output):
-        return output.requires_grad_()
-
-    for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+    def attach(self, model: nn.Module, sensitivity: bool) -> tuple[list, list[nn.Parameter]]:
+        """Register the hooks; with sensitivity, freeze the parameters (gradients flow from the
+        embedding output instead). Returns (hook handles, the parameters frozen here)."""
+        handles = []
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_pre_hook(self.pre_hook(name)))
+            if sensitivity:
+                handles.append(module.register_forward_hook(self.output_hook(name)))
+        frozen = []
         if sensitivity:
-            handles.append(module.register_forward_hook(output_hook(name)))
-    frozen = []
-    if sensitivity:
-        handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
+            handles.append(model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_()))
+            frozen = [p for p in model.parameters() if p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(False)
+        return handles, frozen
+
+
+def _calibration_passes(model: nn.Module, input_ids: torch.Tensor, batch_size: int, sensitivity: bool, progress: bool,
+                        recorder: StatisticsRecorder) -> int:
+    """Run the batches (forward, and backward of the summed token NLL with ``sensitivity``);
+    returns the tokens seen."""
     device = next(model.parameters()).device
     tokens = 0
-    try:
-        batches = input_ids.split(batch_size)
-        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
-            batch = batch.to(device)
-            updated.clear()
-            shared.clear()
-            if sensitivity:
-                with torch.enable_grad():
-                    logits = model(input_ids=batch).logits
-                    loss = torch.nn.functional.cross_entropy(
-                        logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                    )
-                    loss.backward()
-                del logits, loss
-            else:
-                with torch.no_grad():
-                    model(input_ids=batch)
-            tokens += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
-    missing = [name for name in names if name not in results]
-    if missing:
-        raise ValueError(f"calibration: module {missing[0]} was never called in the forward pass")
-    if sensitivity:
-        for name, entry in results.items():
-            entry.grad_sq = grad_sums[name] / max(tokens, 1) / entry.out_features
-    return results
+    for batch in tqdm(input_ids.split(batch_size), desc="calibrate", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        recorder.new_batch()
+        if sensitivity:
+            with torch.enable_grad():
+                logits = model(input_ids=batch).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+                )
+                loss.backward()
+            del logits, loss
+        else:
+            with torch.no_grad():
+                model(input_ids=batch)
+        tokens += batch.numel()
+    return tokens
 
 
 def save_calibration(calibration: dict[str, ModuleCalibration], path, metadata: dict[str, str] | None = None) -> None:
@@ -552,12 +601,16 @@ def load_calibration(path, metadata: dict[str, str] | None = None) -> dict[str, 
 
 
 __all__ = [
+    "DEFAULT_CALIBRATION_LENGTH",
+    "DEFAULT_CALIBRATION_SEQUENCES",
     "SELF_SOURCE",
     "CalibrationSource",
+    "StatisticsRecorder",
     "InputStatistics",
     "ModuleCalibration",
     "calibration_input_ids",
     "calibration_mix",
+    "calibration_modules",
     "collect_calibration",
     "generate_calibration",
     "load_calibration",

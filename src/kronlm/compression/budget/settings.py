@@ -1,0 +1,186 @@
+"""What a budget compression is asked to do: the factor families, the knobs of pricing and
+allocation (:class:`BudgetSettings`), and the target and candidate modules on top of them
+(:class:`BudgetConfig`). One set of defaults serves ``kronlm compress --budget``,
+``kronlm.compress(model, BudgetConfig(...))`` and the benchmarks, so a figure's command
+reproduces it; the packaged ``defaults/budget.yaml`` (copied to ``configs/budget.yaml``) writes
+them down.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kronlm.compression.sequential import TARGETS as SEQUENTIAL_TARGETS
+from kronlm.decompose.initializers import INITIALIZERS
+from kronlm.utils.config import ConfigBase
+
+FAMILIES = ("dense", "svd", "kronecker", "kronecker_lowrank")
+FACTOR_FAMILIES = FAMILIES[1:]
+# None: the shape window of ``kronecker_shape_window``. A tuple of small-factor shapes (m2, n2)
+# instead restricts the Kronecker family to B of those shapes (the allocation before the window).
+DEFAULT_B_SHAPES = None
+DEFAULT_BUDGET = Path(__file__).resolve().parents[1] / "defaults" / "budget.yaml"
+
+
+def check_families(families) -> tuple[str, ...]:
+    """The factor families as a tuple, in ``FACTOR_FAMILIES`` order ("dense" is always a candidate).
+
+    Args:
+        families: names as a sequence or one comma- or space-separated string.
+
+    Raises:
+        ValueError: an unknown family name (named, with the valid ones), or none at all.
+    """
+    if isinstance(families, str):
+        families = [f for f in re.split(r"[,\s]+", families) if f]
+    names = list(families or [])
+    for name in names:
+        if name not in FAMILIES:
+            raise ValueError(f"unknown factor family {name!r}; choose from {', '.join(FACTOR_FAMILIES)}")
+    picked = tuple(f for f in FACTOR_FAMILIES if f in names)
+    if not picked:
+        raise ValueError(f"give at least one factor family of {', '.join(FACTOR_FAMILIES)}, got {names}")
+    return picked
+
+
+def _count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class BudgetSettings(ConfigBase):
+    """How a parameter budget is priced and allocated (docs/compression.md, "Compressing to a
+    parameter budget"), with the defaults of ``kronlm compress --budget``.
+
+    Attributes:
+        families: factor families offered (``FACTOR_FAMILIES``); "dense" is always a candidate.
+        sensitivity_sequences: calibration sequences of the sensitivity (backward) pass; 0 prices
+            by relative output error instead of estimated nats.
+        svd_step: ranks of the truncated SVD and of the low-rank part are multiples of this.
+        damping: δ of the damped C = C + δ·mean(diag C)·I used for pricing and fitting.
+        b_shapes: None for the shape window; else only Kronecker factors B of these (m2, n2).
+        small_factor, balanced_slack: the shape window (``kronecker_shape_window``).
+        screen_blocks: blocks whose modules price the whole window (``kronlm.compression.budget``);
+            None: the first, middle and last block of the candidates.
+        lowrank_fractions: sizes of the Kronecker parts of the ``kronecker_lowrank`` candidates,
+            as fractions of the dense matrix.
+        check_rounds: rounds of fit-measure-reallocate (0: trust the estimates).
+        init: initialiser of the chosen factors.
+        sequential: None (fit on the dense model's statistics), "output" or "weight" (fit each
+            block on the partially compressed model's, ``kronlm.compression.sequential``).
+
+    Raises:
+        ValueError: an unknown family or initialiser, or a value out of range (named).
+    """
+
+    families: tuple[str, ...] = FACTOR_FAMILIES
+    sensitivity_sequences: int = 32
+    svd_step: int = 8
+    damping: float = 1e-2
+    b_shapes: tuple[tuple[int, int], ...] | None = DEFAULT_B_SHAPES
+    small_factor: int = 8
+    balanced_slack: float = 1.05
+    screen_blocks: tuple[int, ...] | None = None
+    lowrank_fractions: tuple[float, ...] = (0.02, 0.08)
+    check_rounds: int = 2
+    init: str = "activation_aware"
+    sequential: str | None = None
+
+    config_name = "budget settings"
+
+    def validate(self) -> None:
+        """Normalise the sequences to tuples and check every value (see the class docstring)."""
+        self.families = check_families(self.families)
+        if self.b_shapes is not None:
+            self.b_shapes = tuple((int(a), int(b)) for a, b in self.b_shapes)
+        if self.screen_blocks is not None:
+            self.screen_blocks = tuple(int(b) for b in self.screen_blocks)
+        self.lowrank_fractions = tuple(float(f) for f in self.lowrank_fractions)
+        for name, low in (("sensitivity_sequences", 0), ("svd_step", 1), ("small_factor", 2), ("check_rounds", 0)):
+            _count(name, getattr(self, name), low)
+        if not self.damping >= 0 or not self.balanced_slack >= 1:
+            raise ValueError(f"damping must be >= 0 and balanced_slack >= 1, got {self.damping}, {self.balanced_slack}")
+        if any(not 0 < f < 1 for f in self.lowrank_fractions):
+            raise ValueError(f"lowrank_fractions must lie in (0, 1), got {self.lowrank_fractions}")
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"unknown initialiser {self.init!r}; registered: {', '.join(sorted(INITIALIZERS))}")
+        if self.sequential not in (None, *SEQUENTIAL_TARGETS):
+            raise ValueError(f"sequential must be None or one of {', '.join(SEQUENTIAL_TARGETS)}, got {self.sequential!r}")
+
+
+@dataclass
+class BudgetConfig(BudgetSettings):
+    """A compression to a parameter budget: ``kronlm.compress(model, BudgetConfig(...),
+    calibration=ids)`` (``kronlm compress --budget F`` / ``--budget-params N``).
+
+    Every :class:`BudgetSettings` field (same defaults), plus:
+
+    Attributes:
+        target_fraction: keep this fraction of the dense model's parameters, in (0, 1);
+            ``int(target_fraction * dense parameters)`` parameters are allowed.
+        target_params: or allow this many parameters for the whole model (>= 1). Give exactly one
+            of the two to compress; a config with neither (the packaged defaults) only holds
+            settings.
+        modules: name patterns of the candidate modules (``budget_candidates``); None: every
+            ``nn.Linear`` / ``Conv1D`` but the LM head.
+
+    Raises:
+        ValueError: both targets given, a fraction outside (0, 1), a count below 1, an empty
+            pattern list, or a bad setting (named).
+    """
+
+    target_fraction: float | None = None
+    target_params: int | None = None
+    modules: list[str] | None = None
+
+    config_name = "budget config"
+
+    def validate(self) -> None:
+        """The settings' checks, then the target and the module patterns."""
+        super().validate()
+        if self.target_fraction is not None and self.target_params is not None:
+            raise ValueError(f"give target_fraction or target_params, not both ({self.target_fraction}, {self.target_params})")
+        fraction = self.target_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1):
+            raise ValueError(f"target_fraction must lie in (0, 1), got {fraction!r}")
+        if self.target_params is not None:
+            _count("target_params", self.target_params, 1)
+        if self.modules is not None:
+            if isinstance(self.modules, str):
+                self.modules = [self.modules]
+            self.modules = list(self.modules)
+            if not self.modules or not all(isinstance(p, str) and p for p in self.modules):
+                raise ValueError(f"modules must be a non-empty list of name patterns, got {self.modules!r}")
+
+    def target_for(self, dense_params: int) -> int:
+        """Parameters allowed for a model of ``dense_params`` parameters.
+
+        Raises:
+            ValueError: neither ``target_fraction`` nor ``target_params`` is set.
+        """
+        if self.target_params is not None:
+            return int(self.target_params)
+        if self.target_fraction is None:
+            raise ValueError("budget config: give target_fraction (e.g. 0.8) or target_params (a parameter count)")
+        return int(self.target_fraction * dense_params)
+
+
+def default_budget_config() -> BudgetConfig:
+    """The packaged ``defaults/budget.yaml`` (no target; ``configs/budget.yaml`` is a copy): the
+    settings of ``kronlm compress --budget``, equal to ``BudgetConfig()``."""
+    return BudgetConfig.from_file(DEFAULT_BUDGET)
+
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_B_SHAPES",
+    "FACTOR_FAMILIES",
+    "FAMILIES",
+    "BudgetConfig",
+    "BudgetSettings",
+    "check_families",
+    "default_budget_config",
+]
