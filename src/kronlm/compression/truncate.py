@@ -19,7 +19,6 @@ import copy
 import logging
 import operator
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
