@@ -83,6 +83,9 @@ SIZES = {0.85: {"kron_blocks": 16, "drop": 6}, 0.70: {"kron_blocks": 30, "drop":
 STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-all", "truncate")
 RECOVERIES = ("staged", "end_to_end", "blockwise")
 ENWIKI = Path("enwiki-sample") / "articles.jsonl"
+# One size's whole grid (the committed tables: this at --size 0.85 and at --size 0.70).
+FULL_COMMAND = ("python benchmarks/recovery.py --size 0.85 --recoveries staged,end_to_end --local-minutes 15 --blockwise-minutes 10 "
+                "--out docs/benchmarks/recovery.md --plot 'docs/benchmarks/recovery-{size}.png'")
 
 
 def spaced(n: int, total: int = BLOCKS) -> list[int]:
@@ -236,7 +239,9 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
     few = {"train": blocks.train[: args.block_tokens // blocks.train.shape[1]], "val": blocks.val}
     every = {"train": blocks.train, "val": blocks.val}
     settings = {"--train-data": str(args.train_data), "--train-tokens": args.train_tokens}
-    points: list[dict] = []
+    points_path = run_dir / "points.json"
+    # Points survive an interruption: a resumed run keeps the ones it measured before.
+    points: list[dict] = json.loads(points_path.read_text()) if points_path.is_file() else []
     budget = 60.0 * args.minutes
     charged = {"cache": False}
 
@@ -245,12 +250,19 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
         first, charged["cache"] = not charged["cache"], True
         return first and (work / "teacher_cache_seconds.json").is_file()
 
+    def record(label: str, minutes: float, ppl: float) -> None:
+        points.append({"label": label, "minutes": minutes, "test": ppl})
+        points_path.parent.mkdir(parents=True, exist_ok=True)
+        points_path.write_text(json.dumps(points))
+        print(f"{tag}: {label} at {minutes:.1f} CPU-minutes: test perplexity {ppl:.2f}", flush=True)
+
     def point(label: str) -> None:
+        if any(p["label"] == label for p in points):
+            return
         minutes = clock.now() / 60.0
         with clock.paused():
             ppl = evaluate(student, tokenizer, f"{tag}-{label}", texts=("test",))["test"]
-        points.append({"label": label, "minutes": minutes, "test": ppl})
-        print(f"{tag}: {label} at {minutes:.1f} CPU-minutes: test perplexity {ppl:.2f}", flush=True)
+        record(label, minutes, ppl)
 
     def block_stage(mode: str, config: TrainingConfig, minutes: float) -> None:
         config = config.replace(max_minutes=minutes, blockwise={**config.blockwise.to_dict(), "cache_dir": str(work / "teacher_cache")})
@@ -267,13 +279,14 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
         folder = run_dir / "end_to_end"
         for mark in args.points:
             left = 60.0 * mark - clock.now()
+            label = f"e2e-{mark:g}min"
             if left <= 30 or clock.now() >= budget:
                 continue
             # A segment ends at the next point; the run resumes from its checkpoint (RESUME_FREE: max_minutes).
             run = train(student, teacher, data, config.replace(max_minutes=left / 60.0, epochs=None, max_steps=config_steps(config, data)),
                         folder, resume=(folder / "checkpoints").is_dir(), tokenizer=tokenizer, run_settings=settings)
             student.load_state_dict(load(run.best_dir or run.final_dir).state_dict())
-            point(f"e2e-{mark:g}min")
+            point(label)
             if not run.time_limited:
                 break
 
@@ -377,7 +390,7 @@ def write_reports(results_path: Path, args, command: str) -> None:
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
     sizes = sorted({r["size"] for r in rows}, reverse=True)
     if args.out:
-        write_markdown(report(rows, sizes, command), args.out)
+        write_markdown(report(rows, sizes, command, args.work), args.out)
     for size in sizes if args.plot else ():
         of_size = [r for r in rows if r["size"] == size]
         series = {f"{r['student']} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
@@ -387,11 +400,13 @@ def write_reports(results_path: Path, args, command: str) -> None:
                   logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense")
 
 
-def report(rows: list[dict], sizes: list[float], command: str) -> str:
+def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> str:
     """The Markdown tables of ``rows``, one section per size."""
     headers = ["student", "recovery", "params", "of dense", "test before", "test after", "x dense", "OOD before", "OOD after",
                "OOD x dense", "points (test ppl)", "CPU-min"]
-    lines = ["# Recovery of SmolLM2-135M: quality against CPU time", "", machine_line(machine_info()), f"Command: `{command}`", "",
+    runs = sorted({r.get("command", command) for r in rows}) or [FULL_COMMAND]
+    lines = ["# Recovery of SmolLM2-135M: quality against CPU time", "", machine_line(machine_info()),
+             "Commands: " + ", ".join(f"`{c}`" for c in runs) + f"; this page written by `{command}`.", "",
              "Protocols: \"test\" = WikiText-2 raw test, first 16,384 tokens, sliding window 1024 / stride 512; \"OOD\" = GLUE "
              "SST-2 dev sentences joined with blank lines, same protocol (text in no calibration or training set). Points: the "
              "student after each stage or end-to-end segment, chosen on the held-out training blocks, at the CPU-minutes it had "
@@ -408,8 +423,29 @@ def report(rows: list[dict], sizes: list[float], command: str) -> str:
                           points, f"{r['cpu_minutes']:.1f}"])
         lines += [f"## {int(size * 100)} % of the parameters", "", f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "",
                   markdown_table(headers, table), "", f"![test perplexity against CPU-minutes](recovery-{int(size * 100)}.png)", ""]
-    lines.append(reproduce_section(sorted({r.get("command", command) for r in rows}) or [command]))
+    lines += missing_section(rows, work)
+    lines.append(reproduce_section(runs))
     return "\n".join(lines) + "\n"
+
+
+def missing_section(rows: list[dict], work: Path) -> list[str]:
+    """Markdown lines naming every (size, student, recovery) without a row yet, with the points an
+    interrupted run has measured so far (``WORK/runs/TAG/points.json``)."""
+    done = {(r["size"], r["student"], r["recovery"]) for r in rows}
+    lines = []
+    for size in sorted(SIZES, reverse=True):
+        for student in STUDENTS:
+            for recovery in ("staged", "end_to_end"):
+                if (size, student, recovery) in done or (student == "truncate" and recovery != "end_to_end"):
+                    continue
+                path = work / "runs" / f"{student}-{int(size * 100)}-{recovery}" / "points.json"
+                points = json.loads(path.read_text()) if path.is_file() else []
+                so_far = "; so far: " + " / ".join(f"{p['label']} {p['test']:,.2f} ({p['minutes']:.0f} min)" for p in points) if points else ""
+                lines.append(f"- {int(size * 100)} %, {student}, {recovery}: {'interrupted' if points else 'not run yet'}{so_far}")
+    if not lines:
+        return []
+    return ["## Not measured yet", "", "Each is one more invocation of the command below with `--size` and `--students`; "
+            "an interrupted run resumes from its checkpoints.", "", *lines, ""]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ functions' rows and tables on tiny shapes."""
 
 import itertools
 import re
+import sys
 
 import pytest
 import torch
@@ -279,6 +280,18 @@ def test_timing_and_table_errors(tmp_path):
         markdown_table(["a", "b"], [["x"]])
     path = write_markdown(markdown_table(["a", "b"], [[1, 2]]), tmp_path / "t.md")
     assert path.read_text() == "| a | b |\n| --- | ---: |\n| 1 | 2 |\n"
+
+
+def test_reports_carry_no_absolute_path_of_the_recording_machine(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    monkeypatch.setenv("KRONLM_DATA_DIR", str(data))
+    monkeypatch.chdir(tmp_path)
+    text = (f"calibration: WikiText-2 (local copy {data}/wikitext-2-raw/wiki.valid.raw); model {sys.prefix}/lib/m.gguf; "
+            f"saved to {tmp_path}/runs/x; {tmp_path}x stays")
+    path = write_markdown(text, tmp_path / "r.md")
+    assert path.read_text() == (f"calibration: WikiText-2 (local copy .../wikitext-2-raw/wiki.valid.raw); model .../lib/m.gguf; "
+                                f"saved to ./runs/x; {tmp_path}x stays\n")
 
 
 def test_cli_writes_the_table_and_reports_bad_presets(tmp_path, capsys):

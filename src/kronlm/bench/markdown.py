@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 import transformers
 
 from kronlm.utils.io import atomic_path
+from kronlm.utils.paths import data_dir
 
 
 def cpu_model() -> str:
@@ -82,11 +85,34 @@ def written_by_kronlm_markdown(path: str | os.PathLike) -> bool:
         return False
 
 
+def portable_paths(text: str) -> str:
+    """``text`` with the recording machine's absolute paths made portable, for reports others read.
+
+    Replaced, longest prefix first: the local data folder (:func:`kronlm.utils.paths.data_dir`)
+    and the Python environment (``sys.prefix``) by ``...``, the working directory by a path
+    relative to it (``./``), the home folder by ``~``. Other text is unchanged.
+    """
+    prefixes: dict[str, str] = {}
+    try:
+        folder = data_dir()
+    except NotADirectoryError:
+        folder = None
+    if folder is not None:
+        prefixes[str(Path(folder).resolve())] = "..."
+    prefixes[str(Path(sys.prefix).resolve())] = "..."
+    prefixes[str(Path.cwd().resolve())] = "."
+    prefixes[str(Path.home())] = "~"
+    for prefix in sorted((p for p in prefixes if len(p) > 1), key=len, reverse=True):
+        text = re.sub(re.escape(prefix) + r"(?=/|\b|$)", prefixes[prefix], text)
+    return text
+
+
 def write_markdown(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` (plus a final newline) to ``path`` atomically; returns the path."""
+    """Write ``text`` (plus a final newline) to ``path`` atomically, its absolute paths made
+    portable (:func:`portable_paths`); returns the path."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(text.rstrip("\n") + "\n")
+        tmp.write_text(portable_paths(text).rstrip("\n") + "\n")
     return path
 
 
