@@ -195,8 +195,11 @@ def run(args, done, record, command: str) -> None:
     # One file per calibration setting (tags that differ only in how they fit share it).
     cache = args.work / f"calibration-{hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]}.safetensors"
     t0 = time.perf_counter()
-    ids, described = calibration_mix(model, tokenizer, args.calibration, args.calibration_sequences, args.calibration_length,
+    # The subset check's held-out sequences come after the priced ones, as `kronlm compress --budget` reads them.
+    extra = BudgetConfig().held_out_sequences
+    ids, described = calibration_mix(model, tokenizer, args.calibration, args.calibration_sequences + extra, args.calibration_length,
                                      seed=args.calibration_seed, split=args.calibration_split, data_dir=args.data_dir)
+    ids, held_out = ids[:args.calibration_sequences], ids[args.calibration_sequences:]
     print(f"calibration: {described}", flush=True)
     names = budget_candidates(model)
     if cache.exists():
@@ -213,7 +216,7 @@ def run(args, done, record, command: str) -> None:
         families = SETS[name]
         student = copy.deepcopy(model)
         start = time.perf_counter()
-        allocation = compress_to_budget(student, settings_for(args, families, fraction), ids, statistics=stats,
+        allocation = compress_to_budget(student, settings_for(args, families, fraction), ids, held_out=held_out, statistics=stats,
                                         pricing=copy.deepcopy(pricing))
         seconds = time.perf_counter() - start
         for entry in stats.values():

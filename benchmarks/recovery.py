@@ -114,7 +114,9 @@ def compressed_student(args, config: CompressionConfig | BudgetConfig, folder: P
     net, tokenizer = load_model_and_tokenizer(args.model)
     ids = None
     if calibrate:
-        ids, described = calibration_mix(net, tokenizer, ["wikitext2"], args.calibration_sequences, 512, data_dir=args.data_dir)
+        # As `kronlm compress` reads them: the subset check's held-out sequences after the priced ones.
+        extra = config.held_out_sequences if isinstance(config, BudgetConfig) and config.checks_subsets else 0
+        ids, described = calibration_mix(net, tokenizer, ["wikitext2"], args.calibration_sequences + extra, 512, data_dir=args.data_dir)
         print(f"calibration: {described}", flush=True)
     compress(net, config, calibration=ids)
     print(net.compression_report.table(max_rows=12), flush=True)

@@ -146,7 +146,7 @@ def test_budget_config_round_trips_and_names_bad_input(tmp_path, calibrated):
 def test_compress_with_a_budget_config_is_the_budget_path(calibrated):
     model, ids, _ = calibrated
     before = sum(p.numel() for p in model.parameters())
-    config = BudgetConfig(target_params=before - 6000, svd_step=2, sensitivity_sequences=3)
+    config = BudgetConfig(target_params=before - 6000, svd_step=2, sensitivity_sequences=3, held_out_sequences=2)
     one = compress(copy.deepcopy(model), config, calibration=ids, progress=False)
     two = copy.deepcopy(model)
     allocation = compress_to_budget(two, config, ids, progress=False)

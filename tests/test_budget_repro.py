@@ -56,13 +56,18 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra):
     args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential="off")
     model, tokenizer = kronlm.load_model_and_tokenizer(str(folder))
     seed = int(extra[1]) if extra else None
-    ids, _ = calibration_mix(model, tokenizer, [text], 4, 32, seed=seed, progress=False)
-    # As the benchmark does: statistics and pricing once (all families), a copy per point.
+    # As the benchmark does: calibration ids with the subset check's held-out sequences after the priced ones,
+    # statistics and pricing once (all families), a copy per point.
+    extra = DEFAULTS.held_out_sequences if "," in families else 0
+    ids, _ = calibration_mix(model, tokenizer, [text], 4 + extra, 32, seed=seed, progress=False)
+    ids, held_out = ids[:4], ids[4:]
     stats = budget_statistics(model, ids, budget_candidates(model), sensitivity_sequences=2, progress=False)
     pricing = price_modules(model, stats, settings=bench.settings_for(args, bench.SETS["mixed"]), progress=False)
     student = copy.deepcopy(model)
     config = bench.settings_for(args, tuple(families.split(","))).replace(target_params=target)
-    allocation = compress_to_budget(student, config, ids, statistics=stats, pricing=copy.deepcopy(pricing), progress=False)
+    allocation = compress_to_budget(student, config, ids, held_out=held_out if extra else None, statistics=stats, pricing=copy.deepcopy(pricing),
+                                    progress=False)
+    assert bool(allocation.held_out_nll) == ("," in families)  # the subset check runs over several families only
 
     saved = json.loads((out / "kronlm_compression.json").read_text())["report"]["allocation"]
     ours = json.loads(json.dumps(allocation.to_dict()))
@@ -98,7 +103,8 @@ def test_budget_params_and_sequential_from_the_cli(folder, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "0.9", "--families", "svd,tucker"], "unknown factor family 'tucker'"),
     (["--budget-params", "10", "--sensitivity-sequences", "0"], "below the smallest reachable"),
-    (["--budget", "0.9", "--calibration-sequences", "400"], "fewer than the 400 x 32"),
+    (["--budget", "0.9", "--calibration-sequences", "400"], "fewer than the 408 x 32 = 13,056 asked for (400 --calibration-sequences + 8 --held-out-sequences"),
+    (["--budget", "0.9", "--calibration-sequences", "400", "--families", "svd"], "fewer than the 400 x 32"),
 ])
 def test_bad_budget_input_is_one_line(folder, tmp_path, capsys, argv, message):
     text = str(folder / "text.txt")

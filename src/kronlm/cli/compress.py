@@ -146,6 +146,11 @@ def _sources(ctx, param, value):
               help="Calibration sequences of the budget's sensitivity (backward) pass; 0 prices by relative output error.")
 @click.option("--check-rounds", type=click.IntRange(min=0), default=DEFAULTS.check_rounds, show_default=True,
               help="Rounds of fitting the chosen factors, measuring their output error and allocating again.")
+@click.option("--subset-check/--no-subset-check", default=DEFAULTS.subset_check, show_default=True,
+              help="With more than one family: also allocate the budget with each family alone and keep the allocation "
+                   "with the lowest NLL on held-out calibration sequences.")
+@click.option("--held-out-sequences", type=click.IntRange(min=1), default=DEFAULTS.held_out_sequences, show_default=True,
+              help="Calibration sequences the subset check holds out, read beyond --calibration-sequences.")
 @click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default="off", show_default=True,
               help="Fit each block on statistics of the partially compressed model (GPTQ order): `output` fits to the dense "
                    "model's outputs, `weight` to W under the compressed model's inputs.")
@@ -164,7 +169,7 @@ def _sources(ctx, param, value):
 def command(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
             stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field,
             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, families,
-            sensitivity_sequences, check_rounds, sequential_calibration, recover_data, recover_tokens, recover_config, recover_minutes,
+            sensitivity_sequences, check_rounds, subset_check, held_out_sequences, sequential_calibration, recover_data, recover_tokens, recover_config, recover_minutes,
             rows):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
@@ -192,7 +197,7 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
         try:
             config = BudgetConfig(target_fraction=budget, target_params=budget_params, modules=list(budget_modules) or None,
                                   families=families, sensitivity_sequences=sensitivity_sequences, check_rounds=check_rounds,
-                                  init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
+                                  subset_check=subset_check, held_out_sequences=held_out_sequences, init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     recovery = None
@@ -301,14 +306,18 @@ def _compress(net, tokenizer, config: CompressionConfig | BudgetConfig, job: Com
     allocation of a budget and the compression report."""
     ids = None
     if job.calibration:
+        # The subset check's held-out sequences come on top of the ones the budget is priced on.
+        held_out = config.held_out_sequences if isinstance(config, BudgetConfig) and config.checks_subsets else 0
         try:
             ids, described = calibration_mix(
-                net, tokenizer, job.calibration, job.calibration_sequences, job.calibration_length, seed=job.calibration_seed,
+                net, tokenizer, job.calibration, job.calibration_sequences + held_out, job.calibration_length, seed=job.calibration_seed,
                 split=job.calibration_split, data_dir=job.data_dir, text_field=job.calibration_field,
             )
         except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        click.echo(f"calibration: {described}")
+            note = (f" ({job.calibration_sequences} --calibration-sequences + {held_out} --held-out-sequences of the budget's "
+                    "subset check)") if held_out else ""
+            raise click.UsageError(f"{exc}{note}") from None
+        click.echo(f"calibration: {described}" + (f"; the last {held_out} held out for the subset check" if held_out else ""))
     if isinstance(config, BudgetConfig):
         try:
             compress(net, config, calibration=ids)

@@ -26,7 +26,9 @@ from kronlm.compression.budget import (
     allocate_budget,
     budget_candidates,
     budget_statistics,
+    price_modules,
 )
+from kronlm.compression.budget.subset_check import choose_by_held_out
 from kronlm.compression.calibration import ModuleCalibration
 from kronlm.compression.config import CompressionConfig
 from kronlm.compression.report import count_parameters
@@ -44,6 +46,7 @@ def compress(
     *,
     calibration: torch.Tensor | None = None,
     statistics: Mapping[str, ModuleCalibration] | None = None,
+    held_out: torch.Tensor | None = None,
     batch_size: int = 4,
     progress: bool = True,
 ) -> nn.Module:
@@ -70,6 +73,9 @@ def compress(
         statistics: instead of ``calibration``, statistics already collected on such ids
             ({module name: ``ModuleCalibration``}, ``collect_calibration`` /
             ``budget_statistics``), e.g. to compress several copies from one calibration.
+        held_out: for a ``BudgetConfig`` over several families, token ids of the subset check
+            that ``calibration`` does not hold (default: the last ``held_out_sequences`` rows of
+            ``calibration``; :func:`compress_to_budget`).
         batch_size: sequences per forward pass while calibrating.
         progress: show tqdm bars.
 
@@ -83,7 +89,8 @@ def compress(
             module and the numbers).
     """
     if isinstance(config, BudgetConfig):
-        compress_to_budget(model, config, calibration, statistics=statistics, batch_size=batch_size, progress=progress)
+        compress_to_budget(model, config, calibration, held_out=held_out, statistics=statistics, batch_size=batch_size,
+                           progress=progress)
         return model
     if not isinstance(config, CompressionConfig):
         raise ValueError(f"config must be a CompressionConfig or a BudgetConfig, got {type(config).__name__}")
@@ -107,6 +114,7 @@ def compress_to_budget(
     config: BudgetConfig,
     calibration: torch.Tensor | None,
     *,
+    held_out: torch.Tensor | None = None,
     statistics: dict[str, ModuleCalibration] | None = None,
     pricing: Pricing | None = None,
     batch_size: int = 4,
@@ -116,17 +124,24 @@ def compress_to_budget(
 
     The one budget path (``kronlm.compress(model, BudgetConfig(...))`` and ``kronlm compress
     --budget`` call it): calibrate the candidate modules (``budget_statistics``), price and
-    allocate (``allocate_budget``, docs/compression.md), then :func:`compress` with the
-    allocation's config on the dense statistics or, with ``config.sequential``, on a
-    :class:`~kronlm.compression.SequentialCalibration` over the same ids. The allocation is
-    attached to ``model.compression_report`` (and so saved in ``kronlm_compression.json``).
+    allocate (``allocate_budget``, docs/compression.md); with more than one family (and
+    ``config.subset_check``) keep the allocation with the lowest held-out NLL among it and each
+    family's own (:func:`~kronlm.compression.budget.subset_check.choose_by_held_out`); then
+    :func:`compress` with the allocation's config on the dense statistics or, with
+    ``config.sequential``, on a :class:`~kronlm.compression.SequentialCalibration` over the same
+    ids. The allocation is attached to ``model.compression_report`` (and so saved in
+    ``kronlm_compression.json``).
 
     Args:
         model: dense causal LM (changed in place).
         config: the target (``target_fraction`` or ``target_params``), candidate ``modules`` and
             settings.
         calibration: (num_sequences, seq_len) int64 token ids; may be None only when
-            ``statistics`` is given and ``config.sequential`` is None.
+            ``statistics`` is given and ``config.sequential`` is None. When the subset check runs
+            and ``held_out`` is None, its last ``config.held_out_sequences`` rows are held out of
+            the pricing for the check.
+        held_out: (num_sequences, seq_len) int64 ids for the subset check instead, none of them
+            in ``calibration`` (required with ``statistics`` when the check runs).
         statistics, pricing: ``budget_statistics`` / ``price_modules`` results already computed
             on the same ids, candidates and settings (a benchmark allocating several budgets from
             one calibration passes them; give each call its own copy of ``pricing``, which the
@@ -138,19 +153,32 @@ def compress_to_budget(
         The :class:`~kronlm.compression.BudgetAllocation`.
 
     Raises:
-        ValueError: no target in ``config``, calibration that is not token ids or is missing;
-            see ``allocate_budget`` and :func:`compress`.
+        ValueError: no target in ``config``, calibration that is not token ids or is missing, too
+            few calibration sequences to hold some out (both counts named), ``statistics``
+            without ``held_out`` when the subset check runs; see ``allocate_budget`` and
+            :func:`compress`.
     """
     target = config.target_for(count_parameters(model))
     if statistics is None or config.sequential:
         if calibration is None:
             raise ValueError("a budget needs calibration token ids (num_sequences, seq_len) to measure sensitivities on")
         check_calibration_ids(calibration)
+    if config.checks_subsets and held_out is None:
+        if statistics is not None:
+            raise ValueError("the subset check needs held_out ids that the given statistics were not computed on "
+                             "(or subset_check=False)")
+        calibration, held_out = split_held_out(calibration, config.held_out_sequences)
     if statistics is None:
         names = budget_candidates(model, config.modules)
         statistics = budget_statistics(model, calibration, names, sensitivity_sequences=config.sensitivity_sequences,
                                        batch_size=batch_size, progress=progress)
+    if pricing is None:
+        pricing = price_modules(model, statistics, settings=config, progress=progress)
     allocation = allocate_budget(model, statistics, target, settings=config, pricing=pricing, progress=progress)
+    if config.checks_subsets:
+        check_calibration_ids(held_out)
+        allocation = choose_by_held_out(model, statistics, target, allocation, pricing, held_out, settings=config,
+                                        batch_size=batch_size, progress=progress)
     plan = allocation.to_config(init=config.init)
     fitted: Mapping[str, ModuleCalibration] = statistics
     if config.sequential:
@@ -161,6 +189,20 @@ def compress_to_budget(
     return allocation
 
 
+def split_held_out(calibration: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sequences to price on, the last ``count`` held out for the subset check).
+
+    Raises:
+        ValueError: ``calibration`` has ``count`` sequences or fewer (both numbers named).
+    """
+    rows = calibration.shape[0]
+    if rows <= count:
+        raise ValueError(f"the budget's subset check holds out the last {count} calibration sequences, which leaves none of the "
+                         f"{rows} given to price on: give more than {count} sequences, fewer held_out_sequences, or "
+                         "subset_check=False (a single family needs no check)")
+    return calibration[:-count], calibration[-count:]
+
+
 def budget_allocation(model: nn.Module) -> BudgetAllocation | None:
     """The budget allocation behind a model compressed to a ``BudgetConfig``, or None."""
     report = compression_report(model)
@@ -168,4 +210,4 @@ def budget_allocation(model: nn.Module) -> BudgetAllocation | None:
     return allocation if isinstance(allocation, BudgetAllocation) else None
 
 
-__all__ = ["budget_allocation", "compress", "compress_to_budget"]
+__all__ = ["budget_allocation", "compress", "compress_to_budget", "split_held_out"]

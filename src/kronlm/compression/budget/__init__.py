@@ -51,6 +51,12 @@ compression that follows) and its output error measured on the calibration stati
 differs from the estimate, every rank of that module's shape is rescaled by the measured /
 estimated ratio, the chosen option keeps its measured error, and the allocation runs again, up to
 ``check_rounds`` times; the table reports both numbers.
+
+Subset check. With several families offered, the same budget is also allocated with each family
+alone, every distinct allocation is applied to a copy of the model, and the one with the lowest
+next-token NLL on held-out calibration sequences is kept
+(:mod:`~kronlm.compression.budget.subset_check`), so offering more families never measures worse
+than any one of them alone.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ from kronlm.compression.budget.pricing import (
     shape_window,
 )
 from kronlm.compression.budget.report import allocation_table, family_key
+from kronlm.compression.budget.subset_check import choose_by_held_out, held_out_nll
 from kronlm.compression.budget.settings import (
     DEFAULT_BUDGET,
     DEFAULT_B_SHAPES,
@@ -109,6 +116,8 @@ __all__ = [
     "allocate_budget",
     "allocation_table",
     "budget_candidates",
+    "choose_by_held_out",
+    "held_out_nll",
     "budget_statistics",
     "check_choices",
     "check_families",

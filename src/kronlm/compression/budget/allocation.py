@@ -65,6 +65,10 @@ class BudgetAllocation:
         choices: one ``ModuleChoice`` per candidate module, in model order.
         families: the factor families that were offered.
         check_rounds: fit-measure-reallocate rounds that ran.
+        held_out_nll: the subset check's measurements ({family set, e.g. "svd,kronecker" or
+            "svd": held-out NLL in nats per token, None when that set cannot reach the budget});
+            empty when no check ran (``subset_check``).
+        decided_by: what chose this allocation among them (empty when no check ran).
     """
 
     target_params: int
@@ -75,6 +79,8 @@ class BudgetAllocation:
     choices: list[ModuleChoice] = field(default_factory=list)
     families: tuple[str, ...] = FACTOR_FAMILIES
     check_rounds: int = 0
+    held_out_nll: dict[str, float | None] = field(default_factory=dict)
+    decided_by: str = ""
 
     def to_config(self, init: str = "activation_aware", name: str | None = None) -> CompressionConfig:
         """A ``CompressionConfig`` with one exact-name target per factored module."""

@@ -60,6 +60,10 @@ def allocation_table(allocation: BudgetAllocation, max_rows: int | None = None) 
         f"estimated NLL increase {allocation.estimated_loss:.4f} nats/token (x{math.exp(allocation.estimated_loss):.3f} perplexity); "
         f"families {', '.join(allocation.families)}; {allocation.check_rounds} check rounds"
     )
+    if allocation.held_out_nll:
+        lines.append("subset check (held-out NLL, nats/token): " + ", ".join(
+            f"{label} {'cannot reach the budget' if nll is None else f'{nll:.4f}'}" for label, nll in allocation.held_out_nll.items())
+            + f"; {allocation.decided_by}")
     return "\n".join(lines)
 
 

@@ -71,6 +71,11 @@ class BudgetSettings(ConfigBase):
         init: initialiser of the chosen factors.
         sequential: None (fit on the dense model's statistics), "output" or "weight" (fit each
             block on the partially compressed model's, ``kronlm.compression.sequential``).
+        subset_check: with more than one family, also allocate the budget with each family alone
+            and keep whichever allocation has the lowest NLL on held-out calibration sequences
+            (``kronlm.compression.budget.subset_check``).
+        held_out_sequences: calibration sequences the subset check holds out of the pricing (the
+            last ones of the calibration ids).
 
     Raises:
         ValueError: an unknown family or initialiser, or a value out of range (named).
@@ -88,8 +93,15 @@ class BudgetSettings(ConfigBase):
     check_rounds: int = 2
     init: str = "activation_aware"
     sequential: str | None = None
+    subset_check: bool = True
+    held_out_sequences: int = 8
 
     config_name = "budget settings"
+
+    @property
+    def checks_subsets(self) -> bool:
+        """Whether a budget with these settings runs the subset check (more than one family offered)."""
+        return self.subset_check and len(self.families) > 1
 
     def validate(self) -> None:
         """Normalise the sequences to tuples and check every value (see the class docstring)."""
@@ -99,7 +111,10 @@ class BudgetSettings(ConfigBase):
         if self.screen_blocks is not None:
             self.screen_blocks = tuple(int(b) for b in self.screen_blocks)
         self.lowrank_fractions = tuple(float(f) for f in self.lowrank_fractions)
-        for name, low in (("sensitivity_sequences", 0), ("svd_step", 1), ("small_factor", 2), ("check_rounds", 0)):
+        if not isinstance(self.subset_check, bool):
+            raise ValueError(f"subset_check must be true or false, got {self.subset_check!r}")
+        for name, low in (("sensitivity_sequences", 0), ("svd_step", 1), ("small_factor", 2), ("check_rounds", 0),
+                          ("held_out_sequences", 1)):
             _count(name, getattr(self, name), low)
         if not self.damping >= 0 or not self.balanced_slack >= 1:
             raise ValueError(f"damping must be >= 0 and balanced_slack >= 1, got {self.damping}, {self.balanced_slack}")

@@ -1,0 +1,94 @@
+"""The budget's subset check: over several families the kept allocation is never worse, on
+held-out calibration tokens, than the same budget spent on any one family alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from kronlm.compression.budget import BudgetConfig, held_out_nll
+from kronlm.compression.budget import subset_check as subset_check_module
+from kronlm.layers import KroneckerLinear
+from kronlm.modeling import compress, compress_to_budget
+
+
+def _trained_llama():
+    """A tiny Llama that has learnt a rule (x_t+1 = 5 x_t + 3 mod 96), so that compressing it costs NLL."""
+    model = tiny_llama(1, hidden_size=48, intermediate_size=96, num_hidden_layers=2)
+    ids = _ids(64, 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _ids(n: int, seed: int, length: int = 24) -> torch.Tensor:
+    start = torch.randint(0, 96, (n, 1), generator=torch.Generator().manual_seed(seed))
+    out = [start]
+    for _ in range(length - 1):
+        out.append((out[-1] * 5 + 3) % 96)
+    return torch.cat(out, dim=1)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return _trained_llama()
+
+
+def test_the_kept_allocation_is_never_worse_than_a_single_family(teacher):
+    before = sum(p.numel() for p in teacher.parameters())
+    ids = _ids(12, 1)
+    config = BudgetConfig(target_params=before - 8000, svd_step=2, sensitivity_sequences=4, held_out_sequences=4)
+    student = copy.deepcopy(teacher)
+    allocation = compress_to_budget(student, config, ids, progress=False)
+    scores = allocation.held_out_nll
+    assert set(scores) == {"svd,kronecker,kronecker_lowrank", "svd", "kronecker", "kronecker_lowrank"}
+    reachable = {k: v for k, v in scores.items() if v is not None}
+    assert len(reachable) >= 2
+    kept = held_out_nll(student, ids[-4:])
+    # The model returned is the one measured, and nothing measured beat it.
+    assert kept == pytest.approx(min(reachable.values()), rel=1e-6)
+    assert all(kept <= v + 1e-9 for v in reachable.values())
+    assert "held-out NLL on 4 calibration sequences (92 tokens scored)" in allocation.decided_by
+    assert "subset check (held-out NLL, nats/token): svd,kronecker,kronecker_lowrank" in allocation.table()
+    # The same budget compressed with one family alone and no check measures no better.
+    for family in ("svd", "kronecker"):
+        alone = compress(copy.deepcopy(teacher), BudgetConfig(target_params=before - 8000, svd_step=2, sensitivity_sequences=4,
+                                                              families=(family,)), calibration=ids[:-4], progress=False)
+        assert kept <= held_out_nll(alone, ids[-4:]) + 1e-6
+
+
+def test_a_single_family_wins_when_it_measures_better(teacher, monkeypatch):
+    real = subset_check_module.held_out_nll
+
+    def svd_looks_bad(model, ids, batch_size=4):
+        # Any SVD module (A with one column) costs a whole nat: the Kronecker-only allocation must win.
+        svd = any(isinstance(m, KroneckerLinear) and m.a_shape[1] == 1 and m.b_shape[0] == 1 for m in model.modules())
+        return real(model, ids, batch_size) + (1.0 if svd else 0.0)
+
+    monkeypatch.setattr(subset_check_module, "held_out_nll", svd_looks_bad)
+    before = sum(p.numel() for p in teacher.parameters())
+    config = BudgetConfig(target_params=before - 8000, svd_step=2, sensitivity_sequences=4, held_out_sequences=4,
+                          families=("svd", "kronecker"))
+    student = compress(copy.deepcopy(teacher), config, calibration=_ids(12, 1), progress=False)
+    allocation = student.compression_report.allocation
+    assert allocation.decided_by.endswith("kept kronecker alone")
+    assert set(allocation.family_counts()) <= {"dense", "kronecker"}
+    assert not any(isinstance(m, KroneckerLinear) and m.a_shape[1] == 1 and m.b_shape[0] == 1 for m in student.modules())
+
+
+def test_the_check_needs_sequences_to_hold_out(teacher):
+    before = sum(p.numel() for p in teacher.parameters())
+    with pytest.raises(ValueError, match="holds out the last 8 calibration sequences, which leaves none of the 6 given"):
+        compress(copy.deepcopy(teacher), BudgetConfig(target_params=before - 8000), calibration=_ids(6, 1), progress=False)
+    # One family needs no check, and the check can be turned off: all 6 sequences are priced.
+    for config in (BudgetConfig(target_params=before - 8000, families=("svd",)), BudgetConfig(target_params=before - 8000, subset_check=False)):
+        allocation = compress(copy.deepcopy(teacher), config, calibration=_ids(6, 1), progress=False).compression_report.allocation
+        assert allocation.held_out_nll == {} and allocation.decided_by == ""
+    with pytest.raises(ValueError, match="held_out_sequences must be an integer >= 1, got 0"):
+        BudgetConfig(held_out_sequences=0)
