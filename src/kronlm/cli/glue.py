@@ -6,7 +6,7 @@ distillation: the fine-tuned teacher compressed (``--student-preset`` / ``--stud
 KroneckerBERT, docs/tasks.md), or a compressed / truncated pretrained model (``--student-init``,
 KnGPT2 / DistilGPT2-style decoder students). Settings come from the defaults of
 :class:`kronlm.tasks.glue.GlueTrainConfig`, then ``--config`` (YAML/JSON), then the flags of
-:data:`TASK_FLAGS`. Writes ``OUT/teacher`` (or uses ``--teacher``), ``OUT/student``, the run
+:data:`GLUE_FLAGS`. Writes ``OUT/teacher`` (or uses ``--teacher``), ``OUT/student``, the run
 folders ``OUT/teacher-run`` / ``OUT/student-run`` (checkpoints, best/, final/, logs/), and
 ``OUT/report.{json,md}``.
 
@@ -45,7 +45,12 @@ TASK_FLAGS = [
     ("--recipe", "recipe", str, "Student loss recipe: ilkd-kroneckerbert, ilkd-kngpt2, distilgpt2, ce or kd."),
     ("--seed", "seed", click.IntRange(min=0), "Seed of the head, held-out split, subset and data order."),
 ]
-GLUE_FLAGS = TASK_FLAGS
+# GLUE's flags: the task flags plus the dev subset of smoke runs.
+GLUE_FLAGS = [
+    *TASK_FLAGS,
+    ("--max-dev-examples", "max_dev_examples", click.IntRange(min=1),
+     "Evaluate on a seeded random subset of this many dev examples (smoke runs; reported figures use all)."),
+]
 
 
 def task_run_options(fn: Callable) -> Callable:
@@ -119,7 +124,7 @@ def load_task_config(config_class, config_file: str | None, overrides: dict):
               show_default="$KRONLM_DATA_DIR, else ../shared/data", help=DATA_DIR_HELP + " GLUE reads glue/<TASK>/{train,dev}.tsv.")
 @click.option("--hf-dataset", is_flag=True, help="Read the task from the Hugging Face `glue` dataset instead of TSV files.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="Run settings, YAML or JSON (see configs/glue-*.yaml).")
-@config_options(TASK_FLAGS)
+@config_options(GLUE_FLAGS)
 @task_run_options
 def command(task, model, teacher, out, data_dir, hf_dataset, config_file, teacher_config_file, student_preset, student_config,
             student_init, general_distill, layer_map, no_task_kd, resume, threads, **flags):
@@ -133,7 +138,7 @@ def command(task, model, teacher, out, data_dir, hf_dataset, config_file, teache
         torch.set_num_threads(threads)
     student, layers = student_choice(model, teacher, student_preset, student_config, student_init, general_distill,
                                      layer_map, no_task_kd)
-    overrides = config_overrides(TASK_FLAGS, flags)
+    overrides = config_overrides(GLUE_FLAGS, flags)
     config = load_task_config(GlueTrainConfig, config_file, overrides)
     teacher_config = load_task_config(GlueTrainConfig, teacher_config_file, overrides) if teacher_config_file else None
     out = claim_task_folder(out, teacher, (model, student_init, general_distill, student_config, config_file, teacher_config_file))

@@ -159,6 +159,8 @@ class GlueFamily(TaskFamily):
             train = train.subset(config.max_train_examples, config.seed)
         train, held_out = train.hold_out(config.val_fraction, config.seed)
         dev = self.examples("dev")
+        if getattr(config, "max_dev_examples", None) is not None:
+            dev = dev.subset(config.max_dev_examples, config.seed)
 
         def encode(examples: GlueExamples) -> list[dict[str, Any]]:
             return encode_examples(examples, self.tokenizer, config.max_length)
