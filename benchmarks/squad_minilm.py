@@ -1,134 +1,838 @@
-"""SQuAD v1.1 benchmark of a KroneckerBERT-style MiniLM student (results in docs/benchmarks/squad_minilm.md).
+"""SQuAD v1.1 benchmark of KroneckerBERT's claims with all-MiniLM-L6-v2 (report: docs/benchmarks/squad_minilm.md).
 
-Runs what these ``kronlm`` commands run, by library calls in this process (printing each command
-first), each part only when its output folder does not exist:
+One row per configuration, appended to ``WORK/results.jsonl`` when it finishes; rows already
+there are skipped, so the script runs in parts (``--only``) and an interrupted row resumes from
+the checkpoints in ``WORK/runs/NAME``:
 
-1. teacher: all-MiniLM-L6-v2 with a new span head fine-tuned on the local split's training
-   questions (``kronlm squad --model minilm --config configs/squad-minilm-teacher.yaml``);
-2. stage 1 (``--stage1``): the pretrained MiniLM compressed with ``configs/glue-minilm-kb8.yaml``
-   and distilled on WikiText-2 validation text (``kronlm compress`` + ``kronlm distill --config
-   configs/distill-minilm-general.yaml``), shared with the GLUE benchmark's layout (``OUT/stage1``);
-3. student: the fine-tuned teacher compressed with the same config, task ILKD with
-   ``configs/squad-minilm-student.yaml`` (``--name`` sub-folder; ``--stage1`` starts it from
-   stage 1's weights).
+- ``teacher-lrLR-LLEN-SSTRIDE``, one per setting of the grid ``--teacher-lrs`` x
+  ``--teacher-windows``: all-MiniLM-L6-v2 with a new span head fine-tuned on train.json
+  (``configs/squad-minilm-teacher.yaml``) for up to ``--teacher-epochs`` epochs, the held-out
+  F1 / EM recorded after each epoch, the best epoch kept (early stop after ``--teacher-patience``
+  epochs without a better held-out F1). The students learn from the setting whose best epoch has
+  the best held-out F1.
+- students, each trained by task ILKD from that teacher (``configs/squad-minilm-student.yaml`` at
+  the teacher's max length and doc stride): ``ffn2x`` (FFN-only Kronecker 2x,
+  ``configs/minilm-ffn2x.yaml``), ``linear4x`` (linear layers 4x, ``configs/minilm-linear4x.yaml``),
+  ``kb8`` (KroneckerBERT8 shapes, ``configs/glue-minilm-kb8.yaml``), ``kb8-s1`` (the same started
+  from stage 1: the compressed *pretrained* encoder distilled from MiniLM on enwiki-sample text,
+  ``configs/distill-minilm-general.yaml``, ``--stage1-steps`` steps; the paper's ablation), and
+  ``truncated3`` (the teacher's layers 0, 2, 4, layer map 1, 3, 5: the layer-dropping baseline,
+  17.2 M parameters, between ``ffn2x`` and ``linear4x``).
 
-Then prints the report tables. Data: ``../shared/data/squad-v1.1-dev-split`` (the official v1.1
-*dev* set split by article), so figures are not comparable with published SQuAD dev numbers.
+``--device cuda`` sizes the runs for a GPU (32 windows a step, bf16 where supported; ``--batch-size``,
+``--eval-batch-size``, ``--mixed-precision`` override); ``--device cpu`` (default) hides any GPU.
+``--train-questions`` / ``--dev-questions`` take subsets for smoke runs (the report says so). The
+report (``--out``, the teacher curve as a PNG beside it) is written after every invocation and
+by ``--report-only``.
 
-    python benchmarks/squad_minilm.py --out runs/squad --student-examples 3000 --name kb8
-    python benchmarks/squad_minilm.py --out runs/squad --student-examples 3000 --stage1 --stage1-steps 200 --name kb8-s1
+Every checkpoint and setting is chosen on held-out training questions (``val_fraction`` 0.1 of
+train.json in whole paragraphs, seeded: the same questions for every row); dev.json is evaluated
+and reported only. Each part runs by library calls in this process and first prints the
+``kronlm`` command that does the same (settings go to ``WORK/configs/NAME.yaml``).
+
+    # CPU, in parts (one row per invocation), then the report
+    python benchmarks/squad_minilm.py --work runs/squad-minilm --only teacher-lr0.0001-L256-S96
+    python benchmarks/squad_minilm.py --work runs/squad-minilm --only kb8-s1
+    python benchmarks/squad_minilm.py --work runs/squad-minilm --report-only --out docs/benchmarks/squad_minilm.md
+    # GPU, everything
+    python benchmarks/squad_minilm.py --work runs/squad-minilm-gpu --device cuda --out docs/benchmarks/squad_minilm.md
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import math
+import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from kronlm.bench.markdown import reproduce_header, reproduce_section
-from kronlm.compression import CompressionConfig
-from kronlm.distill import RecoveryConfig, distill_on_text
-from kronlm.modeling import compress, load_model_and_tokenizer, save
-from kronlm.tasks import claim_task_folder
-from kronlm.tasks.results import read_report
+from kronlm.bench.markdown import environment_info, markdown_table, reproduce_header, reproduce_section, write_markdown
+from kronlm.bench.plots import line_plot, png_beside
+from kronlm.compression import save_truncated
+from kronlm.distill import TrainingConfig, distill_on_text, latest_checkpoint, uniform_layer_map
+from kronlm.modeling import load, load_model, load_tokenizer
+from kronlm.tasks import TaskReport, claim_task_folder, count_embedding_linear_parameters
 from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
-from kronlm.utils import check_output_folder, default_data_dir
+from kronlm.utils import default_data_dir
+from kronlm.utils.io import read_json, write_json
 
-WIKITEXT_VALID = "../shared/data/wikitext-2-raw/wiki.valid.raw"
+REPO = Path(__file__).resolve().parents[1]
+TEACHER_CONFIG = "configs/squad-minilm-teacher.yaml"
+STUDENT_CONFIG = "configs/squad-minilm-student.yaml"
 KB8 = "configs/glue-minilm-kb8.yaml"
 GENERAL = "configs/distill-minilm-general.yaml"
+ENWIKI = Path("enwiki-sample") / "articles.jsonl"
+REPORT = "docs/benchmarks/squad_minilm.md"
+# The project's goals for this benchmark (F1 in percent on dev.json; retention = student F1 / teacher F1).
+TEACHER_GOAL_F1 = 60.0
+FFN2X_GOAL = 0.95
+KB8_STAGE1_GOAL = 0.80
+# Figures of the first round (docs/benchmarks/squad_minilm_first.md), shown until a row replaces them.
+PREVIOUS_ROUND = {
+    "teacher": "teacher: MiniLM fine-tuned for 1 epoch on 2,696 of the 5,696 training questions (a seeded 3,000, "
+               "304 held out): dev EM 31.19 / F1 46.18",
+    "kb8": "kb8: the KroneckerBERT8-shaped student of that round's teacher (dev F1 46.18), 1 epoch of task ILKD on "
+           "the same 2,696 questions, no stage 1: dev EM 1.43 / F1 8.64 (18.7 % of its teacher's F1)",
+}
+# Settings whose value a row depends on, per kind: rows of a work folder must all share them.
+TEACHER_KEYS = ("train_questions", "dev_questions", "batch_size", "mixed_precision", "teacher_epochs", "teacher_patience")
+STUDENT_KEYS = ("train_questions", "dev_questions", "batch_size", "mixed_precision", "student_epochs", "student_steps",
+                "stage1_steps")
+# Sizing per device: (windows per step, windows per evaluation pass, mixed precision).
+DEVICE_DEFAULTS = {"cpu": (16, 64, "no"), "cuda": (32, 256, "auto")}
 
 
-def run(argv: list[str], step) -> float:
-    """Print the ``kronlm`` command that does what ``step`` does, run ``step`` (library calls);
-    returns the wall time in seconds."""
-    print("$ kronlm " + shlex.join(argv), flush=True)
-    start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
-    print(f"# {seconds:.0f} s", flush=True)
-    return seconds
+def _glue_benchmark():
+    """benchmarks/glue_minilm.py as a module: its ``timed`` and ``compress_minilm`` helpers are shared."""
+    spec = importlib.util.spec_from_file_location("glue_minilm", Path(__file__).with_name("glue_minilm.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("glue_minilm", module)
+    spec.loader.exec_module(module)
+    return module
 
 
-def compress_minilm(out: Path) -> None:
-    """``kronlm compress minilm --config configs/glue-minilm-kb8.yaml --out OUT``."""
-    out = check_output_folder(out, inputs=("minilm", KB8), option="--out")
-    model, tokenizer = load_model_and_tokenizer("minilm")
-    compress(model, CompressionConfig.from_file(KB8))
-    save(model, out, tokenizer=tokenizer, inputs=("minilm", KB8))
+glue_benchmark = _glue_benchmark()
 
 
-def squad(out: Path, config_file: str, overrides: dict, **students) -> None:
-    """``kronlm squad --out OUT --config FILE`` on the local split, with the flags of
-    ``overrides`` and the teacher / student arguments of :func:`kronlm.tasks.squad.run_squad`."""
-    config = SquadTrainConfig.from_file(config_file, overrides)
-    data_dir = default_data_dir()
+@dataclass(frozen=True)
+class TeacherSetting:
+    """One point of the teacher grid: peak learning rate, window length and stride (tokens)."""
+
+    lr: float
+    max_length: int
+    doc_stride: int
+
+    @property
+    def name(self) -> str:
+        """The row name, e.g. ``teacher-lr0.0001-L256-S96``."""
+        return f"teacher-lr{self.lr:g}-L{self.max_length}-S{self.doc_stride}"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A student row: its compression config, or the teacher layers a truncated student keeps.
+
+    Attributes:
+        name: the row name.
+        what: one line for the report.
+        compression: compression config file (compresses the fine-tuned teacher), or None.
+        stage1: start from the stage-1 (general distillation) encoder of ``compression``.
+        keep_layers: teacher layers a truncated student keeps (0-based), or None.
+    """
+
+    name: str
+    what: str
+    compression: str | None = None
+    stage1: bool = False
+    keep_layers: tuple[int, ...] | None = None
+
+
+STUDENTS = {s.name: s for s in [
+    StudentSpec("ffn2x", "FFN-only Kronecker 2x (`configs/minilm-ffn2x.yaml`: FFN in A (768,384) ⊗ B (2,1), out "
+                "A (384,768) ⊗ B (1,2); attention, embeddings dense)", "configs/minilm-ffn2x.yaml"),
+    StudentSpec("linear4x", "linear layers 4x (`configs/minilm-linear4x.yaml`: Q/K/V/O A (192,192) ⊗ B (2,2), FFN "
+                "A (2,2) ⊗ B (768,192) and swapped; embeddings dense)", "configs/minilm-linear4x.yaml"),
+    StudentSpec("kb8", f"KroneckerBERT8 shapes at MiniLM's sizes (`{KB8}`: Q/K/V/O 4x, FFN 16x, embeddings n = 8), "
+                "no stage 1", KB8),
+    StudentSpec("kb8-s1", "the same, started from stage 1 (the compressed pretrained encoder distilled from MiniLM on "
+                "enwiki-sample text)", KB8, stage1=True),
+    StudentSpec("truncated3", "the teacher truncated to its layers 0, 2, 4 (3 of 6; student layer l learns teacher layer "
+                "1, 3, 5, so the last one feeds the copied span head as the teacher's last did): the baseline of dropping "
+                "layers, at 17.2 M parameters between `ffn2x` and `linear4x`", keep_layers=(0, 2, 4)),
+]}
+
+
+@dataclass
+class SquadData:
+    """Where the questions come from: the local split's folder, or its train.json and a dev subset file."""
+
+    folder: Path
+    dev_file: Path | None = None
+
+    def run_arguments(self) -> dict[str, Any]:
+        """The data arguments of :func:`kronlm.tasks.squad.run_squad`."""
+        if self.dev_file is None:
+            return {"data_dir": self.folder}
+        return {"train_file": self.folder / "train.json", "dev_file": self.dev_file}
+
+    def flags(self) -> list[str]:
+        """The same as ``kronlm squad`` flags."""
+        if self.dev_file is None:
+            return ["--data-dir", str(self.folder.parent)]
+        return ["--train-file", str(self.folder / "train.json"), "--dev-file", str(self.dev_file)]
+
+    def inputs(self) -> tuple:
+        """What the run reads, for :func:`kronlm.tasks.claim_task_folder`."""
+        args = self.run_arguments()
+        return (args.get("train_file"), args.get("dev_file"), args.get("data_dir"))
+
+
+def parse_float_list(text: str, option: str) -> list[float]:
+    """Positive floats from a comma-separated list.
+
+    Raises:
+        SystemExit: an empty list, or an item that is not a positive number (names ``option``).
+    """
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise SystemExit(f"{option}: {item!r} is not a number (expected e.g. 5e-5,1e-4)") from None
+        if not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"{option}: {item!r} is not a positive number")
+        values.append(value)
+    return values
+
+
+def parse_windows(text: str) -> list[tuple[int, int]]:
+    """(max length, doc stride) pairs from ``"256:96,384:128"``.
+
+    Raises:
+        SystemExit: an item that is not two integers joined by ``:``.
+    """
+    pairs = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise SystemExit(f"--teacher-windows: expected LENGTH:STRIDE pairs such as 256:96, got {item!r}")
+        pairs.append((int(parts[0]), int(parts[1])))
+    return pairs
+
+
+def teacher_grid(args) -> list[TeacherSetting]:
+    """Every (learning rate, window) setting of the teacher grid, learning rate first."""
+    return [TeacherSetting(lr, length, stride) for length, stride in parse_windows(args.teacher_windows)
+            for lr in parse_float_list(args.teacher_lrs, "--teacher-lrs")]
+
+
+def settings_of(args) -> dict[str, Any]:
+    """The invocation's settings that rows depend on (:data:`TEACHER_KEYS`, :data:`STUDENT_KEYS`)."""
+    return {"train_questions": args.train_questions, "dev_questions": args.dev_questions, "batch_size": args.batch_size,
+            "mixed_precision": args.mixed_precision, "teacher_epochs": args.teacher_epochs,
+            "teacher_patience": args.teacher_patience, "student_epochs": args.student_epochs,
+            "student_steps": args.student_steps, "stage1_steps": args.stage1_steps}
+
+
+def check_rows_match(rows: dict[str, dict], settings: dict[str, Any], work: Path) -> None:
+    """Refuse to add rows to a work folder whose rows were measured with other settings.
+
+    Raises:
+        SystemExit: a row whose recorded setting differs (names the row, the setting, both values).
+    """
+    for name, row in rows.items():
+        keys = TEACHER_KEYS if row["kind"] == "teacher" else STUDENT_KEYS
+        for key in keys:
+            if key in row["settings"] and row["settings"][key] != settings[key]:
+                raise SystemExit(f"{work}/results.jsonl: row {name} was measured with {key} = {row['settings'][key]!r}, "
+                                 f"this invocation has {settings[key]!r}; use the same settings or another --work")
+
+
+def task_overrides(args, row_settings: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`SquadTrainConfig` fields every row sets from the invocation (device sizing, subsets)."""
+    return {"batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "mixed_precision": args.mixed_precision,
+            "max_train_examples": row_settings["train_questions"]}
+
+
+def teacher_config(args, setting: TeacherSetting) -> SquadTrainConfig:
+    """The teacher settings of one grid point: configs/squad-minilm-teacher.yaml, validated once per
+    epoch, ``--teacher-epochs`` epochs, the early stop of ``--teacher-patience``.
+
+    Raises:
+        SystemExit: settings the config refuses (a doc stride not below the length, ...), named.
+    """
+    overrides = {**task_overrides(args, settings_of(args)), "lr": setting.lr, "max_length": setting.max_length,
+                 "doc_stride": setting.doc_stride, "epochs": float(args.teacher_epochs), "max_steps": None, "eval_every": 0,
+                 "early_stopping_patience": args.teacher_patience or None}
+    try:
+        return SquadTrainConfig.from_file(REPO / TEACHER_CONFIG, overrides)
+    except ValueError as exc:
+        raise SystemExit(f"{setting.name}: {exc}") from None
+
+
+def student_config(args, teacher_row: dict) -> SquadTrainConfig:
+    """The student settings: configs/squad-minilm-student.yaml at the teacher's window length and
+    stride, ``--student-epochs`` epochs or ``--student-steps`` steps."""
+    overrides = {**task_overrides(args, settings_of(args)), "max_length": teacher_row["max_length"],
+                 "doc_stride": teacher_row["doc_stride"], "epochs": float(args.student_epochs), "max_steps": args.student_steps}
+    try:
+        return SquadTrainConfig.from_file(REPO / STUDENT_CONFIG, overrides)
+    except ValueError as exc:
+        raise SystemExit(f"student settings: {exc}") from None
+
+
+def write_dev_subset(source: Path, questions: int, out: Path) -> Path:
+    """The first ``questions`` questions of an official-format SQuAD file, written to ``out`` in
+    the same format (for smoke runs); returns ``out``.
+
+    Raises:
+        SystemExit: ``questions`` < 1.
+    """
+    if questions < 1:
+        raise SystemExit(f"--dev-questions must be at least 1, got {questions}")
+    root = read_json(source)
+    left, articles = questions, []
+    for article in root["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if left <= 0:
+                break
+            qas = paragraph["qas"][:left]
+            left -= len(qas)
+            paragraphs.append({**paragraph, "qas": qas})
+        if paragraphs:
+            articles.append({**article, "paragraphs": paragraphs})
+        if left <= 0:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"version": root.get("version", "1.1"), "data": articles})
+    return out
+
+
+def timed(argv: list[str], step) -> tuple[float, float]:
+    """Print and run one ``kronlm`` command's library calls (``glue_minilm.timed``); returns
+    (wall seconds, CPU seconds of this process)."""
+    cpu = time.process_time()
+    wall = glue_benchmark.timed(argv, step)
+    cpu = time.process_time() - cpu
+    print(f"# {wall:,.0f} s wall, {cpu:,.0f} s CPU", flush=True)
+    return wall, cpu
+
+
+def squad_run(out: Path, config: SquadTrainConfig, data: SquadData, argv: list[str], threads: int, **models) -> tuple[TaskReport, float, float, bool]:
+    """``kronlm squad ... --config WORK/configs/NAME.yaml --out OUT --resume``: write the settings
+    file, claim ``out``, run :func:`kronlm.tasks.squad.run_squad` (continuing from checkpoints left
+    by an interrupted call).
+
+    Returns:
+        (report, wall seconds, CPU seconds, whether a checkpoint was resumed).
+    """
+    config_file = out.parent.parent / "configs" / f"{out.name}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config.to_file(config_file)
+    resumed = any(latest_checkpoint(out / run) is not None for run in ("teacher-run", "student-run") if (out / run).is_dir())
+    inputs = (models.get("model"), models.get("student_init"), models.get("general_distill"), models.get("student"),
+              str(config_file), None, *data.inputs())
+    folder = claim_task_folder(out, models.get("teacher"), inputs)
+    argv = ["squad", *argv, "--config", str(config_file), *data.flags(), "--out", str(out), "--threads", str(threads), "--resume"]
+    holder = {}
+    wall, cpu = timed(argv, lambda: holder.setdefault("report", run_squad(folder, config=config, resume=True, **data.run_arguments(),
+                                                                        **models)))
+    return holder["report"], wall, cpu, resumed
+
+
+def validation_curve(run_dir: Path, history: list[dict]) -> list[dict]:
+    """Held-out F1 / EM at every validation of a training run, across resumed calls.
+
+    ``history`` is the ``val_history`` of the run's last call (``training_summary.json``); the
+    validations of earlier calls come from the run's TensorBoard logs (``val/f1``,
+    ``val/exact_match``). Returns ``[{"step", "f1", "exact_match"}]`` by step, fractions.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, dict[str, float]] = {}
+    for events in sorted((run_dir / "logs").rglob("events.out.tfevents*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags = accumulator.Tags().get("scalars", [])
+        for key in ("f1", "exact_match"):
+            if f"val/{key}" in tags:
+                for event in accumulator.Scalars(f"val/{key}"):
+                    points.setdefault(int(event.step), {})[key] = float(event.value)
+    for entry in history:
+        points[int(entry["step"])] = {"f1": float(entry["f1"]), "exact_match": float(entry["exact_match"])}
+    return [{"step": step, **values} for step, values in sorted(points.items()) if "f1" in values]
+
+
+def model_row(report: TaskReport, role: str) -> dict[str, Any]:
+    """The fields of one model of a task report that the tables show."""
+    row = report.row(role)
+    return {"metrics": row.metrics, "metrics_final": row.metrics_final, "metrics_best": row.metrics_best, "params": row.params,
+            "params_embedding_linear": row.params_embedding_linear, "train_examples": row.train_examples,
+            "train_steps": row.train_steps, "train_seconds": row.train_seconds, "train_tokens": row.train_tokens,
+            "selection": row.selection, "model": row.model}
+
+
+def run_teacher(setting: TeacherSetting, args, work: Path, data: SquadData) -> dict:
+    """Fine-tune one teacher of the grid; returns its row (curve, choice, dev scores, times)."""
+    out = work / "runs" / setting.name
+    config = teacher_config(args, setting)
+    report, wall, cpu, resumed = squad_run(out, config, data, ["--model", "minilm"], args.threads, model="minilm")
+    teacher = model_row(report, "teacher")
+    summary = read_json(out / "teacher" / "training_summary.json")
+    per_epoch = max(1, teacher["train_examples"] // config.batch_size)
+    curve = [{**point, "epoch": round(point["step"] / per_epoch, 2)}
+             for point in validation_curve(out / "teacher-run", summary["run"].get("val_history") or [])]
+    return {"name": setting.name, "kind": "teacher", "lr": setting.lr, "max_length": setting.max_length,
+            "doc_stride": setting.doc_stride, "curve": curve, "steps_per_epoch": per_epoch,
+            "stopped_early": bool(summary["run"].get("stopped_early")), "teacher": teacher,
+            "folder": str(out / "teacher"), "data": report.settings.get("data"), "wall_seconds": wall, "cpu_seconds": cpu,
+            "resumed": resumed}
+
+
+def chosen_teacher(rows: dict[str, dict]) -> dict | None:
+    """The teacher row with the best held-out F1 (at its best epoch), or None without one."""
+    teachers = [r for r in rows.values() if r["kind"] == "teacher"]
+    if not teachers:
+        return None
+    return max(teachers, key=lambda r: r["teacher"]["selection"].get("value") or float("-inf"))
+
+
+def stage1_encoder(args, work: Path) -> dict:
+    """KroneckerBERT's stage 1, run once per work folder: MiniLM compressed with the KroneckerBERT8
+    shapes and distilled from MiniLM on enwiki-sample text (``--stage1-steps`` steps of
+    configs/distill-minilm-general.yaml, one pass over fresh text). Returns its record
+    (``WORK/stage1/stage1.json``: folder of the chosen encoder, steps, held-out loss, seconds).
+
+    Raises:
+        SystemExit: a stage 1 of another step count already in the work folder.
+    """
+    folder = work / "stage1"
+    record_file = folder / "stage1.json"
+    if record_file.is_file():
+        record = read_json(record_file)
+        if record["steps"] != args.stage1_steps:
+            raise SystemExit(f"{record_file}: stage 1 ran {record['steps']} steps, this invocation asks for "
+                             f"{args.stage1_steps} (--stage1-steps); use the same or another --work")
+        return record
+    compressed = folder / "compressed"
+    if not (compressed / "config.json").is_file():
+        timed(["compress", "minilm", "--config", KB8, "--out", str(compressed)], lambda: glue_benchmark.compress_minilm(compressed))
+    steps = args.stage1_steps
+    config = TrainingConfig.from_file(REPO / GENERAL, {"max_steps": steps, "epochs": None, "warmup_steps": min(steps // 10, steps - 1),
+                                                       "mixed_precision": args.mixed_precision})
+    tokens_per_step = config.micro_batch_size * config.grad_accum_steps * config.block_size
+    val_fraction = 0.05
+    max_tokens = math.ceil(steps * tokens_per_step / (1 - val_fraction)) + tokens_per_step
+    config_file = work / "configs" / "stage1.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config.to_file(config_file)
+    text = Path(args.data_dir) / ENWIKI
+    run_dir = folder / "run"
+    resume = run_dir.is_dir() and latest_checkpoint(run_dir) is not None
+    holder = {}
+    wall, cpu = timed(
+        ["distill", "--student", str(compressed), "--teacher", "minilm", "--data", str(text), "--max-tokens", str(max_tokens),
+         "--val-fraction", str(val_fraction), "--out", str(run_dir), "--config", str(config_file), *(["--resume"] if resume else [])],
+        lambda: holder.setdefault("result", distill_on_text(str(compressed), "minilm", text, config, run_dir, resume=resume,
+                                                            max_tokens=max_tokens, val_fraction=val_fraction)))
+    result = holder["result"]
+    if result.best_dir is None:
+        raise SystemExit(f"{run_dir}: stage 1 wrote no best/ (no finite held-out loss); see its log above")
+    record = {"folder": str(run_dir / "best"), "steps": steps, "tokens": result.tokens_seen, "max_tokens": max_tokens,
+              "best_step": result.best_step, "held_out_loss": result.best_val, "val_metric": result.val_metric,
+              "train_seconds": result.seconds, "wall_seconds": wall, "cpu_seconds": cpu, "resumed": resume}
+    write_json(record_file, record)
+    return record
+
+
+def truncated_init(spec: StudentSpec, teacher_row: dict, work: Path) -> Path:
+    """``kronlm truncate TEACHER --layers ...``: the chosen teacher's encoder cut to
+    ``spec.keep_layers`` (the pipeline gives it the teacher's span head); returns its folder."""
+    out = work / "models" / f"{spec.name}-from-{teacher_row['name']}"
+    if not (out / "config.json").is_file():
+        layers = ",".join(str(i) for i in spec.keep_layers)
+        timed(["truncate", teacher_row["folder"], "--layers", layers, "--out", str(out)],
+              lambda: save_truncated(load_model(teacher_row["folder"]), list(spec.keep_layers), out,
+                                     tokenizer=load_tokenizer(teacher_row["folder"])))
+    return out
+
+
+def encoder_linear_parameters(folder: Path) -> int:
+    """Parameters of the linear layers (dense or Kronecker, biases included) in a QA model's
+    encoder layers: what the "linear layers" ratio is stated on (embeddings, pooler and head apart)."""
+    from transformers import AutoModelForQuestionAnswering
+
+    model = load(folder, auto_class=AutoModelForQuestionAnswering)
+    return count_embedding_linear_parameters(model.base_model.encoder)
+
+
+def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: SquadData) -> dict:
+    """Distil one student from the chosen teacher by task ILKD; returns its row."""
+    out = work / "runs" / spec.name
+    config = student_config(args, teacher_row)
+    models: dict[str, Any] = {"teacher": teacher_row["folder"]}
+    argv = ["--teacher", teacher_row["folder"]]
+    stage1 = None
+    if spec.compression is not None:
+        models["student"] = str(REPO / spec.compression)
+        argv += ["--student-config", spec.compression]
+    if spec.stage1:
+        stage1 = stage1_encoder(args, work)
+        models["general_distill"] = stage1["folder"]
+        argv += ["--general-distill", stage1["folder"]]
+    if spec.keep_layers is not None:
+        depth = read_json(Path(teacher_row["folder"]) / "config.json")["num_hidden_layers"]
+        layer_map = uniform_layer_map(len(spec.keep_layers), depth)
+        models.update(student_init=str(truncated_init(spec, teacher_row, work)), layer_map=layer_map)
+        argv += ["--student-init", models["student_init"], "--layer-map", ",".join(str(i) for i in layer_map)]
+    report, wall, cpu, resumed = squad_run(out, config, data, argv, args.threads, **models)
+    return {"name": spec.name, "kind": "student", "teacher_name": teacher_row["name"], "teacher": model_row(report, "teacher"),
+            "student": model_row(report, "student"), "linear_params": encoder_linear_parameters(out / "student"),
+            "teacher_linear_params": encoder_linear_parameters(Path(teacher_row["folder"])), "stage1": stage1,
+            "folder": str(out / "student"), "wall_seconds": wall, "cpu_seconds": cpu, "resumed": resumed}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def pct(fraction: float | None) -> str:
+    """A fraction as a percent with 2 decimals, or "-"."""
+    return "-" if fraction is None else f"{100 * fraction:.2f}"
+
+
+def minutes(seconds: float | None) -> str:
+    """Seconds as minutes with 1 decimal, or "-"."""
+    return "-" if not seconds else f"{seconds / 60:,.1f}"
+
+
+def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None, png: str | None) -> list[str]:
+    """The teacher grid (row names): held-out F1 / EM after each epoch, the best epoch, dev scores of the kept checkpoint."""
+    measured = [rows[name] for name in grid if name in rows]
+    measured += [r for r in rows.values() if r["kind"] == "teacher" and r not in measured]
+    lines = ["## Teacher", ""]
+    if not measured:
+        return lines + ["No teacher measured yet.", ""]
+    table = []
+    for r in measured:
+        curve = " / ".join(f"{pct(p['f1'])} ({pct(p['exact_match'])})" for p in r["curve"])
+        sel = r["teacher"]["selection"]
+        best = next((p for p in r["curve"] if p["step"] == sel.get("step")), None)
+        mark = " **(chosen)**" if chosen is not None and r["name"] == chosen["name"] else ""
+        table.append([f"`{r['name']}`{mark}", f"{r['lr']:g}", r["max_length"], r["doc_stride"], curve or "-",
+                      "-" if best is None else f"{best['epoch']:g}", pct(sel.get("value")),
+                      pct(r["teacher"]["metrics"].get("exact_match")), pct(r["teacher"]["metrics"].get("f1")),
+                      minutes(r["teacher"]["train_seconds"]) + (" (resumed)" if r.get("resumed") else "")])
+    lines += [markdown_table(["setting", "lr", "max length", "doc stride", "held-out F1 (EM) after each epoch", "best epoch",
+                              "held-out F1, best", "dev EM", "dev F1", "train (min)"], table), "",
+              "Held-out: 10 % of train.json's questions in whole paragraphs (the same for every row), never trained on. The "
+              "students learn from the setting whose best epoch has the best held-out F1; dev.json is the kept (best) "
+              "checkpoint's, reported only.", ""]
+    if png:
+        lines += [f"![held-out F1 of each teacher setting after each epoch]({png})", ""]
+    return lines
+
+
+def retention(row: dict) -> float | None:
+    """A student row's dev F1 over its teacher's (a fraction), or None when the teacher's F1 is 0."""
+    teacher_f1 = row["teacher"]["metrics"].get("f1")
+    return row["student"]["metrics"]["f1"] / teacher_f1 if teacher_f1 else None
+
+
+def student_cells(r: dict, chosen: dict | None) -> list:
+    """One student table row: dev scores, sizes, ratios, retention, the held-out score that chose it, times."""
+    s, t = r["student"], r["teacher"]
+    kept = retention(r)
+    sel = s["selection"]
+    choice = (f"{pct(sel.get('value'))} (step {sel.get('step')} of {sel.get('max_steps')})" if sel.get("checkpoint") == "best"
+              else sel.get("checkpoint", "-"))
+    stage1 = r.get("stage1") or {}
+    stale = "" if chosen is None or r["teacher_name"] == chosen["name"] else f" (teacher `{r['teacher_name']}`)"
+    return [f"`{r['name']}`{stale}", pct(s["metrics"].get("exact_match")), pct(s["metrics"].get("f1")),
+            "-" if kept is None else f"{100 * kept:.1f} %", f"{s['params']:,}", f"{t['params'] / s['params']:.2f}x",
+            f"{r['teacher_linear_params'] / r['linear_params']:.2f}x", choice, f"{s['train_seconds']:,.0f}",
+            f"{stage1['train_seconds']:,.0f}" if stage1 else "-"]
+
+
+def goals_section(rows: dict[str, dict], chosen: dict | None, unmeasured: int) -> list[str]:
+    """The project's goals for this benchmark, each with its status from the rows (``unmeasured``:
+    teacher settings of the grid without a row)."""
+    def kept(name):
+        return None if name not in rows else retention(rows[name])
+
+    teacher_f1 = None if chosen is None else 100 * chosen["teacher"]["metrics"]["f1"]
+    ffn, s1, kb8 = kept("ffn2x"), kept("kb8-s1"), kept("kb8")
+    status = []
+    status.append("not measured yet" if teacher_f1 is None else f"{'met' if teacher_f1 >= TEACHER_GOAL_F1 else 'missed'}: F1 "
+                  f"{teacher_f1:.2f}" + (f" (so far: {unmeasured} setting(s) of the grid not measured yet)" if unmeasured else ""))
+    status.append("not measured yet" if "ffn2x" not in rows else "undefined (teacher F1 0)" if ffn is None
+                  else f"{'met' if ffn >= FFN2X_GOAL else 'missed'}: {100 * ffn:.1f} %")
+    if "kb8-s1" not in rows or "kb8" not in rows:
+        status.append("not measured yet" + ("" if s1 is None else f" (with stage 1: {100 * s1:.1f} %)"))
+    elif s1 is None or kb8 is None:
+        status.append("undefined (teacher F1 0)")
+    else:
+        met = s1 >= KB8_STAGE1_GOAL and s1 > kb8
+        status.append(f"{'met' if met else 'missed'}: {100 * s1:.1f} % with stage 1, {100 * kb8:.1f} % without")
+    return ["## Goals", "",
+            "The project's goals for this benchmark (F1 on dev.json; retention = a student's F1 / its teacher's F1):", "",
+            f"- Teacher F1 ≥ {TEACHER_GOAL_F1:g} on dev.json: {status[0]}.",
+            f"- The FFN-only 2x student (`ffn2x`) keeps ≥ {100 * FFN2X_GOAL:g} % of the teacher's F1: {status[1]}.",
+            f"- The KroneckerBERT8 student with stage 1 (`kb8-s1`) keeps ≥ {100 * KB8_STAGE1_GOAL:g} % and more than the same "
+            f"student without stage 1 (`kb8`), KroneckerBERT's ablation: {status[2]}.", ""]
+
+
+def missing_rows(rows: dict[str, dict], grid: list[str], command_base: str) -> list[str]:
+    """The "Not measured yet" lines: each missing row (teacher grid names, then students) with the
+    invocation that measures it."""
+    names = [*grid, *STUDENTS]
+    lines = [f"- `{name}`: `{command_base} --only {name}`" for name in names if name not in rows]
+    if not lines:
+        return []
+    return ["## Not measured yet", "",
+            "Each is one invocation (students need every teacher row first; an interrupted row resumes from its "
+            "checkpoints):", "", *lines, ""]
+
+
+def settings_lines(rows: dict[str, dict]) -> list[str]:
+    """What the rows were trained with: subsets, epochs, batch, precision, device."""
+    lines = []
+    for kind, keys in (("teacher", TEACHER_KEYS), ("student", STUDENT_KEYS)):
+        of_kind = [r for r in rows.values() if r["kind"] == kind]
+        if of_kind:
+            s = {k: v for r in of_kind for k, v in r["settings"].items()}  # the rows agree (check_rows_match)
+            shown = ", ".join(f"{k.replace('_', ' ')} {'all' if s.get(k) is None and k.endswith('questions') else s.get(k)}"
+                              for k in keys if k in s)
+            devices = sorted({r["environment"]["device"] for r in of_kind})
+            lines.append(f"- {kind} rows: {shown}; device {', '.join(devices)}.")
+    return lines
+
+
+def subset_warning(rows: dict[str, dict]) -> list[str]:
+    """A warning paragraph when any row trained or was scored on a subset of the questions (smoke runs)."""
+    subsets = sorted({f"{key.replace('_', ' ')} {r['settings'][key]}" for r in rows.values()
+                      for key in ("train_questions", "dev_questions") if r["settings"].get(key) is not None})
+    if not subsets:
+        return []
+    return [f"**Subsets.** Rows below used {', '.join(subsets)} (`--train-questions` / `--dev-questions`): smoke-run "
+            "figures, not the benchmark's.", ""]
+
+
+def rerun_command(rows: dict[str, dict], default: str) -> str:
+    """The invocation of the latest row without ``--only``, ``--out`` and ``--report-only``: the base
+    of the commands that measure the missing rows with the same settings (``default`` without rows)."""
+    if not rows:
+        return default
+    argv, kept = shlex.split(list(rows.values())[-1]["command"]), []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--only", "--out"):
+            skip = True
+        elif token != "--report-only" and not token.startswith(("--only=", "--out=")):
+            kept.append(token)
+    return shlex.join(kept)
+
+
+def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, png: str | None, out: str = REPORT) -> str:
+    """The whole report (Markdown) of the rows measured so far; ``grid``: the teacher row names
+    asked for; ``command_base``: the command the missing rows are run with when no row records
+    one (:func:`rerun_command`); ``out``: the report's path in its ``--report-only`` command."""
+    chosen = chosen_teacher(rows)
+    command_base = rerun_command(rows, command_base)
+    unmeasured = sum(name not in rows for name in grid)
+    students = [rows[name] for name in STUDENTS if name in rows]
+    lines = ["# SQuAD v1.1: a MiniLM teacher and Kronecker students (KroneckerBERT's claims)", "",
+             f"**Data.** `{LOCAL_SQUAD_DIR}`: the official SQuAD v1.1 *dev* set split by article (train.json: 24 articles, "
+             "5,696 questions; dev.json: 8 articles, 1,539 questions). The figures are **not comparable with published "
+             "SQuAD dev numbers**: no model saw the official training set, and dev.json is 8 of dev's 48 articles.", "",
+             "**Split discipline.** Every setting and checkpoint is chosen on held-out training questions (10 % of "
+             "train.json, whole paragraphs, seeded; the same for every row); dev.json is evaluated and reported only.", "",
+             *subset_warning(rows), *goals_section(rows, chosen, unmeasured), *teacher_section(rows, grid, chosen, png), "## Students", ""]
+    if students:
+        lines += [markdown_table(["student", "dev EM", "dev F1", "retention (F1)", "params", "ratio (whole)", "ratio (linear layers)",
+                                  "held-out F1 that chose it", "train (s)", "stage 1 (s)"],
+                                 [student_cells(r, chosen) for r in students]), ""]
+    else:
+        lines += ["No student measured yet.", ""]
+    lines += ["Students (each from the chosen teacher, task ILKD of KroneckerBERT with `configs/squad-minilm-student.yaml` at "
+              "the teacher's max length and doc stride: embedding, attention-score and hidden MSE, KD on the start and end "
+              "logits, CE on the gold span):", "", *[f"- `{s.name}`: {s.what}." for s in STUDENTS.values()], "",
+              "Ratios are the teacher's parameters over the student's: whole QA model, and the linear layers of the "
+              "encoder (biases included; embeddings, head apart). Train (s): wall seconds of the task-distillation run "
+              "(of its last call when resumed); stage 1: of the general distillation.", ""]
+    previous = [text for key, text in PREVIOUS_ROUND.items()
+                if (key == "teacher" and chosen is None) or (key != "teacher" and key not in rows)]
+    if previous:
+        lines += ["## Previous round", "", "Measured before this benchmark's protocol, on a 3,000-question subset "
+                  "([squad_minilm_first.md](squad_minilm_first.md)); shown until a row above replaces it:", "",
+                  *[f"- {t}." for t in previous], ""]
+    lines += missing_rows(rows, grid, command_base)
+    settings = settings_lines(rows)
+    if settings:
+        lines += ["## Settings", "", *settings, ""]
+    runs = sorted({r["command"] for r in rows.values()})
+    notes = [f"`{r['name']}`: {r['environment']['date']}, device {r['environment']['device']}, torch threads "
+             f"{r['environment']['threads']}, commit `{r['environment']['commit']}`, {minutes(r['wall_seconds'])} min wall, "
+             f"{minutes(r['cpu_seconds'])} CPU-min" for r in rows.values()]
+    runs = runs or [f"{command_base} --only teacher", f"{command_base} --only students"]
+    lines.append(reproduce_section([*runs, f"{command_base} --report-only --out {out}"], notes=notes))
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: dict[str, dict], grid: list[str], args, command_base: str) -> None:
+    """The report to ``--out`` (and the teacher curve beside it, as PNG), else to stdout; ``grid``:
+    the teacher row names asked for."""
+    png = None
+    teachers = [r for r in rows.values() if r["kind"] == "teacher" and r["curve"]]
+    if args.out is not None and teachers:
+        png_path = png_beside(args.out)
+        line_plot({r["name"]: ([p["epoch"] for p in r["curve"]], [100 * p["f1"] for p in r["curve"]]) for r in teachers},
+                  png_path, title="SQuAD v1.1: MiniLM teacher, held-out F1 per epoch", xlabel="epoch",
+                  ylabel="held-out F1 (%)", reference=TEACHER_GOAL_F1, reference_label=f"goal on dev.json ({TEACHER_GOAL_F1:g})")
+        png = png_path.name
+    out = REPORT if args.out is None else args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
+    text = report_markdown(rows, grid, command_base, png, str(out))
+    if args.out is None:
+        print(text)
+    else:
+        print(f"report -> {write_markdown(text, args.out)}" + (f", {png_beside(args.out)}" if png else ""))
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """The rows of ``results.jsonl`` by name (a later row of the same name wins)."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["name"]] = row
+    return rows
+
+
+def parse_args(argv: list[str] | None = None):
+    """The command line; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/squad-minilm"), help="run folder: results.jsonl, runs/, configs/")
+    parser.add_argument("--out", type=Path, default=None, help=f"report to write (e.g. {REPORT}; the PNG goes beside it); default: print it")
+    parser.add_argument("--only", default="all",
+                        help="comma-separated rows to run: all, teacher (the grid), students, or row names (teacher-lr..., "
+                             + ", ".join(STUDENTS) + ")")
+    parser.add_argument("--report-only", action="store_true", help="only write the report from WORK/results.jsonl")
+    parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu", help="where training and evaluation run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--data-dir", type=Path, default=None, help=f"folder holding {LOCAL_SQUAD_DIR}/ and {ENWIKI} "
+                        "(default $KRONLM_DATA_DIR, else ../shared/data)")
+    parser.add_argument("--teacher-lrs", default=None, help="teacher learning rates tried (default 5e-5,1e-4,2e-4; "
+                        "--report-only: the grid the rows were run with)")
+    parser.add_argument("--teacher-windows", default=None, help="teacher MAX_LENGTH:DOC_STRIDE pairs tried (default "
+                        "256:96,384:128; --report-only: the grid the rows were run with)")
+    parser.add_argument("--teacher-epochs", type=int, default=4, help="teacher epochs at most (held-out F1 after each)")
+    parser.add_argument("--teacher-patience", type=int, default=1,
+                        help="stop a teacher after this many epochs without a better held-out F1 (0 = never)")
+    parser.add_argument("--student-epochs", type=float, default=3.0, help="task-distillation epochs of each student")
+    parser.add_argument("--student-steps", type=int, default=None, help="task-distillation steps instead (smoke runs)")
+    parser.add_argument("--stage1-steps", type=int, default=1000, help="stage-1 steps of 2,048 tokens (kb8-s1)")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per step (default: cpu 16, cuda 32)")
+    parser.add_argument("--eval-batch-size", type=int, default=None, help="windows per evaluation pass (default: cpu 64, cuda 256)")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "auto"], default=None, help="default: cpu no, cuda auto")
+    parser.add_argument("--train-questions", type=int, default=None, help="seeded subset of train.json's questions (smoke runs)")
+    parser.add_argument("--dev-questions", type=int, default=None, help="first N questions of dev.json only (smoke runs)")
+    args = parser.parse_args(argv)
+    args.grid_given = args.teacher_lrs is not None or args.teacher_windows is not None
+    args.teacher_lrs = args.teacher_lrs or "5e-5,1e-4,2e-4"
+    args.teacher_windows = args.teacher_windows or "256:96,384:128"
+    batch, eval_batch, precision = DEVICE_DEFAULTS[args.device]
+    args.batch_size = args.batch_size or batch
+    args.eval_batch_size = args.eval_batch_size or eval_batch
+    args.mixed_precision = args.mixed_precision or precision
+    for name in ("threads", "teacher_epochs", "stage1_steps", "batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("student_steps", "train_questions", "dev_questions"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.teacher_patience < 0 or not args.student_epochs > 0:
+        parser.error("--teacher-patience must be >= 0 and --student-epochs > 0")
+    args.work = args.work.resolve()
+    args.out = None if args.out is None else args.out.resolve()
+    data_dir = args.data_dir or default_data_dir()
     if data_dir is None:
-        raise SystemExit(f"no data: set $KRONLM_DATA_DIR to a folder holding {LOCAL_SQUAD_DIR}/")
-    folder = Path(data_dir) / LOCAL_SQUAD_DIR
-    inputs = (students.get("model"), None, students.get("general_distill"), students.get("student"), config_file, None, None, None, folder)
-    run_folder = claim_task_folder(out, students.get("teacher"), inputs)
-    report = run_squad(run_folder, config=config, data_dir=folder, **students)
-    print(report.markdown())
+        parser.error(f"no data: give --data-dir (a folder holding {LOCAL_SQUAD_DIR}/) or set $KRONLM_DATA_DIR")
+    args.data_dir = Path(data_dir).resolve()
+    return args
+
+
+def selected(only: str, grid: list[TeacherSetting]) -> set[str]:
+    """Row names ``--only`` asks for.
+
+    Raises:
+        SystemExit: an unknown name (lists the known ones).
+    """
+    teachers, students = [s.name for s in grid], list(STUDENTS)
+    names: set[str] = set()
+    for item in only.split(","):
+        if item == "all":
+            names |= set(teachers) | set(students)
+        elif item == "teacher":
+            names |= set(teachers)
+        elif item == "students":
+            names |= set(students)
+        elif item in teachers or item in students:
+            names.add(item)
+        else:
+            raise SystemExit(f"--only: unknown row {item!r}; known: all, teacher, students, {', '.join(teachers + students)}")
+    return names
 
 
 def main() -> None:
-    """Parse the arguments, run the missing parts, print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--threads", default="1", help="torch threads per run")
-    parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher")
-    parser.add_argument("--teacher-examples", default=None, help="seeded subset of training questions for the teacher")
-    parser.add_argument("--student-examples", default=None, help="seeded subset of training questions for the student")
-    parser.add_argument("--name", default="kb8", help="sub-folder of the student run")
-    parser.add_argument("--stage1", action="store_true", help="start the student from the stage-1 (general distillation) encoder")
-    parser.add_argument("--stage1-steps", default=None, help="replace the stage-1 config's step count")
-    parser.add_argument("--no-task-kd", action="store_true", help="train the student with CE on the gold spans only")
-    args = parser.parse_args()
+    """Run the rows ``--only`` asks for that WORK/results.jsonl lacks, then write the report."""
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything touches CUDA: the runs pick CUDA when they see it
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    torch.set_num_threads(args.threads)
+    os.chdir(REPO)
     command = "python benchmarks/squad_minilm.py " + shlex.join(sys.argv[1:])
+    work = args.work.relative_to(REPO) if args.work.is_relative_to(REPO) else args.work
+    base = shlex.join(["python", "benchmarks/squad_minilm.py", "--work", str(work),
+                       *([] if args.device == "cpu" else ["--device", args.device])])
+    grid = teacher_grid(args)
+    names = [s.name for s in grid]
+    results = args.work / "results.jsonl"
+    rows = read_rows(results)
+    if args.report_only:
+        recorded = list(dict.fromkeys(name for r in rows.values() for name in r.get("grid", ())))
+        write_reports(rows, names if args.grid_given or not recorded else recorded, args, base)
+        return
     print(reproduce_header(command), flush=True)
-    torch.set_num_threads(int(args.threads))
-    out = Path(args.out)
-    teacher = out / "teacher-only"
-    if not (teacher / "teacher").is_dir():
-        subset = {"max_train_examples": int(args.teacher_examples)} if args.teacher_examples else {}
-        run(["squad", "--model", "minilm", "--out", str(teacher), "--config", "configs/squad-minilm-teacher.yaml",
-             "--threads", args.threads, *(["--max-train-examples", args.teacher_examples] if subset else [])],
-            lambda: squad(teacher, "configs/squad-minilm-teacher.yaml", subset, model="minilm"))
-    tables = [read_report(teacher).markdown()]
-    if not args.teacher_only:
-        extra, overrides, students = [], {}, {}
-        if args.no_task_kd:
-            extra.append("--no-task-kd")
-            students["task_kd"] = False
-        if args.student_examples:
-            extra += ["--max-train-examples", args.student_examples]
-            overrides["max_train_examples"] = int(args.student_examples)
-        if args.stage1:
-            stage1 = out / "stage1"
-            if not (stage1 / "run" / "best").is_dir():
-                if not (stage1 / "compressed").is_dir():
-                    run(["compress", "minilm", "--config", KB8, "--out", str(stage1 / "compressed")],
-                        lambda: compress_minilm(stage1 / "compressed"))
-                steps = ["--max-steps", args.stage1_steps] if args.stage1_steps else []
-                stage_overrides = {"max_steps": int(args.stage1_steps), "epochs": None} if args.stage1_steps else {}
-                run(["distill", "--student", str(stage1 / "compressed"), "--teacher", "minilm", "--data", WIKITEXT_VALID,
-                     "--out", str(stage1 / "run"), "--config", GENERAL, *steps],
-                    lambda: distill_on_text(str(stage1 / "compressed"), "minilm", WIKITEXT_VALID,
-                                            RecoveryConfig.from_file(GENERAL, stage_overrides), stage1 / "run", data_dir=default_data_dir()))
-            extra += ["--general-distill", str(stage1 / "run" / "best")]
-            students["general_distill"] = str(stage1 / "run" / "best")
-        run(["squad", "--teacher", str(teacher / "teacher"), "--out", str(out / args.name), "--config",
-             "configs/squad-minilm-student.yaml", "--student-config", KB8, "--threads", args.threads, *extra],
-            lambda: squad(out / args.name, "configs/squad-minilm-student.yaml", overrides, teacher=str(teacher / "teacher"),
-                          student=KB8, **students))
-        tables.append(read_report(out / args.name).markdown())
-    print("\n".join(tables))
-    print("\n" + reproduce_section([command]))
+    wanted = selected(args.only, grid)
+    settings = settings_of(args)
+    check_rows_match(rows, settings, args.work)
+    for setting in grid:
+        teacher_config(args, setting)  # refuses bad grid settings before any work
+    folder = args.data_dir / LOCAL_SQUAD_DIR
+    for name in ("train.json", "dev.json"):
+        if not (folder / name).is_file():
+            raise SystemExit(f"{folder / name}: SQuAD file not found (see --data-dir)")
+    dev_file = None
+    if args.dev_questions:
+        dev_file = write_dev_subset(folder / "dev.json", args.dev_questions, args.work / "data" / f"dev-first-{args.dev_questions}.json")
+    data = SquadData(folder, dev_file)
+    env = environment_info(args.device)
+
+    def record(row: dict, keys: tuple[str, ...]) -> None:
+        row.update(settings={k: settings[k] for k in keys}, environment=env, command=command, grid=names)
+        rows[row["name"]] = row
+        with open(results, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    for setting in grid:
+        if setting.name in wanted and setting.name not in rows:
+            record(run_teacher(setting, args, args.work, data), TEACHER_KEYS)
+    todo = [spec for spec in STUDENTS.values() if spec.name in wanted and spec.name not in rows]
+    if todo:
+        missing = [s.name for s in grid if s.name not in rows]
+        teacher = chosen_teacher(rows)
+        if missing:
+            raise SystemExit(f"students need the chosen teacher: run the teacher rows first ({', '.join(missing)}; "
+                             f"`{base} --only teacher`)")
+        print(f"# students learn from {teacher['name']} (best held-out F1 {pct(teacher['teacher']['selection'].get('value'))})",
+              flush=True)
+        for spec in todo:
+            record(run_student(spec, teacher, args, args.work, data),
+                   STUDENT_KEYS if spec.stage1 else tuple(k for k in STUDENT_KEYS if k != "stage1_steps"))
+    write_reports(rows, names, args, base)
 
 
 if __name__ == "__main__":

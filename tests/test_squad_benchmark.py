@@ -1,0 +1,155 @@
+"""The SQuAD benchmark's student configs (configs/minilm-*.yaml) at MiniLM's widths, and the pure
+parts of benchmarks/squad_minilm.py: settings parsing, the dev subset, the validation curve across
+resumed calls, the row checks and the report (no training here; the smoke run trains)."""
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_bert
+from test_squad_data import article, qa, squad_file
+
+from kronlm.compression import CompressionConfig
+from kronlm.modeling import compress
+from kronlm.tasks import count_embedding_linear_parameters
+from kronlm.tasks.squad import read_squad_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("squad_minilm_benchmark", REPO / "benchmarks" / "squad_minilm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["squad_minilm_benchmark"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _benchmark()
+
+
+def _minilm_shaped_qa():
+    """A 2-layer BERT QA model with MiniLM's widths (hidden 384, 12 heads, FFN 1536), tiny vocabulary."""
+    return tiny_bert(cls_name="BertForQuestionAnswering", hidden_size=384, num_attention_heads=12, intermediate_size=1536,
+                     num_hidden_layers=2, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("name, ratio", [("minilm-ffn2x.yaml", 1.5), ("minilm-linear4x.yaml", 3.98)])
+def test_student_configs_compress_minilm_widths_and_comment_every_key(name, ratio):
+    path = REPO / "configs" / name
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith((" ", "#")) or line.lstrip().startswith("- modules"):
+            assert lines[i - 1].lstrip().startswith("#"), f"{name}: no comment above {line!r}"
+    assert set(yaml.safe_load(path.read_text())) == {"name", "description", "targets", "lm_head", "svd_solver"}
+    teacher = _minilm_shaped_qa()
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig.from_file(path))
+    dense, compressed = (count_embedding_linear_parameters(m.base_model.encoder) for m in (teacher, student))
+    assert dense / compressed == pytest.approx(ratio, abs=0.01)
+    # Embeddings and the span head stay dense in both.
+    assert isinstance(student.bert.embeddings.word_embeddings, torch.nn.Embedding)
+    assert isinstance(student.qa_outputs, torch.nn.Linear)
+
+
+def test_grid_names_and_bad_settings():
+    args = bench.parse_args(["--teacher-lrs", "1e-4,5e-5", "--teacher-windows", "256:96,384:128", "--data-dir", str(REPO)])
+    names = [s.name for s in bench.teacher_grid(args)]
+    assert names == ["teacher-lr0.0001-L256-S96", "teacher-lr5e-05-L256-S96", "teacher-lr0.0001-L384-S128",
+                     "teacher-lr5e-05-L384-S128"]
+    assert (args.batch_size, args.eval_batch_size, args.mixed_precision) == (16, 64, "no")
+    gpu = bench.parse_args(["--device", "cuda", "--data-dir", str(REPO)])
+    assert (gpu.batch_size, gpu.eval_batch_size, gpu.mixed_precision) == (32, 256, "auto")
+    with pytest.raises(SystemExit, match="--teacher-windows: expected LENGTH:STRIDE pairs such as 256:96, got '256'"):
+        bench.parse_windows("256")
+    with pytest.raises(SystemExit, match="--teacher-lrs: 'fast' is not a number"):
+        bench.parse_float_list("fast", "--teacher-lrs")
+    with pytest.raises(SystemExit, match="--only: unknown row 'kb9'"):
+        bench.selected("kb9", bench.teacher_grid(args))
+    assert bench.selected("students,teacher-lr5e-05-L256-S96", bench.teacher_grid(args)) == {*bench.STUDENTS, names[1]}
+    stride = bench.TeacherSetting(1e-4, 128, 128)
+    with pytest.raises(SystemExit, match="teacher-lr0.0001-L128-S128: .*doc_stride must be an integer in"):
+        bench.teacher_config(args, stride)
+
+
+def test_dev_subset_keeps_the_first_questions(tmp_path):
+    source = squad_file(tmp_path, [article([qa("a", [("river Seine", 36)]), qa("b", [("Paris", 0)])]),
+                                   article([qa("c", [("Paris", 0)])], title="Other")])
+    out = bench.write_dev_subset(source, 2, tmp_path / "sub" / "dev.json")
+    assert [e.id for e in read_squad_json(out)] == ["a", "b"]
+    assert [e.id for e in read_squad_json(bench.write_dev_subset(source, 9, tmp_path / "all.json"))] == ["a", "b", "c"]
+
+
+def test_validation_curve_joins_resumed_calls(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "logs" / "teacher"))  # the first call: epochs 1 and 2, then interrupted
+    for step, f1 in ((10, 0.25), (20, 0.5)):
+        writer.add_scalar("val/f1", f1, step)
+        writer.add_scalar("val/exact_match", f1 / 2, step)
+    writer.close()
+    history = [{"step": 20, "f1": 0.55, "exact_match": 0.3, "examples": 8}, {"step": 30, "f1": 0.6, "exact_match": 0.4}]
+    curve = bench.validation_curve(tmp_path, history)
+    assert [p["step"] for p in curve] == [10, 20, 30]
+    assert curve[0]["f1"] == pytest.approx(0.25) and curve[1] == {"step": 20, "f1": 0.55, "exact_match": 0.3}
+
+
+def _teacher_row(name, held_out, dev_f1, lr=1e-4):
+    metrics = {"exact_match": dev_f1 - 0.1, "f1": dev_f1}
+    return {"name": name, "kind": "teacher", "lr": lr, "max_length": 256, "doc_stride": 96, "resumed": False,
+            "curve": [{"step": 10, "epoch": 1.0, "f1": held_out - 0.1, "exact_match": 0.1},
+                      {"step": 20, "epoch": 2.0, "f1": held_out, "exact_match": 0.2}],
+            "teacher": {"metrics": metrics, "params": 100, "train_seconds": 60.0,
+                        "selection": {"checkpoint": "best", "step": 20, "max_steps": 20, "value": held_out}},
+            "settings": {"train_questions": None, "batch_size": 16}, "command": "python benchmarks/squad_minilm.py",
+            "environment": {"date": "2026-12-01", "device": "cpu", "threads": "1", "commit": "abc"},
+            "wall_seconds": 70.0, "cpu_seconds": 65.0}
+
+
+def _student_row(name, teacher, f1):
+    return {"name": name, "kind": "student", "teacher_name": teacher["name"], "teacher": teacher["teacher"],
+            "student": {"metrics": {"exact_match": f1 - 0.1, "f1": f1}, "params": 50, "train_seconds": 30.0,
+                        "selection": {"checkpoint": "best", "step": 5, "max_steps": 9, "value": 0.4}},
+            "linear_params": 25, "teacher_linear_params": 100, "stage1": {"train_seconds": 12.0} if name == "kb8-s1" else None,
+            "settings": {"student_epochs": 3.0}, "command": "python benchmarks/squad_minilm.py --only students",
+            "environment": {"date": "2026-12-02", "device": "cpu", "threads": "1", "commit": "abc"},
+            "wall_seconds": 40.0, "cpu_seconds": 35.0}
+
+
+def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path):
+    grid = [bench.TeacherSetting(1e-4, 256, 96).name, bench.TeacherSetting(2e-4, 256, 96).name]
+    empty = bench.report_markdown({}, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert "Teacher F1 ≥ 60 on dev.json: not measured yet" in empty
+    assert "dev EM 31.19 / F1 46.18" in empty and "dev EM 1.43 / F1 8.64" in empty  # previous round until replaced
+    assert "- `kb8-s1`: `python benchmarks/squad_minilm.py --work W --only kb8-s1`" in empty
+    weak, strong = _teacher_row(grid[0], 0.5, 0.58), _teacher_row(grid[1], 0.7, 0.65, lr=2e-4)
+    rows = {r["name"]: r for r in (weak, strong, _student_row("ffn2x", strong, 0.63), _student_row("kb8", strong, 0.50),
+                                   _student_row("kb8-s1", strong, 0.51), _student_row("truncated3", weak, 0.4))}
+    rows["truncated3"]["command"] = "python benchmarks/squad_minilm.py --work W2 --teacher-lrs 1e-4 --only truncated3 --out R"
+    text = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", "curve.png", "docs/x.md")
+    assert f"`{strong['name']}` **(chosen)**" in text and f"`{weak['name']}` **(chosen)**" not in text
+    assert "Teacher F1 ≥ 60 on dev.json: met: F1 65.00." in text
+    assert "keeps ≥ 95 % of the teacher's F1: met: 96.9 %." in text
+    assert "KroneckerBERT's ablation: missed: 78.5 % with stage 1, 76.9 % without." in text
+    assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | 40.00 (step 5 of 9) | 30 | - |" in text
+    assert f"`truncated3` (teacher `{weak['name']}`)" in text  # distilled from a teacher no longer chosen
+    assert "dev EM 31.19" not in text and "dev EM 1.43" not in text
+    # the missing rows are run with the settings of the latest row's invocation
+    assert "`linear4x`: `python benchmarks/squad_minilm.py --work W2 --teacher-lrs 1e-4 --only linear4x`" in text
+    assert "`kb8`: `python" not in text and "![held-out F1 of each teacher setting after each epoch](curve.png)" in text
+    assert "python benchmarks/squad_minilm.py --work W2 --teacher-lrs 1e-4 --report-only --out docs/x.md" in text
+
+
+def test_rows_of_other_settings_are_refused(tmp_path):
+    row = _teacher_row("teacher-lr0.0001-L256-S96", 0.5, 0.6)
+    settings = {"train_questions": None, "batch_size": 32}
+    with pytest.raises(SystemExit, match="row teacher-lr0.0001-L256-S96 was measured with batch_size = 16, this invocation has 32"):
+        bench.check_rows_match({row["name"]: row}, settings, tmp_path)
+    bench.check_rows_match({row["name"]: row}, {"train_questions": None, "batch_size": 16}, tmp_path)
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "lr": 3e-4}) + "\n")
+    assert bench.read_rows(tmp_path / "results.jsonl")[row["name"]]["lr"] == 3e-4
