@@ -151,7 +151,7 @@ def reproduce_header(command: str, info: dict[str, str] | None = None) -> str:
     info = info or environment_info()
     return "\n".join([
         f"command: {command}",
-        f"machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, {info['threads']} torch threads",
+        f"machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, {info['threads']} torch thread{'' if info['threads'] == '1' else 's'}",
         f"date: {info['date']}",
         f"versions: torch {info['torch']}, transformers {info['transformers']}, kronlm {info['kronlm']} (commit {info['commit']}), "
         f"Python {info['python']}",
@@ -168,7 +168,7 @@ def reproduce_section(commands: Sequence[str], info: dict[str, str] | None = Non
     """
     info = info or environment_info()
     lines = ["## Reproduce", "", "```bash", *commands, "```", "",
-             f"- Machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, {info['threads']} torch threads.",
+             f"- Machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, {info['threads']} torch thread{'' if info['threads'] == '1' else 's'}.",
              f"- Date: {info['date']}.",
              f"- Versions: torch {info['torch']}, transformers {info['transformers']}, kronlm {info['kronlm']}, commit `{info['commit']}`, "
              f"Python {info['python']}."]
