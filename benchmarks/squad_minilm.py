@@ -332,9 +332,10 @@ def squad_run(out: Path, config: SquadTrainConfig, data: SquadData, argv: list[s
 def validation_curve(run_dir: Path, history: list[dict]) -> list[dict]:
     """Held-out F1 / EM at every validation of a training run, across resumed calls.
 
-    ``history`` is the ``val_history`` of the run's last call (``training_summary.json``); the
-    validations of earlier calls come from the run's TensorBoard logs (``val/f1``,
-    ``val/exact_match``). Returns ``[{"step", "f1", "exact_match"}]`` by step, fractions.
+    ``history`` is the run's ``val_history`` (``training_summary.json``; checkpoints carry it
+    across resumes); for runs whose checkpoints predate that, the validations of earlier calls
+    come from the run's TensorBoard logs (``val/f1``, ``val/exact_match``). Returns
+    ``[{"step", "f1", "exact_match"}]`` by step, fractions.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

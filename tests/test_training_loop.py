@@ -4,6 +4,8 @@ objective, validator and no export; early stopping; the length-grouped data orde
 
 from __future__ import annotations
 
+import json
+
 import random
 
 import numpy as np
@@ -117,7 +119,7 @@ def test_block_wise_distillation_runs_through_the_same_loop_and_resumes_bit_exac
     fresh = Block(55)
     resumed = block_trainer(tmp_path, fresh, tmp_path / "resumed").run(resume=True)
     assert resumed.start_step == 10 and resumed.losses == full.losses[10:]  # dropout on: the RNG was restored
-    assert resumed.val_history == full.val_history[2:]
+    assert resumed.val_history == full.val_history  # the two validations before the kill come from the checkpoint
     assert (resumed.best_step, resumed.best_val) == (full.best_step, full.best_val)
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "resumed")
     assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
@@ -212,5 +214,10 @@ def test_a_time_limit_stops_validates_and_checkpoints_and_a_resumed_run_continue
     assert run.time_limited and not run.stopped_early and 0 < run.steps < 20
     assert run.val_history[-1]["step"] == run.steps  # validated at the stop, although not a multiple of eval_every
     assert latest_checkpoint(tmp_path / "t").name == f"step-{run.steps:07d}"
+    saved = json.loads((latest_checkpoint(tmp_path / "t") / "trainer_state.json").read_text())
+    assert saved["val_history"] == run.val_history and 0 < saved["train_seconds"] <= run.seconds
     again = block_trainer(tmp_path, Block(0), tmp_path / "t").run(resume=True)  # no limit this time
     assert again.start_step == run.steps and again.steps == 20 and not again.time_limited
+    # The resumed run keeps the validations and the time spent before the interruption.
+    assert again.val_history[:len(run.val_history)] == run.val_history and len(again.val_history) > len(run.val_history)
+    assert again.total_seconds == pytest.approx(saved["train_seconds"] + again.seconds)

@@ -491,6 +491,9 @@ _STATE_RULES: dict[str, tuple[Any, str]] = {
     "world_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "max_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "validations_since_best": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "train_seconds": (lambda v: _is_finite_number(v) and v >= 0, "a finite number >= 0"),
+    "val_history": (lambda v: isinstance(v, list) and all(isinstance(e, dict) and _is_int(e.get("step")) and e["step"] >= 1 for e in v),
+                    "a list of {\"step\": integer >= 1, ...} records"),
     "best_step": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "best_val": (lambda v: v is None or _is_finite_number(v), "null or a finite number"),
     "best_val_ppl": (lambda v: v is None or _is_finite_number(v), "null or a finite number"),
@@ -511,7 +514,7 @@ def check_trainer_state(state: dict[str, Any], file: str | Path, *, folder_step:
     Every known key that is present must hold a value of its type and range (``step`` and
     ``tokens_seen`` integers >= 0, ``world_size`` >= 1, ``best_val`` finite or null, ...), and
     together they must agree: ``step`` equals the folder's step, ``best_step`` and ``step`` are at
-    most ``max_steps``, ``best_step`` at most ``step``, and ``epoch`` x steps per epoch +
+    most ``max_steps``, ``best_step`` and every ``val_history`` step at most ``step``, and ``epoch`` x steps per epoch +
     ``step_in_epoch`` equals ``step`` (steps per epoch = ``train_examples // blocks_per_step``).
 
     Args:
@@ -533,6 +536,9 @@ def check_trainer_state(state: dict[str, Any], file: str | Path, *, folder_step:
         raise CheckpointError(f"{file}: step = {step} but the folder is {step_dirname(folder_step)}")
     if state.get("best_step") is not None and state["best_step"] > step:
         raise CheckpointError(f"{file}: best_step = {state['best_step']} is after the checkpoint's step {step}")
+    late = [v["step"] for v in state.get("val_history", []) if v["step"] > step]
+    if late:
+        raise CheckpointError(f"{file}: val_history has a validation at step {late[0]}, after the checkpoint's step {step}")
     if state.get("max_steps") is not None and step > state["max_steps"]:
         raise CheckpointError(f"{file}: step = {step} exceeds max_steps = {state['max_steps']}")
     if all(k in state for k in ("epoch", "step_in_epoch", "train_examples", "blocks_per_step")):

@@ -123,8 +123,9 @@ class TrainResult:
             LM head), ``"distill_loss"`` (the objective on held-out blocks; encoders such as
             ``BertModel``), a task metric (``"accuracy"``, ...); None without validation.
         greater_is_better: the direction of ``val_metric``.
-        val_history: every validation pass in this call: ``{"step", <the validator's metrics>}``,
-            e.g. ``{"step", "loss", "ppl", "tokens"}`` for ``"ppl"``.
+        val_history: every validation pass of the run, those before a resume included (they are
+            kept in the checkpoints): ``{"step", <the validator's metrics>}``, e.g.
+            ``{"step", "loss", "ppl", "tokens"}`` for ``"ppl"``.
         best_val / best_step: best validation metric so far and its step (None without a finite
             validation value).
         best_val_ppl: ``best_val`` when the metric is perplexity, else None.
@@ -133,6 +134,9 @@ class TrainResult:
             continues from there.
         train_examples: training examples (blocks) the data order draws from.
         seconds: wall time of this call, in seconds.
+        total_seconds: wall time of the whole run up to now, in seconds: this call's plus, after a
+            resume, the time the run had spent up to the checkpoint it resumed from (the time
+            between that checkpoint and an interruption is lost with the interruption).
         final_dir / best_dir: the exported models (None when not written).
         last_checkpoint: the newest checkpoint folder (None when none was written).
     """
@@ -151,6 +155,7 @@ class TrainResult:
     time_limited: bool = False
     train_examples: int = 0
     seconds: float = 0.0
+    total_seconds: float = 0.0
     final_dir: Path | None = None
     best_dir: Path | None = None
     last_checkpoint: Path | None = None
@@ -273,6 +278,7 @@ class Trainer:
         self.count_tokens, self.accelerator, self.desc = count_tokens, accelerator, desc
         self.result: TrainResult | None = None
         self.validations_since_best = 0
+        self._seconds_before = 0.0  # wall seconds the run spent before the checkpoint it resumed from
         self._progress = None
 
     # ------------------------------------------------------------------------------------ setup
@@ -410,6 +416,9 @@ class Trainer:
             result.best_step = state.get("best_step")
             self.validations_since_best = int(state.get("validations_since_best", 0))
         result.stopped_early = bool(state.get("stopped_early", False))
+        # Checkpoints from before these keys have neither: the history and the clock restart here.
+        result.val_history = [dict(v) for v in state.get("val_history", [])]
+        self._seconds_before = float(state.get("train_seconds", 0.0))
 
     def _start_logging(self) -> None:
         accelerator, config, result = self.accelerator, self.config, self.result
@@ -473,6 +482,7 @@ class Trainer:
         finally:
             self.close()
         self.result.seconds = time.perf_counter() - started
+        self.result.total_seconds = self._seconds_before + self.result.seconds
         return self.result
 
     def epoch_batches(self, epoch: int, offset: int) -> Iterator[dict[str, Any]]:
@@ -637,6 +647,8 @@ class Trainer:
             "world_size": self.world,
             "distributed_type": self.accelerator.distributed_type.value,
             "max_steps": self.max_steps,
+            "val_history": result.val_history,
+            "train_seconds": self._seconds_before + time.perf_counter() - self._started,
             "val_metric": result.val_metric,
             "greater_is_better": result.greater_is_better,
             "best_val": result.best_val,
@@ -671,6 +683,7 @@ class Trainer:
              "best_step": result.best_step, "val_metric": result.val_metric, "best_val": result.best_val,
              "best_val_ppl": result.best_val_ppl, "stopped_early": result.stopped_early,
              "time_limited": result.time_limited, "seconds": time.perf_counter() - self._started,
+             "total_seconds": self._seconds_before + time.perf_counter() - self._started,
              "val": result.val_history[-1] if result.val_history else None, "val_history": result.val_history},
         )
         if result.best_step is not None and self.exporter is not None:

@@ -483,7 +483,7 @@ def _trained_row(family: TaskFamily, result: TrainResult, splits: TaskSplits, co
                        f"{metric} {result.best_val:.4f} on {splits.val_examples:,} held-out training examples)"),
         }
     row = _model_row(family, chosen, role, name, metrics, splits.dev, seconds, train_examples=len(splits.train),
-                     train_steps=result.steps, train_seconds=result.seconds, train_tokens=result.tokens_seen,
+                     train_steps=result.steps, train_seconds=result.total_seconds, train_tokens=result.tokens_seen,
                      notes=notes, selection=selection, metrics_final=metrics_final, metrics_best=metrics_best)
     return chosen, row
 
@@ -506,7 +506,7 @@ def _given_row(family: TaskFamily, model: nn.Module, splits: TaskSplits, config:
 def _row_summary(row: ModelResult, result: TrainResult) -> dict[str, Any]:
     """What ``training_summary.json`` of a chosen model records about its run and the choice."""
     return {
-        "run": {"steps": result.steps, "seconds": result.seconds, "train_examples": row.train_examples,
+        "run": {"steps": result.steps, "seconds": result.total_seconds, "train_examples": row.train_examples,
                 "tokens_seen": result.tokens_seen, "stopped_early": result.stopped_early,
                 "first_losses": result.losses[:5], "last_losses": result.losses[-5:],
                 "val_history": result.val_history},
