@@ -219,7 +219,9 @@ def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
     staged = RecoveryConfig.from_file(REPO / "configs" / "recover.yaml").stages
     parts = {s.mode: s for s in staged}
     # Every student's local point is measured, whatever its init (the recipe refits data-free inits only).
-    parts["local"] = parts["local"].replace(local={**parts["local"].local.to_dict(), "modules": "all"})
+    # Two runs share a 24 GB machine: captures beyond this go to disk (bf16) instead of memory.
+    parts["local"] = parts["local"].replace(local={**parts["local"].local.to_dict(), "modules": "all",
+                                                   "capture_memory_gb": args.capture_memory_gb})
     e2e_file = "recover-truncation.yaml" if truncated else "recover-e2e.yaml"
     parts["end_to_end_alone"] = TrainingConfig.from_file(REPO / "configs" / e2e_file)
     for mode in ("end_to_end", "end_to_end_alone"):
@@ -329,6 +331,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="CPU-minute budget of each run (one torch thread).")
     parser.add_argument("--local-minutes", type=float, default=None, help="Budget of the staged run's local stage (default: configs/recover.yaml).")
     parser.add_argument("--blockwise-minutes", type=float, default=None, help="Budget of its block-wise stage (default: configs/recover.yaml).")
+    parser.add_argument("--capture-memory-gb", type=float, default=3.0,
+                        help="Local stage: captures held in memory up to this many GB, the rest on disk (two runs share the memory).")
     parser.add_argument("--points", default="5,10,20,40,60", help="CPU-minutes at which end-to-end segments end and are evaluated.")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--calibration-sequences", type=int, default=32)
