@@ -457,7 +457,7 @@ def missing_section(rows: list[dict], work: Path) -> list[str]:
                 path = work / "runs" / f"{student}-{int(size * 100)}-{recovery}" / "points.json"
                 points = json.loads(path.read_text()) if path.is_file() else []
                 so_far = "; so far: " + " / ".join(f"{p['label']} {p['test']:,.2f} ({p['minutes']:.0f} min)" for p in points) if points else ""
-                lines.append(f"- {int(size * 100)} %, {student}, {recovery}: {'interrupted' if points else 'not run yet'}{so_far}")
+                lines.append(f"- {int(size * 100)} %, {student}, {recovery}: {'running or interrupted' if points else 'not run yet'}{so_far}")
     if not lines:
         return []
     return ["## Not measured yet", "", "Each is one more invocation of the command below with `--size` and `--students`; "

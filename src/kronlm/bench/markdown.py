@@ -51,7 +51,7 @@ def machine_line(info: dict[str, str]) -> str:
     """One Markdown line naming the machine (``machine_info``'s fields)."""
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, torch {info['torch']}, "
-        f"{info['threads']} intra-op threads, Python {info['python']}, {info['date']}."
+        f"{info['threads']} intra-op thread{'' if info['threads'] == '1' else 's'}, Python {info['python']}, {info['date']}."
     )
 
 
