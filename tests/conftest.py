@@ -29,6 +29,16 @@ def all_threads():
     torch.set_num_threads(old)
 
 
+def rule_ids(n: int, seed: int, length: int = 16) -> torch.Tensor:
+    """(n, length) token ids of a fixed rule (x_t+1 = 5 x_t + 3 mod 96) from random starts: text a
+    tiny teacher can learn, so that compressing it costs perplexity."""
+    start = torch.randint(0, 96, (n, 1), generator=torch.Generator().manual_seed(seed))
+    out = [start]
+    for _ in range(length - 1):
+        out.append((out[-1] * 5 + 3) % 96)
+    return torch.cat(out, dim=1)
+
+
 def tiny_gpt2(seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

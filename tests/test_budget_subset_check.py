@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import rule_ids, tiny_llama
 
 from kronlm.compression.budget import BudgetConfig, held_out_nll
 from kronlm.compression.budget import subset_check as subset_check_module
@@ -27,12 +27,8 @@ def _trained_llama():
     return model.eval()
 
 
-def _ids(n: int, seed: int, length: int = 24) -> torch.Tensor:
-    start = torch.randint(0, 96, (n, 1), generator=torch.Generator().manual_seed(seed))
-    out = [start]
-    for _ in range(length - 1):
-        out.append((out[-1] * 5 + 3) % 96)
-    return torch.cat(out, dim=1)
+def _ids(n: int, seed: int) -> torch.Tensor:
+    return rule_ids(n, seed, length=24)
 
 
 @pytest.fixture(scope="module")

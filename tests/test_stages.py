@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
+from conftest import rule_ids, tiny_llama
 
 import kronlm
 from kronlm import CompressionConfig, KroneckerTarget
@@ -23,13 +23,7 @@ DEFAULTS = dict(recipe="ce", loss_weights={"ce": 0.0, "kd": 1.0}, block_size=16,
                 warmup_steps=1, eval_every=3, save_every=3, mixed_precision="no", weight_decay=0.0, seed=7, freeze_uncompressed=True)
 
 
-def _ids(n: int, seed: int, length: int = 16) -> torch.Tensor:
-    """Sequences of a fixed rule (x_t+1 = 5 x_t + 3 mod 96) from random starts: text a teacher can learn."""
-    start = torch.randint(0, 96, (n, 1), generator=torch.Generator().manual_seed(seed))
-    out = [start]
-    for _ in range(length - 1):
-        out.append((out[-1] * 5 + 3) % 96)
-    return torch.cat(out, dim=1)
+_ids = rule_ids
 
 
 _TEACHER = {}
