@@ -21,8 +21,9 @@ chosen on ``val_fraction`` (0.1) of its training rows; the dev split is only rep
 runs what the printed ``kronlm glue`` command runs (``kronlm.tasks.glue.run_glue``; its settings
 file goes to ``WORK/configs/``), in ``WORK/runs/TASK/MODEL``.
 
-Results are appended to ``WORK/results.jsonl``, one row per (task, model) as each finishes; rows
-already there are skipped and an interrupted row resumes from its checkpoints, so the benchmark
+Results are appended to ``--results`` (default ``docs/benchmarks/glue_decoders.jsonl``, committed
+beside the page), one row per (task, model) as each finishes; rows already there are skipped (on a
+fresh clone too) and an interrupted row resumes from its checkpoints, so the benchmark
 runs in parts (``--tasks``, ``--models``). Rows of one task must share their size settings (a
 different ``--max-train-examples`` needs another ``--work``). ``--out`` (and the PNG beside it) is
 rewritten after every row; ``--report-only`` only rewrites them.
@@ -54,6 +55,7 @@ import torch
 from kronlm.bench.markdown import (
     environment_info,
     markdown_table,
+    portable_paths,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -182,7 +184,7 @@ def task_config(task: str, name: str, args, glue_dir: Path) -> GlueTrainConfig:
 def run_row(task: str, name: str, config: GlueTrainConfig, student: Path | None, args, glue_dir: Path, builds: list[str],
             command: str) -> dict:
     """Train and evaluate one (task, model) row with ``config`` in ``WORK/runs/TASK/NAME`` (resuming
-    its checkpoints); returns the row that goes to ``results.jsonl``, with the ``kronlm`` commands
+    its checkpoints); returns the row that goes to ``--results``, with the ``kronlm`` commands
     that built the students (``builds``) and ran the row."""
     folder = args.work / "runs" / task / name
     teacher = args.work / "runs" / task / "dense" / "teacher"
@@ -214,7 +216,7 @@ def run_row(task: str, name: str, config: GlueTrainConfig, student: Path | None,
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of ``results.jsonl`` (none when it does not exist)."""
+    """The rows of a results file (none when it does not exist)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -397,7 +399,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "glue_decoders", help="Results, students and run folders.")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "glue_decoders.md", help="Markdown page (PNG beside it).")
-    parser.add_argument("--report-only", action="store_true", help="Only rewrite --out and its PNG from WORK/results.jsonl.")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "benchmarks" / "glue_decoders.jsonl",
+                        help="One JSON row per finished (task, model); rows present are not run again.")
+    parser.add_argument("--report-only", action="store_true", help="Only rewrite --out and its PNG from --results.")
     args = parser.parse_args()
     args.task_list = [t.strip().lower() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.task_list if t not in TASKS]
@@ -429,7 +433,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("KRONLM_DATA_DIR", str(args.data_dir))
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}".strip()
-    results = args.work / "results.jsonl"
+    results = args.results
     rows = read_rows(results)
     names = [row_name(m, args) for m in args.model_list]
     expected = [row_name(m, args) for m in MODELS]
@@ -452,8 +456,9 @@ def main() -> None:
         check_settings(rows, task, config, args.device, results)
         row = run_row(task, name, config, students.get(name), args, glue_dir, builds, command)
         rows.append(row)
+        results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(portable_paths(json.dumps(row)) + "\n")
         write_outputs(rows, args.task_list, expected, args.out, command, args.work)
     if not todo:
         write_outputs(rows, args.task_list, expected, args.out, command, args.work)

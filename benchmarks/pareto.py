@@ -18,8 +18,9 @@ pricing per point so that every point equals the CLI's run), then scored with no
   SST-2 dev then of QNLI dev (each file's ``sentence`` column joined with "\\n\\n"),
 
 both with the sliding window, max_length 1024, stride 512 (docs/protocols.md). Each row also gives the
-``kronlm compress`` command that reproduces it. Rows are appended to ``WORK/results.jsonl`` as
-they come (a rerun skips what is done; ``--tag`` separates calibration variants), the calibration
+``kronlm compress`` command that reproduces it. Rows are appended to ``--results`` (default
+``docs/benchmarks/pareto.jsonl``, committed beside the page) as they come (a rerun, on a fresh
+clone too, skips what is done; ``--tag`` separates calibration variants), the calibration
 statistics are cached in ``WORK/calibration-<hash of the calibration flags>.safetensors``.
 
 After recovery: ``--save-dir DIR`` saves every student of ``--save-fraction`` (default 0.7) as a
@@ -51,6 +52,7 @@ from kronlm.bench.plots import line_plot, png_beside
 from kronlm.bench.markdown import (
     environment_info,
     markdown_table,
+    portable_paths,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -131,7 +133,7 @@ def main() -> None:
     parser.add_argument("--sensitivity-sequences", type=int, default=DEFAULTS.sensitivity_sequences)
     parser.add_argument("--check-rounds", type=int, default=DEFAULTS.check_rounds)
     parser.add_argument("--sequential", choices=["off", "output", "weight"], default="off")
-    parser.add_argument("--tag", default="wikitext2", help="name of this calibration variant in results.jsonl and the tables")
+    parser.add_argument("--tag", default="wikitext2", help="name of this calibration variant in --results and the tables")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--ood-tokens", type=int, default=16384)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="as kronlm compress --data-dir")
@@ -139,7 +141,9 @@ def main() -> None:
     parser.add_argument("--save-dir", type=Path, default=None, help="save the students of --save-fraction here (for recovery)")
     parser.add_argument("--save-fraction", type=float, default=0.7)
     parser.add_argument("--recovered", nargs="*", default=[], help="LABEL=FOLDER of recovered students to score")
-    parser.add_argument("--report-only", action="store_true", help="write the tables from results.jsonl without computing")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "pareto.jsonl",
+                        help="one JSON row per finished point; rows present are not computed again")
+    parser.add_argument("--report-only", action="store_true", help="write the tables from --results without computing")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -151,7 +155,7 @@ def main() -> None:
     info = environment_info()
     print(reproduce_header(command, info), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    results_file = args.work / "results.jsonl"
+    results_file = args.results
     done = {}
     if results_file.exists():
         for line in results_file.read_text().splitlines():
@@ -160,8 +164,9 @@ def main() -> None:
 
     def record(row):
         done[(row["tag"], row["set"], row["fraction"])] = row
+        results_file.parent.mkdir(parents=True, exist_ok=True)
         with results_file.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(portable_paths(json.dumps(row)) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
 
     if not args.report_only:
@@ -294,7 +299,7 @@ def report(args, done, info, command) -> None:
     invocations = list(dict.fromkeys(r["invocation"] for r in done.values() if "invocation" in r))
     lines.append(reproduce_section(invocations or [command], info, notes=[
         "Each benchmark invocation prints the command, machine, date and versions at the top of its output; the figures "
-        "above come from the invocations listed, in that order (results.jsonl accumulates across them).",
+        "above come from the invocations listed, in that order (pareto.jsonl accumulates across them).",
     ]))
     notes = ""
     if args.out and Path(args.out).is_file():  # the hand-written findings survive a rerun

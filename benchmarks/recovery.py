@@ -32,8 +32,10 @@ everything a run spends (teacher cache, captures, training, validation) on one t
 the budgets (``--minutes``, the points, the stages' ``max_minutes``) are wall-clock limits, equal
 to CPU time on an otherwise idle core.
 
-Results are appended to ``WORK/results.jsonl`` one row per (student, size, recovery) as they come,
-so an interrupted invocation resumes where it stopped. ``--out`` writes the Markdown table and
+Results are appended to ``--results`` (default ``docs/benchmarks/recovery.jsonl``, committed beside
+the page) one row per (student, size, recovery) as they come, so an interrupted invocation, or one
+on a fresh clone, skips the rows already measured; the checkpoints of an unfinished row live under
+``WORK`` and resume it on the same machine. ``--out`` writes the Markdown table and
 ``--plot`` the PNG (test perplexity against CPU-minutes, log scale, one line per student x recovery).
 
     python benchmarks/recovery.py --size 0.85 --students budget-svd,truncate --recoveries staged,end_to_end \\
@@ -57,6 +59,7 @@ from kronlm.bench.markdown import (
     machine_info,
     machine_line,
     markdown_table,
+    portable_paths,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -340,7 +343,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="Where the models run (cpu, cuda); training and evaluation alike.")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "recovery")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--report-only", action="store_true", help="Only write --out and --plot from WORK/results.jsonl.")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "benchmarks" / "recovery.jsonl",
+                        help="One JSON row per finished (student, size, recovery); rows present are not measured again.")
+    parser.add_argument("--report-only", action="store_true", help="Only write --out and --plot from --results.")
     parser.add_argument("--plot", default=None, help="PNG path per size, with {size} (e.g. docs/benchmarks/recovery-{size}.png).")
     args = parser.parse_args()
     args.points = [float(p) for p in args.points.split(",")]
@@ -349,7 +354,7 @@ def main() -> None:
     os.environ.setdefault("KRONLM_DATA_DIR", str(args.data_dir))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.jsonl"
+    results_path = args.results
     done = {}
     if results_path.is_file():
         for line in results_path.read_text().splitlines():
@@ -382,11 +387,14 @@ def main() -> None:
             if key in done:
                 continue
             row = recover_and_measure(name, args.size, recovery, student_dir, teacher, tokenizer, blocks, evaluate, work, args)
+            info = machine_info(args.device)
+            # CPU-minutes are only comparable on one kind of CPU: every row names its own.
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
-                       command=command)
+                       command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"])
             done[key] = row
+            results_path.parent.mkdir(parents=True, exist_ok=True)
             with open(results_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(portable_paths(json.dumps(row)) + "\n")
     write_reports(results_path, args, command)
 
 
@@ -409,9 +417,10 @@ def write_reports(results_path: Path, args, command: str) -> None:
 def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> str:
     """The Markdown tables of ``rows``, one section per size."""
     headers = ["student", "recovery", "params", "of dense", "test before", "test after", "x dense", "OOD before", "OOD after",
-               "OOD x dense", "training tokens", "points (test ppl)", "CPU-min"]
+               "OOD x dense", "training tokens", "points (test ppl)", "CPU-min", "machine"]
     runs = sorted({r.get("command", command) for r in rows}) or [FULL_COMMAND]
-    lines = ["# Recovery of SmolLM2-135M: quality against CPU time", "", machine_line(machine_info()),
+    lines = ["# Recovery of SmolLM2-135M: quality against CPU time", "", "Page written on: " + machine_line(machine_info()).removeprefix("Machine: ")
+             + " Each row names the machine it was measured on (CPU-minutes compare within one kind of CPU).",
              "Commands: " + ", ".join(f"`{c}`" for c in runs) + f"; this page written by `{command}`.", "",
              "Protocols: \"test\" = WikiText-2 raw test, first 16,384 tokens, sliding window 1024 / stride 512; \"OOD\" = GLUE "
              "SST-2 dev sentences joined with blank lines, same protocol (text in no calibration or training set). Points: the "
@@ -429,7 +438,7 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
             table.append([r["student"], r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
                           f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}", f"{r['after']['test'] / dense['test']:.2f}",
                           f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}", f"{r['after']['ood'] / dense['ood']:.2f}",
-                          tokens_cell(r), points, f"{r['cpu_minutes']:.1f}"])
+                          tokens_cell(r), points, f"{r['cpu_minutes']:.1f}", r.get("machine", "")])
         lines += [f"## {int(size * 100)} % of the parameters", "", f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "",
                   markdown_table(headers, table), "", f"![test perplexity against CPU-minutes](recovery-{int(size * 100)}.png)", ""]
     lines += missing_section(rows, work)

@@ -1,7 +1,7 @@
 """SQuAD v1.1 benchmark of KroneckerBERT's claims with all-MiniLM-L6-v2 (report: docs/benchmarks/squad_minilm.md).
 
-One row per configuration, appended to ``WORK/results.jsonl`` when it finishes; rows already
-there are skipped, so the script runs in parts (``--only``) and an interrupted row resumes from
+One row per configuration, appended to ``--results`` (default ``docs/benchmarks/squad_minilm.jsonl``,
+committed beside the report) when it finishes; rows already there are skipped (on a fresh clone too), so the script runs in parts (``--only``) and an interrupted row resumes from
 the checkpoints in ``WORK/runs/NAME``:
 
 - ``teacher-lrLR-LLEN-SSTRIDE``, one per setting of the grid ``--teacher-lrs`` x
@@ -54,7 +54,14 @@ from typing import Any
 
 import torch
 
-from kronlm.bench.markdown import environment_info, markdown_table, reproduce_header, reproduce_section, write_markdown
+from kronlm.bench.markdown import (
+    environment_info,
+    markdown_table,
+    portable_paths,
+    reproduce_header,
+    reproduce_section,
+    write_markdown,
+)
 from kronlm.bench.plots import line_plot, png_beside
 from kronlm.compression import save_truncated
 from kronlm.distill import TrainingConfig, distill_on_text, latest_checkpoint, uniform_layer_map
@@ -222,8 +229,8 @@ def settings_of(args) -> dict[str, Any]:
             "student_steps": args.student_steps, "stage1_steps": args.stage1_steps}
 
 
-def check_rows_match(rows: dict[str, dict], settings: dict[str, Any], work: Path) -> None:
-    """Refuse to add rows to a work folder whose rows were measured with other settings.
+def check_rows_match(rows: dict[str, dict], settings: dict[str, Any], results: Path) -> None:
+    """Refuse to add rows to a results file whose rows were measured with other settings.
 
     Raises:
         SystemExit: a row whose recorded setting differs (names the row, the setting, both values).
@@ -232,8 +239,8 @@ def check_rows_match(rows: dict[str, dict], settings: dict[str, Any], work: Path
         keys = TEACHER_KEYS if row["kind"] == "teacher" else STUDENT_KEYS
         for key in keys:
             if key in row["settings"] and row["settings"][key] != settings[key]:
-                raise SystemExit(f"{work}/results.jsonl: row {name} was measured with {key} = {row['settings'][key]!r}, "
-                                 f"this invocation has {settings[key]!r}; use the same settings or another --work")
+                raise SystemExit(f"{results}: row {name} was measured with {key} = {row['settings'][key]!r}, "
+                                 f"this invocation has {settings[key]!r}; use the same settings or another --results")
 
 
 def task_overrides(args, row_settings: dict[str, Any]) -> dict[str, Any]:
@@ -689,7 +696,7 @@ def write_reports(rows: dict[str, dict], grid: list[str], args, command_base: st
 
 
 def read_rows(path: Path) -> dict[str, dict]:
-    """The rows of ``results.jsonl`` by name (a later row of the same name wins)."""
+    """The rows of a results file by name (a later row of the same name wins)."""
     rows = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -702,12 +709,14 @@ def read_rows(path: Path) -> dict[str, dict]:
 def parse_args(argv: list[str] | None = None):
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/squad-minilm"), help="run folder: results.jsonl, runs/, configs/")
+    parser.add_argument("--work", type=Path, default=Path("runs/squad-minilm"), help="run folder: runs/, configs/, data/")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "benchmarks" / "squad_minilm.jsonl",
+                        help="one JSON row per finished configuration; rows present are not run again")
     parser.add_argument("--out", type=Path, default=None, help=f"report to write (e.g. {REPORT}; the PNG goes beside it); default: print it")
     parser.add_argument("--only", default="all",
                         help="comma-separated rows to run: all, teacher (the grid), students, or row names (teacher-lr..., "
                              + ", ".join(STUDENTS) + ")")
-    parser.add_argument("--report-only", action="store_true", help="only write the report from WORK/results.jsonl")
+    parser.add_argument("--report-only", action="store_true", help="only write the report from --results")
     parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu", help="where training and evaluation run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--data-dir", type=Path, default=None, help=f"folder holding {LOCAL_SQUAD_DIR}/ and {ENWIKI} "
@@ -775,7 +784,7 @@ def selected(only: str, grid: list[TeacherSetting]) -> set[str]:
 
 
 def main() -> None:
-    """Run the rows ``--only`` asks for that WORK/results.jsonl lacks, then write the report."""
+    """Run the rows ``--only`` asks for that ``--results`` lacks, then write the report."""
     args = parse_args()
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything touches CUDA: the runs pick CUDA when they see it
@@ -789,7 +798,7 @@ def main() -> None:
                        *([] if args.device == "cpu" else ["--device", args.device])])
     grid = teacher_grid(args)
     names = [s.name for s in grid]
-    results = args.work / "results.jsonl"
+    results = args.results
     rows = read_rows(results)
     if args.report_only:
         recorded = list(dict.fromkeys(name for r in rows.values() for name in r.get("grid", ())))
@@ -798,7 +807,7 @@ def main() -> None:
     print(reproduce_header(command), flush=True)
     wanted = selected(args.only, grid)
     settings = settings_of(args)
-    check_rows_match(rows, settings, args.work)
+    check_rows_match(rows, settings, args.results)
     for setting in grid:
         teacher_config(args, setting)  # refuses bad grid settings before any work
     folder = args.data_dir / LOCAL_SQUAD_DIR
@@ -814,8 +823,9 @@ def main() -> None:
     def record(row: dict, keys: tuple[str, ...]) -> None:
         row.update(settings={k: settings[k] for k in keys}, environment=env, command=command, grid=names)
         rows[row["name"]] = row
+        results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(portable_paths(json.dumps(row)) + "\n")
 
     args.work.mkdir(parents=True, exist_ok=True)
     for setting in grid:
