@@ -1043,11 +1043,14 @@ def test_the_tokenizer_loads_without_kronlm_and_without_a_prompt(folders):
     import subprocess
     import sys
 
-    code = ("from transformers import PreTrainedTokenizerFast; import sys; "
-            f"print(PreTrainedTokenizerFast.from_pretrained({str(folders['compressed'])!r})('the fox')['input_ids']); "
-            "assert 'kronlm' not in sys.modules")
-    # stdin is a pipe nobody writes to: a "[y/N]" prompt would wait there until the timeout.
-    done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(_tokenizer()("the fox")["input_ids"])
+    folder = str(folders["compressed"])
+    # Both routes docs/export.md gives: the tokenizer class, and AutoTokenizer told not to run code.
+    for load in (f"PreTrainedTokenizerFast.from_pretrained({folder!r})", f"AutoTokenizer.from_pretrained({folder!r}, trust_remote_code=False)"):
+        code = ("from transformers import AutoTokenizer, PreTrainedTokenizerFast; import sys; "
+                f"print({load}('the fox')['input_ids']); assert 'kronlm' not in sys.modules")
+        # stdin is a pipe nobody writes to: a "[y/N]" prompt would wait there until the timeout.
+        done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+        assert "custom code" not in done.stdout + done.stderr
+        assert done.stdout.strip().splitlines()[-1] == str(_tokenizer()("the fox")["input_ids"])
