@@ -77,6 +77,7 @@ from kronlm.data import build_blocks, load_text, resolve_source
 from kronlm.distill import RecoveryConfig, TrainingConfig, distill_blockwise, distill_local, train
 from kronlm.evaluation import perplexity_of_text
 from kronlm.modeling import compress, load, load_model, load_model_and_tokenizer, load_tokenizer, save
+from kronlm.utils.memory import release_memory
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = 30
@@ -281,6 +282,8 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
         else:
             (work / "teacher_cache_seconds.json").write_text(json.dumps({"seconds": result.cache_seconds}))
         student.load_state_dict(load(result.best_dir).state_dict())
+        del result
+        release_memory()  # the stage's captures stay in the heap otherwise, and two runs share the machine
 
     def end_to_end(config: TrainingConfig, data) -> None:
         folder = run_dir / "end_to_end"

@@ -40,6 +40,7 @@ from kronlm.distill.trainer import train
 from kronlm.modeling import load
 from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
 from kronlm.utils.io import folder_lock, read_json, write_json
+from kronlm.utils.memory import release_memory
 
 DEFAULT_RECIPE = Path(__file__).with_name("defaults") / "recover.yaml"
 SUMMARY_FILE = "recovery_summary.json"
@@ -277,6 +278,7 @@ def _recover(student, teacher, blocks, config: RecoveryConfig, out_dir: Path, re
             student.load_state_dict(load(chosen).state_dict())
         else:
             record, chosen = _run_stage(index, student, teacher, blocks, stage, folder, resume, tokenizer, progress, run_settings)
+            release_memory()  # the stage's captures and activations are gone; give their pages back before the next
             record.val_ppl_before = current
             record.seconds = time.perf_counter() - t0
             write_json(done, dataclasses.asdict(record))
