@@ -40,6 +40,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    # Reports and results name the data folder as "..." (portable_paths reads this).
+    os.environ.setdefault("KRONLM_DATA_DIR", str(args.data_dir))
     if args.threads:
         torch.set_num_threads(args.threads)
     for source in args.calibration:
