@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import shlex
@@ -53,9 +52,10 @@ from pathlib import Path
 import torch
 
 from kronlm.bench.markdown import (
+    append_result_row,
     environment_info,
     markdown_table,
-    portable_paths,
+    read_result_rows,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -213,11 +213,6 @@ def run_row(task: str, name: str, config: GlueTrainConfig, student: Path | None,
         "settings": {k: config.to_dict()[k] for k in SHARED}, "config": config.to_dict(), "device": args.device,
         "kronlm_commands": log, "command": command, "env": environment_info(args.device),
     }
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a results file (none when it does not exist)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def check_settings(rows: list[dict], task: str, config: GlueTrainConfig, device: str, results: Path) -> None:
@@ -434,7 +429,7 @@ def main() -> None:
     os.environ.setdefault("KRONLM_DATA_DIR", str(args.data_dir))
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}".strip()
     results = args.results
-    rows = read_rows(results)
+    rows = read_result_rows(results)
     names = [row_name(m, args) for m in args.model_list]
     expected = [row_name(m, args) for m in MODELS]
     if args.report_only:
@@ -456,9 +451,7 @@ def main() -> None:
         check_settings(rows, task, config, args.device, results)
         row = run_row(task, name, config, students.get(name), args, glue_dir, builds, command)
         rows.append(row)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as fh:
-            fh.write(portable_paths(json.dumps(row)) + "\n")
+        append_result_row(results, row)
         write_outputs(rows, args.task_list, expected, args.out, command, args.work)
     if not todo:
         write_outputs(rows, args.task_list, expected, args.out, command, args.work)

@@ -51,9 +51,10 @@ import torch
 import kronlm
 from kronlm.bench.plots import line_plot, png_beside
 from kronlm.bench.markdown import (
+    append_result_row,
     environment_info,
     markdown_table,
-    portable_paths,
+    read_result_rows,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -159,17 +160,11 @@ def main() -> None:
     print(reproduce_header(command, info), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = args.results
-    done = {}
-    if results_file.exists():
-        for line in results_file.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["tag"], row["set"], row["fraction"])] = row
+    done = {(row["tag"], row["set"], row["fraction"]): row for row in read_result_rows(results_file)}
 
     def record(row):
         done[(row["tag"], row["set"], row["fraction"])] = row
-        results_file.parent.mkdir(parents=True, exist_ok=True)
-        with results_file.open("a") as fh:
-            fh.write(portable_paths(json.dumps(row)) + "\n")
+        append_result_row(results_file, row)
         print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
 
     if not args.report_only:

@@ -58,8 +58,9 @@ import torch
 from kronlm.bench.markdown import (
     machine_info,
     machine_line,
+    append_result_row,
     markdown_table,
-    portable_paths,
+    read_result_rows,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -358,11 +359,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     results_path = args.results
-    done = {}
-    if results_path.is_file():
-        for line in results_path.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["student"], row["size"], row["recovery"])] = row
+    done = {(row["student"], row["size"], row["recovery"]): row for row in read_result_rows(results_path)}
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
     if args.report_only:
         write_reports(results_path, args, command)
@@ -395,16 +392,14 @@ def main() -> None:
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
                        command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"])
             done[key] = row
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(results_path, "a") as fh:
-                fh.write(portable_paths(json.dumps(row)) + "\n")
+            append_result_row(results_path, row)
     write_reports(results_path, args, command)
 
 
 def write_reports(results_path: Path, args, command: str) -> None:
     """Markdown of every row in ``results_path`` (all sizes: several invocations append to one
     file) to ``--out``, and one PNG per size to ``--plot`` (``{size}`` replaced by 85, 70)."""
-    rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
+    rows = read_result_rows(results_path)
     sizes = sorted({r["size"] for r in rows}, reverse=True)
     if args.out:
         write_markdown(report(rows, sizes, command, args.work), args.out)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import shlex
@@ -55,9 +54,10 @@ from typing import Any
 import torch
 
 from kronlm.bench.markdown import (
+    append_result_row,
     environment_info,
     markdown_table,
-    portable_paths,
+    read_result_rows,
     reproduce_header,
     reproduce_section,
     write_markdown,
@@ -697,13 +697,7 @@ def write_reports(rows: dict[str, dict], grid: list[str], args, command_base: st
 
 def read_rows(path: Path) -> dict[str, dict]:
     """The rows of a results file by name (a later row of the same name wins)."""
-    rows = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["name"]] = row
-    return rows
+    return {row["name"]: row for row in read_result_rows(path)}
 
 
 def parse_args(argv: list[str] | None = None):
@@ -823,9 +817,7 @@ def main() -> None:
     def record(row: dict, keys: tuple[str, ...]) -> None:
         row.update(settings={k: settings[k] for k in keys}, environment=env, command=command, grid=names)
         rows[row["name"]] = row
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as fh:
-            fh.write(portable_paths(json.dumps(row)) + "\n")
+        append_result_row(results, row)
 
     args.work.mkdir(parents=True, exist_ok=True)
     for setting in grid:

@@ -23,7 +23,7 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
-from kronlm.bench.markdown import markdown_table, write_markdown
+from kronlm.bench.markdown import append_result_row, markdown_table, read_result_rows, write_markdown
 from kronlm.bench.timing import time_interleaved
 from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.layers import linear as kl
@@ -292,6 +292,19 @@ def test_reports_carry_no_absolute_path_of_the_recording_machine(tmp_path, monke
     path = write_markdown(text, tmp_path / "r.md")
     assert path.read_text() == (f"calibration: WikiText-2 (local copy .../wikitext-2-raw/wiki.valid.raw); model .../lib/m.gguf; "
                                 f"saved to ./runs/x; {tmp_path}x stays\n")
+
+
+def test_results_rows_append_and_read_back_with_portable_paths(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("KRONLM_DATA_DIR", str(data))
+    path = tmp_path / "docs" / "bench.jsonl"  # the folder does not exist yet
+    assert read_result_rows(path) == []
+    append_result_row(path, {"name": "a", "ppl": 1.5, "calibration": f"{data}/wikitext-2-raw/wiki.valid.raw"})
+    path.write_text(path.read_text() + "\n")  # a blank line (a hand edit) is skipped
+    append_result_row(path, {"name": "b", "ppl": 2.0})
+    assert read_result_rows(path) == [{"name": "a", "ppl": 1.5, "calibration": ".../wikitext-2-raw/wiki.valid.raw"},
+                                      {"name": "b", "ppl": 2.0}]
 
 
 def test_cli_writes_the_table_and_reports_bad_presets(tmp_path, capsys):

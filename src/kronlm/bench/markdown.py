@@ -1,8 +1,9 @@
-"""Machine description and Markdown tables for the benchmark output."""
+"""Machine description, Markdown tables and results files for the benchmark output."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -114,6 +115,29 @@ def write_markdown(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(portable_paths(text).rstrip("\n") + "\n")
     return path
+
+
+def read_result_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a benchmark results file (JSON Lines, one row per finished configuration; blank
+    lines skipped), in file order; ``[]`` when the file does not exist.
+
+    Raises:
+        json.JSONDecodeError: a line that is not JSON (the file was edited by hand or truncated).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_result_row(path: str | os.PathLike, row: dict) -> None:
+    """Append ``row`` to the results file ``path`` as one JSON line (its folder created), the
+    recording machine's absolute paths made portable (:func:`portable_paths`): the file is
+    committed beside the page it feeds, so that a fresh clone skips the rows already measured."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(portable_paths(json.dumps(row)) + "\n")
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str:
