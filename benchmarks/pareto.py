@@ -229,7 +229,8 @@ def run(args, done, record, command: str) -> None:
                "families": allocation.family_counts(), "choices": next(l for l in allocation.table(max_rows=0).splitlines() if l.startswith("choices:")),
                "estimated_nll_increase": allocation.estimated_loss, "seconds": seconds, "calibration_seconds": calibration_seconds,
                "pricing_seconds": pricing_seconds, "pricing": pricing.summary.describe(), "calibration": described,
-               "sequential": args.sequential, "command": cli_command(args, fraction, families), "invocation": command}
+               "sequential": args.sequential, "command": cli_command(args, fraction, families), "invocation": command,
+               "decided_by": allocation.decided_by, "held_out_nll": allocation.held_out_nll}
         if args.save_dir is not None and abs(fraction - args.save_fraction) < 1e-9:
             folder = args.save_dir / f"{args.tag}-{name}-{round(100 * fraction)}"
             kronlm.save(student, folder, tokenizer=tokenizer, overwrite=True)
@@ -241,6 +242,18 @@ def run(args, done, record, command: str) -> None:
 def _family_cell(row) -> str:
     counts = row.get("families", {})
     return " / ".join(str(counts.get(k, 0)) for k in ("dense", "svd", "kronecker", "kronecker_lowrank"))
+
+
+def _check_cell(row) -> str:
+    """What the held-out subset check kept, and the held-out NLL of each family set it compared."""
+    if len(SETS.get(row.get("set"), ())) == 1 or row.get("decided_by") == "":
+        return "no check (one family)"
+    if "decided_by" not in row:
+        return "not recorded"
+    kept = row["decided_by"].split(": kept ", 1)[-1]
+    scores = ", ".join(f"{label} {nll:.3f}" if nll is not None else f"{label} out of reach"
+                       for label, nll in (row.get("held_out_nll") or {}).items())
+    return f"{kept} ({scores})" if scores else kept
 
 
 def report(args, done, info, command) -> None:
@@ -268,7 +281,7 @@ def report(args, done, info, command) -> None:
                 rin, rood = row["ppl"] / dense["ppl"], row["ppl_ood"] / dense["ppl_ood"]
                 rows.append([f"{100 * fraction:.0f}%", name, f"{row['params']:,}", f"{row['ppl']:,.2f}", f"{rin:,.2f}",
                              f"{row['ppl_ood']:,.2f}", f"{rood:,.2f}", f"{rood / rin:.2f}", _family_cell(row),
-                             f"{row['estimated_nll_increase']:.3f}", f"{row['seconds']:.0f}"])
+                             f"{row['estimated_nll_increase']:.3f}", _check_cell(row), f"{row['seconds']:.0f}"])
                 key = f"{name} ({tag})" if len(tags) > 1 else name
                 for text, value in (("WikiText-2", row["ppl"]), ("GLUE", row["ppl_ood"])):
                     xs, ys = series.setdefault(f"{key} · {text}", ([], []))
@@ -278,7 +291,7 @@ def report(args, done, info, command) -> None:
         lines += [f"## Calibration `{tag}`", "", f"{sample['calibration']}; sequential calibration: {sample.get('sequential', 'off')}. "
                   f"{sample['pricing']} (pricing {sample['pricing_seconds']:.0f} s, calibration {sample['calibration_seconds']:.0f} s).", ""]
         lines.append(markdown_table(["kept", "families", "params", "WikiText-2", "× dense", "GLUE", "× dense", "OOD / in",
-                                     "choices d/svd/k/k+lr", "est. ΔNLL", "compress s"], rows))
+                                     "choices d/svd/k/k+lr", "est. ΔNLL", "subset check kept", "compress s"], rows))
         lines += ["", "Commands (one per row, same order):", "", "```bash"]
         for fraction in sorted({f for t, _, f in done if t == tag}, reverse=True):
             lines += [done[(tag, n, fraction)]["command"] for n in SETS if (tag, n, fraction) in done]
