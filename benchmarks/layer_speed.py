@@ -7,34 +7,17 @@ one line per factor shape (``kronlm.bench.plots.layer_speed_plot``), into ``--pl
 ``--out``, into the PNG beside it (same name, ``.png``).
 """
 
-import shlex
-import sys
 
 import click
-import torch
 
 from kronlm.bench.layers import (
     layer_speed_markdown,
     layer_speed_rows,
     preset_layer_shapes,
 )
-from kronlm.bench.options import layer_speed_options
+from kronlm.bench.options import layer_speed_options, command_line, speed_setup
 from kronlm.bench.plots import layer_speed_plot, png_beside
 from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
-
-
-def setup(threads, device, dtype):
-    """torch threads, device and dtype of a run (as ``kronlm bench``)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device), getattr(torch, dtype)
-
-
-def command_line() -> str:
-    """This script's command line, for the table."""
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 @click.command()
@@ -44,7 +27,7 @@ def command_line() -> str:
 def main(presets, tokens, backward, autotune, threads, device, dtype, repeats, out, overwrite, plot):
     """KroneckerLinear vs nn.Linear of the same (out, in) for every preset's factor shapes, with a figure."""
     # --overwrite comes with the shared options; this script replaces --out whatever it holds.
-    dev, dt = setup(threads, device, dtype)
+    dev, dt = speed_setup(threads, device, dtype)
     click.echo(reproduce_header(command_line()), err=True)
     shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)
     rows = layer_speed_rows(shapes, [int(v) for v in tokens.split(",") if v.strip()], backward=backward, autotune=autotune, repeats=repeats or 5,

@@ -8,12 +8,9 @@ speed-up over dense beside the multiply-add ratio (``kronlm.bench.plots.model_sp
 ``NAME-llama.png``, ``NAME-gpt2.png``).
 """
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
-import torch
 
 from kronlm.bench.models import (
     FAMILY_LABEL,
@@ -23,23 +20,9 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
-from kronlm.bench.options import model_speed_options
+from kronlm.bench.options import model_speed_options, command_line, speed_setup
 from kronlm.bench.plots import model_speed_plot, png_beside
 from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
-
-
-def setup(threads, device, dtype):
-    """torch threads, device and dtype of a run (as ``kronlm bench``)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device), getattr(torch, dtype)
-
-
-def command_line() -> str:
-    """This script's command line, for the table."""
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 @click.command()
@@ -49,7 +32,7 @@ def command_line() -> str:
 def main(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, overwrite, plot):
     """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights), with a figure."""
     # --overwrite comes with the shared options; this script replaces --out whatever it holds.
-    dev, dt = setup(threads, device, dtype)
+    dev, dt = speed_setup(threads, device, dtype)
     click.echo(reproduce_header(command_line()), err=True)
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in prefill.split(",") if s.strip()]

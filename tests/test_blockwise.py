@@ -117,6 +117,7 @@ def test_blockwise_recovery_lowers_the_error_and_trains_only_compressed_modules(
     assert torch.equal(kronlm.load(tmp_path / "run" / "final").model.layers[1].mlp.up_proj.A, student.model.layers[1].mlp.up_proj.A)
     summary = json.loads((tmp_path / "run" / "blockwise_summary.json").read_text())
     assert [b["index"] for b in summary["blocks"]] == [0, 1, 2]
+    assert summary["final_dir"] == str(result.final_dir) and summary["best_dir"] == str(result.best_dir)
 
 
 def _stop_at(step_module, calls_before_stop: int):

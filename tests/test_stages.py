@@ -100,6 +100,7 @@ def test_stages_run_in_order_and_the_best_student_is_kept(tmp_path):
         assert torch.equal(a, b), name
     summary = json.loads((tmp_path / "run" / "recovery_summary.json").read_text())
     assert [s["mode"] for s in summary["stages"]] == ["local", "blockwise", "end_to_end"]
+    assert summary["best_dir"] == (None if result.best_dir is None else str(result.best_dir))
     # The block stages share one teacher cache (the teacher runs over the tokens once).
     assert (tmp_path / "run" / "teacher_cache" / "hidden.json").is_file()
     assert not list((tmp_path / "run").glob("stage-*/teacher_cache"))

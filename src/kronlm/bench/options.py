@@ -4,11 +4,46 @@ script and the command take the same flags with the same defaults."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from collections.abc import Callable
 
 import click
+import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def speed_setup(threads: int | None, device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Apply ``--threads`` and resolve ``--device`` / ``--dtype`` of a speed benchmark.
+
+    Args:
+        threads: torch intra-op threads, or None for torch's choice.
+        device: ``cpu`` or ``cuda[:N]``.
+        dtype: one of :data:`DTYPES`.
+
+    Returns:
+        (device, dtype) as torch objects.
+
+    Raises:
+        click.BadParameter: ``device`` is CUDA and this machine has none.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def command_line(default: str = "kronlm bench") -> str:
+    """The running command line as a reader would type it again: ``kronlm ...`` for the console
+    script, ``python script.py ...`` for a benchmark script; ``default`` when there is no argv."""
+    if not sys.argv or not sys.argv[0]:
+        return default
+    argv = [os.path.basename(sys.argv[0]) if sys.argv[0].endswith("kronlm") else sys.argv[0], *sys.argv[1:]]
+    prefix = "python " if argv[0].endswith(".py") else ""
+    return prefix + " ".join(shlex.quote(a) for a in argv)
 
 
 def common_options(fn: Callable) -> Callable:

@@ -8,18 +8,15 @@ compressed models (random weights, reference configurations). Both print a Markd
 
 from __future__ import annotations
 
-import os
-import shlex
-import sys
 
 import click
-import torch
 
 from kronlm.bench import (
     FAMILY_LABEL,
     FAMILY_PRESETS,
     MARKDOWN_MARK,
     build_reference,
+    command_line,
     compressed_copy,
     layer_speed_markdown,
     layer_speed_options,
@@ -28,6 +25,7 @@ from kronlm.bench import (
     model_speed_options,
     model_speed_rows,
     preset_layer_shapes,
+    speed_setup,
     write_markdown,
     written_by_kronlm_markdown,
 )
@@ -40,19 +38,7 @@ def _setup(threads: int | None, device: str, dtype: str, out: str | None = None,
             check_output_file(out, overwrite=overwrite, written_by_kronlm=written_by_kronlm_markdown, option="--out")
         except FileExistsError as exc:
             raise click.UsageError(str(exc)) from None
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device), getattr(torch, dtype)
-
-
-def _command_line() -> str:
-    if not sys.argv:
-        return "kronlm bench"
-    argv = [os.path.basename(sys.argv[0]) if sys.argv[0].endswith("kronlm") else sys.argv[0], *sys.argv[1:]]
-    prefix = "python " if argv[0].endswith(".py") else ""
-    return prefix + " ".join(shlex.quote(a) for a in argv)
+    return speed_setup(threads, device, dtype)
 
 
 def _emit(text: str, out: str | None) -> None:
@@ -85,7 +71,7 @@ def layers_command(presets, tokens, backward, autotune, threads, device, dtype, 
     shapes = preset_layer_shapes([p.strip() for p in presets.split(",")] if presets else None)
     rows = layer_speed_rows(shapes, token_counts, backward=backward, autotune=autotune, repeats=repeats or 5, dtype=dt, device=dev, progress=True)
     title = f"Per-layer speed, {dtype} on {dev.type}"
-    _emit(layer_speed_markdown(rows, title=title, command=_command_line(), device=dev), out)
+    _emit(layer_speed_markdown(rows, title=title, command=command_line(), device=dev), out)
 
 
 @command.command("models")
@@ -111,6 +97,6 @@ def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads,
         rows = model_speed_rows(models, prefill_shapes=shapes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                 repeats=repeats or 3, device=dev)
         sections.append(model_speed_markdown(rows, title=f"Model speed, {FAMILY_LABEL[fam]}, {dtype} on {dev.type}",
-                                             command=_command_line(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=dev))
+                                             command=command_line(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=dev))
         del models, dense
     _emit("\n\n".join(sections), out)

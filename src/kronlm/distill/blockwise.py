@@ -32,7 +32,6 @@ block-wise pass), ``end_to_end/`` (the optional pass), ``final/`` (the last stud
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ from kronlm.distill.trainer import Trainer, train
 from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KRONECKER_MODULES
 from kronlm.modeling import save
-from kronlm.utils.io import folder_lock, write_json
+from kronlm.utils.io import folder_lock, json_ready, write_json
 
 SUMMARY_FILE = "blockwise_summary.json"
 
@@ -197,10 +196,7 @@ class BlockwiseResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = dataclasses.asdict(self)
-        out["final_dir"] = None if self.final_dir is None else str(self.final_dir)
-        out["best_dir"] = None if self.best_dir is None else str(self.best_dir)
-        return out
+        return json_ready(self)
 
 
 def distill_blockwise(

@@ -47,7 +47,6 @@ Run folder: ``blocks/block-007/`` (one engine run per block), ``teacher_cache/``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -95,7 +94,7 @@ from kronlm.distill.trainer import Trainer
 from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear, dense_weight
 from kronlm.modeling import compression_report, save
-from kronlm.utils.io import folder_lock, write_json
+from kronlm.utils.io import folder_lock, json_ready, write_json
 
 SUMMARY_FILE = "local_summary.json"
 CAPTURE_DIR = "captures"
@@ -458,10 +457,7 @@ class LocalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = dataclasses.asdict(self)
-        out["final_dir"] = None if self.final_dir is None else str(self.final_dir)
-        out["best_dir"] = None if self.best_dir is None else str(self.best_dir)
-        return out
+        return json_ready(self)
 
 
 def distill_local(

@@ -39,7 +39,7 @@ from kronlm.distill.local import distill_local
 from kronlm.distill.trainer import train
 from kronlm.modeling import load
 from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
-from kronlm.utils.io import folder_lock, read_json, write_json
+from kronlm.utils.io import folder_lock, json_ready, read_json, write_json
 from kronlm.utils.memory import release_memory
 
 DEFAULT_RECIPE = Path(__file__).with_name("defaults") / "recover.yaml"
@@ -199,9 +199,7 @@ class RecoveryResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = dataclasses.asdict(self)
-        out["best_dir"] = None if self.best_dir is None else str(self.best_dir)
-        return out
+        return json_ready(self)
 
 
 def stage_folder(out_dir: Path, index: int, mode: str) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -245,6 +246,20 @@ def atomic_path(path: str | os.PathLike, *, expected_bytes: int | None = None) -
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with dataclasses as dicts (``dataclasses.asdict``), paths as strings and tuples as
+    lists, recursively: what ``json.dumps`` takes. Other values pass through unchanged."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {key: json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(value) for value in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
