@@ -7,7 +7,9 @@ calls of the ``kronlm`` command that is printed (``kronlm.compress``, ``kronlm.c
   blocks, modified Van Loan init; ``kron-prune``: the same shapes, pruning init; ``kron-aa``: the
   same shapes, activation-aware init;
 - ``budget-svd``: the per-module budget allocation to the same parameter count, truncated SVDs
-  only; ``budget-all``: the same with every factor family (Kronecker, Kronecker + low rank, SVD);
+  only; ``budget-klr``: the same with Kronecker + low-rank factors only (the best Kronecker-containing
+  family of the zero-shot Pareto front); ``budget-all``: every factor family (Kronecker,
+  Kronecker + low rank, SVD; the held-out subset check may keep one family alone);
 - ``truncate``: the layer-truncation baseline, whole blocks dropped (evenly spaced ones kept).
 
 Recoveries, all on the same training tokens (``--train-data``, default the enwiki-sample
@@ -85,7 +87,9 @@ BLOCKS = 30
 # Krony-PT-style MLPs of N blocks at 2x, and the number of whole blocks the truncation drops to
 # the same parameter count (a block of SmolLM2 is 3,539,840 parameters; 2x on its MLP saves 1,327,098).
 SIZES = {0.85: {"kron_blocks": 16, "drop": 6}, 0.70: {"kron_blocks": 30, "drop": 11}}
-STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-all", "truncate")
+STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "budget-all", "truncate")
+# The factor families each budget student may choose from.
+BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",), "budget-all": FACTOR_FAMILIES}
 RECOVERIES = ("staged", "end_to_end", "blockwise")
 ENWIKI = Path("enwiki-sample") / "articles.jsonl"
 # One size's whole grid (the committed tables: this at --size 0.85 and at --size 0.70).
@@ -153,9 +157,10 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
     elif name.startswith("budget"):
         reference = build_student("kron-vlr", size, work, args, log)
         target = count_parameters(load(reference))
-        families = ["--families", "svd"] if name == "budget-svd" else []
-        show(["compress", args.model, "--budget-params", str(target), *families, *calibration, *common], log)
-        budget = BudgetConfig(target_params=target, families=("svd",) if name == "budget-svd" else FACTOR_FAMILIES)
+        families = BUDGET_FAMILIES[name]
+        flag = [] if families == FACTOR_FAMILIES else ["--families", ",".join(families)]
+        show(["compress", args.model, "--budget-params", str(target), *flag, *calibration, *common], log)
+        budget = BudgetConfig(target_params=target, families=families)
         compressed_student(args, budget, folder, calibrate=True)
     else:
         init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[name]
