@@ -142,10 +142,10 @@ def kron_config(work: Path, blocks: list[int], init: str) -> Path:
 
 
 def build_student(name: str, size: float, work: Path, args, log: list[str]) -> Path:
-    """The student folder of ``name`` at ``size`` (built once)."""
+    """The student folder of ``name`` at ``size``, built once; the command that builds it is
+    recorded in ``log`` either way (a row names it even when an earlier run built the folder)."""
     folder = work / "students" / f"{name}-{int(size * 100)}"
-    if (folder / "config.json").is_file():
-        return folder
+    built = (folder / "config.json").is_file()
     setting = SIZES[size]
     common = ["--out", str(folder), "--overwrite"]
     calibration = ["--calibration", "wikitext2", "--calibration-sequences", str(args.calibration_sequences),
@@ -153,20 +153,22 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
     if name == "truncate":
         keep = spaced(BLOCKS - setting["drop"])
         show(["truncate", args.model, "--layers", ",".join(map(str, keep)), *common], log)
-        truncated_student(args.model, keep, folder)
+        if not built:
+            truncated_student(args.model, keep, folder)
     elif name.startswith("budget"):
-        reference = build_student("kron-vlr", size, work, args, log)
+        reference = build_student("kron-vlr", size, work, args, [])
         target = count_parameters(load(reference))
         families = BUDGET_FAMILIES[name]
         flag = [] if families == FACTOR_FAMILIES else ["--families", ",".join(families)]
         show(["compress", args.model, "--budget-params", str(target), *flag, *calibration, *common], log)
-        budget = BudgetConfig(target_params=target, families=families)
-        compressed_student(args, budget, folder, calibrate=True)
+        if not built:
+            compressed_student(args, BudgetConfig(target_params=target, families=families), folder, calibrate=True)
     else:
         init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[name]
         config = kron_config(work, spaced(setting["kron_blocks"]), init)
         show(["compress", args.model, "--config", str(config), *(calibration if init == "activation_aware" else []), *common], log)
-        compressed_student(args, CompressionConfig.from_file(config), folder, calibrate=init == "activation_aware")
+        if not built:
+            compressed_student(args, CompressionConfig.from_file(config), folder, calibrate=init == "activation_aware")
     return folder
 
 
