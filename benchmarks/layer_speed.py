@@ -7,7 +7,6 @@ one line per factor shape (``kronlm.bench.plots.layer_speed_plot``), into ``--pl
 ``--out``, into the PNG beside it (same name, ``.png``).
 """
 
-
 import click
 
 from kronlm.bench.layers import (
@@ -15,7 +14,7 @@ from kronlm.bench.layers import (
     layer_speed_rows,
     preset_layer_shapes,
 )
-from kronlm.bench.options import layer_speed_options, command_line, speed_setup
+from kronlm.bench.options import command_line, layer_speed_options, speed_setup
 from kronlm.bench.plots import layer_speed_plot, png_beside
 from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
 

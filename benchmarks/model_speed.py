@@ -20,7 +20,7 @@ from kronlm.bench.models import (
     model_speed_markdown,
     model_speed_rows,
 )
-from kronlm.bench.options import model_speed_options, command_line, speed_setup
+from kronlm.bench.options import command_line, model_speed_options, speed_setup
 from kronlm.bench.plots import model_speed_plot, png_beside
 from kronlm.bench.markdown import reproduce_header, reproduce_section, write_markdown
 

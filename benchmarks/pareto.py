@@ -245,15 +245,18 @@ def _family_cell(row) -> str:
 
 
 def _check_cell(row) -> str:
-    """What the held-out subset check kept, and the held-out NLL of each family set it compared."""
-    if len(SETS.get(row.get("set"), ())) == 1 or row.get("decided_by") == "":
+    """What the held-out subset check kept (the family set with the lowest held-out NLL, as
+    ``choose_by_held_out`` keeps it), and the held-out NLL of each family set it compared."""
+    if len(SETS.get(row.get("set"), ())) == 1:
         return "no check (one family)"
-    if "decided_by" not in row:
+    if "held_out_nll" not in row:
         return "not recorded"
-    kept = row["decided_by"].split(": kept ", 1)[-1]
-    scores = ", ".join(f"{label} {nll:.3f}" if nll is not None else f"{label} out of reach"
-                       for label, nll in (row.get("held_out_nll") or {}).items())
-    return f"{kept} ({scores})" if scores else kept
+    scores = row["held_out_nll"]
+    if not scores:
+        return "no check"
+    kept = min((label for label, nll in scores.items() if nll is not None), key=scores.get)
+    cells = ", ".join(f"{label} {nll:.3f}" if nll is not None else f"{label} out of reach" for label, nll in scores.items())
+    return f"{'every family' if ',' in kept else kept + ' alone'} ({cells})"
 
 
 def report(args, done, info, command) -> None:

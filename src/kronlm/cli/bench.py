@@ -8,7 +8,6 @@ compressed models (random weights, reference configurations). Both print a Markd
 
 from __future__ import annotations
 
-
 import click
 
 from kronlm.bench import (
