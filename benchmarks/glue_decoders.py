@@ -318,8 +318,9 @@ def report(rows: list[dict], tasks: list[str], models: list[str], png: Path | No
 
 
 def missing(rows: list[dict], tasks: list[str], models: list[str], work: Path) -> list[str]:
-    """Markdown lines naming every (task, model) of this invocation without a row yet, and whether
-    an interrupted run of it left checkpoints in ``WORK/runs/TASK/MODEL``."""
+    """Markdown lines naming every (task, model) of ``tasks`` x ``models`` without a row yet (the
+    page passes the whole grid, whatever part one invocation ran), and whether an interrupted run
+    of it left checkpoints in ``WORK/runs/TASK/MODEL``."""
     done = {(r["task"], r["model"]) for r in rows}
     lines = []
     for task in tasks:
@@ -433,7 +434,7 @@ def main() -> None:
     names = [row_name(m, args) for m in args.model_list]
     expected = [row_name(m, args) for m in MODELS]
     if args.report_only:
-        write_outputs(rows, args.task_list, expected, args.out, command, args.work)
+        write_outputs(rows, list(TASKS), expected, args.out, command, args.work)
         return
     print(reproduce_header(command, environment_info(args.device)), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -452,9 +453,9 @@ def main() -> None:
         row = run_row(task, name, config, students.get(name), args, glue_dir, builds, command)
         rows.append(row)
         append_result_row(results, row)
-        write_outputs(rows, args.task_list, expected, args.out, command, args.work)
+        write_outputs(rows, list(TASKS), expected, args.out, command, args.work)
     if not todo:
-        write_outputs(rows, args.task_list, expected, args.out, command, args.work)
+        write_outputs(rows, list(TASKS), expected, args.out, command, args.work)
 
 
 if __name__ == "__main__":
