@@ -318,9 +318,8 @@ def report(rows: list[dict], tasks: list[str], models: list[str], png: Path | No
 
 
 def missing(rows: list[dict], tasks: list[str], models: list[str], work: Path) -> list[str]:
-    """Markdown lines naming every (task, model) of ``tasks`` x ``models`` without a row yet (the
-    page passes the whole grid, whatever part one invocation ran), and whether an interrupted run
-    of it left checkpoints in ``WORK/runs/TASK/MODEL``."""
+    """Markdown lines naming every (task, model) of ``tasks`` x ``models`` without a row yet, and
+    whether an interrupted run of it left checkpoints in ``WORK/runs/TASK/MODEL``."""
     done = {(r["task"], r["model"]) for r in rows}
     lines = []
     for task in tasks:
@@ -336,10 +335,10 @@ def missing(rows: list[dict], tasks: list[str], models: list[str], work: Path) -
     return ["## Not measured yet", "", text, "", *lines, ""]
 
 
-def write_outputs(rows: list[dict], tasks: list[str], models: list[str], out: Path, command: str, work: Path) -> None:
+def write_outputs(rows: list[dict], models: list[str], out: Path, command: str, work: Path) -> None:
     """Write the Markdown page to ``out`` and the bar chart of every row's dev metrics beside it;
-    the page covers ``tasks`` and every task with rows."""
-    tasks = [t for t in TASKS if t in tasks or any(r["task"] == t for r in rows)]
+    the page covers every task of :data:`TASKS`, whatever part of the grid one invocation ran."""
+    tasks = list(TASKS)
     png = png_beside(out)
     chart: dict[str, dict[str, float]] = {}
     for r in rows:
@@ -434,7 +433,7 @@ def main() -> None:
     names = [row_name(m, args) for m in args.model_list]
     expected = [row_name(m, args) for m in MODELS]
     if args.report_only:
-        write_outputs(rows, list(TASKS), expected, args.out, command, args.work)
+        write_outputs(rows, expected, args.out, command, args.work)
         return
     print(reproduce_header(command, environment_info(args.device)), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -453,9 +452,9 @@ def main() -> None:
         row = run_row(task, name, config, students.get(name), args, glue_dir, builds, command)
         rows.append(row)
         append_result_row(results, row)
-        write_outputs(rows, list(TASKS), expected, args.out, command, args.work)
+        write_outputs(rows, expected, args.out, command, args.work)
     if not todo:
-        write_outputs(rows, list(TASKS), expected, args.out, command, args.work)
+        write_outputs(rows, expected, args.out, command, args.work)
 
 
 if __name__ == "__main__":
