@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -176,3 +177,30 @@ def test_gpt2_blocks_distil_too(tmp_path):
                                tmp_path / "g", progress=False)
     assert all(b.trained for b in result.blocks)
     assert sum(b.last_loss for b in result.blocks) < sum(b.first_loss for b in result.blocks)
+
+
+def test_the_teacher_cache_is_paid_from_the_stage_budget(tmp_path, monkeypatch):
+    import kronlm.distill.blockwise as blockwise_module
+
+    teacher, student = _teacher_and_student()
+    offset = {"s": 0.0}
+    real_clock, real_cache, real_block = time.perf_counter, blockwise_module.build_hidden_cache, blockwise_module._train_block
+
+    def slow_cache(*args, **kwargs):
+        offset["s"] += 57.0  # the teacher pass takes 57 of the stage's 60 seconds
+        return real_cache(*args, **kwargs)
+
+    shares = []
+
+    def recording_block(index, block, block_kwargs, inputs, targets, n_train, config, *rest):
+        shares.append(config.max_minutes)
+        return real_block(index, block, block_kwargs, inputs, targets, n_train, config, *rest)
+
+    monkeypatch.setattr(blockwise_module.time, "perf_counter", lambda: real_clock() + offset["s"])
+    monkeypatch.setattr(blockwise_module, "build_hidden_cache", slow_cache)
+    monkeypatch.setattr(blockwise_module, "_train_block", recording_block)
+    distill_blockwise(student, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, _config(max_minutes=1.0), tmp_path / "run",
+                      progress=False)
+    # Three blocks share the 3 seconds left (at least 1 second each), not the whole minute: the
+    # first gets a third of them, the others what is left then.
+    assert len(shares) == 3 and shares[0] * 60.0 == pytest.approx(1.0, abs=0.2) and all(s * 60.0 < 3.5 for s in shares)

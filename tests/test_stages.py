@@ -142,3 +142,24 @@ def test_the_minutes_a_stage_leaves_go_to_the_next(tmp_path):
              for i, m in ((1, "local"), (2, "blockwise"), (3, "end_to_end"))]
     assert given[0] == pytest.approx(1.0)
     assert 1.9 < given[1] < 2.0 and 2.8 < given[2] < 3.0
+
+
+def test_an_overrun_is_taken_from_the_next_stage(tmp_path, monkeypatch):
+    import kronlm.distill.stages as stages_module
+
+    teacher, student = _pair()
+    clock = {"now": 0.0}
+    spends = iter([90.0, 90.0, 10.0])  # seconds each stage takes: the first two overrun their 60
+    given = []
+
+    def fake_stage(index, student, teacher, blocks, stage, folder, *rest):
+        given.append(stage.max_minutes)
+        clock["now"] += next(spends)
+        return stages_module.StageRecord(index, stage.mode, str(folder), val_ppl_after=None), folder
+
+    monkeypatch.setattr(stages_module, "_run_stage", fake_stage)
+    monkeypatch.setattr(stages_module.time, "perf_counter", lambda: clock["now"])
+    config = RecoveryConfig.from_file(_staged_file(tmp_path)).with_budget(3.0)  # 1 minute a stage
+    recover(student, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, config, tmp_path / "run", progress=False)
+    # Stage 2 gets 1 - 0.5 minutes; it takes 1.5, so stage 3 would get 1 - 1.0 = 0 and gets its floor, a quarter.
+    assert given == pytest.approx([1.0, 0.5, 1.0 * stages_module.MIN_STAGE_SHARE])

@@ -266,7 +266,8 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
 
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / "teacher_cache"
     all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
-    started = time.perf_counter()
+    # The stage's budget covers the teacher cache too: the minutes a user gives are the minutes it takes.
+    stage_started = started = time.perf_counter()
     cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=settings.cache_dtype, batch_size=config.micro_batch_size,
                                progress=progress)
     result.cache_seconds = time.perf_counter() - started
@@ -283,7 +284,7 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
     for index, block in enumerate(tqdm(student_blocks, desc="blocks", unit="block", disable=not progress)):
         targets = cache.boundary(index + 1)
         x = inputs if settings.inputs == "student" else cache.boundary(index)
-        minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
+        minutes = split_minutes(config.max_minutes, time.perf_counter() - stage_started, len([i for i in to_train if i >= index]))
         record = _train_block(index, block, block_kwargs, x, targets, n_train, config.replace(max_minutes=minutes), out_dir,
                               resume, key, run_settings)
         result.blocks.append(record)

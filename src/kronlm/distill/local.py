@@ -535,7 +535,8 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
 
     cache_dir = Path(config.blockwise.cache_dir) if config.blockwise.cache_dir else out_dir / "teacher_cache"
     all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
-    started = time.perf_counter()
+    # The stage's budget covers the teacher cache too: the minutes a user gives are the minutes it takes.
+    stage_started = started = time.perf_counter()
     cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=config.blockwise.cache_dtype, batch_size=config.micro_batch_size,
                                progress=progress)
     result.cache_seconds = time.perf_counter() - started
@@ -550,7 +551,7 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
     for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
         if index in to_train:
             # This block's share of what is left; captures and refits spend from it, the gradient epochs get the rest.
-            minutes = split_minutes(config.max_minutes, time.perf_counter() - started, len([i for i in to_train if i >= index]))
+            minutes = split_minutes(config.max_minutes, time.perf_counter() - stage_started, len([i for i in to_train if i >= index]))
             deadline = None if minutes is None else time.perf_counter() + 60.0 * minutes
             record = _fit_block(index, block, chosen[index], teacher_blocks[index], block_kwargs, inputs, cache.boundary(index),
                                 cache.boundary(index + 1), train_ids.shape[0], config, out_dir, resume, key, run_settings, device,

@@ -49,6 +49,8 @@ STAGE_DONE_FILE = "stage_done.json"
 # last 1/16) to choose each stage's student.
 DEFAULT_RECOVER_TOKENS = 32768
 RECOVER_VAL_FRACTION = 0.0625
+# A stage after one that overran its budget still gets this share of its own.
+MIN_STAGE_SHARE = 0.25
 
 
 def recovery_folder(out: str | os.PathLike) -> Path:
@@ -64,7 +66,9 @@ class RecoveryConfig(ConfigBase):
     In a file, ``defaults`` holds the settings every stage starts from and ``stages`` the
     settings of each stage on top of them (a nested section such as ``local:`` merges key by
     key); a file without ``stages`` is one stage. ``max_minutes`` of a stage is that stage's
-    budget (in the block modes shared out over the blocks).
+    wall-clock budget, its teacher cache included (in the block modes shared out over the
+    blocks); :func:`recover` gives what a stage leaves to the next one and takes what it overruns
+    from the next one (down to ``MIN_STAGE_SHARE`` of that stage's own budget).
 
     Attributes:
         stages: the stages' :class:`TrainingConfig`s, in order.
@@ -263,11 +267,14 @@ def _recover(student, teacher, blocks, config: RecoveryConfig, out_dir: Path, re
     start = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
     current = validation_ppl(student, val_ids, make_accelerator(config.stages[0], out_dir), config.stages[0].micro_batch_size)
     best_ppl, best_folder = current, None
-    leftover = 0.0  # minutes an earlier stage left of its budget, given to the next one
+    # Minutes an earlier stage left of its budget, given to the next one; negative when it overran
+    # (a teacher cache, a last validation), taken from the next one down to a quarter of its own
+    # budget, so that the recovery as a whole keeps to the minutes it was given where it can.
+    leftover = 0.0
     for index, stage in enumerate(config.stages, start=1):
         folder = stage_folder(out_dir, index, stage.mode)
-        if stage.max_minutes is not None and leftover > 0:
-            stage = stage.replace(max_minutes=stage.max_minutes + leftover)
+        if stage.max_minutes is not None and leftover != 0:
+            stage = stage.replace(max_minutes=max(stage.max_minutes + leftover, MIN_STAGE_SHARE * stage.max_minutes))
         t0 = time.perf_counter()
         done = folder / STAGE_DONE_FILE
         if resume and done.is_file():
@@ -281,7 +288,7 @@ def _recover(student, teacher, blocks, config: RecoveryConfig, out_dir: Path, re
             record.seconds = time.perf_counter() - t0
             write_json(done, dataclasses.asdict(record))
         result.stages.append(record)
-        leftover = max(stage.max_minutes - record.seconds / 60.0, 0.0) if stage.max_minutes is not None else 0.0
+        leftover = stage.max_minutes - record.seconds / 60.0 if stage.max_minutes is not None else 0.0
         current = record.val_ppl_after
         if best_ppl is None or (current is not None and current < best_ppl):
             best_ppl, best_folder, result.chosen = current, chosen, index
