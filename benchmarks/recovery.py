@@ -249,8 +249,8 @@ def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
 def recover_and_measure(student_name: str, size: float, recovery: str, student_dir: Path, teacher, tokenizer, blocks,
                         evaluate: Evaluator, work: Path, args) -> dict:
     """One student x recovery: every point (CPU-minutes, test perplexity) and the final evaluation."""
-    tag = f"{student_name}-{int(size * 100)}-{recovery}"
-    run_dir = work / "runs" / tag
+    run_dir = run_folder(work, student_name, size, recovery)
+    tag = run_dir.name
     clock = Clock(run_dir / "clock.json", cpu=str(args.device) == "cpu")
     student = load(student_dir).to(args.device)
     parts = stage_configs(args, student_name == "truncate")
@@ -329,6 +329,11 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
         final = evaluate(student, tokenizer, f"{tag}-final")
     return {"student": student_name, "size": size, "recovery": recovery, "points": points, "after": final,
             "cpu_minutes": clock.now() / 60.0, "train_tokens": blocks.train.numel(), "block_tokens": few["train"].numel()}
+
+
+def run_folder(work: Path, student: str, size: float, recovery: str) -> Path:
+    """Where one (student, size, recovery) row keeps its checkpoints and points: ``WORK/runs/budget-svd-85-staged``."""
+    return work / "runs" / f"{student}-{int(size * 100)}-{recovery}"
 
 
 def prune_run(run_dir: Path) -> None:
@@ -422,7 +427,7 @@ def main() -> None:
             done[key] = row
             append_result_row(results_path, row)
             if not args.keep_checkpoints:
-                prune_run(work / "runs" / f"{name}-{int(args.size * 100)}-{recovery}")
+                prune_run(run_folder(work, name, args.size, recovery))
     write_reports(results_path, args, command)
 
 
@@ -491,7 +496,7 @@ def missing_section(rows: list[dict], work: Path) -> list[str]:
             for recovery in ("staged", "end_to_end"):
                 if (size, student, recovery) in done or (student == "truncate" and recovery != "end_to_end"):
                     continue
-                path = work / "runs" / f"{student}-{int(size * 100)}-{recovery}" / "points.json"
+                path = run_folder(work, student, size, recovery) / "points.json"
                 points = json.loads(path.read_text()) if path.is_file() else []
                 so_far = "; so far: " + " / ".join(f"{p['label']} {p['test']:,.2f} ({p['minutes']:.0f} min)" for p in points) if points else ""
                 lines.append(f"- {int(size * 100)} %, {student}, {recovery}: {'running or interrupted' if points else 'not run yet'}{so_far}")

@@ -267,10 +267,10 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / "teacher_cache"
     all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
     # The stage's budget covers the teacher cache too: the minutes a user gives are the minutes it takes.
-    stage_started = started = time.perf_counter()
+    stage_started = time.perf_counter()
     cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=settings.cache_dtype, batch_size=config.micro_batch_size,
                                progress=progress)
-    result.cache_seconds = time.perf_counter() - started
+    result.cache_seconds = time.perf_counter() - stage_started
     n_train = train_ids.shape[0]
     block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
     key = _run_key(cache.key, config, model_fingerprint(student), run_settings)

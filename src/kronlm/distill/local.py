@@ -536,10 +536,10 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
     cache_dir = Path(config.blockwise.cache_dir) if config.blockwise.cache_dir else out_dir / "teacher_cache"
     all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
     # The stage's budget covers the teacher cache too: the minutes a user gives are the minutes it takes.
-    stage_started = started = time.perf_counter()
+    stage_started = time.perf_counter()
     cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=config.blockwise.cache_dtype, batch_size=config.micro_batch_size,
                                progress=progress)
-    result.cache_seconds = time.perf_counter() - started
+    result.cache_seconds = time.perf_counter() - stage_started
     block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
     key = _run_key(cache.key.to_dict(), config, model_fingerprint(student), run_settings)
     result.val_ppl_before = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
