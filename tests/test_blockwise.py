@@ -180,11 +180,12 @@ def test_gpt2_blocks_distil_too(tmp_path):
 
 
 def test_the_teacher_cache_is_paid_from_the_stage_budget(tmp_path, monkeypatch):
+    import kronlm.distill.block_runs as block_runs_module
     import kronlm.distill.blockwise as blockwise_module
 
     teacher, student = _teacher_and_student()
     offset = {"s": 0.0}
-    real_clock, real_cache, real_block = time.perf_counter, blockwise_module.build_hidden_cache, blockwise_module._train_block
+    real_clock, real_cache, real_block = time.perf_counter, block_runs_module.build_hidden_cache, blockwise_module._train_block
 
     def slow_cache(*args, **kwargs):
         offset["s"] += 57.0  # the teacher pass takes 57 of the stage's 60 seconds
@@ -196,8 +197,8 @@ def test_the_teacher_cache_is_paid_from_the_stage_budget(tmp_path, monkeypatch):
         shares.append(config.max_minutes)
         return real_block(index, block, block_kwargs, inputs, targets, n_train, config, *rest)
 
-    monkeypatch.setattr(blockwise_module.time, "perf_counter", lambda: real_clock() + offset["s"])
-    monkeypatch.setattr(blockwise_module, "build_hidden_cache", slow_cache)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset["s"])
+    monkeypatch.setattr(block_runs_module, "build_hidden_cache", slow_cache)
     monkeypatch.setattr(blockwise_module, "_train_block", recording_block)
     distill_blockwise(student, teacher, {"train": _ids(16, 1), "val": _ids(4, 2)}, _config(max_minutes=1.0), tmp_path / "run",
                       progress=False)

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kronlm.compression.truncate import find_block_list
-from kronlm.distill.hidden_cache import block_output
+from kronlm.distill.hidden_cache import HiddenStateCache, block_output, build_hidden_cache
 from kronlm.distill.validators import evaluate_perplexity
 from kronlm.utils.io import atomic_dir, read_json, write_json
 
@@ -302,6 +303,52 @@ def block_run_config(config, index: int, n_train: int):
     return config.replace(**changes)
 
 
+class StageClock:
+    """The time budget of a block-mode stage: ``max_minutes`` (None = no limit) counted from the
+    moment the clock is made, before the teacher cache is built, so that the cache is paid from the
+    stage's budget (the minutes a user gives are the minutes the stage takes), and shared out over
+    the blocks still to train (``to_train``: block indices in walking order).
+    """
+
+    def __init__(self, max_minutes: float | None, to_train: list[int]):
+        self.max_minutes = max_minutes
+        self.to_train = list(to_train)
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds since the stage started."""
+        return time.perf_counter() - self.started
+
+    def block_minutes(self, index: int) -> float | None:
+        """Minutes block ``index`` may spend: what is left, divided among it and the blocks after it
+        that still train (see :func:`split_minutes`); None without a budget."""
+        return split_minutes(self.max_minutes, self.seconds(), len([i for i in self.to_train if i >= index]))
+
+
+def stage_teacher_cache(teacher: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor | None, config, out_dir: Path,
+                        progress: bool) -> tuple[HiddenStateCache, torch.Tensor]:
+    """Build (or reuse) the teacher's hidden states at every block boundary for a block-mode stage.
+
+    Args:
+        train_ids: (n_train, block_size) token ids; val_ids: (n_val, block_size) or None. Both are
+            cached, training rows first, so ``cache.boundary(i)[:n_train]`` are the training rows.
+        config: the stage's ``TrainingConfig``; ``config.blockwise.cache_dir`` (default
+            ``out_dir/teacher_cache``) and ``cache_dtype`` say where and how the states are kept.
+
+    Returns:
+        The cache and ``all_ids``, (n_train + n_val, block_size).
+
+    Raises:
+        OSError: the disk cannot hold the cache (see :func:`kronlm.distill.hidden_cache.build_hidden_cache`).
+    """
+    settings = config.blockwise
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / "teacher_cache"
+    all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
+    cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=settings.cache_dtype, batch_size=config.micro_batch_size,
+                               progress=progress)
+    return cache, all_ids
+
+
 def split_minutes(total: float | None, spent_seconds: float, remaining_blocks: int) -> float | None:
     """A stage's time budget (``total`` minutes; None = no limit) shared out over its blocks: the
     minutes still left, divided evenly among the blocks still to train (so a block that finishes
@@ -318,6 +365,7 @@ __all__ = [
     "BlockRecord",
     "BlockStateExporter",
     "BlockStep",
+    "StageClock",
     "block_folder",
     "block_run_config",
     "check_student",
@@ -333,5 +381,6 @@ __all__ = [
     "run_key_differences",
     "split_blocks",
     "split_minutes",
+    "stage_teacher_cache",
     "validation_ppl",
 ]

@@ -49,6 +49,7 @@ from kronlm.distill.block_runs import (
     BlockRecord,
     BlockStateExporter,
     BlockStep,
+    StageClock,
     block_folder,
     block_run_config,
     check_student,
@@ -61,7 +62,7 @@ from kronlm.distill.block_runs import (
     refuse_earlier_runs,
     run_key,
     split_blocks,
-    split_minutes,
+    stage_teacher_cache,
     validation_ppl,
 )
 from kronlm.distill.checkpoint import remove_interrupted_writes
@@ -70,7 +71,6 @@ from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.fingerprint import model_fingerprint
 from kronlm.distill.hidden_cache import (
     CacheKey,
-    build_hidden_cache,
     capture_block_kwargs,
 )
 from kronlm.distill.objective import LossOutput
@@ -264,13 +264,10 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
     config.to_file(out_dir / "training_config.yaml")
     accelerator = make_accelerator(config, out_dir)
 
-    cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / "teacher_cache"
-    all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
-    # The stage's budget covers the teacher cache too: the minutes a user gives are the minutes it takes.
-    stage_started = time.perf_counter()
-    cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=settings.cache_dtype, batch_size=config.micro_batch_size,
-                               progress=progress)
-    result.cache_seconds = time.perf_counter() - stage_started
+    to_train = [i for i, b in enumerate(student_blocks) if any(isinstance(m, KRONECKER_MODULES) for m in b.modules())]
+    clock = StageClock(config.max_minutes, to_train)
+    cache, _ = stage_teacher_cache(teacher, train_ids, val_ids, config, out_dir, progress)
+    result.cache_seconds = clock.seconds()
     n_train = train_ids.shape[0]
     block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
     key = _run_key(cache.key, config, model_fingerprint(student), run_settings)
@@ -280,12 +277,10 @@ def _distill_blockwise(student, teacher, blocks, config: TrainingConfig, out_dir
         p.requires_grad_(False)
     started = time.perf_counter()
     inputs = cache.boundary(0)
-    to_train = [i for i, b in enumerate(student_blocks) if any(isinstance(m, KRONECKER_MODULES) for m in b.modules())]
     for index, block in enumerate(tqdm(student_blocks, desc="blocks", unit="block", disable=not progress)):
         targets = cache.boundary(index + 1)
         x = inputs if settings.inputs == "student" else cache.boundary(index)
-        minutes = split_minutes(config.max_minutes, time.perf_counter() - stage_started, len([i for i in to_train if i >= index]))
-        record = _train_block(index, block, block_kwargs, x, targets, n_train, config.replace(max_minutes=minutes), out_dir,
+        record = _train_block(index, block, block_kwargs, x, targets, n_train, config.replace(max_minutes=clock.block_minutes(index)), out_dir,
                               resume, key, run_settings)
         result.blocks.append(record)
         result.block_tokens += record.tokens

@@ -69,6 +69,7 @@ from kronlm.distill.block_runs import (
     BlockRecord,
     BlockStateExporter,
     BlockStep,
+    StageClock,
     block_folder,
     block_run_config,
     check_student,
@@ -81,14 +82,14 @@ from kronlm.distill.block_runs import (
     refuse_earlier_runs,
     run_key,
     split_blocks,
-    split_minutes,
+    stage_teacher_cache,
     validation_ppl,
 )
 from kronlm.distill.checkpoint import remove_interrupted_writes
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.fingerprint import model_fingerprint
-from kronlm.distill.hidden_cache import build_hidden_cache, capture_block_kwargs
+from kronlm.distill.hidden_cache import capture_block_kwargs
 from kronlm.distill.objective import LossOutput
 from kronlm.distill.trainer import Trainer
 from kronlm.distill.validators import Validator, evaluation_mode
@@ -533,13 +534,9 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
         result.blocks = [BlockRecord(i, trained=False) for i in range(len(student_blocks))]
         return _export(student, config, result, out_dir, tokenizer)
 
-    cache_dir = Path(config.blockwise.cache_dir) if config.blockwise.cache_dir else out_dir / "teacher_cache"
-    all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
-    # The stage's budget covers the teacher cache too: the minutes a user gives are the minutes it takes.
-    stage_started = time.perf_counter()
-    cache = build_hidden_cache(teacher, all_ids, cache_dir, dtype=config.blockwise.cache_dtype, batch_size=config.micro_batch_size,
-                               progress=progress)
-    result.cache_seconds = time.perf_counter() - stage_started
+    clock = StageClock(config.max_minutes, to_train)
+    cache, all_ids = stage_teacher_cache(teacher, train_ids, val_ids, config, out_dir, progress)
+    result.cache_seconds = clock.seconds()
     block_kwargs = capture_block_kwargs(student, train_ids[:1].to(device))
     key = _run_key(cache.key.to_dict(), config, model_fingerprint(student), run_settings)
     result.val_ppl_before = validation_ppl(student, val_ids, accelerator, config.micro_batch_size)
@@ -551,7 +548,7 @@ def _distill_local(student, teacher, blocks, config: TrainingConfig, out_dir: Pa
     for index, block in enumerate(tqdm(student_blocks, desc="local", unit="block", disable=not progress)):
         if index in to_train:
             # This block's share of what is left; captures and refits spend from it, the gradient epochs get the rest.
-            minutes = split_minutes(config.max_minutes, time.perf_counter() - stage_started, len([i for i in to_train if i >= index]))
+            minutes = clock.block_minutes(index)
             deadline = None if minutes is None else time.perf_counter() + 60.0 * minutes
             record = _fit_block(index, block, chosen[index], teacher_blocks[index], block_kwargs, inputs, cache.boundary(index),
                                 cache.boundary(index + 1), train_ids.shape[0], config, out_dir, resume, key, run_settings, device,
