@@ -454,7 +454,8 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
     runs = sorted({r.get("command", command) for r in rows}) or [FULL_COMMAND]
     lines = ["# Recovery of SmolLM2-135M: quality against CPU time", "", "Page written on: " + machine_line(machine_info()).removeprefix("Machine: ")
              + " Each row names the machine it was measured on (CPU-minutes compare within one kind of CPU).",
-             "Commands: " + ", ".join(f"`{c}`" for c in runs) + f"; this page written by `{command}`.", "",
+             f"Commands: the {len(runs)} invocation(s) that measured the rows are listed under \"Reproduce\"; this page "
+             f"written by `{command}`.", "",
              "Protocols: \"test\" = WikiText-2 raw test, first 16,384 tokens, sliding window 1024 / stride 512; \"OOD\" = GLUE "
              "SST-2 dev sentences joined with blank lines, same protocol (text in no calibration or training set). Points: the "
              "student after each stage or end-to-end segment, chosen on the held-out training blocks, at the CPU-minutes it had "
