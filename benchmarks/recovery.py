@@ -9,7 +9,8 @@ calls of the ``kronlm`` command that is printed (``kronlm.compress``, ``kronlm.c
 - ``budget-svd``: the per-module budget allocation to the same parameter count, truncated SVDs
   only; ``budget-klr``: the same with Kronecker + low-rank factors only (the best Kronecker-containing
   family of the zero-shot Pareto front); ``budget-all``: every factor family (Kronecker,
-  Kronecker + low rank, SVD; the held-out subset check may keep one family alone);
+  Kronecker + low rank, SVD; the held-out subset check may keep one family alone, and then its
+  rows are that family's student's, marked ``same_as``: the same plan recovers the same way);
 - ``truncate``: the layer-truncation baseline, whole blocks dropped (evenly spaced ones kept).
 
 Recoveries, all on the same training tokens (``--train-data``, default the enwiki-sample
@@ -331,6 +332,27 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
             "cpu_minutes": clock.now() / 60.0, "train_tokens": blocks.train.numel(), "block_tokens": few["train"].numel()}
 
 
+def same_plan_as(name: str, size: float, work: Path) -> str | None:
+    """For the allocation over every family: the single-family budget student of the same size
+    whose plan (every module's factor shapes, rank and init) it equals, or None. The allocation
+    checks its result against each single family's on held-out calibration tokens and may keep
+    one of them whole (it did at 80 % on the Pareto front); that student then needs no run of its own."""
+    if name != "budget-all":
+        return None
+    mine = plan_targets(work / "students" / f"{name}-{int(size * 100)}")
+    for other in ("budget-svd", "budget-klr"):
+        folder = work / "students" / f"{other}-{int(size * 100)}"
+        if (folder / "kronlm_compression.json").is_file() and plan_targets(folder) == mine:
+            return other
+    return None
+
+
+def plan_targets(folder: Path) -> list[str]:
+    """The compression plan saved in a student folder, one sorted JSON string per target."""
+    plan = json.loads((folder / "kronlm_compression.json").read_text())["compression"]["targets"]
+    return sorted(json.dumps(t, sort_keys=True) for t in plan)
+
+
 def run_folder(work: Path, student: str, size: float, recovery: str) -> Path:
     """Where one (student, size, recovery) row keeps its checkpoints and points: ``WORK/runs/budget-svd-85-staged``."""
     return work / "runs" / f"{student}-{int(size * 100)}-{recovery}"
@@ -409,6 +431,7 @@ def main() -> None:
           flush=True)
     for name in args.students.split(","):
         student_dir = build_student(name, args.size, work, args, log)
+        twin = same_plan_as(name, args.size, work)
         student = load(student_dir).to(args.device)
         params = count_parameters(student)
         before = evaluate(student, tokenizer, f"{name}-{int(args.size * 100)}")
@@ -418,6 +441,14 @@ def main() -> None:
                 continue
             key = (name, args.size, recovery)
             if key in done:
+                continue
+            if twin and (twin, args.size, recovery) in done:
+                # The same factorisation of the same weights recovers the same way: its row, not another hour.
+                row = {**done[(twin, args.size, recovery)], "student": name, "same_as": twin, "command": command,
+                       "commands": list(log), "params": params, "before": before}
+                print(f"{name}-{int(args.size * 100)}: the same plan as {twin}; its {recovery} row is this one's", flush=True)
+                done[key] = row
+                append_result_row(results_path, row)
                 continue
             row = recover_and_measure(name, args.size, recovery, student_dir, teacher, tokenizer, blocks, evaluate, work, args)
             info = machine_info(args.device)
@@ -441,7 +472,8 @@ def write_reports(results_path: Path, args, command: str) -> None:
     for size in sizes if args.plot else ():
         of_size = [r for r in rows if r["size"] == size]
         series = {f"{r['student']} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
-                                                       [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in of_size}
+                                                       [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in of_size
+                  if not r.get("same_as")}
         line_plot(series, str(args.plot).replace("{size}", str(int(size * 100))), xlabel="CPU-minutes (one thread)",
                   ylabel="WikiText-2 test perplexity", title=f"Recovery of SmolLM2-135M at {int(size * 100)} % of the parameters",
                   logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense")
@@ -469,7 +501,8 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
         table = []
         for r in sorted(of_size, key=lambda r: r["after"]["test"]):
             points = " / ".join(f"{p['label']} {p['test']:,.2f} ({p['minutes']:.0f} min)" for p in r["points"])
-            table.append([r["student"], r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
+            table.append([r["student"] + (f" (= {r['same_as']}: the held-out check kept its plan)" if r.get("same_as") else ""),
+                          r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
                           f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}", f"{r['after']['test'] / dense['test']:.2f}",
                           f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}", f"{r['after']['ood'] / dense['ood']:.2f}",
                           tokens_cell(r), points, f"{r['cpu_minutes']:.1f}", r.get("machine", "")])
