@@ -65,6 +65,7 @@ from kronlm.compression import count_parameters
 from kronlm.modeling import load
 from kronlm.tasks import claim_task_folder
 from kronlm.tasks.glue import GlueTrainConfig, get_task, load_glue_split, run_glue
+from kronlm.tasks.glue.metrics import compute_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 0.70
@@ -244,7 +245,9 @@ def claim_verdicts(task: str, by_model: dict[str, dict]) -> list[str]:
     truncated row, with the dev standard error of the difference (from the accuracies, one seed)."""
     krons = [m for m in by_model if m.startswith("kron")]
     if not krons or "truncate" not in by_model:
-        return [f"Claim on {TASK_NAMES.get(task, task)}: not measured yet (a Kronecker row and the truncate row are needed)."]
+        needed = " and ".join(n for n, have in (("a Kronecker row", krons), ("the truncate row", "truncate" in by_model)) if not have)
+        verb = "are" if " and " in needed else "is"
+        return [f"Claim on {TASK_NAMES.get(task, task)}: not measured yet ({needed} {verb} needed)."]
     return [claim_verdict(task, by_model[kron], by_model["truncate"]) for kron in krons]
 
 
@@ -263,6 +266,22 @@ def claim_verdict(task: str, k: dict, t: dict) -> str:
             f"{se:.2f} points, one seed): **{verdict}**.")
 
 
+def majority_baseline(task: str, glue_dir: Path | None) -> str:
+    """One sentence: the dev metrics of always answering the dev split's most frequent class (what
+    a model that learned nothing scores), or "" without the data."""
+    if glue_dir is None:
+        return ""
+    try:
+        dev = load_glue_split(get_task(task), "dev", glue_dir)
+    except (FileNotFoundError, OSError, ValueError):
+        return ""
+    majority = max(set(dev.labels), key=dev.labels.count)
+    metrics = compute_metrics(get_task(task), [majority] * len(dev), dev.labels)
+    label = get_task(task).labels[majority]
+    return (f"Always answering the most frequent dev class (label {label}) scores "
+            + ", ".join(f"{m} {fmt(v)}" for m, v in metrics.items()) + f" on all {len(dev):,} dev examples.")
+
+
 def describe_settings(row: dict) -> str:
     """One sentence: the data and size settings a task's rows share (from one of its rows)."""
     size = row["settings"]
@@ -274,7 +293,8 @@ def describe_settings(row: dict) -> str:
             f"dev: {dev}; device {row['device']}.")
 
 
-def report(rows: list[dict], tasks: list[str], models: list[str], png: Path | None, command: str, work: Path) -> str:
+def report(rows: list[dict], tasks: list[str], models: list[str], png: Path | None, command: str, work: Path,
+           glue_dir: Path | None = None) -> str:
     """The Markdown page of ``rows``: one table per task, the claim, missing rows, how to reproduce."""
     lines = ["# GLUE with decoder students of SmolLM2-135M at 70 % of the parameters", "", CLAIM, "", STUDENTS_TEXT, "",
              PROTOCOL_TEXT, ""]
@@ -300,7 +320,9 @@ def report(rows: list[dict], tasks: list[str], models: list[str], png: Path | No
             table.append([name + (f" (`{r['student']}`)" if name == "kron-student" else ""), r["recipe"] or "ce",
                           metrics, f"{r['params']:,}", of_dense, ratio, keep, str(r["train_steps"]),
                           f"{r['train_seconds']:,.0f}", f"{r['row_seconds']:,.0f}" + (" (resumed)" if r["resumed"] else ""), f"{r['selection'].get('checkpoint', '?')} (step {step})"])
-        lines += [markdown_table(headers, table, align=["l", "l", "l", *"r" * 7, "l"]), "", *claim_verdicts(task, of_task), ""]
+        baseline = majority_baseline(task, glue_dir)
+        lines += [markdown_table(headers, table, align=["l", "l", "l", *"r" * 7, "l"]), "", *([baseline, ""] if baseline else []),
+                  *claim_verdicts(task, of_task), ""]
     if png is not None:
         lines += [f"![dev metrics per model]({png.name})", ""]
     lines += missing(rows, tasks, models, work)
@@ -335,7 +357,7 @@ def missing(rows: list[dict], tasks: list[str], models: list[str], work: Path) -
     return ["## Not measured yet", "", text, "", *lines, ""]
 
 
-def write_outputs(rows: list[dict], models: list[str], out: Path, command: str, work: Path) -> None:
+def write_outputs(rows: list[dict], models: list[str], out: Path, command: str, work: Path, glue_dir: Path | None = None) -> None:
     """Write the Markdown page to ``out`` and the bar chart of every row's dev metrics beside it;
     the page covers every task of :data:`TASKS`, whatever part of the grid one invocation ran."""
     tasks = list(TASKS)
@@ -349,7 +371,7 @@ def write_outputs(rows: list[dict], models: list[str], out: Path, command: str, 
         out.parent.mkdir(parents=True, exist_ok=True)
         bar_plot(categories, {m: [v.get(c, float("nan")) for c in categories] for m, v in chart.items()}, png,
                  title="SmolLM2-135M and its students at 70 % of the parameters on GLUE dev", ylabel="dev metric (%)")
-    write_markdown(report(rows, tasks, models, png if chart else None, command, work), out)
+    write_markdown(report(rows, tasks, models, png if chart else None, command, work, glue_dir), out)
     print(f"report -> {out}" + (f", {png}" if chart else ""), flush=True)
 
 
@@ -432,12 +454,12 @@ def main() -> None:
     rows = read_result_rows(results)
     names = [row_name(m, args) for m in args.model_list]
     expected = [row_name(m, args) for m in MODELS]
+    glue_dir = args.data_dir / "glue"
     if args.report_only:
-        write_outputs(rows, expected, args.out, command, args.work)
+        write_outputs(rows, expected, args.out, command, args.work, glue_dir)
         return
     print(reproduce_header(command, environment_info(args.device)), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    glue_dir = args.data_dir / "glue"
     done = {(r["task"], r["model"]) for r in rows}
     todo = []
     for task in args.task_list:
@@ -452,9 +474,9 @@ def main() -> None:
         row = run_row(task, name, config, students.get(name), args, glue_dir, builds, command)
         rows.append(row)
         append_result_row(results, row)
-        write_outputs(rows, expected, args.out, command, args.work)
+        write_outputs(rows, expected, args.out, command, args.work, glue_dir)
     if not todo:
-        write_outputs(rows, expected, args.out, command, args.work)
+        write_outputs(rows, expected, args.out, command, args.work, glue_dir)
 
 
 if __name__ == "__main__":
