@@ -444,8 +444,9 @@ def main() -> None:
                 continue
             if twin and (twin, args.size, recovery) in done:
                 # The same factorisation of the same weights recovers the same way: its row, not another hour.
-                row = {**done[(twin, args.size, recovery)], "student": name, "same_as": twin, "command": command,
-                       "commands": list(log), "params": params, "before": before}
+                # The twin's invocation, which measured the row, stays its command.
+                row = {**done[(twin, args.size, recovery)], "student": name, "same_as": twin, "commands": list(log),
+                       "params": params, "before": before}
                 print(f"{name}-{int(args.size * 100)}: the same plan as {twin}; its {recovery} row is this one's", flush=True)
                 done[key] = row
                 append_result_row(results_path, row)
