@@ -278,14 +278,14 @@ def majority_baseline(task: str, glue_dir: Path | None) -> str:
     a model that learned nothing scores), or "" without the data."""
     if glue_dir is None:
         return ""
+    glue_task = get_task(task)
     try:
-        dev = load_glue_split(get_task(task), "dev", glue_dir)
+        dev = load_glue_split(glue_task, "dev", glue_dir)
     except (FileNotFoundError, OSError, ValueError):
         return ""
     majority = max(set(dev.labels), key=dev.labels.count)
-    metrics = compute_metrics(get_task(task), [majority] * len(dev), dev.labels)
-    label = get_task(task).labels[majority]
-    return (f"Always answering the most frequent dev class (label {label}) scores "
+    metrics = compute_metrics(glue_task, [majority] * len(dev), dev.labels)
+    return (f"Always answering the most frequent dev class (label {glue_task.labels[majority]}) scores "
             + ", ".join(f"{m} {fmt(v)}" for m, v in metrics.items()) + f" on all {len(dev):,} dev examples.")
 
 

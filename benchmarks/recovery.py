@@ -147,7 +147,7 @@ def kron_config(work: Path, blocks: list[int], init: str) -> Path:
 def build_student(name: str, size: float, work: Path, args, log: list[str]) -> Path:
     """The student folder of ``name`` at ``size``, built once; the command that builds it is
     recorded in ``log`` either way (a row names it even when an earlier run built the folder)."""
-    folder = work / "students" / f"{name}-{int(size * 100)}"
+    folder = student_folder(work, name, size)
     built = (folder / "config.json").is_file()
     setting = SIZES[size]
     common = ["--out", str(folder), "--overwrite"]
@@ -337,11 +337,11 @@ def same_plan_as(name: str, size: float, work: Path) -> str | None:
     whose plan (every module's factor shapes, rank and init) it equals, or None. The allocation
     checks its result against each single family's on held-out calibration tokens and may keep
     one of them whole (it did at 80 % on the Pareto front); that student then needs no run of its own."""
-    if name != "budget-all":
+    if BUDGET_FAMILIES.get(name) != FACTOR_FAMILIES:
         return None
-    mine = plan_targets(work / "students" / f"{name}-{int(size * 100)}")
-    for other in ("budget-svd", "budget-klr"):
-        folder = work / "students" / f"{other}-{int(size * 100)}"
+    mine = plan_targets(student_folder(work, name, size))
+    for other in (n for n, families in BUDGET_FAMILIES.items() if len(families) == 1):
+        folder = student_folder(work, other, size)
         if (folder / "kronlm_compression.json").is_file() and plan_targets(folder) == mine:
             return other
     return None
@@ -351,6 +351,11 @@ def plan_targets(folder: Path) -> list[str]:
     """The compression plan saved in a student folder, one sorted JSON string per target."""
     plan = json.loads((folder / "kronlm_compression.json").read_text())["compression"]["targets"]
     return sorted(json.dumps(t, sort_keys=True) for t in plan)
+
+
+def student_folder(work: Path, student: str, size: float) -> Path:
+    """Where a student is built: ``WORK/students/budget-svd-85``."""
+    return work / "students" / f"{student}-{int(size * 100)}"
 
 
 def run_folder(work: Path, student: str, size: float, recovery: str) -> Path:
