@@ -40,3 +40,14 @@ def test_a_budget_all_student_with_a_single_familys_plan_is_that_students_twin(t
 
     _student(students / "budget-all-85", [KroneckerTarget(mlp[:1], b_shape=(4, 1)), KroneckerTarget(mlp[1:], b_shape=(4, 1), rank=2)])
     assert bench.same_plan_as("budget-all", 0.85, tmp_path) is None  # one rank differs: its own rows
+
+
+def test_the_missing_section_names_every_unmeasured_row_and_the_block_wise_continuity_row(tmp_path):
+    size, student = bench.BLOCKWISE_ALONE
+    before = "\n".join(bench.missing_section([], tmp_path))
+    assert f"- {int(size * 100)} %, {student}, blockwise: not run yet" in before
+    assert "truncate, staged" not in before  # truncation has one recipe: end to end
+    rows = [{"size": size, "student": student, "recovery": "blockwise"}]
+    after = "\n".join(bench.missing_section(rows, tmp_path))
+    assert "blockwise" not in after
+    assert f"- {int(size * 100)} %, {student}, end_to_end: not run yet" in after
