@@ -482,9 +482,11 @@ def write_reports(results_path: Path, args, command: str) -> None:
         series = {f"{r['student']} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
                                                        [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in of_size
                   if not r.get("same_as")}
+        # One colour per student, one line style per recovery: a student's recoveries read side by side.
+        groups = {f"{r['student']} {r['recovery']}": (r["student"], r["recovery"]) for r in of_size if not r.get("same_as")}
         line_plot(series, str(args.plot).replace("{size}", str(int(size * 100))), xlabel="CPU-minutes (one thread)",
                   ylabel="WikiText-2 test perplexity", title=f"Recovery of SmolLM2-135M at {int(size * 100)} % of the parameters",
-                  logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense")
+                  logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense", groups=groups)
 
 
 def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> str:

@@ -55,3 +55,22 @@ def test_markdown_tables_are_read_back():
     assert number(rows[0][1]) == 1953.0 and number(rows[1][2]) == 1.18
     with pytest.raises(ValueError, match="holds no number"):
         number("met")
+
+
+def test_line_plot_groups_give_one_colour_per_first_key_and_one_style_per_second(tmp_path, monkeypatch):
+    import kronlm.bench.plots as plots
+
+    drawn = {}
+
+    def keep(fig, path):
+        drawn.update({line.get_label(): (line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()})
+        return tmp_path / "kept.png"
+
+    monkeypatch.setattr(plots, "_save", keep)
+    series = {f"{s} {r}": ([0, 1], [2.0, 1.0]) for s in ("svd", "kron") for r in ("staged", "e2e")}
+    groups = {f"{s} {r}": (s, r) for s in ("svd", "kron") for r in ("staged", "e2e")}
+    line_plot(series, tmp_path / "g.png", title="", xlabel="", ylabel="", groups=groups)
+    assert drawn["svd staged"][0] == drawn["svd e2e"][0] != drawn["kron staged"][0] == drawn["kron e2e"][0]
+    assert drawn["svd staged"][1] == drawn["kron staged"][1] != drawn["svd e2e"][1] == drawn["kron e2e"][1]
+    with pytest.raises(ValueError, match="series 'svd e2e' has no entry in groups"):
+        line_plot(series, tmp_path / "h.png", title="", xlabel="", ylabel="", groups={"svd staged": ("svd", "staged")})

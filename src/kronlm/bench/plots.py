@@ -59,6 +59,7 @@ def line_plot(
     reference: float | None = None,
     reference_label: str = "",
     annotate: Mapping[str, Sequence[str]] | None = None,
+    groups: Mapping[str, tuple[str, str]] | None = None,
 ) -> Path:
     """One line (with markers) per series; returns the PNG path.
 
@@ -70,21 +71,34 @@ def line_plot(
         reference: draw a horizontal dashed line at this y (e.g. 1.0 = as fast as dense).
         reference_label: its legend text.
         annotate: label -> one text per point, written beside the markers.
+        groups: label -> (colour group, line-style group): series of one colour group share a
+            colour and marker, series of one line-style group a line style (e.g. student and
+            recovery of a recovery curve). Without it every series gets its own colour.
 
     Raises:
-        ImportError: matplotlib missing. ValueError: no series, or x and y of different lengths (named).
+        ImportError: matplotlib missing. ValueError: no series, x and y of different lengths, or a
+            series without a ``groups`` entry (named).
     """
     if not series:
         raise ValueError("line_plot: no series to draw")
     for label, (xs, ys) in series.items():
         if len(xs) != len(ys):
             raise ValueError(f"line_plot: series {label!r} has {len(xs)} x values but {len(ys)} y values")
+        if groups is not None and label not in groups:
+            raise ValueError(f"line_plot: series {label!r} has no entry in groups")
     plt = require_matplotlib()
     many = len(series) > 6
     fig, ax = plt.subplots(figsize=(12, 6.5) if many else (7.5, 4.5))
-    colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10")
-    for i, (label, (xs, ys)) in enumerate(series.items()):
-        ax.plot(list(xs), list(ys), marker="osD^v<>"[i % 7], linestyle=("-", "--", ":")[(i // 10) % 3], color=colors(i % colors.N), label=label)
+    if groups is None:
+        # Ten colours, then the same ten dashed: a series' place decides both.
+        groups = {label: (str(i), str(i // 10)) for i, label in enumerate(series)}
+    hues = list(dict.fromkeys(g[0] for g in groups.values()))
+    styles = list(dict.fromkeys(g[1] for g in groups.values()))
+    colors = plt.get_cmap("tab20" if len(hues) > 10 else "tab10")
+    for label, (xs, ys) in series.items():
+        hue, style = hues.index(groups[label][0]), styles.index(groups[label][1])
+        ax.plot(list(xs), list(ys), marker="osD^v<>"[hue % 7], linestyle=("-", "--", ":", "-.")[style % 4], color=colors(hue % colors.N),
+                label=label)
         for x, y, text in zip(xs, ys, (annotate or {}).get(label, ())):
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if reference is not None:
