@@ -42,6 +42,15 @@ on a fresh clone, skips the rows already measured; the checkpoints of an unfinis
 (``--keep-checkpoints`` keeps every stage's). ``--out`` writes the Markdown table and
 ``--plot`` the PNG (test perplexity against CPU-minutes, log scale, one line per student x recovery).
 
+Factor storage: kronlm stores every Kronecker term with its scale split evenly between the two
+factors (``kronlm.decompose.balance_terms``; truncated-SVD terms keep their init's split). Rows
+measured before it did (their JSON has no ``factors`` key: the init's own split, far from even for
+the activation-aware and pruning inits) stay on the page, marked "unbalanced", beside the rows of
+the same students stored balanced (``factors: balanced``; built in
+``WORK/students/NAME-SIZE-balanced``, or, when the earlier build exists, loaded from it and
+rebalanced with ``balance_factors``: the same weights). Students without Kronecker terms
+(truncation, the truncated-SVD budget) are stored the same either way: their rows stand for both.
+
     python benchmarks/recovery.py --size 0.85 --students budget-svd,truncate --recoveries staged,end_to_end \\
         --out docs/benchmarks/recovery.md --plot docs/benchmarks/recovery-85.png
 """
@@ -72,6 +81,7 @@ from kronlm.bench.markdown import (
 )
 from kronlm.bench.plots import line_plot
 from kronlm.compression import (
+    balance_factors,
     FACTOR_FAMILIES,
     BudgetConfig,
     CompressionConfig,
@@ -96,6 +106,10 @@ BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",),
 RECOVERIES = ("staged", "end_to_end", "blockwise")
 # Block-wise distillation alone is measured on one student only, for continuity with the earlier pages.
 BLOCKWISE_ALONE = (0.85, "budget-svd")
+# How the factors of the students measured now are stored; rows without a "factors" key predate it.
+FACTORS = "balanced"
+UNBALANCED = "unbalanced"
+NO_KRONECKER_TERMS = ("truncate", "budget-svd")
 ENWIKI = Path("enwiki-sample") / "articles.jsonl"
 # One size's whole grid (the committed tables: this at --size 0.85 and at --size 0.70).
 FULL_COMMAND = ("python benchmarks/recovery.py --size 0.85 --recoveries staged,end_to_end --local-minutes 15 --blockwise-minutes 10 "
@@ -113,14 +127,17 @@ def show(argv: list[str], log: list[str]) -> None:
     print(log[-1], flush=True)
 
 
+def tokenizer_of(model: str | Path):
+    """The tokenizer saved with ``model``, or None when it has none."""
+    try:
+        return load_tokenizer(str(model))
+    except (OSError, ValueError):
+        return None
+
+
 def truncated_student(model: str, keep: list[int], folder: Path) -> None:
     """``kronlm truncate MODEL --layers KEEP --out FOLDER --overwrite``."""
-    net = load_model(model)
-    try:
-        tokenizer = load_tokenizer(model)
-    except (OSError, ValueError):
-        tokenizer = None
-    save_truncated(net, keep, folder, tokenizer=tokenizer, overwrite=True)
+    save_truncated(load_model(model), keep, folder, tokenizer=tokenizer_of(model), overwrite=True)
 
 
 def compressed_student(args, config: CompressionConfig | BudgetConfig, folder: Path, calibrate: bool) -> None:
@@ -151,6 +168,13 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
     recorded in ``log`` either way (a row names it even when an earlier run built the folder)."""
     folder = student_folder(work, name, size)
     built = (folder / "config.json").is_file()
+    earlier = student_folder(work, name, size, UNBALANCED)
+    if not built and folder != earlier and (earlier / "config.json").is_file():
+        # The earlier build holds the same weights; only the split of each term's scale differs.
+        student = load(earlier)
+        print(f"{folder.name}: {balance_factors(student)} factored layers of {earlier.name} rebalanced", flush=True)
+        save(student, folder, tokenizer=tokenizer_of(earlier), overwrite=True)
+        built = True
     setting = SIZES[size]
     common = ["--out", str(folder), "--overwrite"]
     calibration = ["--calibration", "wikitext2", "--calibration-sequences", str(args.calibration_sequences),
@@ -355,14 +379,43 @@ def plan_targets(folder: Path) -> list[str]:
     return sorted(json.dumps(t, sort_keys=True) for t in plan)
 
 
-def student_folder(work: Path, student: str, size: float) -> Path:
-    """Where a student is built: ``WORK/students/budget-svd-85``."""
-    return work / "students" / f"{student}-{int(size * 100)}"
+def student_folder(work: Path, student: str, size: float, factors: str = FACTORS) -> Path:
+    """Where a student is built: ``WORK/students/budget-svd-85-balanced`` (``budget-svd-85`` for the
+    unbalanced build; a truncated student has no factors: ``truncate-85``)."""
+    return work / "students" / f"{student}-{int(size * 100)}{variant_suffix(student, factors)}"
 
 
-def run_folder(work: Path, student: str, size: float, recovery: str) -> Path:
-    """Where one (student, size, recovery) row keeps its checkpoints and points: ``WORK/runs/budget-svd-85-staged``."""
-    return work / "runs" / f"{student}-{int(size * 100)}-{recovery}"
+def run_folder(work: Path, student: str, size: float, recovery: str, factors: str = FACTORS) -> Path:
+    """Where one (student, size, recovery) row keeps its checkpoints and points: ``WORK/runs/budget-svd-85-staged-balanced``."""
+    return work / "runs" / f"{student}-{int(size * 100)}-{recovery}{variant_suffix(student, factors)}"
+
+
+def variant_suffix(student: str, factors: str) -> str:
+    """``-balanced`` for a student with Kronecker terms stored balanced; nothing for the others."""
+    return "-balanced" if factors == FACTORS and student not in NO_KRONECKER_TERMS else ""
+
+
+def factors_of(row: dict) -> str:
+    """The factor storage a row was measured with: ``balanced``, ``unbalanced`` (rows from before
+    the key existed) or ``-`` (a student without Kronecker terms, or the twin of one: its rows
+    stand for both)."""
+    if row["student"] in NO_KRONECKER_TERMS or row.get("same_as") in NO_KRONECKER_TERMS:
+        return "-"
+    return row.get("factors", UNBALANCED)
+
+
+def row_key(student: str, size: float, recovery: str, factors: str) -> tuple:
+    """The identity of a row: a student without Kronecker terms has one row whatever the storage."""
+    return (student, size, recovery, "-" if student in NO_KRONECKER_TERMS else factors)
+
+
+def measured(done, student: str, size: float, recovery: str) -> dict | None:
+    """The row of the current storage for (student, size, recovery), if any: measured balanced, or
+    standing for both storages (no Kronecker terms, or the twin of such a student)."""
+    for factors in (FACTORS, "-"):
+        if (row := done.get(row_key(student, size, recovery, factors))) is not None:
+            return row
+    return None
 
 
 def prune_run(run_dir: Path) -> None:
@@ -421,7 +474,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     results_path = args.results
-    done = {(row["student"], row["size"], row["recovery"]): row for row in read_result_rows(results_path)}
+    done = {row_key(row["student"], row["size"], row["recovery"], factors_of(row)): row for row in read_result_rows(results_path)}
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
     if args.report_only:
         write_reports(results_path, args, command)
@@ -446,24 +499,25 @@ def main() -> None:
         for recovery in args.recoveries.split(","):
             if name == "truncate" and recovery != "end_to_end":
                 continue
-            key = (name, args.size, recovery)
-            if key in done:
+            if measured(done, name, args.size, recovery):
                 continue
-            if twin and (twin, args.size, recovery) in done:
+            if twin and measured(done, twin, args.size, recovery):
                 # The same factorisation of the same weights recovers the same way: its row, not another hour.
                 # The twin's invocation, which measured the row, stays its command.
-                row = {**done[(twin, args.size, recovery)], "student": name, "same_as": twin, "commands": list(log),
+                row = {**measured(done, twin, args.size, recovery), "student": name, "same_as": twin, "commands": list(log),
                        "params": params, "before": before}
                 print(f"{name}-{int(args.size * 100)}: the same plan as {twin}; its {recovery} row is this one's", flush=True)
-                done[key] = row
+                done[row_key(name, args.size, recovery, factors_of(row))] = row
                 append_result_row(results_path, row)
                 continue
             row = recover_and_measure(name, args.size, recovery, student_dir, teacher, tokenizer, blocks, evaluate, work, args)
             info = machine_info(args.device)
             # CPU-minutes are only comparable on one kind of CPU: every row names its own.
+            if name not in NO_KRONECKER_TERMS:
+                row["factors"] = FACTORS
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
                        command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"])
-            done[key] = row
+            done[row_key(name, args.size, recovery, factors_of(row))] = row
             append_result_row(results_path, row)
             if not args.keep_checkpoints:
                 prune_run(run_folder(work, name, args.size, recovery))
@@ -479,11 +533,13 @@ def write_reports(results_path: Path, args, command: str) -> None:
         write_markdown(report(rows, sizes, command, args.work), args.out)
     for size in sizes if args.plot else ():
         of_size = [r for r in rows if r["size"] == size]
-        series = {f"{r['student']} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
-                                                       [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in of_size
-                  if not r.get("same_as")}
-        # One colour per student, one line style per recovery: a student's recoveries read side by side.
-        groups = {f"{r['student']} {r['recovery']}": (r["student"], r["recovery"]) for r in of_size if not r.get("same_as")}
+        # Balanced rows first, so that their recoveries take the solid and dashed styles.
+        drawn = sorted((r for r in of_size if not r.get("same_as")), key=lambda r: factors_of(r) == UNBALANCED)
+        series = {f"{series_label(r)} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
+                                                        [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in drawn}
+        # One colour per student, one line style per recovery and storage: a student's rows read side by side.
+        groups = {f"{series_label(r)} {r['recovery']}": (r["student"], r["recovery"] + (" unbalanced" if factors_of(r) == UNBALANCED else ""))
+                  for r in drawn}
         line_plot(series, str(args.plot).replace("{size}", str(int(size * 100))), xlabel="CPU-minutes (one thread)",
                   ylabel="WikiText-2 test perplexity", title=f"Recovery of SmolLM2-135M at {int(size * 100)} % of the parameters",
                   logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense", groups=groups)
@@ -504,14 +560,16 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
              "spent (one torch thread, teacher cache included, evaluations excluded). Checkpoints: each block keeps its step "
              "with the lowest error on the held-out training blocks, end to end the step with the lowest perplexity on them; "
              "the test split chooses nothing. Training tokens: the end-to-end parts pass over them once at most (fewer when "
-             "the time runs out).", ""]
+             "the time runs out). Factors: every row of a factored student is measured with each term's scale split evenly "
+             "between its two factors, as kronlm stores them, except those marked \"unbalanced\", measured earlier with the "
+             "split each init left (the same weights; only the steps distillation takes differ).", ""]
     for size in sizes:
         of_size = [r for r in rows if r["size"] == size]
         dense = of_size[0]["dense"]
         table = []
         for r in sorted(of_size, key=lambda r: r["after"]["test"]):
             points = " / ".join(f"{p['label']} {p['test']:,.2f} ({p['minutes']:.0f} min)" for p in r["points"])
-            table.append([r["student"] + (f" (= {r['same_as']}: the held-out check kept its plan)" if r.get("same_as") else ""),
+            table.append([series_label(r) + (f" (= {r['same_as']}: the held-out check kept its plan)" if r.get("same_as") else ""),
                           r["recovery"], f"{r['params']:,}", f"{r['params'] / r['dense_params']:.1%}",
                           f"{r['before']['test']:,.2f}", f"{r['after']['test']:,.2f}", f"{r['after']['test'] / dense['test']:.2f}",
                           f"{r['before']['ood']:,.2f}", f"{r['after']['ood']:,.2f}", f"{r['after']['ood'] / dense['ood']:.2f}",
@@ -521,6 +579,11 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
     lines += missing_section(rows, work)
     lines.append(reproduce_section(runs))
     return "\n".join(lines) + "\n"
+
+
+def series_label(row: dict) -> str:
+    """A row's student, marked when its factors were stored unbalanced."""
+    return row["student"] + (", unbalanced" if factors_of(row) == UNBALANCED else "")
 
 
 def tokens_cell(row: dict) -> str:
@@ -533,13 +596,13 @@ def tokens_cell(row: dict) -> str:
 def missing_section(rows: list[dict], work: Path) -> list[str]:
     """Markdown lines naming every (size, student, recovery) without a row yet, with the points an
     interrupted run has measured so far (``WORK/runs/TAG/points.json``)."""
-    done = {(r["size"], r["student"], r["recovery"]) for r in rows}
+    done = {row_key(r["student"], r["size"], r["recovery"], factors_of(r)): r for r in rows}
     lines = []
     for size in sorted(SIZES, reverse=True):
         for student in STUDENTS:
             wanted = ("staged", "end_to_end") + (("blockwise",) if (size, student) == BLOCKWISE_ALONE else ())
             for recovery in wanted:
-                if (size, student, recovery) in done or (student == "truncate" and recovery != "end_to_end"):
+                if measured(done, student, size, recovery) or (student == "truncate" and recovery != "end_to_end"):
                     continue
                 path = run_folder(work, student, size, recovery) / "points.json"
                 points = json.loads(path.read_text()) if path.is_file() else []
@@ -547,8 +610,9 @@ def missing_section(rows: list[dict], work: Path) -> list[str]:
                 lines.append(f"- {int(size * 100)} %, {student}, {recovery}: {'running or interrupted' if points else 'not run yet'}{so_far}")
     if not lines:
         return []
-    return ["## Not measured yet", "", "Each is one more invocation of the command below with `--size` and `--students`; "
-            "an interrupted run resumes from its checkpoints.", "", *lines, ""]
+    return ["## Not measured yet", "", "Rows with the factors stored balanced (an unbalanced row does not count). Each is one more "
+            "invocation of the command below with `--size` and `--students`; an interrupted run resumes from its checkpoints.",
+            "", *lines, ""]
 
 
 if __name__ == "__main__":

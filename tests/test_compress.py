@@ -261,3 +261,22 @@ def test_keys_of_earlier_versions_still_read():
         CompressionConfig.from_dict({"targets": [], "svd": "exact", "svd_solver": "auto"})
     with pytest.raises(ValueError, match=r"target 0: give lowrank_rank only \(lowrank is its earlier name\)"):
         CompressionConfig.from_dict({"targets": [{"modules": ["x"], "b_shape": [2, 1], "lowrank": 2, "lowrank_rank": 2}]})
+
+
+def test_balance_factors_rebalances_a_student_saved_unbalanced_without_changing_its_logits():
+    """A student saved by an earlier kronlm (pruning init: A = W[0::2], B = [1, 0.1]) is brought to
+    the balanced storage ``compress`` now writes; the model computes the same logits."""
+    from kronlm.compression import balance_factors
+
+    model = kronlm.compress(tiny_llama(), CompressionConfig(targets=[KroneckerTarget(["**.mlp.up_proj"], b_shape=(2, 1), init="pruning")]))
+    layers = [m for m in model.modules() if isinstance(m, KroneckerLinear)]
+    assert layers and all(torch.allclose(m.A.norm(), m.B.norm(), rtol=1e-5) for m in layers)
+    with torch.no_grad():
+        for m in layers:  # what an earlier version stored: the init's own split
+            m.A.mul_(7.0)
+            m.B.div_(7.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    before = model(ids).logits
+    assert balance_factors(model) == len(layers)
+    assert all(torch.allclose(m.A.norm(), m.B.norm(), rtol=1e-5) for m in layers)
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)

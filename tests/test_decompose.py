@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kronlm.decompose import (
+    balance_terms,
     choose_factor_shapes,
     factor_shapes,
     get_initializer,
@@ -142,3 +143,20 @@ def test_resolve_factor_shapes():
     assert resolve_factor_shapes((3072, 768), (64, 32), None) == ((64, 32), (48, 24))
     with pytest.raises(ValueError, match=r"h\.0\.mlp.*\(5, 1\).*\(3072, 768\)"):
         resolve_factor_shapes((3072, 768), None, (5, 1), name="h.0.mlp")
+
+
+def test_balance_terms_equalises_factor_norms_and_keeps_every_product():
+    W = torch.randn(8, 6, dtype=torch.float64)
+    f = pruning_factors(W, (4, 6), (2, 1))  # B = [1, 0.1]: A is W's every other row, far larger
+    A = torch.cat([f.A, torch.randn(1, 4, 6, dtype=torch.float64) * 50])
+    B = torch.cat([f.B, torch.zeros(1, 2, 1, dtype=torch.float64)])  # a term with a zero factor
+    A2, B2 = balance_terms(A, B)
+    assert A2.shape == A.shape and B2.shape == B.shape and A2.dtype == A.dtype
+    assert torch.allclose(A2[0].norm(), B2[0].norm()) and not torch.allclose(A[0].norm(), B[0].norm())
+    assert torch.allclose(kron_sum(A2, B2), kron_sum(A, B))
+    assert torch.equal(A2[1], A[1]) and torch.equal(B2[1], B[1])  # left as it was
+    U, V = torch.randn(8, 3) * 100, torch.randn(3, 6) * 0.01  # low rank as terms u_j ⊗ v_jᵀ
+    U2, V2 = balance_terms(U.mT.unsqueeze(-1), V.unsqueeze(1))
+    assert torch.allclose(U2.squeeze(-1).mT @ V2.squeeze(1), U @ V, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="A has 2 terms but B has 1"):
+        balance_terms(A, B[:1])

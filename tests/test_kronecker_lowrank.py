@@ -87,6 +87,9 @@ def test_layer_forward_matches_its_dense_weight_and_merges():
     layer, factors = KroneckerLowRankLinear.from_dense(weight, bias, (6, 4), (4, 5), 2, 3)
     assert layer.num_parameters() == 2 * (24 + 20) + 3 * (24 + 20) + 24
     assert torch.allclose(layer.to_dense(), factors.to_dense(), atol=1e-6)
+    # Every Kronecker term is stored with equal factor norms; the low-rank part keeps its fit's split.
+    assert torch.allclose(layer.A.flatten(1).norm(dim=1), layer.B.flatten(1).norm(dim=1), rtol=1e-5)
+    assert torch.equal(layer.U, factors.U.to(layer.U.dtype)) and torch.equal(layer.V, factors.V.to(layer.V.dtype))
     x = torch.randn(3, 7, 20)
     assert torch.allclose(layer(x), x @ layer.to_dense().T + bias, atol=1e-5)
     linear = layer.to_linear()

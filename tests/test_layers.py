@@ -128,3 +128,29 @@ def test_tied_head_equals_hidden_times_embedding_transpose():
     # Gradients from the head reach the shared factors.
     head(h).sum().backward()
     assert emb.A.grad is not None and emb.A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scales", [False, True])
+def test_every_init_is_stored_with_balanced_terms_and_the_same_weight(scales):
+    """Krony-PT's pruning init gives A = W[0::2] and B = [1, 0.1]; the layer keeps A ⊗ B exactly but
+    splits its scale evenly, as Van Loan does (the step size Adam gives each term depends on it)."""
+    torch.manual_seed(5)
+    linear = nn.Linear(6, 8).double()
+    layer = KroneckerLinear.from_linear(linear, (4, 6), (2, 1), rank=1, init="pruning", learnable_scales=scales)
+    assert torch.allclose(layer.A.norm(), layer.B.norm())
+    expected = torch.kron(linear.weight[0::2], torch.tensor([[1.0], [0.1]], dtype=torch.float64))
+    assert torch.allclose(layer.to_linear().weight, expected, atol=1e-12)
+
+
+def test_truncated_svd_terms_keep_the_split_of_their_init():
+    """A (out, 1) ⊗ B (1, in) terms are a truncated SVD: stored as the init left them."""
+    torch.manual_seed(6)
+    linear = nn.Linear(6, 8).double()
+    with torch.no_grad():
+        linear.weight[:, :3] *= 40.0  # uneven singular vectors
+    layer = KroneckerLinear.from_linear(linear, (8, 1), (1, 6), rank=3)
+    with torch.no_grad():  # as an activation-aware (whitened) SVD leaves them: one side far larger
+        layer.A.mul_(5.0)
+        layer.B.div_(5.0)
+    A, B = layer.A.clone(), layer.B.clone()
+    assert layer.balance_() is layer and torch.equal(layer.A, A) and torch.equal(layer.B, B)

@@ -30,15 +30,14 @@ def _student(folder: Path, targets: list[KroneckerTarget]) -> None:
 
 def test_a_budget_all_student_with_a_single_familys_plan_is_that_students_twin(tmp_path):
     mlp = ["**.mlp.gate_proj", "**.mlp.up_proj"]
-    students = tmp_path / "students"
     # Written in another order: the plan is a set of targets, not a list.
-    _student(students / "budget-svd-85", [KroneckerTarget(mlp[:1], b_shape=(4, 1)), KroneckerTarget(mlp[1:], b_shape=(4, 1))])
-    _student(students / "budget-all-85", [KroneckerTarget(mlp[1:], b_shape=(4, 1)), KroneckerTarget(mlp[:1], b_shape=(4, 1))])
-    _student(students / "budget-klr-85", [KroneckerTarget(mlp, b_shape=(2, 2))])
+    _student(bench.student_folder(tmp_path, "budget-svd", 0.85), [KroneckerTarget(mlp[:1], b_shape=(4, 1)), KroneckerTarget(mlp[1:], b_shape=(4, 1))])
+    _student(bench.student_folder(tmp_path, "budget-all", 0.85), [KroneckerTarget(mlp[1:], b_shape=(4, 1)), KroneckerTarget(mlp[:1], b_shape=(4, 1))])
+    _student(bench.student_folder(tmp_path, "budget-klr", 0.85), [KroneckerTarget(mlp, b_shape=(2, 2))])
     assert bench.same_plan_as("budget-all", 0.85, tmp_path) == "budget-svd"
     assert bench.same_plan_as("budget-svd", 0.85, tmp_path) is None  # only the all-families student has twins
 
-    _student(students / "budget-all-85", [KroneckerTarget(mlp[:1], b_shape=(4, 1)), KroneckerTarget(mlp[1:], b_shape=(4, 1), rank=2)])
+    _student(bench.student_folder(tmp_path, "budget-all", 0.85), [KroneckerTarget(mlp[:1], b_shape=(4, 1)), KroneckerTarget(mlp[1:], b_shape=(4, 1), rank=2)])
     assert bench.same_plan_as("budget-all", 0.85, tmp_path) is None  # one rank differs: its own rows
 
 
@@ -47,7 +46,54 @@ def test_the_missing_section_names_every_unmeasured_row_and_the_block_wise_conti
     before = "\n".join(bench.missing_section([], tmp_path))
     assert f"- {int(size * 100)} %, {student}, blockwise: not run yet" in before
     assert "truncate, staged" not in before  # truncation has one recipe: end to end
-    rows = [{"size": size, "student": student, "recovery": "blockwise"}]
+    rows = [{"size": size, "student": student, "recovery": "blockwise", "factors": "balanced"}]
     after = "\n".join(bench.missing_section(rows, tmp_path))
     assert "blockwise" not in after
     assert f"- {int(size * 100)} %, {student}, end_to_end: not run yet" in after
+
+
+def test_rows_measured_before_balanced_storage_stay_apart_and_truncation_counts_for_both(tmp_path):
+    old = {"size": 0.85, "student": "kron-prune", "recovery": "end_to_end"}  # no "factors": measured before
+    truncated = {"size": 0.85, "student": "truncate", "recovery": "end_to_end"}
+    assert bench.factors_of(old) == "unbalanced" and bench.series_label(old) == "kron-prune, unbalanced"
+    assert bench.factors_of({**old, "factors": "balanced"}) == "balanced"
+    missing = "\n".join(bench.missing_section([old, truncated], tmp_path))
+    assert "85 %, kron-prune, end_to_end: not run yet" in missing  # the balanced row is still to measure
+    assert "85 %, truncate" not in missing
+    assert bench.student_folder(tmp_path, "kron-prune", 0.85).name == "kron-prune-85-balanced"
+    assert bench.student_folder(tmp_path, "kron-prune", 0.85, "unbalanced").name == "kron-prune-85"
+    assert bench.student_folder(tmp_path, "truncate", 0.85).name == "truncate-85"
+    assert bench.run_folder(tmp_path, "budget-klr", 0.7, "staged").name == "budget-klr-70-staged-balanced"
+    # Truncated-SVD terms keep their split: the SVD budget's rows, and its twin's, stand for both storages.
+    assert bench.student_folder(tmp_path, "budget-svd", 0.85).name == "budget-svd-85"
+    svd = {"size": 0.85, "student": "budget-svd", "recovery": "staged"}
+    twin = {"size": 0.85, "student": "budget-all", "recovery": "staged", "same_as": "budget-svd"}
+    missing = "\n".join(bench.missing_section([svd, twin], tmp_path))
+    assert "85 %, budget-svd, staged" not in missing and "85 %, budget-all, staged" not in missing
+    assert "85 %, budget-klr, staged: not run yet" in missing
+
+
+def test_a_student_built_before_balanced_storage_is_rebalanced_not_rebuilt(tmp_path):
+    import argparse
+
+    import torch
+
+    from kronlm.layers import KroneckerLinear
+    from kronlm.modeling import load
+
+    earlier = bench.student_folder(tmp_path, "kron-prune", 0.85, "unbalanced")
+    model = compress(tiny_llama(), CompressionConfig(targets=[KroneckerTarget(["**.mlp.up_proj"], b_shape=(2, 1), init="pruning")]))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, KroneckerLinear):  # the split an earlier kronlm stored
+                m.A.mul_(9.0)
+                m.B.div_(9.0)
+    save(model, earlier)
+    args = argparse.Namespace(model="unused: nothing is built", calibration_sequences=4, data_dir=tmp_path)
+    folder = bench.build_student("kron-prune", 0.85, tmp_path, args, [])
+    assert folder == bench.student_folder(tmp_path, "kron-prune", 0.85)
+    new, old = load(folder), load(earlier)
+    ids = torch.randint(0, new.config.vocab_size, (1, 7))
+    assert torch.allclose(new(ids).logits, old(ids).logits, atol=1e-5)
+    layers = [m for m in new.modules() if isinstance(m, KroneckerLinear)]
+    assert layers and all(torch.allclose(m.A.norm(), m.B.norm(), rtol=1e-5) for m in layers)

@@ -42,7 +42,7 @@ from kronlm.compression.presets import (
 )
 from kronlm.compression.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.compression.sequential import SequentialCalibration
-from kronlm.compression.surgery import FactorChoice, compress_modules, plan_compression
+from kronlm.compression.surgery import FactorChoice, balance_factors, compress_modules, plan_compression
 from kronlm.compression.truncate import save_truncated, truncate_layers
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "Preset",
     "SequentialCalibration",
     "allocate_budget",
+    "balance_factors",
     "budget_candidates",
     "budget_statistics",
     "calibration_input_ids",

@@ -29,6 +29,7 @@ from kronlm.decompose.shapes import (
 )
 from kronlm.decompose.vanloan import (
     KroneckerFactors,
+    balance_terms,
     kron_sum,
     nearest_kronecker_product,
     rearrange,
@@ -42,6 +43,7 @@ __all__ = [
     "KroneckerFactors",
     "KroneckerLowRankFactors",
     "activation_aware_factors",
+    "balance_terms",
     "choose_factor_shapes",
     "factor_shapes",
     "get_initializer",

@@ -232,3 +232,33 @@ def rescale_to_norm(factors: KroneckerFactors, weight: torch.Tensor) -> Kronecke
         relative_error=relative_error(W, factors.A, factors.B, scales),
         singular_values=factors.singular_values,
     )
+
+
+def balance_terms(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each term so that ||A_r||_F = ||B_r||_F; every product A_r ⊗ B_r is unchanged.
+
+    A Kronecker (or low-rank) term has a free scale: c·A_r ⊗ B_r/c is the same matrix. Van Loan
+    splits it evenly (A_r = √σ_r·u_r, B_r = √σ_r·v_r), but un-whitening an activation-aware fit, or
+    Krony-PT's pruning init (B = [1, 0.1]), leaves one factor far larger than the other. Adam moves
+    every entry by about the learning rate whatever its size, so the split sets how fast
+    distillation changes the product: with a large A, the same learning rate changes A ⊗ B several
+    times more slowly than with the even split. Balancing gives every init the step size of Van
+    Loan's split.
+
+    Args:
+        A: (R, m1, n1) and B: (R, m2, n2) factors (any float dtype); a low-rank U (out, k) and
+            V (k, in) fit as A = Uᵀ.unsqueeze(-1), B = V.unsqueeze(1).
+
+    Returns:
+        (A', B') of the same shapes and dtypes; a term with a zero factor is left as it is.
+
+    Raises:
+        ValueError: A and B with different numbers of terms.
+    """
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"balance_terms: A has {A.shape[0]} terms but B has {B.shape[0]}")
+    a_norm = A.detach().double().flatten(1).norm(dim=1)
+    b_norm = B.detach().double().flatten(1).norm(dim=1)
+    scale = torch.where((a_norm > 0) & (b_norm > 0), (b_norm / a_norm.clamp_min(1e-300)).sqrt(), torch.ones_like(a_norm))
+    shape = (-1,) + (1,) * (A.dim() - 1)
+    return (A.double() * scale.view(shape)).to(A.dtype), (B.double() / scale.view(shape)).to(B.dtype)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from kronlm.decompose.initializers import get_initializer
-from kronlm.decompose.shapes import check_factor_shapes, contraction_macs
-from kronlm.decompose.vanloan import KroneckerFactors, kron_sum
+from kronlm.decompose.shapes import check_factor_shapes, contraction_macs, is_low_rank_shape
+from kronlm.decompose.vanloan import KroneckerFactors, balance_terms, kron_sum
 from kronlm.layers.dense import MergesToLinear
 
 ORDERS = ("b_first", "a_first")
@@ -324,6 +324,7 @@ class KroneckerLinear(MergesToLinear, nn.Module):
     @torch.no_grad()
     def load_factors(self, factors: KroneckerFactors) -> None:
         """Copy factors into the parameters; scales are folded into A unless they are learnable.
+        Each Kronecker term is then stored with ||A_r||_F = ||B_r||_F (``balance_``).
 
         Raises:
             ValueError: factor shapes or rank differ from this layer's.
@@ -339,6 +340,20 @@ class KroneckerLinear(MergesToLinear, nn.Module):
         else:
             self.A.copy_(factors.A * factors.scales.view(-1, 1, 1))
         self.B.copy_(factors.B)
+        self.balance_()
+
+    @torch.no_grad()
+    def balance_(self) -> KroneckerLinear:
+        """Split each term's scale evenly, ||A_r||_F = ||B_r||_F, in place; the weight is unchanged
+        (``kronlm.decompose.balance_terms``, which says why). Terms of a truncated SVD (A a column,
+        B a row: ``is_low_rank_shape``) keep the split their init gave them, which distils faster
+        (docs/method.md, "How the factors are stored"). Returns the layer."""
+        if is_low_rank_shape(self.a_shape, self.b_shape):
+            return self
+        A, B = balance_terms(self.A, self.B)
+        self.A.copy_(A)
+        self.B.copy_(B)
+        return self
 
     @classmethod
     def from_dense(

@@ -7,7 +7,7 @@ from torch import nn
 
 from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
 from kronlm.decompose.shapes import check_factor_shapes, contraction_macs
-from kronlm.decompose.vanloan import kron_sum
+from kronlm.decompose.vanloan import balance_terms, kron_sum
 from kronlm.layers.dense import MergesToLinear
 from kronlm.layers.linear import kronecker_matmul
 
@@ -88,7 +88,7 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
 
     @torch.no_grad()
     def load_factors(self, factors: KroneckerLowRankFactors) -> None:
-        """Copy factors into the parameters.
+        """Copy factors into the parameters, each Kronecker term balanced (``balance_``).
 
         Raises:
             ValueError: factor shapes, R or k differ from this layer's.
@@ -99,6 +99,17 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
                 raise ValueError(f"KroneckerLowRankLinear: factor {label} is {tuple(got.shape)}, the layer's is {tuple(want.shape)}")
         for _, got, want in pairs:
             want.copy_(got)
+        self.balance_()
+
+    @torch.no_grad()
+    def balance_(self) -> KroneckerLowRankLinear:
+        """Split the scale of each Kronecker term evenly between A_r and B_r, in place; the weight is
+        unchanged (``kronlm.decompose.balance_terms``). The low-rank part U·V keeps its init's split,
+        as a truncated SVD does (``KroneckerLinear.balance_``). Returns the layer."""
+        A, B = balance_terms(self.A, self.B)
+        self.A.copy_(A)
+        self.B.copy_(B)
+        return self
 
     @classmethod
     def from_dense(
