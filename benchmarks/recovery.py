@@ -81,10 +81,10 @@ from kronlm.bench.markdown import (
 )
 from kronlm.bench.plots import line_plot
 from kronlm.compression import (
-    balance_factors,
     FACTOR_FAMILIES,
     BudgetConfig,
     CompressionConfig,
+    balance_factors,
     calibration_mix,
     count_parameters,
     save_truncated,

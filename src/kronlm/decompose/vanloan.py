@@ -243,7 +243,9 @@ def balance_terms(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch
     every entry by about the learning rate whatever its size, so the split sets how fast
     distillation changes the product: with a large A, the same learning rate changes A ⊗ B several
     times more slowly than with the even split. Balancing gives every init the step size of Van
-    Loan's split.
+    Loan's split. kronlm's layers balance Kronecker terms when their factors are loaded, not the
+    terms of a truncated SVD, whose own split distilled faster (docs/method.md, "How the factors
+    are stored", has the measurements).
 
     Args:
         A: (R, m1, n1) and B: (R, m2, n2) factors (any float dtype); a low-rank U (out, k) and
