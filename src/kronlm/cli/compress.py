@@ -137,7 +137,7 @@ def _sources(ctx, param, value):
 @click.option("--calibration-sequences", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_SEQUENCES, show_default=True, help="Calibration sequences (all sources together).")
 @click.option("--calibration-length", type=click.IntRange(min=2), default=DEFAULT_CALIBRATION_LENGTH, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--calibration-seed", type=int, default=None, help="Seed: data sources give blocks at seeded random positions instead of their first blocks; `self` samples with it (default 0).")
-@click.option("--budget", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity (needs --calibration).")
+@click.option("--budget", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity on the --calibration text (default: samples of the model itself).")
 @click.option("--budget-params", type=click.IntRange(min=1), default=None, help="Like --budget, with an absolute parameter count for the whole model.")
 @click.option("--budget-modules", multiple=True, help="Name patterns of the modules a budget may factor (default: every linear layer but the LM head).")
 @click.option("--families", default=",".join(FACTOR_FAMILIES), show_default=True, callback=_families,
@@ -176,7 +176,8 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
     MODEL is a hub id, a local folder, a .gguf file or an alias (smollm2). With --eval, prints
     dense and compressed perplexity side by side with the parameter counts. With --calibration,
     the dense model is first run on that text and activation-aware inits use the statistics;
-    --budget F / --budget-params N (with --calibration) replaces the preset by a per-module choice
+    --budget F / --budget-params N (calibrated on --calibration, by default on the model's own
+    samples) replaces the preset by a per-module choice
     of family and factors (truncated SVD, Kronecker products, Kronecker + low-rank) that keeps F
     of the dense parameters / N parameters.
     """
@@ -184,7 +185,11 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
         raise click.UsageError("give exactly one of --preset NAME, --config FILE or --budget FRACTION (or --budget-params N)")
     budgeted = budget is not None or budget_params is not None
     if budgeted and not calibration_data:
-        raise click.UsageError("--budget needs --calibration DATA to measure sensitivities on")
+        # Without text of the served domain, the model's own samples: they priced the allocation best
+        # for text that no calibration source resembled (docs/compression.md, "Calibration text": measured on the 80 % Pareto point).
+        calibration_data = [CalibrationSource.parse("self")]
+        click.echo("calibration: none given, so sequences sampled from the model itself (`--calibration self`); "
+                   "text of the domain the model will serve does better on that domain")
     inputs = (model, config_file, eval_data, recover_data, recover_config, *(item.spec for item in calibration_data))
     try:
         out = check_output_folder(out, overwrite=overwrite, inputs=inputs, option="--out")
