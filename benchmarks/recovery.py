@@ -404,16 +404,16 @@ def factors_of(row: dict) -> str:
     return row.get("factors", UNBALANCED)
 
 
-def row_key(student: str, size: float, recovery: str, factors: str) -> tuple:
-    """The identity of a row: a student without Kronecker terms has one row whatever the storage."""
-    return (student, size, recovery, "-" if student in NO_KRONECKER_TERMS else factors)
+def rows_by_key(rows: list[dict]) -> dict[tuple, dict]:
+    """Rows by (student, size, recovery, ``factors_of``): the two storages' rows of one student apart."""
+    return {(r["student"], r["size"], r["recovery"], factors_of(r)): r for r in rows}
 
 
-def measured(done, student: str, size: float, recovery: str) -> dict | None:
+def measured(done: dict[tuple, dict], student: str, size: float, recovery: str) -> dict | None:
     """The row of the current storage for (student, size, recovery), if any: measured balanced, or
     standing for both storages (no Kronecker terms, or the twin of such a student)."""
     for factors in (FACTORS, "-"):
-        if (row := done.get(row_key(student, size, recovery, factors))) is not None:
+        if (row := done.get((student, size, recovery, factors))) is not None:
             return row
     return None
 
@@ -474,7 +474,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     results_path = args.results
-    done = {row_key(row["student"], row["size"], row["recovery"], factors_of(row)): row for row in read_result_rows(results_path)}
+    done = rows_by_key(read_result_rows(results_path))
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
     if args.report_only:
         write_reports(results_path, args, command)
@@ -501,13 +501,13 @@ def main() -> None:
                 continue
             if measured(done, name, args.size, recovery):
                 continue
-            if twin and measured(done, twin, args.size, recovery):
+            if twin and (twin_row := measured(done, twin, args.size, recovery)):
                 # The same factorisation of the same weights recovers the same way: its row, not another hour.
                 # The twin's invocation, which measured the row, stays its command.
-                row = {**measured(done, twin, args.size, recovery), "student": name, "same_as": twin, "commands": list(log),
+                row = {**twin_row, "student": name, "same_as": twin, "commands": list(log),
                        "params": params, "before": before}
                 print(f"{name}-{int(args.size * 100)}: the same plan as {twin}; its {recovery} row is this one's", flush=True)
-                done[row_key(name, args.size, recovery, factors_of(row))] = row
+                done.update(rows_by_key([row]))
                 append_result_row(results_path, row)
                 continue
             row = recover_and_measure(name, args.size, recovery, student_dir, teacher, tokenizer, blocks, evaluate, work, args)
@@ -517,7 +517,7 @@ def main() -> None:
                 row["factors"] = FACTORS
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
                        command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"])
-            done[row_key(name, args.size, recovery, factors_of(row))] = row
+            done.update(rows_by_key([row]))
             append_result_row(results_path, row)
             if not args.keep_checkpoints:
                 prune_run(run_folder(work, name, args.size, recovery))
@@ -596,7 +596,7 @@ def tokens_cell(row: dict) -> str:
 def missing_section(rows: list[dict], work: Path) -> list[str]:
     """Markdown lines naming every (size, student, recovery) without a row yet, with the points an
     interrupted run has measured so far (``WORK/runs/TAG/points.json``)."""
-    done = {row_key(r["student"], r["size"], r["recovery"], factors_of(r)): r for r in rows}
+    done = rows_by_key(rows)
     lines = []
     for size in sorted(SIZES, reverse=True):
         for student in STUDENTS:

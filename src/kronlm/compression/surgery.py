@@ -23,7 +23,7 @@ from kronlm.compression.report import CompressionReport, ModuleReport, count_par
 from kronlm.decompose.activation_aware import corrected_target
 from kronlm.decompose.initializers import get_initializer
 from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
-from kronlm.decompose.shapes import choose_factor_shapes, is_low_rank_shape, resolve_factor_shapes
+from kronlm.decompose.shapes import choose_factor_shapes, resolve_factor_shapes
 from kronlm.decompose.vanloan import KroneckerFactors
 from kronlm.layers import (
     KroneckerEmbedding,
@@ -139,9 +139,8 @@ def balance_factors(model: nn.Module) -> int:
     weight changes. ``compress`` already stores factors so; this brings a student saved by an
     earlier kronlm (whose activation-aware and pruning inits left one factor far larger) to the
     same starting point for distillation. Truncated-SVD terms, low-rank parts and embeddings keep
-    their split (``KroneckerLinear.balance_``). Returns the number of layers rebalanced."""
-    layers = [m for m in model.modules() if isinstance(m, KroneckerLowRankLinear)
-              or (isinstance(m, KroneckerLinear) and not is_low_rank_shape(m.a_shape, m.b_shape))]
+    their split (``balances_terms``). Returns the number of layers rebalanced."""
+    layers = [m for m in model.modules() if isinstance(m, (KroneckerLinear, KroneckerLowRankLinear)) and m.balances_terms]
     for layer in layers:
         layer.balance_()
     return len(layers)

@@ -259,8 +259,8 @@ def balance_terms(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     if A.shape[0] != B.shape[0]:
         raise ValueError(f"balance_terms: A has {A.shape[0]} terms but B has {B.shape[0]}")
-    a_norm = A.detach().double().flatten(1).norm(dim=1)
-    b_norm = B.detach().double().flatten(1).norm(dim=1)
+    A64, B64 = A.detach().double(), B.detach().double()
+    a_norm, b_norm = A64.flatten(1).norm(dim=1), B64.flatten(1).norm(dim=1)
     scale = torch.where((a_norm > 0) & (b_norm > 0), (b_norm / a_norm.clamp_min(1e-300)).sqrt(), torch.ones_like(a_norm))
     shape = (-1,) + (1,) * (A.dim() - 1)
-    return (A.double() * scale.view(shape)).to(A.dtype), (B.double() / scale.view(shape)).to(B.dtype)
+    return (A64 * scale.view(shape)).to(A.dtype), (B64 / scale.view(shape)).to(B.dtype)

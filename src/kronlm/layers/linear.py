@@ -342,13 +342,18 @@ class KroneckerLinear(MergesToLinear, nn.Module):
         self.B.copy_(factors.B)
         self.balance_()
 
+    @property
+    def balances_terms(self) -> bool:
+        """Whether ``balance_`` evens this layer's terms: not for the terms of a truncated SVD (A a
+        column, B a row: ``is_low_rank_shape``), whose init's split distils faster (docs/method.md,
+        "How the factors are stored")."""
+        return not is_low_rank_shape(self.a_shape, self.b_shape)
+
     @torch.no_grad()
     def balance_(self) -> KroneckerLinear:
-        """Split each term's scale evenly, ||A_r||_F = ||B_r||_F, in place; the weight is unchanged
-        (``kronlm.decompose.balance_terms``, which says why). Terms of a truncated SVD (A a column,
-        B a row: ``is_low_rank_shape``) keep the split their init gave them, which distils faster
-        (docs/method.md, "How the factors are stored"). Returns the layer."""
-        if is_low_rank_shape(self.a_shape, self.b_shape):
+        """Split each term's scale evenly, ||A_r||_F = ||B_r||_F, in place, when ``balances_terms``;
+        the weight is unchanged (``kronlm.decompose.balance_terms``, which says why). Returns the layer."""
+        if not self.balances_terms:
             return self
         A, B = balance_terms(self.A, self.B)
         self.A.copy_(A)

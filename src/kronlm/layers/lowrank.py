@@ -101,6 +101,9 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
             want.copy_(got)
         self.balance_()
 
+    # Its Kronecker terms are always evened (``KroneckerLinear.balances_terms``); U·V keeps its split.
+    balances_terms = True
+
     @torch.no_grad()
     def balance_(self) -> KroneckerLowRankLinear:
         """Split the scale of each Kronecker term evenly between A_r and B_r, in place; the weight is
