@@ -33,7 +33,10 @@ sliding window 1024 / stride 512), and the final one also on GLUE SST-2 dev sent
 domain: text in no calibration or training set). CPU-minutes are the process's CPU time of
 everything a run spends (teacher cache, captures, training, validation) on one torch thread;
 the budgets (``--minutes``, the points, the stages' ``max_minutes``) are wall-clock limits, equal
-to CPU time on an otherwise idle core.
+to CPU time on an otherwise idle core. On a CPU every part trains in float32, whatever the
+recipe's ``mixed_precision: auto`` would pick (bf16 autocast on a CPU with AMX-BF16 or
+AVX512-BF16 since it was measured to recover faster): every CPU row of the page was measured in
+float32, and a row in another precision would not compare with them.
 
 Results are appended to ``--results`` (default ``docs/benchmarks/recovery.jsonl``, committed beside
 the page) one row per (student, size, recovery) as they come, so an interrupted invocation, or one
@@ -270,6 +273,10 @@ def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
         # (the points) validate anyway.
         parts[mode] = parts[mode].replace(eval_every=32, save_every=32)
     parts["blockwise_alone"] = parts["blockwise"].replace(epochs=100, max_minutes=None)
+    if str(args.device) == "cpu":
+        # Every CPU row so far was measured in float32; the recipe's "auto" would now pick bf16 on a
+        # CPU with AMX and make later rows incomparable with them (docs/recovery.md, mixed precision).
+        parts = {mode: config.replace(mixed_precision="no") for mode, config in parts.items()}
     return parts
 
 
@@ -557,7 +564,7 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
              "Protocols: \"test\" = WikiText-2 raw test, first 16,384 tokens, sliding window 1024 / stride 512; \"OOD\" = GLUE "
              "SST-2 dev sentences joined with blank lines, same protocol (text in no calibration or training set). Points: the "
              "student after each stage or end-to-end segment, chosen on the held-out training blocks, at the CPU-minutes it had "
-             "spent (one torch thread, teacher cache included, evaluations excluded). Checkpoints: each block keeps its step "
+             "spent (one torch thread, float32 training, teacher cache included, evaluations excluded). Checkpoints: each block keeps its step "
              "with the lowest error on the held-out training blocks, end to end the step with the lowest perplexity on them; "
              "the test split chooses nothing. Training tokens: the end-to-end parts pass over them once at most (fewer when "
              "the time runs out). Factors: every row of a factored student is measured with each term's scale split evenly "

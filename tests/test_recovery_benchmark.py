@@ -97,3 +97,14 @@ def test_a_student_built_before_balanced_storage_is_rebalanced_not_rebuilt(tmp_p
     assert torch.allclose(new(ids).logits, old(ids).logits, atol=1e-5)
     layers = [m for m in new.modules() if isinstance(m, KroneckerLinear)]
     assert layers and all(torch.allclose(m.A.norm(), m.B.norm(), rtol=1e-5) for m in layers)
+
+
+def test_cpu_rows_train_in_float32_whatever_the_recipe_says(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(device="cpu", capture_memory_gb=1.0)
+    parts = bench.stage_configs(args, truncated=False)
+    assert {"local", "blockwise", "end_to_end", "end_to_end_alone", "blockwise_alone"} <= set(parts)
+    assert {config.mixed_precision for config in parts.values()} == {"no"}
+    on_gpu = bench.stage_configs(argparse.Namespace(device="cuda", capture_memory_gb=1.0), truncated=False)
+    assert on_gpu["end_to_end"].mixed_precision == "auto"

@@ -88,6 +88,25 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 # ------------------------------------------------------------------------------------------------ optimizer
 
 
+@pytest.mark.parametrize("cuda, cuda_bf16, amx, avx512_bf16, expected", [
+    (True, True, False, False, "bf16"), (True, False, True, True, "no"),  # the run is on the GPU: its support decides
+    (False, False, True, False, "bf16"), (False, False, False, True, "bf16"),  # a CPU run: AMX-BF16 or AVX512-BF16
+    (False, False, False, False, "no"),
+])
+def test_auto_mixed_precision_is_bf16_where_the_run_device_multiplies_bf16_in_hardware(monkeypatch, cuda, cuda_bf16, amx, avx512_bf16,
+                                                                                        expected):
+    from kronlm.distill import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx, "avx512_bf16": avx512_bf16, "avx2": True})
+    assert distributed.resolve_mixed_precision("auto") == expected
+    assert distributed.resolve_mixed_precision("no") == "no"
+    assert distributed.resolve_mixed_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="'no', 'bf16' or 'auto', got 'fp16'"):
+        distributed.resolve_mixed_precision("fp16")
+
+
 def test_param_groups_split_kronecker_scalars_decay_and_no_decay():
     model = compressed_gpt2()
     cfg = TrainingConfig(lr=1e-3, lr_kronecker=2e-3, lr_scalars=5e-2, weight_decay=0.1)
@@ -434,3 +453,30 @@ def test_unsupported_process_layouts_are_refused_before_any_work(tmp_path, monke
     assert not any((tmp_path / d).exists() for d in "abcd")
     for name, param in student.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+def test_one_process_can_train_in_float32_then_in_bf16(tmp_path):
+    # accelerate's process-wide state would refuse the second precision (a fine-tune, then a recovery).
+    first = make_accelerator(TrainingConfig(mixed_precision="no", log_dir=str(tmp_path / "a")), tmp_path)
+    assert first.mixed_precision == "no"
+    second = make_accelerator(TrainingConfig(mixed_precision="bf16", log_dir=str(tmp_path / "b")), tmp_path)
+    assert second.mixed_precision == "bf16"
+    with second.autocast():
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+    third = make_accelerator(TrainingConfig(mixed_precision="no", log_dir=str(tmp_path / "c")), tmp_path)
+    with third.autocast():
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.float32
+
+
+def test_a_student_trained_under_bf16_autocast_computes_in_float32_afterwards(tmp_path):
+    student = compressed_gpt2()
+    train(student, None, tiny_blocks(), config(tmp_path, mixed_precision="bf16", max_steps=3), tmp_path / "run")
+    # accelerate's prepare() wrapped forward in autocast for the run; the caller's model is unwrapped again.
+    assert "_original_forward" not in student.__dict__
+    ids = torch.arange(BLOCK)[None] % VOCAB
+    with torch.no_grad():
+        logits = student(ids).logits
+    assert logits.dtype == torch.float32
+    copy = kronlm.load(tmp_path / "run" / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(copy(ids).logits, logits, rtol=0, atol=0)

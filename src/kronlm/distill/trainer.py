@@ -698,6 +698,10 @@ class Trainer:
             tracker.finish()
         if self.accelerator is not None:
             self.accelerator.trackers = []
+            if getattr(self, "prepared", None) is not None:
+                # Under mixed precision prepare() wrapped the student's forward in autocast; the caller
+                # gets back a model that computes in its own precision, as a loaded copy does.
+                self.accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False)
 
 
 def train(
