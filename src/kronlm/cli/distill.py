@@ -88,7 +88,7 @@ TRAINING_FLAGS = [
      "Peak learning rate (of the non-Kronecker parameters, and of all when the config sets no other)."),
     ("--warmup-steps", "warmup_steps", click.IntRange(min=0), "Linear warm-up steps before the cosine decay."),
     ("--mixed-precision", "mixed_precision", click.Choice(["auto", "no", "bf16"]),
-     "bf16 autocast (float32 weights and optimizer): auto = on a GPU that supports it and on a CPU with AMX-BF16."),
+     "bf16 autocast (float32 weights and optimizer): auto = on a GPU that supports it and on a CPU with AMX-BF16 or AVX512-BF16."),
     ("--layer-map", "layer_map", str, "Teacher layer for each student layer, e.g. 1,3,5 (needed when the depths differ)."),
     ("--max-minutes", "max_minutes", FiniteFloatRange(min=0, min_open=True),
      "Stop after the step that ends this many minutes into the run (wall clock), validating and exporting as at the end."),

@@ -219,7 +219,7 @@ class TrainingConfig(LossRecipeMixin, ConfigBase):
         betas, eps, weight_decay: AdamW settings.
         grad_clip: maximum global gradient L2 norm; None = no clipping (the norm is still logged).
         mixed_precision: "no", "bf16", or "auto" (bf16 on a CUDA device that supports it and on a CPU
-            with AMX-BF16: :func:`kronlm.distill.distributed.resolve_mixed_precision`).
+            with AMX-BF16 or AVX512-BF16: :func:`kronlm.distill.distributed.resolve_mixed_precision`).
         eval_every: validation every this many steps (and after the last step).
         eval_batches: validation micro-batches per pass (all processes together); None = all.
         max_minutes: stop after the first step that ends this many minutes (wall clock) after the
