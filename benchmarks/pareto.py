@@ -116,7 +116,7 @@ def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
         parts += ["--calibration-seed", str(args.calibration_seed)]
     if args.check_rounds != DEFAULTS.check_rounds:
         parts += ["--check-rounds", str(args.check_rounds)]
-    if args.sequential != "off":
+    if args.sequential != (DEFAULTS.sequential or "off"):
         parts += ["--sequential-calibration", args.sequential]
     parts += ["--out", f"runs/{args.model}-{round(100 * fraction)}-{'-'.join(families)}", "--eval", "wikitext2", "--max-tokens", str(args.max_tokens)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -9,8 +9,9 @@ docs/protocols.md) with no training at all:
   by ``van_loan``, ``van_loan_rescaled`` or ``activation_aware``;
 - ``svd``: the same modules as a truncated SVD of equal parameters (A (out,1) ⊗ B (1,in), R = 209);
 - ``budget``: the code path of ``kronlm compress --budget-params N`` (``compress_to_budget``
-  with a ``BudgetConfig`` of the CLI's defaults; ``--families`` as the CLI's) to the uniform rows'
-  parameter count N, every linear layer a candidate.
+  with a ``BudgetConfig`` of the CLI's defaults but fitted on the dense model's statistics,
+  ``--sequential-calibration off``; ``--families`` as the CLI's) to the uniform rows' parameter
+  count N, every linear layer a candidate.
 
 Every row comes with the ``kronlm compress`` command that reproduces it: the uniform rows read the
 config files that ``--write-configs DIR`` writes (one per row), the budget rows use
@@ -121,7 +122,8 @@ def cli_command(args, fraction: float, method: str, target: int) -> str:
     out = ["--out", f"runs/zero-shot-{round(100 * fraction)}-{method}", "--eval", "wikitext2", "--max-tokens", str(args.max_tokens)]
     if method == "budget":
         parts = ["kronlm", "compress", "smollm2", "--budget-params", str(target), "--families", ",".join(args.families),
-                 *calibration_flags(args), "--sensitivity-sequences", str(args.sensitivity_sequences), *out]
+                 *calibration_flags(args), "--sensitivity-sequences", str(args.sensitivity_sequences), "--sequential-calibration", "off",
+                 *out]
     else:
         parts = ["kronlm", "compress", "smollm2", "--config", str(config_path(args.configs, fraction, method)), *out]
         if method == "activation_aware":
@@ -214,8 +216,9 @@ def main() -> None:
             start = time.perf_counter()
             extra = {}
             if method == "budget":
+                # On the dense statistics, as the other rows: this table compares initialisations.
                 config = BudgetConfig(target_params=targets[fraction], families=args.families,
-                                      sensitivity_sequences=args.sensitivity_sequences)
+                                      sensitivity_sequences=args.sensitivity_sequences, sequential=None)
                 if pricing is None:  # pricing does not depend on the budget: once for all fractions
                     pricing = price_modules(model, stats, settings=config)
                 allocation = compress_to_budget(student, config, ids, statistics=stats, pricing=copy.deepcopy(pricing))

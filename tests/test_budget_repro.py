@@ -43,17 +43,20 @@ def folder(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("families,cut,extra", [("svd,kronecker,kronecker_lowrank", 6000, []), ("kronecker", 8000, ["--calibration-seed", "3"])])
-def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra):
+# The first case names --sequential-calibration off; the second leaves the CLI's default (weight).
+@pytest.mark.parametrize("families,cut,extra,sequential", [("svd,kronecker,kronecker_lowrank", 6000, [], "off"),
+                                                           ("kronecker", 8000, ["--calibration-seed", "3"], None)])
+def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, sequential):
     text = str(folder / "text.txt")
     out = tmp_path / "cli"
     target = count_parameters(kronlm.load_model(str(folder))) - cut  # the tiny model is mostly its 50,257-token embedding
+    flag = [] if sequential is None else ["--sequential-calibration", sequential]
     argv = ["compress", str(folder), "--budget-params", str(target), "--families", families, "--calibration", text,
-            "--calibration-sequences", "4", "--calibration-length", "32", "--sensitivity-sequences", "2", "--out", str(out), *extra]
+            "--calibration-sequences", "4", "--calibration-length", "32", "--sensitivity-sequences", "2", *flag, "--out", str(out), *extra]
     assert main(argv) == 0
 
     bench = _benchmark()
-    args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential="off")
+    args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential=sequential or DEFAULTS.sequential)
     model, tokenizer = kronlm.load_model_and_tokenizer(str(folder))
     seed = int(extra[1]) if extra else None
     # As the benchmark does: calibration ids with the subset check's held-out sequences after the priced ones,
@@ -78,12 +81,15 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra):
     assert cli_state.keys() == state.keys()
     for key, tensor in state.items():
         assert torch.equal(cli_state[key], tensor), key
-    command = bench.cli_command(argparse.Namespace(model="smollm2", calibration=["wikitext2"], calibration_split="validation",
-                                                   calibration_sequences=32, calibration_length=512, sensitivity_sequences=32,
-                                                   calibration_seed=None, check_rounds=DEFAULTS.check_rounds, sequential="output",
-                                                   max_tokens=16384), 0.8, ("svd",))
+    flags = dict(model="smollm2", calibration=["wikitext2"], calibration_split="validation", calibration_sequences=32,
+                 calibration_length=512, sensitivity_sequences=32, calibration_seed=None, check_rounds=DEFAULTS.check_rounds,
+                 max_tokens=16384)
+    command = bench.cli_command(argparse.Namespace(**flags, sequential="output"), 0.8, ("svd",))
     assert command.startswith("kronlm compress smollm2 --budget 0.8 --families svd --calibration wikitext2 ")
     assert "--sensitivity-sequences 32" in command and "--sequential-calibration output" in command
+    # The benchmark's rows on the dense statistics name it, since the CLI's default is the sequential fit.
+    assert "--sequential-calibration off" in bench.cli_command(argparse.Namespace(**flags, sequential="off"), 0.8, ("svd",))
+    assert "--sequential-calibration" not in bench.cli_command(argparse.Namespace(**flags, sequential=DEFAULTS.sequential), 0.8, ("svd",))
 
 
 def test_budget_params_and_sequential_from_the_cli(folder, tmp_path, capsys):

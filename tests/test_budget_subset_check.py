@@ -13,6 +13,7 @@ from kronlm.compression.budget import BudgetConfig, held_out_nll
 from kronlm.compression.budget import subset_check as subset_check_module
 from kronlm.layers import KroneckerLinear
 from kronlm.modeling import compress, compress_to_budget
+from kronlm.modeling import convert as convert_module
 
 
 def _trained_llama():
@@ -39,7 +40,8 @@ def teacher():
 def test_the_kept_allocation_is_never_worse_than_a_single_family(teacher):
     before = sum(p.numel() for p in teacher.parameters())
     ids = _ids(12, 1)
-    config = BudgetConfig(target_params=before - 8000, svd_step=2, sensitivity_sequences=4, held_out_sequences=4)
+    # On the dense statistics the model returned is exactly the one the check measured.
+    config = BudgetConfig(target_params=before - 8000, svd_step=2, sensitivity_sequences=4, held_out_sequences=4, sequential=None)
     student = copy.deepcopy(teacher)
     allocation = compress_to_budget(student, config, ids, progress=False)
     scores = allocation.held_out_nll
@@ -73,9 +75,41 @@ def test_a_single_family_wins_when_it_measures_better(teacher, monkeypatch):
                           families=("svd", "kronecker"))
     student = compress(copy.deepcopy(teacher), config, calibration=_ids(12, 1), progress=False)
     allocation = student.compression_report.allocation
-    assert allocation.decided_by.endswith("kept kronecker alone")
+    assert "kept kronecker alone" in allocation.decided_by
     assert set(allocation.family_counts()) <= {"dense", "kronecker"}
     assert not any(isinstance(m, KroneckerLinear) and m.a_shape[1] == 1 and m.b_shape[0] == 1 for m in student.modules())
+
+
+def _budget(teacher, **settings) -> BudgetConfig:
+    before = sum(p.numel() for p in teacher.parameters())
+    return BudgetConfig(target_params=before - 8000, svd_step=2, sensitivity_sequences=4, held_out_sequences=4, **settings)
+
+
+def test_the_sequential_fit_is_kept_only_when_it_measures_no_worse(teacher):
+    ids = _ids(12, 1)
+    dense_fit = compress_to_budget(copy.deepcopy(teacher), _budget(teacher, sequential=None), ids, progress=False)
+    checked = min(v for v in dense_fit.held_out_nll.values() if v is not None)
+    student = copy.deepcopy(teacher)
+    allocation = compress_to_budget(student, _budget(teacher), ids, progress=False)  # sequential "weight", the default
+    assert allocation.held_out_nll == dense_fit.held_out_nll  # the check itself runs on the dense statistics
+    kept = held_out_nll(student, ids[-4:])
+    assert kept <= checked + 1e-9
+    assert f"sequential calibration (weight): held-out NLL {kept:.4f} against {checked:.4f}" in allocation.decided_by
+
+
+def test_a_worse_sequential_fit_gives_way_to_the_dense_statistics_fit(teacher, monkeypatch):
+    ids = _ids(12, 1)
+    reference = copy.deepcopy(teacher)
+    compress_to_budget(reference, _budget(teacher, sequential=None), ids, progress=False)
+    # Measured worse than anything the check saw: the factors fitted on the dense statistics replace it.
+    monkeypatch.setattr(convert_module, "held_out_nll", lambda model, held_out, batch_size=4: float("inf"))
+    student = copy.deepcopy(teacher)
+    allocation = compress_to_budget(student, _budget(teacher, sequential="output"), ids, progress=False)
+    assert allocation.decided_by.endswith("kept the dense-statistics fit")
+    ours, theirs = student.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [m.relative_error for m in student.compression_report.modules] == [m.relative_error for m in reference.compression_report.modules]
 
 
 def test_the_check_needs_sequences_to_hold_out(teacher):

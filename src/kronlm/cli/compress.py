@@ -151,9 +151,11 @@ def _sources(ctx, param, value):
                    "with the lowest NLL on held-out calibration sequences.")
 @click.option("--held-out-sequences", type=click.IntRange(min=1), default=DEFAULTS.held_out_sequences, show_default=True,
               help="Calibration sequences the subset check holds out, read beyond --calibration-sequences.")
-@click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default="off", show_default=True,
-              help="Fit each block on statistics of the partially compressed model (GPTQ order): `output` fits to the dense "
-                   "model's outputs, `weight` to W under the compressed model's inputs.")
+@click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default=DEFAULTS.sequential or "off",
+              show_default=True,
+              help="Fit each block on statistics of the partially compressed model (GPTQ order): `weight` fits W under the "
+                   "compressed model's inputs, `output` the dense model's outputs; `off` fits on the dense model's statistics "
+                   "(faster: no pass of the partly compressed model).")
 @click.option("--recover", "recover_data", default=None,
               help="After compressing, recover the student against the dense model on this training text (e.g. wikitext2: its "
                    "train split online, the local validation split offline) in stages: local reconstruction, block-wise, then "

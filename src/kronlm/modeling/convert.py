@@ -13,6 +13,7 @@ kronlm's registered Kronecker classes, and the report is ``model.compression_rep
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -28,7 +29,7 @@ from kronlm.compression.budget import (
     budget_statistics,
     price_modules,
 )
-from kronlm.compression.budget.subset_check import choose_by_held_out
+from kronlm.compression.budget.subset_check import choose_by_held_out, held_out_nll
 from kronlm.compression.calibration import ModuleCalibration
 from kronlm.compression.config import CompressionConfig
 from kronlm.compression.report import count_parameters
@@ -128,9 +129,11 @@ def compress_to_budget(
     ``config.subset_check``) keep the allocation with the lowest held-out NLL among it and each
     family's own (:func:`~kronlm.compression.budget.subset_check.choose_by_held_out`); then
     :func:`compress` with the allocation's config on the dense statistics or, with
-    ``config.sequential``, on a :class:`~kronlm.compression.SequentialCalibration` over the same
-    ids. The allocation is attached to ``model.compression_report`` (and so saved in
-    ``kronlm_compression.json``).
+    ``config.sequential`` (the default, "weight"), on a
+    :class:`~kronlm.compression.SequentialCalibration` over the same ids. When the subset check
+    ran, the sequential fit is measured on its held-out ids and replaced by the dense-statistics
+    fit if its NLL is higher (``allocation.decided_by`` says which was kept). The allocation is
+    attached to ``model.compression_report`` (and so saved in ``kronlm_compression.json``).
 
     Args:
         model: dense causal LM (changed in place).
@@ -180,13 +183,37 @@ def compress_to_budget(
         allocation = choose_by_held_out(model, statistics, target, allocation, pricing, held_out, settings=config,
                                         batch_size=batch_size, progress=progress)
     plan = allocation.to_config(init=config.init)
-    fitted: Mapping[str, ModuleCalibration] = statistics
-    if config.sequential:
+    if not config.sequential:
+        compress(model, plan, statistics=statistics, progress=progress)
+    else:
+        # The check measured the allocations fitted on the dense statistics; keep a dense copy so the
+        # sequential fit can be measured against that figure and given up if it is worse.
+        dense = copy.deepcopy(model) if config.checks_subsets else None
         names = [c.name for c in allocation.choices if c.option.family != "dense"]
         fitted = SequentialCalibration(model, names, calibration, batch_size=batch_size, target=config.sequential, progress=progress)
-    compress(model, plan, statistics=fitted, progress=progress)
+        compress(model, plan, statistics=fitted, progress=progress)
+        if dense is not None:
+            _keep_the_better_fit(model, dense, plan, statistics, allocation, held_out, config.sequential, batch_size)
     compression_report(model).allocation = allocation
     return allocation
+
+
+def _keep_the_better_fit(model: nn.Module, dense: nn.Module, plan: CompressionConfig, statistics: Mapping[str, ModuleCalibration],
+                         allocation: BudgetAllocation, held_out: torch.Tensor, target: str, batch_size: int) -> None:
+    """After a sequential fit of the allocation the subset check kept: measure it on the check's
+    held-out ids and, if its NLL is above the dense-statistics fit the check measured, load that
+    fit's factors into ``model`` instead (same plan, so the same parameters). Says which in
+    ``allocation.decided_by``."""
+    measured = min(nll for nll in allocation.held_out_nll.values() if nll is not None)
+    sequential = held_out_nll(model, held_out, batch_size)
+    kept = "the sequential fit"
+    if sequential > measured:
+        report = compress_modules(dense, plan, statistics=statistics, progress=False)
+        model.load_state_dict(dense.state_dict())
+        compression_report(model).modules = report.modules
+        kept = "the dense-statistics fit"
+    allocation.decided_by += (f"; sequential calibration ({target}): held-out NLL {sequential:.4f} against {measured:.4f} "
+                              f"on the dense model's statistics, kept {kept}")
 
 
 def split_held_out(calibration: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

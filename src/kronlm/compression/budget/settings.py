@@ -69,8 +69,11 @@ class BudgetSettings(ConfigBase):
             as fractions of the dense matrix.
         check_rounds: rounds of fit-measure-reallocate (0: trust the estimates).
         init: initialiser of the chosen factors.
-        sequential: None (fit on the dense model's statistics), "output" or "weight" (fit each
-            block on the partially compressed model's, ``kronlm.compression.sequential``).
+        sequential: "weight" (the default: fit each block's W under the partially compressed
+            model's inputs, ``kronlm.compression.sequential``), "output" (fit toward the dense
+            model's outputs on those inputs) or None (fit on the dense model's statistics). "weight"
+            was better than None on WikiText-2 and GLUE sentences at 80 % and 70 % for every family
+            set measured (docs/benchmarks/pareto.md).
         subset_check: with more than one family, also allocate the budget with each family alone
             and keep whichever allocation has the lowest NLL on held-out calibration sequences
             (``kronlm.compression.budget.subset_check``).
@@ -92,7 +95,7 @@ class BudgetSettings(ConfigBase):
     lowrank_fractions: tuple[float, ...] = (0.02, 0.08)
     check_rounds: int = 2
     init: str = "activation_aware"
-    sequential: str | None = None
+    sequential: str | None = "weight"
     subset_check: bool = True
     held_out_sequences: int = 8
 
