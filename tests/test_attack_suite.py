@@ -51,6 +51,7 @@ from kronlm.distill.checkpoint import (
     list_checkpoints,
     load_checkpoint,
 )
+from kronlm.distill import distributed
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.fingerprint import model_fingerprint, tokens_fingerprint
 from kronlm.distill.trainer import ResumeMismatch, train
@@ -141,6 +142,18 @@ def test_resume_with_other_inputs_is_refused_naming_the_difference(tmp_path, nam
         run(tmp_path, "r", resume=True, **kw)
     # Nothing was trained or written by the refused resume.
     assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [2, 4]
+
+
+def test_resume_compares_the_precision_mixed_precision_resolved_to(tmp_path, monkeypatch):
+    run(tmp_path, "r", cfg={"max_steps": 4})  # mixed_precision "no"
+    assert load_checkpoint(tmp_path / "r").trainer_state["precision"] == "no"
+    # `auto` on a machine where it means float32 is the same run: it continues.
+    real = distributed.resolve_mixed_precision
+    monkeypatch.setattr(distributed, "resolve_mixed_precision", lambda mode: "no" if mode == "auto" else real(mode))
+    assert run(tmp_path, "r", resume=True, cfg={"max_steps": 6, "mixed_precision": "auto"}).start_step == 4
+    # bf16 is not: refused, naming both settings (the latest checkpoint is the `auto` run's).
+    with pytest.raises(ResumeMismatch, match=r"training precision 'no' -> 'bf16' \(mixed_precision 'auto' -> 'bf16' on this machine\)"):
+        run(tmp_path, "r", resume=True, cfg={"max_steps": 8, "mixed_precision": "bf16"})
 
 
 def test_the_same_inputs_resume_and_a_longer_run_is_allowed(tmp_path):

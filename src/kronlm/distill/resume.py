@@ -151,15 +151,17 @@ class CheckpointManager:
         return checkpoint
 
     def check_compatible(self, checkpoint: Checkpoint, *, config: TrainingConfig, world: int, train_examples: int,
-                         fingerprint: RunFingerprint, check_student: bool) -> None:
+                         fingerprint: RunFingerprint, check_student: bool, precision: str | None = None) -> None:
         """Refuse to continue a run with other inputs than it started with (names each difference).
         The run's starting point stays the one it was started from: ``fingerprint.student_start``
-        is set to the recorded one.
+        is set to the recorded one. ``precision`` is what this run's ``mixed_precision`` resolved
+        to ("no" or "bf16"): where the checkpoint recorded its own, the resolved precisions are
+        compared instead of the settings, so ``auto`` and the precision it chose are the same run.
 
         Raises:
             ResumeMismatch: another data order (order fields, processes, examples), other
-                result-changing settings, or other data, teacher or (with ``check_student``)
-                starting student.
+                result-changing settings (a precision included), or other data, teacher or (with
+                ``check_student``) starting student.
         """
         saved, path = checkpoint.trainer_state, checkpoint.path
         saved_config = saved.get("config", {})
@@ -174,6 +176,12 @@ class CheckpointManager:
             changed.append(f"training examples {saved['train_examples']} -> {train_examples}")
         problems = [f"the data order would change ({'; '.join(changed)})"] if changed else []
         settings = config_differences(saved_config, config.to_dict())
+        recorded_precision = saved.get("precision")
+        if recorded_precision is not None and precision is not None:
+            settings = [d for d in settings if not d.startswith("mixed_precision ")]
+            if recorded_precision != precision:
+                settings.append(f"training precision {recorded_precision!r} -> {precision!r} (mixed_precision "
+                                f"{saved_config.get('mixed_precision')!r} -> {config.mixed_precision!r} on this machine)")
         if settings:
             problems.append(f"settings differ ({'; '.join(settings)})")
         if "run" in saved:

@@ -394,7 +394,8 @@ class Trainer:
         """The checkpoint to resume from, checked against this run's inputs and settings."""
         checkpoint = self.checkpoints.read()
         self.checkpoints.check_compatible(checkpoint, config=self.config, world=self.world, train_examples=len(self.train_set),
-                                          fingerprint=self.fingerprint, check_student=self.check_student)
+                                          fingerprint=self.fingerprint, check_student=self.check_student,
+                                          precision=self.accelerator.mixed_precision)
         return checkpoint
 
     def _say_early(self, message: str) -> None:
@@ -646,6 +647,7 @@ class Trainer:
             "length_grouped": self.lengths is not None,
             "world_size": self.world,
             "distributed_type": self.accelerator.distributed_type.value,
+            "precision": self.accelerator.mixed_precision,  # what mixed_precision resolved to: "no" or "bf16"
             "max_steps": self.max_steps,
             "val_history": result.val_history,
             "train_seconds": self._seconds_before + time.perf_counter() - self._started,
