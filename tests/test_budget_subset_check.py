@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import rule_ids, tiny_llama
 
-from kronlm.compression.budget import BudgetConfig, held_out_nll
+from kronlm.compression.budget import BudgetConfig, budget_candidates, budget_statistics, held_out_nll
 from kronlm.compression.budget import subset_check as subset_check_module
 from kronlm.layers import KroneckerLinear
 from kronlm.modeling import compress, compress_to_budget
@@ -110,6 +110,16 @@ def test_a_worse_sequential_fit_gives_way_to_the_dense_statistics_fit(teacher, m
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert [m.relative_error for m in student.compression_report.modules] == [m.relative_error for m in reference.compression_report.modules]
+
+
+def test_statistics_without_ids_need_the_sequential_fit_off(teacher):
+    ids = _ids(12, 1)
+    stats = budget_statistics(teacher, ids, budget_candidates(teacher), sensitivity_sequences=4, progress=False)
+    with pytest.raises(ValueError, match=r"sequential calibration \(sequential='weight', the default\) runs the partially compressed"):
+        compress_to_budget(copy.deepcopy(teacher), _budget(teacher, subset_check=False), None, statistics=stats, progress=False)
+    allocation = compress_to_budget(copy.deepcopy(teacher), _budget(teacher, subset_check=False, sequential=None), None,
+                                    statistics=stats, progress=False)
+    assert allocation.family_counts() != {"dense": len(allocation.choices)}
 
 
 def test_the_check_needs_sequences_to_hold_out(teacher):

@@ -140,7 +140,7 @@ def compress_to_budget(
         config: the target (``target_fraction`` or ``target_params``), candidate ``modules`` and
             settings.
         calibration: (num_sequences, seq_len) int64 token ids; may be None only when
-            ``statistics`` is given and ``config.sequential`` is None. When the subset check runs
+            ``statistics`` is given and ``config.sequential`` is None (not the default). When the subset check runs
             and ``held_out`` is None, its last ``config.held_out_sequences`` rows are held out of
             the pricing for the check.
         held_out: (num_sequences, seq_len) int64 ids for the subset check instead, none of them
@@ -163,6 +163,10 @@ def compress_to_budget(
     """
     target = config.target_for(count_parameters(model))
     if statistics is None or config.sequential:
+        if calibration is None and statistics is not None:
+            raise ValueError(f"sequential calibration (sequential={config.sequential!r}, the default) runs the partially compressed "
+                             "model on calibration token ids (num_sequences, seq_len): give them, or sequential=None to fit on "
+                             "the given statistics alone")
         if calibration is None:
             raise ValueError("a budget needs calibration token ids (num_sequences, seq_len) to measure sensitivities on")
         check_calibration_ids(calibration)
