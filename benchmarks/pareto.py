@@ -259,6 +259,15 @@ def _check_cell(row) -> str:
     return f"{'every family' if ',' in kept else kept + ' alone'} ({cells})"
 
 
+def _row_command(row: dict) -> str:
+    """A row's reproducing command. Rows recorded before sequential calibration became the CLI's
+    default were measured with it off but their command does not say so: it says so here."""
+    command = row["command"]
+    if "--sequential-calibration" not in command and row.get("sequential", "off") != (DEFAULTS.sequential or "off"):
+        command = command.replace(" --out ", f" --sequential-calibration {row.get('sequential', 'off')} --out ", 1)
+    return command
+
+
 def report(args, done, info, command) -> None:
     dense = done.get(("dense", "dense", 1.0))
     if dense is None:
@@ -297,7 +306,7 @@ def report(args, done, info, command) -> None:
                                      "choices d/svd/k/k+lr", "est. ΔNLL", "subset check kept", "compress s"], rows))
         lines += ["", "Commands (one per row, same order):", "", "```bash"]
         for fraction in sorted({f for t, _, f in done if t == tag}, reverse=True):
-            lines += [done[(tag, n, fraction)]["command"] for n in SETS if (tag, n, fraction) in done]
+            lines += [_row_command(done[(tag, n, fraction)]) for n in SETS if (tag, n, fraction) in done]
         lines += ["```", ""]
     recovered = [r for (t, _, _), r in done.items() if t == "recovered"]
     if recovered:

@@ -121,6 +121,16 @@ def test_bad_budget_input_is_one_line(folder, tmp_path, capsys, argv, message):
     assert code == 2 and last.startswith("kronlm: error:") and message in last and "Traceback" not in err, err
 
 
+def test_pareto_commands_of_older_rows_name_the_sequential_setting_they_were_measured_with():
+    bench = _benchmark()
+    old = "kronlm compress smollm2 --budget 0.8 --families svd --calibration wikitext2 --out runs/x --eval wikitext2"
+    assert bench._row_command({"command": old, "sequential": "off"}) == old.replace(" --out", " --sequential-calibration off --out")
+    assert bench._row_command({"command": old}) == old.replace(" --out", " --sequential-calibration off --out")
+    assert bench._row_command({"command": old, "sequential": DEFAULTS.sequential}) == old
+    named = old.replace(" --out", " --sequential-calibration output --out")
+    assert bench._row_command({"command": named, "sequential": "output"}) == named
+
+
 def test_pareto_table_names_what_the_subset_check_kept():
     bench = _benchmark()
     assert bench._check_cell({"set": "mixed"}) == "not recorded"  # rows written before the check was recorded
