@@ -97,6 +97,7 @@ def ood_ids(tokenizer, data_dir: Path, tokens: int) -> torch.Tensor:
 
 
 DEFAULTS = BudgetConfig()
+DEFAULT_SEQUENTIAL = DEFAULTS.sequential or "off"  # the CLI's --sequential-calibration default
 
 
 def settings_for(args, families: tuple[str, ...], fraction: float | None = None) -> BudgetConfig:
@@ -116,7 +117,7 @@ def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
         parts += ["--calibration-seed", str(args.calibration_seed)]
     if args.check_rounds != DEFAULTS.check_rounds:
         parts += ["--check-rounds", str(args.check_rounds)]
-    if args.sequential != (DEFAULTS.sequential or "off"):
+    if args.sequential != DEFAULT_SEQUENTIAL:
         parts += ["--sequential-calibration", args.sequential]
     parts += ["--out", f"runs/{args.model}-{round(100 * fraction)}-{'-'.join(families)}", "--eval", "wikitext2", "--max-tokens", str(args.max_tokens)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -262,9 +263,9 @@ def _check_cell(row) -> str:
 def _row_command(row: dict) -> str:
     """A row's reproducing command. Rows recorded before sequential calibration became the CLI's
     default were measured with it off but their command does not say so: it says so here."""
-    command = row["command"]
-    if "--sequential-calibration" not in command and row.get("sequential", "off") != (DEFAULTS.sequential or "off"):
-        command = command.replace(" --out ", f" --sequential-calibration {row.get('sequential', 'off')} --out ", 1)
+    command, sequential = row["command"], row.get("sequential", "off")
+    if "--sequential-calibration" not in command and sequential != DEFAULT_SEQUENTIAL:
+        command = command.replace(" --out ", f" --sequential-calibration {sequential} --out ", 1)
     return command
 
 

@@ -175,13 +175,15 @@ class CheckpointManager:
         if saved.get("train_examples", train_examples) != train_examples:
             changed.append(f"training examples {saved['train_examples']} -> {train_examples}")
         problems = [f"the data order would change ({'; '.join(changed)})"] if changed else []
-        settings = config_differences(saved_config, config.to_dict())
+        current = config.to_dict()
         recorded_precision = saved.get("precision")
-        if recorded_precision is not None and precision is not None:
-            settings = [d for d in settings if not d.startswith("mixed_precision ")]
-            if recorded_precision != precision:
-                settings.append(f"training precision {recorded_precision!r} -> {precision!r} (mixed_precision "
-                                f"{saved_config.get('mixed_precision')!r} -> {config.mixed_precision!r} on this machine)")
+        compare_resolved = recorded_precision is not None and precision is not None
+        if compare_resolved:  # the setting itself may differ ("auto" against what it picked)
+            del current["mixed_precision"]
+        settings = config_differences(saved_config, current)
+        if compare_resolved and recorded_precision != precision:
+            settings.append(f"training precision {recorded_precision!r} -> {precision!r} (mixed_precision "
+                            f"{saved_config.get('mixed_precision')!r} -> {config.mixed_precision!r} on this machine)")
         if settings:
             problems.append(f"settings differ ({'; '.join(settings)})")
         if "run" in saved:
