@@ -103,7 +103,8 @@ DEFAULT_SEQUENTIAL = DEFAULTS.sequential or "off"  # the CLI's --sequential-cali
 def settings_for(args, families: tuple[str, ...], fraction: float | None = None) -> BudgetConfig:
     """The CLI's budget config for these flags (``kronlm compress --budget FRACTION`` builds the same)."""
     return BudgetConfig(target_fraction=fraction, families=families, sensitivity_sequences=args.sensitivity_sequences,
-                        check_rounds=args.check_rounds, sequential=None if args.sequential == "off" else args.sequential)
+                        check_rounds=args.check_rounds, sequential=None if args.sequential == "off" else args.sequential,
+                        tie_break_modules=args.tie_break_modules, tie_break_margin=args.tie_break_margin)
 
 
 def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
@@ -119,6 +120,10 @@ def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
         parts += ["--check-rounds", str(args.check_rounds)]
     if args.sequential != DEFAULT_SEQUENTIAL:
         parts += ["--sequential-calibration", args.sequential]
+    if args.tie_break_modules != DEFAULTS.tie_break_modules:
+        parts += ["--tie-break-modules", str(args.tie_break_modules)]
+    if args.tie_break_margin != DEFAULTS.tie_break_margin:
+        parts += ["--tie-break-margin", f"{args.tie_break_margin:g}"]
     parts += ["--out", f"runs/{args.model}-{round(100 * fraction)}-{'-'.join(families)}", "--eval", "wikitext2", "--max-tokens", str(args.max_tokens)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--sensitivity-sequences", type=int, default=DEFAULTS.sensitivity_sequences)
     parser.add_argument("--check-rounds", type=int, default=DEFAULTS.check_rounds)
     parser.add_argument("--sequential", choices=["off", "output", "weight"], default="off")
+    parser.add_argument("--tie-break-modules", type=int, default=DEFAULTS.tie_break_modules, help="as kronlm compress")
+    parser.add_argument("--tie-break-margin", type=float, default=DEFAULTS.tie_break_margin, help="as kronlm compress")
     parser.add_argument("--tag", default="wikitext2", help="name of this calibration variant in --results and the tables")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--ood-tokens", type=int, default=16384)
@@ -231,7 +238,7 @@ def run(args, done, record, command: str) -> None:
                "estimated_nll_increase": allocation.estimated_loss, "seconds": seconds, "calibration_seconds": calibration_seconds,
                "pricing_seconds": pricing_seconds, "pricing": pricing.summary.describe(), "calibration": described,
                "sequential": args.sequential, "command": cli_command(args, fraction, families), "invocation": command,
-               "decided_by": allocation.decided_by, "held_out_nll": allocation.held_out_nll}
+               "decided_by": allocation.decided_by, "held_out_nll": allocation.held_out_nll, "tie_break": allocation.tie_break}
         if args.save_dir is not None and abs(fraction - args.save_fraction) < 1e-9:
             folder = args.save_dir / f"{args.tag}-{name}-{round(100 * fraction)}"
             kronlm.save(student, folder, tokenizer=tokenizer, overwrite=True)
@@ -257,7 +264,13 @@ def _check_cell(row) -> str:
         return "no check"
     kept = min((label for label, nll in scores.items() if nll is not None), key=scores.get)
     cells = ", ".join(f"{label} {nll:.3f}" if nll is not None else f"{label} out of reach" for label, nll in scores.items())
-    return f"{'every family' if ',' in kept else kept + ' alone'} ({cells})"
+    trials = row.get("tie_break") or []
+    swaps = ""
+    if trials:
+        kept_trials = [t for t in trials if t["kept"]]
+        final = f" -> {kept_trials[-1]['held_out_nll']:.3f}" if kept_trials else ""
+        swaps = f"; tie-break kept {len(kept_trials)} of {len(trials)} swaps{final}"
+    return f"{'every family' if ',' in kept else kept + ' alone'} ({cells}{swaps})"
 
 
 def _row_command(row: dict) -> str:

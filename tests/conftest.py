@@ -60,6 +60,19 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def rule_trained_llama():
+    """A tiny Llama (2 blocks, hidden 48) trained for 40 Adam steps on ``rule_ids``, so that
+    compressing it costs NLL and allocations can be told apart by measurement."""
+    model = tiny_llama(1, hidden_size=48, intermediate_size=96, num_hidden_layers=2)
+    ids = rule_ids(64, 0, length=24)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def tiny_bert(seed: int = 0, cls_name: str = "BertModel", **overrides):
     import transformers
 

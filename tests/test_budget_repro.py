@@ -43,20 +43,24 @@ def folder(tmp_path_factory):
     return path
 
 
-# The first case names --sequential-calibration off; the second leaves the CLI's default (weight).
-@pytest.mark.parametrize("families,cut,extra,sequential", [("svd,kronecker,kronecker_lowrank", 6000, [], "off"),
-                                                           ("kronecker", 8000, ["--calibration-seed", "3"], None)])
-def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, sequential):
+# The first case names --sequential-calibration off and runs the measured tie-break; the second
+# leaves the CLI's defaults (sequential weight, no tie-break).
+@pytest.mark.parametrize("families,cut,extra,sequential,ties", [("svd,kronecker,kronecker_lowrank", 6000, [], "off", 2),
+                                                                ("kronecker", 8000, ["--calibration-seed", "3"], None, None)])
+def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, sequential, ties):
     text = str(folder / "text.txt")
     out = tmp_path / "cli"
     target = count_parameters(kronlm.load_model(str(folder))) - cut  # the tiny model is mostly its 50,257-token embedding
     flag = [] if sequential is None else ["--sequential-calibration", sequential]
+    flag += [] if ties is None else ["--tie-break-modules", str(ties), "--tie-break-margin", "1000"]
     argv = ["compress", str(folder), "--budget-params", str(target), "--families", families, "--calibration", text,
             "--calibration-sequences", "4", "--calibration-length", "32", "--sensitivity-sequences", "2", *flag, "--out", str(out), *extra]
     assert main(argv) == 0
 
     bench = _benchmark()
-    args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential=sequential or DEFAULTS.sequential)
+    args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential=sequential or DEFAULTS.sequential,
+                              tie_break_modules=DEFAULTS.tie_break_modules if ties is None else ties,
+                              tie_break_margin=DEFAULTS.tie_break_margin if ties is None else 1000.0)
     model, tokenizer = kronlm.load_model_and_tokenizer(str(folder))
     seed = int(extra[1]) if extra else None
     # As the benchmark does: calibration ids with the subset check's held-out sequences after the priced ones,
@@ -71,6 +75,7 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, s
     allocation = compress_to_budget(student, config, ids, held_out=held_out if extra else None, statistics=stats, pricing=copy.deepcopy(pricing),
                                     progress=False)
     assert bool(allocation.held_out_nll) == ("," in families)  # the subset check runs over several families only
+    assert bool(allocation.tie_break) == bool(ties)
 
     saved = json.loads((out / "kronlm_compression.json").read_text())["report"]["allocation"]
     ours = json.loads(json.dumps(allocation.to_dict()))
@@ -83,13 +88,16 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, s
         assert torch.equal(cli_state[key], tensor), key
     flags = dict(model="smollm2", calibration=["wikitext2"], calibration_split="validation", calibration_sequences=32,
                  calibration_length=512, sensitivity_sequences=32, calibration_seed=None, check_rounds=DEFAULTS.check_rounds,
-                 max_tokens=16384)
+                 max_tokens=16384, tie_break_modules=DEFAULTS.tie_break_modules, tie_break_margin=DEFAULTS.tie_break_margin)
     command = bench.cli_command(argparse.Namespace(**flags, sequential="output"), 0.8, ("svd",))
     assert command.startswith("kronlm compress smollm2 --budget 0.8 --families svd --calibration wikitext2 ")
     assert "--sensitivity-sequences 32" in command and "--sequential-calibration output" in command
     # The benchmark's rows on the dense statistics name it, since the CLI's default is the sequential fit.
     assert "--sequential-calibration off" in bench.cli_command(argparse.Namespace(**flags, sequential="off"), 0.8, ("svd",))
     assert "--sequential-calibration" not in bench.cli_command(argparse.Namespace(**flags, sequential=DEFAULTS.sequential), 0.8, ("svd",))
+    assert "--tie-break" not in command
+    flags.update(tie_break_modules=16, tie_break_margin=0.25)
+    assert "--tie-break-modules 16 --tie-break-margin 0.25 --out" in bench.cli_command(argparse.Namespace(**flags, sequential="off"), 0.8, ("svd",))
 
 
 def test_budget_params_and_sequential_from_the_cli(folder, tmp_path, capsys):
@@ -140,3 +148,5 @@ def test_pareto_table_names_what_the_subset_check_kept():
     assert bench._check_cell(row) == "svd alone (svd,kronecker 3.200, svd 3.100, kronecker out of reach)"
     row["held_out_nll"]["svd,kronecker"] = 3.0
     assert bench._check_cell(row) == "every family (svd,kronecker 3.000, svd 3.100, kronecker out of reach)"
+    row["tie_break"] = [{"held_out_nll": 2.99, "kept": True}, {"held_out_nll": 2.995, "kept": False}, {"held_out_nll": 2.98, "kept": True}]
+    assert bench._check_cell(row).endswith("out of reach; tie-break kept 2 of 3 swaps -> 2.980)")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rule_ids, tiny_llama
+from conftest import rule_ids, rule_trained_llama
 
 from kronlm.compression.budget import BudgetConfig, budget_candidates, budget_statistics, held_out_nll
 from kronlm.compression.budget import subset_check as subset_check_module
@@ -16,25 +16,13 @@ from kronlm.modeling import compress, compress_to_budget
 from kronlm.modeling import convert as convert_module
 
 
-def _trained_llama():
-    """A tiny Llama that has learnt a rule (x_t+1 = 5 x_t + 3 mod 96), so that compressing it costs NLL."""
-    model = tiny_llama(1, hidden_size=48, intermediate_size=96, num_hidden_layers=2)
-    ids = _ids(64, 0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
 def _ids(n: int, seed: int) -> torch.Tensor:
     return rule_ids(n, seed, length=24)
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return _trained_llama()
+    return rule_trained_llama()
 
 
 def test_the_kept_allocation_is_never_worse_than_a_single_family(teacher):

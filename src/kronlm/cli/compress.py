@@ -151,6 +151,11 @@ def _sources(ctx, param, value):
                    "with the lowest NLL on held-out calibration sequences.")
 @click.option("--held-out-sequences", type=click.IntRange(min=1), default=DEFAULTS.held_out_sequences, show_default=True,
               help="Calibration sequences the subset check holds out, read beyond --calibration-sequences.")
+@click.option("--tie-break-modules", type=click.IntRange(min=0), default=DEFAULTS.tie_break_modules, show_default=True,
+              help="After the subset check: try swapping at most this many modules to a close option of another family "
+                   "(no larger) and keep each swap that lowers the held-out NLL; 0 turns it off.")
+@click.option("--tie-break-margin", type=FiniteFloatRange(min=0), default=DEFAULTS.tie_break_margin, show_default=True,
+              help="An alternative is close when its estimated NLL increase is at most (1 + margin) times the chosen one's.")
 @click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default=DEFAULTS.sequential or "off",
               show_default=True,
               help="Fit each block on statistics of the partially compressed model (GPTQ order): `weight` fits W under the "
@@ -171,7 +176,7 @@ def _sources(ctx, param, value):
 def command(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
             stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field,
             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, families,
-            sensitivity_sequences, check_rounds, subset_check, held_out_sequences, sequential_calibration, recover_data, recover_tokens, recover_config, recover_minutes,
+            sensitivity_sequences, check_rounds, subset_check, held_out_sequences, tie_break_modules, tie_break_margin, sequential_calibration, recover_data, recover_tokens, recover_config, recover_minutes,
             rows):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
@@ -204,7 +209,9 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
         try:
             config = BudgetConfig(target_fraction=budget, target_params=budget_params, modules=list(budget_modules) or None,
                                   families=families, sensitivity_sequences=sensitivity_sequences, check_rounds=check_rounds,
-                                  subset_check=subset_check, held_out_sequences=held_out_sequences, init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
+                                  subset_check=subset_check, held_out_sequences=held_out_sequences,
+                                  tie_break_modules=tie_break_modules, tie_break_margin=tie_break_margin,
+                                  init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     recovery = None

@@ -30,6 +30,7 @@ from kronlm.compression.budget import (
     price_modules,
 )
 from kronlm.compression.budget.subset_check import choose_by_held_out, held_out_nll
+from kronlm.compression.budget.tie_break import break_ties
 from kronlm.compression.calibration import ModuleCalibration
 from kronlm.compression.config import CompressionConfig
 from kronlm.compression.report import count_parameters
@@ -127,7 +128,9 @@ def compress_to_budget(
     --budget`` call it): calibrate the candidate modules (``budget_statistics``), price and
     allocate (``allocate_budget``, docs/compression.md); with more than one family (and
     ``config.subset_check``) keep the allocation with the lowest held-out NLL among it and each
-    family's own (:func:`~kronlm.compression.budget.subset_check.choose_by_held_out`); then
+    family's own (:func:`~kronlm.compression.budget.subset_check.choose_by_held_out`), then, with
+    ``config.tie_break_modules``, try its closest per-module swaps to another family
+    (:func:`~kronlm.compression.budget.tie_break.break_ties`); then
     :func:`compress` with the allocation's config on the dense statistics or, with
     ``config.sequential`` (the default, "weight"), on a
     :class:`~kronlm.compression.SequentialCalibration` over the same ids. When the subset check
@@ -186,6 +189,9 @@ def compress_to_budget(
         check_calibration_ids(held_out)
         allocation = choose_by_held_out(model, statistics, target, allocation, pricing, held_out, settings=config,
                                         batch_size=batch_size, progress=progress)
+        if config.tie_break_modules:
+            allocation = break_ties(model, statistics, allocation, pricing, held_out, settings=config, batch_size=batch_size,
+                                   progress=progress)
     plan = allocation.to_config(init=config.init)
     if not config.sequential:
         compress(model, plan, statistics=statistics, progress=progress)
@@ -208,7 +214,7 @@ def _keep_the_better_fit(model: nn.Module, dense: nn.Module, plan: CompressionCo
     held-out ids and, if its NLL is above the dense-statistics fit the check measured, load that
     fit's factors into ``model`` instead (same plan, so the same parameters). Says which in
     ``allocation.decided_by``."""
-    measured = min(nll for nll in allocation.held_out_nll.values() if nll is not None)
+    measured = allocation.measured_nll
     sequential = held_out_nll(model, held_out, batch_size)
     kept = "the sequential fit"
     if sequential > measured:

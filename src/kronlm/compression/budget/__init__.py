@@ -57,6 +57,11 @@ alone, every distinct allocation is applied to a copy of the model, and the one 
 next-token NLL on held-out calibration sequences is kept
 (:mod:`~kronlm.compression.budget.subset_check`), so offering more families never measures worse
 than any one of them alone.
+
+Tie-break. Optionally (``tie_break_modules``), the modules where another offered family has an
+option no larger than the chosen one and estimated within a margin of it are tried one at a time
+on a compressed copy, and each swap that lowers the held-out NLL is kept
+(:mod:`~kronlm.compression.budget.tie_break`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from kronlm.compression.budget.allocation import (
     budget_statistics,
     check_choices,
     measure_option,
+    option_target,
     solve_budget,
 )
 from kronlm.compression.budget.pricing import (
@@ -88,6 +94,7 @@ from kronlm.compression.budget.pricing import (
 )
 from kronlm.compression.budget.report import allocation_table, family_key
 from kronlm.compression.budget.subset_check import choose_by_held_out, held_out_nll
+from kronlm.compression.budget.tie_break import Swap, break_ties, close_alternatives
 from kronlm.compression.budget.settings import (
     DEFAULT_BUDGET,
     DEFAULT_B_SHAPES,
@@ -113,14 +120,17 @@ __all__ = [
     "Pricing",
     "PricingSummary",
     "Spectrum",
+    "Swap",
     "allocate_budget",
     "allocation_table",
     "budget_candidates",
     "choose_by_held_out",
     "held_out_nll",
+    "break_ties",
     "budget_statistics",
     "check_choices",
     "check_families",
+    "close_alternatives",
     "default_budget_config",
     "default_screen_blocks",
     "family_key",
@@ -130,6 +140,7 @@ __all__ = [
     "measure_option",
     "module_class",
     "module_options",
+    "option_target",
     "price_modules",
     "shape_window",
     "solve_budget",

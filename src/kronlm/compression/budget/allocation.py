@@ -69,6 +69,10 @@ class BudgetAllocation:
             "svd": held-out NLL in nats per token, None when that set cannot reach the budget});
             empty when no check ran (``subset_check``).
         decided_by: what chose this allocation among them (empty when no check ran).
+        measured_nll: held-out NLL of this allocation fitted on the dense model's statistics
+            (nats per token), None when no check ran.
+        tie_break: the measured tie-break's trials, in order: {"module", "from", "to",
+            "estimated_gap" (relative), "held_out_nll", "kept"}; empty when none ran.
     """
 
     target_params: int
@@ -81,17 +85,12 @@ class BudgetAllocation:
     check_rounds: int = 0
     held_out_nll: dict[str, float | None] = field(default_factory=dict)
     decided_by: str = ""
+    measured_nll: float | None = None
+    tie_break: list[dict[str, Any]] = field(default_factory=list)
 
     def to_config(self, init: str = "activation_aware", name: str | None = None) -> CompressionConfig:
         """A ``CompressionConfig`` with one exact-name target per factored module."""
-        targets = [
-            KroneckerTarget(
-                modules=[f"re:{re.escape(c.name)}"], a_shape=c.option.a_shape, b_shape=c.option.b_shape, rank=c.option.rank,
-                init=init, lowrank_rank=c.option.lowrank,
-            )
-            for c in self.choices
-            if c.option.family != "dense"
-        ]
+        targets = [option_target(c.name, c.option, init) for c in self.choices if c.option.family != "dense"]
         description = f"budget allocation to {self.target_params:,} parameters (estimated +{self.estimated_loss:.3f} nats/token)"
         return CompressionConfig(targets=targets, name=name, description=description)
 
@@ -122,6 +121,12 @@ class BudgetAllocation:
     def table(self, max_rows: int | None = None) -> str:
         """The text table of :func:`kronlm.compression.budget.report.allocation_table`."""
         return allocation_table(self, max_rows)
+
+
+def option_target(name: str, option: BudgetOption, init: str) -> KroneckerTarget:
+    """The ``KroneckerTarget`` that stores module ``name`` (exact name) as ``option`` (not dense)."""
+    return KroneckerTarget(modules=[f"re:{re.escape(name)}"], a_shape=option.a_shape, b_shape=option.b_shape, rank=option.rank,
+                           init=init, lowrank_rank=option.lowrank)
 
 
 def _pick(options: list[list[BudgetOption]], price: float) -> list[int]:
@@ -347,5 +352,6 @@ __all__ = [
     "budget_statistics",
     "check_choices",
     "measure_option",
+    "option_target",
     "solve_budget",
 ]

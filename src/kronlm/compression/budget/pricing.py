@@ -144,11 +144,9 @@ class ModulePricing:
         """out · in."""
         return self.weight_shape[0] * self.weight_shape[1]
 
-    def hull(self, families: tuple[str, ...]) -> list[BudgetOption]:
-        """Dense plus the lower convex hull of the (params, loss) points of ``families``, by params.
-
-        Only hull vertices can be picked by the Lagrangian allocation, so the rest is dropped.
-        """
+    def _points(self, families: tuple[str, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per spectrum of ``families``: (params, loss in nats, (spectrum index, rank index)) of
+        every option smaller than dense, measured errors in place of the estimates."""
         params, losses, where = [], [], []
         for s_index, spectrum in enumerate(self.spectra):
             if spectrum.family not in families:
@@ -163,6 +161,33 @@ class ModulePricing:
             params.append(p[keep])
             losses.append(errors[keep] * self.scale)
             where.append(torch.stack([torch.full_like(p[keep], s_index), torch.arange(len(p))[keep]], 1))
+        return params, losses, where
+
+    def best_within(self, families: tuple[str, ...], max_params: int) -> BudgetOption | None:
+        """The option of ``families`` with the lowest estimated loss among those of at most
+        ``max_params`` parameters (ties: the smaller), or None when there is none.
+
+        The measured tie-break (``kronlm.compression.budget.tie_break``) takes its alternatives
+        here: an option no larger than the chosen one keeps the budget.
+        """
+        params, losses, where = self._points(families)
+        if not params:
+            return None
+        p, loss, idx = torch.cat(params), torch.cat(losses), torch.cat(where)
+        fits = p <= max_params
+        if not fits.any():
+            return None
+        p, loss, idx = p[fits], loss[fits], idx[fits]
+        best = min(range(len(p)), key=lambda i: (float(loss[i]), int(p[i])))
+        s_index, r_index = idx[best].tolist()
+        return self.spectra[s_index].option(r_index, self.scale, self.energy)
+
+    def hull(self, families: tuple[str, ...]) -> list[BudgetOption]:
+        """Dense plus the lower convex hull of the (params, loss) points of ``families``, by params.
+
+        Only hull vertices can be picked by the Lagrangian allocation, so the rest is dropped.
+        """
+        params, losses, where = self._points(families)
         dense = BudgetOption("dense", None, None, 0, self.dense_params, 0.0, 0.0, 0.0)
         if not params:
             return [dense]

@@ -64,6 +64,9 @@ def allocation_table(allocation: BudgetAllocation, max_rows: int | None = None) 
         lines.append("subset check (held-out NLL, nats/token): " + ", ".join(
             f"{label} {'cannot reach the budget' if nll is None else f'{nll:.4f}'}" for label, nll in allocation.held_out_nll.items())
             + f"; {allocation.decided_by}")
+    kept = [t for t in allocation.tie_break if t["kept"]]
+    if kept:
+        lines.append("tie-break swaps kept: " + ", ".join(f"{t['module']} {t['from']} -> {t['to']} ({t['held_out_nll']:.4f})" for t in kept))
     return "\n".join(lines)
 
 

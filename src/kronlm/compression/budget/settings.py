@@ -79,6 +79,11 @@ class BudgetSettings(ConfigBase):
             (``kronlm.compression.budget.subset_check``).
         held_out_sequences: calibration sequences the subset check holds out of the pricing (the
             last ones of the calibration ids).
+        tie_break_modules: after the subset check, try swapping at most this many modules to a
+            close option of another family, keeping each swap that lowers the held-out NLL
+            (``kronlm.compression.budget.tie_break``); 0 turns it off.
+        tie_break_margin: an alternative is close when its estimated NLL increase is at most
+            (1 + margin) times the chosen option's (and it is no larger).
 
     Raises:
         ValueError: an unknown family or initialiser, or a value out of range (named).
@@ -98,6 +103,8 @@ class BudgetSettings(ConfigBase):
     sequential: str | None = "weight"
     subset_check: bool = True
     held_out_sequences: int = 8
+    tie_break_modules: int = 0
+    tie_break_margin: float = 0.1
 
     config_name = "budget settings"
 
@@ -117,8 +124,12 @@ class BudgetSettings(ConfigBase):
         if not isinstance(self.subset_check, bool):
             raise ValueError(f"subset_check must be true or false, got {self.subset_check!r}")
         for name, low in (("sensitivity_sequences", 0), ("svd_step", 1), ("small_factor", 2), ("check_rounds", 0),
-                          ("held_out_sequences", 1)):
+                          ("held_out_sequences", 1), ("tie_break_modules", 0)):
             _count(name, getattr(self, name), low)
+        margin = self.tie_break_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"tie_break_margin must be a number >= 0, got {margin!r}")
+        self.tie_break_margin = float(margin)
         if not self.damping >= 0 or not self.balanced_slack >= 1:
             raise ValueError(f"damping must be >= 0 and balanced_slack >= 1, got {self.damping}, {self.balanced_slack}")
         if any(not 0 < f < 1 for f in self.lowrank_fractions):

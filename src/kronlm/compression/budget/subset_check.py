@@ -117,6 +117,7 @@ def choose_by_held_out(
     best = min((label for label, nll in scores.items() if nll is not None), key=lambda label: scores[label])
     kept = candidates[best]
     kept.held_out_nll = scores
+    kept.measured_nll = scores[best]
     tokens = held_out.shape[0] * (held_out.shape[1] - 1)
     kept.decided_by = (f"held-out NLL on {held_out.shape[0]} calibration sequences ({tokens:,} tokens scored): kept "
                        + ("every family" if best == full else f"{best} alone"))
