@@ -165,6 +165,7 @@ def main() -> None:
         CalibrationSource.parse(source)  # a bad spec fails before the model loads
     command = "python benchmarks/pareto.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = environment_info()
+    args.machine = f"{info['cpu']}, {info['cores']} cores, {info['device']}"  # recorded per row: "compress s" compares within one machine
     print(reproduce_header(command, info), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = args.results
@@ -238,7 +239,8 @@ def run(args, done, record, command: str) -> None:
                "estimated_nll_increase": allocation.estimated_loss, "seconds": seconds, "calibration_seconds": calibration_seconds,
                "pricing_seconds": pricing_seconds, "pricing": pricing.summary.describe(), "calibration": described,
                "sequential": args.sequential, "command": cli_command(args, fraction, families), "invocation": command,
-               "decided_by": allocation.decided_by, "held_out_nll": allocation.held_out_nll, "tie_break": allocation.tie_break}
+               "decided_by": allocation.decided_by, "held_out_nll": allocation.held_out_nll, "tie_break": allocation.tie_break,
+               "machine": args.machine}
         if args.save_dir is not None and abs(fraction - args.save_fraction) < 1e-9:
             folder = args.save_dir / f"{args.tag}-{name}-{round(100 * fraction)}"
             kronlm.save(student, folder, tokenizer=tokenizer, overwrite=True)
@@ -336,7 +338,9 @@ def report(args, done, info, command) -> None:
     invocations = list(dict.fromkeys(r["invocation"] for r in done.values() if "invocation" in r))
     lines.append(reproduce_section(invocations or [command], info, notes=[
         "Each benchmark invocation prints the command, machine, date and versions at the top of its output; the figures "
-        "above come from the invocations listed, in that order (pareto.jsonl accumulates across them).",
+        "above come from the invocations listed, in that order (pareto.jsonl accumulates across them). The machine line "
+        "above is the last invocation's; rows recorded since 2026-12-06 name theirs in pareto.jsonl (`machine`), and the "
+        "\"compress s\" column compares only within one machine.",
     ]))
     notes = ""
     if args.out and Path(args.out).is_file():  # the hand-written findings survive a rerun
