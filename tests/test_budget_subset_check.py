@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import rule_ids, rule_trained_llama
 
-from kronlm.compression.budget import BudgetConfig, budget_candidates, budget_statistics, held_out_nll
+from kronlm.compression.budget import BudgetConfig, allocate_budget, budget_candidates, budget_statistics, held_out_nll
+from kronlm.compression.budget.subset_check import compressed_in_place
 from kronlm.compression.budget import subset_check as subset_check_module
 from kronlm.layers import KroneckerLinear
 from kronlm.modeling import compress, compress_to_budget
@@ -120,3 +121,25 @@ def test_the_check_needs_sequences_to_hold_out(teacher):
         assert allocation.held_out_nll == {} and allocation.decided_by == ""
     with pytest.raises(ValueError, match="held_out_sequences must be an integer >= 1, got 0"):
         BudgetConfig(held_out_sequences=0)
+
+
+def test_plans_are_measured_in_place_and_the_dense_model_comes_back(teacher):
+    model = copy.deepcopy(teacher).train()
+    modules = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _ids(12, 1)
+    stats = budget_statistics(model, ids[:-4], budget_candidates(model), sensitivity_sequences=4, progress=False)
+    before = sum(p.numel() for p in model.parameters())
+    plan = allocate_budget(model, stats, before - 8000, settings=BudgetConfig(svd_step=2, sensitivity_sequences=4), progress=False)
+    factored = {c.name for c in plan.choices if c.option.family != "dense"}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with compressed_in_place(model, plan.to_config(), stats) as dense:
+            assert set(dense) == factored and not model.training
+            assert all(isinstance(model.get_submodule(name), KroneckerLinear) for name in factored)
+            assert sum(p.numel() for p in model.parameters()) == plan.params_after
+            raise RuntimeError("interrupted")
+    # Even after an error inside the block: the very same dense modules, weights and training flag.
+    assert model.training
+    assert all(model.get_submodule(name) is module for name, module in modules.items())
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)

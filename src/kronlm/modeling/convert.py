@@ -13,7 +13,6 @@ kronlm's registered Kronecker classes, and the report is ``model.compression_rep
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
@@ -35,7 +34,7 @@ from kronlm.compression.calibration import ModuleCalibration
 from kronlm.compression.config import CompressionConfig
 from kronlm.compression.report import count_parameters
 from kronlm.compression.sequential import SequentialCalibration
-from kronlm.compression.surgery import check_calibration_ids, compress_modules
+from kronlm.compression.surgery import check_calibration_ids, compress_modules, set_module
 from kronlm.modeling.gguf_checkpoint import forget_gguf_quantizer
 from kronlm.modeling.metadata import attach_report, compression_report
 from kronlm.modeling.plan import KroneckerPlan
@@ -196,30 +195,36 @@ def compress_to_budget(
     if not config.sequential:
         compress(model, plan, statistics=statistics, progress=progress)
     else:
-        # The check measured the allocations fitted on the dense statistics; keep a dense copy so the
-        # sequential fit can be measured against that figure and given up if it is worse.
-        dense = copy.deepcopy(model) if config.checks_subsets else None
         names = [c.name for c in allocation.choices if c.option.family != "dense"]
+        # The check measured the allocations fitted on the dense statistics; keep the dense modules
+        # aside (not a copy of the model) so the sequential fit can be given up if it measures worse.
+        dense = {name: model.get_submodule(name) for name in names} if config.checks_subsets else None
         fitted = SequentialCalibration(model, names, calibration, batch_size=batch_size, target=config.sequential, progress=progress)
         compress(model, plan, statistics=fitted, progress=progress)
+        del fitted
         if dense is not None:
             _keep_the_better_fit(model, dense, plan, statistics, allocation, held_out, config.sequential, batch_size)
     compression_report(model).allocation = allocation
     return allocation
 
 
-def _keep_the_better_fit(model: nn.Module, dense: nn.Module, plan: CompressionConfig, statistics: Mapping[str, ModuleCalibration],
-                         allocation: BudgetAllocation, held_out: torch.Tensor, target: str, batch_size: int) -> None:
+def _keep_the_better_fit(model: nn.Module, dense: dict[str, nn.Module], plan: CompressionConfig,
+                         statistics: Mapping[str, ModuleCalibration], allocation: BudgetAllocation, held_out: torch.Tensor,
+                         target: str, batch_size: int) -> None:
     """After a sequential fit of the allocation the subset check kept: measure it on the check's
-    held-out ids and, if its NLL is above the dense-statistics fit the check measured, load that
-    fit's factors into ``model`` instead (same plan, so the same parameters). Says which in
-    ``allocation.decided_by``."""
+    held-out ids and, if its NLL is above the dense-statistics fit the check measured, put the
+    dense modules (``dense``, {name: module}) back and fit them on the dense statistics instead
+    (same plan, so the same parameters). Says which in ``allocation.decided_by``."""
     measured = allocation.measured_nll
+    training = model.training
+    model.eval()
     sequential = held_out_nll(model, held_out, batch_size)
+    model.train(training)
     kept = "the sequential fit"
     if sequential > measured:
-        report = compress_modules(dense, plan, statistics=statistics, progress=False)
-        model.load_state_dict(dense.state_dict())
+        for name, module in dense.items():
+            set_module(model, name, module)
+        report = compress_modules(model, plan, statistics=statistics, progress=False)
         compression_report(model).modules = report.modules
         kept = "the dense-statistics fit"
     allocation.decided_by += (f"; sequential calibration ({target}): held-out NLL {sequential:.4f} against {measured:.4f} "

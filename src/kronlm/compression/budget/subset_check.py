@@ -5,14 +5,16 @@ The allocation minimises a sum of per-module estimates (the diagonal-Fisher Â½ Â
 Offering more families can only lower that sum, but the estimate ignores how the errors of
 different modules interact, so a mixed allocation whose estimate is lowest can measure worse than
 the same budget spent on one family alone. The check therefore allocates the same budget with
-each offered family on its own, compresses a copy of the model with each distinct allocation,
+each offered family on its own, compresses the model with each distinct allocation in turn
+(in place, the dense modules put back after each),
 measures the mean next-token NLL on calibration sequences that none of them was priced on, and
 keeps the lowest: the result is never worse, on held-out tokens, than any single family's.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,40 @@ from kronlm.compression.budget.allocation import BudgetAllocation, allocate_budg
 from kronlm.compression.budget.pricing import Pricing
 from kronlm.compression.budget.settings import BudgetSettings
 from kronlm.compression.calibration import ModuleCalibration
-from kronlm.compression.surgery import compress_modules
+from kronlm.compression.config import CompressionConfig
+from kronlm.compression.surgery import compress_modules, plan_compression, set_module
+
+
+@contextmanager
+def compressed_in_place(model: nn.Module, config: CompressionConfig,
+                        statistics: Mapping[str, ModuleCalibration]) -> Iterator[dict[str, nn.Module]]:
+    """Within the block, ``model`` holds the modules ``config`` selects compressed (in eval mode);
+    afterwards its own dense modules are back, the very same objects, and its training flag too.
+
+    The checks of a budget measure several plans of one model; swapping modules in place keeps
+    one copy of the weights in memory where a copy of the model per plan would double it.
+
+    Args:
+        model: the dense model.
+        config: the plan (``BudgetAllocation.to_config``).
+        statistics: {module name: ``ModuleCalibration``} to fit the factors on.
+
+    Yields:
+        {module name: the dense module it replaced}, to swap single modules back during the block.
+
+    Raises:
+        ValueError: see :func:`~kronlm.compression.surgery.compress_modules`.
+    """
+    originals = {choice.name: model.get_submodule(choice.name) for choice in plan_compression(model, config)}
+    training = model.training
+    model.eval()
+    try:
+        compress_modules(model, config, statistics=statistics, progress=False)
+        yield originals
+    finally:
+        for name, module in originals.items():
+            set_module(model, name, module)
+        model.train(training)
 
 
 def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
@@ -74,7 +109,8 @@ def choose_by_held_out(
     the same budget allocated with each family alone (module docstring).
 
     Args:
-        model: the dense model (not changed: each allocation is applied to a copy).
+        model: the dense model (each allocation is applied in place and taken back:
+            :func:`compressed_in_place`).
         statistics: the statistics the allocation was priced on (its fitted factors are reused).
         target_params: the budget, parameters of the whole model.
         allocation: the allocation over every family of ``settings.families``.
@@ -107,11 +143,8 @@ def choose_by_held_out(
             continue
         same = next((nll for other, nll in measured if _same_choices(other, candidate)), None)
         if same is None:
-            student = copy.deepcopy(model)
-            compress_modules(student, candidate.to_config(init=settings.init), statistics=statistics, progress=False)
-            student.eval()
-            same = held_out_nll(student, held_out, batch_size)
-            del student
+            with compressed_in_place(model, candidate.to_config(init=settings.init), statistics):
+                same = held_out_nll(model, held_out, batch_size)
         measured.append((candidate, same))
         scores[label] = same
     best = min((label for label, nll in scores.items() if nll is not None), key=lambda label: scores[label])
@@ -124,4 +157,4 @@ def choose_by_held_out(
     return kept
 
 
-__all__ = ["choose_by_held_out", "held_out_nll"]
+__all__ = ["choose_by_held_out", "compressed_in_place", "held_out_nll"]

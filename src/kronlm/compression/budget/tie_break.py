@@ -6,8 +6,8 @@ cannot tell that one module would be better stored by another family while the r
 kept plan: the diagonal-Fisher estimate mis-ranks such close candidates, and no single-family
 plan holds the better mix. The tie-break looks at the modules where another offered family has
 an option no larger than the chosen one whose estimated NLL increase is within a margin of it
-(or below it), takes the closest ``tie_break_modules`` of them, and tries each swap in turn on a
-compressed copy of the model: the swap stays when the NLL on the check's held-out calibration
+(or below it), takes the closest ``tie_break_modules`` of them, and tries each swap in turn on the
+model compressed in place: the swap stays when the NLL on the check's held-out calibration
 sequences goes down, and is undone otherwise. Every alternative is no larger than what it
 replaces, so the budget still holds; the result is never worse on those held-out tokens than the
 plan it started from.
@@ -15,7 +15,6 @@ plan it started from.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from kronlm.compression.budget.allocation import BudgetAllocation, option_target
 from kronlm.compression.budget.pricing import BudgetOption, Pricing
 from kronlm.compression.budget.settings import BudgetSettings
-from kronlm.compression.budget.subset_check import held_out_nll
+from kronlm.compression.budget.subset_check import compressed_in_place, held_out_nll
 from kronlm.compression.calibration import ModuleCalibration
 from kronlm.compression.config import CompressionConfig
 from kronlm.compression.surgery import compress_modules, set_module
@@ -103,7 +102,8 @@ def break_ties(
     the held-out NLL (module docstring).
 
     Args:
-        model: the dense model (not changed: the swaps are tried on a compressed copy).
+        model: the dense model (the swaps are tried on it in place; its dense modules are put back
+            after: :func:`~kronlm.compression.budget.subset_check.compressed_in_place`).
         statistics: the statistics the allocation was priced on (fits are cached in them).
         allocation: the allocation the subset check kept, with ``measured_nll`` set (else it is
             measured here).
@@ -126,30 +126,27 @@ def break_ties(
     if not swaps:
         allocation.decided_by += f"; tie-break: no module had a close alternative (margin {settings.tie_break_margin:g})"
         return allocation
-    student = copy.deepcopy(model)
-    compress_modules(student, allocation.to_config(init=settings.init), statistics=statistics, progress=False)
-    student.eval()
-    current = allocation.measured_nll
-    if current is None:
-        current = held_out_nll(student, held_out, batch_size)
-    start = current
-    for swap in tqdm(swaps, desc="tie-break", unit="swap", disable=not progress):
-        before = student.get_submodule(swap.name)
-        set_module(student, swap.name, copy.deepcopy(model.get_submodule(swap.name)))
-        config = CompressionConfig(targets=[option_target(swap.name, swap.alternative, settings.init)])
-        compress_modules(student, config, statistics={swap.name: statistics[swap.name]}, progress=False)
-        nll = held_out_nll(student, held_out, batch_size)
-        kept = nll < current
-        if kept:
-            current = nll
-            allocation.params_after -= swap.current.params - swap.alternative.params
-            choice = allocation.choices[swap.index]
-            allocation.choices[swap.index] = replace(choice, option=swap.alternative, relative_error=swap.alternative.relative_error)
-        else:
-            set_module(student, swap.name, before)
-        allocation.tie_break.append({"module": swap.name, "from": swap.current.describe(), "to": swap.alternative.describe(),
-                                     "estimated_gap": swap.gap, "held_out_nll": nll, "kept": kept})
-    del student
+    with compressed_in_place(model, allocation.to_config(init=settings.init), statistics) as dense:
+        current = allocation.measured_nll
+        if current is None:
+            current = held_out_nll(model, held_out, batch_size)
+        start = current
+        for swap in tqdm(swaps, desc="tie-break", unit="swap", disable=not progress):
+            before = model.get_submodule(swap.name)
+            set_module(model, swap.name, dense[swap.name])
+            config = CompressionConfig(targets=[option_target(swap.name, swap.alternative, settings.init)])
+            compress_modules(model, config, statistics={swap.name: statistics[swap.name]}, progress=False)
+            nll = held_out_nll(model, held_out, batch_size)
+            kept = nll < current
+            if kept:
+                current = nll
+                allocation.params_after -= swap.current.params - swap.alternative.params
+                choice = allocation.choices[swap.index]
+                allocation.choices[swap.index] = replace(choice, option=swap.alternative, relative_error=swap.alternative.relative_error)
+            else:
+                set_module(model, swap.name, before)
+            allocation.tie_break.append({"module": swap.name, "from": swap.current.describe(), "to": swap.alternative.describe(),
+                                         "estimated_gap": swap.gap, "held_out_nll": nll, "kept": kept})
     allocation.estimated_loss = sum(c.option.loss for c in allocation.choices)
     allocation.measured_nll = current
     kept_count = sum(t["kept"] for t in allocation.tie_break)
