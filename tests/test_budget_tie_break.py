@@ -129,7 +129,9 @@ def test_the_tie_break_is_never_worse_on_held_out_tokens(teacher):
 
 @pytest.mark.parametrize("overrides, message", [({"tie_break_modules": -1}, "tie_break_modules"),
                                                 ({"tie_break_margin": -0.5}, "tie_break_margin"),
-                                                ({"tie_break_margin": "wide"}, "tie_break_margin")])
+                                                ({"tie_break_margin": "wide"}, "tie_break_margin"),
+                                                ({"tie_break_modules": 4, "families": ("svd",)}, "families: svd, subset_check: true"),
+                                                ({"tie_break_modules": 4, "subset_check": False}, "subset_check: false")])
 def test_bad_tie_break_settings_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         BudgetConfig(target_fraction=0.5, **overrides)

@@ -81,7 +81,8 @@ class BudgetSettings(ConfigBase):
             last ones of the calibration ids).
         tie_break_modules: after the subset check, try swapping at most this many modules to a
             close option of another family, keeping each swap that lowers the held-out NLL
-            (``kronlm.compression.budget.tie_break``); 0 turns it off.
+            (``kronlm.compression.budget.tie_break``); 0 turns it off. Needs the subset check
+            (more than one family).
         tie_break_margin: an alternative is close when its estimated NLL increase is at most
             (1 + margin) times the chosen option's (and it is no larger).
 
@@ -130,6 +131,10 @@ class BudgetSettings(ConfigBase):
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise ValueError(f"tie_break_margin must be a number >= 0, got {margin!r}")
         self.tie_break_margin = float(margin)
+        if self.tie_break_modules and not self.checks_subsets:
+            raise ValueError(f"tie_break_modules={self.tie_break_modules} swaps modules between families after the subset check, "
+                             f"which runs only with subset_check and more than one family (families: {', '.join(self.families)}, "
+                             f"subset_check: {str(self.subset_check).lower()})")
         if not self.damping >= 0 or not self.balanced_slack >= 1:
             raise ValueError(f"damping must be >= 0 and balanced_slack >= 1, got {self.damping}, {self.balanced_slack}")
         if any(not 0 < f < 1 for f in self.lowrank_fractions):
