@@ -1,5 +1,5 @@
 """The measured tie-break between close candidates of one module (docs/compression.md,
-"Compressing to a parameter budget", step 6).
+"Compressing to a parameter budget", step 5).
 
 The subset check (:mod:`~kronlm.compression.budget.subset_check`) compares whole allocations. It
 cannot tell that one module would be better stored by another family while the rest keeps the
