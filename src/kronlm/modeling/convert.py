@@ -216,10 +216,7 @@ def _keep_the_better_fit(model: nn.Module, dense: dict[str, nn.Module], plan: Co
     dense modules (``dense``, {name: module}) back and fit them on the dense statistics instead
     (same plan, so the same parameters). Says which in ``allocation.decided_by``."""
     measured = allocation.measured_nll
-    training = model.training
-    model.eval()
     sequential = held_out_nll(model, held_out, batch_size)
-    model.train(training)
     kept = "the sequential fit"
     if sequential > measured:
         for name, module in dense.items():

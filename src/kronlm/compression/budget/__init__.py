@@ -53,14 +53,15 @@ estimated ratio, the chosen option keeps its measured error, and the allocation 
 ``check_rounds`` times; the table reports both numbers.
 
 Subset check. With several families offered, the same budget is also allocated with each family
-alone, every distinct allocation is applied to a copy of the model, and the one with the lowest
+alone, every distinct allocation is applied to the model in place (its dense modules put back
+after), and the one with the lowest
 next-token NLL on held-out calibration sequences is kept
 (:mod:`~kronlm.compression.budget.subset_check`), so offering more families never measures worse
 than any one of them alone.
 
 Tie-break. Optionally (``tie_break_modules``), the modules where another offered family has an
 option no larger than the chosen one and estimated within a margin of it are tried one at a time
-on a compressed copy, and each swap that lowers the held-out NLL is kept
+on the model compressed in place, and each swap that lowers the held-out NLL is kept
 (:mod:`~kronlm.compression.budget.tie_break`).
 """
 

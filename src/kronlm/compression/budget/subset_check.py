@@ -61,7 +61,8 @@ def compressed_in_place(model: nn.Module, config: CompressionConfig,
 
 
 def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token negative log-likelihood of a causal LM on ``ids``, in nats per token.
+    """Mean next-token negative log-likelihood of a causal LM on ``ids``, in nats per token,
+    measured in eval mode (the model's training flag is restored after).
 
     Args:
         model: a causal LM whose output has ``logits`` (batch, seq_len, vocab).
@@ -77,15 +78,20 @@ def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> fl
         raise ValueError(f"held-out ids must be (num_sequences, seq_len >= 2) integers, got {tuple(ids.shape)} {ids.dtype}")
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, ids.shape[0], batch_size):
-            batch = ids[start:start + batch_size].to(device)
-            logits = getattr(model(input_ids=batch), "logits", None)
-            if logits is None:
-                raise ValueError(f"{type(model).__name__} returns no logits: the subset check needs a causal LM")
-            targets = batch[:, 1:]
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                batch = ids[start:start + batch_size].to(device)
+                logits = getattr(model(input_ids=batch), "logits", None)
+                if logits is None:
+                    raise ValueError(f"{type(model).__name__} returns no logits: the subset check needs a causal LM")
+                targets = batch[:, 1:]
+                total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+                count += targets.numel()
+    finally:
+        model.train(training)
     return total / count
 
 
