@@ -24,7 +24,11 @@ articles; the last blocks held out to choose checkpoints) under one wall-clock b
 - ``end_to_end``: logit distillation of the compressed modules alone (``configs/recover-e2e.yaml``);
   the truncated student trains all weights with the DistilGPT2 recipe
   (``configs/recover-truncation.yaml``), its own best recipe;
-- ``blockwise``: block-wise distillation alone, epochs until the budget.
+- ``blockwise``: block-wise distillation alone, epochs until the budget;
+- ``staged_all``: ``staged`` with every weight trainable in the end-to-end stage (attention,
+  uncompressed MLPs, norms and embeddings too, as the truncated student trains), asked for by
+  name only: does a Kronecker student fall behind truncation for want of training its dense
+  weights?
 
 The end-to-end parts run in segments that end at the ``--points`` minutes (resumed from their
 checkpoints: the same run as an uninterrupted one); after each stage and segment the student
@@ -106,7 +110,7 @@ SIZES = {0.85: {"kron_blocks": 16, "drop": 6}, 0.70: {"kron_blocks": 30, "drop":
 STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "budget-all", "truncate")
 # The factor families each budget student may choose from.
 BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",), "budget-all": FACTOR_FAMILIES}
-RECOVERIES = ("staged", "end_to_end", "blockwise")
+RECOVERIES = ("staged", "end_to_end", "blockwise", "staged_all")
 # Block-wise distillation alone is measured on one student only, for continuity with the earlier pages.
 BLOCKWISE_ALONE = (0.85, "budget-svd")
 # How the factors of the students measured now are stored; rows without a "factors" key predate it.
@@ -274,6 +278,7 @@ def stage_configs(args, truncated: bool) -> dict[str, TrainingConfig]:
         # (the points) validate anyway.
         parts[mode] = parts[mode].replace(eval_every=32, save_every=32)
     parts["blockwise_alone"] = parts["blockwise"].replace(epochs=100, max_minutes=None)
+    parts["end_to_end_all"] = parts["end_to_end"].replace(freeze_uncompressed=False)
     if str(args.device) == "cpu":
         # Every CPU row so far was measured in float32; the recipe's "auto" would now pick bf16 on a
         # CPU with AMX and make later rows incomparable with them (docs/recovery.md, mixed precision).
@@ -349,12 +354,12 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
             if finished:
                 break
 
-    if recovery == "staged":
+    if recovery in ("staged", "staged_all"):
         block_stage("local", parts["local"], args.local_minutes or parts["local"].max_minutes)
         point("local")
         block_stage("blockwise", parts["blockwise"], args.blockwise_minutes or parts["blockwise"].max_minutes)
         point("local+blockwise")
-        end_to_end(parts["end_to_end"], every)
+        end_to_end(parts["end_to_end" if recovery == "staged" else "end_to_end_all"], every)
     elif recovery == "blockwise":
         block_stage("blockwise", parts["blockwise_alone"], args.minutes)
         point("blockwise")
@@ -475,6 +480,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="Only write --out and --plot from --results.")
     parser.add_argument("--plot", default=None, help="PNG path per size, with {size} (e.g. docs/benchmarks/recovery-{size}.png).")
     args = parser.parse_args()
+    for flag, names, known in (("--students", args.students, STUDENTS), ("--recoveries", args.recoveries, RECOVERIES)):
+        if unknown := [n for n in names.split(",") if n not in known]:
+            parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     args.points = [float(p) for p in args.points.split(",")]
     args.train_data = args.train_data or str(args.data_dir / ENWIKI)
     torch.set_num_threads(args.threads)
@@ -596,7 +604,7 @@ def series_label(row: dict) -> str:
 
 def tokens_cell(row: dict) -> str:
     """The training tokens of a row: the block stages' tokens (each block sees them) and the end-to-end text."""
-    if row["recovery"] == "staged":
+    if row["recovery"] in ("staged", "staged_all"):
         return f"{row['block_tokens']:,} per block, then {row['train_tokens']:,}"
     return f"{row['train_tokens']:,}"
 

@@ -108,3 +108,22 @@ def test_cpu_rows_train_in_float32_whatever_the_recipe_says(tmp_path):
     assert {config.mixed_precision for config in parts.values()} == {"no"}
     on_gpu = bench.stage_configs(argparse.Namespace(device="cuda", capture_memory_gb=1.0), truncated=False)
     assert on_gpu["end_to_end"].mixed_precision == "auto"
+
+
+def test_staged_all_trains_every_weight_end_to_end_and_staged_only_the_compressed_ones():
+    import argparse
+
+    parts = bench.stage_configs(argparse.Namespace(device="cpu", capture_memory_gb=1.0), truncated=False)
+    assert parts["end_to_end"].freeze_uncompressed is True
+    assert parts["end_to_end_all"].freeze_uncompressed is False
+    # Nothing else differs: the row isolates what training the dense weights buys.
+    assert parts["end_to_end_all"].replace(freeze_uncompressed=True) == parts["end_to_end"]
+
+
+def test_unknown_students_or_recoveries_are_refused_by_name(monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", ["recovery.py", "--size", "0.85", "--recoveries", "staged,stagd"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--recoveries: unknown 'stagd'" in capsys.readouterr().err

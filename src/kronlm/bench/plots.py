@@ -16,6 +16,8 @@ from pathlib import Path
 from kronlm.utils.io import atomic_path
 
 DPI = 120
+# Six distinguishable line styles (matplotlib dash tuples beyond its four named ones).
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
 
 
 def require_matplotlib():
@@ -97,7 +99,7 @@ def line_plot(
     colors = plt.get_cmap("tab20" if len(hues) > 10 else "tab10")
     for label, (xs, ys) in series.items():
         hue, style = hues.index(groups[label][0]), styles.index(groups[label][1])
-        ax.plot(list(xs), list(ys), marker="osD^v<>"[hue % 7], linestyle=("-", "--", ":", "-.")[style % 4], color=colors(hue % colors.N),
+        ax.plot(list(xs), list(ys), marker="osD^v<>"[hue % 7], linestyle=LINE_STYLES[style % len(LINE_STYLES)], color=colors(hue % colors.N),
                 label=label)
         for x, y, text in zip(xs, ys, (annotate or {}).get(label, ())):
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
