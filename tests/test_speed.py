@@ -260,6 +260,40 @@ def test_model_speed_rows_and_macs_on_tiny_models():
     assert len(lines) == 4 and len({line.count("|") for line in lines}) == 1
 
 
+def test_kronecker_low_rank_layers_count_both_parts_of_their_multiply_adds():
+    from kronlm.layers.lowrank import KroneckerLowRankLinear
+
+    layer = KroneckerLowRankLinear(32, 48, (24, 32), (2, 1), rank=1, lowrank=4)
+    # Kronecker part A first: 24·32 + 24·2 = 816; low-rank part: 4 · (32 + 48) = 320.
+    assert linear_macs_per_token(torch.nn.Sequential(layer)) == 816 + 320
+
+
+def test_cli_times_saved_folders_against_the_first_merged_back_to_dense(tmp_path, capsys):
+    from kronlm.cli import main
+    from kronlm.modeling import save
+
+    small = tmp_path / "small"
+    save(compressed_copy(tiny_llama(), "krony-pt-llama-mlp-2x"), small)
+    out = tmp_path / "saved.md"
+    args = ["bench", "models", "--model", str(small), "--prefill", "1x6", "--new-tokens", "2", "--prompt-tokens", "2", "--repeats", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Saved weights; the baseline is the first folder merged back to dense" in text
+    rows = _table_lines(text)[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["dense (small merged)", "small"]
+    # The merged baseline counts the dense MACs of tiny_llama: 3 layers × 7,680 linear + attention.
+    assert float(rows[1].split("|")[4]) > 1.0
+    capsys.readouterr()
+    assert main([*args, "--presets", "krony-pt-llama-mlp-2x"]) == 1
+    assert "--presets (random weights) or --model (saved folders), not both" in capsys.readouterr().err
+    assert main([*args, "--model", str(tmp_path / "missing")]) == 1
+    assert "missing" in capsys.readouterr().err
+    other = tmp_path / "other"
+    save(tiny_llama(vocab_size=80), other)
+    assert main([*args, "--model", str(other)]) == 1
+    assert "other has a vocabulary of 80 tokens, the baseline dense (small merged) 96" in capsys.readouterr().err
+
+
 def test_peak_memory_sees_a_large_temporary():
     def allocate():
         t = torch.ones(16 * 2**20)  # 64 MiB, touched

@@ -1,11 +1,13 @@
 """Model-level speed: prefill and KV-cache decode throughput and peak memory of dense and compressed
-models with random weights in the reference configurations."""
+models: presets with random weights in the reference configurations, or saved model folders (a
+compressed model against the same model merged back to dense)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +20,8 @@ from kronlm.bench.timing import time_interleaved
 from kronlm.compression.presets import get_preset
 from kronlm.decompose.shapes import contraction_macs
 from kronlm.layers.linear import KroneckerLinear
-from kronlm.modeling import compress
+from kronlm.layers.lowrank import KroneckerLowRankLinear
+from kronlm.modeling import compress, load_model, merge_and_unload
 
 # Speed target: compressed prefill speed-up at least 0.7 × the model's multiply-add ratio; decode not slower.
 PREFILL_TARGET_FRACTION = 0.7
@@ -68,23 +71,106 @@ def compressed_copy(model: nn.Module, preset: str) -> nn.Module:
     return student.eval()
 
 
+def saved_models(paths: Sequence[str | Path], dense: str | None = None, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Saved causal LMs to time against a dense baseline, in :func:`model_speed_rows`' order.
+
+    The baseline (the first entry) is ``dense`` loaded (a hub id, folder, ``.gguf`` path or
+    alias), or by default the first folder merged back to dense (``merge_and_unload``: the base
+    architecture with every factored module an ``nn.Linear`` again, the same weights), which is
+    the model a user would otherwise run. Each folder is named by its last path component (the
+    whole path where two share one).
+
+    Args:
+        paths: compressed (or any causal-LM) model folders, at least one.
+        dense: the baseline instead of the first folder merged back.
+        device, dtype: where and in which dtype the models run.
+
+    Returns:
+        name -> model in eval mode: ``"dense"`` (or ``"dense (NAME merged)"``) first, then the folders.
+
+    Raises:
+        ValueError: no folder, or a model whose vocabulary size differs from the baseline's (the
+            prompts are drawn from one vocabulary; names both).
+        FileNotFoundError, ValueError: from :func:`kronlm.load_model` (a missing folder, a corrupt file).
+    """
+    if not paths:
+        raise ValueError("saved_models: no model folder given")
+    names = [Path(p).name or str(p) for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    loaded = {name: load_model(str(p), dtype=dtype, device=device, task="causal-lm").eval() for name, p in zip(names, paths)}
+    if dense is not None:
+        models = {"dense": load_model(dense, dtype=dtype, device=device, task="causal-lm").eval()}
+    else:
+        models = {f"dense ({names[0]} merged)": merge_and_unload(loaded[names[0]]).eval()}
+    base_name, base = next(iter(models.items()))
+    for name, model in loaded.items():
+        if model.config.vocab_size != base.config.vocab_size:
+            raise ValueError(f"saved_models: {name} has a vocabulary of {model.config.vocab_size:,} tokens, the baseline "
+                             f"{base_name} {base.config.vocab_size:,}; time models of one tokenizer together")
+    return {**models, **loaded}
+
+
+def speed_model_sets(family: str, presets: str | None, model_paths: Sequence[str], dense: str | None, *,
+                     device: torch.device, dtype: torch.dtype):
+    """The tables of ``kronlm bench models`` (and ``benchmarks/model_speed.py``), built one at a time.
+
+    With ``model_paths`` one table: the saved folders against ``dense`` or the first folder merged
+    back (:func:`saved_models`). Otherwise one table per family (``"llama"``, ``"gpt2"`` or
+    ``"all"``): the reference configuration with random weights against ``presets`` (comma-separated;
+    default the family's list, :data:`FAMILY_PRESETS`) compressed with random factors.
+
+    Yields:
+        (key, title, models, weights sentence): the family (``"saved"`` for the folders), the
+        table's title, name -> model with the baseline first, and what the table says about the
+        weights.
+
+    Raises:
+        ValueError: ``presets`` or ``dense`` given with, respectively without, ``model_paths``; an
+            unknown preset; from :func:`saved_models`.
+    """
+    dtype_name = str(dtype).removeprefix("torch.")
+    if model_paths:
+        if presets:
+            raise ValueError("bench models: give --presets (random weights) or --model (saved folders), not both")
+        models = saved_models(model_paths, dense, device=device, dtype=dtype)
+        baseline = "the dense model given" if dense else "the first folder merged back to dense (the same weights, every factored module an nn.Linear again)"
+        yield ("saved", f"Model speed, saved models, {dtype_name} on {torch.device(device).type}", models,
+               f"Saved weights; the baseline is {baseline}.")
+        return
+    if dense is not None:
+        raise ValueError("bench models: --dense is the baseline of --model folders; the presets are timed against their reference configuration")
+    for fam in list(FAMILY_PRESETS) if family == "all" else [family]:
+        names = [p.strip() for p in presets.split(",")] if presets and family != "all" else list(FAMILY_PRESETS[fam])
+        reference = build_reference(fam).to(device=device, dtype=dtype)
+        yield (fam, f"Model speed, {FAMILY_LABEL[fam]}, {dtype_name} on {torch.device(device).type}",
+               {"dense": reference, **{name: compressed_copy(reference, name) for name in names}}, "Random weights.")
+
+
 def _is_head(model: nn.Module, module: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head is not None and module is head
 
 
 def linear_macs_per_token(model: nn.Module, *, include_head: bool = False) -> int:
-    """Multiply-adds per token of every linear map (nn.Linear, Conv1D, KroneckerLinear) in ``model``.
+    """Multiply-adds per token of every linear map (nn.Linear, Conv1D, KroneckerLinear,
+    KroneckerLowRankLinear) in ``model``.
 
-    KroneckerLinear counts its cheaper contraction order (docs/method.md, "The forward pass never forms W"); the LM head is left out
-    unless ``include_head`` (prefill in ``generate`` computes logits at the last position only).
+    Kronecker factors count their cheaper contraction order (docs/method.md, "The forward pass never
+    forms W"), a low-rank part U (out, k) V (k, in) its two thin products, k·(in + out); the LM head
+    is left out unless ``include_head`` (prefill in ``generate`` computes logits at the last
+    position only).
     """
 
     total = 0
     for module in model.modules():
         if not include_head and _is_head(model, module):
             continue
-        if isinstance(module, KroneckerLinear):
+        if isinstance(module, KroneckerLowRankLinear):
+            total += min(contraction_macs(module.a_shape, module.b_shape, module.rank))
+            total += module.lowrank * (module.in_features + module.out_features)
+        elif isinstance(module, KroneckerLinear):
             total += min(contraction_macs(module.a_shape, module.b_shape, module.rank))
         elif isinstance(module, (nn.Linear, Conv1D)):
             total += module.weight.numel()
@@ -208,8 +294,9 @@ def _prefill_target(speedup: float, mac_ratio: float) -> str:
 
 
 def model_speed_markdown(rows: Sequence[dict], *, title: str, command: str = "", new_tokens: int = 64,
-                         prompt_tokens: int = 8, device="cpu") -> str:
-    """The rows of ``model_speed_rows`` as a Markdown section with the targets checked."""
+                         prompt_tokens: int = 8, device="cpu", weights: str = "Random weights.") -> str:
+    """The rows of ``model_speed_rows`` as a Markdown section with the targets checked; ``weights``
+    is the sentence that says where the models' weights come from."""
     shapes = list(rows[0]["prefill_tok_s"])
     headers = ["model", "weights MB", "MACs/token (M)", "MAC ratio"]
     for b, s in shapes:
@@ -231,7 +318,7 @@ def model_speed_markdown(rows: Sequence[dict], *, title: str, command: str = "",
         parts += ["", f"Command: `{command}`"]
     parts += [
         "",
-        "Random weights. MACs/token: every linear map except the LM head (prefill computes last-position logits "
+        f"{weights} MACs/token: every linear map except the LM head (prefill computes last-position logits "
         f"only, as `generate` does) plus QKᵀ/AV at the longest prompt; MAC ratio = dense / this. Targets: prefill "
         f"speed-up >= {PREFILL_TARGET_FRACTION} × MAC ratio; decode speed-up >= 1. Decode is greedy `generate` with the KV "
         f"cache, exactly {new_tokens} new tokens after a {prompt_tokens}-token prompt (its prefill included). Peak "

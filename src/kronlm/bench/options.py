@@ -36,6 +36,21 @@ def speed_setup(threads: int | None, device: str, dtype: str) -> tuple[torch.dev
     return torch.device(device), getattr(torch, dtype)
 
 
+def prefill_shapes(text: str) -> list[tuple[int, int]]:
+    """``--prefill`` as (batch, seq) pairs: ``"1x512,8x512"`` -> [(1, 512), (8, 512)].
+
+    Raises:
+        click.BadParameter: not comma-separated BATCHxSEQ pairs of integers >= 1.
+    """
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {text!r}") from None
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {text!r}")
+    return shapes
+
+
 def command_line(default: str = "kronlm bench") -> str:
     """The running command line as a reader would type it again: ``kronlm ...`` for the console
     script, ``python script.py ...`` for a benchmark script; ``default`` when there is no argv."""
@@ -69,8 +84,12 @@ def layer_speed_options(fn: Callable) -> Callable:
 
 
 def model_speed_options(fn: Callable) -> Callable:
-    """--family, --presets, --prefill, --new-tokens, --prompt-tokens and :func:`common_options`."""
+    """--family, --presets, --model, --dense, --prefill, --new-tokens, --prompt-tokens and :func:`common_options`."""
     fn = common_options(fn)
+    fn = click.option("--dense", default=None,
+                      help="Baseline of the --model folders: a hub id, folder, .gguf file or alias (default: the first folder merged back to dense).")(fn)
+    fn = click.option("--model", "model_paths", multiple=True, type=click.Path(),
+                      help="A saved model folder to time (repeatable) instead of the presets, e.g. the output of kronlm compress.")(fn)
     fn = click.option("--prompt-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Prompt length of the decode measurement.")(fn)
     fn = click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens generated in the decode measurement.")(fn)
     fn = click.option("--prefill", default="1x512,8x512", show_default=True, help="Comma-separated BATCHxSEQ prefill shapes.")(fn)
@@ -80,4 +99,4 @@ def model_speed_options(fn: Callable) -> Callable:
     return fn
 
 
-__all__ = ["DTYPES", "common_options", "layer_speed_options", "model_speed_options"]
+__all__ = ["DTYPES", "command_line", "common_options", "layer_speed_options", "model_speed_options", "prefill_shapes", "speed_setup"]

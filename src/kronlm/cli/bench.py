@@ -2,7 +2,8 @@
 
 ``kronlm bench layers`` times ``KroneckerLinear`` against ``nn.Linear`` for every preset's factor
 shapes; ``kronlm bench models`` times prefill, KV-cache decode and peak memory of dense and
-compressed models (random weights, reference configurations). Both print a Markdown section
+compressed models (presets with random weights in reference configurations, or saved folders
+against the same model merged back to dense). Both print a Markdown section
 (machine, command, table) and with ``--out FILE.md`` also write it atomically.
 """
 
@@ -11,19 +12,17 @@ from __future__ import annotations
 import click
 
 from kronlm.bench import (
-    FAMILY_LABEL,
-    FAMILY_PRESETS,
     MARKDOWN_MARK,
-    build_reference,
     command_line,
-    compressed_copy,
     layer_speed_markdown,
     layer_speed_options,
     layer_speed_rows,
     model_speed_markdown,
     model_speed_options,
     model_speed_rows,
+    prefill_shapes,
     preset_layer_shapes,
+    speed_model_sets,
     speed_setup,
     write_markdown,
     written_by_kronlm_markdown,
@@ -75,27 +74,17 @@ def layers_command(presets, tokens, backward, autotune, threads, device, dtype, 
 
 @command.command("models")
 @model_speed_options
-def models_command(family, presets, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, overwrite):
-    """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed (random weights)."""
+def models_command(family, presets, model_paths, dense, prefill, new_tokens, prompt_tokens, threads, device, dtype, repeats, out, overwrite):
+    """Prefill tokens/s, decode tokens/s and peak memory, dense vs compressed: presets with random
+    weights, or saved folders (--model) against the same model merged back to dense."""
     dev, dt = _setup(threads, device, dtype, out, overwrite)
-    try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in prefill.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {prefill!r}") from None
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise click.BadParameter(f"--prefill must look like 1x512,8x512, got {prefill!r}")
-    families = list(FAMILY_PRESETS) if family == "all" else [family]
+    shapes = prefill_shapes(prefill)
     sections = []
-    for fam in families:
-        names = [p.strip() for p in presets.split(",")] if presets and family != "all" else list(FAMILY_PRESETS[fam])
-        click.echo(f"bench models: {fam}: dense + {', '.join(names)}", err=True)
-        dense = build_reference(fam).to(device=dev, dtype=dt)
-        models = {"dense": dense}
-        for name in names:
-            models[name] = compressed_copy(dense, name)
+    for _, title, models, weights in speed_model_sets(family, presets, model_paths, dense, device=dev, dtype=dt):
+        click.echo(f"bench models: {', '.join(models)}", err=True)
         rows = model_speed_rows(models, prefill_shapes=shapes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                 repeats=repeats or 3, device=dev)
-        sections.append(model_speed_markdown(rows, title=f"Model speed, {FAMILY_LABEL[fam]}, {dtype} on {dev.type}",
-                                             command=command_line(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=dev))
-        del models, dense
+        sections.append(model_speed_markdown(rows, title=title, command=command_line(), new_tokens=new_tokens,
+                                             prompt_tokens=prompt_tokens, device=dev, weights=weights))
+        del models
     _emit("\n\n".join(sections), out)
