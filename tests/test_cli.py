@@ -205,6 +205,61 @@ def test_compress_recovers_in_stages_by_default(tiny_folder, tmp_path, capsys):
     assert results["recovered"]["ppl"] <= results["compressed"]["ppl"]
 
 
+def test_compress_resume_continues_an_interrupted_recovery_to_the_same_model(tiny_folder, tmp_path, capsys, monkeypatch):
+    import kronlm.distill.stages as stages
+    from safetensors.torch import load_file
+
+    text = str(tiny_folder / "text.txt")
+    teacher = _trained_teacher(tiny_folder, tmp_path / "teacher")
+    coarse = tmp_path / "coarse.yaml"
+    coarse.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc", "**.mlp.c_proj"], "b_shape": [8, 8]}]}))
+    # Step-counted stages (no minutes), so that two runs take the same steps.
+    recipe = tmp_path / "recover.yaml"
+    recipe.write_text(yaml.safe_dump({"defaults": {"recipe": "kd", "block_size": 32, "micro_batch_size": 2, "warmup_steps": 0,
+                                                   "mixed_precision": "no", "freeze_uncompressed": True, "eval_every": 2, "save_every": 2},
+                                      "stages": [{"mode": "local", "epochs": 1, "lr": 1e-3}, {"mode": "blockwise", "epochs": 1, "lr": 1e-3},
+                                                 {"mode": "end_to_end", "max_steps": 4, "epochs": None, "lr": 1e-4}]}))
+
+    def argv(out):
+        return ["compress", str(teacher), "--config", str(coarse), "--out", str(out), "--recover", text, "--recover-tokens", "384",
+                "--recover-config", str(recipe)]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    # The same command killed as its last stage starts: stages 1 and 2 are done, the model is not saved.
+    run_stage = stages._run_stage
+
+    def killed(index, *args, **kwargs):
+        if index == 3:
+            raise KeyboardInterrupt
+        return run_stage(index, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "_run_stage", killed)
+    assert main(argv(tmp_path / "cut")) == 130  # Ctrl-C
+    monkeypatch.setattr(stages, "_run_stage", run_stage)
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.recovery" / "compressed" / "config.json").is_file()
+    capsys.readouterr()
+    # Without --resume the earlier recovery is named, not overwritten or half-reused.
+    assert main(argv(tmp_path / "cut")) == 2
+    assert "cut.recovery holds an earlier recovery: add --resume to continue it" in capsys.readouterr().err
+    # Other compression settings are refused by name.
+    finer = tmp_path / "finer.yaml"
+    finer.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc", "**.mlp.c_proj"], "b_shape": [4, 4]}]}))
+    other = argv(tmp_path / "cut")
+    other[other.index(str(coarse))] = str(finer)
+    assert main([*other, "--resume"]) == 2
+    assert "its student was compressed with other settings (config_file" in capsys.readouterr().err
+    assert main([*argv(tmp_path / "cut"), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "the compressed student saved before recovery" in printed
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # Nothing to continue from, or nothing to continue: one line each.
+    assert main([*argv(tmp_path / "fresh"), "--resume"]) == 2
+    assert "fresh.recovery holds no compressed student to continue from" in capsys.readouterr().err
+    assert main(["compress", str(teacher), "--config", str(coarse), "--out", str(tmp_path / "x"), "--resume"]) == 2
+    assert "--resume continues an interrupted --recover" in capsys.readouterr().err
+
+
 def test_distill_local_mode_and_staged_configs_from_the_command_line(tiny_folder, tmp_path, capsys):
     student = tmp_path / "student"
     assert main(["compress", str(tiny_folder), "--config", str(_mlp_config(tmp_path)), "--out", str(student)]) == 0

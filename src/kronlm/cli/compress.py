@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from kronlm.cli.compress_resume import check_resumable, compression_settings, load_student, save_student
 from kronlm.cli.options import FiniteFloatRange, data_options, perplexity_options
 from kronlm.compression import (
     DEFAULT_CALIBRATION_LENGTH,
@@ -99,6 +100,7 @@ class CompressJob:
     overwrite: bool
     rows: int
     inputs: tuple
+    resume: bool = False
 
 
 def _families(ctx, param, value):
@@ -172,12 +174,16 @@ def _sources(ctx, param, value):
                    "(default: the packaged recipe, a copy of configs/recover.yaml).")
 @click.option("--recover-minutes", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Wall-clock budget of the whole recovery: the stages' max_minutes are scaled to add up to it.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted --recover: the compressed student saved in OUT.recovery is loaded instead of "
+                   "compressing again, finished stages are kept and the interrupted one continues from its checkpoints "
+                   "(the same command otherwise).")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
 def command(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
             stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field,
             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, families,
             sensitivity_sequences, check_rounds, subset_check, held_out_sequences, tie_break_modules, tie_break_margin, sequential_calibration, recover_data, recover_tokens, recover_config, recover_minutes,
-            rows):
+            resume, rows):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
     MODEL is a hub id, a local folder, a .gguf file or an alias (smollm2). With --eval, prints
@@ -204,6 +210,10 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
             check_output_folder(recovery_folder(out), inputs=inputs, kind="run", option="--recover's run folder")
     except FileExistsError as exc:
         raise click.UsageError(str(exc)) from None
+    if recover_data is not None:
+        check_resumable(recovery_folder(out), resume)
+    elif resume:
+        raise click.UsageError("--resume continues an interrupted --recover; this command has no --recover")
     config = None
     if budgeted:
         try:
@@ -221,7 +231,7 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
     evaluation = None if eval_data is None else Evaluation(eval_data, split, max_tokens, max_length, stride, protocol, batch_size)
     job = CompressJob(model, out, config, preset, config_file, svd_solver, init_name, list(calibration_data), calibration_split,
                       calibration_field or text_field, calibration_sequences, calibration_length, calibration_seed, evaluation, recovery,
-                      data_config, data_dir, text_field, overwrite, rows, inputs)
+                      data_config, data_dir, text_field, overwrite, rows, inputs, resume)
     # Held for the whole run: a second command writing the same --out fails at once, not after compressing.
     with folder_lock(out):
         run(job)
@@ -254,9 +264,16 @@ def run(job: CompressJob) -> None:
     results = {}
     if job.evaluation is not None:
         results["dense"] = _perplexity(net, tokenizer, job, "dense")
-    # The dense model is the teacher of --recover; compressing changes ``net`` in place.
-    teacher = copy.deepcopy(net) if job.recovery is not None else None
-    _compress(net, tokenizer, config, job)
+    settings = compression_settings(job, config)
+    if job.resume:
+        teacher, net = net, load_student(recovery_folder(job.out), settings)
+        click.echo(compression_report(net).table(max_rows=job.rows))
+    else:
+        # The dense model is the teacher of --recover; compressing changes ``net`` in place.
+        teacher = copy.deepcopy(net) if job.recovery is not None else None
+        _compress(net, tokenizer, config, job)
+        if job.recovery is not None:
+            save_student(net, tokenizer, recovery_folder(job.out), settings)
     if job.recovery is not None:
         if job.evaluation is not None:  # the zero-shot student, for the side-by-side table
             results["compressed"] = _perplexity(net, tokenizer, job, "compressed")
@@ -352,7 +369,7 @@ def _recover(student, teacher, tokenizer, blocks, job: CompressJob) -> None:
                f"of {config.stages[0].block_size} tokens; {plan} -> {run_dir}")
     settings = {"--recover": str(job.recovery.data), "--recover-tokens": job.recovery.tokens, "--data-config": job.data_config,
                 "--text-field": job.text_field}
-    result = recover(student, teacher, blocks, config, run_dir, tokenizer=tokenizer, run_settings=settings)
+    result = recover(student, teacher, blocks, config, run_dir, resume=job.resume, tokenizer=tokenizer, run_settings=settings)
     for stage in result.stages:
         before = "-" if stage.val_ppl_before is None else f"{stage.val_ppl_before:,.2f}"
         after = "-" if stage.val_ppl_after is None else f"{stage.val_ppl_after:,.2f}"
