@@ -94,7 +94,9 @@ STUDENTS_TEXT = (
     "fine-tuned with cross-entropy. The compressed students learn from it with KnGPT2's task ILKD "
     "(`ilkd-kngpt2`, hidden-state MSE relative to the teacher's mean square), the truncated one with the "
     "DistilGPT2 recipe; every student starts from the teacher's task head. Students are not recovered on "
-    "plain text first unless their row says so."
+    "plain text first unless their row says so. `kron-vlr`'s factors: stored balanced (each term's scale split "
+    "evenly between A and B, as kronlm stores them now) in the SST-2 rows; its MRPC row was measured earlier "
+    "with the split the init left (the same weights; only the steps training takes differ)."
 )
 PROTOCOL_TEXT = (
     "Protocol: each model is the checkpoint with the best main metric on held-out training rows (10 % of "
