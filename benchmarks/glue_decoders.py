@@ -295,7 +295,7 @@ def describe_settings(row: dict) -> str:
     """One sentence: the data and size settings a task's rows share (from one of its rows)."""
     size = row["settings"]
     subset = "all" if size["max_train_examples"] is None else f"a seeded subset of {size['max_train_examples']:,}"
-    length = f"{size['max_steps']} steps" if size["max_steps"] else f"{size['epochs']:g} epochs"
+    length = f"{size['max_steps']} steps" if size["max_steps"] else f"{size['epochs']:g} epoch{'' if size['epochs'] == 1 else 's'}"
     dev = f"{row['dev_examples']:,} examples" + (" (a seeded subset)" if size["max_dev_examples"] else " (all)")
     return (f"Training rows: {subset} of the training split, {row['val_examples']:,} of them held out and "
             f"{row['train_examples']:,} trained on; max length {size['max_length']}, batch {size['batch_size']}, {length}; "
