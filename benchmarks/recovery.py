@@ -578,7 +578,10 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
              "the test split chooses nothing. Training tokens: the end-to-end parts pass over them once at most (fewer when "
              "the time runs out). Factors: every row of a factored student is measured with each term's scale split evenly "
              "between its two factors, as kronlm stores them, except those marked \"unbalanced\", measured earlier with the "
-             "split each init left (the same weights; only the steps distillation takes differ).", ""]
+             "split each init left (the same weights; only the steps distillation takes differ). Recoveries: `staged` = local "
+             "reconstruction, block-wise, then end-to-end distillation of the compressed modules; `staged_all` = the same with "
+             "every weight trainable end to end; `end_to_end` = end-to-end distillation alone (the truncated student: every "
+             "weight, DistilGPT2 recipe); `blockwise` = block-wise distillation alone.", ""]
     for size in sizes:
         of_size = [r for r in rows if r["size"] == size]
         dense = of_size[0]["dense"]
