@@ -50,6 +50,12 @@ def test_the_missing_section_names_every_unmeasured_row_and_the_block_wise_conti
     after = "\n".join(bench.missing_section(rows, tmp_path))
     assert "blockwise" not in after
     assert f"- {int(size * 100)} %, {student}, end_to_end: not run yet" in after
+    # A recovery outside the grid is named once a run of it has started, with its points so far.
+    assert "staged_all" not in after
+    started = bench.run_folder(tmp_path, "kron-prune", 0.85, "staged_all") / "points.json"
+    started.parent.mkdir(parents=True)
+    started.write_text('[{"label": "local", "minutes": 11.3, "test": 93.98}]')
+    assert "- 85 %, kron-prune, staged_all: running or interrupted; so far: local 93.98 (11 min)" in bench.missing_section(rows, tmp_path)
 
 
 def test_rows_measured_before_balanced_storage_stay_apart_and_truncation_counts_for_both(tmp_path):
