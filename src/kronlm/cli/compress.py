@@ -264,7 +264,7 @@ def run(job: CompressJob) -> None:
     results = {}
     if job.evaluation is not None:
         results["dense"] = _perplexity(net, tokenizer, job, "dense")
-    settings = compression_settings(job, config)
+    settings = compression_settings(job, config) if job.recovery is not None else None
     if job.resume:
         teacher, net = net, load_student(recovery_folder(job.out), settings)
         click.echo(compression_report(net).table(max_rows=job.rows))
