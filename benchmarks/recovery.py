@@ -111,6 +111,8 @@ STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "bu
 # The factor families each budget student may choose from.
 BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",), "budget-all": FACTOR_FAMILIES}
 RECOVERIES = ("staged", "end_to_end", "blockwise", "staged_all")
+# The recoveries that run the block stages first (their rows count the block-stage tokens too).
+STAGED = ("staged", "staged_all")
 # Block-wise distillation alone is measured on one student only, for continuity with the earlier pages.
 BLOCKWISE_ALONE = (0.85, "budget-svd")
 # How the factors of the students measured now are stored; rows without a "factors" key predate it.
@@ -354,7 +356,7 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
             if finished:
                 break
 
-    if recovery in ("staged", "staged_all"):
+    if recovery in STAGED:
         block_stage("local", parts["local"], args.local_minutes or parts["local"].max_minutes)
         point("local")
         block_stage("blockwise", parts["blockwise"], args.blockwise_minutes or parts["blockwise"].max_minutes)
@@ -607,7 +609,7 @@ def series_label(row: dict) -> str:
 
 def tokens_cell(row: dict) -> str:
     """The training tokens of a row: the block stages' tokens (each block sees them) and the end-to-end text."""
-    if row["recovery"] in ("staged", "staged_all"):
+    if row["recovery"] in STAGED:
         return f"{row['block_tokens']:,} per block, then {row['train_tokens']:,}"
     return f"{row['train_tokens']:,}"
 
