@@ -8,7 +8,9 @@ calls of the ``kronlm`` command that is printed (``kronlm.compress``, ``kronlm.c
   same shapes, activation-aware init;
 - ``budget-svd``: the per-module budget allocation to the same parameter count, truncated SVDs
   only; ``budget-klr``: the same with Kronecker + low-rank factors only (the best Kronecker-containing
-  family of the zero-shot Pareto front); ``budget-all``: every factor family (Kronecker,
+  family of the zero-shot Pareto front); ``budget-kron``: the same with Kronecker factors only (sums
+  of Kronecker products, no low-rank part: the papers' layer, placed and sized by the allocation
+  instead of one shape for every MLP); ``budget-all``: every factor family (Kronecker,
   Kronecker + low rank, SVD; the held-out subset check may keep one family alone, and then its
   rows are that family's student's, marked ``same_as``: the same plan recovers the same way);
 - ``truncate``: the layer-truncation baseline, whole blocks dropped (evenly spaced ones kept).
@@ -107,9 +109,10 @@ BLOCKS = 30
 # Krony-PT-style MLPs of N blocks at 2x, and the number of whole blocks the truncation drops to
 # the same parameter count (a block of SmolLM2 is 3,539,840 parameters; 2x on its MLP saves 1,327,098).
 SIZES = {0.85: {"kron_blocks": 16, "drop": 6}, 0.70: {"kron_blocks": 30, "drop": 11}}
-STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "budget-all", "truncate")
+STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "budget-kron", "budget-all", "truncate")
 # The factor families each budget student may choose from.
-BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",), "budget-all": FACTOR_FAMILIES}
+BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",), "budget-kron": ("kronecker",),
+                   "budget-all": FACTOR_FAMILIES}
 RECOVERIES = ("staged", "end_to_end", "blockwise", "staged_all")
 # The recoveries that run the block stages first (their rows count the block-stage tokens too).
 STAGED = ("staged", "staged_all")
@@ -583,7 +586,12 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
              "split each init left (the same weights; only the steps distillation takes differ). Recoveries: `staged` = local "
              "reconstruction, block-wise, then end-to-end distillation of the compressed modules; `staged_all` = the same with "
              "every weight trainable end to end; `end_to_end` = end-to-end distillation alone (the truncated student: every "
-             "weight, DistilGPT2 recipe); `blockwise` = block-wise distillation alone.", ""]
+             "weight, DistilGPT2 recipe); `blockwise` = block-wise distillation alone.", "",
+             "Students, each at the size of the section: `kron-vlr`, `kron-prune`, `kron-aa` = Krony-PT-style Kronecker MLPs "
+             "(gate/up B (2, 1), down B (1, 2), one term) of evenly spaced blocks, with modified Van Loan, pruning and "
+             "activation-aware inits; `budget-svd`, `budget-klr`, `budget-kron` = the budget allocation to the same "
+             "parameter count with truncated SVDs, Kronecker + low-rank factors, or Kronecker factors alone; `budget-all` = "
+             "the allocation over every family; `truncate` = whole blocks dropped, evenly spaced ones kept.", ""]
     for size in sizes:
         of_size = [r for r in rows if r["size"] == size]
         dense = of_size[0]["dense"]

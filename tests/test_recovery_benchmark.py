@@ -36,6 +36,9 @@ def test_a_budget_all_student_with_a_single_familys_plan_is_that_students_twin(t
     _student(bench.student_folder(tmp_path, "budget-klr", 0.85), [KroneckerTarget(mlp, b_shape=(2, 2))])
     assert bench.same_plan_as("budget-all", 0.85, tmp_path) == "budget-svd"
     assert bench.same_plan_as("budget-svd", 0.85, tmp_path) is None  # only the all-families student has twins
+    _student(bench.student_folder(tmp_path, "budget-svd", 0.85), [KroneckerTarget(mlp, b_shape=(2, 1))])
+    _student(bench.student_folder(tmp_path, "budget-kron", 0.85), [KroneckerTarget(mlp[1:], b_shape=(4, 1)), KroneckerTarget(mlp[:1], b_shape=(4, 1))])
+    assert bench.same_plan_as("budget-all", 0.85, tmp_path) == "budget-kron"  # every single-family student is a candidate
 
     _student(bench.student_folder(tmp_path, "budget-all", 0.85), [KroneckerTarget(mlp[:1], b_shape=(4, 1)), KroneckerTarget(mlp[1:], b_shape=(4, 1), rank=2)])
     assert bench.same_plan_as("budget-all", 0.85, tmp_path) is None  # one rank differs: its own rows
