@@ -82,13 +82,65 @@ def test_per_term_path_for_few_tokens_matches_dense(b_shape, tokens):
     B = torch.randn(3, *b_shape, dtype=torch.float64, requires_grad=True)
     x = torch.randn(tokens, 12 * b_shape[1], dtype=torch.float64)
     order = "b_first" if b_shape[0] == 1 else "a_first"
-    y = kronecker_matmul(x, A, B, order)
+    y = kronecker_matmul(x, A, B, order, "gemm")  # a named middle: no rule forms W for these tiny shapes
     A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
     ref = x @ _kron(A2, B2).T
     assert torch.allclose(y, ref, atol=1e-12)
     y.sum().backward()
     ref.sum().backward()
     assert torch.allclose(A.grad, A2.grad, atol=1e-11) and torch.allclose(B.grad, B2.grad, atol=1e-11)
+
+
+def test_a_many_term_product_forms_w_exactly_when_its_multiply_adds_exceed_the_dense_ones():
+    # (576, 576) as A (36, 12) ⊗ B (16, 48) with R = 168 (a budget Kronecker choice): dense
+    # 331,776 multiply-adds per token; factored B first 168·12·16·(48 + 36) = 2,709,504, counted
+    # twice: forming W (168·331,776) pays from 11 tokens on.
+    assert kl.materializes(11, 168, (36, 12), (16, 48)) and not kl.materializes(10, 168, (36, 12), (16, 48))
+    # A (3, 192) ⊗ B (192, 3), R = 28: A first 28·3·3·(192 + 192) = 96,768, twice that is below dense.
+    assert not kl.materializes(4096, 28, (3, 192), (192, 3))
+    # A (2, 576) ⊗ B (768, 1), R = 276: A first is two flat GEMMs, counted once: 276·2·(576 + 768)
+    # = 741,888 < 884,736 dense, so the factors stay; with B (2, 576) and A (768, 1) the same
+    # count of terms costs 278·2·(576 + 768)·2 = 1,494,528 B first, and W is formed.
+    assert not kl.materializes(2048, 276, (2, 576), (768, 1)) and kl.materializes(2048, 278, (768, 1), (2, 576))
+    # One term never forms W (Krony-PT's MLPs).
+    assert not kl.materializes(4096, 1, (768, 576), (2, 1))
+
+
+def test_the_formed_weight_matches_the_factored_product_forward_and_backward(monkeypatch):
+    torch.manual_seed(3)
+    A = torch.randn(6, 2, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert kl.materializes(5, 6, (2, 4), (3, 2))
+    A2, B2, x2 = (t.detach().clone().requires_grad_() for t in (A, B, x))
+    ref = kronecker_matmul(x2, A2, B2, "a_first", "bmm")  # a named plan: factored
+    def factored(*args):
+        raise AssertionError("the rule should have formed W")
+    monkeypatch.setattr(kl, "a_first_matmul", factored)
+    y = kronecker_matmul(x, A, B, "a_first")
+    assert torch.allclose(y, ref, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    for got, want in ((A.grad, A2.grad), (B.grad, B2.grad), (x.grad, x2.grad)):
+        assert torch.allclose(got, want, atol=1e-11)
+
+
+def test_training_with_many_terms_takes_the_bmm_middle(monkeypatch):
+    # A (16, 2) ⊗ B (8, 16), R = 2: B first, 8 columns per token -> "gemm" by default_middle; with
+    # R·m2 = 16 >= 4·n1 = 8 a backward pass would sum a per-token gradient of B, so training uses "bmm".
+    seen = []
+    real = kl.b_first_matmul
+    monkeypatch.setattr(kl, "b_first_matmul", lambda x2, A, B, middle, few: seen.append(middle) or real(x2, A, B, middle, few))
+    A = torch.randn(2, 16, 2, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(64, 32, dtype=torch.float64)
+    assert not kl.materializes(64, 2, (16, 2), (8, 16)) and default_middle("b_first", (8, 16)) == "gemm"
+    y = kronecker_matmul(x, A, B, "b_first")
+    with torch.no_grad():
+        y_eval = kronecker_matmul(x, A, B, "b_first")
+    assert seen == ["bmm", "gemm"]
+    assert torch.allclose(y, y_eval, atol=1e-12)
 
 
 def test_non_contiguous_input_and_bad_plan_names():
@@ -352,3 +404,27 @@ def test_cli_writes_the_table_and_reports_bad_presets(tmp_path, capsys):
     assert len(_table_lines(text)) == 2 + 3  # KroneckerBERT21 has 3 distinct linear shapes
     assert main(["bench", "layers", "--presets", "nope", "--tokens", "2"]) == 1
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_layer_train_speed_benchmark_times_every_factored_layer_three_ways(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from kronlm.modeling import save
+
+    spec = importlib.util.spec_from_file_location("layer_train_speed", Path(__file__).resolve().parents[1] / "benchmarks" / "layer_train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # q_proj (32, 32) as A (16, 16) ⊗ B (2, 2) with R = 4: the factored product (4,608 multiply-adds
+    # per token, counted twice) is dearer than dense (1,024), so the rules form W; the MLP's one term never does.
+    config = CompressionConfig(targets=[KroneckerTarget(["**.self_attn.q_proj"], b_shape=(2, 2), rank=4),
+                                        KroneckerTarget(["**.mlp.gate_proj"], b_shape=(4, 1))])
+    folder = save(compress(tiny_llama(), config, progress=False), tmp_path / "student")
+    out = tmp_path / "speed.md"
+    assert bench.main(["--model", str(folder), "--tokens", "16", "--repeats", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "6 factored layers" in text
+    assert re.search(r"\| \(32, 32\) \| A \(16, 16\) ⊗ B \(2, 2\) \| 4 \| 3 \| W formed \|", text)
+    assert re.search(r"\| \(48, 32\) \| A \(12, 32\) ⊗ B \(4, 1\) \| 1 \| 3 \| a_first \|", text)
+    with pytest.raises(SystemExit, match="not a model folder"):
+        bench.main(["--model", str(tmp_path / "missing")])

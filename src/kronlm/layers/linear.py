@@ -36,6 +36,30 @@ def default_middle(order: str, b_shape: tuple[int, int]) -> str:
     return "bmm" if cols >= BMM_MIN_COLS else "gemm"
 
 
+def materializes(tokens: int, rank: int, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
+    """Whether ``kronecker_matmul`` forms W = Σ_r A_r ⊗ B_r and applies it as one dense product.
+
+    Many terms can make the factored product cost more than the dense one it stands for (the
+    budget's Kronecker factors reach R = 100-180 on (576, 576) projections, up to 8x the dense
+    multiply-adds). Forming W costs R·m·n multiply-adds once per call; it pays when the tokens'
+    factored multiply-adds (the cheaper order's) exceed the dense ones by more than that. An order
+    with a middle-axis product counts its multiply-adds twice: with R > 1 its small products and
+    copies ran at about half GEMM speed (benchmarks/layer_train_speed.py); the orders that are two
+    flat GEMMs (B first with m2 = 1, A first with n2 = 1) count once. One term never forms W.
+
+    Args:
+        tokens: rows of the input (tokens in the batch).
+        rank: R, the number of terms.
+        a_shape, b_shape: (m1, n1), (m2, n2).
+    """
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    dense = m1 * m2 * n1 * n2
+    b_first = rank * n1 * m2 * (n2 + m1) * (1 if m2 == 1 else 2)
+    a_first = rank * m1 * n2 * (n1 + m2) * (1 if n2 == 1 else 2)
+    factored = min(b_first, a_first)
+    return rank > 1 and tokens * (factored - dense) > rank * dense
+
+
 def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str, middle: str | None = None) -> torch.Tensor:
     """Apply W = Σ_r A_r ⊗ B_r to the last dimension of x: returns x Wᵀ (docs/method.md, "The
     forward pass never forms W").
@@ -43,8 +67,11 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     With X = x.reshape(N, n1, n2), y = Σ_r A_r X B_rᵀ. All R terms share each matmul (B_r
     stacked along the output, A_r along the contraction), so there is no loop over terms. With
     B (1, n2) or (m2, 1), R > 1 and few tokens (N·(m1 + n1) < m1·n1) the terms run as one batched
-    matmul over r and a sum instead, which avoids copying the A_r into one stacked matrix (eager
-    mode only; under torch.compile / export the stacked form is traced, whatever N).
+    matmul over r and a sum instead, which avoids copying the A_r into one stacked matrix. Two
+    more rules apply when ``middle`` is None: with many terms and tokens (``materializes``), W is
+    formed once and applied as one dense product; in training (B needs a gradient) with
+    R·m2 >= 4·n1, "bmm" replaces a "gemm" middle. All three are eager-mode rules; under
+    torch.compile / export the factored, stacked form is traced, whatever N.
 
     Args:
         x: (..., n1*n2) input.
@@ -53,7 +80,8 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
         order: "b_first" (Z = X B_rᵀ, then A_r Z) or "a_first" (A_r X, then · B_rᵀ).
         middle: how the contraction over the middle axis n1 runs: "bmm" (A broadcast over the
             tokens in one batched matmul) or "gemm" (one flat matmul on a transposed copy of
-            the activations); ``None`` uses ``default_middle``. Both give the same result.
+            the activations); ``None`` uses ``default_middle`` and the rules above. Every plan
+            gives the same result up to floating-point rounding.
 
     Returns:
         (..., m1*m2) output.
@@ -63,18 +91,27 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     """
     if order not in ORDERS:
         raise ValueError(f"kronecker_matmul: order must be one of {ORDERS}, got {order!r}")
+    if middle is not None and middle not in MIDDLES:
+        raise ValueError(f"kronecker_matmul: middle must be one of {MIDDLES}, got {middle!r}")
     R, m1, n1 = A.shape
     _, m2, n2 = B.shape
-    if middle is None:
-        middle = default_middle(order, (m2, n2))
-    elif middle not in MIDDLES:
-        raise ValueError(f"kronecker_matmul: middle must be one of {MIDDLES}, got {middle!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n1 * n2)
     N = x2.shape[0]
-    # Both branches are exact for any N; traced code (torch.compile, export) keeps the stacked one
-    # so that no guard on the token count is added.
-    few_tokens = R > 1 and not torch.compiler.is_compiling() and N * (m1 + n1) < m1 * n1
+    # The rules below depend on the token count, so only eager mode applies them: traced code
+    # (torch.compile, export) keeps the factored, stacked form, with no guard on the token count.
+    eager = not torch.compiler.is_compiling()
+    if middle is None and eager and materializes(N, R, (m1, n1), (m2, n2)):
+        W = torch.einsum("rij,rkl->ikjl", A, B).reshape(m1 * m2, n1 * n2)
+        return (x2 @ W.t()).reshape(*lead, m1 * m2)
+    if middle is None:
+        middle = default_middle(order, (m2, n2))
+        # In training, the "gemm" layout's per-token view of B (an expand) gets a gradient of
+        # N·R·m2·n2 values before they are summed; with many terms that costs far more than the
+        # product (5-10x slower than "bmm" at R = 28-176, docs/benchmarks.md).
+        if middle == "gemm" and eager and R * m2 >= 4 * n1 and B.requires_grad and torch.is_grad_enabled():
+            middle = "bmm"
+    few_tokens = R > 1 and eager and N * (m1 + n1) < m1 * n1
     if order == "b_first":
         Y = b_first_matmul(x2, A, B, middle, few_tokens)
     else:
@@ -223,10 +260,12 @@ class KroneckerLinear(MergesToLinear, nn.Module):
 
     Parameters: ``A`` (R, m1, n1), ``B`` (R, m2, n2), ``scales`` (R,) when ``learnable_scales``
     (Krony-PT's per-term scalars; otherwise the scalars are folded into A), ``bias`` (out,).
-    The forward pass never forms W: it contracts x.reshape(..., n1, n2) with B then A, or A then
-    B, whichever costs fewer multiply-adds for these shapes (``self.order``; docs/method.md, "The forward pass never forms W"), with the
-    middle-axis layout of ``default_middle``; ``set_autotune(True)`` lets a one-time in-process
-    measurement pick both instead. Any leading dimensions work; ``torch.compile`` traces it.
+    The forward pass contracts x.reshape(..., n1, n2) with B then A, or A then B, whichever costs
+    fewer multiply-adds for these shapes (``self.order``; docs/method.md, "The forward pass never
+    forms W"), with the middle-axis layout of ``default_middle``; only a layer with so many terms
+    that the factored product costs more than the dense one forms W, for a batch of enough
+    tokens (``materializes``). ``set_autotune(True)`` lets a one-time in-process measurement pick
+    the order and layout instead. Any leading dimensions work; ``torch.compile`` traces it.
 
     Follows KnGPT2 (Edalati et al. 2022), KroneckerBERT (Tahaei et al. 2022) and Krony-PT
     (Ayad et al. 2024). Build one from a pretrained layer with ``from_linear`` / ``from_conv1d``,
