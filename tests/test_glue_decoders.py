@@ -128,3 +128,26 @@ def test_student_options_are_checked(tmp_path):
     narrow = family.new_model(str(tmp_path / "narrow"), seed=0)
     with pytest.raises(ValueError, match=r"task head score.weight: teacher shape \(2, 32\), student shape \(2, 16\)"):
         copy_head(teacher, narrow, "score")
+
+
+def test_the_benchmark_fine_tunes_a_missing_teacher_again_before_a_student(tmp_path, monkeypatch):
+    # A work folder from another machine: the dense row is in the results file, its teacher is not.
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("glue_decoders_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "glue_decoders.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    monkeypatch.setattr(bench, "task_config", lambda task, name, args, glue_dir: name)
+    monkeypatch.setattr(bench, "run_row", lambda task, name, *a: calls.append((task, name)) or {"main_metric": "f1", "metrics": {"f1": 0.8}})
+    args = types.SimpleNamespace(work=tmp_path)
+    note = bench.refit_teacher("mrpc", "kron-student", {("mrpc", "dense")}, args, tmp_path, [], "cmd")
+    assert calls == [("mrpc", "dense")] and note.endswith("dev f1 80.00")
+    teacher = tmp_path / "runs" / "mrpc" / "dense" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "config.json").write_text("{}")
+    assert bench.refit_teacher("mrpc", "kron-student", {("mrpc", "dense")}, args, tmp_path, [], "cmd") is None
+    assert bench.refit_teacher("mrpc", "kron-student", set(), args, tmp_path, [], "cmd") is None  # the dense row runs first anyway
+    assert calls == [("mrpc", "dense")]
