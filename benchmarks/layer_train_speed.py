@@ -33,6 +33,7 @@ import torch
 
 from kronlm.bench.markdown import environment_info, markdown_table, reproduce_header, reproduce_section, write_markdown
 from kronlm.bench.timing import time_interleaved
+from kronlm.decompose.vanloan import kron_sum
 from kronlm.layers.linear import KroneckerLinear, default_middle, kronecker_matmul, materializes
 from kronlm.layers.lowrank import KroneckerLowRankLinear
 from kronlm.modeling import load
@@ -59,7 +60,7 @@ def layer_timings(model: torch.nn.Module, tokens: int, repeats: int) -> list[dic
             A, B = module.A.detach().clone().requires_grad_(), module.B.detach().clone().requires_grad_()
         R, m1, n1 = A.shape
         _, m2, n2 = B.shape
-        W = torch.einsum("rij,rkl->ikjl", A.detach(), B.detach()).reshape(m1 * m2, n1 * n2).requires_grad_()
+        W = kron_sum(A.detach(), B.detach()).requires_grad_()
         x = torch.randn(tokens, n1 * n2, requires_grad=True)
         middle = default_middle(module.order, (m2, n2))
         times = time_interleaved({

@@ -129,7 +129,7 @@ def test_resaving_a_loaded_model_rewrites_the_same_folder(tmp_path):
 
 def test_remote_layers_are_kronlms_layers():
     # The folder's kronecker_matmul is a verbatim copy: same source, so the same floating-point operations.
-    for name in ("default_middle", "materializes", "kronecker_matmul", "b_first_matmul", "a_first_matmul"):
+    for name in ("kron_sum", "default_middle", "materializes", "kronecker_matmul", "b_first_matmul", "a_first_matmul"):
         assert inspect.getsource(getattr(kronlm_layers, name)) == inspect.getsource(getattr(kronlm_linear, name)), f"copy {name} into kronlm/modeling/remote/kronlm_layers.py"
     assert (kronlm_layers.BMM_MIN_COLS, kronlm_layers.ORDERS, kronlm_layers.MIDDLES) == (kronlm_linear.BMM_MIN_COLS, kronlm_linear.ORDERS, kronlm_linear.MIDDLES)
     assert (kronlm_layers.LOAD_GUARD_KEY, kronlm_layers.LOAD_GUARD_PREFIX) == (remote_code.LOAD_GUARD_KEY, remote_code.LOAD_GUARD_PREFIX)

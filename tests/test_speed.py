@@ -53,6 +53,15 @@ def _kron(A, B):
     return sum(torch.kron(A[r], B[r]) for r in range(A.shape[0]))
 
 
+def _assert_same_backward(y, ref, pairs):
+    """Back-propagate one random cotangent through ``y`` and ``ref``; each (tensor, twin) pair's gradients agree."""
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    for got, want in pairs:
+        assert torch.allclose(got.grad, want.grad, atol=1e-11)
+
+
 @pytest.mark.parametrize("a_shape,b_shape,rank", SHAPES)
 @pytest.mark.parametrize("order,middle", PLANS)
 def test_every_plan_matches_dense_forward_and_backward(a_shape, b_shape, rank, order, middle):
@@ -65,11 +74,7 @@ def test_every_plan_matches_dense_forward_and_backward(a_shape, b_shape, rank, o
     ref = x2 @ _kron(A2, B2).T
     assert y.shape == (2, 3, a_shape[0] * b_shape[0])
     assert torch.allclose(y, ref, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    ref.backward(g)
-    for got, want in ((A.grad, A2.grad), (B.grad, B2.grad), (x.grad, x2.grad)):
-        assert torch.allclose(got, want, atol=1e-11)
+    _assert_same_backward(y, ref, ((A, A2), (B, B2), (x, x2)))
 
 
 @pytest.mark.parametrize("b_shape", [(1, 3), (3, 1)])
@@ -119,11 +124,7 @@ def test_the_formed_weight_matches_the_factored_product_forward_and_backward(mon
     monkeypatch.setattr(kl, "a_first_matmul", factored)
     y = kronecker_matmul(x, A, B, "a_first")
     assert torch.allclose(y, ref, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    ref.backward(g)
-    for got, want in ((A.grad, A2.grad), (B.grad, B2.grad), (x.grad, x2.grad)):
-        assert torch.allclose(got, want, atol=1e-11)
+    _assert_same_backward(y, ref, ((A, A2), (B, B2), (x, x2)))
 
 
 def test_training_with_many_terms_takes_the_bmm_middle(monkeypatch):

@@ -48,8 +48,9 @@ class KroneckerFactors:
 def kron_sum(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Return Σ_r s_r · A_r ⊗ B_r for A (R, m1, n1), B (R, m2, n2), scales (R,) -> (m1*m2, n1*n2).
 
-    Computed by broadcasting rather than a loop over ``torch.kron``; used for ``to_dense`` and
-    error measurement, never in a forward pass.
+    Computed by broadcasting rather than a loop over ``torch.kron``; used for ``to_dense``, error
+    measurement, and the forward pass of a layer whose terms make the factored product dearer than
+    the dense one (``kronlm.layers.linear.materializes``).
     """
     R, m1, n1 = A.shape
     _, m2, n2 = B.shape

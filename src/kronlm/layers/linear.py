@@ -54,9 +54,8 @@ def materializes(tokens: int, rank: int, a_shape: tuple[int, int], b_shape: tupl
     """
     (m1, n1), (m2, n2) = a_shape, b_shape
     dense = m1 * m2 * n1 * n2
-    b_first = rank * n1 * m2 * (n2 + m1) * (1 if m2 == 1 else 2)
-    a_first = rank * m1 * n2 * (n1 + m2) * (1 if n2 == 1 else 2)
-    factored = min(b_first, a_first)
+    b_first, a_first = contraction_macs(a_shape, b_shape, rank)
+    factored = min(b_first * (1 if m2 == 1 else 2), a_first * (1 if n2 == 1 else 2))
     return rank > 1 and tokens * (factored - dense) > rank * dense
 
 
@@ -102,8 +101,7 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     # (torch.compile, export) keeps the factored, stacked form, with no guard on the token count.
     eager = not torch.compiler.is_compiling()
     if middle is None and eager and materializes(N, R, (m1, n1), (m2, n2)):
-        W = torch.einsum("rij,rkl->ikjl", A, B).reshape(m1 * m2, n1 * n2)
-        return (x2 @ W.t()).reshape(*lead, m1 * m2)
+        return (x2 @ kron_sum(A, B).t()).reshape(*lead, m1 * m2)
     if middle is None:
         middle = default_middle(order, (m2, n2))
         # In training, the "gemm" layout's per-token view of B (an expand) gets a gradient of

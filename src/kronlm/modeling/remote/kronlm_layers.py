@@ -61,6 +61,22 @@ def default_middle(order: str, b_shape: tuple[int, int]) -> str:
     return "bmm" if cols >= BMM_MIN_COLS else "gemm"
 
 
+def kron_sum(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Return Σ_r s_r · A_r ⊗ B_r for A (R, m1, n1), B (R, m2, n2), scales (R,) -> (m1*m2, n1*n2).
+
+    Computed by broadcasting rather than a loop over ``torch.kron``; used for ``to_dense``, error
+    measurement, and the forward pass of a layer whose terms make the factored product dearer than
+    the dense one (``kronlm.layers.linear.materializes``).
+    """
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    if scales is not None:
+        A = A * scales.to(A.dtype).view(R, 1, 1)
+    # out[i*m2 + k, j*n2 + l] = Σ_r A[r, i, j] B[r, k, l]
+    dense = torch.einsum("rij,rkl->ikjl", A, B)
+    return dense.reshape(m1 * m2, n1 * n2)
+
+
 def materializes(tokens: int, rank: int, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
     """Whether ``kronecker_matmul`` forms W = Σ_r A_r ⊗ B_r and applies it as one dense product.
 
@@ -79,9 +95,8 @@ def materializes(tokens: int, rank: int, a_shape: tuple[int, int], b_shape: tupl
     """
     (m1, n1), (m2, n2) = a_shape, b_shape
     dense = m1 * m2 * n1 * n2
-    b_first = rank * n1 * m2 * (n2 + m1) * (1 if m2 == 1 else 2)
-    a_first = rank * m1 * n2 * (n1 + m2) * (1 if n2 == 1 else 2)
-    factored = min(b_first, a_first)
+    b_first, a_first = contraction_macs(a_shape, b_shape, rank)
+    factored = min(b_first * (1 if m2 == 1 else 2), a_first * (1 if n2 == 1 else 2))
     return rank > 1 and tokens * (factored - dense) > rank * dense
 
 
@@ -127,8 +142,7 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     # (torch.compile, export) keeps the factored, stacked form, with no guard on the token count.
     eager = not torch.compiler.is_compiling()
     if middle is None and eager and materializes(N, R, (m1, n1), (m2, n2)):
-        W = torch.einsum("rij,rkl->ikjl", A, B).reshape(m1 * m2, n1 * n2)
-        return (x2 @ W.t()).reshape(*lead, m1 * m2)
+        return (x2 @ kron_sum(A, B).t()).reshape(*lead, m1 * m2)
     if middle is None:
         middle = default_middle(order, (m2, n2))
         # In training, the "gemm" layout's per-token view of B (an expand) gets a gradient of
@@ -268,9 +282,7 @@ class KroneckerLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight Σ_r s_r A_r ⊗ B_r."""
-        A = self.A if self.scales is None else self.A * self.scales.view(-1, 1, 1).to(self.A.dtype)
-        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
-        return torch.einsum("rij,rkl->ikjl", A, self.B).reshape(m1 * m2, n1 * n2)
+        return kron_sum(self.A, self.B, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, A={self.a_shape}, B={self.b_shape}, rank={self.rank}"
@@ -315,8 +327,7 @@ class KroneckerLowRankLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (out, in) weight Σ_r A_r ⊗ B_r + U V."""
-        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
-        return torch.einsum("rij,rkl->ikjl", self.A, self.B).reshape(m1 * m2, n1 * n2) + self.U @ self.V
+        return kron_sum(self.A, self.B) + self.U @ self.V
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, A={self.a_shape}, B={self.b_shape}, "
@@ -365,8 +376,7 @@ class KroneckerEmbedding(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (V, d) table Σ_r A_r ⊗ B_r."""
-        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
-        return torch.einsum("rij,rkl->ikjl", self.A, self.B).reshape(m1 * m2, n1 * n2)
+        return kron_sum(self.A, self.B)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, A={self.a_shape}, B={self.b_shape}, rank={self.rank}"
