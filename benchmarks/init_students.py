@@ -52,8 +52,8 @@ def main() -> None:
     print(f"van_loan: {target:,} parameters -> {args.out / 'van_loan'}")
 
     model, tokenizer = load_model_and_tokenizer("smollm2")
-    # The statistics are given (no ids needed); the recorded students predate the subset check and sequential calibration.
-    compress_to_budget(model, BudgetConfig(target_params=target, subset_check=False, sequential=None), None, statistics=stats)
+    # The statistics are given (no ids needed); the recorded students predate the subset check, sequential calibration and the multiply-add cap.
+    compress_to_budget(model, BudgetConfig(target_params=target, subset_check=False, sequential=None, max_macs=None), None, statistics=stats)
     report = model.compression_report
     kronlm.save(model, args.out / "budget", tokenizer=tokenizer, report=report)
     print(f"budget: {report.params_after:,} parameters -> {args.out / 'budget'}")

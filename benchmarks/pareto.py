@@ -31,7 +31,8 @@ kronlm folder; train the best Kronecker-containing one and the SVD-only one with
     python benchmarks/pareto.py --threads 1 --calibration-sequences 32 --out docs/benchmarks/pareto.md
 
 Defaults are the command line's (``kronlm.BudgetConfig()``, ``DEFAULT_CALIBRATION_SEQUENCES`` and
-``DEFAULT_CALIBRATION_LENGTH`` of ``kronlm.compression``).
+``DEFAULT_CALIBRATION_LENGTH`` of ``kronlm.compression``), but for two the committed rows were
+measured before: ``--sequential off`` and ``--max-macs none`` (no multiply-add cap).
 """
 
 from __future__ import annotations
@@ -104,7 +105,16 @@ def settings_for(args, families: tuple[str, ...], fraction: float | None = None)
     """The CLI's budget config for these flags (``kronlm compress --budget FRACTION`` builds the same)."""
     return BudgetConfig(target_fraction=fraction, families=families, sensitivity_sequences=args.sensitivity_sequences,
                         check_rounds=args.check_rounds, sequential=None if args.sequential == "off" else args.sequential,
-                        tie_break_modules=args.tie_break_modules, tie_break_margin=args.tie_break_margin)
+                        tie_break_modules=args.tie_break_modules, tie_break_margin=args.tie_break_margin, max_macs=args.max_macs)
+
+
+def max_macs_flag(cap: float | None) -> str:
+    """``kronlm compress --max-macs``'s spelling of a cap."""
+    return "none" if cap is None else f"{cap:g}"
+
+
+def parse_max_macs(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
@@ -124,6 +134,8 @@ def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
         parts += ["--tie-break-modules", str(args.tie_break_modules)]
     if args.tie_break_margin != DEFAULTS.tie_break_margin:
         parts += ["--tie-break-margin", f"{args.tie_break_margin:g}"]
+    if args.max_macs != DEFAULTS.max_macs:
+        parts += ["--max-macs", max_macs_flag(args.max_macs)]
     parts += ["--out", f"runs/{args.model}-{round(100 * fraction)}-{'-'.join(families)}", "--eval", "wikitext2", "--max-tokens", str(args.max_tokens)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -143,6 +155,8 @@ def main() -> None:
     parser.add_argument("--sequential", choices=["off", "output", "weight"], default="off")
     parser.add_argument("--tie-break-modules", type=int, default=DEFAULTS.tie_break_modules, help="as kronlm compress")
     parser.add_argument("--tie-break-margin", type=float, default=DEFAULTS.tie_break_margin, help="as kronlm compress")
+    parser.add_argument("--max-macs", type=parse_max_macs, default=None,
+                        help="as kronlm compress --max-macs (default none: the committed rows predate the cap)")
     parser.add_argument("--tag", default="wikitext2", help="name of this calibration variant in --results and the tables")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--ood-tokens", type=int, default=16384)
@@ -238,7 +252,7 @@ def run(args, done, record, command: str) -> None:
                "families": allocation.family_counts(), "choices": next(l for l in allocation.table(max_rows=0).splitlines() if l.startswith("choices:")),
                "estimated_nll_increase": allocation.estimated_loss, "seconds": seconds, "calibration_seconds": calibration_seconds,
                "pricing_seconds": pricing_seconds, "pricing": pricing.summary.describe(), "calibration": described,
-               "sequential": args.sequential, "command": cli_command(args, fraction, families), "invocation": command,
+               "sequential": args.sequential, "max_macs": args.max_macs, "command": cli_command(args, fraction, families), "invocation": command,
                "decided_by": allocation.decided_by, "held_out_nll": allocation.held_out_nll, "tie_break": allocation.tie_break,
                "machine": args.machine}
         if args.save_dir is not None and abs(fraction - args.save_fraction) < 1e-9:
@@ -276,11 +290,15 @@ def _check_cell(row) -> str:
 
 
 def _row_command(row: dict) -> str:
-    """A row's reproducing command. Rows recorded before sequential calibration became the CLI's
-    default were measured with it off but their command does not say so: it says so here."""
+    """A row's reproducing command. Rows recorded before sequential calibration or the multiply-add
+    cap became the CLI's defaults were measured with them off but their command does not say so: it
+    says so here."""
     command, sequential = row["command"], row.get("sequential", "off")
     if "--sequential-calibration" not in command and sequential != DEFAULT_SEQUENTIAL:
         command = command.replace(" --out ", f" --sequential-calibration {sequential} --out ", 1)
+    cap = row.get("max_macs")
+    if "--max-macs" not in command and cap != DEFAULTS.max_macs:
+        command = command.replace(" --out ", f" --max-macs {max_macs_flag(cap)} --out ", 1)
     return command
 
 

@@ -201,10 +201,13 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
         target = count_parameters(load(reference))
         families = BUDGET_FAMILIES[name]
         flag = [] if families == FACTOR_FAMILIES else ["--families", ",".join(families)]
-        # The rows were built on the dense model's statistics; the CLI's sequential default came later.
-        show(["compress", args.model, "--budget-params", str(target), *flag, *calibration, "--sequential-calibration", "off", *common], log)
+        # The rows were built on the dense model's statistics and with no multiply-add cap; the CLI's
+        # sequential default and its cap came later.
+        show(["compress", args.model, "--budget-params", str(target), *flag, *calibration, "--sequential-calibration", "off",
+              "--max-macs", "none", *common], log)
         if not built:
-            compressed_student(args, BudgetConfig(target_params=target, families=families, sequential=None), folder, calibrate=True)
+            compressed_student(args, BudgetConfig(target_params=target, families=families, sequential=None, max_macs=None), folder,
+                               calibrate=True)
     else:
         init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[name]
         config = kron_config(work, spaced(setting["kron_blocks"]), init)

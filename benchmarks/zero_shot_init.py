@@ -123,7 +123,7 @@ def cli_command(args, fraction: float, method: str, target: int) -> str:
     if method == "budget":
         parts = ["kronlm", "compress", "smollm2", "--budget-params", str(target), "--families", ",".join(args.families),
                  *calibration_flags(args), "--sensitivity-sequences", str(args.sensitivity_sequences), "--sequential-calibration", "off",
-                 *out]
+                 "--max-macs", "none", *out]
     else:
         parts = ["kronlm", "compress", "smollm2", "--config", str(config_path(args.configs, fraction, method)), *out]
         if method == "activation_aware":
@@ -216,9 +216,10 @@ def main() -> None:
             start = time.perf_counter()
             extra = {}
             if method == "budget":
-                # On the dense statistics, as the other rows: this table compares initialisations.
+                # On the dense statistics, as the other rows: this table compares initialisations (and
+                # with no multiply-add cap, as when the rows were measured).
                 config = BudgetConfig(target_params=targets[fraction], families=args.families,
-                                      sensitivity_sequences=args.sensitivity_sequences, sequential=None)
+                                      sensitivity_sequences=args.sensitivity_sequences, sequential=None, max_macs=None)
                 if pricing is None:  # pricing does not depend on the budget: once for all fractions
                     pricing = price_modules(model, stats, settings=config)
                 allocation = compress_to_budget(student, config, ids, statistics=stats, pricing=copy.deepcopy(pricing))

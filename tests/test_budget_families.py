@@ -24,7 +24,7 @@ from kronlm.compression.calibration import (
     ModuleCalibration,
     collect_calibration,
 )
-from kronlm.decompose.shapes import is_low_rank_shape, kronecker_shape_window
+from kronlm.decompose.shapes import contraction_macs, is_low_rank_shape, kronecker_shape_window
 from kronlm.modeling import compress, compress_to_budget
 
 
@@ -71,6 +71,55 @@ def test_svd_and_exact_whitening_shapes_are_priced_exactly():
         measured = measure_option(W, option, _stats(C), init="activation_aware", damping=1e-2, name="w")
         if option.family == "svd" or option.b_shape == (2, 1):  # n1 = 1 or n2 = 1: exact whitening
             assert measured == pytest.approx(option.output_error, rel=1e-6, abs=1e-12)
+
+
+def _option_key(o):
+    return o.family, o.a_shape, o.b_shape, o.rank, o.lowrank
+
+
+def test_multiply_add_cap_removes_exactly_the_options_above_it():
+    torch.manual_seed(3)
+    W = torch.randn(24, 20, dtype=torch.float64)
+    C = _covariance(20)
+    free = module_options(W, C, svd_step=1, lowrank_fractions=(0.2,), max_macs=None)
+    capped = module_options(W, C, svd_step=1, lowrank_fractions=(0.2,))  # the default cap: 1.0 x dense
+    half = module_options(W, C, svd_step=1, lowrank_fractions=(0.2,), max_macs=0.5)
+    for o in free + capped + half:
+        term = 0 if o.a_shape is None else min(contraction_macs(o.a_shape, o.b_shape))
+        expected = {"dense": 480, "svd": o.rank * 44, "kronecker": o.rank * term, "kronecker_lowrank": o.rank * term + o.lowrank * 44}
+        assert o.macs == expected[o.family]
+    # Balanced shapes with many terms cost more than dense: e.g. (4,5)x(6,4) takes 176 per term, up to R = 10 below dense size.
+    assert any(o.family == "kronecker" and o.macs > 480 for o in free)
+    assert all(o.macs <= 480 for o in capped) and all(o.macs <= 240 for o in half if o.family != "dense")
+    kept = {_option_key(o): o.output_error for o in capped if o.family in ("svd", "kronecker")}
+    assert kept == {_option_key(o): o.output_error for o in free if o.family in ("svd", "kronecker") and o.macs <= 480}
+    assert max(o.rank for o in half if o.family == "svd") == 5  # 5 x 44 <= 240 < 6 x 44
+    assert any(o.family == "kronecker_lowrank" for o in capped)
+
+
+def test_allocation_reports_multiply_adds_and_the_cap_holds(calibrated):
+    model, _, stats = calibrated
+    target = sum(p.numel() for p in model.parameters()) - 6000
+    for cap in (None, 1.0, 0.6):
+        allocation = allocate_budget(model, stats, target, settings=BudgetSettings(svd_step=2, max_macs=cap), families="kronecker",
+                                     progress=False)
+        factored = [c for c in allocation.choices if c.option.family != "dense"]
+        above = [c for c in factored if c.option.macs > (cap or float("inf")) * c.weight_shape[0] * c.weight_shape[1]]
+        assert factored and not above and allocation.params_after <= target
+        ratio = sum(c.option.macs for c in factored) / sum(c.weight_shape[0] * c.weight_shape[1] for c in factored)
+        slower = sum(c.option.macs > c.weight_shape[0] * c.weight_shape[1] for c in factored)
+        assert (f"multiply-adds per token of the factored modules: {ratio:.2f}x their dense ones; "
+                f"{slower} of {len(factored)} modules above dense") in allocation.table()
+
+
+def test_multiply_add_cap_is_checked_and_round_trips(tmp_path):
+    for bad in (0, -1.0, "fast", True, float("inf")):
+        with pytest.raises(ValueError, match=r"max_macs must be a positive number \(multiples of the dense multiply-adds\) or null"):
+            BudgetSettings(max_macs=bad)
+    assert BudgetSettings(max_macs=2).max_macs == 2.0 and BudgetSettings().max_macs == 1.0
+    config = BudgetConfig(target_fraction=0.8, max_macs=None)
+    config.to_file(tmp_path / "b.yaml")
+    assert BudgetConfig.from_file(tmp_path / "b.yaml").max_macs is None
 
 
 def test_families_are_checked_by_name():

@@ -43,8 +43,8 @@ def folder(tmp_path_factory):
     return path
 
 
-# The first case names --sequential-calibration off and runs the measured tie-break; the second
-# leaves the CLI's defaults (sequential weight, no tie-break).
+# The first case names --sequential-calibration off, lifts the multiply-add cap and runs the measured
+# tie-break; the second leaves the CLI's defaults (sequential weight, the cap at 1.0, no tie-break).
 @pytest.mark.parametrize("families,cut,extra,sequential,ties", [("svd,kronecker,kronecker_lowrank", 6000, [], "off", 2),
                                                                 ("kronecker", 8000, ["--calibration-seed", "3"], None, None)])
 def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, sequential, ties):
@@ -52,7 +52,7 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, s
     out = tmp_path / "cli"
     target = count_parameters(kronlm.load_model(str(folder))) - cut  # the tiny model is mostly its 50,257-token embedding
     flag = [] if sequential is None else ["--sequential-calibration", sequential]
-    flag += [] if ties is None else ["--tie-break-modules", str(ties), "--tie-break-margin", "1000"]
+    flag += [] if ties is None else ["--tie-break-modules", str(ties), "--tie-break-margin", "1000", "--max-macs", "none"]
     argv = ["compress", str(folder), "--budget-params", str(target), "--families", families, "--calibration", text,
             "--calibration-sequences", "4", "--calibration-length", "32", "--sensitivity-sequences", "2", *flag, "--out", str(out), *extra]
     assert main(argv) == 0
@@ -60,7 +60,8 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, s
     bench = _benchmark()
     args = argparse.Namespace(sensitivity_sequences=2, check_rounds=DEFAULTS.check_rounds, sequential=sequential or DEFAULTS.sequential,
                               tie_break_modules=DEFAULTS.tie_break_modules if ties is None else ties,
-                              tie_break_margin=DEFAULTS.tie_break_margin if ties is None else 1000.0)
+                              tie_break_margin=DEFAULTS.tie_break_margin if ties is None else 1000.0,
+                              max_macs=DEFAULTS.max_macs if ties is None else None)
     model, tokenizer = kronlm.load_model_and_tokenizer(str(folder))
     seed = int(extra[1]) if extra else None
     # As the benchmark does: calibration ids with the subset check's held-out sequences after the priced ones,
@@ -88,16 +89,19 @@ def test_benchmark_path_equals_the_cli(folder, tmp_path, families, cut, extra, s
         assert torch.equal(cli_state[key], tensor), key
     flags = dict(model="smollm2", calibration=["wikitext2"], calibration_split="validation", calibration_sequences=32,
                  calibration_length=512, sensitivity_sequences=32, calibration_seed=None, check_rounds=DEFAULTS.check_rounds,
-                 max_tokens=16384, tie_break_modules=DEFAULTS.tie_break_modules, tie_break_margin=DEFAULTS.tie_break_margin)
+                 max_tokens=16384, tie_break_modules=DEFAULTS.tie_break_modules, tie_break_margin=DEFAULTS.tie_break_margin,
+                 max_macs=DEFAULTS.max_macs)
     command = bench.cli_command(argparse.Namespace(**flags, sequential="output"), 0.8, ("svd",))
     assert command.startswith("kronlm compress smollm2 --budget 0.8 --families svd --calibration wikitext2 ")
     assert "--sensitivity-sequences 32" in command and "--sequential-calibration output" in command
     # The benchmark's rows on the dense statistics name it, since the CLI's default is the sequential fit.
     assert "--sequential-calibration off" in bench.cli_command(argparse.Namespace(**flags, sequential="off"), 0.8, ("svd",))
     assert "--sequential-calibration" not in bench.cli_command(argparse.Namespace(**flags, sequential=DEFAULTS.sequential), 0.8, ("svd",))
-    assert "--tie-break" not in command
+    assert "--tie-break" not in command and "--max-macs" not in command
     flags.update(tie_break_modules=16, tie_break_margin=0.25)
     assert "--tie-break-modules 16 --tie-break-margin 0.25 --out" in bench.cli_command(argparse.Namespace(**flags, sequential="off"), 0.8, ("svd",))
+    flags.update(max_macs=None)
+    assert "--max-macs none --out" in bench.cli_command(argparse.Namespace(**flags, sequential="off"), 0.8, ("svd",))
 
 
 def test_budget_params_and_sequential_from_the_cli(folder, tmp_path, capsys):
@@ -116,6 +120,8 @@ def test_budget_params_and_sequential_from_the_cli(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "0.9", "--families", "svd,tucker"], "unknown factor family 'tucker'"),
+    (["--budget", "0.9", "--max-macs", "fast"], "give a positive multiple of the dense multiply-adds (e.g. 1.0) or `none`, got 'fast'"),
+    (["--budget", "0.9", "--max-macs", "0"], "got '0'"),
     (["--budget-params", "10", "--sensitivity-sequences", "0"], "below the smallest reachable"),
     (["--budget", "0.9", "--calibration-sequences", "400"], "fewer than the 408 x 32 = 13,056 asked for (400 --calibration-sequences + 8 --held-out-sequences"),
     (["--budget", "0.9", "--calibration-sequences", "400", "--families", "svd"], "fewer than the 400 x 32"),
@@ -129,13 +135,16 @@ def test_bad_budget_input_is_one_line(folder, tmp_path, capsys, argv, message):
     assert code == 2 and last.startswith("kronlm: error:") and message in last and "Traceback" not in err, err
 
 
-def test_pareto_commands_of_older_rows_name_the_sequential_setting_they_were_measured_with():
+def test_pareto_commands_of_older_rows_name_the_settings_they_were_measured_with():
     bench = _benchmark()
     old = "kronlm compress smollm2 --budget 0.8 --families svd --calibration wikitext2 --out runs/x --eval wikitext2"
-    assert bench._row_command({"command": old, "sequential": "off"}) == old.replace(" --out", " --sequential-calibration off --out")
-    assert bench._row_command({"command": old}) == old.replace(" --out", " --sequential-calibration off --out")
-    assert bench._row_command({"command": old, "sequential": DEFAULTS.sequential}) == old
-    named = old.replace(" --out", " --sequential-calibration output --out")
+    # Rows recorded before the multiply-add cap ran without it (no "max_macs" key).
+    uncapped = old.replace(" --out", " --max-macs none --out")
+    assert bench._row_command({"command": old, "sequential": "off"}) == old.replace(" --out", " --sequential-calibration off --max-macs none --out")
+    assert bench._row_command({"command": old}) == old.replace(" --out", " --sequential-calibration off --max-macs none --out")
+    assert bench._row_command({"command": old, "sequential": DEFAULTS.sequential}) == uncapped
+    assert bench._row_command({"command": old, "sequential": DEFAULTS.sequential, "max_macs": DEFAULTS.max_macs}) == old
+    named = old.replace(" --out", " --sequential-calibration output --max-macs none --out")
     assert bench._row_command({"command": named, "sequential": "output"}) == named
 
 

@@ -110,6 +110,19 @@ def _families(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _max_macs(ctx, param, value):
+    """--max-macs: a positive multiple of the dense multiply-adds, or `none` for no cap."""
+    if value is None or value.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        cap = float(value)
+    except ValueError:
+        cap = float("nan")
+    if not 0 < cap < float("inf"):
+        raise click.BadParameter(f"give a positive multiple of the dense multiply-adds (e.g. 1.0) or `none`, got {value!r}")
+    return cap
+
+
 def _sources(ctx, param, value):
     try:
         return [CalibrationSource.parse(v) for v in value]
@@ -158,6 +171,10 @@ def _sources(ctx, param, value):
                    "(no larger) and keep each swap that lowers the held-out NLL; 0 turns it off.")
 @click.option("--tie-break-margin", type=FiniteFloatRange(min=0), default=DEFAULTS.tie_break_margin, show_default=True,
               help="An alternative is close when its estimated NLL increase is at most (1 + margin) times the chosen one's.")
+@click.option("--max-macs", callback=_max_macs, default="none" if DEFAULTS.max_macs is None else f"{DEFAULTS.max_macs:g}",
+              show_default=True,
+              help="Offer only factorisations needing at most this many multiply-adds per token, as a multiple of the dense "
+                   "matrix's (1.0: no factored module slower than dense in multiply-adds); `none`: no cap.")
 @click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default=DEFAULTS.sequential or "off",
               show_default=True,
               help="Fit each block on statistics of the partially compressed model (GPTQ order): `weight` fits W under the "
@@ -182,7 +199,8 @@ def _sources(ctx, param, value):
 def command(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
             stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field,
             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, families,
-            sensitivity_sequences, check_rounds, subset_check, held_out_sequences, tie_break_modules, tie_break_margin, sequential_calibration, recover_data, recover_tokens, recover_config, recover_minutes,
+            sensitivity_sequences, check_rounds, subset_check, held_out_sequences, tie_break_modules, tie_break_margin, max_macs, sequential_calibration,
+            recover_data, recover_tokens, recover_config, recover_minutes,
             resume, rows):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
@@ -220,7 +238,7 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
             config = BudgetConfig(target_fraction=budget, target_params=budget_params, modules=list(budget_modules) or None,
                                   families=families, sensitivity_sequences=sensitivity_sequences, check_rounds=check_rounds,
                                   subset_check=subset_check, held_out_sequences=held_out_sequences,
-                                  tie_break_modules=tie_break_modules, tie_break_margin=tie_break_margin,
+                                  tie_break_modules=tie_break_modules, tie_break_margin=tie_break_margin, max_macs=max_macs,
                                   init=init_name or DEFAULTS.init, sequential=None if sequential_calibration == "off" else sequential_calibration)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None

@@ -28,7 +28,7 @@ from kronlm.decompose.activation_aware import (
     whitened_tail_energies,
 )
 from kronlm.decompose.lowrank import damp, kronecker_lowrank_tail
-from kronlm.decompose.shapes import FactorShape, kronecker_shape_window
+from kronlm.decompose.shapes import FactorShape, contraction_macs, kronecker_shape_window
 from kronlm.decompose.vanloan import kron_sum, nearest_kronecker_product
 from kronlm.layers.dense import dense_weight
 
@@ -52,6 +52,8 @@ class BudgetOption:
         estimated_error: the priced output error before any check.
         measured_error: the output error of the fitted factors on the calibration statistics
             (damped C, as the estimate), or None when not fitted.
+        macs: multiply-adds per token of this choice's forward pass (the cheaper contraction
+            order of the Kronecker part, plus k·(out + in) for a low-rank part; out·in for dense).
     """
 
     family: str
@@ -65,6 +67,7 @@ class BudgetOption:
     lowrank: int = 0
     estimated_error: float = 0.0
     measured_error: float | None = None
+    macs: int = 0
 
     def describe(self) -> str:
         """``dense``, ``svd R=64``, ``(48,24)x(32,24) R=5``, ``(768,576)x(2,1) R=1 +k64``."""
@@ -91,6 +94,8 @@ class Spectrum:
         errors: (n,) float64 estimated output errors under the damped C.
         correction: measured / estimated ratio from the check (1 until checked).
         measured: {rank: measured output error} of the checked ranks.
+        base_macs, macs_per_rank: multiply-adds per token = base_macs + macs_per_rank · rank
+            (``kronlm.decompose.shapes.contraction_macs``, the cheaper order).
     """
 
     family: str
@@ -103,6 +108,8 @@ class Spectrum:
     errors: torch.Tensor
     correction: float = 1.0
     measured: dict[int, float] = field(default_factory=dict)
+    base_macs: int = 0
+    macs_per_rank: int = 0
 
     def params(self) -> torch.Tensor:
         """(n,) parameters of every rank."""
@@ -117,7 +124,7 @@ class Spectrum:
         kron_rank, lowrank = (self.kron_rank, rank) if self.family == "kronecker_lowrank" else (rank, 0)
         return BudgetOption(
             self.family, self.a_shape, self.b_shape, kron_rank, int(self.params()[index]), error, scale * error,
-            error / energy if energy > 0 else 0.0, lowrank, estimate, measured,
+            error / energy if energy > 0 else 0.0, lowrank, estimate, measured, self.base_macs + self.macs_per_rank * rank,
         )
 
 
@@ -188,7 +195,7 @@ class ModulePricing:
         Only hull vertices can be picked by the Lagrangian allocation, so the rest is dropped.
         """
         params, losses, where = self._points(families)
-        dense = BudgetOption("dense", None, None, 0, self.dense_params, 0.0, 0.0, 0.0)
+        dense = dense_option(self.weight_shape)
         if not params:
             return [dense]
         p = torch.cat(params + [torch.tensor([self.dense_params])]).double()
@@ -270,26 +277,48 @@ def _roots_for(cache: dict, C: torch.Tensor, n1: int, n2: int) -> tuple[torch.Te
     return cache[key]
 
 
-def _max_rank(per_rank: int, base: int, dense: int, limit: int) -> int:
-    return min(limit, max(0, (dense - 1 - base) // per_rank))
+def dense_option(weight_shape: tuple[int, int]) -> BudgetOption:
+    """Keeping an (out, in) module dense: out·in parameters and multiply-adds per token, no error."""
+    size = weight_shape[0] * weight_shape[1]
+    return BudgetOption("dense", None, None, 0, size, 0.0, 0.0, 0.0, macs=size)
 
 
-def kronecker_spectrum(W: torch.Tensor, C: torch.Tensor, shape: FactorShape, roots_cache: dict) -> Spectrum:
-    """The ``kronecker`` family's spectrum of one shape: errors for R = 1 .. below dense size."""
+def _max_rank(per_rank: int, base: int, dense: int, limit: int, *, per_rank_macs: int = 0, base_macs: int = 0,
+              max_macs: float | None = None) -> int:
+    """The largest rank below ``dense`` parameters (and within ``max_macs`` · dense multiply-adds
+    per token when given), at most ``limit``."""
+    top = min(limit, max(0, (dense - 1 - base) // per_rank))
+    if max_macs is not None and per_rank_macs > 0:
+        top = min(top, max(0, int((max_macs * dense - base_macs) // per_rank_macs)))
+    return top
+
+
+def kronecker_term_macs(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> int:
+    """Multiply-adds per token of one Kronecker term in its cheaper contraction order."""
+    return min(contraction_macs(a_shape, b_shape, 1))
+
+
+def kronecker_spectrum(W: torch.Tensor, C: torch.Tensor, shape: FactorShape, roots_cache: dict,
+                       max_macs: float | None = None) -> Spectrum:
+    """The ``kronecker`` family's spectrum of one shape: errors for R = 1 .. below dense size (and,
+    with ``max_macs``, for the R whose multiply-adds per token stay within ``max_macs`` · out·in)."""
     a_shape, b_shape = shape.a_shape, shape.b_shape
     L1, L2, _, _ = _roots_for(roots_cache, C, a_shape[1], b_shape[1])
     tails = whitened_tail_energies(W, (L1, L2), a_shape, b_shape)
     per = a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
-    top = _max_rank(per, 0, W.numel(), len(tails) - 1)
+    term_macs = kronecker_term_macs(a_shape, b_shape)
+    top = _max_rank(per, 0, W.numel(), len(tails) - 1, per_rank_macs=term_macs, max_macs=max_macs)
     ranks = torch.arange(1, top + 1)
-    return Spectrum("kronecker", a_shape, b_shape, 0, 0, per, ranks, tails[1 : top + 1].clone())
+    return Spectrum("kronecker", a_shape, b_shape, 0, 0, per, ranks, tails[1 : top + 1].clone(), macs_per_rank=term_macs)
 
 
 def lowrank_spectrum(
-    W: torch.Tensor, C: torch.Tensor, base: Spectrum, index: int, roots_cache: dict, svd_step: int
+    W: torch.Tensor, C: torch.Tensor, base: Spectrum, index: int, roots_cache: dict, svd_step: int,
+    max_macs: float | None = None,
 ) -> Spectrum:
     """``kronecker_lowrank`` spectrum on the Kronecker part ``base.ranks[index]`` of ``base``:
-    whitened Van Loan of W for that part, then the whitened SVD tail of the residual for every k."""
+    whitened Van Loan of W for that part, then the whitened SVD tail of the residual for every k
+    (below dense size, and within ``max_macs`` · out·in multiply-adds per token when given)."""
     rank = int(base.ranks[index])
     L1, L2, L1i, L2i = _roots_for(roots_cache, C, base.a_shape[1], base.b_shape[1])
     (m1, n1), (m2, n2) = base.a_shape, base.b_shape
@@ -300,9 +329,12 @@ def lowrank_spectrum(
     tails = kronecker_lowrank_tail(W - K, root)
     out_f, in_f = W.shape
     base_params = rank * base.per_rank
-    top = _max_rank(out_f + in_f, base_params, W.numel(), len(tails) - 1)
+    base_macs = rank * base.macs_per_rank
+    top = _max_rank(out_f + in_f, base_params, W.numel(), len(tails) - 1, per_rank_macs=out_f + in_f, base_macs=base_macs,
+                    max_macs=max_macs)
     ranks = torch.arange(svd_step, top + 1, svd_step)
-    return Spectrum("kronecker_lowrank", base.a_shape, base.b_shape, rank, base_params, out_f + in_f, ranks, tails[ranks].clone())
+    return Spectrum("kronecker_lowrank", base.a_shape, base.b_shape, rank, base_params, out_f + in_f, ranks, tails[ranks].clone(),
+                    base_macs=base_macs, macs_per_rank=out_f + in_f)
 
 
 def _price_one(
@@ -316,6 +348,7 @@ def _price_one(
     damping: float,
     lowrank_fractions: tuple[float, ...],
     roots_cache: dict | None = None,
+    max_macs: float | None = None,
 ) -> ModulePricing:
     W = weight.detach().double()
     out_f, in_f = W.shape
@@ -327,11 +360,12 @@ def _price_one(
     if "svd" in families:
         root = _roots_for(cache, C, 1, in_f)[1]
         tails = whitened_tail_energies(W, (torch.ones(1, 1, dtype=C.dtype), root), (out_f, 1), (1, in_f))
-        top = _max_rank(out_f + in_f, 0, W.numel(), len(tails) - 1)
+        top = _max_rank(out_f + in_f, 0, W.numel(), len(tails) - 1, per_rank_macs=out_f + in_f, max_macs=max_macs)
         ranks = torch.arange(svd_step, top + 1, svd_step)
-        pricing.spectra.append(Spectrum("svd", (out_f, 1), (1, in_f), 0, 0, out_f + in_f, ranks, tails[ranks].clone()))
+        pricing.spectra.append(Spectrum("svd", (out_f, 1), (1, in_f), 0, 0, out_f + in_f, ranks, tails[ranks].clone(),
+                                        macs_per_rank=out_f + in_f))
     if "kronecker" in families or "kronecker_lowrank" in families:
-        kron = [kronecker_spectrum(W, C, shape, cache) for shape in shapes]
+        kron = [kronecker_spectrum(W, C, shape, cache, max_macs) for shape in shapes]
         if "kronecker" in families:
             pricing.spectra.extend(kron)
         if "kronecker_lowrank" in families:
@@ -346,7 +380,7 @@ def _price_one(
                             best = (spectrum, i)
                 if best is not None and (id(best[0]), best[1]) not in seen:
                     seen.add((id(best[0]), best[1]))
-                    pricing.spectra.append(lowrank_spectrum(W, C, best[0], best[1], cache, svd_step))
+                    pricing.spectra.append(lowrank_spectrum(W, C, best[0], best[1], cache, svd_step, max_macs))
     return pricing
 
 
@@ -362,6 +396,7 @@ def module_options(
     svd_step: int = 8,
     damping: float = 1e-2,
     lowrank_fractions: tuple[float, ...] = (0.02, 0.08),
+    max_macs: float | None = 1.0,
 ) -> list[BudgetOption]:
     """Price every candidate factorisation of one module (module docstring): all options.
 
@@ -376,9 +411,11 @@ def module_options(
         svd_step: truncated-SVD (and low-rank part) ranks are multiples of this.
         damping: as in ``activation_aware_factors``.
         lowrank_fractions: see ``BudgetSettings``.
+        max_macs: see ``BudgetSettings``; None offers every rank below the dense size.
 
     Returns:
-        Options (dense first) with params below the dense count, every rank of every shape.
+        Options (dense first) with params below the dense count (and multiply-adds per token
+        within ``max_macs`` · out·in), every rank of every shape.
 
     Raises:
         ValueError: an unknown family.
@@ -386,8 +423,8 @@ def module_options(
     families = check_families(families)
     shapes = shape_window(tuple(weight.shape), b_shapes, small_factor, balanced_slack)
     pricing = _price_one(weight, covariance, sensitivity=sensitivity, families=families, shapes=shapes, svd_step=svd_step,
-                         damping=damping, lowrank_fractions=lowrank_fractions)
-    options = [BudgetOption("dense", None, None, 0, pricing.dense_params, 0.0, 0.0, 0.0)]
+                         damping=damping, lowrank_fractions=lowrank_fractions, max_macs=max_macs)
+    options = [dense_option(pricing.weight_shape)]
     for spectrum in pricing.spectra:
         options += [spectrum.option(i, pricing.scale, pricing.energy) for i in range(len(spectrum.ranks))]
     return options
@@ -476,11 +513,12 @@ def price_modules(
         shapes = window if screening or settings.b_shapes is not None else [s for s in window if (s.a_shape, s.b_shape) in kept[cls]]
         pricing = _price_one(weight, covariance, sensitivity=entry.grad_sq, families=settings.families, shapes=shapes if needs_window else [],
                              svd_step=settings.svd_step, damping=settings.damping, lowrank_fractions=settings.lowrank_fractions,
-                             roots_cache=roots_cache)
+                             roots_cache=roots_cache, max_macs=settings.max_macs)
         if screening and needs_window:
             if "kronecker" not in settings.families:  # screen on the Kronecker spectra all the same
                 pricing_k = _price_one(weight, covariance, sensitivity=entry.grad_sq, families=("kronecker",), shapes=window,
-                                       svd_step=settings.svd_step, damping=settings.damping, lowrank_fractions=(), roots_cache=roots_cache)
+                                       svd_step=settings.svd_step, damping=settings.damping, lowrank_fractions=(), roots_cache=roots_cache,
+                                       max_macs=settings.max_macs)
                 kept.setdefault(cls, set()).update(hull_shapes(pricing_k))
             else:
                 kept.setdefault(cls, set()).update(hull_shapes(pricing))
@@ -498,8 +536,10 @@ __all__ = [
     "PricingSummary",
     "Spectrum",
     "default_screen_blocks",
+    "dense_option",
     "hull_shapes",
     "kronecker_spectrum",
+    "kronecker_term_macs",
     "lowrank_spectrum",
     "module_class",
     "module_options",

@@ -40,7 +40,8 @@ def choice_row(choice: ModuleChoice) -> str:
 
 def allocation_table(allocation: BudgetAllocation, max_rows: int | None = None) -> str:
     """Per-module choice as a fixed-width text table (dense modules included), then counts of the
-    choices by family (and small-factor shape) and the totals; ``max_rows`` cuts the per-module
+    choices by family (and small-factor shape), the factored modules' multiply-adds per token against
+    dense, and the totals; ``max_rows`` cuts the per-module
     part. Columns: family, A, B, R, k (low rank), params, relative output error (estimate;
     measured after "/" when checked), estimated NLL increase (nats per token)."""
     choices = allocation.choices
@@ -55,6 +56,12 @@ def allocation_table(allocation: BudgetAllocation, max_rows: int | None = None) 
     if check:
         lines.append("measured / estimated output error of the chosen options: " + ", ".join(
             f"{f} median {v['median']:.2f} (max {v['max']:.2f}, {v['modules']} modules)" for f, v in check.items()))
+    factored = [c for c in choices if c.option.family != "dense"]
+    if factored:
+        dense_macs = sum(c.weight_shape[0] * c.weight_shape[1] for c in factored)
+        slower = sum(c.option.macs > c.weight_shape[0] * c.weight_shape[1] for c in factored)
+        lines.append(f"multiply-adds per token of the factored modules: {sum(c.option.macs for c in factored) / dense_macs:.2f}x "
+                     f"their dense ones; {slower} of {len(factored)} modules above dense")
     lines.append(
         f"params {allocation.params_before:,} -> {allocation.params_after:,} (budget {allocation.target_params:,}); "
         f"estimated NLL increase {allocation.estimated_loss:.4f} nats/token (x{math.exp(allocation.estimated_loss):.3f} perplexity); "

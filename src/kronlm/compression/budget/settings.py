@@ -85,6 +85,12 @@ class BudgetSettings(ConfigBase):
             (more than one family).
         tie_break_margin: an alternative is close when its estimated NLL increase is at most
             (1 + margin) times the chosen option's (and it is no larger).
+        max_macs: offer only factorisations whose forward pass needs at most this many
+            multiply-adds per token, as a multiple of the dense matrix's out·in (the cheaper
+            contraction order; ``kronlm.decompose.shapes.contraction_macs``). 1.0 keeps every
+            factored module no slower than dense in multiply-adds: without the cap, Kronecker
+            factors of 100-300 terms win on parameters and cost up to several times the dense
+            multiply-adds at inference. None: no cap. Truncated SVD below the dense size always fits.
 
     Raises:
         ValueError: an unknown family or initialiser, or a value out of range (named).
@@ -106,6 +112,7 @@ class BudgetSettings(ConfigBase):
     held_out_sequences: int = 8
     tie_break_modules: int = 0
     tie_break_margin: float = 0.1
+    max_macs: float | None = 1.0
 
     config_name = "budget settings"
 
@@ -131,6 +138,11 @@ class BudgetSettings(ConfigBase):
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise ValueError(f"tie_break_margin must be a number >= 0, got {margin!r}")
         self.tie_break_margin = float(margin)
+        cap = self.max_macs
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf"):
+                raise ValueError(f"max_macs must be a positive number (multiples of the dense multiply-adds) or null, got {cap!r}")
+            self.max_macs = float(cap)
         if self.tie_break_modules and not self.checks_subsets:
             raise ValueError(f"tie_break_modules={self.tie_break_modules} swaps modules between families after the subset check, "
                              f"which runs only with subset_check and more than one family (families: {', '.join(self.families)}, "
