@@ -594,7 +594,9 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
              "(gate/up B (2, 1), down B (1, 2), one term) of evenly spaced blocks, with modified Van Loan, pruning and "
              "activation-aware inits; `budget-svd`, `budget-klr`, `budget-kron` = the budget allocation to the same "
              "parameter count with truncated SVDs, Kronecker + low-rank factors, or Kronecker factors alone; `budget-all` = "
-             "the allocation over every family; `truncate` = whole blocks dropped, evenly spaced ones kept.", ""]
+             "the allocation over every family (all four on the dense model's statistics and with no multiply-add cap, "
+             "`--max-macs none`, as when their first rows were measured); `truncate` = whole blocks dropped, evenly spaced "
+             "ones kept.", ""]
     for size in sizes:
         of_size = [r for r in rows if r["size"] == size]
         dense = of_size[0]["dense"]
