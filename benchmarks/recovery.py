@@ -10,7 +10,9 @@ calls of the ``kronlm`` command that is printed (``kronlm.compress``, ``kronlm.c
   only; ``budget-klr``: the same with Kronecker + low-rank factors only (the best Kronecker-containing
   family of the zero-shot Pareto front); ``budget-kron``: the same with Kronecker factors only (sums
   of Kronecker products, no low-rank part: the papers' layer, placed and sized by the allocation
-  instead of one shape for every MLP); ``budget-all``: every factor family (Kronecker,
+  instead of one shape for every MLP); ``budget-kron-cap``: the same under the allocation's default
+  multiply-add cap (no factored layer above its dense multiply-adds per token; the other budget
+  students predate the cap and are built with ``--max-macs none``); ``budget-all``: every factor family (Kronecker,
   Kronecker + low rank, SVD; the held-out subset check may keep one family alone, and then its
   rows are that family's student's, marked ``same_as``: the same plan recovers the same way);
 - ``truncate``: the layer-truncation baseline, whole blocks dropped (evenly spaced ones kept).
@@ -109,10 +111,14 @@ BLOCKS = 30
 # Krony-PT-style MLPs of N blocks at 2x, and the number of whole blocks the truncation drops to
 # the same parameter count (a block of SmolLM2 is 3,539,840 parameters; 2x on its MLP saves 1,327,098).
 SIZES = {0.85: {"kron_blocks": 16, "drop": 6}, 0.70: {"kron_blocks": 30, "drop": 11}}
-STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "budget-kron", "budget-all", "truncate")
+STUDENTS = ("kron-vlr", "kron-prune", "kron-aa", "budget-svd", "budget-klr", "budget-kron", "budget-kron-cap", "budget-all",
+            "truncate")
 # The factor families each budget student may choose from.
 BUDGET_FAMILIES = {"budget-svd": ("svd",), "budget-klr": ("kronecker_lowrank",), "budget-kron": ("kronecker",),
-                   "budget-all": FACTOR_FAMILIES}
+                   "budget-kron-cap": ("kronecker",), "budget-all": FACTOR_FAMILIES}
+# The budget students built under the allocation's default multiply-add cap; the others were built
+# before it existed, without it.
+CAPPED = ("budget-kron-cap",)
 RECOVERIES = ("staged", "end_to_end", "blockwise", "staged_all")
 # The recoveries that run the block stages first (their rows count the block-stage tokens too).
 STAGED = ("staged", "staged_all")
@@ -199,15 +205,10 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
     elif name.startswith("budget"):
         reference = build_student("kron-vlr", size, work, args, [])
         target = count_parameters(load(reference))
-        families = BUDGET_FAMILIES[name]
-        flag = [] if families == FACTOR_FAMILIES else ["--families", ",".join(families)]
-        # The rows were built on the dense model's statistics and with no multiply-add cap; the CLI's
-        # sequential default and its cap came later.
-        show(["compress", args.model, "--budget-params", str(target), *flag, *calibration, "--sequential-calibration", "off",
-              "--max-macs", "none", *common], log)
+        config, family_flags, flags = budget_student(name, target)
+        show(["compress", args.model, "--budget-params", str(target), *family_flags, *calibration, *flags, *common], log)
         if not built:
-            compressed_student(args, BudgetConfig(target_params=target, families=families, sequential=None, max_macs=None), folder,
-                               calibrate=True)
+            compressed_student(args, config, folder, calibrate=True)
     else:
         init = {"kron-vlr": "van_loan_rescaled", "kron-prune": "pruning", "kron-aa": "activation_aware"}[name]
         config = kron_config(work, spaced(setting["kron_blocks"]), init)
@@ -215,6 +216,21 @@ def build_student(name: str, size: float, work: Path, args, log: list[str]) -> P
         if not built:
             compressed_student(args, CompressionConfig.from_file(config), folder, calibrate=init == "activation_aware")
     return folder
+
+
+def budget_student(name: str, target: int) -> tuple[BudgetConfig, list[str], list[str]]:
+    """The ``BudgetConfig`` of budget student ``name`` at ``target`` parameters, and the
+    ``kronlm compress`` flags that give the same one: ``--families`` (none for every family), then
+    the fitting flags.
+
+    Every budget student is fitted on the dense model's statistics (``--sequential-calibration
+    off``), and all but those of ``CAPPED`` without the multiply-add cap: the rows were measured
+    before the CLI's sequential default and its cap."""
+    families = BUDGET_FAMILIES[name]
+    cap = BudgetConfig().max_macs if name in CAPPED else None
+    family_flags = [] if families == FACTOR_FAMILIES else ["--families", ",".join(families)]
+    flags = ["--sequential-calibration", "off"] + ([] if name in CAPPED else ["--max-macs", "none"])
+    return BudgetConfig(target_params=target, families=families, sequential=None, max_macs=cap), family_flags, flags
 
 
 class Evaluator:
@@ -593,9 +609,11 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
              "Students, each at the size of the section: `kron-vlr`, `kron-prune`, `kron-aa` = Krony-PT-style Kronecker MLPs "
              "(gate/up B (2, 1), down B (1, 2), one term) of evenly spaced blocks, with modified Van Loan, pruning and "
              "activation-aware inits; `budget-svd`, `budget-klr`, `budget-kron` = the budget allocation to the same "
-             "parameter count with truncated SVDs, Kronecker + low-rank factors, or Kronecker factors alone; `budget-all` = "
-             "the allocation over every family (all four on the dense model's statistics and with no multiply-add cap, "
-             "`--max-macs none`, as when their first rows were measured); `truncate` = whole blocks dropped, evenly spaced "
+             "parameter count with truncated SVDs, Kronecker + low-rank factors, or Kronecker factors alone; `budget-kron-cap` "
+             "= Kronecker factors alone under the allocation's default multiply-add cap (no factored layer above its dense "
+             "multiply-adds per token); `budget-all` = the allocation over every family (all budget students on the dense "
+             "model's statistics; all but `budget-kron-cap` with no multiply-add cap, `--max-macs none`, as when their first "
+             "rows were measured); `truncate` = whole blocks dropped, evenly spaced "
              "ones kept.", ""]
     for size in sizes:
         of_size = [r for r in rows if r["size"] == size]

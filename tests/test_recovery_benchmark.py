@@ -136,3 +136,14 @@ def test_unknown_students_or_recoveries_are_refused_by_name(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         bench.main()
     assert "--recoveries: unknown 'stagd'" in capsys.readouterr().err
+
+
+def test_budget_students_name_the_multiply_add_cap_they_were_built_with():
+    config, families, flags = bench.budget_student("budget-kron", 1000)
+    assert config.max_macs is None and config.families == ("kronecker",) and config.sequential is None
+    assert families == ["--families", "kronecker"] and flags == ["--sequential-calibration", "off", "--max-macs", "none"]
+    capped, families, flags = bench.budget_student("budget-kron-cap", 1000)
+    assert capped.max_macs == 1.0 and capped.families == ("kronecker",) and capped.target_params == 1000
+    assert families == ["--families", "kronecker"] and flags == ["--sequential-calibration", "off"]  # the CLI's default cap
+    every, families, flags = bench.budget_student("budget-all", 1000)
+    assert every.max_macs is None and families == [] and flags == ["--sequential-calibration", "off", "--max-macs", "none"]
