@@ -171,8 +171,7 @@ def _sources(ctx, param, value):
                    "(no larger) and keep each swap that lowers the held-out NLL; 0 turns it off.")
 @click.option("--tie-break-margin", type=FiniteFloatRange(min=0), default=DEFAULTS.tie_break_margin, show_default=True,
               help="An alternative is close when its estimated NLL increase is at most (1 + margin) times the chosen one's.")
-@click.option("--max-macs", callback=_max_macs, default="none" if DEFAULTS.max_macs is None else f"{DEFAULTS.max_macs:g}",
-              show_default=True,
+@click.option("--max-macs", callback=_max_macs, default=str(DEFAULTS.max_macs).lower(), show_default=True, metavar="X|none",
               help="Offer only factorisations needing at most this many multiply-adds per token, as a multiple of the dense "
                    "matrix's (1.0: no factored module slower than dense in multiply-adds); `none`: no cap.")
 @click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default=DEFAULTS.sequential or "off",
