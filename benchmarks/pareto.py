@@ -73,6 +73,7 @@ from kronlm.compression import (
     price_modules,
     save_calibration,
 )
+from kronlm.compression.budget.settings import max_macs_text, parse_max_macs
 from kronlm.data import load_text
 from kronlm.evaluation import perplexity
 from kronlm.modeling import compress_to_budget
@@ -108,15 +109,6 @@ def settings_for(args, families: tuple[str, ...], fraction: float | None = None)
                         tie_break_modules=args.tie_break_modules, tie_break_margin=args.tie_break_margin, max_macs=args.max_macs)
 
 
-def max_macs_flag(cap: float | None) -> str:
-    """``kronlm compress --max-macs``'s spelling of a cap."""
-    return "none" if cap is None else f"{cap:g}"
-
-
-def parse_max_macs(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
 def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
     """The ``kronlm compress`` command that gives the same student as one row."""
     parts = ["kronlm", "compress", args.model, "--budget", f"{fraction:g}", "--families", ",".join(families)]
@@ -135,7 +127,7 @@ def cli_command(args, fraction: float, families: tuple[str, ...]) -> str:
     if args.tie_break_margin != DEFAULTS.tie_break_margin:
         parts += ["--tie-break-margin", f"{args.tie_break_margin:g}"]
     if args.max_macs != DEFAULTS.max_macs:
-        parts += ["--max-macs", max_macs_flag(args.max_macs)]
+        parts += ["--max-macs", max_macs_text(args.max_macs)]
     parts += ["--out", f"runs/{args.model}-{round(100 * fraction)}-{'-'.join(families)}", "--eval", "wikitext2", "--max-tokens", str(args.max_tokens)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -298,7 +290,7 @@ def _row_command(row: dict) -> str:
         command = command.replace(" --out ", f" --sequential-calibration {sequential} --out ", 1)
     cap = row.get("max_macs")
     if "--max-macs" not in command and cap != DEFAULTS.max_macs:
-        command = command.replace(" --out ", f" --max-macs {max_macs_flag(cap)} --out ", 1)
+        command = command.replace(" --out ", f" --max-macs {max_macs_text(cap)} --out ", 1)
     return command
 
 

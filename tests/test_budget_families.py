@@ -19,6 +19,7 @@ from kronlm.compression.budget import (
     module_options,
     price_modules,
 )
+from kronlm.compression.budget.settings import max_macs_text, parse_max_macs
 from kronlm.compression.calibration import (
     InputStatistics,
     ModuleCalibration,
@@ -120,6 +121,9 @@ def test_multiply_add_cap_is_checked_and_round_trips(tmp_path):
     config = BudgetConfig(target_fraction=0.8, max_macs=None)
     config.to_file(tmp_path / "b.yaml")
     assert BudgetConfig.from_file(tmp_path / "b.yaml").max_macs is None
+    # The command line's spelling reads back to the same cap.
+    for cap in (None, 1.0, 0.5):
+        assert parse_max_macs(max_macs_text(cap)) == cap
 
 
 def test_families_are_checked_by_name():

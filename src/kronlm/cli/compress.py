@@ -29,6 +29,7 @@ from kronlm.compression import (
     count_parameters,
     get_preset,
 )
+from kronlm.compression.budget.settings import max_macs_text, parse_max_macs
 from kronlm.data import TEXT_ALIASES, build_blocks, resolve_source
 from kronlm.decompose import get_initializer
 from kronlm.distill import (
@@ -111,16 +112,10 @@ def _families(ctx, param, value):
 
 
 def _max_macs(ctx, param, value):
-    """--max-macs: a positive multiple of the dense multiply-adds, or `none` for no cap."""
-    if value is None or value.strip().lower() in ("none", "null", "off"):
-        return None
     try:
-        cap = float(value)
-    except ValueError:
-        cap = float("nan")
-    if not 0 < cap < float("inf"):
-        raise click.BadParameter(f"give a positive multiple of the dense multiply-adds (e.g. 1.0) or `none`, got {value!r}")
-    return cap
+        return parse_max_macs(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _sources(ctx, param, value):
@@ -171,7 +166,7 @@ def _sources(ctx, param, value):
                    "(no larger) and keep each swap that lowers the held-out NLL; 0 turns it off.")
 @click.option("--tie-break-margin", type=FiniteFloatRange(min=0), default=DEFAULTS.tie_break_margin, show_default=True,
               help="An alternative is close when its estimated NLL increase is at most (1 + margin) times the chosen one's.")
-@click.option("--max-macs", callback=_max_macs, default=str(DEFAULTS.max_macs).lower(), show_default=True, metavar="X|none",
+@click.option("--max-macs", callback=_max_macs, default=max_macs_text(DEFAULTS.max_macs), show_default=True, metavar="X|none",
               help="Offer only factorisations needing at most this many multiply-adds per token, as a multiple of the dense "
                    "matrix's (1.0: no factored module slower than dense in multiply-adds); `none`: no cap.")
 @click.option("--sequential-calibration", type=click.Choice(["off", "output", "weight"]), default=DEFAULTS.sequential or "off",

@@ -45,6 +45,29 @@ def check_families(families) -> tuple[str, ...]:
     return picked
 
 
+def parse_max_macs(text: str) -> float | None:
+    """A multiply-add cap as the command line spells it (``kronlm compress --max-macs``): a
+    positive multiple of the dense multiply-adds, or ``none`` (also ``null``, ``off``) for no cap.
+
+    Raises:
+        ValueError: anything else (the text is named).
+    """
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        cap = float(text)
+    except ValueError:
+        cap = float("nan")
+    if not 0 < cap < float("inf"):
+        raise ValueError(f"give a positive multiple of the dense multiply-adds (e.g. 1.0) or `none`, got {text!r}")
+    return cap
+
+
+def max_macs_text(cap: float | None) -> str:
+    """The command line's spelling of a multiply-add cap (``parse_max_macs`` reads it back)."""
+    return "none" if cap is None else str(float(cap))
+
+
 def _count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -229,4 +252,6 @@ __all__ = [
     "BudgetSettings",
     "check_families",
     "default_budget_config",
+    "max_macs_text",
+    "parse_max_macs",
 ]
