@@ -73,7 +73,7 @@ from kronlm.compression import (
     price_modules,
     save_calibration,
 )
-from kronlm.compression.budget.settings import max_macs_text, parse_max_macs
+from kronlm.compression.budget import max_macs_text, parse_max_macs
 from kronlm.data import load_text
 from kronlm.evaluation import perplexity
 from kronlm.modeling import compress_to_budget

@@ -19,7 +19,7 @@ from kronlm.compression.budget import (
     module_options,
     price_modules,
 )
-from kronlm.compression.budget.settings import max_macs_text, parse_max_macs
+from kronlm.compression.budget import max_macs_text, parse_max_macs
 from kronlm.compression.calibration import (
     InputStatistics,
     ModuleCalibration,

@@ -29,7 +29,7 @@ from kronlm.compression import (
     count_parameters,
     get_preset,
 )
-from kronlm.compression.budget.settings import max_macs_text, parse_max_macs
+from kronlm.compression.budget import max_macs_text, parse_max_macs
 from kronlm.data import TEXT_ALIASES, build_blocks, resolve_source
 from kronlm.decompose import get_initializer
 from kronlm.distill import (

@@ -110,6 +110,8 @@ from kronlm.compression.budget.settings import (
     BudgetSettings,
     check_families,
     default_budget_config,
+    max_macs_text,
+    parse_max_macs,
 )
 
 __all__ = [
@@ -143,10 +145,12 @@ __all__ = [
     "hull_shapes",
     "kronecker_spectrum",
     "lowrank_spectrum",
+    "max_macs_text",
     "measure_option",
     "module_class",
     "module_options",
     "option_target",
+    "parse_max_macs",
     "price_modules",
     "shape_window",
     "solve_budget",
