@@ -81,6 +81,8 @@ from pathlib import Path
 import torch
 
 from kronlm.bench.markdown import (
+    environment_info,
+    git_commit,
     machine_info,
     machine_line,
     append_result_row,
@@ -516,10 +518,13 @@ def main() -> None:
     results_path = args.results
     done = rows_by_key(read_result_rows(results_path))
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
+    # The code this process runs: rows measured across a later commit still name the one they ran.
+    commit = git_commit(Path(__file__).resolve().parent)
     if args.report_only:
-        write_reports(results_path, args, command)
+        write_reports(results_path, args, command, commit)
         return
-    print(reproduce_header(command), flush=True)
+    info = environment_info(args.device)
+    print(reproduce_header(command, {**info, "commit": commit}), flush=True)
     log: list[str] = []
     teacher, tokenizer = load_model_and_tokenizer(args.model)
     teacher.to(args.device).eval()
@@ -556,21 +561,23 @@ def main() -> None:
             if name not in NO_KRONECKER_TERMS:
                 row["factors"] = FACTORS
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
-                       command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"])
+                       command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"],
+                       commit=commit)
             done.update(rows_by_key([row]))
             append_result_row(results_path, row)
             if not args.keep_checkpoints:
                 prune_run(run_folder(work, name, args.size, recovery))
-    write_reports(results_path, args, command)
+    write_reports(results_path, args, command, commit)
 
 
-def write_reports(results_path: Path, args, command: str) -> None:
+def write_reports(results_path: Path, args, command: str, commit: str) -> None:
     """Markdown of every row in ``results_path`` (all sizes: several invocations append to one
-    file) to ``--out``, and one PNG per size to ``--plot`` (``{size}`` replaced by 85, 70)."""
+    file) to ``--out``, and one PNG per size to ``--plot`` (``{size}`` replaced by 85, 70);
+    ``commit``: the commit of the code that writes them (taken when the process started)."""
     rows = read_result_rows(results_path)
     sizes = sorted({r["size"] for r in rows}, reverse=True)
     if args.out:
-        write_markdown(report(rows, sizes, command, args.work), args.out)
+        write_markdown(report(rows, sizes, command, args.work, commit), args.out)
     for size in sizes if args.plot else ():
         of_size = [r for r in rows if r["size"] == size]
         # Balanced rows first, so that their recoveries take the solid and dashed styles.
@@ -585,8 +592,9 @@ def write_reports(results_path: Path, args, command: str) -> None:
                   logy=True, reference=of_size[0]["dense"]["test"], reference_label="dense", groups=groups)
 
 
-def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> str:
-    """The Markdown tables of ``rows``, one section per size."""
+def report(rows: list[dict], sizes: list[float], command: str, work: Path, commit: str | None = None) -> str:
+    """The Markdown tables of ``rows``, one section per size; ``commit``: the code's commit the
+    page names (default: the checkout's HEAD now)."""
     headers = ["student", "recovery", "params", "of dense", "test before", "test after", "x dense", "OOD before", "OOD after",
                "OOD x dense", "training tokens", "points (test ppl)", "CPU-min", "machine"]
     runs = sorted({r.get("command", command) for r in rows}) or [FULL_COMMAND]
@@ -629,7 +637,12 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path) -> st
         lines += [f"## {int(size * 100)} % of the parameters", "", f"Dense: test {dense['test']:.2f}, OOD {dense['ood']:.2f}.", "",
                   markdown_table(headers, table), "", f"![test perplexity against CPU-minutes](recovery-{int(size * 100)}.png)", ""]
     lines += missing_section(rows, work)
-    lines.append(reproduce_section(runs))
+    info = environment_info()
+    info["commit"] = commit or info["commit"]
+    commits = sorted({r["commit"] for r in rows if r.get("commit")})
+    notes = [f"Rows record the commit they were measured at (`commit` in the results file): {', '.join(f'`{c[:12]}`' for c in commits)}; "
+             "rows without it predate the field."] if commits else []
+    lines.append(reproduce_section(runs, info, notes))
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 family's student takes that student's rows (no training here)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -147,3 +148,15 @@ def test_budget_students_name_the_multiply_add_cap_they_were_built_with():
     assert families == ["--families", "kronecker"] and flags == ["--sequential-calibration", "off"]  # the CLI's default cap
     every, families, flags = bench.budget_student("budget-all", 1000)
     assert every.max_macs is None and families == [] and flags == ["--sequential-calibration", "off", "--max-macs", "none"]
+
+
+def test_the_page_names_the_commit_its_code_ran_at_and_each_rows_own(tmp_path):
+    rows = [json.loads(line) for line in (REPO / "docs" / "benchmarks" / "recovery.jsonl").read_text().splitlines()[:2]]
+    rows[0] = {k: v for k, v in rows[0].items() if k != "commit"}
+    rows[1] = {**rows[1], "commit": "f" * 40}
+    page = bench.report(rows, sorted({r["size"] for r in rows}, reverse=True), "python benchmarks/recovery.py", tmp_path,
+                        commit="a" * 40)
+    assert f"commit `{'a' * 40}`" in page  # the process's commit, not the checkout's HEAD when the page is written
+    assert f"measured at (`commit` in the results file): `{'f' * 12}`;" in page
+    old = bench.report(rows[:1], [rows[0]["size"]], "python benchmarks/recovery.py", tmp_path, commit="a" * 40)
+    assert "measured at" not in old  # rows without the field name nothing
