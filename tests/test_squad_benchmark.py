@@ -58,7 +58,8 @@ def test_student_configs_compress_minilm_widths_and_comment_every_key(name, rati
 
 
 def test_grid_names_and_bad_settings():
-    args = bench.parse_args(["--teacher-lrs", "1e-4,5e-5", "--teacher-windows", "256:96,384:128", "--data-dir", str(REPO)])
+    args = bench.parse_args(["--teacher-lrs", "1e-4,5e-5", "--teacher-windows", "256:96,384:128", "--teacher-search", "grid",
+                             "--data-dir", str(REPO)])
     names = [s.name for s in bench.teacher_grid(args)]
     assert names == ["teacher-lr0.0001-L256-S96", "teacher-lr5e-05-L256-S96", "teacher-lr0.0001-L384-S128",
                      "teacher-lr5e-05-L384-S128"]
@@ -75,6 +76,27 @@ def test_grid_names_and_bad_settings():
     stride = bench.TeacherSetting(1e-4, 128, 128)
     with pytest.raises(SystemExit, match="teacher-lr0.0001-L128-S128: .*doc_stride must be an integer in"):
         bench.teacher_config(args, stride)
+
+
+def test_coordinate_search_tries_the_best_learning_rate_of_the_first_window_at_the_others():
+    args = bench.parse_args(["--teacher-lrs", "5e-5,1e-4,2e-4", "--teacher-windows", "256:96,384:128,512:128", "--data-dir", str(REPO)])
+    assert args.teacher_search == "coordinate"
+    first = [f"teacher-lr{lr}-L256-S96" for lr in ("5e-05", "0.0001", "0.0002")]
+    assert [s.name for s in bench.teacher_grid(args)] == first
+    rows = {first[0]: _teacher_row(first[0], 0.70, 0.6, lr=5e-5), first[1]: _teacher_row(first[1], 0.75, 0.6)}
+    assert [s.name for s in bench.teacher_grid(args, rows)] == first  # undecided until every first-window row is in
+    pending = bench.pending_settings(args, rows)
+    assert pending == ["the learning rate with the best held-out F1 at 256:96, at window 384:128 (after the 256:96 rows)",
+                       "the learning rate with the best held-out F1 at 256:96, at window 512:128 (after the 256:96 rows)"]
+    rows[first[2]] = _teacher_row(first[2], 0.72, 0.7, lr=2e-4)  # best on dev, not on held-out questions: not chosen
+    assert [s.name for s in bench.teacher_grid(args, rows)] == [*first, "teacher-lr0.0001-L384-S128", "teacher-lr0.0001-L512-S128"]
+    assert bench.pending_settings(args, rows) == []
+    report = bench.report_markdown(dict(list(rows.items())[:2]), first, "python b.py --work W", None,
+                                   pending=pending)
+    assert "(so far: 3 teacher setting(s) of the search not measured yet)" in report
+    assert ("- teacher: the learning rate with the best held-out F1 at 256:96, at window 384:128 (after the 256:96 rows): "
+            "`python benchmarks/squad_minilm.py --only teacher`") in report
+    assert "Settings tried: every learning rate at the first window" in report
 
 
 def test_dev_subset_keeps_the_first_questions(tmp_path):
