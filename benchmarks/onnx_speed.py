@@ -420,7 +420,7 @@ DECODE_BEGIN, DECODE_END = "<!-- onnx_decode results: begin -->", "<!-- onnx_dec
 def write_results(path: str, text: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
     """Write ``text`` to ``path`` atomically: in a file with the given begin / end markers only between
     them; appended with the markers to an existing file without them; a new file otherwise."""
-    from kronlm.utils.io import atomic_path
+    from kronlm.utils.atomic import atomic_path
 
     begin, end = markers
     target = Path(path)

@@ -72,7 +72,8 @@ from kronlm.modeling import load, load_model, load_tokenizer
 from kronlm.tasks import TaskReport, claim_task_folder, count_embedding_linear_parameters
 from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
 from kronlm.utils import default_data_dir
-from kronlm.utils.io import read_json, write_json
+from kronlm.utils.atomic import write_json
+from kronlm.utils.files import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_CONFIG = "configs/squad-minilm-teacher.yaml"

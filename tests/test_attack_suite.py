@@ -55,11 +55,13 @@ from kronlm.distill import distributed
 from kronlm.distill.config import TrainingConfig
 from kronlm.distill.fingerprint import model_fingerprint, tokens_fingerprint
 from kronlm.distill.trainer import ResumeMismatch, train
-from kronlm.utils.io import (
+from kronlm.utils.atomic import (
     FolderBusyError,
     clean_interrupted_writes,
-    file_sha256,
     folder_lock,
+)
+from kronlm.utils.files import (
+    file_sha256,
     read_json,
 )
 

@@ -163,7 +163,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from kronlm.utils.io import atomic_dir, write_json
+    from kronlm.utils.atomic import atomic_dir, write_json
 
     umask = os.umask(0o022)
     try:

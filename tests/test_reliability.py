@@ -16,9 +16,9 @@ from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 
 import kronlm
-import kronlm.utils.io as io_module
+import kronlm.utils.atomic as atomic_module
 from kronlm import CompressionConfig, KroneckerTarget
-from kronlm.utils.io import FolderBusyError, folder_lock
+from kronlm.utils.atomic import FolderBusyError, folder_lock
 
 CFG = CompressionConfig(targets=[KroneckerTarget(["**.mlp.gate_proj", "**.mlp.up_proj"], b_shape=(2, 1)), KroneckerTarget(["**.mlp.down_proj"], b_shape=(1, 2))])
 IDS = torch.arange(12).reshape(2, 6)
@@ -79,10 +79,10 @@ def _crash_at(op_index: int, folder: str, seed: int) -> None:
 
         return wrapper
 
-    io_module.os.replace = dying(os.replace)
-    io_module.os.chmod = dying(os.chmod)
-    io_module.shutil.rmtree = dying(shutil.rmtree)
-    io_module.exchange_paths = dying(io_module.exchange_paths)
+    atomic_module.os.replace = dying(os.replace)
+    atomic_module.os.chmod = dying(os.chmod)
+    atomic_module.shutil.rmtree = dying(shutil.rmtree)
+    atomic_module.exchange_paths = dying(atomic_module.exchange_paths)
     kronlm.save(_compressed(seed), folder)
     os._exit(0)
 
@@ -92,7 +92,7 @@ def test_a_crash_at_any_point_of_an_overwrite_leaves_a_loadable_model(tmp_path, 
     folder = tmp_path / "k"
     old, new = _logits(_compressed(0)), _logits(_compressed(1))
     if not exchange:  # the fallback for file systems without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr(io_module, "exchange_paths", lambda a, b: False)
+        monkeypatch.setattr(atomic_module, "exchange_paths", lambda a, b: False)
     seen_new, seen_gap = False, False
     for op in range(1, 80):
         kronlm.save(_compressed(0), folder)
@@ -107,7 +107,7 @@ def test_a_crash_at_any_point_of_an_overwrite_leaves_a_loadable_model(tmp_path, 
             seen_gap = True
             with pytest.raises(FileNotFoundError, match=r"interrupted save left the previous model at .*\.k\.old"):
                 kronlm.load(folder)
-            assert io_module.recover_interrupted_swap(folder)
+            assert atomic_module.recover_interrupted_swap(folder)
         logits = _logits(kronlm.load(folder))
         assert torch.equal(logits, old) or torch.equal(logits, new)
         seen_new |= torch.equal(logits, new)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from kronlm.utils.io import atomic_path
+from kronlm.utils.atomic import atomic_path
 from kronlm.utils.paths import data_dir
 
 

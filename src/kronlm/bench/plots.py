@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kronlm.utils.io import atomic_path
+from kronlm.utils.atomic import atomic_path
 
 DPI = 120
 # Six distinguishable line styles (matplotlib dash tuples beyond its four named ones).

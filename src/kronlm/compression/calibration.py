@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from kronlm.data.sources import TEXT_ALIASES, resolve_source
 from kronlm.data.text import load_text, load_text_for_tokens
 from kronlm.layers import dense_weight, is_conv1d
-from kronlm.utils.io import atomic_path
+from kronlm.utils.atomic import atomic_path
 
 # Calibration token ids of ``kronlm compress --calibration`` and the benchmarks: sequences x tokens.
 DEFAULT_CALIBRATION_SEQUENCES = 128

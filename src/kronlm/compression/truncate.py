@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kronlm.utils.io import atomic_dir, check_output_folder, write_json, write_manifest
+from kronlm.utils.atomic import atomic_dir, write_json
+from kronlm.utils.outputs import check_output_folder, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def save_truncated(
     ``{"source_model", "source_class", "source_num_layers", "block_list", "layers", "num_layers"}``,
     and ``kronlm_manifest.json`` (size and SHA-256 of every file). An existing ``out_dir`` is
     replaced only when kronlm wrote it, or with ``overwrite``
-    (:func:`kronlm.utils.io.check_output_folder`).
+    (:func:`kronlm.utils.outputs.check_output_folder`).
     The folder is written under a temporary name and swapped in when complete, so a crash never
     leaves a partial model under ``out_dir``. ``AutoModelForCausalLM.from_pretrained(out_dir)``
     (or the matching Auto class) loads it back.

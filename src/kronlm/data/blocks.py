@@ -46,7 +46,8 @@ from kronlm.data.sources import (
     resolve_source,
     source_fingerprint,
 )
-from kronlm.utils.io import atomic_path, file_sha256, write_json
+from kronlm.utils.atomic import atomic_path, write_json
+from kronlm.utils.files import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 import datasets
 
 from kronlm.utils import paths
-from kronlm.utils.io import (
+from kronlm.utils.files import (
     file_sha256,
     parse_json,
     special_file_kind,

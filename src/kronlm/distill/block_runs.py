@@ -27,7 +27,8 @@ from torch import nn
 from kronlm.compression.truncate import find_block_list
 from kronlm.distill.hidden_cache import HiddenStateCache, block_output, build_hidden_cache
 from kronlm.distill.validators import evaluate_perplexity
-from kronlm.utils.io import atomic_dir, read_json, write_json
+from kronlm.utils.atomic import atomic_dir, write_json
+from kronlm.utils.files import read_json
 
 BLOCK_STATE_FILE = "block.safetensors"
 DONE_FILE = "done.json"

@@ -78,7 +78,8 @@ from kronlm.distill.trainer import Trainer, train
 from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KRONECKER_MODULES
 from kronlm.modeling import save
-from kronlm.utils.io import folder_lock, json_ready, write_json
+from kronlm.utils.atomic import folder_lock, write_json
+from kronlm.utils.files import json_ready
 
 SUMMARY_FILE = "blockwise_summary.json"
 

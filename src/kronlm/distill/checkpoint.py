@@ -37,7 +37,7 @@ prunes by age only; :func:`prune_checkpoints` does the same but also spares the 
 and the one ``latest`` names.
 
 Nothing here is pickled. The folder is assembled under a temporary name and swapped in
-(:func:`kronlm.utils.io.atomic_dir`); only then is the ``latest`` pointer file rewritten
+(:func:`kronlm.utils.atomic.atomic_dir`); only then is the ``latest`` pointer file rewritten
 (atomically), so a run killed while writing leaves the previous checkpoint as latest. Every file
 is checked against the manifest (size, SHA-256) before it is used, and ``trainer_state.json`` is
 range-checked (:func:`check_trainer_state`): a step of -5 or a best step after the checkpoint's
@@ -66,14 +66,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kronlm.utils.io import (
+from kronlm.utils.atomic import (
     atomic_dir,
     atomic_path,
     clean_interrupted_writes,
+    remove_stale_locks,
+)
+from kronlm.utils.files import (
     file_sha256,
     read_json,
     read_text,
-    remove_stale_locks,
 )
 
 CHECKPOINTS_DIRNAME = "checkpoints"

@@ -38,13 +38,13 @@ from tqdm.auto import tqdm
 
 from kronlm.compression.truncate import find_block_list
 from kronlm.distill.fingerprint import model_fingerprint, tokens_fingerprint
-from kronlm.utils.io import (
+from kronlm.utils.atomic import (
     atomic_path,
     clean_interrupted_writes,
     folder_lock,
-    read_json,
     write_json,
 )
+from kronlm.utils.files import read_json
 
 CACHE_FORMAT = "kronlm.hidden_cache/1"
 CACHE_FILE = "hidden.safetensors"

@@ -95,7 +95,8 @@ from kronlm.distill.trainer import Trainer
 from kronlm.distill.validators import Validator, evaluation_mode
 from kronlm.layers import KroneckerLinear, KroneckerLowRankLinear, dense_weight
 from kronlm.modeling import compression_report, save
-from kronlm.utils.io import folder_lock, json_ready, write_json
+from kronlm.utils.atomic import folder_lock, write_json
+from kronlm.utils.files import json_ready
 
 SUMMARY_FILE = "local_summary.json"
 CAPTURE_DIR = "captures"

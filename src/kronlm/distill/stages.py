@@ -38,8 +38,9 @@ from kronlm.distill.distributed import make_accelerator
 from kronlm.distill.local import distill_local
 from kronlm.distill.trainer import train
 from kronlm.modeling import load
+from kronlm.utils.atomic import folder_lock, write_json
 from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
-from kronlm.utils.io import folder_lock, json_ready, read_json, write_json
+from kronlm.utils.files import json_ready, read_json
 from kronlm.utils.memory import release_memory
 
 DEFAULT_RECIPE = Path(__file__).with_name("defaults") / "recover.yaml"

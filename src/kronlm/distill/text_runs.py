@@ -29,7 +29,7 @@ from kronlm.distill.objective import DistillationObjective
 from kronlm.distill.stages import RecoveryConfig, RecoveryResult, recover
 from kronlm.distill.trainer import TrainResult, train
 from kronlm.modeling.loading import has_lm_head, load_model, load_tokenizer
-from kronlm.utils.io import claim_run_folder
+from kronlm.utils.outputs import claim_run_folder
 
 # What a run replaces inside its folder: an input there would be destroyed.
 RUN_OUTPUTS = ("best", "final", "checkpoints", "logs", "training_config.yaml", "teacher_cache")

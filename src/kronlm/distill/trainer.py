@@ -97,7 +97,7 @@ from kronlm.distill.validators import (
     Validator,
 )
 from kronlm.modeling.loading import has_lm_head
-from kronlm.utils.io import folder_lock
+from kronlm.utils.atomic import folder_lock
 
 Exporter = Callable[[nn.Module, Path, dict[str, Any]], Path]
 # Validation results that count things rather than measure the model; not logged as scalars.
@@ -452,7 +452,7 @@ class Trainer:
         """Set up, train to ``max_steps`` (or an early stop), export ``final/``; see :func:`train`.
 
         Process 0 holds ``out_dir``'s lock for the whole run (a second run writing the same
-        folder is refused at once, :class:`kronlm.utils.io.FolderBusyError`) and first removes
+        folder is refused at once, :class:`kronlm.utils.atomic.FolderBusyError`) and first removes
         what a killed run left there (temporary checkpoint and export folders, stale locks).
         """
         self._setup_accelerator()
@@ -761,7 +761,7 @@ def train(
             :class:`~kronlm.distill.checkpoint.CheckpointError`: ``resume`` where no checkpoint
             verifies (each named with its reason).
         FileNotFoundError: ``resume`` without a completed checkpoint in ``out_dir``.
-        kronlm.utils.io.FolderBusyError: another process is training into ``out_dir``.
+        kronlm.utils.atomic.FolderBusyError: another process is training into ``out_dir``.
     """
     train_data, val_data = split_data(blocks_or_datasets)
     trainer = Trainer(student, config, train_data, out_dir, teacher=teacher, val_data=val_data,

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from kronlm.utils.io import read_text
+from kronlm.utils.files import read_text
 
 LAMBADA_LOCAL = "lambada_local"
 # The metrics kronlm prints for a task, when lm-eval reports them (in this order).

@@ -34,7 +34,7 @@ from torch import nn
 
 from kronlm.modeling.merge import merge_and_unload
 from kronlm.modeling.registry import is_kronecker_model, kronlm_version
-from kronlm.utils.io import atomic_path
+from kronlm.utils.atomic import atomic_path
 
 GGUF_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}
 GGUF_DTYPES = ("f16", "f32")

@@ -56,10 +56,12 @@ from transformers import DynamicCache
 
 from kronlm.compression.surgery import set_module
 from kronlm.layers import KroneckerLinear, KroneckerTiedLMHead, OnnxKroneckerLinear
-from kronlm.utils.io import (
+from kronlm.utils.atomic import (
     atomic_dir,
-    check_output_folder,
     write_json,
+)
+from kronlm.utils.outputs import (
+    check_output_folder,
     write_manifest,
 )
 
@@ -327,7 +329,7 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 16, see
 
 def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Path:
     """Check, before any work, that ``out_dir`` can be created or replaced (kronlm's output policy,
-    :func:`kronlm.utils.io.check_output_folder`): a new or empty folder, a folder kronlm wrote
+    :func:`kronlm.utils.outputs.check_output_folder`): a new or empty folder, a folder kronlm wrote
     (an earlier export), or any folder with ``overwrite``; never one that is, holds or lies inside
     an input. A symlinked ``out_dir`` is followed.
 

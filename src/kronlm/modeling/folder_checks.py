@@ -29,7 +29,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from kronlm.modeling.integrity import check_folder_entries, inside
 from kronlm.modeling.plan import PREFIX
-from kronlm.utils.io import read_json
+from kronlm.utils.files import read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

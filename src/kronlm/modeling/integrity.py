@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kronlm.utils.io import (
-    MANIFEST_FILE,
-    MANIFEST_FORMAT,
+from kronlm.utils.files import (
     file_sha256,
     read_json,
     special_file_kind,
+)
+from kronlm.utils.outputs import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
     write_manifest,
 )
 

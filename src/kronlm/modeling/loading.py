@@ -47,7 +47,8 @@ from kronlm.modeling.registry import (
     register_architecture,
 )
 from kronlm.modeling.folder_checks import check_folder_files, read_folder_config
-from kronlm.utils.io import MANIFEST_FILE, read_json, special_file_kind
+from kronlm.utils.files import read_json, special_file_kind
+from kronlm.utils.outputs import MANIFEST_FILE
 from kronlm.utils.paths import package_dir
 
 T = TypeVar("T")

@@ -14,7 +14,8 @@ from typing import Any
 from torch import nn
 
 from kronlm.compression.report import CompressionReport
-from kronlm.utils.io import read_json, write_json
+from kronlm.utils.atomic import write_json
+from kronlm.utils.files import read_json
 
 COMPRESSION_FILE = "kronlm_compression.json"
 REPORT_ATTRIBUTE = "compression_report"

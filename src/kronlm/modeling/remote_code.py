@@ -29,7 +29,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kronlm.utils.io import atomic_path, read_json
+from kronlm.utils.atomic import atomic_path
+from kronlm.utils.files import read_json
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "remote"
 LAYERS_FILE = "kronlm_layers.py"

@@ -20,7 +20,8 @@ from kronlm.modeling.integrity import check_finite, write_manifest
 from kronlm.modeling.loading import load_model
 from kronlm.modeling.metadata import attach_report
 from kronlm.modeling.folder_checks import check_folder_files
-from kronlm.utils.io import atomic_dir, check_output_folder, write_json
+from kronlm.utils.atomic import atomic_dir, write_json
+from kronlm.utils.outputs import check_output_folder
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -44,11 +45,11 @@ def save(
     — plus the tokenizer files when ``tokenizer`` is given and ``training_summary.json`` when
     ``summary`` is, and ``kronlm_manifest.json`` (size and SHA-256 of every file, verified on
     load). It is assembled under a temporary name beside ``folder`` and exchanged with the old
-    folder in one atomic step when complete (:func:`kronlm.utils.io.atomic_dir`): a crash leaves
+    folder in one atomic step when complete (:func:`kronlm.utils.atomic.atomic_dir`): a crash leaves
     the previous model or the new one at ``folder``, never neither, and so does a full disk (one
     error naming the folder and the bytes). An existing ``folder`` is replaced only when kronlm
     wrote it (its ``kronlm_manifest.json`` lists every file in it) or with ``overwrite``, and never
-    when it is, holds or lies inside one of ``inputs`` (:func:`kronlm.utils.io.check_output_folder`);
+    when it is, holds or lies inside one of ``inputs`` (:func:`kronlm.utils.outputs.check_output_folder`);
     a symlinked ``folder`` is followed (its target replaced, the link kept).
 
     Args:
@@ -64,7 +65,7 @@ def save(
         The folder path (a symlink's target).
 
     Raises:
-        FileExistsError: ``folder`` is refused (:class:`kronlm.utils.io.OutputRefused`: a file, a
+        FileExistsError: ``folder`` is refused (:class:`kronlm.utils.outputs.OutputRefused`: a file, a
             folder kronlm did not write while ``overwrite`` is False, an input; named).
         FolderBusyError: another process is writing ``folder``.
         StorageFullError: the disk or the file-size limit ran out (the old folder stays).

@@ -59,7 +59,8 @@ from kronlm.tasks.student import (
     load_general_distilled,
     make_student,
 )
-from kronlm.utils.io import claim_run_folder, read_json
+from kronlm.utils.files import read_json
+from kronlm.utils.outputs import claim_run_folder
 
 __all__ = [
     "TaskFamily",
@@ -420,7 +421,7 @@ def distil_task_student(family: TaskFamily, student: TaskStudent, teacher: nn.Mo
 
 
 def claim_task_folder(out: str | Path, teacher: str | Path | None, inputs: tuple) -> str:
-    """Check and mark a task run's folder before any work (:func:`kronlm.utils.io.claim_run_folder`):
+    """Check and mark a task run's folder before any work (:func:`kronlm.utils.outputs.claim_run_folder`):
     a new, empty or kronlm run folder that no input is, or lies inside; an input may sit in it
     (``teacher=OUT/teacher`` of an earlier run) but not where this run writes (``student``,
     ``student-run``, the report, and ``teacher``, ``teacher-run`` unless a teacher is given).

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kronlm.utils.io import atomic_path, read_json, write_json
+from kronlm.utils.atomic import atomic_path, write_json
+from kronlm.utils.files import read_json
 
 __all__ = ["ModelResult", "TaskReport", "describe_selection", "format_metric", "read_report", "write_report"]
 

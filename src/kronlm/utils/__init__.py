@@ -1,23 +1,28 @@
-"""Small shared helpers: atomic file and folder writes with write locks and the output rules
-(:mod:`kronlm.utils.io`), the base class of every settings file (:mod:`kronlm.utils.config`),
+"""Small shared helpers: atomic file and folder writes with write locks (:mod:`kronlm.utils.atomic`),
+the output rules (:mod:`kronlm.utils.outputs`), safe reading of JSON and text files
+(:mod:`kronlm.utils.files`), the base class of every settings file (:mod:`kronlm.utils.config`),
 where local data and packaged models are found (:mod:`kronlm.utils.paths`)."""
 
-from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
-from kronlm.utils.io import (
-    WRITTEN_BY_KEY,
+from kronlm.utils.atomic import (
     FolderBusyError,
-    OutputRefused,
     StorageFullError,
     atomic_dir,
     atomic_path,
-    check_output_file,
-    check_output_folder,
-    claim_run_folder,
     folder_lock,
+    write_json,
+)
+from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
+from kronlm.utils.files import (
     json_ready,
     read_json,
     read_text,
-    write_json,
+)
+from kronlm.utils.outputs import (
+    WRITTEN_BY_KEY,
+    OutputRefused,
+    check_output_file,
+    check_output_folder,
+    claim_run_folder,
     written_by_kronlm_json,
 )
 from kronlm.utils.paths import DATA_DIR_ENV, data_dir, default_data_dir, package_dir

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import yaml
 from typing_extensions import Self
 
-from kronlm.utils.io import atomic_path, special_file_kind
+from kronlm.utils.atomic import atomic_path
+from kronlm.utils.files import special_file_kind
 
 C = TypeVar("C", bound="ConfigBase")
 

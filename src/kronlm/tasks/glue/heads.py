@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from kronlm.modeling.loading import load_model, resolve_model_spec
 from kronlm.tasks.glue.tasks import GlueTask
-from kronlm.utils.io import read_json
+from kronlm.utils.files import read_json
 
 __all__ = ["build_classifier", "check_classifier", "classifier_head", "classifier_head_name"]
 

@@ -27,7 +27,7 @@ from typing import Any
 from datasets import load_dataset
 
 from kronlm.utils import paths
-from kronlm.utils.io import read_json
+from kronlm.utils.files import read_json
 
 __all__ = [
     "HF_SQUAD_DATASETS",

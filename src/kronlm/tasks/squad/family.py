@@ -61,7 +61,7 @@ from kronlm.tasks.squad.postprocess import (
     decode_predictions,
 )
 from kronlm.tasks.student import resolve_compression
-from kronlm.utils.io import read_json
+from kronlm.utils.files import read_json
 
 __all__ = [
     "QA_HEAD",
