@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kronlm.utils.files import _with_errno, follow_link
+from kronlm.utils.files import with_errno, follow_link
 
 try:
     import fcntl
@@ -117,7 +117,7 @@ def storage_error(target: str | os.PathLike, code: int, *, written: int, expecte
         what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
         why = f"{what} ({needed}, {free})"
     kept = "its previous contents are unchanged" if target.exists() else "nothing was written"
-    return _with_errno(StorageFullError(f"{target}: cannot write it: {why}; {kept}"), code)
+    return with_errno(StorageFullError(f"{target}: cannot write it: {why}; {kept}"), code)
 
 
 @contextlib.contextmanager
@@ -345,7 +345,8 @@ def _clean_stale_temporaries(path: Path) -> None:
         _remove(leftover)
 
 
-def _clean_exchanged_links(link: Path) -> None:
+def clean_exchanged_links(link: Path) -> None:
+    """Remove the symlinks an older kronlm left beside ``link`` under a temporary's name."""
     # Writers before symlinks were followed exchanged a temporary folder with the link itself and
     # left the link under the temporary's name: a symlink there is never a live writer's work.
     for leftover in link.parent.glob(f".{link.name}.*.tmp"):
@@ -399,7 +400,7 @@ def atomic_dir(path: str | os.PathLike, *, expected_bytes: int | None = None) ->
         OSError: the folder cannot be written.
     """
     if Path(path).is_symlink():
-        _clean_exchanged_links(Path(path))
+        clean_exchanged_links(Path(path))
     path = follow_link(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a folder; refusing to replace it")

@@ -67,11 +67,12 @@ def follow_link(path: str | os.PathLike) -> Path:
         return path
     target = Path(os.path.realpath(path))
     if target.is_symlink():
-        raise _with_errno(OSError(f"{path}: a symlink loop, leading to no file or folder"), errno.ELOOP)
+        raise with_errno(OSError(f"{path}: a symlink loop, leading to no file or folder"), errno.ELOOP)
     return target
 
 
-def _with_errno(exc: OSError, code: int) -> OSError:
+def with_errno(exc: OSError, code: int) -> OSError:
+    """``exc`` with ``errno`` set to ``code``, its message left as one plain line."""
     # OSError(code, message) would print as "[Errno 28] message"; the command line shows one
     # plain line, so the code is set after construction.
     exc.errno = code

@@ -14,9 +14,9 @@ import errno
 import os
 from pathlib import Path
 
-from kronlm.utils.atomic import _clean_exchanged_links, write_json
+from kronlm.utils.atomic import clean_exchanged_links, write_json
 from kronlm.utils.files import (
-    _with_errno,
+    with_errno,
     file_sha256,
     follow_link,
     parse_json,
@@ -100,9 +100,9 @@ def _check_creatable(path: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise _with_errno(NotADirectoryError(f"{path}: {parent} is a file, not a folder; cannot write below it"), errno.ENOTDIR)
+        raise with_errno(NotADirectoryError(f"{path}: {parent} is a file, not a folder; cannot write below it"), errno.ENOTDIR)
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
-        raise _with_errno(PermissionError(f"{path} is not writable (no write permission on {parent})"), errno.EACCES)
+        raise with_errno(PermissionError(f"{path} is not writable (no write permission on {parent})"), errno.EACCES)
 
 
 def model_folder_extras(folder: str | os.PathLike) -> list[str] | None:
@@ -181,7 +181,7 @@ def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, inp
         raise ValueError(f"kind must be 'model' or 'run', got {kind!r}")
     path = _output_name_check(path, option)
     if path.is_symlink():
-        _clean_exchanged_links(path)
+        clean_exchanged_links(path)
     path = follow_link(path)
     checks = [(path, output_conflict(path, inputs, holding_ok=kind == "run"))]
     checks += [(path / entry, output_conflict(path / entry, inputs, folder=False)) for entry in replaced]
