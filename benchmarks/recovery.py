@@ -53,14 +53,15 @@ on a fresh clone, skips the rows already measured; the checkpoints of an unfinis
 (``--keep-checkpoints`` keeps every stage's). ``--out`` writes the Markdown table and
 ``--plot`` the PNG (test perplexity against CPU-minutes, log scale, one line per student x recovery).
 
-Factor storage: kronlm stores every Kronecker term with its scale split evenly between the two
-factors (``kronlm.decompose.balance_terms``; truncated-SVD terms keep their init's split). Rows
-measured before it did (their JSON has no ``factors`` key: the init's own split, far from even for
-the activation-aware and pruning inits) stay on the page, marked "unbalanced", beside the rows of
-the same students stored balanced (``factors: balanced``; built in
-``WORK/students/NAME-SIZE-balanced``, or, when the earlier build exists, loaded from it and
-rebalanced with ``balance_factors``: the same weights). Students without Kronecker terms
-(truncation, the truncated-SVD budget) are stored the same either way: their rows stand for both.
+Factor storage: kronlm stores every Kronecker term of a ``KroneckerLinear`` with its scale split
+evenly between the two factors (``kronlm.decompose.balance_terms``); truncated-SVD terms and
+Kronecker + low-rank layers keep their fit's split. A student's rows count when measured with the
+storage kronlm uses for it now (:func:`current_factors`): ``factors: balanced`` for the Krony-PT and
+Kronecker-alone students (built in ``WORK/students/NAME-SIZE-balanced``, or, when an earlier build
+exists, loaded from it and rebalanced with ``balance_factors``: the same weights), the init's split
+(``unbalanced``, also what rows without the key were measured with) for ``budget-klr``. Rows of the
+other storage stay on the page, marked, beside them. Students without Kronecker terms (truncation,
+the truncated-SVD budget) are stored the same either way: their rows stand for both.
 
     python benchmarks/recovery.py --size 0.85 --students budget-svd,truncate --recoveries staged,end_to_end \\
         --out docs/benchmarks/recovery.md --plot docs/benchmarks/recovery-85.png
@@ -130,6 +131,8 @@ BLOCKWISE_ALONE = (0.85, "budget-svd")
 FACTORS = "balanced"
 UNBALANCED = "unbalanced"
 NO_KRONECKER_TERMS = ("truncate", "budget-svd")
+# Students whose Kronecker + low-rank layers kronlm stores with their joint fit's split.
+INIT_SPLIT = ("budget-klr",)
 ENWIKI = Path("enwiki-sample") / "articles.jsonl"
 # One size's whole grid (the committed tables: this at --size 0.85 and at --size 0.70).
 FULL_COMMAND = ("python benchmarks/recovery.py --size 0.85 --recoveries staged,end_to_end --local-minutes 15 --blockwise-minutes 10 "
@@ -418,15 +421,25 @@ def plan_targets(folder: Path) -> list[str]:
     return sorted(json.dumps(t, sort_keys=True) for t in plan)
 
 
-def student_folder(work: Path, student: str, size: float, factors: str = FACTORS) -> Path:
-    """Where a student is built: ``WORK/students/budget-svd-85-balanced`` (``budget-svd-85`` for the
-    unbalanced build; a truncated student has no factors: ``truncate-85``)."""
-    return work / "students" / f"{student}-{int(size * 100)}{variant_suffix(student, factors)}"
+def current_factors(student: str) -> str:
+    """The storage kronlm uses for ``student``'s factors now, which its counted rows are measured
+    with: ``balanced``, ``unbalanced`` (the init's split: ``INIT_SPLIT`` students) or ``-`` (no
+    Kronecker terms)."""
+    if student in NO_KRONECKER_TERMS:
+        return "-"
+    return UNBALANCED if student in INIT_SPLIT else FACTORS
 
 
-def run_folder(work: Path, student: str, size: float, recovery: str, factors: str = FACTORS) -> Path:
-    """Where one (student, size, recovery) row keeps its checkpoints and points: ``WORK/runs/budget-svd-85-staged-balanced``."""
-    return work / "runs" / f"{student}-{int(size * 100)}-{recovery}{variant_suffix(student, factors)}"
+def student_folder(work: Path, student: str, size: float, factors: str | None = None) -> Path:
+    """Where a student is built (``factors``: default :func:`current_factors`):
+    ``WORK/students/kron-prune-85-balanced`` (``kron-prune-85`` for the unbalanced build; a student
+    without Kronecker terms has one build: ``truncate-85``)."""
+    return work / "students" / f"{student}-{int(size * 100)}{variant_suffix(student, factors or current_factors(student))}"
+
+
+def run_folder(work: Path, student: str, size: float, recovery: str, factors: str | None = None) -> Path:
+    """Where one (student, size, recovery) row keeps its checkpoints and points: ``WORK/runs/kron-prune-85-staged-balanced``."""
+    return work / "runs" / f"{student}-{int(size * 100)}-{recovery}{variant_suffix(student, factors or current_factors(student))}"
 
 
 def variant_suffix(student: str, factors: str) -> str:
@@ -449,9 +462,10 @@ def rows_by_key(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def measured(done: dict[tuple, dict], student: str, size: float, recovery: str) -> dict | None:
-    """The row of the current storage for (student, size, recovery), if any: measured balanced, or
-    standing for both storages (no Kronecker terms, or the twin of such a student)."""
-    for factors in (FACTORS, "-"):
+    """The row of the current storage for (student, size, recovery), if any: measured with
+    :func:`current_factors`, or standing for both storages (no Kronecker terms, or the twin of such
+    a student)."""
+    for factors in (current_factors(student), "-"):
         if (row := done.get((student, size, recovery, factors))) is not None:
             return row
     return None
@@ -559,7 +573,7 @@ def main() -> None:
             info = machine_info(args.device)
             # CPU-minutes are only comparable on one kind of CPU: every row names its own.
             if name not in NO_KRONECKER_TERMS:
-                row["factors"] = FACTORS
+                row["factors"] = current_factors(name)
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
                        command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"],
                        commit=commit)
@@ -580,12 +594,12 @@ def write_reports(results_path: Path, args, command: str, commit: str) -> None:
         write_markdown(report(rows, sizes, command, args.work, commit), args.out)
     for size in sizes if args.plot else ():
         of_size = [r for r in rows if r["size"] == size]
-        # Balanced rows first, so that their recoveries take the solid and dashed styles.
-        drawn = sorted((r for r in of_size if not r.get("same_as")), key=lambda r: factors_of(r) == UNBALANCED)
+        # Rows of the current storage first, so that their recoveries take the solid and dashed styles.
+        drawn = sorted((r for r in of_size if not r.get("same_as")), key=lambda r: bool(storage_mark(r)))
         series = {f"{series_label(r)} {r['recovery']}": ([0.0] + [p["minutes"] for p in r["points"]],
                                                         [r["before"]["test"]] + [p["test"] for p in r["points"]]) for r in drawn}
         # One colour per student, one line style per recovery and storage: a student's rows read side by side.
-        groups = {f"{series_label(r)} {r['recovery']}": (r["student"], r["recovery"] + (" unbalanced" if factors_of(r) == UNBALANCED else ""))
+        groups = {f"{series_label(r)} {r['recovery']}": (r["student"], r["recovery"] + storage_mark(r).replace(",", ""))
                   for r in drawn}
         line_plot(series, str(args.plot).replace("{size}", str(int(size * 100))), xlabel="CPU-minutes (one thread)",
                   ylabel="WikiText-2 test perplexity", title=f"Recovery of SmolLM2-135M at {int(size * 100)} % of the parameters",
@@ -608,9 +622,11 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path, commi
              "spent (one torch thread, float32 training, teacher cache included, evaluations excluded). Checkpoints: each block keeps its step "
              "with the lowest error on the held-out training blocks, end to end the step with the lowest perplexity on them; "
              "the test split chooses nothing. Training tokens: the end-to-end parts pass over them once at most (fewer when "
-             "the time runs out). Factors: every row of a factored student is measured with each term's scale split evenly "
-             "between its two factors, as kronlm stores them, except those marked \"unbalanced\", measured earlier with the "
-             "split each init left (the same weights; only the steps distillation takes differ). Recoveries: `staged` = local "
+             "the time runs out). Factors: every row is measured with the factors stored as kronlm stores them: each "
+             "Kronecker term's scale split evenly between its two factors, except in Kronecker + low-rank layers (`budget-klr`) "
+             "and truncated SVDs, which keep their fit's split. Rows marked \"unbalanced\" (the init's split, measured "
+             "before kronlm balanced terms) or \"balanced\" (`budget-klr` stored balanced, measured while kronlm did) are "
+             "the other storage of the same weights; only the steps distillation takes differ. Recoveries: `staged` = local "
              "reconstruction, block-wise, then end-to-end distillation of the compressed modules; `staged_all` = the same with "
              "every weight trainable end to end; `end_to_end` = end-to-end distillation alone (the truncated student: every "
              "weight, DistilGPT2 recipe); `blockwise` = block-wise distillation alone.", "",
@@ -646,9 +662,16 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path, commi
     return "\n".join(lines) + "\n"
 
 
+def storage_mark(row: dict) -> str:
+    """``", unbalanced"`` or ``", balanced"`` for a row measured with another storage than the
+    student's current one (:func:`current_factors`); "" for a counted row."""
+    factors = factors_of(row)
+    return "" if factors in ("-", current_factors(row["student"])) else f", {factors}"
+
+
 def series_label(row: dict) -> str:
-    """A row's student, marked when its factors were stored unbalanced."""
-    return row["student"] + (", unbalanced" if factors_of(row) == UNBALANCED else "")
+    """A row's student, marked when its factors were stored otherwise than kronlm stores them now."""
+    return row["student"] + storage_mark(row)
 
 
 def tokens_cell(row: dict) -> str:
@@ -677,7 +700,8 @@ def missing_section(rows: list[dict], work: Path) -> list[str]:
                 lines.append(f"- {int(size * 100)} %, {student}, {recovery}: {'running or interrupted' if points else 'not run yet'}{so_far}")
     if not lines:
         return []
-    return ["## Not measured yet", "", "Rows with the factors stored balanced (an unbalanced row does not count). Each is one more "
+    return ["## Not measured yet", "", "Rows with the factors stored as kronlm stores them now (a row marked with the other "
+            "storage does not count). Each is one more "
             "invocation of the command below with `--size` and `--students`; an interrupted run resumes from its checkpoints.",
             "", *lines, ""]
 

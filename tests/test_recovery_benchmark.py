@@ -73,7 +73,7 @@ def test_rows_measured_before_balanced_storage_stay_apart_and_truncation_counts_
     assert bench.student_folder(tmp_path, "kron-prune", 0.85).name == "kron-prune-85-balanced"
     assert bench.student_folder(tmp_path, "kron-prune", 0.85, "unbalanced").name == "kron-prune-85"
     assert bench.student_folder(tmp_path, "truncate", 0.85).name == "truncate-85"
-    assert bench.run_folder(tmp_path, "budget-klr", 0.7, "staged").name == "budget-klr-70-staged-balanced"
+    assert bench.run_folder(tmp_path, "budget-kron", 0.7, "staged").name == "budget-kron-70-staged-balanced"
     # Truncated-SVD terms keep their split: the SVD budget's rows, and its twin's, stand for both storages.
     assert bench.student_folder(tmp_path, "budget-svd", 0.85).name == "budget-svd-85"
     svd = {"size": 0.85, "student": "budget-svd", "recovery": "staged"}
@@ -160,3 +160,20 @@ def test_the_page_names_the_commit_its_code_ran_at_and_each_rows_own(tmp_path):
     assert f"measured at (`commit` in the results file): `{'f' * 12}`;" in page
     old = bench.report(rows[:1], [rows[0]["size"]], "python benchmarks/recovery.py", tmp_path, commit="a" * 40)
     assert "measured at" not in old  # rows without the field name nothing
+
+
+def test_kronecker_low_rank_students_count_the_rows_of_their_fits_split(tmp_path):
+    """kronlm stores Kronecker + low-rank layers as their joint fit split them: for ``budget-klr``
+    the rows measured so (no ``factors`` key, or ``unbalanced``) count, the balanced ones are marked."""
+    assert bench.current_factors("budget-klr") == "unbalanced" and bench.current_factors("kron-prune") == "balanced"
+    assert bench.student_folder(tmp_path, "budget-klr", 0.85).name == "budget-klr-85"
+    assert bench.run_folder(tmp_path, "budget-klr", 0.7, "staged").name == "budget-klr-70-staged"
+    fit = {"size": 0.85, "student": "budget-klr", "recovery": "end_to_end"}
+    even = {**fit, "factors": "balanced"}
+    assert bench.series_label(fit) == "budget-klr" and bench.series_label(even) == "budget-klr, balanced"
+    done = bench.rows_by_key([even])
+    assert bench.measured(done, "budget-klr", 0.85, "end_to_end") is None  # the other storage does not count
+    assert "85 %, budget-klr, end_to_end: not run yet" in "\n".join(bench.missing_section([even], tmp_path))
+    done = bench.rows_by_key([even, fit])
+    assert bench.measured(done, "budget-klr", 0.85, "end_to_end") is fit
+    assert "85 %, budget-klr, end_to_end" not in "\n".join(bench.missing_section([even, fit], tmp_path))
