@@ -177,3 +177,15 @@ def test_kronecker_low_rank_students_count_the_rows_of_their_fits_split(tmp_path
     done = bench.rows_by_key([even, fit])
     assert bench.measured(done, "budget-klr", 0.85, "end_to_end") is fit
     assert "85 %, budget-klr, end_to_end" not in "\n".join(bench.missing_section([even, fit], tmp_path))
+
+
+def test_the_kronecker_alone_students_are_wanted_end_to_end_only(tmp_path):
+    missing = "\n".join(bench.missing_section([], tmp_path))
+    for student in bench.END_TO_END_ONLY:
+        assert f"85 %, {student}, end_to_end: not run yet" in missing
+        assert f"85 %, {student}, staged" not in missing
+    assert "85 %, budget-svd, staged: not run yet" in missing
+    started = bench.run_folder(tmp_path, "budget-kron", 0.85, "staged") / "points.json"
+    started.parent.mkdir(parents=True)
+    started.write_text('[{"label": "local", "minutes": 10.0, "test": 50.0}]')
+    assert "85 %, budget-kron, staged: running or interrupted" in "\n".join(bench.missing_section([], tmp_path))
