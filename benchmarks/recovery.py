@@ -137,6 +137,10 @@ UNBALANCED = "unbalanced"
 NO_KRONECKER_TERMS = ("truncate", "budget-svd")
 # Students whose Kronecker + low-rank layers kronlm stores with their joint fit's split.
 INIT_SPLIT = ("budget-klr",)
+# Students with Kronecker + low-rank layers: their rows count once measured with the low-rank part
+# U·V trainable end to end (``low_rank_trained``); kronlm froze it there before, with the rest of
+# the uncompressed weights, so those rows trained only the small Kronecker part end to end.
+LOW_RANK_STUDENTS = ("budget-klr",)
 ENWIKI = Path("enwiki-sample") / "articles.jsonl"
 # One size's whole grid (the committed tables: this at --size 0.85 and at --size 0.70).
 FULL_COMMAND = ("python benchmarks/recovery.py --size 0.85 --recoveries staged,end_to_end --local-minutes 15 --blockwise-minutes 10 "
@@ -460,9 +464,16 @@ def factors_of(row: dict) -> str:
     return row.get("factors", UNBALANCED)
 
 
+def low_rank_frozen(row: dict) -> bool:
+    """Whether a row of a Kronecker + low-rank student was measured with the low-rank part frozen
+    end to end (rows from before kronlm trained it)."""
+    return (row["student"] in LOW_RANK_STUDENTS or row.get("same_as") in LOW_RANK_STUDENTS) and not row.get("low_rank_trained")
+
+
 def rows_by_key(rows: list[dict]) -> dict[tuple, dict]:
-    """Rows by (student, size, recovery, ``factors_of``): the two storages' rows of one student apart."""
-    return {(r["student"], r["size"], r["recovery"], factors_of(r)): r for r in rows}
+    """Rows by (student, size, recovery, ``factors_of``, ``low_rank_frozen``): the variants of one
+    student apart."""
+    return {(r["student"], r["size"], r["recovery"], factors_of(r), low_rank_frozen(r)): r for r in rows}
 
 
 def measured(done: dict[tuple, dict], student: str, size: float, recovery: str) -> dict | None:
@@ -470,7 +481,7 @@ def measured(done: dict[tuple, dict], student: str, size: float, recovery: str) 
     :func:`current_factors`, or standing for both storages (no Kronecker terms, or the twin of such
     a student)."""
     for factors in (current_factors(student), "-"):
-        if (row := done.get((student, size, recovery, factors))) is not None:
+        if (row := done.get((student, size, recovery, factors, False))) is not None:
             return row
     return None
 
@@ -578,6 +589,8 @@ def main() -> None:
             # CPU-minutes are only comparable on one kind of CPU: every row names its own.
             if name not in NO_KRONECKER_TERMS:
                 row["factors"] = current_factors(name)
+            if name in LOW_RANK_STUDENTS:
+                row["low_rank_trained"] = True
             row.update(params=params, dense_params=count_parameters(teacher), dense=dense, before=before, commands=list(log),
                        command=command, machine=f"{info['cpu']}, {info['cores']} cores, {info['device']}", date=info["date"],
                        commit=commit)
@@ -630,7 +643,9 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path, commi
              "Kronecker term's scale split evenly between its two factors, except in Kronecker + low-rank layers (`budget-klr`) "
              "and truncated SVDs, which keep their fit's split. Rows marked \"unbalanced\" (the init's split, measured "
              "before kronlm balanced terms) or \"balanced\" (`budget-klr` stored balanced, measured while kronlm did) are "
-             "the other storage of the same weights; only the steps distillation takes differ. Recoveries: `staged` = local "
+             "the other storage of the same weights; only the steps distillation takes differ. Rows marked \"low-rank part "
+             "frozen end to end\" (`budget-klr` measured before kronlm trained a Kronecker + low-rank layer's U and V "
+             "end to end: only its small Kronecker part learned there) do not count. Recoveries: `staged` = local "
              "reconstruction, block-wise, then end-to-end distillation of the compressed modules; `staged_all` = the same with "
              "every weight trainable end to end; `end_to_end` = end-to-end distillation alone (the truncated student: every "
              "weight, DistilGPT2 recipe); `blockwise` = block-wise distillation alone.", "",
@@ -669,9 +684,11 @@ def report(rows: list[dict], sizes: list[float], command: str, work: Path, commi
 
 def storage_mark(row: dict) -> str:
     """``", unbalanced"`` or ``", balanced"`` for a row measured with another storage than the
-    student's current one (:func:`current_factors`); "" for a counted row."""
+    student's current one (:func:`current_factors`), ``", low-rank part frozen end to end"`` for
+    a row of :func:`low_rank_frozen`; "" for a counted row."""
     factors = factors_of(row)
-    return "" if factors in ("-", current_factors(row["student"])) else f", {factors}"
+    mark = "" if factors in ("-", current_factors(row["student"])) else f", {factors}"
+    return mark + (", low-rank part frozen end to end" if low_rank_frozen(row) else "")
 
 
 def series_label(row: dict) -> str:

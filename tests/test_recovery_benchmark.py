@@ -168,7 +168,7 @@ def test_kronecker_low_rank_students_count_the_rows_of_their_fits_split(tmp_path
     assert bench.current_factors("budget-klr") == "unbalanced" and bench.current_factors("kron-prune") == "balanced"
     assert bench.student_folder(tmp_path, "budget-klr", 0.85).name == "budget-klr-85"
     assert bench.run_folder(tmp_path, "budget-klr", 0.7, "staged").name == "budget-klr-70-staged"
-    fit = {"size": 0.85, "student": "budget-klr", "recovery": "end_to_end"}
+    fit = {"size": 0.85, "student": "budget-klr", "recovery": "end_to_end", "low_rank_trained": True}
     even = {**fit, "factors": "balanced"}
     assert bench.series_label(fit) == "budget-klr" and bench.series_label(even) == "budget-klr, balanced"
     done = bench.rows_by_key([even])
@@ -189,3 +189,13 @@ def test_the_kronecker_alone_students_are_wanted_end_to_end_only(tmp_path):
     started.parent.mkdir(parents=True)
     started.write_text('[{"label": "local", "minutes": 10.0, "test": 50.0}]')
     assert "85 %, budget-kron, staged: running or interrupted" in "\n".join(bench.missing_section([], tmp_path))
+
+
+def test_kronecker_low_rank_rows_with_the_low_rank_part_frozen_end_to_end_do_not_count(tmp_path):
+    frozen = {"size": 0.7, "student": "budget-klr", "recovery": "staged"}  # measured before U, V trained end to end
+    assert bench.low_rank_frozen(frozen) and not bench.low_rank_frozen({**frozen, "low_rank_trained": True})
+    assert not bench.low_rank_frozen({**frozen, "student": "budget-kron"})
+    assert bench.series_label(frozen) == "budget-klr, low-rank part frozen end to end"
+    assert bench.series_label({**frozen, "factors": "balanced"}) == "budget-klr, balanced, low-rank part frozen end to end"
+    assert bench.measured(bench.rows_by_key([frozen]), "budget-klr", 0.7, "staged") is None
+    assert "70 %, budget-klr, staged: not run yet" in "\n".join(bench.missing_section([frozen], tmp_path))

@@ -150,6 +150,24 @@ def test_tied_weights_appear_once_and_freeze_uncompressed():
     assert trainable == {n for n, _ in model.named_parameters() if n.endswith((".A", ".B", ".scales"))}
 
 
+def test_freeze_uncompressed_trains_the_low_rank_part_of_kronecker_low_rank_layers():
+    # U (out, k) and V (k, in) hold most of such a layer's parameters: freezing them would leave
+    # end-to-end recovery training only the small Kronecker part.
+    from conftest import tiny_llama
+
+    from kronlm.layers import KroneckerLowRankLinear
+
+    model = kronlm.compress(tiny_llama(), kronlm.CompressionConfig(targets=[kronlm.KroneckerTarget(
+        ["**.mlp.down_proj"], b_shape=(1, 2), lowrank_rank=4, init="van_loan")]), progress=False)
+    groups = build_param_groups(model, TrainingConfig(freeze_uncompressed=True))
+    assert [g["name"] for g in groups] == ["kronecker"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers = [n for n, m in model.named_modules() if isinstance(m, KroneckerLowRankLinear)]
+    assert layers and trainable == {f"{n}.{f}" for n in layers for f in ("A", "B", "U", "V")}
+    assert sum(p.numel() for p in groups[0]["params"]) == sum(
+        p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in layers)
+
+
 def test_lr_schedule_is_linear_warmup_then_cosine_to_min_lr():
     model = compressed_gpt2()
     cfg = TrainingConfig(lr=1e-3, lr_kronecker=4e-3, min_lr=1e-4, warmup_steps=5)

@@ -17,14 +17,20 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from kronlm.distill.config import TrainingConfig
 from kronlm.layers import KRONECKER_MODULES
 
+# The factors of a Kronecker module: its Kronecker terms, and the low-rank part of Kronecker + low
+# rank (most of that layer's parameters: leaving it out would freeze it under freeze_uncompressed).
+FACTOR_NAMES = ("A", "B", "U", "V")
+
 
 def build_param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups for ``model``.
 
     Groups (empty ones are left out), each with ``name``, ``params``, ``lr``, ``weight_decay``:
 
-    - ``kronecker``: factors ``A`` (R, m1, n1) and ``B`` (R, m2, n2) of every ``KroneckerLinear``
-      / ``KroneckerEmbedding``; ``lr_kronecker`` (default ``lr``), ``weight_decay``;
+    - ``kronecker``: the factors of every Kronecker module: ``A`` (R, m1, n1) and ``B`` (R, m2, n2)
+      of a ``KroneckerLinear`` / ``KroneckerEmbedding``, and of a ``KroneckerLowRankLinear`` also
+      its low-rank part ``U`` (out, k) and ``V`` (k, in); ``lr_kronecker`` (default ``lr``),
+      ``weight_decay``;
     - ``scalars``: Krony-PT's per-term ``scales`` (R,); ``lr_scalars`` (default ``lr``), no decay;
     - ``decay``: every other trainable tensor with 2 or more dimensions (weights, embeddings,
       LM head); ``lr``, ``weight_decay``;
@@ -42,7 +48,7 @@ def build_param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[st
     for module in model.modules():
         if isinstance(module, KRONECKER_MODULES):
             for name, param in module.named_parameters(recurse=False):
-                if name in ("A", "B"):
+                if name in FACTOR_NAMES:
                     kronecker.add(id(param))
                 elif name == "scales":
                     scalars.add(id(param))
