@@ -135,11 +135,10 @@ END_TO_END_ONLY = ("budget-kron", "budget-kron-cap")
 FACTORS = "balanced"
 UNBALANCED = "unbalanced"
 NO_KRONECKER_TERMS = ("truncate", "budget-svd")
-# Students whose Kronecker + low-rank layers kronlm stores with their joint fit's split.
-INIT_SPLIT = ("budget-klr",)
-# Students with Kronecker + low-rank layers: their rows count once measured with the low-rank part
-# U·V trainable end to end (``low_rank_trained``); kronlm froze it there before, with the rest of
-# the uncompressed weights, so those rows trained only the small Kronecker part end to end.
+# Students with Kronecker + low-rank layers: kronlm stores them with their joint fit's split, and
+# their rows count once measured with the low-rank part U·V trainable end to end
+# (``low_rank_trained``); kronlm froze it there before, with the rest of the uncompressed weights,
+# so those rows trained only the small Kronecker part end to end.
 LOW_RANK_STUDENTS = ("budget-klr",)
 ENWIKI = Path("enwiki-sample") / "articles.jsonl"
 # One size's whole grid (the committed tables: this at --size 0.85 and at --size 0.70).
@@ -431,11 +430,11 @@ def plan_targets(folder: Path) -> list[str]:
 
 def current_factors(student: str) -> str:
     """The storage kronlm uses for ``student``'s factors now, which its counted rows are measured
-    with: ``balanced``, ``unbalanced`` (the init's split: ``INIT_SPLIT`` students) or ``-`` (no
+    with: ``balanced``, ``unbalanced`` (the init's split: ``LOW_RANK_STUDENTS``) or ``-`` (no
     Kronecker terms)."""
     if student in NO_KRONECKER_TERMS:
         return "-"
-    return UNBALANCED if student in INIT_SPLIT else FACTORS
+    return UNBALANCED if student in LOW_RANK_STUDENTS else FACTORS
 
 
 def student_folder(work: Path, student: str, size: float, factors: str | None = None) -> Path:
