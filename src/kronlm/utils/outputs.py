@@ -141,6 +141,35 @@ def is_run_folder(folder: str | os.PathLike) -> bool:
     return any((folder / sign).is_file() for sign in (RUN_MARKER, *_LEGACY_RUN_SIGNS))
 
 
+def _existing_output(path: Path, checks, *, folder: bool) -> bool:
+    """The checks :func:`check_output_folder` and :func:`check_output_file` share: refuse any
+    ``(where, conflict)`` of ``checks`` that overlaps an input, a special file, or an existing path of
+    the other kind (a file for a folder output, a folder for a file output).
+
+    Returns:
+        False when ``path`` does not exist (its parent was checked writable), True when it exists
+        and is of the wanted kind.
+
+    Raises:
+        OutputRefused / NotADirectoryError / PermissionError: as the two callers.
+    """
+    noun = "folder" if folder else "file"
+    for where, conflict in checks:
+        if conflict is not None:
+            raise OutputRefused(f"{where}: {conflict}; refusing to write there (the output must be a separate {noun})")
+    if not os.path.lexists(path):
+        _check_creatable(path)
+        return False
+    special = special_file_kind(path)
+    if special is not None:
+        raise OutputRefused(f"{path}: is {special}, not {'a folder' if folder else 'a regular file'}; refusing to write there")
+    if folder and not path.is_dir():
+        raise OutputRefused(f"{path}: exists and is a file, not a folder; refusing to replace it")
+    if not folder and path.is_dir():
+        raise OutputRefused(f"{path}: is a folder, not a file; refusing to replace it")
+    return True
+
+
 def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), kind: str = "model",
                         option: str | None = None, replaced: tuple[str, ...] = ()) -> Path:
     """Check, before any work, that writing the folder ``path`` destroys nothing kronlm did not write.
@@ -185,17 +214,8 @@ def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, inp
     path = follow_link(path)
     checks = [(path, output_conflict(path, inputs, holding_ok=kind == "run"))]
     checks += [(path / entry, output_conflict(path / entry, inputs, folder=False)) for entry in replaced]
-    for where, conflict in checks:
-        if conflict is not None:
-            raise OutputRefused(f"{where}: {conflict}; refusing to write there (the output must be a separate folder)")
-    if not os.path.lexists(path):
-        _check_creatable(path)
+    if not _existing_output(path, checks, folder=True):
         return path
-    special = special_file_kind(path)
-    if special is not None:
-        raise OutputRefused(f"{path}: is {special}, not a folder; refusing to write there")
-    if not path.is_dir():
-        raise OutputRefused(f"{path}: exists and is a file, not a folder; refusing to replace it")
     entries = sorted(os.listdir(path))
     if not entries:
         return path
@@ -276,17 +296,8 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, input
         PermissionError: the nearest existing parent is not writable.
     """
     path = follow_link(_output_name_check(path, option))
-    conflict = output_conflict(path, inputs, folder=False)
-    if conflict is not None:
-        raise OutputRefused(f"{path}: {conflict}; refusing to write there (the output must be a separate file)")
-    if not os.path.lexists(path):
-        _check_creatable(path)
+    if not _existing_output(path, [(path, output_conflict(path, inputs, folder=False))], folder=False):
         return path
-    special = special_file_kind(path)
-    if special is not None:
-        raise OutputRefused(f"{path}: is {special}, not a regular file; refusing to write there")
-    if path.is_dir():
-        raise OutputRefused(f"{path}: is a folder, not a file; refusing to replace it")
     if overwrite or (written_by_kronlm is not None and written_by_kronlm(path)):
         return path
     raise OutputRefused(f"{path}: exists and was not written by kronlm; refusing to replace it (pass --overwrite to replace it anyway)")
