@@ -415,8 +415,12 @@ def positive_or_all(text: str) -> int | str:
     return value
 
 
-def parse_args() -> argparse.Namespace:
-    """The command line (see the module docstring)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring); ``argv`` None reads ``sys.argv``.
+
+    Raises:
+        SystemExit: an unknown task or model row, a bad value, or a data folder without glue/.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="sst2,mrpc", help="Comma-separated GLUE tasks among " + ", ".join(TASKS))
     parser.add_argument("--models", default=",".join(MODELS), help="Comma-separated rows among " + ", ".join(MODELS)
@@ -442,7 +446,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "benchmarks" / "glue_decoders.jsonl",
                         help="One JSON row per finished (task, model); rows present are not run again.")
     parser.add_argument("--report-only", action="store_true", help="Only rewrite --out and its PNG from --results.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.task_list = [t.strip().lower() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.task_list if t not in TASKS]
     if unknown or not args.task_list:

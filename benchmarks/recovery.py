@@ -503,7 +503,12 @@ def config_steps(config: TrainingConfig, data) -> int:
     return max(data["train"].shape[0] // per_step, config.warmup_steps + 1)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (module docstring); ``argv`` None reads ``sys.argv``.
+
+    Raises:
+        SystemExit: an unknown student or recovery, or a bad value (argparse's error line).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=float, choices=sorted(SIZES), required=True, help="Fraction of the dense parameters kept.")
     parser.add_argument("--students", default=",".join(STUDENTS), help="Comma-separated subset of " + ", ".join(STUDENTS))
@@ -533,12 +538,21 @@ def main() -> None:
                              "instead of about 5 GB per staged row).")
     parser.add_argument("--report-only", action="store_true", help="Only write --out and --plot from --results.")
     parser.add_argument("--plot", default=None, help="PNG path per size, with {size} (e.g. docs/benchmarks/recovery-{size}.png).")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for flag, names, known in (("--students", args.students, STUDENTS), ("--recoveries", args.recoveries, RECOVERIES)):
         if unknown := [n for n in names.split(",") if n not in known]:
             parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
-    args.points = [float(p) for p in args.points.split(",")]
+    try:
+        args.points = [float(p) for p in args.points.split(",")]
+    except ValueError:
+        parser.error(f"--points: {args.points!r} is not a comma-separated list of CPU-minutes")
     args.train_data = args.train_data or str(args.data_dir / ENWIKI)
+    return args
+
+
+def main() -> None:
+    """Measure the rows the command line asks for that ``--results`` lacks, then write the page."""
+    args = parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("KRONLM_DATA_DIR", str(args.data_dir))
     work = args.work
