@@ -10,8 +10,10 @@ the checkpoints in ``WORK/runs/NAME``:
   every pair. Each is all-MiniLM-L6-v2 with a new span head fine-tuned on train.json
   (``configs/squad-minilm-teacher.yaml``) for up to ``--teacher-epochs`` epochs, the held-out
   F1 / EM recorded after each epoch, the best epoch kept (early stop after ``--teacher-patience``
-  epochs without a better held-out F1). The students learn from the setting whose best epoch has
-  the best held-out F1.
+  epochs without a better held-out F1). Last, when the best of those settings still had its best
+  held-out F1 at its last epoch, that setting again with up to ``--teacher-more-epochs`` epochs
+  (row ``teacher-...-E8`` at the default 8; 0 skips it). The students learn from the row whose best
+  epoch has the best held-out F1.
 - students, each trained by task ILKD from that teacher (``configs/squad-minilm-student.yaml`` at
   the teacher's max length and doc stride): ``ffn2x`` (FFN-only Kronecker 2x,
   ``configs/minilm-ffn2x.yaml``), ``linear4x`` (linear layers 4x, ``configs/minilm-linear4x.yaml``),
@@ -94,7 +96,8 @@ PREVIOUS_ROUND = {
            "the same 2,696 questions, no stage 1: dev EM 1.43 / F1 8.64 (18.7 % of its teacher's F1)",
 }
 # Settings whose value a row depends on, per kind: rows of a work folder must all share them.
-TEACHER_KEYS = ("train_questions", "dev_questions", "batch_size", "mixed_precision", "teacher_epochs", "teacher_patience")
+TEACHER_KEYS = ("train_questions", "dev_questions", "batch_size", "mixed_precision", "teacher_epochs", "teacher_patience",
+                "teacher_more_epochs")
 STUDENT_KEYS = ("train_questions", "dev_questions", "batch_size", "mixed_precision", "student_epochs", "student_steps",
                 "stage1_steps")
 # Sizing per device: (windows per step, windows per evaluation pass, mixed precision).
@@ -115,16 +118,18 @@ glue_benchmark = _glue_benchmark()
 
 @dataclass(frozen=True)
 class TeacherSetting:
-    """One point of the teacher grid: peak learning rate, window length and stride (tokens)."""
+    """One point of the teacher search: peak learning rate, window length and stride (tokens), and
+    the most epochs (None: the invocation's ``--teacher-epochs``)."""
 
     lr: float
     max_length: int
     doc_stride: int
+    epochs: int | None = None
 
     @property
     def name(self) -> str:
-        """The row name, e.g. ``teacher-lr0.0001-L256-S96``."""
-        return f"teacher-lr{self.lr:g}-L{self.max_length}-S{self.doc_stride}"
+        """The row name, e.g. ``teacher-lr0.0001-L256-S96`` (``-E8`` appended for 8 epochs at most)."""
+        return f"teacher-lr{self.lr:g}-L{self.max_length}-S{self.doc_stride}" + (f"-E{self.epochs}" if self.epochs else "")
 
 
 @dataclass(frozen=True)
@@ -228,15 +233,40 @@ def teacher_grid(args, rows: dict[str, dict] | None = None) -> list[TeacherSetti
     which step size suits the encoder, so the learning rate is chosen once: 3 + 1 rows instead of
     3 x 2 at the defaults).
     """
+    searched, _ = searched_settings(args, rows or {})
+    return searched + longer_setting(args, searched, rows or {})
+
+
+def searched_settings(args, rows: dict[str, dict]) -> tuple[list[TeacherSetting], bool]:
+    """The (learning rate, window) settings of the search as far as ``rows`` decide them, and
+    whether every one is decided (the coordinate search's other windows wait for its first)."""
     lrs, windows = parse_float_list(args.teacher_lrs, "--teacher-lrs"), parse_windows(args.teacher_windows)
     if args.teacher_search == "grid":
-        return [TeacherSetting(lr, length, stride) for length, stride in windows for lr in lrs]
+        return [TeacherSetting(lr, length, stride) for length, stride in windows for lr in lrs], True
     first = [TeacherSetting(lr, *windows[0]) for lr in lrs]
-    rows = rows or {}
     if any(s.name not in rows for s in first):
-        return first
+        return first, len(windows) == 1
     best = max(first, key=lambda s: held_out_f1(rows[s.name]))
-    return first + [TeacherSetting(best.lr, length, stride) for length, stride in windows[1:]]
+    return first + [TeacherSetting(best.lr, length, stride) for length, stride in windows[1:]], True
+
+
+def still_improving(row: dict) -> bool:
+    """Whether a teacher row's held-out F1 was best at its last validation (more epochs may pay)."""
+    curve = row.get("curve") or []
+    return bool(curve) and row["teacher"]["selection"].get("step") == curve[-1]["step"]
+
+
+def longer_setting(args, searched: list[TeacherSetting], rows: dict[str, dict]) -> list[TeacherSetting]:
+    """The search's last step: once every searched setting is measured, the best one trained again
+    with up to ``--teacher-more-epochs`` epochs when its held-out F1 was still best at its last
+    epoch (the issue's "as many epochs as held-out questions reward"); else nothing."""
+    more = args.teacher_more_epochs
+    if more <= args.teacher_epochs or any(s.name not in rows for s in searched):
+        return []
+    best = max(searched, key=lambda s: held_out_f1(rows[s.name]))
+    if not still_improving(rows[best.name]):
+        return []
+    return [TeacherSetting(best.lr, best.max_length, best.doc_stride, more)]
 
 
 def held_out_f1(row: dict) -> float:
@@ -249,17 +279,21 @@ def pending_settings(args, rows: dict[str, dict]) -> list[str]:
     """The settings of the search not yet decided (coordinate search before its first window's rows
     are all measured), one line each for the report."""
     windows = parse_windows(args.teacher_windows)
-    if args.teacher_search == "grid" or len(teacher_grid(args, rows)) > len(parse_float_list(args.teacher_lrs, "--teacher-lrs")):
-        return []
+    searched, decided = searched_settings(args, rows)
     first = "{}:{}".format(*windows[0])
-    return [f"the learning rate with the best held-out F1 at {first}, at window {length}:{stride} (after the {first} rows)"
-            for length, stride in windows[1:]]
+    lines = [] if decided else [f"the learning rate with the best held-out F1 at {first}, at window {length}:{stride} "
+                                f"(after the {first} rows)" for length, stride in windows[1:]]
+    if args.teacher_more_epochs > args.teacher_epochs and (not decided or any(s.name not in rows for s in searched)):
+        lines.append(f"the best of those again with up to {args.teacher_more_epochs} epochs, if its held-out F1 is still "
+                     "best at its last epoch (after the other teacher rows)")
+    return lines
 
 
 def settings_of(args) -> dict[str, Any]:
     """The invocation's settings that rows depend on (:data:`TEACHER_KEYS`, :data:`STUDENT_KEYS`)."""
     return {"train_questions": args.train_questions, "dev_questions": args.dev_questions, "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision, "teacher_epochs": args.teacher_epochs,
+            "teacher_more_epochs": args.teacher_more_epochs,
             "teacher_patience": args.teacher_patience, "student_epochs": args.student_epochs,
             "student_steps": args.student_steps, "stage1_steps": args.stage1_steps}
 
@@ -292,7 +326,7 @@ def teacher_config(args, setting: TeacherSetting) -> SquadTrainConfig:
         SystemExit: settings the config refuses (a doc stride not below the length, ...), named.
     """
     overrides = {**task_overrides(args, settings_of(args)), "lr": setting.lr, "max_length": setting.max_length,
-                 "doc_stride": setting.doc_stride, "epochs": float(args.teacher_epochs), "max_steps": None, "eval_every": 0,
+                 "doc_stride": setting.doc_stride, "epochs": float(setting.epochs or args.teacher_epochs), "max_steps": None, "eval_every": 0,
                  "early_stopping_patience": args.teacher_patience or None}
     try:
         return SquadTrainConfig.from_file(REPO / TEACHER_CONFIG, overrides)
@@ -415,7 +449,7 @@ def run_teacher(setting: TeacherSetting, args, work: Path, data: SquadData) -> d
     curve = [{**point, "epoch": round(point["step"] / per_epoch, 2)}
              for point in validation_curve(out / "teacher-run", summary["run"].get("val_history") or [])]
     return {"name": setting.name, "kind": "teacher", "lr": setting.lr, "max_length": setting.max_length,
-            "doc_stride": setting.doc_stride, "curve": curve, "steps_per_epoch": per_epoch,
+            "doc_stride": setting.doc_stride, "epochs": int(config.epochs), "curve": curve, "steps_per_epoch": per_epoch,
             "stopped_early": bool(summary["run"].get("stopped_early")), "teacher": teacher,
             "folder": str(out / "teacher"), "data": report.settings.get("data"), "wall_seconds": wall, "cpu_seconds": cpu,
             "resumed": resumed}
@@ -541,6 +575,9 @@ SEARCHES = {
                   "there at each other window (`--teacher-search coordinate`)",
     "grid": "every pair of learning rate and window (`--teacher-search grid`)",
 }
+# The search's last step, said after either search's description.
+LONGER = ("; then, when the best of those still had its best held-out F1 at its last epoch, the same setting trained again "
+          "with more epochs (`--teacher-more-epochs`, row name ending `-E` and that count)")
 
 
 def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None, png: str | None,
@@ -564,7 +601,7 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
                       minutes(r["teacher"]["train_seconds"]) + (" (resumed)" if r.get("resumed") else "")])
     lines += [markdown_table(["setting", "lr", "max length", "doc stride", "held-out F1 (EM) after each epoch", "best epoch",
                               "held-out F1, best", "dev EM", "dev F1", "train (min)"], table), "",
-              f"Settings tried: {SEARCHES[search]}. Held-out: 10 % of train.json's questions in whole paragraphs (the same "
+              f"Settings tried: {SEARCHES[search]}{LONGER}. Held-out: 10 % of train.json's questions in whole paragraphs (the same "
               "for every row), never trained on. The students learn from the setting whose best epoch has the best "
               "held-out F1; dev.json is the kept (best) checkpoint's, reported only.", ""]
     if png:
@@ -773,6 +810,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--teacher-epochs", type=int, default=4, help="teacher epochs at most (held-out F1 after each)")
     parser.add_argument("--teacher-patience", type=int, default=1,
                         help="stop a teacher after this many epochs without a better held-out F1 (0 = never)")
+    parser.add_argument("--teacher-more-epochs", type=int, default=8,
+                        help="the search's last step: when the best setting's held-out F1 was still best at its last "
+                             "epoch, train it again with up to this many epochs (same early stop; 0 = never)")
     parser.add_argument("--student-epochs", type=float, default=3.0, help="task-distillation epochs of each student")
     parser.add_argument("--student-steps", type=int, default=None, help="task-distillation steps instead (smoke runs)")
     parser.add_argument("--stage1-steps", type=int, default=1000, help="stage-1 steps of 2,048 tokens (kb8-s1)")
@@ -796,8 +836,8 @@ def parse_args(argv: list[str] | None = None):
     for name in ("student_steps", "train_questions", "dev_questions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.teacher_patience < 0 or not args.student_epochs > 0:
-        parser.error("--teacher-patience must be >= 0 and --student-epochs > 0")
+    if args.teacher_patience < 0 or args.teacher_more_epochs < 0 or not args.student_epochs > 0:
+        parser.error("--teacher-patience and --teacher-more-epochs must be >= 0 and --student-epochs > 0")
     args.work = args.work.resolve()
     args.out = None if args.out is None else args.out.resolve()
     data_dir = args.data_dir or default_data_dir()
@@ -848,12 +888,14 @@ def main() -> None:
         searched = [r["search"] for r in rows.values() if r.get("search")]
         if not args.grid_given and searched:  # the search the rows were run with
             args.teacher_lrs, args.teacher_windows, args.teacher_search = (searched[-1][k] for k in ("lrs", "windows", "kind"))
+            args.teacher_more_epochs = searched[-1].get("more_epochs", args.teacher_more_epochs)
         grid = teacher_grid(args, rows)
         write_reports(rows, [s.name for s in grid], args, base, pending_settings(args, rows))
         return
     print(reproduce_header(command), flush=True)
     lrs, windows = parse_float_list(args.teacher_lrs, "--teacher-lrs"), parse_windows(args.teacher_windows)
     every = [TeacherSetting(lr, length, stride) for length, stride in windows for lr in lrs]
+    every += [s for s in teacher_grid(args, rows) if s not in every]  # the longer run, once the search has decided it
     wanted = selected(args.only, every)
     every_teacher = any(item in ("all", "teacher") for item in args.only.split(","))
     settings = settings_of(args)
@@ -870,7 +912,8 @@ def main() -> None:
     data = SquadData(folder, dev_file)
     env = environment_info(args.device)
 
-    search = {"kind": args.teacher_search, "lrs": args.teacher_lrs, "windows": args.teacher_windows}
+    search = {"kind": args.teacher_search, "lrs": args.teacher_lrs, "windows": args.teacher_windows,
+              "more_epochs": args.teacher_more_epochs}
 
     def record(row: dict, keys: tuple[str, ...]) -> None:
         row.update(settings={k: settings[k] for k in keys}, environment=env, command=command,
@@ -881,7 +924,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     while True:  # a coordinate search decides its later settings from the rows of its first window
         # A setting named in --only runs even where the search would not try it; its row competes too.
-        searched = {s.name for s in teacher_grid(args, rows)}
+        decided = teacher_grid(args, rows)
+        searched = {s.name for s in decided}
+        every += [s for s in decided if s not in every]
         todo_teachers = [s for s in every if ((every_teacher and s.name in searched) or s.name in wanted) and s.name not in rows]
         if not todo_teachers:
             break

@@ -29,7 +29,7 @@ SST2_EPOCHS=${SST2_EPOCHS:-1}
 SST2_BATCH=${SST2_BATCH:-128}
 MRPC_EPOCHS=${MRPC_EPOCHS:-3}
 MRPC_BATCH=${MRPC_BATCH:-32}
-SQUAD_FLAGS=${SQUAD_FLAGS:---teacher-lrs 1e-4 --teacher-windows 256:96 --teacher-epochs 2 --student-epochs 1 --stage1-steps 200}
+SQUAD_FLAGS=${SQUAD_FLAGS:---teacher-lrs 1e-4 --teacher-windows 256:96 --teacher-epochs 2 --teacher-more-epochs 0 --student-epochs 1 --stage1-steps 200}
 GLUE=(benchmarks/glue_decoders.py --device cuda --threads "$THREADS" --data-dir "$DATA_DIR" --work runs/glue_decoders-gpu
       --out docs/benchmarks/glue_decoders_gpu.md)
 start=$SECONDS

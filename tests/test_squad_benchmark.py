@@ -86,14 +86,16 @@ def test_coordinate_search_tries_the_best_learning_rate_of_the_first_window_at_t
     rows = {first[0]: _teacher_row(first[0], 0.70, 0.6, lr=5e-5), first[1]: _teacher_row(first[1], 0.75, 0.6)}
     assert [s.name for s in bench.teacher_grid(args, rows)] == first  # undecided until every first-window row is in
     pending = bench.pending_settings(args, rows)
+    longer = ("the best of those again with up to 8 epochs, if its held-out F1 is still best at its last epoch (after the "
+              "other teacher rows)")
     assert pending == ["the learning rate with the best held-out F1 at 256:96, at window 384:128 (after the 256:96 rows)",
-                       "the learning rate with the best held-out F1 at 256:96, at window 512:128 (after the 256:96 rows)"]
+                       "the learning rate with the best held-out F1 at 256:96, at window 512:128 (after the 256:96 rows)", longer]
     rows[first[2]] = _teacher_row(first[2], 0.72, 0.7, lr=2e-4)  # best on dev, not on held-out questions: not chosen
     assert [s.name for s in bench.teacher_grid(args, rows)] == [*first, "teacher-lr0.0001-L384-S128", "teacher-lr0.0001-L512-S128"]
-    assert bench.pending_settings(args, rows) == []
+    assert bench.pending_settings(args, rows) == [longer]
     report = bench.report_markdown(dict(list(rows.items())[:2]), first, "python b.py --work W", None,
                                    pending=pending)
-    assert "(so far: 3 teacher setting(s) of the search not measured yet)" in report
+    assert "(so far: 4 teacher setting(s) of the search not measured yet)" in report
     assert ("- teacher: the learning rate with the best held-out F1 at 256:96, at window 384:128 (after the 256:96 rows): "
             "`python benchmarks/squad_minilm.py --only teacher`") in report
     assert "Settings tried: every learning rate at the first window" in report
@@ -141,6 +143,29 @@ def _student_row(name, teacher, f1):
             "settings": {"student_epochs": 3.0}, "command": "python benchmarks/squad_minilm.py --only students",
             "environment": {"date": "2026-12-02", "device": "cpu", "threads": "1", "commit": "abc"},
             "wall_seconds": 40.0, "cpu_seconds": 35.0}
+
+
+def test_the_best_setting_trains_again_with_more_epochs_while_its_held_out_f1_still_rises():
+    args = bench.parse_args(["--teacher-lrs", "5e-5,1e-4", "--teacher-windows", "256:96", "--data-dir", str(REPO)])
+    names = ["teacher-lr5e-05-L256-S96", "teacher-lr0.0001-L256-S96"]
+    rows = {names[0]: _teacher_row(names[0], 0.70, 0.6, lr=5e-5)}
+    assert [s.name for s in bench.teacher_grid(args, rows)] == names  # undecided while a searched row is missing
+    rows[names[1]] = _teacher_row(names[1], 0.75, 0.6)  # best at its last epoch: more epochs may pay
+    grid = bench.teacher_grid(args, rows)
+    assert [s.name for s in grid] == [*names, "teacher-lr0.0001-L256-S96-E8"]
+    assert bench.teacher_config(args, grid[-1]).epochs == 8 and bench.teacher_config(args, grid[0]).epochs == 4
+    assert bench.pending_settings(args, rows) == []
+    peaked = _teacher_row(names[1], 0.75, 0.6)
+    peaked["teacher"]["selection"]["step"] = 10  # best after epoch 1 of 2: more epochs would not be kept
+    assert [s.name for s in bench.teacher_grid(args, {**rows, names[1]: peaked})] == names
+    off = bench.parse_args(["--teacher-lrs", "5e-5,1e-4", "--teacher-windows", "256:96", "--teacher-more-epochs", "0",
+                            "--data-dir", str(REPO)])
+    assert [s.name for s in bench.teacher_grid(off, rows)] == names and bench.pending_settings(off, rows) == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--teacher-more-epochs", "-1", "--data-dir", str(REPO)])
+    # the longer row competes with the others for the students' teacher
+    rows["teacher-lr0.0001-L256-S96-E8"] = _teacher_row("teacher-lr0.0001-L256-S96-E8", 0.78, 0.62)
+    assert bench.chosen_teacher(rows)["name"] == "teacher-lr0.0001-L256-S96-E8"
 
 
 def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path):
