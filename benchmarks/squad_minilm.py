@@ -259,7 +259,7 @@ def still_improving(row: dict) -> bool:
 def longer_setting(args, searched: list[TeacherSetting], rows: dict[str, dict]) -> list[TeacherSetting]:
     """The search's last step: once every searched setting is measured, the best one trained again
     with up to ``--teacher-more-epochs`` epochs when its held-out F1 was still best at its last
-    epoch (the issue's "as many epochs as held-out questions reward"); else nothing."""
+    epoch, so that the teacher trains for as many epochs as held-out questions reward; else nothing."""
     more = args.teacher_more_epochs
     if more <= args.teacher_epochs or any(s.name not in rows for s in searched):
         return []
