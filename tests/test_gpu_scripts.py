@@ -27,13 +27,19 @@ with open({log!r}, "a") as f:
 """
 
 
-def run_script(name: str, tmp_path: Path, *args: str) -> list[dict]:
+def run_with_stand_in(script: Path, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the bash ``script`` with $PYTHON the stand-in; returns the finished process and the log
+    of the invocations it parsed (one JSON line each)."""
     log = tmp_path / "invocations.jsonl"
     shim = tmp_path / "python"
     shim.write_text(SHIM.format(python=sys.executable, log=str(log)))
     shim.chmod(0o755)
     env = {**os.environ, "PYTHON": str(shim), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / name), *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=300), log
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> list[dict]:
+    done, log = run_with_stand_in(REPO / "benchmarks" / name, tmp_path, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -54,12 +60,7 @@ def test_the_stand_in_fails_on_a_flag_the_benchmark_does_not_know(tmp_path):
     """The check above could pass vacuously if the stand-in never parsed: an unknown flag must fail."""
     script = tmp_path / "bad_gpu.sh"
     script.write_text('set -e\ncd "' + str(REPO) + '"\n"$PYTHON" benchmarks/recovery.py --size 0.85 --no-such-flag\n')
-    log = tmp_path / "invocations.jsonl"
-    shim = tmp_path / "python"
-    shim.write_text(SHIM.format(python=sys.executable, log=str(log)))
-    shim.chmod(0o755)
-    done = subprocess.run(["bash", str(script)], env={**os.environ, "PYTHON": str(shim)}, capture_output=True, text=True,
-                          timeout=300)
+    done, log = run_with_stand_in(script, tmp_path)
     assert done.returncode != 0
     assert "--no-such-flag" in done.stderr
     assert not log.exists()
