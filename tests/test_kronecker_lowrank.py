@@ -24,8 +24,9 @@ from kronlm.decompose.lowrank import (
     output_error,
     whitened_truncated_svd,
 )
-from kronlm.decompose.vanloan import kron_sum
+from kronlm.decompose.vanloan import kron_sum, kron_sum_lowrank, kron_sum_rank_bound
 from kronlm.layers import KRONECKER_MODULES, KroneckerLowRankLinear
+from kronlm.layers.lowrank import folds_kronecker_part
 from kronlm.modeling import ModulePlan
 from kronlm.modeling.plan import KroneckerPlan
 
@@ -100,6 +101,59 @@ def test_layer_forward_matches_its_dense_weight_and_merges():
     assert KroneckerLowRankLinear in KRONECKER_MODULES
     with pytest.raises(ValueError, match=r"factor U is \(24, 3\), the layer's is \(24, 2\)"):
         KroneckerLowRankLinear(20, 24, (6, 4), (4, 5), 2, 2).load_factors(factors)
+
+
+@pytest.mark.parametrize("a_shape,b_shape,rank", [((12, 2), (2, 12), 3), ((1, 12), (8, 2), 2), ((8, 1), (3, 24), 4), ((3, 4), (4, 6), 2)])
+def test_kronecker_sum_has_an_exact_low_rank_form(a_shape, b_shape, rank):
+    torch.manual_seed(6)
+    A, B = torch.randn(rank, *a_shape, dtype=torch.float64), torch.randn(rank, *b_shape, dtype=torch.float64)
+    U, V = kron_sum_lowrank(A, B)
+    width = kron_sum_rank_bound(a_shape, b_shape, rank)
+    assert width == rank * min(a_shape) * min(b_shape)
+    assert U.shape == (a_shape[0] * b_shape[0], width) and V.shape == (width, a_shape[1] * b_shape[1]) and U.dtype == torch.float32
+    dense = kron_sum(A, B)
+    assert torch.allclose((U @ V).double(), dense, rtol=0, atol=1e-5 * dense.abs().max().item())
+    assert torch.linalg.matrix_rank(dense).item() <= width
+
+
+def test_thin_factors_fold_without_gradient_and_refold_after_an_update():
+    torch.manual_seed(7)
+    weight, bias = torch.randn(96, 96), torch.randn(96)
+    layer, _ = KroneckerLowRankLinear.from_dense(weight, bias, (48, 2), (2, 48), 2, 3)
+    # 2 terms of rank 2 x 2: an 8-wide form, 8 * 192 multiply-adds per token, a sixth of 96 * 96.
+    assert layer.folds and folds_kronecker_part(96, 96, (48, 2), (2, 48), 2)
+    assert not folds_kronecker_part(96, 96, (12, 8), (8, 12), 2)  # 128 wide: dearer than dense
+    x = torch.randn(2, 5, 96)
+    factored = layer(x)  # gradients wanted for A and B: the factored product
+    assert factored.requires_grad and not layer.uses_fold()
+    with torch.no_grad():
+        assert layer.uses_fold()
+        folded = layer(x)
+        U_K, V_K = layer.kronecker_fold(x.dtype)
+        assert layer.kronecker_fold(x.dtype)[0] is U_K  # cached while A and B are unchanged
+    assert torch.allclose(folded, factored, atol=1e-5) and not torch.equal(folded, factored.detach())
+    assert torch.allclose(folded, x @ layer.to_dense().T + bias, atol=1e-5)
+    with torch.no_grad():
+        layer.A.mul_(2.0)  # an optimizer step or a load in place: the fold is rebuilt
+        assert torch.allclose(layer(x), x @ layer.to_dense().T + bias, atol=1e-5)
+        assert layer.kronecker_fold(x.dtype)[0] is not U_K
+
+
+def test_training_the_low_rank_part_alone_uses_the_fold_with_the_same_gradients():
+    torch.manual_seed(8)
+    layer, _ = KroneckerLowRankLinear.from_dense(torch.randn(96, 96), None, (48, 2), (2, 48), 2, 3)
+    x = torch.randn(4, 96, requires_grad=True)
+    grads = {}
+    for frozen in (False, True):
+        layer.A.requires_grad_(not frozen)
+        layer.B.requires_grad_(not frozen)
+        assert layer.uses_fold() is frozen
+        layer.zero_grad()
+        x.grad = None
+        layer(x).pow(2).sum().backward()
+        grads[frozen] = (layer.U.grad.clone(), layer.V.grad.clone(), x.grad.clone())
+    for got, want in zip(grads[True], grads[False]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_plan_entry_round_trips_and_old_kinds_keep_their_json():

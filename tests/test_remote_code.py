@@ -24,6 +24,7 @@ from transformers import (
 import kronlm
 from kronlm import CompressionConfig, KroneckerTarget
 from kronlm.layers import linear as kronlm_linear
+from kronlm.layers import lowrank as kronlm_lowrank
 from kronlm.modeling import remote_code
 from kronlm.modeling.remote import kronlm_layers
 
@@ -132,6 +133,13 @@ def test_remote_layers_are_kronlms_layers():
     for name in ("kron_sum", "default_middle", "materializes", "kronecker_matmul", "b_first_matmul", "a_first_matmul"):
         assert inspect.getsource(getattr(kronlm_layers, name)) == inspect.getsource(getattr(kronlm_linear, name)), f"copy {name} into kronlm/modeling/remote/kronlm_layers.py"
     assert (kronlm_layers.BMM_MIN_COLS, kronlm_layers.ORDERS, kronlm_layers.MIDDLES) == (kronlm_linear.BMM_MIN_COLS, kronlm_linear.ORDERS, kronlm_linear.MIDDLES)
+    # The low-rank layer's folded Kronecker part, too: the same rule, the same factors, the same GEMMs.
+    for name in ("kron_sum_rank_bound", "kron_sum_lowrank", "tensor_version", "folds_kronecker_part", "kronecker_lowrank_matmul"):
+        assert inspect.getsource(getattr(kronlm_layers, name)) == inspect.getsource(getattr(kronlm_lowrank, name)), f"copy {name} into kronlm/modeling/remote/kronlm_layers.py"
+    for name in ("forward", "uses_fold", "kronecker_fold"):
+        ours, theirs = getattr(kronlm_lowrank.KroneckerLowRankLinear, name), getattr(kronlm_layers.KroneckerLowRankLinear, name)
+        assert inspect.getsource(theirs) == inspect.getsource(ours), f"copy KroneckerLowRankLinear.{name} into kronlm/modeling/remote/kronlm_layers.py"
+    assert kronlm_layers.FOLD_MAX_SHARE == kronlm_lowrank.FOLD_MAX_SHARE
     assert (kronlm_layers.LOAD_GUARD_KEY, kronlm_layers.LOAD_GUARD_PREFIX) == (remote_code.LOAD_GUARD_KEY, remote_code.LOAD_GUARD_PREFIX)
     from kronlm.modeling.plan import MODULE_KINDS
 

@@ -61,6 +61,42 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | None = Non
     return dense.reshape(m1 * m2, n1 * n2)
 
 
+def kron_sum_rank_bound(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int) -> int:
+    """An upper bound on the rank of Σ_r A_r ⊗ B_r: R · min(m1, n1) · min(m2, n2).
+
+    rank(A ⊗ B) = rank(A) · rank(B), and a sum of R terms has at most the sum of their ranks; it
+    is also the width of ``kron_sum_lowrank``'s factors. Thin factors ((288, 2) ⊗ (2, 288), say)
+    make the whole sum a low-rank matrix: 4 per term here, against 576 for the (576, 576) weight.
+    """
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return rank * min(m1, n1) * min(m2, n2)
+
+
+def kron_sum_lowrank(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact low-rank form U V of Σ_r A_r ⊗ B_r, from the SVD of each factor.
+
+    With A_r = P_A S_A Q_Aᵀ and B_r = P_B S_B Q_Bᵀ (thin SVDs), A_r ⊗ B_r = (P_A ⊗ P_B)(S_A ⊗ S_B)
+    (Q_A ⊗ Q_B)ᵀ (Van Loan, "The ubiquitous Kronecker product", 2000, §2); the terms' factors
+    are stacked side by side. Computed in float32 (the SVD has no half-precision kernel on CPU).
+
+    Args:
+        A: (R, m1, n1); B: (R, m2, n2).
+
+    Returns:
+        (U (m1·m2, K), V (K, n1·n2)) in float32 with U V = Σ_r A_r ⊗ B_r up to rounding, K =
+        ``kron_sum_rank_bound`` (zero singular values are kept, so K depends on the shapes only).
+    """
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    Pa, Sa, Qa = torch.linalg.svd(A.detach().float(), full_matrices=False)
+    Pb, Sb, Qb = torch.linalg.svd(B.detach().float(), full_matrices=False)
+    ka, kb = Sa.shape[1], Sb.shape[1]
+    # U[i*m2 + k, (r, p, q)] = Pa[r, i, p] Pb[r, k, q] Sa[r, p] Sb[r, q]; V[(r, p, q), j*n2 + l] = Qa[r, p, j] Qb[r, q, l]
+    U = torch.einsum("rip,rkq,rp,rq->ikrpq", Pa, Pb, Sa, Sb).reshape(m1 * m2, R * ka * kb)
+    V = torch.einsum("rpj,rql->rpqjl", Qa, Qb).reshape(R * ka * kb, n1 * n2)
+    return U, V
+
+
 def rearrange(weight: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> torch.Tensor:
     """Van Loan's rearrangement R(W): (m1*m2, n1*n2) -> (m1*n1, m2*n2).
 

@@ -7,9 +7,61 @@ from torch import nn
 
 from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
 from kronlm.decompose.shapes import check_factor_shapes, contraction_macs
-from kronlm.decompose.vanloan import balance_terms, kron_sum
+from kronlm.decompose.vanloan import balance_terms, kron_sum, kron_sum_lowrank, kron_sum_rank_bound
 from kronlm.layers.dense import MergesToLinear
 from kronlm.layers.linear import kronecker_matmul
+
+# Without gradients to the Kronecker factors, the Kronecker part runs as its exact low-rank form
+# (kron_sum_lowrank) when that form costs at most this share of the dense product per token:
+# R·min(m1, n1)·min(m2, n2)·(in + out) <= share·in·out. Two thin GEMMs then replace the several
+# small products and copies of kronecker_matmul, whose fixed cost per call dominates decoding
+# (docs/method.md, "The folded Kronecker part"; docs/benchmarks/fold_speed.md).
+FOLD_MAX_SHARE = 0.25
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place update counter of ``t`` (-1 for an inference tensor, which has none)."""
+    return -1 if t.is_inference() else t._version
+
+
+def folds_kronecker_part(in_features: int, out_features: int, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int) -> bool:
+    """Whether a ``KroneckerLowRankLinear`` of these shapes runs its Kronecker part as the exact
+    low-rank form when no gradient reaches A or B: its width R·min(m1, n1)·min(m2, n2)
+    (``kron_sum_rank_bound``) times (in + out) at most ``FOLD_MAX_SHARE`` of in·out."""
+    return kron_sum_rank_bound(a_shape, b_shape, rank) * (in_features + out_features) <= FOLD_MAX_SHARE * in_features * out_features
+
+
+def kronecker_lowrank_matmul(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+    order: str,
+    fold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """y = x (Σ_r A_r ⊗ B_r + U V)ᵀ + b for x (..., in) -> (..., out), never forming the weight.
+
+    Args:
+        A, B: (R, m1, n1), (R, m2, n2) Kronecker factors, applied with ``kronecker_matmul`` in
+            ``order`` unless ``fold`` is given.
+        U, V: (out, k), (k, in) low-rank factors.
+        bias: (out,) or None.
+        fold: (U_K (out, K), V_K (K, in)) with U_K V_K = Σ_r A_r ⊗ B_r (``kron_sum_lowrank``):
+            the Kronecker part as two more thin GEMMs (A and B are then not read).
+    """
+    if fold is None:
+        y = kronecker_matmul(x, A, B, order, None)
+        y = y + (x @ V.t()) @ U.t()
+        if bias is not None:
+            y = y + bias
+        return y
+    U_K, V_K = fold
+    x2 = x.reshape(-1, x.shape[-1])
+    y = (x2 @ V.t()) @ U.t() if bias is None else torch.addmm(bias, x2 @ V.t(), U.t())
+    y = torch.addmm(y, x2 @ V_K.t(), U_K.t())
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class KroneckerLowRankLinear(MergesToLinear, nn.Module):
@@ -20,6 +72,10 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
     Kronecker part in the contraction order with fewer multiply-adds (docs/method.md, "The forward pass never forms W"), the low-rank part
     as two thin GEMMs (k·(in + out) multiply-adds per token). Parameters:
     R·(m1·n1 + m2·n2) + k·(out + in) (+ out for the bias).
+
+    When no gradient reaches A or B (inference, or training U and V alone) and the factors are thin
+    (``folds_kronecker_part``), the Kronecker part runs as its exact low-rank form instead
+    (``kronecker_fold``, cached until A or B change): same function, fewer and larger GEMMs.
 
     Build one from a dense weight with ``from_dense`` (the joint fit of
     ``kronlm.decompose.lowrank``), merge it back with ``to_linear``.
@@ -56,6 +112,8 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         b_first, a_first = contraction_macs(self.a_shape, self.b_shape, rank)
         self.order = "b_first" if b_first <= a_first else "a_first"
+        self.folds = folds_kronecker_part(in_features, out_features, self.a_shape, self.b_shape, rank)
+        self._fold = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,11 +133,30 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
-        y = kronecker_matmul(x, self.A.to(x.dtype), self.B.to(x.dtype), self.order, None)
-        y = y + (x @ self.V.to(x.dtype).t()) @ self.U.to(x.dtype).t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        dtype = x.dtype
+        fold = self.kronecker_fold(dtype) if self.uses_fold() else None
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return kronecker_lowrank_matmul(x, self.A.to(dtype), self.B.to(dtype), self.U.to(dtype), self.V.to(dtype), bias, self.order, fold)
+
+    def uses_fold(self) -> bool:
+        """Whether the next forward pass runs the Kronecker part as its low-rank form: thin factors
+        (``folds``), eager mode (traced and exported graphs keep the stored factors), and no gradient
+        wanted for A or B."""
+        wants_grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        return self.folds and not wants_grad and not traced
+
+    def kronecker_fold(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_K (out, K), V_K (K, in)) in ``dtype`` with U_K V_K = Σ_r A_r ⊗ B_r (``kron_sum_lowrank``),
+        computed without gradient and kept until A or B change (in place or replaced), or the
+        dtype or device does."""
+        A, B = self.A, self.B
+        key = (dtype, A.device, A.data_ptr(), B.data_ptr(), tensor_version(A), tensor_version(B))
+        if self._fold is None or self._fold[0] != key:
+            with torch.no_grad():
+                U_K, V_K = kron_sum_lowrank(A, B)
+            self._fold = (key, U_K.to(dtype), V_K.to(dtype))
+        return self._fold[1], self._fold[2]
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
@@ -162,4 +239,4 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
         )
 
 
-__all__ = ["KroneckerLowRankLinear"]
+__all__ = ["FOLD_MAX_SHARE", "KroneckerLowRankLinear", "folds_kronecker_part", "kronecker_lowrank_matmul", "tensor_version"]

@@ -77,6 +77,95 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor | None = Non
     return dense.reshape(m1 * m2, n1 * n2)
 
 
+def kron_sum_rank_bound(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int) -> int:
+    """An upper bound on the rank of Σ_r A_r ⊗ B_r: R · min(m1, n1) · min(m2, n2).
+
+    rank(A ⊗ B) = rank(A) · rank(B), and a sum of R terms has at most the sum of their ranks; it
+    is also the width of ``kron_sum_lowrank``'s factors. Thin factors ((288, 2) ⊗ (2, 288), say)
+    make the whole sum a low-rank matrix: 4 per term here, against 576 for the (576, 576) weight.
+    """
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return rank * min(m1, n1) * min(m2, n2)
+
+
+def kron_sum_lowrank(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact low-rank form U V of Σ_r A_r ⊗ B_r, from the SVD of each factor.
+
+    With A_r = P_A S_A Q_Aᵀ and B_r = P_B S_B Q_Bᵀ (thin SVDs), A_r ⊗ B_r = (P_A ⊗ P_B)(S_A ⊗ S_B)
+    (Q_A ⊗ Q_B)ᵀ (Van Loan, "The ubiquitous Kronecker product", 2000, §2); the terms' factors
+    are stacked side by side. Computed in float32 (the SVD has no half-precision kernel on CPU).
+
+    Args:
+        A: (R, m1, n1); B: (R, m2, n2).
+
+    Returns:
+        (U (m1·m2, K), V (K, n1·n2)) in float32 with U V = Σ_r A_r ⊗ B_r up to rounding, K =
+        ``kron_sum_rank_bound`` (zero singular values are kept, so K depends on the shapes only).
+    """
+    R, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    Pa, Sa, Qa = torch.linalg.svd(A.detach().float(), full_matrices=False)
+    Pb, Sb, Qb = torch.linalg.svd(B.detach().float(), full_matrices=False)
+    ka, kb = Sa.shape[1], Sb.shape[1]
+    # U[i*m2 + k, (r, p, q)] = Pa[r, i, p] Pb[r, k, q] Sa[r, p] Sb[r, q]; V[(r, p, q), j*n2 + l] = Qa[r, p, j] Qb[r, q, l]
+    U = torch.einsum("rip,rkq,rp,rq->ikrpq", Pa, Pb, Sa, Sb).reshape(m1 * m2, R * ka * kb)
+    V = torch.einsum("rpj,rql->rpqjl", Qa, Qb).reshape(R * ka * kb, n1 * n2)
+    return U, V
+
+
+# Without gradients to the Kronecker factors, the Kronecker part runs as its exact low-rank form
+# (kron_sum_lowrank) when that form costs at most this share of the dense product per token:
+# R·min(m1, n1)·min(m2, n2)·(in + out) <= share·in·out. Two thin GEMMs then replace the several
+# small products and copies of kronecker_matmul, whose fixed cost per call dominates decoding
+# (docs/method.md, "The folded Kronecker part"; docs/benchmarks/fold_speed.md).
+FOLD_MAX_SHARE = 0.25
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place update counter of ``t`` (-1 for an inference tensor, which has none)."""
+    return -1 if t.is_inference() else t._version
+
+
+def folds_kronecker_part(in_features: int, out_features: int, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int) -> bool:
+    """Whether a ``KroneckerLowRankLinear`` of these shapes runs its Kronecker part as the exact
+    low-rank form when no gradient reaches A or B: its width R·min(m1, n1)·min(m2, n2)
+    (``kron_sum_rank_bound``) times (in + out) at most ``FOLD_MAX_SHARE`` of in·out."""
+    return kron_sum_rank_bound(a_shape, b_shape, rank) * (in_features + out_features) <= FOLD_MAX_SHARE * in_features * out_features
+
+
+def kronecker_lowrank_matmul(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+    order: str,
+    fold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """y = x (Σ_r A_r ⊗ B_r + U V)ᵀ + b for x (..., in) -> (..., out), never forming the weight.
+
+    Args:
+        A, B: (R, m1, n1), (R, m2, n2) Kronecker factors, applied with ``kronecker_matmul`` in
+            ``order`` unless ``fold`` is given.
+        U, V: (out, k), (k, in) low-rank factors.
+        bias: (out,) or None.
+        fold: (U_K (out, K), V_K (K, in)) with U_K V_K = Σ_r A_r ⊗ B_r (``kron_sum_lowrank``):
+            the Kronecker part as two more thin GEMMs (A and B are then not read).
+    """
+    if fold is None:
+        y = kronecker_matmul(x, A, B, order, None)
+        y = y + (x @ V.t()) @ U.t()
+        if bias is not None:
+            y = y + bias
+        return y
+    U_K, V_K = fold
+    x2 = x.reshape(-1, x.shape[-1])
+    y = (x2 @ V.t()) @ U.t() if bias is None else torch.addmm(bias, x2 @ V.t(), U.t())
+    y = torch.addmm(y, x2 @ V_K.t(), U_K.t())
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def materializes(tokens: int, rank: int, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
     """Whether ``kronecker_matmul`` forms W = Σ_r A_r ⊗ B_r and applies it as one dense product.
 
@@ -311,6 +400,8 @@ class KroneckerLowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         b_first, a_first = contraction_macs(self.a_shape, self.b_shape, rank)
         self.order = "b_first" if b_first <= a_first else "a_first"
+        self.folds = folds_kronecker_part(in_features, out_features, self.a_shape, self.b_shape, rank)
+        self._fold = None
         if not self.A.is_meta:
             with torch.no_grad():
                 for p in (self.A, self.B, self.U, self.V):
@@ -318,11 +409,30 @@ class KroneckerLowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
-        y = kronecker_matmul(x, self.A.to(x.dtype), self.B.to(x.dtype), self.order, None)
-        y = y + (x @ self.V.to(x.dtype).t()) @ self.U.to(x.dtype).t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        dtype = x.dtype
+        fold = self.kronecker_fold(dtype) if self.uses_fold() else None
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return kronecker_lowrank_matmul(x, self.A.to(dtype), self.B.to(dtype), self.U.to(dtype), self.V.to(dtype), bias, self.order, fold)
+
+    def uses_fold(self) -> bool:
+        """Whether the next forward pass runs the Kronecker part as its low-rank form: thin factors
+        (``folds``), eager mode (traced and exported graphs keep the stored factors), and no gradient
+        wanted for A or B."""
+        wants_grad = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        return self.folds and not wants_grad and not traced
+
+    def kronecker_fold(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_K (out, K), V_K (K, in)) in ``dtype`` with U_K V_K = Σ_r A_r ⊗ B_r (``kron_sum_lowrank``),
+        computed without gradient and kept until A or B change (in place or replaced), or the
+        dtype or device does."""
+        A, B = self.A, self.B
+        key = (dtype, A.device, A.data_ptr(), B.data_ptr(), tensor_version(A), tensor_version(B))
+        if self._fold is None or self._fold[0] != key:
+            with torch.no_grad():
+                U_K, V_K = kron_sum_lowrank(A, B)
+            self._fold = (key, U_K.to(dtype), V_K.to(dtype))
+        return self._fold[1], self._fold[2]
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
