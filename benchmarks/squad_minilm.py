@@ -667,8 +667,8 @@ def missing_rows(rows: dict[str, dict], grid: list[str], command_base: str, pend
     if not lines:
         return []
     return ["## Not measured yet", "",
-            "Each is one invocation (students need every teacher row first; an interrupted row resumes from its "
-            "checkpoints):", "", *lines, ""]
+            "Each is one invocation (students need every teacher row first, except kb8-s1's stage 1, which `--only stage1` "
+            "runs beside them; an interrupted row resumes from its checkpoints):", "", *lines, ""]
 
 
 def settings_lines(rows: dict[str, dict]) -> list[str]:
@@ -794,7 +794,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--out", type=Path, default=None, help=f"report to write (e.g. {REPORT}; the PNG goes beside it); default: print it")
     parser.add_argument("--only", default="all",
                         help="comma-separated rows to run: all, teacher (the grid), students, or row names (teacher-lr..., "
-                             + ", ".join(STUDENTS) + ")")
+                             + ", ".join(STUDENTS) + "); stage1: kb8-s1's stage-1 encoder alone (needs no teacher)")
     parser.add_argument("--report-only", action="store_true", help="only write the report from --results")
     parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu", help="where training and evaluation run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -864,8 +864,8 @@ def selected(only: str, grid: list[TeacherSetting]) -> set[str]:
             names |= set(students)
         elif item in teachers or item in students:
             names.add(item)
-        else:
-            raise SystemExit(f"--only: unknown row {item!r}; known: all, teacher, students, {', '.join(teachers + students)}")
+        elif item != "stage1":  # not a row: kb8-s1's encoder, which needs no teacher (main runs it)
+            raise SystemExit(f"--only: unknown row {item!r}; known: all, teacher, students, stage1, {', '.join(teachers + students)}")
     return names
 
 
@@ -922,6 +922,12 @@ def main() -> None:
         append_result_row(results, row)
 
     args.work.mkdir(parents=True, exist_ok=True)
+    if "stage1" in args.only.split(","):
+        # Stage 1 distils from pretrained MiniLM, not from the SQuAD teacher: it can run beside the
+        # teacher rows, and kb8-s1 then finds it done.
+        record = stage1_encoder(args, args.work)
+        print(f"# stage 1: {record['steps']} steps, best held-out loss {record['held_out_loss']} at step {record['best_step']}: "
+              f"{record['folder']}", flush=True)
     while True:  # a coordinate search decides its later settings from the rows of its first window
         # A setting named in --only runs even where the search would not try it; its row competes too.
         decided = teacher_grid(args, rows)

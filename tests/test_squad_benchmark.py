@@ -73,6 +73,7 @@ def test_grid_names_and_bad_settings():
     with pytest.raises(SystemExit, match="--only: unknown row 'kb9'"):
         bench.selected("kb9", bench.teacher_grid(args))
     assert bench.selected("students,teacher-lr5e-05-L256-S96", bench.teacher_grid(args)) == {*bench.STUDENTS, names[1]}
+    assert bench.selected("stage1", bench.teacher_grid(args)) == set()  # no row: stage 1 alone, beside the teacher rows
     stride = bench.TeacherSetting(1e-4, 128, 128)
     with pytest.raises(SystemExit, match="teacher-lr0.0001-L128-S128: .*doc_stride must be an integer in"):
         bench.teacher_config(args, stride)
