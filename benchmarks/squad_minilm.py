@@ -928,6 +928,8 @@ def main() -> None:
         record = stage1_encoder(args, args.work)
         print(f"# stage 1: {record['steps']} steps, best held-out loss {record['held_out_loss']} at step {record['best_step']}: "
               f"{record['folder']}", flush=True)
+        if args.only == "stage1":
+            return  # no row changed: the report stays the one the row runs write
     while True:  # a coordinate search decides its later settings from the rows of its first window
         # A setting named in --only runs even where the search would not try it; its row competes too.
         decided = teacher_grid(args, rows)
