@@ -143,6 +143,8 @@ def test_training_the_low_rank_part_alone_uses_the_fold_with_the_same_gradients(
     torch.manual_seed(8)
     layer, _ = KroneckerLowRankLinear.from_dense(torch.randn(96, 96), None, (48, 2), (2, 48), 2, 3)
     x = torch.randn(4, 96, requires_grad=True)
+    with torch.inference_mode():
+        layer(x.detach())  # a fold built here must still serve a step that trains U and V
     grads = {}
     for frozen in (False, True):
         layer.A.requires_grad_(not frozen)

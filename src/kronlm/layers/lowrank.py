@@ -153,7 +153,9 @@ class KroneckerLowRankLinear(MergesToLinear, nn.Module):
         A, B = self.A, self.B
         key = (dtype, A.device, A.data_ptr(), B.data_ptr(), tensor_version(A), tensor_version(B))
         if self._fold is None or self._fold[0] != key:
-            with torch.no_grad():
+            # Normal tensors even under inference_mode: a later training step that keeps A and B
+            # frozen saves them for backward, which inference tensors refuse.
+            with torch.inference_mode(False), torch.no_grad():
                 U_K, V_K = kron_sum_lowrank(A, B)
             self._fold = (key, U_K.to(dtype), V_K.to(dtype))
         return self._fold[1], self._fold[2]
