@@ -13,7 +13,8 @@ the checkpoints in ``WORK/runs/NAME``:
   epochs without a better held-out F1). Last, when the best of those settings still had its best
   held-out F1 at its last epoch, that setting again with up to ``--teacher-more-epochs`` epochs
   (row ``teacher-...-E8`` at the default 8; 0 skips it). The students learn from the row whose best
-  epoch has the best held-out F1.
+  epoch has the best held-out F1; a work folder without its checkpoint (a fresh clone) trains it
+  again, seeded, before the first student.
 - students, each trained by task ILKD from that teacher (``configs/squad-minilm-student.yaml`` at
   the teacher's max length and doc stride): ``ffn2x`` (FFN-only Kronecker 2x,
   ``configs/minilm-ffn2x.yaml``), ``linear4x`` (linear layers 4x, ``configs/minilm-linear4x.yaml``),
@@ -461,6 +462,35 @@ def chosen_teacher(rows: dict[str, dict]) -> dict | None:
     if not teachers:
         return None
     return max(teachers, key=held_out_f1)
+
+
+def setting_of(row: dict) -> TeacherSetting:
+    """The search point a teacher row was trained at (its name says whether it had its own epoch count)."""
+    plain = TeacherSetting(row["lr"], row["max_length"], row["doc_stride"])
+    return plain if plain.name == row["name"] else TeacherSetting(row["lr"], row["max_length"], row["doc_stride"], row["epochs"])
+
+
+def teacher_checkpoint(row: dict, args, work: Path, data: SquadData, train=None) -> dict:
+    """The chosen teacher's row with its checkpoint on disk.
+
+    A work folder without it (a fresh clone: the results file is committed, checkpoints are not)
+    trains the row's setting again into ``work`` (``train``: :func:`run_teacher`). The run is seeded
+    (held-out split, data order, head initialisation), so the same machine and versions give the
+    same teacher; the held-out F1 of both is printed, and each student row records the dev scores of
+    the teacher it actually learnt from, so its retention is always against its own teacher.
+
+    Returns:
+        ``row`` with ``folder`` pointing at the checkpoint (a ``retrained`` entry when trained again).
+    """
+    if (Path(row["folder"]) / "config.json").is_file():
+        return row
+    setting = setting_of(row)
+    print(f"# {row['folder']}: the chosen teacher's checkpoint is not in this work folder; training {setting.name} again",
+          flush=True)
+    again = (train or run_teacher)(setting, args, work, data)
+    print(f"# {setting.name} again: held-out F1 {pct(held_out_f1(again))} (row: {pct(held_out_f1(row))}), "
+          f"dev F1 {pct(again['teacher']['metrics'].get('f1'))} (row: {pct(row['teacher']['metrics'].get('f1'))})", flush=True)
+    return {**row, "folder": again["folder"], "retrained": {k: again[k] for k in ("teacher", "wall_seconds", "cpu_seconds")}}
 
 
 def stage1_encoder(args, work: Path) -> dict:
@@ -944,10 +974,10 @@ def main() -> None:
     todo = [spec for spec in STUDENTS.values() if spec.name in wanted and spec.name not in rows]
     if todo:
         missing = [s.name for s in grid if s.name not in rows] + pending_settings(args, rows)
-        teacher = chosen_teacher(rows)
         if missing:
             raise SystemExit(f"students need the chosen teacher: run the teacher rows first ({'; '.join(missing)}; "
                              f"`{base} --only teacher`)")
+        teacher = teacher_checkpoint(chosen_teacher(rows), args, args.work, data)
         print(f"# students learn from {teacher['name']} (best held-out F1 {pct(teacher['teacher']['selection'].get('value'))})",
               flush=True)
         for spec in todo:

@@ -201,3 +201,27 @@ def test_rows_of_other_settings_are_refused(tmp_path):
     bench.check_rows_match({row["name"]: row}, {"train_questions": None, "batch_size": 16}, tmp_path)
     (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "lr": 3e-4}) + "\n")
     assert bench.read_rows(tmp_path / "results.jsonl")[row["name"]]["lr"] == 3e-4
+
+
+def test_a_fresh_clone_trains_the_chosen_teacher_again_before_its_students(tmp_path, capsys):
+    args = bench.parse_args(["--data-dir", str(REPO), "--work", str(tmp_path)])
+    present = tmp_path / "present"
+    present.mkdir()
+    (present / "config.json").write_text("{}")
+    row = {**_teacher_row("teacher-lr0.0001-L256-S96-E8", 0.75, 0.68), "epochs": 8, "folder": str(present)}
+    calls = []
+
+    def train(setting, args, work, data):
+        calls.append(setting)
+        return {**row, "folder": str(work / "runs" / setting.name / "teacher"), "teacher": {**row["teacher"], "metrics": {"f1": 0.67}}}
+
+    assert bench.teacher_checkpoint(row, args, tmp_path, None, train=train) is row and calls == []
+    gone = {**row, "folder": str(tmp_path / "gone" / "teacher")}
+    again = bench.teacher_checkpoint(gone, args, tmp_path, None, train=train)
+    assert calls == [bench.TeacherSetting(1e-4, 256, 96, 8)] and calls[0].name == row["name"]
+    assert again["folder"] == str(tmp_path / "runs" / row["name"] / "teacher") and again["retrained"]["teacher"]["metrics"]["f1"] == 0.67
+    assert again["teacher"] == row["teacher"]  # the row's own figures are kept; the student records the teacher it used
+    assert "held-out F1 75.00 (row: 75.00), dev F1 67.00 (row: 68.00)" in capsys.readouterr().out
+    plain = bench.setting_of(_teacher_row("teacher-lr0.0002-L384-S128", 0.7, 0.6, lr=2e-4) | {"max_length": 384, "doc_stride": 128,
+                                                                                               "epochs": 4})
+    assert plain == bench.TeacherSetting(2e-4, 384, 128)
