@@ -233,6 +233,23 @@ def test_run_squad_teacher_and_student_and_the_checkpoint_is_chosen_on_held_out_
     assert student.qa_outputs.out_features == 2 and (tmp_path / "run-a" / "student" / "kronlm_compression.json").is_file()
 
 
+def test_a_teacher_trained_twice_with_one_seed_is_bit_identical(tmp_path):
+    # What lets a fresh clone of a benchmark train its chosen teacher again instead of storing it.
+    from safetensors.torch import load_file
+
+    base = tiny_base(tmp_path / "base")
+    data = write_split(tmp_path / "squad-v1.1-dev-split", synthetic_squad(24, 0), synthetic_squad(6, 1))
+    cfg = SquadTrainConfig(max_length=32, doc_stride=8, batch_size=8, max_steps=4, lr=3e-3, eval_every=2, val_fraction=0.25,
+                           eval_batch_size=8)
+    runs = [run_squad(tmp_path / name, model=str(base), config=cfg, data_dir=data, log=lambda line: None) for name in ("a", "b")]
+    first, second = (load_file(tmp_path / name / "teacher" / "model.safetensors") for name in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert runs[0].row("teacher").metrics == runs[1].row("teacher").metrics
+    changed = run_squad(tmp_path / "c", model=str(base), config=cfg.replace(seed=cfg.seed + 1), data_dir=data, log=lambda line: None)
+    third = load_file(tmp_path / "c" / "teacher" / "model.safetensors")
+    assert not torch.equal(third["qa_outputs.weight"], first["qa_outputs.weight"])  # the seed is what fixes it
+
+
 def test_v2_threshold_is_chosen_on_the_held_out_questions_never_on_dev():
     tok = tiny_bert_tokenizer(VOCAB_TEXT)
     model = tiny_qa(3, vocab=tok.vocab_size)
