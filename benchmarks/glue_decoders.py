@@ -504,7 +504,8 @@ def main() -> None:
             row["notes"] = "; ".join(filter(None, [row["notes"], refit]))
         rows.append(row)
         append_result_row(results, row)
-        write_outputs(rows, expected, args.out, command, args.work, glue_dir)
+        # Read back: a part running beside this one may have appended rows meanwhile.
+        write_outputs(read_result_rows(results), expected, args.out, command, args.work, glue_dir)
     if not todo:
         write_outputs(rows, expected, args.out, command, args.work, glue_dir)
 

@@ -983,7 +983,8 @@ def main() -> None:
         for spec in todo:
             record(run_student(spec, teacher, args, args.work, data),
                    STUDENT_KEYS if spec.stage1 else tuple(k for k in STUDENT_KEYS if k != "stage1_steps"))
-    write_reports(rows, [s.name for s in grid], args, base, pending_settings(args, rows))
+    rows = read_rows(results)  # with the rows a part running beside this one appended meanwhile
+    write_reports(rows, [s.name for s in teacher_grid(args, rows)], args, base, pending_settings(args, rows))
 
 
 if __name__ == "__main__":
