@@ -34,6 +34,8 @@ NAMESPACES = [
     "kronlm.distill",
     "kronlm.evaluation",
     "kronlm.tasks",
+    "kronlm.tasks.glue",
+    "kronlm.tasks.squad",
     "kronlm.export",
     "kronlm.bench",
     "kronlm.utils",

@@ -18,7 +18,7 @@ from transformers import (
 
 from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.distill import DistillationObjective, get_recipe
-from kronlm.tasks import TaskSplits, train_task_model
+from kronlm.tasks import TaskSplits, count_embedding_linear_parameters, train_task_model
 from kronlm.tasks.glue import (
     GlueBatchCollator,
     GlueFamily,
@@ -26,11 +26,11 @@ from kronlm.tasks.glue import (
     GlueTrainConfig,
     ModelResult,
     check_classifier,
-    count_embedding_linear_parameters,
+    classifier_head_name,
     evaluate_classifier,
     get_task,
     load_general_distilled,
-    make_student,
+    make_classifier_student,
     read_report,
     write_report,
 )
@@ -149,7 +149,7 @@ def test_student_copies_head_counts_params_and_distillation_loss_goes_down(tmp_p
     splits = TaskSplits(rows, None, rows)
     train_task_model(family, teacher, splits, GlueTrainConfig(batch_size=16, epochs=2, lr=3e-3, val_fraction=0.0),
                      tmp_path / "t", role="teacher")
-    student, report = make_student(teacher, TINY_KRON)
+    student, report = make_classifier_student(teacher, TINY_KRON)
     assert len(report.modules) == 1 + 2 * 6
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)
     assert torch.equal(student.classifier.bias, teacher.classifier.bias)
@@ -159,8 +159,8 @@ def test_student_copies_head_counts_params_and_distillation_loss_goes_down(tmp_p
     pos, typ, pool = 32 * 32, 2 * 32, 32 * 32 + 32
     dense = 19 * 32 + pos + typ + pool + 2 * (4 * (32 * 32 + 32) + (64 * 32 + 64) + (32 * 64 + 32))
     kron = (19 * 16 + 2) + pos + typ + pool + 2 * (4 * (256 + 4 + 32) + (1024 + 2 + 64) + (1024 + 2 + 32))
-    assert count_embedding_linear_parameters(teacher) == dense
-    assert count_embedding_linear_parameters(student) == kron
+    assert count_embedding_linear_parameters(teacher, head_name=classifier_head_name(teacher)) == dense
+    assert count_embedding_linear_parameters(student, head_name=classifier_head_name(student)) == kron
     objective = DistillationObjective(get_recipe("ilkd-kroneckerbert"))
     fixed = collator(rows)
 
@@ -177,14 +177,14 @@ def test_student_copies_head_counts_params_and_distillation_loss_goes_down(tmp_p
     assert after < 0.9 * before
     # The teacher is frozen now; a student made from it is not.
     assert not any(p.requires_grad for p in teacher.parameters())
-    second = make_student(teacher, TINY_KRON)[0]
+    second = make_classifier_student(teacher, TINY_KRON)[0]
     assert all(p.requires_grad for p in second.parameters())
     # The "no task KD" ablation: CE on the labels only, the teacher is not consulted.
     ce_only = train_task_model(family, second, splits, cfg.replace(max_steps=2), tmp_path / "ce", role="student",
                                teacher=teacher, task_kd=False)
     assert [set(t) for t in ce_only.loss_terms] == [{"ce"}, {"ce"}]
     with pytest.raises(ValueError, match="selects the task head"):
-        make_student(teacher, CompressionConfig(targets=[KroneckerTarget(["classifier"], b_shape=(1, 2))]))
+        make_classifier_student(teacher, CompressionConfig(targets=[KroneckerTarget(["classifier"], b_shape=(1, 2))]))
 
 
 def test_ce_recipe_on_a_regressor_is_mse_and_regression_kd_is_mse():
@@ -226,7 +226,7 @@ def test_general_distill_stage_then_load_into_task_student(tmp_path):
     final = general_distill(encoder, TINY_KRON, blocks, tcfg, tmp_path / "stage1")
     summary = json.loads((final / "training_summary.json").read_text())
     assert summary["step"] == 6
-    student, _ = make_student(teacher_cls, TINY_KRON)
+    student, _ = make_classifier_student(teacher_cls, TINY_KRON)
     pooler_before = student.bert.pooler.dense.weight.clone()
     load_general_distilled(student, final)
     stage1 = kronlm.load(final, auto_class=__import__("transformers").AutoModel)
@@ -234,7 +234,7 @@ def test_general_distill_stage_then_load_into_task_student(tmp_path):
     assert torch.equal(student.bert.pooler.dense.weight, pooler_before)
     assert torch.equal(student.classifier.weight, teacher_cls.classifier.weight)
     # A folder compressed another way does not fit.
-    other, _ = make_student(tiny_bert_classifier(seed=3), CompressionConfig(targets=[KroneckerTarget(["**.intermediate.dense"], b_shape=(4, 1))]))
+    other, _ = make_classifier_student(tiny_bert_classifier(seed=3), CompressionConfig(targets=[KroneckerTarget(["**.intermediate.dense"], b_shape=(4, 1))]))
     kronlm.save(other.bert, tmp_path / "other")
     with pytest.raises(ValueError, match="does not match the student's encoder"):
         load_general_distilled(student, tmp_path / "other")

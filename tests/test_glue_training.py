@@ -27,7 +27,7 @@ from kronlm.tasks.glue import (
     GlueFamily,
     GlueTrainConfig,
     get_task,
-    make_student,
+    make_classifier_student,
     read_report,
     run_glue,
 )
@@ -63,7 +63,7 @@ def test_glue_run_killed_and_resumed_equals_the_uninterrupted_run_bit_for_bit(tm
     def fresh(seed):
         if role == "teacher":
             return tiny_bert_classifier(seed=seed)
-        student = make_student(teacher, TINY_KRON)[0]
+        student = make_classifier_student(teacher, TINY_KRON)[0]
         with torch.no_grad():  # a different start, which the checkpoint must override
             for p in student.parameters():
                 p.add_(0.01 * seed)

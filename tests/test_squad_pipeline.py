@@ -245,7 +245,7 @@ def test_a_teacher_trained_twice_with_one_seed_is_bit_identical(tmp_path):
     first, second = (load_file(tmp_path / name / "teacher" / "model.safetensors") for name in ("a", "b"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert runs[0].row("teacher").metrics == runs[1].row("teacher").metrics
-    changed = run_squad(tmp_path / "c", model=str(base), config=cfg.replace(seed=cfg.seed + 1), data_dir=data, log=lambda line: None)
+    run_squad(tmp_path / "c", model=str(base), config=cfg.replace(seed=cfg.seed + 1), data_dir=data, log=lambda line: None)
     third = load_file(tmp_path / "c" / "teacher" / "model.safetensors")
     assert not torch.equal(third["qa_outputs.weight"], first["qa_outputs.weight"])  # the seed is what fixes it
 

@@ -20,9 +20,8 @@ from kronlm.tasks.glue.data import (
 )
 from kronlm.tasks.glue.family import (
     GlueFamily,
-    count_embedding_linear_parameters,
     evaluate_classifier,
-    make_student,
+    make_classifier_student,
     resolve_compression,
     run_glue,
 )
@@ -52,7 +51,6 @@ __all__ = [
     "classifier_head",
     "classifier_head_name",
     "compute_metrics",
-    "count_embedding_linear_parameters",
     "encode_examples",
     "encoded_lengths",
     "evaluate_classifier",
@@ -61,7 +59,7 @@ __all__ = [
     "load_general_distilled",
     "load_glue_split",
     "load_hf_glue_split",
-    "make_student",
+    "make_classifier_student",
     "predictions_from_logits",
     "read_glue_tsv",
     "read_report",

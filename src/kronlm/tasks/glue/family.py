@@ -47,9 +47,8 @@ from kronlm.tasks.student import resolve_compression
 
 __all__ = [
     "GlueFamily",
-    "count_embedding_linear_parameters",
     "evaluate_classifier",
-    "make_student",
+    "make_classifier_student",
     "resolve_compression",
     "run_glue",
 ]
@@ -90,20 +89,7 @@ def evaluate_classifier(
     return compute_metrics(task, preds, [r["labels"] for r in rows]), logits
 
 
-def count_embedding_linear_parameters(model: nn.Module, *, exclude_head: bool = True) -> int:
-    """Parameters of embedding and linear layers (dense or Kronecker), each tensor once, the
-    classification head excluded unless ``exclude_head`` is False
-    (:func:`kronlm.tasks.student.count_embedding_linear_parameters`)."""
-    head = None
-    if exclude_head:
-        try:
-            head = classifier_head_name(model)
-        except ValueError:
-            head = None
-    return task_student.count_embedding_linear_parameters(model, head_name=head)
-
-
-def make_student(teacher: PreTrainedModel, config: CompressionConfig, *, progress: bool = False):
+def make_classifier_student(teacher: PreTrainedModel, config: CompressionConfig, *, progress: bool = False):
     """Compress a copy of a fine-tuned classifier, its head copied, not compressed
     (:func:`kronlm.tasks.student.make_student`); returns (student, compression report).
 
