@@ -43,3 +43,12 @@ def test_an_object_is_described_in_the_most_specific_namespace_exporting_it():
     assert api.home("BudgetConfig", kronlm.BudgetConfig,
                     ["kronlm", "kronlm.compression", "kronlm.compression.budget"]) == "kronlm.compression.budget"
     assert api.signature(lambda a, *, b=2: a) == "(a, *, b=2)"
+
+
+def test_every_package_with_public_names_has_a_section():
+    # kronlm.cli is the command line, kronlm.modeling.remote the code copied beside saved models.
+    api = _script()
+    source = REPO / "src"
+    packages = {".".join(p.parent.relative_to(source).parts) for p in (source / "kronlm").rglob("__init__.py")}
+    public = {name for name in packages if hasattr(importlib.import_module(name), "__all__")}
+    assert public - {"kronlm.cli", "kronlm.modeling.remote"} <= set(api.NAMESPACES), sorted(public - set(api.NAMESPACES))
