@@ -625,13 +625,17 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
         sel = r["teacher"]["selection"]
         best = next((p for p in r["curve"] if p["step"] == sel.get("step")), None)
         mark = " **(chosen)**" if chosen is not None and r["name"] == chosen["name"] else ""
+        mark += "" if r["name"] in grid else " (named)"
         table.append([f"`{r['name']}`{mark}", f"{r['lr']:g}", r["max_length"], r["doc_stride"], curve or "-",
                       "-" if best is None else f"{best['epoch']:g}", pct(sel.get("value")),
                       pct(r["teacher"]["metrics"].get("exact_match")), pct(r["teacher"]["metrics"].get("f1")),
                       minutes(r["teacher"]["train_seconds"]) + (" (resumed)" if r.get("resumed") else "")])
     lines += [markdown_table(["setting", "lr", "max length", "doc stride", "held-out F1 (EM) after each epoch", "best epoch",
                               "held-out F1, best", "dev EM", "dev F1", "train (min)"], table), "",
-              f"Settings tried: {SEARCHES[search]}{LONGER}. Held-out: 10 % of train.json's questions in whole paragraphs (the same "
+              f"Settings tried: {SEARCHES[search]}{LONGER}"
+              + ("; besides, settings run by name (`--only NAME`), marked (named), which compete with the others for the "
+                 "students' teacher" if any(r["name"] not in grid for r in measured) else "")
+              + ". Held-out: 10 % of train.json's questions in whole paragraphs (the same "
               "for every row), never trained on. The students learn from the setting whose best epoch has the best "
               "held-out F1; dev.json is the kept (best) checkpoint's, reported only.", ""]
     if png:

@@ -187,6 +187,10 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | 40.00 (step 5 of 9) | 30 | - |" in text
     assert f"`truncated3` (teacher `{weak['name']}`)" in text  # distilled from a teacher no longer chosen
     assert "dev EM 31.19" not in text and "dev EM 1.43" not in text
+    assert "(named)" not in text and "run by name" not in text
+    extra = _teacher_row("teacher-lr0.0001-L384-S128", 0.6, 0.6) | {"max_length": 384, "doc_stride": 128}
+    named = bench.report_markdown({**rows, extra["name"]: extra}, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert "| `teacher-lr0.0001-L384-S128` (named) |" in named and "settings run by name (`--only NAME`)" in named
     # the missing rows are run with the settings of the latest row's invocation
     assert "`linear4x`: `python benchmarks/squad_minilm.py --work W2 --teacher-lrs 1e-4 --only linear4x`" in text
     assert "`kb8`: `python" not in text and "![held-out F1 of each teacher setting after each epoch](curve.png)" in text
