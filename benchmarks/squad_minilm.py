@@ -625,7 +625,7 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
         sel = r["teacher"]["selection"]
         best = next((p for p in r["curve"] if p["step"] == sel.get("step")), None)
         mark = " **(chosen)**" if chosen is not None and r["name"] == chosen["name"] else ""
-        mark += "" if r["name"] in grid else " (named)"
+        mark += "" if r["name"] in grid else " (outside the search)"
         table.append([f"`{r['name']}`{mark}", f"{r['lr']:g}", r["max_length"], r["doc_stride"], curve or "-",
                       "-" if best is None else f"{best['epoch']:g}", pct(sel.get("value")),
                       pct(r["teacher"]["metrics"].get("exact_match")), pct(r["teacher"]["metrics"].get("f1")),
@@ -633,8 +633,8 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
     lines += [markdown_table(["setting", "lr", "max length", "doc stride", "held-out F1 (EM) after each epoch", "best epoch",
                               "held-out F1, best", "dev EM", "dev F1", "train (min)"], table), "",
               f"Settings tried: {SEARCHES[search]}{LONGER}"
-              + ("; besides, settings run by name (`--only NAME`), marked (named), which compete with the others for the "
-                 "students' teacher" if any(r["name"] not in grid for r in measured) else "")
+              + ("; besides, settings outside the search (run by name, `--only NAME`), marked so, which compete with the "
+                 "others for the students' teacher" if any(r["name"] not in grid for r in measured) else "")
               + ". Held-out: 10 % of train.json's questions in whole paragraphs (the same "
               "for every row), never trained on. The students learn from the setting whose best epoch has the best "
               "held-out F1; dev.json is the kept (best) checkpoint's, reported only.", ""]
@@ -881,8 +881,20 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def teachers_to_run(args, rows: dict[str, dict], named: list[TeacherSetting], wanted: set[str], search: bool) -> list[TeacherSetting]:
+    """The teacher settings still without a row, in order: the search's settings as far as ``rows``
+    decide them (``search``: ``--only`` asked for it) and those of ``named`` that ``wanted`` names
+    (a setting named runs even where the search would not try it; its row competes too)."""
+    decided = teacher_grid(args, rows)
+    searched = {s.name for s in decided} if search else set()
+    pool = named + [s for s in decided if s not in named]
+    return [s for s in pool if (s.name in searched or s.name in wanted) and s.name not in rows]
+
+
 def selected(only: str, grid: list[TeacherSetting]) -> set[str]:
-    """Row names ``--only`` asks for.
+    """Row names ``--only`` asks for by name: students, and teacher settings named one by one
+    (``grid``: every setting that may be named). ``all`` and ``teacher`` name no teacher setting:
+    they ask for the search, whose settings the rows decide as they land (:func:`teacher_grid`).
 
     Raises:
         SystemExit: an unknown name (lists the known ones).
@@ -891,9 +903,9 @@ def selected(only: str, grid: list[TeacherSetting]) -> set[str]:
     names: set[str] = set()
     for item in only.split(","):
         if item == "all":
-            names |= set(teachers) | set(students)
+            names |= set(students)
         elif item == "teacher":
-            names |= set(teachers)
+            pass
         elif item == "students":
             names |= set(students)
         elif item in teachers or item in students:
@@ -964,16 +976,12 @@ def main() -> None:
               f"{record['folder']}", flush=True)
         if args.only == "stage1":
             return  # no row changed: the report stays the one the row runs write
-    while True:  # a coordinate search decides its later settings from the rows of its first window
-        # A setting named in --only runs even where the search would not try it; its row competes too.
-        decided = teacher_grid(args, rows)
-        searched = {s.name for s in decided}
-        every += [s for s in decided if s not in every]
-        todo_teachers = [s for s in every if ((every_teacher and s.name in searched) or s.name in wanted) and s.name not in rows]
+    while True:  # one row at a time: a coordinate search decides its later settings from the rows of its first window
+        rows.update(read_rows(results))  # with the rows a part running beside this one appended meanwhile
+        todo_teachers = teachers_to_run(args, rows, every, wanted, every_teacher)
         if not todo_teachers:
             break
-        for setting in todo_teachers:
-            record(run_teacher(setting, args, args.work, data), TEACHER_KEYS)
+        record(run_teacher(todo_teachers[0], args, args.work, data), TEACHER_KEYS)
     grid = teacher_grid(args, rows)
     todo = [spec for spec in STUDENTS.values() if spec.name in wanted and spec.name not in rows]
     if todo:

@@ -74,6 +74,9 @@ def test_grid_names_and_bad_settings():
         bench.selected("kb9", bench.teacher_grid(args))
     assert bench.selected("students,teacher-lr5e-05-L256-S96", bench.teacher_grid(args)) == {*bench.STUDENTS, names[1]}
     assert bench.selected("stage1", bench.teacher_grid(args)) == set()  # no row: stage 1 alone, beside the teacher rows
+    # "teacher" and "all" ask for the search, not for every setting that could be named
+    assert bench.selected("teacher", bench.teacher_grid(args)) == set()
+    assert bench.selected("all", bench.teacher_grid(args)) == set(bench.STUDENTS)
     stride = bench.TeacherSetting(1e-4, 128, 128)
     with pytest.raises(SystemExit, match="teacher-lr0.0001-L128-S128: .*doc_stride must be an integer in"):
         bench.teacher_config(args, stride)
@@ -187,10 +190,10 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | 40.00 (step 5 of 9) | 30 | - |" in text
     assert f"`truncated3` (teacher `{weak['name']}`)" in text  # distilled from a teacher no longer chosen
     assert "dev EM 31.19" not in text and "dev EM 1.43" not in text
-    assert "(named)" not in text and "run by name" not in text
+    assert "(outside the search)" not in text and "run by name" not in text
     extra = _teacher_row("teacher-lr0.0001-L384-S128", 0.6, 0.6) | {"max_length": 384, "doc_stride": 128}
     named = bench.report_markdown({**rows, extra["name"]: extra}, grid, "python benchmarks/squad_minilm.py --work W", None)
-    assert "| `teacher-lr0.0001-L384-S128` (named) |" in named and "settings run by name (`--only NAME`)" in named
+    assert "| `teacher-lr0.0001-L384-S128` (outside the search) |" in named and "settings outside the search (run by name" in named
     # the missing rows are run with the settings of the latest row's invocation
     assert "`linear4x`: `python benchmarks/squad_minilm.py --work W2 --teacher-lrs 1e-4 --only linear4x`" in text
     assert "`kb8`: `python" not in text and "![held-out F1 of each teacher setting after each epoch](curve.png)" in text
@@ -229,3 +232,24 @@ def test_a_fresh_clone_trains_the_chosen_teacher_again_before_its_students(tmp_p
     plain = bench.setting_of(_teacher_row("teacher-lr0.0002-L384-S128", 0.7, 0.6, lr=2e-4) | {"max_length": 384, "doc_stride": 128,
                                                                                                "epochs": 4})
     assert plain == bench.TeacherSetting(2e-4, 384, 128)
+
+
+def test_the_teacher_search_runs_only_the_settings_it_decides():
+    args = bench.parse_args(["--data-dir", str(REPO)])  # coordinate: 5e-5, 1e-4, 2e-4 at 256:96, then the best at 384:128
+    every = [bench.TeacherSetting(lr, length, stride) for length, stride in ((256, 96), (384, 128)) for lr in (5e-5, 1e-4, 2e-4)]
+    rows = {}
+    for lr, held_out in ((5e-5, 0.71), (1e-4, 0.75)):
+        name = bench.TeacherSetting(lr, 256, 96).name
+        rows[name] = _teacher_row(name, held_out, 0.6, lr=lr)
+    assert [s.name for s in bench.teachers_to_run(args, rows, every, bench.selected("teacher", every), True)] == [
+        "teacher-lr0.0002-L256-S96"]  # the first window's settings before any other window
+    best = bench.TeacherSetting(2e-4, 256, 96).name
+    rows[best] = _teacher_row(best, 0.76, 0.6, lr=2e-4)
+    rows[best]["teacher"]["selection"]["step"] = 10  # peaked before its last epoch: no longer run
+    outside = bench.TeacherSetting(1e-4, 384, 128).name  # a setting run by name beside the search
+    rows[outside] = _teacher_row(outside, 0.77, 0.6) | {"max_length": 384, "doc_stride": 128}
+    todo = bench.teachers_to_run(args, rows, every, bench.selected("teacher", every), True)
+    assert [s.name for s in todo] == ["teacher-lr0.0002-L384-S128"]  # not 5e-5 at 384:128: the search never tries it
+    named = bench.teachers_to_run(args, rows, every, bench.selected("teacher-lr5e-05-L384-S128", every), False)
+    assert [s.name for s in named] == ["teacher-lr5e-05-L384-S128"]
+    assert bench.teachers_to_run(args, rows, every, bench.selected("students", every), False) == []
