@@ -611,7 +611,7 @@ LONGER = ("; then, when the best of those still had its best held-out F1 at its 
 
 
 def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None, png: str | None,
-                    search: str = "coordinate") -> list[str]:
+                    search: str = "coordinate", pending: Sequence[str] = ()) -> list[str]:
     """The teacher settings tried (``grid``: row names; ``search``: a key of :data:`SEARCHES`):
     held-out F1 / EM after each epoch, the best epoch, dev scores of the kept checkpoint."""
     measured = [rows[name] for name in grid if name in rows]
@@ -638,9 +638,32 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
               + ". Held-out: 10 % of train.json's questions in whole paragraphs (the same "
               "for every row), never trained on. The students learn from the setting whose best epoch has the best "
               "held-out F1; dev.json is the kept (best) checkpoint's, reported only.", ""]
+    lines += search_outcome(rows, grid, chosen, pending)
     if png:
         lines += [f"![held-out F1 of each teacher setting after each epoch]({png})", ""]
     return lines
+
+
+def search_outcome(rows: dict[str, dict], grid: list[str], chosen: dict | None, pending: Sequence[str] = ()) -> list[str]:
+    """One paragraph once the search is done (every setting of ``grid`` measured, nothing
+    ``pending``): its best setting, whether that one earned a longer run, and which row the students
+    learn from; nothing before."""
+    if chosen is None or pending or not grid or any(name not in rows for name in grid):
+        return []
+    best = max((rows[name] for name in grid), key=held_out_f1)
+    sel = best["teacher"]["selection"]
+    epoch = next((p["epoch"] for p in best["curve"] if p["step"] == sel.get("step")), None)
+    text = (f"Outcome: the search's best setting is `{best['name']}`, held-out F1 {pct(sel.get('value'))}"
+            + ("" if epoch is None else f" after epoch {epoch:g} of {len(best['curve'])}"))
+    if not any(name.rsplit("-", 1)[-1].startswith("E") for name in grid):
+        text += (", still rising at its last epoch but no longer run asked for" if still_improving(best)
+                 else ", past its peak before its last epoch, so no longer run was needed")
+    if chosen["name"] == best["name"]:
+        text += "; the students learn from it."
+    else:
+        text += (f"; the students learn from `{chosen['name']}`, outside the search, whose held-out F1 is higher "
+                 f"({pct(chosen['teacher']['selection'].get('value'))}).")
+    return [text, ""]
 
 
 def retention(row: dict) -> float | None:
@@ -762,7 +785,7 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
              "SQuAD dev numbers**: no model saw the official training set, and dev.json is 8 of dev's 48 articles.", "",
              "**Split discipline.** Every setting and checkpoint is chosen on held-out training questions (10 % of "
              "train.json, whole paragraphs, seeded; the same for every row); dev.json is evaluated and reported only.", "",
-             *subset_warning(rows), *goals_section(rows, chosen, unmeasured), *teacher_section(rows, grid, chosen, png, search),
+             *subset_warning(rows), *goals_section(rows, chosen, unmeasured), *teacher_section(rows, grid, chosen, png, search, pending),
              "## Students", ""]
     if students:
         lines += [markdown_table(["student", "dev EM", "dev F1", "retention (F1)", "params", "ratio (whole)", "ratio (linear layers)",

@@ -253,3 +253,22 @@ def test_the_teacher_search_runs_only_the_settings_it_decides():
     named = bench.teachers_to_run(args, rows, every, bench.selected("teacher-lr5e-05-L384-S128", every), False)
     assert [s.name for s in named] == ["teacher-lr5e-05-L384-S128"]
     assert bench.teachers_to_run(args, rows, every, bench.selected("students", every), False) == []
+
+
+def test_the_report_says_how_the_search_ended_once_it_has():
+    grid = [bench.TeacherSetting(1e-4, 256, 96).name, bench.TeacherSetting(2e-4, 256, 96).name]
+    weak, strong = _teacher_row(grid[0], 0.5, 0.58), _teacher_row(grid[1], 0.7, 0.65, lr=2e-4)
+    strong["teacher"]["selection"]["step"] = 10  # best after epoch 1 of 2
+    rows = {weak["name"]: weak, strong["name"]: strong}
+    text = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert (f"Outcome: the search's best setting is `{strong['name']}`, held-out F1 70.00 after epoch 1 of 2, past its peak "
+            "before its last epoch, so no longer run was needed; the students learn from it.") in text
+    assert "Outcome:" not in bench.report_markdown(rows, grid, "python", None, pending=["a setting not decided yet"])
+    assert "Outcome:" not in bench.report_markdown({weak["name"]: weak}, grid, "python", None)
+    named = _teacher_row("teacher-lr0.0001-L384-S128", 0.8, 0.66) | {"max_length": 384, "doc_stride": 128}
+    text = bench.report_markdown({**rows, named["name"]: named}, grid, "python", None)
+    assert f"; the students learn from `{named['name']}`, outside the search, whose held-out F1 is higher (80.00)." in text
+    longer = bench.TeacherSetting(2e-4, 256, 96, 8).name
+    rows[longer] = _teacher_row(longer, 0.75, 0.66, lr=2e-4)
+    text = bench.report_markdown(rows, [*grid, longer], "python", None)
+    assert f"Outcome: the search's best setting is `{longer}`, held-out F1 75.00 after epoch 2 of 2; the students" in text
