@@ -383,6 +383,10 @@ def recover_and_measure(student_name: str, size: float, recovery: str, student_d
                             folder, resume=(folder / "checkpoints").is_dir(), tokenizer=tokenizer, run_settings=settings)
                 student.load_state_dict(load(run.best_dir or run.final_dir).state_dict())
                 trained, finished = True, not run.time_limited
+                del run
+                # The segment's activations stay in the heap otherwise: a 10 GB process at the final
+                # evaluation was killed for memory beside two other jobs.
+                release_memory()
                 if finished:
                     break
             if trained:
