@@ -623,7 +623,7 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
     for r in measured:
         curve = " / ".join(f"{pct(p['f1'])} ({pct(p['exact_match'])})" for p in r["curve"])
         sel = r["teacher"]["selection"]
-        best = next((p for p in r["curve"] if p["step"] == sel.get("step")), None)
+        best = kept_point(r)
         mark = " **(chosen)**" if chosen is not None and r["name"] == chosen["name"] else ""
         mark += "" if r["name"] in grid else " (outside the search)"
         table.append([f"`{r['name']}`{mark}", f"{r['lr']:g}", r["max_length"], r["doc_stride"], curve or "-",
@@ -644,6 +644,12 @@ def teacher_section(rows: dict[str, dict], grid: list[str], chosen: dict | None,
     return lines
 
 
+def kept_point(row: dict) -> dict | None:
+    """The point of a teacher row's held-out curve at its kept (best) checkpoint, or None."""
+    step = row["teacher"]["selection"].get("step")
+    return next((p for p in row["curve"] if p["step"] == step), None)
+
+
 def search_outcome(rows: dict[str, dict], grid: list[str], chosen: dict | None, pending: Sequence[str] = ()) -> list[str]:
     """One paragraph once the search is done (every setting of ``grid`` measured, nothing
     ``pending``): its best setting, whether that one earned a longer run, and which row the students
@@ -651,11 +657,10 @@ def search_outcome(rows: dict[str, dict], grid: list[str], chosen: dict | None, 
     if chosen is None or pending or not grid or any(name not in rows for name in grid):
         return []
     best = max((rows[name] for name in grid), key=held_out_f1)
-    sel = best["teacher"]["selection"]
-    epoch = next((p["epoch"] for p in best["curve"] if p["step"] == sel.get("step")), None)
-    text = (f"Outcome: the search's best setting is `{best['name']}`, held-out F1 {pct(sel.get('value'))}"
-            + ("" if epoch is None else f" after epoch {epoch:g} of {len(best['curve'])}"))
-    if not any(name.rsplit("-", 1)[-1].startswith("E") for name in grid):
+    point = kept_point(best)
+    text = (f"Outcome: the search's best setting is `{best['name']}`, held-out F1 {pct(best['teacher']['selection'].get('value'))}"
+            + ("" if point is None else f" after epoch {point['epoch']:g} of {len(best['curve'])}"))
+    if not any(setting_of(rows[name]).epochs for name in grid):  # no longer run among the searched rows
         text += (", still rising at its last epoch but no longer run asked for" if still_improving(best)
                  else ", past its peak before its last epoch, so no longer run was needed")
     if chosen["name"] == best["name"]:

@@ -269,6 +269,6 @@ def test_the_report_says_how_the_search_ended_once_it_has():
     text = bench.report_markdown({**rows, named["name"]: named}, grid, "python", None)
     assert f"; the students learn from `{named['name']}`, outside the search, whose held-out F1 is higher (80.00)." in text
     longer = bench.TeacherSetting(2e-4, 256, 96, 8).name
-    rows[longer] = _teacher_row(longer, 0.75, 0.66, lr=2e-4)
+    rows[longer] = _teacher_row(longer, 0.75, 0.66, lr=2e-4) | {"epochs": 8}
     text = bench.report_markdown(rows, [*grid, longer], "python", None)
     assert f"Outcome: the search's best setting is `{longer}`, held-out F1 75.00 after epoch 2 of 2; the students" in text
