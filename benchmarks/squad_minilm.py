@@ -802,8 +802,9 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
               "the teacher's max length and doc stride: embedding, attention-score and hidden MSE, KD on the start and end "
               "logits, CE on the gold span):", "", *[f"- `{s.name}`: {s.what}." for s in STUDENTS.values()], "",
               "Ratios are the teacher's parameters over the student's: whole QA model, and the linear layers of the "
-              "encoder (biases included; embeddings, head apart). Train (s): wall seconds of the task-distillation run "
-              "(of its last call when resumed); stage 1: of the general distillation.", ""]
+              "encoder (biases included; embeddings, head apart). Train (s): wall seconds of the task-distillation run, "
+              "summed over its calls when resumed (the time between an interruption and the checkpoint before it is "
+              "not counted); stage 1: of the general distillation.", ""]
     previous = [text for key, text in PREVIOUS_ROUND.items()
                 if (key == "teacher" and chosen is None) or (key != "teacher" and key not in rows)]
     if previous:
