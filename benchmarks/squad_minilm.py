@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import shlex
@@ -63,6 +64,7 @@ from kronlm.bench.markdown import (
     append_result_row,
     environment_info,
     markdown_table,
+    portable_paths,
     read_result_rows,
     reproduce_header,
     reproduce_section,
@@ -75,7 +77,7 @@ from kronlm.modeling import load, load_model, load_tokenizer
 from kronlm.tasks import TaskReport, claim_task_folder, count_embedding_linear_parameters
 from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
 from kronlm.utils import default_data_dir
-from kronlm.utils.atomic import write_json
+from kronlm.utils.atomic import atomic_path, write_json
 from kronlm.utils.files import read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -562,6 +564,32 @@ def encoder_linear_parameters(folder: Path) -> int:
     return count_embedding_linear_parameters(model.base_model.encoder)
 
 
+def student_curve(folder: Path) -> list[dict] | None:
+    """Held-out F1 / EM at every validation of the task distillation that wrote the student
+    ``folder`` (:func:`validation_curve` of its ``student-run`` beside it), or None when the
+    folder has no training summary (a row measured elsewhere)."""
+    summary = folder / "training_summary.json"
+    if not summary.is_file():
+        return None
+    return validation_curve(folder.parent / "student-run", read_json(summary)["run"].get("val_history") or [])
+
+
+def fill_student_curves(results: Path) -> None:
+    """Give the student rows of ``results`` recorded without a held-out curve the curve their run
+    folder still holds (the latest row of each name: the one the folder belongs to), and rewrite
+    the file atomically when one changed."""
+    lines = read_result_rows(results)
+    latest = {row["name"]: row for row in lines}
+    changed = False
+    for row in latest.values():
+        if row["kind"] == "student" and row.get("curve") is None:
+            row["curve"] = student_curve(REPO / row["folder"])
+            changed |= row["curve"] is not None
+    if changed:
+        with atomic_path(results) as tmp:
+            tmp.write_text("".join(portable_paths(json.dumps(row)) + "\n" for row in lines))
+
+
 def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: SquadData) -> dict:
     """Distil one student from the chosen teacher by task ILKD; returns its row."""
     out = work / "runs" / spec.name
@@ -583,7 +611,8 @@ def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: Sq
         argv += ["--student-init", models["student_init"], "--layer-map", ",".join(str(i) for i in layer_map)]
     report, wall, cpu, resumed = squad_run(out, config, data, argv, args.threads, **models)
     return {"name": spec.name, "kind": "student", "teacher_name": teacher_row["name"], "teacher": model_row(report, "teacher"),
-            "student": model_row(report, "student"), "linear_params": encoder_linear_parameters(out / "student"),
+            "student": model_row(report, "student"), "curve": student_curve(out / "student"),
+            "linear_params": encoder_linear_parameters(out / "student"),
             "teacher_linear_params": encoder_linear_parameters(Path(teacher_row["folder"])), "stage1": stage1,
             "folder": str(out / "student"), "wall_seconds": wall, "cpu_seconds": cpu, "resumed": resumed}
 
@@ -775,9 +804,10 @@ def rerun_command(rows: dict[str, dict], default: str) -> str:
 
 
 def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, png: str | None, out: str = REPORT,
-                    pending: Sequence[str] = (), search: str = "coordinate") -> str:
-    """The whole report (Markdown) of the rows measured so far; ``grid``: the teacher row names
-    the search has decided; ``pending``: the teacher settings it has not decided yet
+                    pending: Sequence[str] = (), search: str = "coordinate", student_png: str | None = None) -> str:
+    """The whole report (Markdown) of the rows measured so far; ``png`` / ``student_png``: the
+    file names of the teachers' and the students' held-out curves (None: not drawn); ``grid``:
+    the teacher row names the search has decided; ``pending``: the teacher settings it has not decided yet
     (:func:`pending_settings`); ``search``: how they were chosen (a key of :data:`SEARCHES`); ``command_base``: the command the missing rows are run with when no
     row records one (:func:`rerun_command`); ``out``: the report's path in its ``--report-only`` command."""
     chosen = chosen_teacher(rows)
@@ -796,6 +826,8 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
         lines += [markdown_table(["student", "dev EM", "dev F1", "retention (F1)", "params", "ratio (whole)", "ratio (linear layers)",
                                   "held-out F1 that chose it", "train (s)", "stage 1 (s)"],
                                  [student_cells(r, chosen) for r in students]), ""]
+        if student_png:
+            lines += [f"![held-out F1 of each student during task distillation, by step]({student_png})", ""]
     else:
         lines += ["No student measured yet.", ""]
     lines += ["Students (each from the chosen teacher, task ILKD of KroneckerBERT with `configs/squad-minilm-student.yaml` at "
@@ -825,7 +857,8 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
 
 
 def write_reports(rows: dict[str, dict], grid: list[str], args, command_base: str, pending: Sequence[str] = ()) -> None:
-    """The report to ``--out`` (and the teacher curve beside it, as PNG), else to stdout; ``grid``:
+    """The report to ``--out`` (and beside it, as PNG, the teachers' held-out F1 per epoch and,
+    as ``NAME-students.png``, the students' per step), else to stdout; ``grid``:
     the teacher row names the search has decided, ``pending``: the settings it has not."""
     png = None
     teachers = [r for r in rows.values() if r["kind"] == "teacher" and r["curve"]]
@@ -835,12 +868,23 @@ def write_reports(rows: dict[str, dict], grid: list[str], args, command_base: st
                   png_path, title="SQuAD v1.1: MiniLM teacher, held-out F1 per epoch", xlabel="epoch",
                   ylabel="held-out F1 (%)", reference=TEACHER_GOAL_F1, reference_label=f"goal on dev.json ({TEACHER_GOAL_F1:g})")
         png = png_path.name
+    student_png = None
+    students = [r for r in rows.values() if r["kind"] == "student" and r.get("curve")]
+    if args.out is not None and students:
+        path = args.out.with_name(f"{args.out.stem}-students.png")
+        best = held_out_f1(chosen_teacher(rows)) if chosen_teacher(rows) else float("-inf")
+        line_plot({r["name"]: ([p["step"] for p in r["curve"]], [100 * p["f1"] for p in r["curve"]]) for r in students},
+                  path, title="SQuAD v1.1: MiniLM students, held-out F1 during task distillation", xlabel="step",
+                  ylabel="held-out F1 (%)", reference=100 * best if math.isfinite(best) else None,
+                  reference_label="the teacher's held-out F1")
+        student_png = path.name
     out = REPORT if args.out is None else args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
-    text = report_markdown(rows, grid, command_base, png, str(out), pending, args.teacher_search)
+    text = report_markdown(rows, grid, command_base, png, str(out), pending, args.teacher_search, student_png)
     if args.out is None:
         print(text)
     else:
-        print(f"report -> {write_markdown(text, args.out)}" + (f", {png_beside(args.out)}" if png else ""))
+        print(f"report -> {write_markdown(text, args.out)}"
+              + "".join(f", {args.out.with_name(name)}" for name in (png, student_png) if name))
 
 
 def read_rows(path: Path) -> dict[str, dict]:
@@ -958,6 +1002,7 @@ def main() -> None:
     base = shlex.join(["python", "benchmarks/squad_minilm.py", "--work", str(work),
                        *([] if args.device == "cpu" else ["--device", args.device])])
     results = args.results
+    fill_student_curves(results)  # rows recorded before students kept their curve
     rows = read_rows(results)
     if args.report_only:
         searched = [r["search"] for r in rows.values() if r.get("search")]

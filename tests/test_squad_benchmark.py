@@ -272,3 +272,24 @@ def test_the_report_says_how_the_search_ended_once_it_has():
     rows[longer] = _teacher_row(longer, 0.75, 0.66, lr=2e-4) | {"epochs": 8}
     text = bench.report_markdown(rows, [*grid, longer], "python", None)
     assert f"Outcome: the search's best setting is `{longer}`, held-out F1 75.00 after epoch 2 of 2; the students" in text
+
+
+def test_student_rows_recorded_without_a_curve_get_the_one_their_run_folder_holds(tmp_path):
+    teacher = _teacher_row("teacher-lr0.0001-L256-S96", 0.7, 0.65)
+    student = _student_row("ffn2x", teacher, 0.6) | {"folder": str(tmp_path / "ffn2x" / "student")}
+    gone = _student_row("kb8", teacher, 0.2) | {"folder": str(tmp_path / "kb8" / "student")}  # run folder not here
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(row) + "\n" for row in (teacher, student, gone)))
+    for folder in ("student", "student-run/logs"):
+        (tmp_path / "ffn2x" / folder).mkdir(parents=True)
+    history = [{"step": 50, "f1": 0.41, "exact_match": 0.29}, {"step": 100, "f1": 0.44, "exact_match": 0.31}]
+    (tmp_path / "ffn2x" / "student" / "training_summary.json").write_text(json.dumps({"run": {"val_history": history}}))
+    bench.fill_student_curves(results)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["name"] for r in rows] == [teacher["name"], "ffn2x", "kb8"]
+    assert rows[1]["curve"] == history and rows[2]["curve"] is None and rows[0] == teacher
+    before = results.read_bytes()
+    bench.fill_student_curves(results)  # nothing left to fill: the file is left as it was
+    assert results.read_bytes() == before
+    text = bench.report_markdown({r["name"]: r for r in rows}, [teacher["name"]], "python b.py", None, student_png="s.png")
+    assert "![held-out F1 of each student during task distillation, by step](s.png)" in text
