@@ -432,6 +432,16 @@ def validation_curve(run_dir: Path, history: list[dict]) -> list[dict]:
     return [{"step": step, **values} for step, values in sorted(points.items()) if "f1" in values]
 
 
+def run_curve(folder: Path) -> list[dict] | None:
+    """Held-out F1 / EM at every validation of the training run that wrote the model ``folder``
+    (``OUT/teacher`` or ``OUT/student``; :func:`validation_curve` of ``OUT/teacher-run`` or
+    ``OUT/student-run``), or None when the folder has no training summary (a row measured elsewhere)."""
+    summary = folder / "training_summary.json"
+    if not summary.is_file():
+        return None
+    return validation_curve(folder.parent / f"{folder.name}-run", read_json(summary)["run"].get("val_history") or [])
+
+
 def model_row(report: TaskReport, role: str) -> dict[str, Any]:
     """The fields of one model of a task report that the tables show."""
     row = report.row(role)
@@ -449,8 +459,7 @@ def run_teacher(setting: TeacherSetting, args, work: Path, data: SquadData) -> d
     teacher = model_row(report, "teacher")
     summary = read_json(out / "teacher" / "training_summary.json")
     per_epoch = max(1, teacher["train_examples"] // config.batch_size)
-    curve = [{**point, "epoch": round(point["step"] / per_epoch, 2)}
-             for point in validation_curve(out / "teacher-run", summary["run"].get("val_history") or [])]
+    curve = [{**point, "epoch": round(point["step"] / per_epoch, 2)} for point in run_curve(out / "teacher")]
     return {"name": setting.name, "kind": "teacher", "lr": setting.lr, "max_length": setting.max_length,
             "doc_stride": setting.doc_stride, "epochs": int(config.epochs), "curve": curve, "steps_per_epoch": per_epoch,
             "stopped_early": bool(summary["run"].get("stopped_early")), "teacher": teacher,
@@ -564,14 +573,6 @@ def encoder_linear_parameters(folder: Path) -> int:
     return count_embedding_linear_parameters(model.base_model.encoder)
 
 
-def student_curve(folder: Path) -> list[dict] | None:
-    """Held-out F1 / EM at every validation of the task distillation that wrote the student
-    ``folder`` (:func:`validation_curve` of its ``student-run`` beside it), or None when the
-    folder has no training summary (a row measured elsewhere)."""
-    summary = folder / "training_summary.json"
-    if not summary.is_file():
-        return None
-    return validation_curve(folder.parent / "student-run", read_json(summary)["run"].get("val_history") or [])
 
 
 def fill_student_curves(results: Path) -> None:
@@ -583,7 +584,7 @@ def fill_student_curves(results: Path) -> None:
     changed = False
     for row in latest.values():
         if row["kind"] == "student" and row.get("curve") is None:
-            row["curve"] = student_curve(REPO / row["folder"])
+            row["curve"] = run_curve(REPO / row["folder"])
             changed |= row["curve"] is not None
     if changed:
         with atomic_path(results) as tmp:
@@ -611,7 +612,7 @@ def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: Sq
         argv += ["--student-init", models["student_init"], "--layer-map", ",".join(str(i) for i in layer_map)]
     report, wall, cpu, resumed = squad_run(out, config, data, argv, args.threads, **models)
     return {"name": spec.name, "kind": "student", "teacher_name": teacher_row["name"], "teacher": model_row(report, "teacher"),
-            "student": model_row(report, "student"), "curve": student_curve(out / "student"),
+            "student": model_row(report, "student"), "curve": run_curve(out / "student"),
             "linear_params": encoder_linear_parameters(out / "student"),
             "teacher_linear_params": encoder_linear_parameters(Path(teacher_row["folder"])), "stage1": stage1,
             "folder": str(out / "student"), "wall_seconds": wall, "cpu_seconds": cpu, "resumed": resumed}
@@ -872,7 +873,8 @@ def write_reports(rows: dict[str, dict], grid: list[str], args, command_base: st
     students = [r for r in rows.values() if r["kind"] == "student" and r.get("curve")]
     if args.out is not None and students:
         path = args.out.with_name(f"{args.out.stem}-students.png")
-        best = held_out_f1(chosen_teacher(rows)) if chosen_teacher(rows) else float("-inf")
+        chosen = chosen_teacher(rows)
+        best = held_out_f1(chosen) if chosen is not None else float("-inf")
         line_plot({r["name"]: ([p["step"] for p in r["curve"]], [100 * p["f1"] for p in r["curve"]]) for r in students},
                   path, title="SQuAD v1.1: MiniLM students, held-out F1 during task distillation", xlabel="step",
                   ylabel="held-out F1 (%)", reference=100 * best if math.isfinite(best) else None,
