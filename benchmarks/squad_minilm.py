@@ -573,8 +573,6 @@ def encoder_linear_parameters(folder: Path) -> int:
     return count_embedding_linear_parameters(model.base_model.encoder)
 
 
-
-
 def fill_student_curves(results: Path) -> None:
     """Give the student rows of ``results`` recorded without a held-out curve the curve their run
     folder still holds (the latest row of each name: the one the folder belongs to), and rewrite
