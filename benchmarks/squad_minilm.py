@@ -22,7 +22,10 @@ the checkpoints in ``WORK/runs/NAME``:
   from stage 1: the compressed *pretrained* encoder distilled from MiniLM on enwiki-sample text,
   ``configs/distill-minilm-general.yaml``, ``--stage1-steps`` steps; the paper's ablation), and
   ``truncated3`` (the teacher's layers 0, 2, 4, layer map 1, 3, 5: the layer-dropping baseline,
-  17.2 M parameters, between ``ffn2x`` and ``linear4x``).
+  17.2 M parameters, between ``ffn2x`` and ``linear4x``), and two budget students at ``ffn2x``'s
+  parameter count (``kronlm compress --budget-params N`` on the FFN matrices, calibrated on
+  enwiki-sample): ``lowrank2x`` (truncated SVDs only: the low-rank baseline) and ``kron2x-budget``
+  (Kronecker factors only, shapes and terms chosen per matrix).
 
 ``--device cuda`` sizes the runs for a GPU (32 windows a step, bf16 where supported; ``--batch-size``,
 ``--eval-batch-size``, ``--mixed-precision`` override); ``--device cpu`` (default) hides any GPU.
@@ -71,9 +74,9 @@ from kronlm.bench.markdown import (
     write_markdown,
 )
 from kronlm.bench.plots import line_plot, png_beside
-from kronlm.compression import save_truncated
+from kronlm.compression import BudgetConfig, CompressionConfig, calibration_mix, save_truncated
 from kronlm.distill import TrainingConfig, distill_on_text, latest_checkpoint, uniform_layer_map
-from kronlm.modeling import load, load_model, load_tokenizer
+from kronlm.modeling import compress, load, load_model, load_tokenizer, save
 from kronlm.tasks import TaskReport, claim_task_folder, count_embedding_linear_parameters
 from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
 from kronlm.utils import default_data_dir
@@ -145,6 +148,9 @@ class StudentSpec:
         compression: compression config file (compresses the fine-tuned teacher), or None.
         stage1: start from the stage-1 (general distillation) encoder of ``compression``.
         keep_layers: teacher layers a truncated student keeps (0-based), or None.
+        budget_families: factor families of a budget student (``kronlm compress --budget-params N
+            --families ...`` on the FFN matrices of the fine-tuned teacher, N the parameter count
+            of ``compression`` applied to it), or None.
     """
 
     name: str
@@ -152,6 +158,7 @@ class StudentSpec:
     compression: str | None = None
     stage1: bool = False
     keep_layers: tuple[int, ...] | None = None
+    budget_families: tuple[str, ...] | None = None
 
 
 STUDENTS = {s.name: s for s in [
@@ -166,7 +173,18 @@ STUDENTS = {s.name: s for s in [
     StudentSpec("truncated3", "the teacher truncated to its layers 0, 2, 4 (3 of 6; student layer l learns teacher layer "
                 "1, 3, 5, so the last one feeds the copied span head as the teacher's last did): the baseline of dropping "
                 "layers, at 17.2 M parameters between `ffn2x` and `linear4x`", keep_layers=(0, 2, 4)),
+    StudentSpec("lowrank2x", "the low-rank baseline at `ffn2x`'s parameter count: the FFN matrices as truncated SVDs whose "
+                "ranks the budget allocation chooses per matrix (`kronlm compress --budget-params N --families svd`, "
+                "activation-aware, calibrated on 64 enwiki-sample windows); attention, embeddings dense",
+                "configs/minilm-ffn2x.yaml", budget_families=("svd",)),
+    StudentSpec("kron2x-budget", "`ffn2x`'s parameter count spent by the budget allocation on Kronecker factors only "
+                "(`--families kronecker`: per-matrix shapes and terms, activation-aware init, the same calibration); "
+                "attention, embeddings dense", "configs/minilm-ffn2x.yaml", budget_families=("kronecker",)),
 ]}
+# The modules a budget student may factor: the FFN matrices, as in `ffn2x`.
+FFN_MODULES = ("**.encoder.layer.*.intermediate.dense", "**.encoder.layer.*.output.dense")
+# Calibration of the budget students: enwiki-sample windows (never SQuAD text, so no question of the split).
+BUDGET_CALIBRATION_SEQUENCES = 64
 
 
 @dataclass
@@ -564,6 +582,37 @@ def truncated_init(spec: StudentSpec, teacher_row: dict, work: Path) -> Path:
     return out
 
 
+def budget_init(spec: StudentSpec, teacher_row: dict, args, work: Path) -> Path:
+    """``kronlm compress TEACHER --budget-params N --budget-modules FFN --families ...``: the chosen
+    teacher's FFN matrices compressed by the budget allocation to the parameter count ``spec.compression``
+    gives it (no sensitivity pass and no subset check: both score a causal LM's loss, which a QA
+    model has not); returns the folder."""
+    out = work / "models" / f"{spec.name}-from-{teacher_row['name']}"
+    if (out / "config.json").is_file():
+        return out
+    folder = teacher_row["folder"]
+    reference = compress(load_model(folder, task="question-answering"), CompressionConfig.from_file(REPO / spec.compression))
+    target = reference.compression_report.params_after
+    del reference
+    model, tokenizer = load_model(folder, task="question-answering"), load_tokenizer(folder)
+    text = args.data_dir / ENWIKI
+    length = teacher_row["max_length"]
+    config = BudgetConfig(target_params=target, modules=list(FFN_MODULES), families=spec.budget_families, sensitivity_sequences=0,
+                          subset_check=False)
+    argv = ["compress", folder, "--budget-params", str(target), *[f for m in FFN_MODULES for f in ("--budget-modules", m)],
+            "--families", ",".join(spec.budget_families), "--sensitivity-sequences", "0", "--no-subset-check",
+            "--calibration", str(text), "--calibration-sequences", str(BUDGET_CALIBRATION_SEQUENCES),
+            "--calibration-length", str(length), "--out", str(out)]
+
+    def step():
+        ids, _ = calibration_mix(model, tokenizer, [str(text)], BUDGET_CALIBRATION_SEQUENCES, length)
+        compress(model, config, calibration=ids)
+        save(model, out, tokenizer=tokenizer, report=model.compression_report)
+
+    timed(argv, step)
+    return out
+
+
 def encoder_linear_parameters(folder: Path) -> int:
     """Parameters of the linear layers (dense or Kronecker, biases included) in a QA model's
     encoder layers: what the "linear layers" ratio is stated on (embeddings, pooler and head apart)."""
@@ -596,7 +645,10 @@ def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: Sq
     models: dict[str, Any] = {"teacher": teacher_row["folder"]}
     argv = ["--teacher", teacher_row["folder"]]
     stage1 = None
-    if spec.compression is not None:
+    if spec.budget_families is not None:
+        models["student_init"] = str(budget_init(spec, teacher_row, args, work))
+        argv += ["--student-init", models["student_init"]]
+    elif spec.compression is not None:
         models["student"] = str(REPO / spec.compression)
         argv += ["--student-config", spec.compression]
     if spec.stage1:

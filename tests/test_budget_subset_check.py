@@ -143,3 +143,32 @@ def test_plans_are_measured_in_place_and_the_dense_model_comes_back(teacher):
     assert all(model.get_submodule(name) is module for name, module in modules.items())
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_an_encoder_with_a_task_head_is_refused_before_calibrating_unless_priced_by_output_error(teacher, monkeypatch):
+    from conftest import tiny_bert
+
+    qa = tiny_bert(cls_name="BertForQuestionAnswering")
+    before = sum(p.numel() for p in qa.parameters())
+    ids = torch.randint(5, 90, (12, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(convert_module, "budget_statistics", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"BertForQuestionAnswering returns no next-token logits, and the budget's sensitivity pass "
+                                         r"\(sensitivity_sequences=32\) and subset check \(subset_check=True\) score"):
+        compress_to_budget(qa, BudgetConfig(target_fraction=0.8), ids, progress=False)
+    with pytest.raises(ValueError, match=r"the budget's subset check \(subset_check=True\) score"):
+        compress_to_budget(qa, BudgetConfig(target_fraction=0.8, sensitivity_sequences=0), ids, progress=False)
+    assert calls == []  # refused before the first calibration pass
+    monkeypatch.undo()
+    allocation = compress_to_budget(qa, BudgetConfig(target_fraction=0.8, sensitivity_sequences=0, subset_check=False), ids,
+                                    progress=False)
+    assert sum(p.numel() for p in qa.parameters()) <= 0.8 * before
+    assert allocation.family_counts().get("dense", 0) < len(allocation.choices)
+    # The (2, 32) span head is a candidate too small for any factored option below its size: it stays dense.
+    assert "qa_outputs" in [c.name for c in allocation.choices] and type(qa.qa_outputs) is torch.nn.Linear
+    # The probe of a causal LM draws no random numbers and leaves the training flag as it was.
+    teacher.train()
+    state = torch.get_rng_state()
+    convert_module._check_next_token_logits(teacher, _ids(2, 3), ["subset check"])
+    assert torch.equal(state, torch.get_rng_state()) and teacher.training
+    teacher.eval()

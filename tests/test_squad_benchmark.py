@@ -293,3 +293,42 @@ def test_student_rows_recorded_without_a_curve_get_the_one_their_run_folder_hold
     assert results.read_bytes() == before
     text = bench.report_markdown({r["name"]: r for r in rows}, [teacher["name"]], "python b.py", None, student_png="s.png")
     assert "![held-out F1 of each student during task distillation, by step](s.png)" in text
+
+
+@pytest.mark.parametrize("name, family", [("lowrank2x", "svd"), ("kron2x-budget", "kronecker")])
+def test_budget_students_spend_ffn2x_parameters_on_the_ffn_alone(tmp_path, name, family):
+    from test_squad_data import tiny_bert_tokenizer
+
+    from kronlm.layers import KroneckerLinear
+    from kronlm.modeling import load_model, save
+
+    words = "the river seine flows through paris which is the capital of france and of its region".split()
+    text = " ".join(words[(7 * i) % len(words)] for i in range(3000))
+    (tmp_path / "data" / "enwiki-sample").mkdir(parents=True)
+    (tmp_path / "data" / "enwiki-sample" / "articles.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    teacher = _minilm_shaped_qa()
+    save(teacher, tmp_path / "teacher", tokenizer=tiny_bert_tokenizer(text))
+    reference = copy.deepcopy(teacher)
+    compress(reference, CompressionConfig.from_file(REPO / "configs" / "minilm-ffn2x.yaml"))
+    target = sum(p.numel() for p in reference.parameters())
+
+    args = bench.parse_args(["--data-dir", str(tmp_path / "data")])
+    args.data_dir = tmp_path / "data"
+    row = {"name": "teacher-x", "folder": str(tmp_path / "teacher"), "max_length": 16}
+    folder = bench.budget_init(bench.STUDENTS[name], row, args, tmp_path / "work")
+    student = load_model(str(folder), task="question-answering")
+    params = sum(p.numel() for p in student.parameters())
+    assert 0.98 * target <= params <= target  # the budget is spent, never overspent
+    layers = student.bert.encoder.layer
+    ffn = [m for layer in layers for m in (layer.intermediate.dense, layer.output.dense)]
+    assert any(isinstance(m, KroneckerLinear) for m in ffn)
+    for m in (m for m in ffn if isinstance(m, KroneckerLinear)):
+        # A truncated SVD is a sum of A (out, 1) ⊗ B (1, in) terms; a Kronecker factor never is.
+        assert (m.A.shape[-1] == 1 and m.B.shape[-2] == 1) == (family == "svd")
+    # Attention, embeddings and the span head stay dense.
+    assert all(type(layer.attention.self.query) is torch.nn.Linear for layer in layers)
+    assert type(student.qa_outputs) is torch.nn.Linear
+    # A second call finds the folder and compresses nothing.
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert bench.budget_init(bench.STUDENTS[name], row, args, tmp_path / "work") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp

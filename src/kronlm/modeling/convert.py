@@ -160,10 +160,18 @@ def compress_to_budget(
     Raises:
         ValueError: no target in ``config``, calibration that is not token ids or is missing, too
             few calibration sequences to hold some out (both counts named), ``statistics``
-            without ``held_out`` when the subset check runs; see ``allocate_budget`` and
-            :func:`compress`.
+            without ``held_out`` when the subset check runs, a model without next-token logits
+            (an encoder with a task head) while the sensitivity pass or the subset check is on;
+            see ``allocate_budget`` and :func:`compress`.
     """
     target = config.target_for(count_parameters(model))
+    needs_logits = [what for what, on in (
+        (f"sensitivity pass (sensitivity_sequences={config.sensitivity_sequences})", statistics is None and config.sensitivity_sequences > 0),
+        ("subset check (subset_check=True)", config.checks_subsets)) if on]
+    probe = calibration if calibration is not None else held_out
+    if needs_logits and probe is not None:
+        check_calibration_ids(probe)
+        _check_next_token_logits(model, probe, needs_logits)
     if statistics is None or config.sequential:
         if calibration is None and statistics is not None:
             raise ValueError(f"sequential calibration (sequential={config.sequential!r}, the default) runs the partially compressed "
@@ -206,6 +214,27 @@ def compress_to_budget(
             _keep_the_better_fit(model, dense, plan, statistics, allocation, held_out, config.sequential, batch_size)
     compression_report(model).allocation = allocation
     return allocation
+
+
+def _check_next_token_logits(model: nn.Module, ids: torch.Tensor, needs: list[str]) -> None:
+    """Fail before any calibration pass when ``model`` (run in eval mode on the first two tokens of
+    ``ids``, which draws no random numbers) returns no (batch, seq_len, vocab) ``logits``: the
+    budget settings in ``needs`` score the next-token loss of a causal LM.
+
+    Raises:
+        ValueError: naming the model class and the settings that need a causal LM.
+    """
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = getattr(model(input_ids=ids[:1, :2].to(next(model.parameters()).device)), "logits", None)
+    finally:
+        model.train(training)
+    if logits is None or logits.dim() != 3:
+        raise ValueError(f"{type(model).__name__} returns no next-token logits, and the budget's {' and '.join(needs)} score a "
+                         "causal LM's loss: set sensitivity_sequences=0 and subset_check=False (kronlm compress "
+                         "--sensitivity-sequences 0 --no-subset-check) to price the modules by output error alone")
 
 
 def _keep_the_better_fit(model: nn.Module, dense: dict[str, nn.Module], plan: CompressionConfig,

@@ -361,9 +361,11 @@ def _price_one(
         root = _roots_for(cache, C, 1, in_f)[1]
         tails = whitened_tail_energies(W, (torch.ones(1, 1, dtype=C.dtype), root), (out_f, 1), (1, in_f))
         top = _max_rank(out_f + in_f, 0, W.numel(), len(tails) - 1, per_rank_macs=out_f + in_f, max_macs=max_macs)
-        ranks = torch.arange(svd_step, top + 1, svd_step)
-        pricing.spectra.append(Spectrum("svd", (out_f, 1), (1, in_f), 0, 0, out_f + in_f, ranks, tails[ranks].clone(),
-                                        macs_per_rank=out_f + in_f))
+        # A matrix too small for one step of rank below its dense size (a 2-row span head) has no SVD option.
+        if top >= svd_step:
+            ranks = torch.arange(svd_step, top + 1, svd_step)
+            pricing.spectra.append(Spectrum("svd", (out_f, 1), (1, in_f), 0, 0, out_f + in_f, ranks, tails[ranks].clone(),
+                                            macs_per_rank=out_f + in_f))
     if "kronecker" in families or "kronecker_lowrank" in families:
         kron = [kronecker_spectrum(W, C, shape, cache, max_macs) for shape in shapes]
         if "kronecker" in families:
