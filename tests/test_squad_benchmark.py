@@ -186,7 +186,20 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     assert f"`{strong['name']}` **(chosen)**" in text and f"`{weak['name']}` **(chosen)**" not in text
     assert "Teacher F1 ≥ 60 on dev.json: met: F1 65.00." in text
     assert "keeps ≥ 95 % of the teacher's F1: met: 96.9 %." in text
-    assert "KroneckerBERT's ablation: missed: 78.5 % with stage 1, 76.9 % without." in text
+    assert "with stage 1 (`kb8-s1`) keeps ≥ 80 %: missed: 78.5 %." in text
+    assert "without stage 1 (`kb8`): holds: 78.5 % with stage 1, 76.9 % without." in text
+    assert "- Against truncated SVDs at `ffn2x`'s parameter count (`lowrank2x`): not measured yet." in text
+    # truncated3 (params 50: 2.00x) against the Kronecker students at 2.00x too: ffn2x is the best.
+    assert ("- Against dropping layers (`truncated3`, 2.00x, F1 40.00), Kronecker students compressed at least as much: holds: "
+            "the best of them, `ffn2x` (2.00x), scores 63.00.") in text
+    rows["lowrank2x"] = _student_row("lowrank2x", strong, 0.64)
+    rows["kron2x-budget"] = _student_row("kron2x-budget", strong, 0.60)
+    rows["truncated3"]["student"]["params"] = 40  # 2.50x: now every Kronecker student is less compressed
+    more = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert ("- Against truncated SVDs at `ffn2x`'s parameter count (`lowrank2x`, F1 64.00): does not hold: the best Kronecker "
+            "student of that count, `ffn2x`, scores 63.00.") in more
+    assert "compressed at least as much: not measured yet." in more
+    rows["truncated3"]["student"]["params"] = 50
     assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | 40.00 (step 5 of 9) | 30 | - |" in text
     assert f"`truncated3` (teacher `{weak['name']}`)" in text  # distilled from a teacher no longer chosen
     assert "dev EM 31.19" not in text and "dev EM 1.43" not in text
