@@ -196,6 +196,34 @@ def test_only_requested_items_are_filled():
     assert tr.attention_scores is None and len(tr.attention_probs) == 3 and tr.logits is None
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_trace_keeps_only_the_attention_it_was_asked_for(family, monkeypatch):
+    import weakref
+
+    softmax, made = torch.nn.functional.softmax, []
+
+    def recorded_softmax(*args, **kwargs):
+        out = softmax(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", recorded_softmax)
+    model = FAMILIES[family][0]()
+    ids, mask = make_batch(FAMILIES[family][1])
+    alive_at_end = []
+    # After the last layer, before the forward returns: which layers' probabilities are still held.
+    last = model.encoder.layer[-1] if family == "bert" else model.model.layers[-1]
+    last.register_forward_hook(lambda *_: alive_at_end.append(sum(ref() is not None for ref in made)))
+    with torch.no_grad():
+        tr = trace(model, ids, mask, need={"attention_scores"})
+        # A teacher traced for its scores does not hold every layer's (batch, heads, seq, seq)
+        # probabilities through its forward: at most the last layer's is alive at its end.
+        assert len(made) == 2 and len(tr.attention_scores) == 2 and alive_at_end[0] <= 1
+        made.clear()
+        tr = trace(model, ids, mask, need={"attention_scores", "attention_probs"})
+        assert alive_at_end[1] == 2 and [ref() for ref in made] == [p for p in tr.attention_probs]
+
+
 def test_gradients_flow_through_captured_tensors():
     model = tiny_gpt2().train()
     ids, mask = make_batch(False)

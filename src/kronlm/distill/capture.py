@@ -58,8 +58,10 @@ __all__ = ["NEED_KEYS", "TRACE_ATTN_IMPLEMENTATION", "ModelTrace", "is_causal_mo
 TRACE_ATTN_IMPLEMENTATION = "kronlm_trace"
 NEED_KEYS = frozenset({"logits", "embeddings", "hidden", "attention_scores", "attention_probs", "last_hidden"})
 
-# Holds the list the attention function appends (scores, probs) to; None outside a trace.
-_attention_records: ContextVar[list | None] = ContextVar("kronlm_attention_records", default=None)
+# Holds the list the attention function appends (scores, probs) to and which of the two to keep
+# (an item not kept is recorded as None, so a teacher traced for its scores does not hold its
+# (batch, heads, seq, seq) probabilities of every layer until the loss); None outside a trace.
+_attention_records: ContextVar[tuple[list, bool, bool] | None] = ContextVar("kronlm_attention_records", default=None)
 
 
 @dataclass
@@ -146,9 +148,10 @@ def _tracing_attention_forward(
         masked = scores + attention_mask[:, :, :, : key.shape[-2]]
     probs = nn.functional.softmax(masked, dim=-1, dtype=torch.float32).to(query.dtype)
 
-    records = _attention_records.get()
-    if records is not None:
-        records.append((scores, probs))
+    recording = _attention_records.get()
+    if recording is not None:
+        records, keep_scores, keep_probs = recording
+        records.append((scores if keep_scores else None, probs if keep_probs else None))
 
     dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
     attn_output = torch.matmul(dropped, value).transpose(1, 2).contiguous()
@@ -272,7 +275,7 @@ def trace(
         hook = inner.base_model.register_forward_hook(grab_last_hidden)
 
     records: list = []
-    token = _attention_records.set(records if want_attention else None)
+    token = _attention_records.set((records, "attention_scores" in need, "attention_probs" in need) if want_attention else None)
     try:
         with _patched_configs(_configs_of(inner), attention=want_attention, untie="hidden" in need):
             output = model(**kwargs)
