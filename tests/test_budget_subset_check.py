@@ -91,7 +91,7 @@ def test_a_worse_sequential_fit_gives_way_to_the_dense_statistics_fit(teacher, m
     reference = copy.deepcopy(teacher)
     compress_to_budget(reference, _budget(teacher, sequential=None), ids, progress=False)
     # Measured worse than anything the check saw: the factors fitted on the dense statistics replace it.
-    monkeypatch.setattr(convert_module, "held_out_nll", lambda model, held_out, batch_size=4: float("inf"))
+    monkeypatch.setattr(convert_module, "held_out_nll", lambda model, held_out, batch_size=4, **_: float("inf"))
     student = copy.deepcopy(teacher)
     allocation = compress_to_budget(student, _budget(teacher, sequential="output"), ids, progress=False)
     assert allocation.decided_by.endswith("kept the dense-statistics fit")
@@ -172,3 +172,15 @@ def test_an_encoder_with_a_task_head_is_refused_before_calibrating_unless_priced
     convert_module._check_next_token_logits(teacher, _ids(2, 3), ["subset check"])
     assert torch.equal(state, torch.get_rng_state()) and teacher.training
     teacher.eval()
+
+
+def test_held_out_nll_refuses_class_logits_instead_of_scoring_them_as_tokens():
+    from conftest import tiny_bert
+
+    classifier = tiny_bert(cls_name="BertForSequenceClassification")  # logits (batch, num_labels): 2-D
+    classifier.train()
+    ids = torch.randint(5, 90, (3, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"BertForSequenceClassification returns no next-token logits, and the budget's "
+                                         r"tie-break score a causal LM's loss"):
+        held_out_nll(classifier, ids, needed_by="tie-break")
+    assert classifier.training  # restored after the refusal

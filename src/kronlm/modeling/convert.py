@@ -217,24 +217,14 @@ def compress_to_budget(
 
 
 def _check_next_token_logits(model: nn.Module, ids: torch.Tensor, needs: list[str]) -> None:
-    """Fail before any calibration pass when ``model`` (run in eval mode on the first two tokens of
-    ``ids``, which draws no random numbers) returns no (batch, seq_len, vocab) ``logits``: the
-    budget settings in ``needs`` score the next-token loss of a causal LM.
+    """Fail before any calibration pass when ``model`` returns no (batch, seq_len, vocab)
+    ``logits`` on the first two tokens of ``ids`` (eval mode, no random numbers drawn): the budget
+    settings in ``needs`` score the next-token loss of a causal LM.
 
     Raises:
         ValueError: naming the model class and the settings that need a causal LM.
     """
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = getattr(model(input_ids=ids[:1, :2].to(next(model.parameters()).device)), "logits", None)
-    finally:
-        model.train(training)
-    if logits is None or logits.dim() != 3:
-        raise ValueError(f"{type(model).__name__} returns no next-token logits, and the budget's {' and '.join(needs)} score a "
-                         "causal LM's loss: set sensitivity_sequences=0 and subset_check=False (kronlm compress "
-                         "--sensitivity-sequences 0 --no-subset-check) to price the modules by output error alone")
+    held_out_nll(model, ids[:1, :2], needed_by=" and ".join(needs))
 
 
 def _keep_the_better_fit(model: nn.Module, dense: dict[str, nn.Module], plan: CompressionConfig,

@@ -60,7 +60,8 @@ def compressed_in_place(model: nn.Module, config: CompressionConfig,
         model.train(training)
 
 
-def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
+def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4, *,
+                 needed_by: str = "subset check (subset_check=True)") -> float:
     """Mean next-token negative log-likelihood of a causal LM on ``ids``, in nats per token,
     measured in eval mode (the model's training flag is restored after).
 
@@ -69,10 +70,13 @@ def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> fl
         ids: (num_sequences, seq_len) int64 token ids; every position after the first of each
             sequence is scored.
         batch_size: sequences per forward pass.
+        needed_by: the budget setting(s) that score this loss, named in the error for a model
+            without next-token logits.
 
     Raises:
         ValueError: ``ids`` is not a 2-D integer tensor with at least 2 tokens per sequence, or
-            the model returns no ``logits``.
+            the model returns no (batch, seq_len, vocab) ``logits`` (an encoder with a task head,
+            whose span or class logits are not a next-token distribution).
     """
     if ids.dim() != 2 or ids.shape[1] < 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"held-out ids must be (num_sequences, seq_len >= 2) integers, got {tuple(ids.shape)} {ids.dtype}")
@@ -85,8 +89,11 @@ def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> fl
             for start in range(0, ids.shape[0], batch_size):
                 batch = ids[start:start + batch_size].to(device)
                 logits = getattr(model(input_ids=batch), "logits", None)
-                if logits is None:
-                    raise ValueError(f"{type(model).__name__} returns no logits: the subset check needs a causal LM")
+                if logits is None or logits.dim() != 3:
+                    raise ValueError(f"{type(model).__name__} returns no next-token logits, and the budget's {needed_by} "
+                                     "score a causal LM's loss: set sensitivity_sequences=0 and subset_check=False "
+                                     "(kronlm compress --sensitivity-sequences 0 --no-subset-check) to price the modules "
+                                     "by output error alone")
                 targets = batch[:, 1:]
                 total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
                 count += targets.numel()
