@@ -185,7 +185,7 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     text = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", "curve.png", "docs/x.md")
     assert f"`{strong['name']}` **(chosen)**" in text and f"`{weak['name']}` **(chosen)**" not in text
     assert "Teacher F1 ≥ 60 on dev.json: met: F1 65.00." in text
-    assert "keeps ≥ 95 % of the teacher's F1: met: 96.9 %." in text
+    assert "keeps ≥ 95 % of the teacher's F1: met: `ffn2x` 96.9 %." in text
     assert "with stage 1 (`kb8-s1`) keeps ≥ 80 %: missed: 78.5 %." in text
     assert "without stage 1 (`kb8`): holds: 78.5 % with stage 1, 76.9 % without." in text
     assert "- Against truncated SVDs at `ffn2x`'s parameter count (`lowrank2x`): not measured yet." in text
@@ -196,11 +196,20 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     rows["kron2x-budget"] = _student_row("kron2x-budget", strong, 0.60)
     rows["truncated3"]["student"]["params"] = 40  # 2.50x: now every Kronecker student is less compressed
     more = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
-    assert ("- Against truncated SVDs at `ffn2x`'s parameter count (`lowrank2x`, F1 64.00): does not hold: the best Kronecker "
-            "student of that count, `ffn2x`, scores 63.00.") in more
+    assert ("- Against truncated SVDs at `ffn2x`'s parameter count (the best of them, `lowrank2x`, F1 64.00): does not hold: "
+            "the best Kronecker student of that count, `ffn2x`, scores 63.00.") in more
+    assert "keeps ≥ 95 % of the teacher's F1: met: `ffn2x` 96.9 %, `kron2x-budget` 92.3 %." in more
+    # A recipe variant of either family competes for its side of the comparison.
+    rows["kron2x-budget-lr5e-5"] = _student_row("kron2x-budget-lr5e-5", strong, 0.66) | {"lr": 5e-5}
+    rows["lowrank2x-lr5e-5"] = _student_row("lowrank2x-lr5e-5", strong, 0.65) | {"lr": 5e-5}
+    varied = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert ("(the best of them, `lowrank2x-lr5e-5`, F1 65.00): holds: the best Kronecker student of that count, "
+            "`kron2x-budget-lr5e-5`, scores 66.00.") in varied
+    assert "| 5e-05 | 40.00 (step 5 of 9) |" in varied and "| 4.00x | - | 40.00 (step 5 of 9) |" in varied
+    del rows["kron2x-budget-lr5e-5"], rows["lowrank2x-lr5e-5"]
     assert "compressed at least as much: not measured yet." in more
     rows["truncated3"]["student"]["params"] = 50
-    assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | 40.00 (step 5 of 9) | 30 | - |" in text
+    assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | - | 40.00 (step 5 of 9) | 30 | - |" in text
     assert f"`truncated3` (teacher `{weak['name']}`)" in text  # distilled from a teacher no longer chosen
     assert "dev EM 31.19" not in text and "dev EM 1.43" not in text
     assert "(outside the search)" not in text and "run by name" not in text
@@ -341,7 +350,17 @@ def test_budget_students_spend_ffn2x_parameters_on_the_ffn_alone(tmp_path, name,
     # Attention, embeddings and the span head stay dense.
     assert all(type(layer.attention.self.query) is torch.nn.Linear for layer in layers)
     assert type(student.qa_outputs) is torch.nn.Linear
-    # A second call finds the folder and compresses nothing.
+    # A second call, or the same student at another learning rate, finds the folder and compresses nothing.
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert bench.budget_init(bench.STUDENTS[name], row, args, tmp_path / "work") == folder
+    assert bench.budget_init(bench.STUDENTS[f"{name}-lr5e-5"], row, args, tmp_path / "work") == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_student_row_may_set_its_own_peak_learning_rate():
+    args = bench.parse_args(["--data-dir", str(REPO)])
+    teacher = {"max_length": 384, "doc_stride": 128}
+    shared = bench.student_config(args, teacher)
+    assert bench.student_config(args, teacher, bench.STUDENTS["kron2x-budget"]).lr == shared.lr
+    lower = bench.student_config(args, teacher, bench.STUDENTS["kron2x-budget-lr5e-5"])
+    assert lower.lr == 5e-5 != shared.lr and lower.max_length == 384 and lower.doc_stride == 128
