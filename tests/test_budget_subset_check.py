@@ -150,6 +150,7 @@ def test_an_encoder_with_a_task_head_is_refused_before_calibrating_unless_priced
 
     qa = tiny_bert(cls_name="BertForQuestionAnswering")
     before = sum(p.numel() for p in qa.parameters())
+    candidates = budget_candidates(qa)
     ids = torch.randint(5, 90, (12, 16), generator=torch.Generator().manual_seed(0))
     calls = []
     monkeypatch.setattr(convert_module, "budget_statistics", lambda *a, **k: calls.append(1))
@@ -164,8 +165,14 @@ def test_an_encoder_with_a_task_head_is_refused_before_calibrating_unless_priced
                                     progress=False)
     assert sum(p.numel() for p in qa.parameters()) <= 0.8 * before
     assert allocation.family_counts().get("dense", 0) < len(allocation.choices)
-    # The (2, 32) span head is a candidate too small for any factored option below its size: it stays dense.
-    assert "qa_outputs" in [c.name for c in allocation.choices] and type(qa.qa_outputs) is torch.nn.Linear
+    # The span head is no candidate by default: the encoder's layers only.
+    assert [c.name for c in allocation.choices] == candidates and "qa_outputs" not in candidates
+    assert type(qa.qa_outputs) is torch.nn.Linear
+    # Named, the (2, 32) span head is a candidate too small for any factored option below its size: it stays dense.
+    named = tiny_bert(cls_name="BertForQuestionAnswering")
+    allocation = compress_to_budget(named, BudgetConfig(target_fraction=0.9, sensitivity_sequences=0, subset_check=False,
+                                                        modules=["**.intermediate.dense", "qa_outputs"]), ids, progress=False)
+    assert "qa_outputs" in [c.name for c in allocation.choices] and type(named.qa_outputs) is torch.nn.Linear
     # The probe of a causal LM draws no random numbers and leaves the training flag as it was.
     teacher.train()
     state = torch.get_rng_state()
@@ -184,3 +191,15 @@ def test_held_out_nll_refuses_class_logits_instead_of_scoring_them_as_tokens():
                                          r"tie-break score a causal LM's loss"):
         held_out_nll(classifier, ids, needed_by="tie-break")
     assert classifier.training  # restored after the refusal
+
+
+def test_the_default_candidates_are_the_base_models_layers_without_any_head(teacher):
+    from conftest import tiny_bert
+
+    classifier = tiny_bert(cls_name="BertForSequenceClassification")
+    names = budget_candidates(classifier)
+    encoder = [f"bert.{n}" for n, m in classifier.bert.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert names == encoder and "classifier" not in names and len(names) == 2 * 6 + 1  # 6 per layer, the pooler
+    causal = budget_candidates(teacher)
+    assert causal and all(not n.startswith("lm_head") for n in causal)
+    assert budget_candidates(classifier, ["classifier"]) == ["classifier"]

@@ -149,7 +149,7 @@ def _sources(ctx, param, value):
 @click.option("--calibration-seed", type=int, default=None, help="Seed: data sources give blocks at seeded random positions instead of their first blocks; `self` samples with it (default 0).")
 @click.option("--budget", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=None, help="Instead of a preset: keep this fraction of the dense parameters, choosing per-module factors from measured sensitivity on the --calibration text (default: samples of the model itself).")
 @click.option("--budget-params", type=click.IntRange(min=1), default=None, help="Like --budget, with an absolute parameter count for the whole model.")
-@click.option("--budget-modules", multiple=True, help="Name patterns of the modules a budget may factor (default: every linear layer but the LM head).")
+@click.option("--budget-modules", multiple=True, help="Name patterns of the modules a budget may factor (default: every linear layer of the base model: no LM head, no task head).")
 @click.option("--families", default=",".join(FACTOR_FAMILIES), show_default=True, callback=_families,
               help=f"Factor families a budget may choose, comma-separated, from {', '.join(FACTOR_FAMILIES)} (dense is always one).")
 @click.option("--sensitivity-sequences", type=click.IntRange(min=0), default=DEFAULTS.sensitivity_sequences, show_default=True,

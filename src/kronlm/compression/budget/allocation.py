@@ -288,20 +288,32 @@ def allocate_budget(
 def budget_candidates(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
     """Names of the modules a budget may factor: Linear/Conv1D layers matching ``patterns``.
 
-    With no patterns, every Linear/Conv1D except the LM head (its input is the final hidden state
-    and a tied head shares the embedding, which stays dense here).
+    With no patterns, every Linear/Conv1D of the base model (``model.base_model`` of a Hugging
+    Face model with a head): never the LM head (its input is the final hidden state and a tied
+    head shares the embedding, which stays dense here) nor a task head (a span or class head of a
+    fine-tuned encoder, a few rows that the task's logits come straight from). Patterns may name
+    a task head all the same.
 
     Raises:
         ValueError: no module matches.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     regexes = [pattern_regex(p) for p in patterns or []]
+    if regexes:
+        def wanted(name, module):
+            return any(rx.fullmatch(name) for rx in regexes)
+    else:
+        base = getattr(model, "base_model", model)
+        inside = {id(m) for m in base.modules()}
+
+        def wanted(name, module):
+            return id(module) in inside
     names = [
         name
         for name, module in model.named_modules()
         if (isinstance(module, nn.Linear) or is_conv1d(module))
         and module is not head
-        and (not regexes or any(rx.fullmatch(name) for rx in regexes))
+        and wanted(name, module)
     ]
     if not names:
         raise ValueError(f"no Linear or Conv1D module of {type(model).__name__} matches {patterns}")

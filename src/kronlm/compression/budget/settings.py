@@ -194,7 +194,7 @@ class BudgetConfig(BudgetSettings):
             of the two to compress; a config with neither (the packaged defaults) only holds
             settings.
         modules: name patterns of the candidate modules (``budget_candidates``); None: every
-            ``nn.Linear`` / ``Conv1D`` but the LM head.
+            ``nn.Linear`` / ``Conv1D`` of the base model (no LM head, no task head).
 
     Raises:
         ValueError: both targets given, a fraction outside (0, 1), a count below 1, an empty
