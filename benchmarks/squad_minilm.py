@@ -74,6 +74,7 @@ from kronlm.bench.markdown import (
     reproduce_section,
     write_markdown,
 )
+from kronlm.bench.memory import peak_memory
 from kronlm.bench.plots import line_plot, png_beside
 from kronlm.compression import BudgetConfig, CompressionConfig, calibration_mix, save_truncated
 from kronlm.distill import TrainingConfig, distill_on_text, latest_checkpoint, uniform_layer_map
@@ -415,13 +416,16 @@ def timed(argv: list[str], step) -> tuple[float, float]:
     return wall, cpu
 
 
-def squad_run(out: Path, config: SquadTrainConfig, data: SquadData, argv: list[str], threads: int, **models) -> tuple[TaskReport, float, float, bool]:
+def squad_run(out: Path, config: SquadTrainConfig, data: SquadData, argv: list[str], threads: int,
+              **models) -> tuple[TaskReport, float, float, bool, dict]:
     """``kronlm squad ... --config WORK/configs/NAME.yaml --out OUT --resume``: write the settings
     file, claim ``out``, run :func:`kronlm.tasks.squad.run_squad` (continuing from checkpoints left
     by an interrupted call).
 
     Returns:
-        (report, wall seconds, CPU seconds, whether a checkpoint was resumed).
+        (report, wall seconds, CPU seconds, whether a checkpoint was resumed, peak memory of this
+        call: {"bytes", "method"} from :func:`kronlm.bench.memory.peak_memory`: the process's peak
+        resident set on CPU, the allocator's peak on a GPU).
     """
     config_file = out.parent.parent / "configs" / f"{out.name}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -432,9 +436,14 @@ def squad_run(out: Path, config: SquadTrainConfig, data: SquadData, argv: list[s
     folder = claim_task_folder(out, models.get("teacher"), inputs)
     argv = ["squad", *argv, "--config", str(config_file), *data.flags(), "--out", str(out), "--threads", str(threads), "--resume"]
     holder = {}
-    wall, cpu = timed(argv, lambda: holder.setdefault("report", run_squad(folder, config=config, resume=True, **data.run_arguments(),
-                                                                        **models)))
-    return holder["report"], wall, cpu, resumed
+
+    def run():
+        holder["report"] = run_squad(folder, config=config, resume=True, **data.run_arguments(), **models)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device cpu hides every GPU
+    wall, cpu = timed(argv, lambda: holder.setdefault("memory", peak_memory(run, device)))
+    peak, _, method = holder["memory"]
+    return holder["report"], wall, cpu, resumed, {"bytes": peak, "method": method}
 
 
 def validation_curve(run_dir: Path, history: list[dict]) -> list[dict]:
@@ -484,7 +493,7 @@ def run_teacher(setting: TeacherSetting, args, work: Path, data: SquadData) -> d
     """Fine-tune one teacher of the grid; returns its row (curve, choice, dev scores, times)."""
     out = work / "runs" / setting.name
     config = teacher_config(args, setting)
-    report, wall, cpu, resumed = squad_run(out, config, data, ["--model", "minilm"], args.threads, model="minilm")
+    report, wall, cpu, resumed, memory = squad_run(out, config, data, ["--model", "minilm"], args.threads, model="minilm")
     teacher = model_row(report, "teacher")
     summary = read_json(out / "teacher" / "training_summary.json")
     per_epoch = max(1, teacher["train_examples"] // config.batch_size)
@@ -492,8 +501,8 @@ def run_teacher(setting: TeacherSetting, args, work: Path, data: SquadData) -> d
     return {"name": setting.name, "kind": "teacher", "lr": setting.lr, "max_length": setting.max_length,
             "doc_stride": setting.doc_stride, "epochs": int(config.epochs), "curve": curve, "steps_per_epoch": per_epoch,
             "stopped_early": bool(summary["run"].get("stopped_early")), "teacher": teacher,
-            "folder": str(out / "teacher"), "data": report.settings.get("data"), "wall_seconds": wall, "cpu_seconds": cpu,
-            "resumed": resumed}
+            "folder": str(out / "teacher"), "data": report.settings.get("data"), "peak_memory": memory, "wall_seconds": wall,
+            "cpu_seconds": cpu, "resumed": resumed}
 
 
 def chosen_teacher(rows: dict[str, dict]) -> dict | None:
@@ -673,12 +682,13 @@ def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: Sq
         layer_map = uniform_layer_map(len(spec.keep_layers), depth)
         models.update(student_init=str(truncated_init(spec, teacher_row, work)), layer_map=layer_map)
         argv += ["--student-init", models["student_init"], "--layer-map", ",".join(str(i) for i in layer_map)]
-    report, wall, cpu, resumed = squad_run(out, config, data, argv, args.threads, **models)
+    report, wall, cpu, resumed, memory = squad_run(out, config, data, argv, args.threads, **models)
     return {"name": spec.name, "kind": "student", "teacher_name": teacher_row["name"], "teacher": model_row(report, "teacher"),
             "student": model_row(report, "student"), "curve": run_curve(out / "student"),
             "linear_params": encoder_linear_parameters(out / "student"),
             "teacher_linear_params": encoder_linear_parameters(Path(teacher_row["folder"])), "stage1": stage1,
-            "folder": str(out / "student"), "lr": config.lr, "wall_seconds": wall, "cpu_seconds": cpu, "resumed": resumed}
+            "folder": str(out / "student"), "lr": config.lr, "peak_memory": memory, "wall_seconds": wall, "cpu_seconds": cpu,
+            "resumed": resumed}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -782,7 +792,21 @@ def student_cells(r: dict, chosen: dict | None) -> list:
     return [f"`{r['name']}`{stale}", pct(s["metrics"].get("exact_match")), pct(s["metrics"].get("f1")),
             "-" if kept is None else f"{100 * kept:.1f} %", f"{s['params']:,}", f"{t['params'] / s['params']:.2f}x",
             f"{r['teacher_linear_params'] / r['linear_params']:.2f}x", f"{r['lr']:g}" if r.get("lr") else "-", choice, f"{s['train_seconds']:,.0f}",
-            f"{stage1['train_seconds']:,.0f}" if stage1 else "-"]
+            f"{stage1['train_seconds']:,.0f}" if stage1 else "-", gigabytes(r.get("peak_memory"))]
+
+
+# How each peak_memory method reads in the report.
+MEMORY_METHODS = {
+    "peak RSS (VmHWM after clear_refs)": "the process's peak resident set during the row's last call (teacher, student, "
+                                         "data and Python included; `VmHWM`, reset at the call's start)",
+    "cuda max_memory_allocated": "the GPU allocator's peak of live tensors during the row's last call",
+    "ru_maxrss (process lifetime)": "the process's peak resident set since it started (`ru_maxrss`)",
+}
+
+
+def gigabytes(memory: dict | None) -> str:
+    """A row's ``peak_memory`` ({"bytes", "method"}) in GB (10^9 bytes) with 1 decimal, or "-"."""
+    return "-" if not memory else f"{memory['bytes'] / 1e9:.1f}"
 
 
 def goals_section(rows: dict[str, dict], chosen: dict | None, unmeasured: int) -> list[str]:
@@ -939,7 +963,8 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
              "## Students", ""]
     if students:
         lines += [markdown_table(["student", "dev EM", "dev F1", "retention (F1)", "params", "ratio (whole)", "ratio (linear layers)",
-                                  "peak lr", "held-out F1 that chose it", "train (s)", "stage 1 (s)"],
+                                  "peak lr", "held-out F1 that chose it", "train (s)", "stage 1 (s)",
+                                  "peak memory (GB)"],
                                  [student_cells(r, chosen) for r in students]), ""]
         if student_png:
             lines += [f"![held-out F1 of each student during task distillation, by step]({student_png})", ""]
@@ -951,7 +976,10 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
               "Ratios are the teacher's parameters over the student's: whole QA model, and the linear layers of the "
               "encoder (biases included; embeddings, head apart). Train (s): wall seconds of the task-distillation run, "
               "summed over its calls when resumed (the time between an interruption and the checkpoint before it is "
-              "not counted); stage 1: of the general distillation.", ""]
+              "not counted); stage 1: of the general distillation. Peak memory: "
+              + "; ".join(MEMORY_METHODS.get(m, m) for m in sorted({r["peak_memory"]["method"] for r in students if r.get("peak_memory")}))
+              + ("; " if any(r.get("peak_memory") for r in students) else "")
+              + "'-': measured before the benchmark recorded it.", ""]
     previous = [text for key, text in PREVIOUS_ROUND.items()
                 if (key == "teacher" and chosen is None) or (key != "teacher" and key not in rows)]
     if previous:

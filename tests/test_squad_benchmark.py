@@ -206,10 +206,14 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     assert ("(the best of them, `lowrank2x-lr5e-5`, F1 65.00): holds: the best Kronecker student of that count, "
             "`kron2x-budget-lr5e-5`, scores 66.00.") in varied
     assert "| 5e-05 | 40.00 (step 5 of 9) |" in varied and "| 4.00x | - | 40.00 (step 5 of 9) |" in varied
+    rows["lowrank2x-lr5e-5"]["peak_memory"] = {"bytes": 11_340_000_000, "method": "peak RSS (VmHWM after clear_refs)"}
+    memory = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert "| 30 | - | 11.3 |" in memory and "Peak memory: the process's peak resident set during the row's last call" in memory
     del rows["kron2x-budget-lr5e-5"], rows["lowrank2x-lr5e-5"]
     assert "compressed at least as much: not measured yet." in more
     rows["truncated3"]["student"]["params"] = 50
-    assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | - | 40.00 (step 5 of 9) | 30 | - |" in text
+    assert "| `ffn2x` | 53.00 | 63.00 | 96.9 % | 50 | 2.00x | 4.00x | - | 40.00 (step 5 of 9) | 30 | - | - |" in text
+    assert "'-': measured before the benchmark recorded it." in text
     assert f"`truncated3` (teacher `{weak['name']}`)" in text  # distilled from a teacher no longer chosen
     assert "dev EM 31.19" not in text and "dev EM 1.43" not in text
     assert "(outside the search)" not in text and "run by name" not in text
@@ -364,3 +368,33 @@ def test_a_student_row_may_set_its_own_peak_learning_rate():
     assert bench.student_config(args, teacher, bench.STUDENTS["kron2x-budget"]).lr == shared.lr
     lower = bench.student_config(args, teacher, bench.STUDENTS["kron2x-budget-lr5e-5"])
     assert lower.lr == 5e-5 != shared.lr and lower.max_length == 384 and lower.doc_stride == 128
+
+
+def test_a_run_records_the_peak_memory_of_its_call(tmp_path, monkeypatch):
+    held = {}
+
+    def fake_run_squad(folder, **kwargs):
+        held["tensor"] = torch.ones(50_000_000)  # 200 MB resident while the run lasts
+        held.pop("tensor")
+        return "report"
+
+    class Data:
+        def inputs(self):
+            return ()
+
+        def flags(self):
+            return []
+
+        def run_arguments(self):
+            return {}
+
+    monkeypatch.setattr(bench, "run_squad", fake_run_squad)
+    monkeypatch.setattr(bench, "claim_task_folder", lambda out, teacher, inputs: out)
+    config = bench.student_config(bench.parse_args(["--data-dir", str(REPO)]), {"max_length": 64, "doc_stride": 16})
+    report, wall, cpu, resumed, memory = bench.squad_run(tmp_path / "runs" / "x", config, Data(), [], 1)
+    assert report == "report" and not resumed and wall >= 0
+    assert (tmp_path / "configs" / "x.yaml").is_file()
+    baseline = bench.peak_memory(lambda: None)[0]
+    if memory["method"] == "peak RSS (VmHWM after clear_refs)":
+        assert memory["bytes"] >= baseline + 150_000_000  # the 200 MB the call held, on top of what stays resident
+    assert memory["bytes"] >= 200_000_000 and memory["method"] in bench.MEMORY_METHODS
