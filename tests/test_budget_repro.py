@@ -159,3 +159,33 @@ def test_pareto_table_names_what_the_subset_check_kept():
     assert bench._check_cell(row) == "every family (svd,kronecker 3.000, svd 3.100, kronecker out of reach)"
     row["tie_break"] = [{"held_out_nll": 2.99, "kept": True}, {"held_out_nll": 2.995, "kept": False}, {"held_out_nll": 2.98, "kept": True}]
     assert bench._check_cell(row).endswith("out of reach; tie-break kept 2 of 3 swaps -> 2.980)")
+
+
+def test_a_question_answering_encoder_from_the_cli_as_docs_compression_shows(tmp_path, capsys):
+    from conftest import tiny_bert
+    from test_squad_data import tiny_bert_tokenizer
+
+    from kronlm.layers import KroneckerLinear
+
+    words = "the river seine flows through paris to the sea and the city".split()
+    text = " ".join(words[(5 * i) % len(words)] for i in range(600))
+    (tmp_path / "text.txt").write_text(text)
+    teacher = tiny_bert(cls_name="BertForQuestionAnswering", vocab_size=40)
+    folder, out = tmp_path / "qa", tmp_path / "qa-svd"
+    kronlm.save(teacher, folder, tokenizer=tiny_bert_tokenizer(text))
+    target = count_parameters(teacher) - 3000
+    argv = ["compress", str(folder), "--budget-params", str(target), "--families", "svd",
+            "--budget-modules", "**.encoder.layer.*.intermediate.dense", "--budget-modules", "**.encoder.layer.*.output.dense",
+            "--calibration", str(tmp_path / "text.txt"), "--calibration-sequences", "8", "--calibration-length", "16", "--out", str(out)]
+    assert main(argv) == 2  # the sensitivity pass needs next-token logits (one family: no subset check)
+    assert ("BertForQuestionAnswering returns no next-token logits, and the budget's sensitivity pass (sensitivity_sequences=32) "
+            "scores a causal LM's loss") in capsys.readouterr().err
+    assert main([*argv[:-2], "--sensitivity-sequences", "0", "--no-subset-check", "--out", str(out)]) == 0
+    student = kronlm.load_model(str(out), task="question-answering")
+    assert isinstance(student, type(teacher)) and count_parameters(student) <= target
+    factored = [n for n, m in student.named_modules() if isinstance(m, KroneckerLinear)]
+    assert factored and all(".intermediate.dense" in n or (".output.dense" in n and ".attention." not in n) for n in factored)
+    ids = torch.randint(5, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = student(input_ids=ids).start_logits
+    assert logits.shape == (2, 12) and torch.isfinite(logits).all()

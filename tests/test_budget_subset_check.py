@@ -188,7 +188,7 @@ def test_held_out_nll_refuses_class_logits_instead_of_scoring_them_as_tokens():
     classifier.train()
     ids = torch.randint(5, 90, (3, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"BertForSequenceClassification returns no next-token logits, and the budget's "
-                                         r"tie-break score a causal LM's loss"):
+                                         r"tie-break scores a causal LM's loss"):
         held_out_nll(classifier, ids, needed_by="tie-break")
     assert classifier.training  # restored after the refusal
 
@@ -203,3 +203,21 @@ def test_the_default_candidates_are_the_base_models_layers_without_any_head(teac
     causal = budget_candidates(teacher)
     assert causal and all(not n.startswith("lm_head") for n in causal)
     assert budget_candidates(classifier, ["classifier"]) == ["classifier"]
+
+
+def test_calibration_ids_beyond_the_vocabulary_are_named_before_any_pass():
+    from conftest import tiny_bert
+
+    from kronlm.compression import CompressionConfig
+
+    model = tiny_bert(cls_name="BertForQuestionAnswering")  # 96 rows
+    ids = torch.randint(5, 90, (12, 16), generator=torch.Generator().manual_seed(0))
+    ids[3, 7] = 215  # text tokenized with another model's larger vocabulary
+    config = BudgetConfig(target_fraction=0.9, sensitivity_sequences=0, subset_check=False)
+    with pytest.raises(ValueError, match=r"calibration token ids run from 5 to 215, but BertForQuestionAnswering's input "
+                                         r"embedding has 96 rows: tokenize the text with the model's own tokenizer"):
+        compress_to_budget(model, config, ids, progress=False)
+    with pytest.raises(ValueError, match=r"run from 5 to 215, but BertForQuestionAnswering's input embedding has 96 rows"):
+        compress(model, CompressionConfig.from_dict({"targets": [{"modules": ["**.intermediate.dense"], "b_shape": [2, 2],
+                                                                   "init": "activation_aware"}]}), calibration=ids, progress=False)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))

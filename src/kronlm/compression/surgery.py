@@ -249,12 +249,14 @@ def calibration_for(
     return collect_calibration(model, [c.name for c in wanted], input_ids, batch_size=batch_size, input_factors=factors, progress=progress)
 
 
-def check_calibration_ids(calibration: Any, what: str = "calibration") -> torch.Tensor:
-    """``calibration`` itself when it is token ids: a 2-D integer tensor (num_sequences, seq_len).
+def check_calibration_ids(calibration: Any, what: str = "calibration", model: nn.Module | None = None) -> torch.Tensor:
+    """``calibration`` itself when it is token ids: a 2-D integer tensor (num_sequences, seq_len),
+    every id a row of ``model``'s input embedding when a model is given.
 
     Raises:
         ValueError: anything else (named with its type or shape; statistics already collected
-            go through ``statistics=`` instead).
+            go through ``statistics=`` instead), or ids outside the model's vocabulary (the
+            largest id and the embedding's row count named: text tokenized for another model).
     """
     if not isinstance(calibration, torch.Tensor):
         hint = "; pass statistics already collected as statistics=" if isinstance(calibration, Mapping) else ""
@@ -262,6 +264,12 @@ def check_calibration_ids(calibration: Any, what: str = "calibration") -> torch.
     if calibration.dim() != 2 or calibration.dtype.is_floating_point or calibration.dtype.is_complex or calibration.dtype == torch.bool:
         raise ValueError(f"{what} must be token ids, an int64 tensor (num_sequences, seq_len), got {calibration.dtype} of shape "
                          f"{tuple(calibration.shape)}")
+    embedding = model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and calibration.numel() and (int(calibration.max()) >= rows or int(calibration.min()) < 0):
+        raise ValueError(f"{what} token ids run from {int(calibration.min())} to {int(calibration.max())}, but "
+                         f"{type(model).__name__}'s input embedding has {rows:,} rows: tokenize the text with the model's own "
+                         "tokenizer")
     return calibration
 
 
@@ -363,7 +371,7 @@ def compress_modules(
     report.params_before_no_head = count_parameters(model, exclude_lm_head=True)
     head, head_name = check_tied_head_not_targeted(model, choices)
     if calibration is not None:
-        statistics = calibration_for(model, choices, check_calibration_ids(calibration), batch_size, progress)
+        statistics = calibration_for(model, choices, check_calibration_ids(calibration, model=model), batch_size, progress)
 
     for choice in tqdm(choices, desc="compress", unit="module", disable=not progress):
         t0 = time.perf_counter()

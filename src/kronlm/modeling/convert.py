@@ -170,7 +170,7 @@ def compress_to_budget(
         ("subset check (subset_check=True)", config.checks_subsets)) if on]
     probe = calibration if calibration is not None else held_out
     if needs_logits and probe is not None:
-        check_calibration_ids(probe)
+        check_calibration_ids(probe, model=model)
         _check_next_token_logits(model, probe, needs_logits)
     if statistics is None or config.sequential:
         if calibration is None and statistics is not None:
@@ -179,7 +179,7 @@ def compress_to_budget(
                              "the given statistics alone")
         if calibration is None:
             raise ValueError("a budget needs calibration token ids (num_sequences, seq_len) to measure sensitivities on")
-        check_calibration_ids(calibration)
+        check_calibration_ids(calibration, model=model)
     if config.checks_subsets and held_out is None:
         if statistics is not None:
             raise ValueError("the subset check needs held_out ids that the given statistics were not computed on "
@@ -193,7 +193,7 @@ def compress_to_budget(
         pricing = price_modules(model, statistics, settings=config, progress=progress)
     allocation = allocate_budget(model, statistics, target, settings=config, pricing=pricing, progress=progress)
     if config.checks_subsets:
-        check_calibration_ids(held_out)
+        check_calibration_ids(held_out, model=model)
         allocation = choose_by_held_out(model, statistics, target, allocation, pricing, held_out, settings=config,
                                         batch_size=batch_size, progress=progress)
         if config.tie_break_modules:

@@ -90,8 +90,9 @@ def held_out_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4, *,
                 batch = ids[start:start + batch_size].to(device)
                 logits = getattr(model(input_ids=batch), "logits", None)
                 if logits is None or logits.dim() != 3:
+                    verb = "score" if " and " in needed_by else "scores"
                     raise ValueError(f"{type(model).__name__} returns no next-token logits, and the budget's {needed_by} "
-                                     "score a causal LM's loss: set sensitivity_sequences=0 and subset_check=False "
+                                     f"{verb} a causal LM's loss: set sensitivity_sequences=0 and subset_check=False "
                                      "(kronlm compress --sensitivity-sequences 0 --no-subset-check) to price the modules "
                                      "by output error alone")
                 targets = batch[:, 1:]
