@@ -26,7 +26,9 @@ the checkpoints in ``WORK/runs/NAME``:
   parameter count (``kronlm compress --budget-params N`` on the FFN matrices, calibrated on
   enwiki-sample): ``lowrank2x`` (truncated SVDs only: the low-rank baseline) and ``kron2x-budget``
   (Kronecker factors only, shapes and terms chosen per matrix), each also at a peak learning rate
-  of 5e-5 (``lowrank2x-lr5e-5``, ``kron2x-budget-lr5e-5``, from the same initial student).
+  of 5e-5 (``lowrank2x-lr5e-5``, ``kron2x-budget-lr5e-5``, from the same initial student); and
+  ``ffn2x-aa``, ``ffn2x``'s shapes with activation-aware factors fitted on the same calibration
+  (``kronlm compress --config ... --init activation_aware``).
 
 ``--device cuda`` sizes the runs for a GPU (32 windows a step, bf16 where supported; ``--batch-size``,
 ``--eval-batch-size``, ``--mixed-precision`` override); ``--device cpu`` (default) hides any GPU.
@@ -527,14 +529,21 @@ def budget_init(spec: StudentSpec, teacher_row: dict, args, work: Path) -> Path:
     reference = compress(load_model(folder, task="question-answering"), CompressionConfig.from_file(REPO / spec.compression))
     target = reference.compression_report.params_after
     del reference
-    model, tokenizer = load_model(folder, task="question-answering"), load_tokenizer(folder)
-    text = args.data_dir / ENWIKI
-    length = teacher_row["max_length"]
     config = BudgetConfig(target_params=target, modules=list(FFN_MODULES), families=spec.budget_families, sensitivity_sequences=0,
                           subset_check=False)
-    argv = ["compress", folder, "--budget-params", str(target), *[f for m in FFN_MODULES for f in ("--budget-modules", m)],
-            "--families", ",".join(spec.budget_families), "--sensitivity-sequences", "0", "--no-subset-check",
-            "--calibration", str(text), "--calibration-sequences", str(BUDGET_CALIBRATION_SEQUENCES),
+    flags = ["--budget-params", str(target), *[f for m in FFN_MODULES for f in ("--budget-modules", m)],
+             "--families", ",".join(spec.budget_families), "--sensitivity-sequences", "0", "--no-subset-check"]
+    return compress_calibrated(teacher_row, config, flags, args, out)
+
+
+def compress_calibrated(teacher_row: dict, config: CompressionConfig | BudgetConfig, flags: list[str], args, out: Path) -> Path:
+    """``kronlm compress TEACHER FLAGS --calibration ENWIKI --out OUT``: the chosen teacher (its span
+    head kept) compressed by ``config`` on ``BUDGET_CALIBRATION_SEQUENCES`` enwiki-sample windows of
+    the teacher's max length, saved to ``out``; returns ``out``."""
+    folder = teacher_row["folder"]
+    model, tokenizer = load_model(folder, task="question-answering"), load_tokenizer(folder)
+    text, length = args.data_dir / ENWIKI, teacher_row["max_length"]
+    argv = ["compress", folder, *flags, "--calibration", str(text), "--calibration-sequences", str(BUDGET_CALIBRATION_SEQUENCES),
             "--calibration-length", str(length), "--out", str(out)]
 
     def step():
@@ -544,6 +553,19 @@ def budget_init(spec: StudentSpec, teacher_row: dict, args, work: Path) -> Path:
 
     timed(argv, step)
     return out
+
+
+def calibrated_init(spec: StudentSpec, teacher_row: dict, args, work: Path) -> Path:
+    """``kronlm compress TEACHER --config COMPRESSION --init INIT --calibration ENWIKI``: the chosen
+    teacher compressed by ``spec.compression`` with every factor fitted by ``spec.init`` on the
+    budget students' calibration windows; returns the folder."""
+    out = work / "models" / f"{spec.name}-from-{teacher_row['name']}"
+    if (out / "config.json").is_file():
+        return out
+    config = CompressionConfig.from_file(REPO / spec.compression)
+    for target in config.targets:
+        target.init = spec.init
+    return compress_calibrated(teacher_row, config, ["--config", spec.compression, "--init", spec.init], args, out)
 
 
 def encoder_linear_parameters(folder: Path) -> int:
@@ -578,8 +600,9 @@ def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: Sq
     models: dict[str, Any] = {"teacher": teacher_row["folder"]}
     argv = ["--teacher", teacher_row["folder"]]
     stage1 = None
-    if spec.budget_families is not None:
-        models["student_init"] = str(budget_init(spec, teacher_row, args, work))
+    if spec.budget_families is not None or spec.init is not None:
+        init = budget_init if spec.budget_families is not None else calibrated_init
+        models["student_init"] = str(init(spec, teacher_row, args, work))
         argv += ["--student-init", models["student_init"]]
     elif spec.compression is not None:
         models["student"] = str(REPO / spec.compression)

@@ -54,6 +54,9 @@ class StudentSpec:
             of ``compression`` applied to it), or None.
         lr: peak learning rate of the task distillation, or None for the student config's (2e-4,
             set for students that start far from the teacher).
+        init: initialiser of every factor of ``compression`` in place of the config's own
+            (``activation_aware``: fitted to the teacher's activations on the budget students'
+            calibration text, so a fixed-shape student starts as a budget student does), or None.
     """
 
     name: str
@@ -63,6 +66,7 @@ class StudentSpec:
     keep_layers: tuple[int, ...] | None = None
     budget_families: tuple[str, ...] | None = None
     lr: float | None = None
+    init: str | None = None
 
 
 STUDENTS = {s.name: s for s in [
@@ -84,6 +88,9 @@ STUDENTS = {s.name: s for s in [
     StudentSpec("kron2x-budget", "`ffn2x`'s parameter count spent by the budget allocation on Kronecker factors only "
                 "(`--families kronecker`: per-matrix shapes and terms, activation-aware init, the same calibration); "
                 "attention, embeddings dense", "configs/minilm-ffn2x.yaml", budget_families=("kronecker",)),
+    StudentSpec("ffn2x-aa", "`ffn2x`'s shapes with activation-aware factors (`--init activation_aware`, the budget "
+                "students' calibration) instead of the nearest Kronecker products: which of the budget students' two "
+                "differences, shapes or init, makes them better", "configs/minilm-ffn2x.yaml", init="activation_aware"),
     StudentSpec("lowrank2x-lr5e-5", "`lowrank2x` (the same initial student) at a peak learning rate of 5e-5 instead of 2e-4: "
                 "a budget student starts close to the teacher, and at 2e-4 its held-out F1 falls after the warm-up",
                 "configs/minilm-ffn2x.yaml", budget_families=("svd",), lr=5e-5),

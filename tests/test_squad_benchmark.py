@@ -321,12 +321,12 @@ def test_student_rows_recorded_without_a_curve_get_the_one_their_run_folder_hold
     assert "![held-out F1 of each student during task distillation, by step](s.png)" in text
 
 
-@pytest.mark.parametrize("name, family", [("lowrank2x", "svd"), ("kron2x-budget", "kronecker")])
-def test_budget_students_spend_ffn2x_parameters_on_the_ffn_alone(tmp_path, name, family):
+def _saved_teacher_and_enwiki(tmp_path):
+    """A MiniLM-shaped QA teacher saved with its tokenizer, an enwiki-sample file of its words, the
+    benchmark's arguments on that data, the teacher row, and ffn2x's parameter count on it."""
     from test_squad_data import tiny_bert_tokenizer
 
-    from kronlm.layers import KroneckerLinear
-    from kronlm.modeling import load_model, save
+    from kronlm.modeling import save
 
     words = "the river seine flows through paris which is the capital of france and of its region".split()
     text = " ".join(words[(7 * i) % len(words)] for i in range(3000))
@@ -336,11 +336,18 @@ def test_budget_students_spend_ffn2x_parameters_on_the_ffn_alone(tmp_path, name,
     save(teacher, tmp_path / "teacher", tokenizer=tiny_bert_tokenizer(text))
     reference = copy.deepcopy(teacher)
     compress(reference, CompressionConfig.from_file(REPO / "configs" / "minilm-ffn2x.yaml"))
-    target = sum(p.numel() for p in reference.parameters())
-
     args = bench.parse_args(["--data-dir", str(tmp_path / "data")])
     args.data_dir = tmp_path / "data"
     row = {"name": "teacher-x", "folder": str(tmp_path / "teacher"), "max_length": 16}
+    return args, row, sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("name, family", [("lowrank2x", "svd"), ("kron2x-budget", "kronecker")])
+def test_budget_students_spend_ffn2x_parameters_on_the_ffn_alone(tmp_path, name, family):
+    from kronlm.layers import KroneckerLinear
+    from kronlm.modeling import load_model
+
+    args, row, target = _saved_teacher_and_enwiki(tmp_path)
     folder = bench.budget_init(bench.STUDENTS[name], row, args, tmp_path / "work")
     student = load_model(str(folder), task="question-answering")
     params = sum(p.numel() for p in student.parameters())
@@ -398,3 +405,17 @@ def test_a_run_records_the_peak_memory_of_its_call(tmp_path, monkeypatch):
     if memory["method"] == "peak RSS (VmHWM after clear_refs)":
         assert memory["bytes"] >= baseline + 150_000_000  # the 200 MB the call held, on top of what stays resident
     assert memory["bytes"] >= 200_000_000 and memory["method"] in bench.MEMORY_METHODS
+
+
+def test_ffn2x_aa_is_ffn2x_with_every_factor_fitted_to_activations(tmp_path):
+    from kronlm.modeling import load_model
+
+    args, row, target = _saved_teacher_and_enwiki(tmp_path)
+    spec = bench.STUDENTS["ffn2x-aa"]
+    assert spec.compression == bench.STUDENTS["ffn2x"].compression and spec.budget_families is None
+    folder = bench.calibrated_init(spec, row, args, tmp_path / "work")
+    student = load_model(str(folder), task="question-answering")
+    assert sum(p.numel() for p in student.parameters()) == target  # ffn2x's shapes, so exactly its count
+    modules = json.loads((folder / "kronlm_compression.json").read_text())["report"]["modules"]
+    assert len(modules) == 4 and {m["init"] for m in modules} == {"activation_aware"}
+    assert bench.calibrated_init(spec, row, args, tmp_path / "work") == folder  # found, not compressed again
