@@ -299,21 +299,13 @@ def budget_candidates(model: nn.Module, patterns: list[str] | None = None) -> li
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     regexes = [pattern_regex(p) for p in patterns or []]
-    if regexes:
-        def wanted(name, module):
-            return any(rx.fullmatch(name) for rx in regexes)
-    else:
-        base = getattr(model, "base_model", model)
-        inside = {id(m) for m in base.modules()}
-
-        def wanted(name, module):
-            return id(module) in inside
+    base = set() if regexes else {id(m) for m in getattr(model, "base_model", model).modules()}
     names = [
         name
         for name, module in model.named_modules()
         if (isinstance(module, nn.Linear) or is_conv1d(module))
         and module is not head
-        and wanted(name, module)
+        and (any(rx.fullmatch(name) for rx in regexes) if regexes else id(module) in base)
     ]
     if not names:
         raise ValueError(f"no Linear or Conv1D module of {type(model).__name__} matches {patterns}")
