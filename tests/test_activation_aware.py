@@ -263,3 +263,28 @@ def test_calibration_file_round_trip_is_bit_identical(tmp_path):
         load_calibration(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_calibration(tmp_path / "missing.safetensors")
+
+
+def test_the_report_states_the_share_of_output_energy_the_fit_lost():
+    from kronlm.layers import dense_weight
+
+    ids = _calibration_ids(96)
+    dense = tiny_llama()
+    names = [n for n, _ in dense.named_modules() if n.endswith("mlp.down_proj")]
+    stats = collect_calibration(dense, names, ids, progress=False)
+    cfg = CompressionConfig(targets=[KroneckerTarget(modules=["model.layers.*.mlp.down_proj"], b_shape=(2, 2),
+                                                     init="activation_aware")])
+    model = compress(tiny_llama(), cfg, calibration=ids, progress=False)
+    report = model.compression_report
+    assert [m.name for m in report.modules] == names
+    for m in report.modules:
+        W, C = dense_weight(dense.get_submodule(m.name)).double(), stats[m.name].inputs.covariance()
+        delta = W - model.get_submodule(m.name).to_dense().double()
+        expected = ((delta @ C) * delta).sum().item() / ((W @ C) * W).sum().item()
+        assert 0 < m.output_error < 1 and m.output_error == pytest.approx(expected, rel=1e-6)
+    assert f"mean relative output error on the calibration inputs {report.mean_output_error:.4f}" in report.summary()
+    assert type(report).from_dict(report.to_dict()).modules == report.modules  # saved and read back
+    plain = compress(tiny_llama(), CompressionConfig(targets=[KroneckerTarget(modules=["model.layers.*.mlp.down_proj"],
+                                                                               b_shape=(2, 2))]), progress=False)
+    assert all(m.output_error is None for m in plain.compression_report.modules)
+    assert "output error" not in plain.compression_report.summary()

@@ -43,6 +43,10 @@ class ModuleReport:
         relative_error: ||W - Ŵ||_F / ||W||_F at initialisation (NaN without weights).
         seconds: wall time spent initialising it.
         lowrank: rank k of the low-rank part U V of a ``KroneckerLowRankLinear``, else 0.
+        output_error: E_t ||(W - Ŵ) x_t||² / E_t ||W x_t||² over the calibration inputs x_t the
+            module was fitted on (what ``activation_aware`` minimises, and what the budget's
+            ``relative_error`` states), or None for a compression without calibration. A fit can
+            trade a larger ``relative_error`` for a smaller ``output_error``.
     """
 
     name: str
@@ -57,6 +61,7 @@ class ModuleReport:
     relative_error: float
     seconds: float
     lowrank: int = 0
+    output_error: float | None = None
 
 
 @dataclass
@@ -95,6 +100,12 @@ class CompressionReport:
         """Unweighted mean of the modules' relative errors (NaN without modules)."""
         errors = [m.relative_error for m in self.modules]
         return sum(errors) / len(errors) if errors else float("nan")
+
+    @property
+    def mean_output_error(self) -> float | None:
+        """Unweighted mean of the modules' ``output_error`` (None when no module has one)."""
+        errors = [m.output_error for m in self.modules if m.output_error is not None]
+        return sum(errors) / len(errors) if errors else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
@@ -146,6 +157,8 @@ class CompressionReport:
             f"{self.params_after:,} ({self.compression_ratio:.2f}x){head}\n"
             f"without the LM head: {self.params_before_no_head:,} -> {self.params_after_no_head:,}; "
             f"mean relative error {self.mean_relative_error:.4f}"
+            + (f"; mean relative output error on the calibration inputs {self.mean_output_error:.4f}"
+               if self.mean_output_error is not None else "")
         )
 
     def __str__(self) -> str:

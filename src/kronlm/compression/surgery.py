@@ -22,7 +22,7 @@ from kronlm.compression.config import CompressionConfig, KroneckerTarget
 from kronlm.compression.report import CompressionReport, ModuleReport, count_parameters
 from kronlm.decompose.activation_aware import corrected_target
 from kronlm.decompose.initializers import get_initializer
-from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors
+from kronlm.decompose.lowrank import KroneckerLowRankFactors, kronecker_lowrank_factors, output_error
 from kronlm.decompose.shapes import choose_factor_shapes, resolve_factor_shapes
 from kronlm.decompose.vanloan import KroneckerFactors
 from kronlm.layers import (
@@ -305,6 +305,18 @@ def fit_module(choice: FactorChoice, old: nn.Module, new: nn.Module, stats: Modu
     return factors.relative_error
 
 
+def relative_output_error(weight: torch.Tensor, new: nn.Module, stats: ModuleCalibration | None) -> float | None:
+    """tr(ΔW C ΔWᵀ) / tr(W C Wᵀ) for the dense (out, in) ``weight``, the fitted module ``new`` and
+    the (in, in) input second moment C of ``stats``: the share of the output's energy on the
+    calibration inputs that the fit loses. None without statistics (or with partial traces only),
+    on the meta device, or for an embedding."""
+    covariance = stats.inputs.covariance() if stats is not None else None
+    if covariance is None or weight.is_meta or not hasattr(new, "to_dense") or isinstance(new, KroneckerEmbedding):
+        return None
+    dense = output_error(weight, covariance)
+    return output_error(weight.double() - new.to_dense().double(), covariance) / dense if dense > 0 else None
+
+
 def check_tied_head_not_targeted(model: nn.Module, choices: list[FactorChoice]) -> tuple[nn.Module | None, str | None]:
     """(the LM head, its name) of ``model``; refuses a plan that targets a head tied to the input
     embedding (factor the embedding instead).
@@ -392,6 +404,7 @@ def compress_modules(
                 init=choice.init, params_before=sum(p.numel() for p in old.parameters()),
                 params_after=sum(p.numel() for p in new.parameters()),
                 relative_error=error, seconds=time.perf_counter() - t0, lowrank=choice.lowrank_rank,
+                output_error=relative_output_error(weight, new, stats),
             )
         )
 
