@@ -124,12 +124,6 @@ def _glue_benchmark():
 glue_benchmark = _glue_benchmark()
 
 
-
-
-
-
-
-
 @dataclass
 class SquadData:
     """Where the questions come from: the local split's folder, or its train.json and a dev subset file."""
@@ -225,9 +219,6 @@ def longer_setting(args, searched: list[TeacherSetting], rows: dict[str, dict]) 
     if not still_improving(rows[best.name]):
         return []
     return [TeacherSetting(best.lr, best.max_length, best.doc_stride, more)]
-
-
-
 
 
 def pending_settings(args, rows: dict[str, dict]) -> list[str]:
@@ -427,9 +418,6 @@ def run_teacher(setting: TeacherSetting, args, work: Path, data: SquadData) -> d
             "stopped_early": bool(summary["run"].get("stopped_early")), "teacher": teacher,
             "folder": str(out / "teacher"), "data": report.settings.get("data"), "peak_memory": memory, "wall_seconds": wall,
             "cpu_seconds": cpu, "resumed": resumed}
-
-
-
 
 
 def teacher_checkpoint(row: dict, args, work: Path, data: SquadData, train=None) -> dict:

@@ -311,10 +311,9 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
               "Ratios are the teacher's parameters over the student's: whole QA model, and the linear layers of the "
               "encoder (biases included; embeddings, head apart). Train (s): wall seconds of the task-distillation run, "
               "summed over its calls when resumed (the time between an interruption and the checkpoint before it is "
-              "not counted); stage 1: of the general distillation. Peak memory: "
-              + "; ".join(MEMORY_METHODS.get(m, m) for m in sorted({r["peak_memory"]["method"] for r in students if r.get("peak_memory")}))
-              + ("; " if any(r.get("peak_memory") for r in students) else "")
-              + "'-': measured before the benchmark recorded it.", ""]
+              "not counted); stage 1: of the general distillation. Peak memory: " + "; ".join(
+                  [*(MEMORY_METHODS.get(m, m) for m in sorted({r["peak_memory"]["method"] for r in students if r.get("peak_memory")})),
+                   "'-': measured before the benchmark recorded it."]), ""]
     previous = [text for key, text in PREVIOUS_ROUND.items()
                 if (key == "teacher" and chosen is None) or (key != "teacher" and key not in rows)]
     if previous:

@@ -311,7 +311,7 @@ def relative_output_error(weight: torch.Tensor, new: nn.Module, stats: ModuleCal
     calibration inputs that the fit loses. None without statistics (or with partial traces only),
     on the meta device, or for an embedding."""
     covariance = stats.inputs.covariance() if stats is not None else None
-    if covariance is None or weight.is_meta or not hasattr(new, "to_dense") or isinstance(new, KroneckerEmbedding):
+    if covariance is None or weight.is_meta or isinstance(new, KroneckerEmbedding):
         return None
     dense = output_error(weight, covariance)
     return output_error(weight.double() - new.to_dense().double(), covariance) / dense if dense > 0 else None
