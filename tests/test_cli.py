@@ -54,7 +54,10 @@ def test_compress_activation_aware_and_budget(tiny_folder, tmp_path, capsys):
     config.write_text(yaml.safe_dump({"targets": [{"modules": ["**.mlp.c_fc"], "b_shape": [2, 1]}, {"modules": ["**.mlp.c_proj"], "b_shape": [2, 2]}]}))
     out = tmp_path / "aa"
     assert main(["compress", str(tiny_folder), "--config", str(config), "--init", "activation_aware", "--out", str(out), *common]) == 0
-    assert "calibration: 4 x 32 tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "calibration: 4 x 32 tokens" in printed
+    # --device auto: the GPU when one is visible; the line says where the model went.
+    assert f"params) on {'cuda' if torch.cuda.is_available() else 'cpu'} in " in printed
     meta = json.loads((out / "kronlm_compression.json").read_text())
     assert {m["init"] for m in meta["report"]["modules"]} == {"activation_aware"}
 

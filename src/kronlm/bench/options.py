@@ -12,6 +12,8 @@ from collections.abc import Callable
 import click
 import torch
 
+from kronlm.utils import resolve_device
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -27,13 +29,15 @@ def speed_setup(threads: int | None, device: str, dtype: str) -> tuple[torch.dev
         (device, dtype) as torch objects.
 
     Raises:
-        click.BadParameter: ``device`` is CUDA and this machine has none.
+        click.BadParameter: a device this machine lacks (``kronlm.utils.resolve_device``).
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device), getattr(torch, dtype)
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    return resolved, getattr(torch, dtype)
 
 
 def prefill_shapes(text: str) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from kronlm.cli.compress_resume import check_resumable, compression_settings, load_student, save_student
-from kronlm.cli.options import FiniteFloatRange, data_options, perplexity_options
+from kronlm.cli.options import FiniteFloatRange, data_options, perplexity_options, resolve_device
 from kronlm.compression import (
     DEFAULT_CALIBRATION_LENGTH,
     DEFAULT_CALIBRATION_SEQUENCES,
@@ -102,6 +102,7 @@ class CompressJob:
     rows: int
     inputs: tuple
     resume: bool = False
+    device: str = "cpu"
 
 
 def _families(ctx, param, value):
@@ -190,12 +191,16 @@ def _sources(ctx, param, value):
                    "compressing again, finished stages are kept and the interrupted one continues from its checkpoints "
                    "(the same command otherwise).")
 @click.option("--rows", type=click.IntRange(min=0), default=12, show_default=True, help="Module rows to print from the report.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the model's passes run (calibration, sensitivity, evaluation): auto (a GPU when one is visible, else "
+                   "the CPU), cpu, cuda, cuda:N. Factor fits run on the CPU beside the calibration statistics; --recover trains "
+                   "where Accelerate puts it (a GPU when there is one).")
 def command(model, preset, config_file, out, eval_data, data_config, overwrite, data_dir, text_field, split, max_tokens, max_length,
             stride, protocol, batch_size, svd_solver, init_name, calibration_data, calibration_split, calibration_field,
             calibration_sequences, calibration_length, calibration_seed, budget, budget_params, budget_modules, families,
             sensitivity_sequences, check_rounds, subset_check, held_out_sequences, tie_break_modules, tie_break_margin, max_macs, sequential_calibration,
             recover_data, recover_tokens, recover_config, recover_minutes,
-            resume, rows):
+            resume, rows, device):
     """Replace MODEL's weight matrices with Kronecker products and save the result to --out.
 
     MODEL is a hub id, a local folder, a .gguf file or an alias (smollm2). With --eval, prints
@@ -204,8 +209,10 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
     --budget F / --budget-params N (calibrated on --calibration, by default on the model's own
     samples) replaces the preset by a per-module choice
     of family and factors (truncated SVD, Kronecker products, Kronecker + low-rank) that keeps F
-    of the dense parameters / N parameters.
+    of the dense parameters / N parameters. The model's passes (calibration, evaluation) run on
+    --device; the factor fits run on the CPU, beside the calibration statistics.
     """
+    device = resolve_device(device)
     if sum(x is not None for x in (preset, config_file, budget, budget_params)) != 1:
         raise click.UsageError("give exactly one of --preset NAME, --config FILE or --budget FRACTION (or --budget-params N)")
     budgeted = budget is not None or budget_params is not None
@@ -243,7 +250,7 @@ def command(model, preset, config_file, out, eval_data, data_config, overwrite, 
     evaluation = None if eval_data is None else Evaluation(eval_data, split, max_tokens, max_length, stride, protocol, batch_size)
     job = CompressJob(model, out, config, preset, config_file, svd_solver, init_name, list(calibration_data), calibration_split,
                       calibration_field or text_field, calibration_sequences, calibration_length, calibration_seed, evaluation, recovery,
-                      data_config, data_dir, text_field, overwrite, rows, inputs, resume)
+                      data_config, data_dir, text_field, overwrite, rows, inputs, resume, device)
     # Held for the whole run: a second command writing the same --out fails at once, not after compressing.
     with folder_lock(out):
         run(job)
@@ -270,15 +277,15 @@ def run(job: CompressJob) -> None:
     _check_inputs(job)
     source = resolve_model_spec(job.model)
     t0 = time.perf_counter()
-    net, tokenizer = load_model_and_tokenizer(job.model)
-    click.echo(f"loaded {source.description} ({count_parameters(net):,} params) in {time.perf_counter() - t0:.1f} s")
+    net, tokenizer = load_model_and_tokenizer(job.model, device=job.device)
+    click.echo(f"loaded {source.description} ({count_parameters(net):,} params) on {job.device} in {time.perf_counter() - t0:.1f} s")
     blocks = _recovery_blocks(job, tokenizer) if job.recovery is not None else None
     results = {}
     if job.evaluation is not None:
         results["dense"] = _perplexity(net, tokenizer, job, "dense")
     settings = compression_settings(job, config) if job.recovery is not None else None
     if job.resume:
-        teacher, net = net, load_student(recovery_folder(job.out), settings)
+        teacher, net = net, load_student(recovery_folder(job.out), settings).to(job.device)
         click.echo(compression_report(net).table(max_rows=job.rows))
     else:
         # The dense model is the teacher of --recover; compressing changes ``net`` in place.

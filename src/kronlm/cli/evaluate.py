@@ -63,6 +63,7 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
     tasks download their data unless cached), --lambada-jsonl runs LAMBADA on a local file.
     --baseline DENSE evaluates a second model the same way and prints both side by side.
     """
+    device = resolve_device(device)
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if data is None and not task_list and lambada_jsonl is None:
         raise click.UsageError("give --data (perplexity), --tasks or --lambada-jsonl (lm-eval tasks), or several")
@@ -86,9 +87,9 @@ def command(model, data, data_config, tasks, include_path, lambada_jsonl, limit,
     for label, spec in specs.items():
         source = resolve_model_spec(spec)
         t0 = time.perf_counter()
-        net, tokenizer = load_model_and_tokenizer(spec, device=resolve_device(device))
+        net, tokenizer = load_model_and_tokenizer(spec, device=device)
         params = count_parameters(net)
-        click.echo(f"{label}: loaded {source.description} ({params:,} params) in {time.perf_counter() - t0:.1f} s")
+        click.echo(f"{label}: loaded {source.description} ({params:,} params) on {device} in {time.perf_counter() - t0:.1f} s")
         if text_source is not None:
             result = evaluate(net, tokenizer, data, split=split, data_config=data_config, text_field=text_field, data_dir=data_dir,
                               max_tokens=max_tokens, max_length=max_length, stride=stride, protocol=protocol, batch_size=batch_size,

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import click
-import torch
 
 from kronlm.utils import default_data_dir
+from kronlm.utils import resolve_device as resolve_torch_device
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -66,10 +66,16 @@ def data_options(fn):
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name unchanged."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """``--device``: ``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name
+    checked against this machine (``kronlm.utils.resolve_device``).
+
+    Raises:
+        click.BadParameter: a device this machine lacks or a name torch does not know (named).
+    """
+    try:
+        return str(resolve_torch_device(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--device'") from None
 
 
 def device_option(fn):

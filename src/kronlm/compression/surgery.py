@@ -92,10 +92,13 @@ def fit_factors(
     Factors already fitted on the same statistics for the same option (``calibration.fitted``,
     filled by the budget allocation's error check) are returned as they are; new fits are stored
     there. With a ``cross_moment`` (sequential calibration) the activation-aware fits target
-    ``corrected_target``; ``relative_error`` is always against ``weight``.
+    ``corrected_target``; ``relative_error`` is always against ``weight``. The fit runs on the CPU,
+    where calibration statistics are kept, whatever device ``weight`` is on (a model on a GPU runs
+    its calibration passes there); the factors come back on the CPU, and ``load_factors`` copies
+    them to the layer's device.
 
     Args:
-        weight: (out, in) dense weight (``nn.Linear`` orientation).
+        weight: (out, in) dense weight (``nn.Linear`` orientation), on any device.
         a_shape, b_shape: (m1, n1), (m2, n2).
         rank: Kronecker terms R.
         lowrank_rank: rank k of the low-rank part; 0 for a plain Kronecker sum.
@@ -108,6 +111,7 @@ def fit_factors(
         ValueError: see the initialiser and ``kronecker_lowrank_factors``; an activation-aware
             fit without statistics.
     """
+    weight = weight.detach().cpu()
     key = fit_key(a_shape, b_shape, rank, lowrank_rank, init, svd_solver)
     cache = getattr(calibration, "fitted", None)
     if cache is not None and key in cache:
@@ -309,12 +313,13 @@ def relative_output_error(weight: torch.Tensor, new: nn.Module, stats: ModuleCal
     """tr(ΔW C ΔWᵀ) / tr(W C Wᵀ) for the dense (out, in) ``weight``, the fitted module ``new`` and
     the (in, in) input second moment C of ``stats``: the share of the output's energy on the
     calibration inputs that the fit loses. None without statistics (or with partial traces only),
-    on the meta device, or for an embedding."""
+    on the meta device, or for an embedding. Computed on the CPU, beside C."""
     covariance = stats.inputs.covariance() if stats is not None else None
     if covariance is None or weight.is_meta or isinstance(new, KroneckerEmbedding):
         return None
+    weight = weight.detach().cpu().double()
     dense = output_error(weight, covariance)
-    return output_error(weight.double() - new.to_dense().double(), covariance) / dense if dense > 0 else None
+    return output_error(weight - new.to_dense().detach().cpu().double(), covariance) / dense if dense > 0 else None
 
 
 def check_tied_head_not_targeted(model: nn.Module, choices: list[FactorChoice]) -> tuple[nn.Module | None, str | None]:

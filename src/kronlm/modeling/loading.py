@@ -47,6 +47,7 @@ from kronlm.modeling.registry import (
     register_architecture,
 )
 from kronlm.modeling.folder_checks import check_folder_files, read_folder_config
+from kronlm.utils.devices import resolve_device
 from kronlm.utils.files import read_json, special_file_kind
 from kronlm.utils.outputs import MANIFEST_FILE
 from kronlm.utils.paths import package_dir
@@ -239,7 +240,8 @@ def load_model(
             ``"causal-lm"`` (``AutoModelForCausalLM``), ``"encoder"`` (``AutoModel``, e.g. for
             MiniLM), ``"sequence-classification"`` (``AutoModelForSequenceClassification``; pass
             ``num_labels=`` in ``kwargs``) or ``"question-answering"``.
-        device: where to put the model (``"cpu"``, ``"cuda"``, ...); None leaves it on the CPU.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``: a GPU when
+            one is visible); None leaves it on the CPU.
         auto_class: an Auto class to use instead of the one ``task`` names.
         **kwargs: passed on to ``from_pretrained``.
 
@@ -248,12 +250,14 @@ def load_model(
 
     Raises:
         FileNotFoundError / ValueError: see :func:`resolve_model_spec`; ValueError for an unknown
-            ``task``.
+            ``task`` or a ``device`` this machine lacks (checked before loading).
         OSError: a hub id that is not in the local cache while the hub cannot be reached; a folder
             another process replaced again and again while it was read (:func:`read_consistently`).
     """
     if auto_class is None and task != "auto":
         auto_class = _auto_class(task)  # an unknown task fails before any I/O
+    if device is not None:
+        device = resolve_device(device)
     source = resolve_model_spec(spec)
     if source.gguf_file is None and Path(source.path_or_id).is_dir():
         folder = Path(source.path_or_id)

@@ -1,7 +1,8 @@
 """Small shared helpers: atomic file and folder writes with write locks (:mod:`kronlm.utils.atomic`),
 the output rules (:mod:`kronlm.utils.outputs`), safe reading of JSON and text files
 (:mod:`kronlm.utils.files`), the base class of every settings file (:mod:`kronlm.utils.config`),
-where local data and packaged models are found (:mod:`kronlm.utils.paths`)."""
+where local data and packaged models are found (:mod:`kronlm.utils.paths`), which device a model
+runs on (:mod:`kronlm.utils.devices`)."""
 
 from kronlm.utils.atomic import (
     FolderBusyError,
@@ -12,6 +13,7 @@ from kronlm.utils.atomic import (
     write_json,
 )
 from kronlm.utils.config import ConfigBase, merge_settings, read_config_file
+from kronlm.utils.devices import resolve_device
 from kronlm.utils.files import (
     json_ready,
     read_json,
@@ -48,6 +50,7 @@ __all__ = [
     "json_ready",
     "read_json",
     "read_text",
+    "resolve_device",
     "write_json",
     "written_by_kronlm_json",
 ]

@@ -153,7 +153,9 @@ def _solve(options: list[list[BudgetOption]], fixed: int, target_params: int) ->
 
 def measure_option(weight: torch.Tensor, option: BudgetOption, stats: ModuleCalibration, *, init: str, damping: float, name: str) -> float:
     """Fit ``option`` (``fit_factors``, cached in ``stats.fitted``) and return its output error
-    tr(ΔW C ΔWᵀ) under the damped C of the pricing (squared output units per token)."""
+    tr(ΔW C ΔWᵀ) under the damped C of the pricing (squared output units per token), on the CPU
+    beside C."""
+    weight = weight.detach().cpu()
     factors = fit_factors(weight, option.a_shape, option.b_shape, option.rank, lowrank_rank=option.lowrank, init=init,
                           calibration=stats, name=name)
     approx = factors.to_dense().double()

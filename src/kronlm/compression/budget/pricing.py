@@ -507,7 +507,7 @@ def price_modules(
             raise ValueError(f"{name}: budget allocation needs the full input second moment (raise max_full_dim)")
         if cache_owner is not entry.inputs:  # modules reading one input (Q/K/V, gate/up) share the roots
             roots_cache, cache_owner = {}, entry.inputs
-        weight = dense_weight(model.get_submodule(name))
+        weight = dense_weight(model.get_submodule(name)).detach().cpu()  # priced beside its statistics, on the CPU
         cls = f"{module_class(name)} {tuple(weight.shape)}"
         window = classes.setdefault(cls, shape_window(tuple(weight.shape), settings.b_shapes, settings.small_factor, settings.balanced_slack))
         summary.window[cls] = len(window)
