@@ -190,22 +190,30 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     assert "without stage 1 (`kb8`): holds: 78.5 % with stage 1, 76.9 % without." in text
     assert "- Against truncated SVDs at `ffn2x`'s parameter count (`lowrank2x`): not measured yet." in text
     # truncated3 (params 50: 2.00x) against the Kronecker students at 2.00x too: ffn2x is the best.
-    assert ("- Against dropping layers (`truncated3`, 2.00x, F1 40.00), Kronecker students compressed at least as much: holds: "
-            "the best of them, `ffn2x` (2.00x), scores 63.00.") in text
+    assert ("- Against dropping layers (`truncated3`, 2.00x, dev F1 40.00), Kronecker students compressed at least as much: "
+            "holds: the best of them, `ffn2x` (2.00x, held-out F1 40.00), scores dev F1 63.00.") in text
     rows["lowrank2x"] = _student_row("lowrank2x", strong, 0.64)
     rows["kron2x-budget"] = _student_row("kron2x-budget", strong, 0.60)
+    rows["kron2x-budget"]["student"]["selection"]["value"] = 0.35
     rows["truncated3"]["student"]["params"] = 40  # 2.50x: now every Kronecker student is less compressed
     more = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
-    assert ("- Against truncated SVDs at `ffn2x`'s parameter count (the best of them, `lowrank2x`, F1 64.00): does not hold: "
-            "the best Kronecker student of that count, `ffn2x`, scores 63.00.") in more
+    assert ("- Against truncated SVDs at `ffn2x`'s parameter count: does not hold: the Kronecker student `ffn2x` (held-out F1 "
+            "40.00) scores dev F1 63.00, the low-rank one `lowrank2x` (held-out F1 40.00) 64.00.") in more
     assert "keeps ≥ 95 % of the teacher's F1: met: `ffn2x` 96.9 %, `kron2x-budget` 92.3 %." in more
-    # A recipe variant of either family competes for its side of the comparison.
+    # A recipe variant of either family competes for its side of the comparison, chosen by held-out F1, not dev F1.
     rows["kron2x-budget-lr5e-5"] = _student_row("kron2x-budget-lr5e-5", strong, 0.66) | {"lr": 5e-5}
-    rows["lowrank2x-lr5e-5"] = _student_row("lowrank2x-lr5e-5", strong, 0.65) | {"lr": 5e-5}
+    rows["lowrank2x-lr5e-5"] = _student_row("lowrank2x-lr5e-5", strong, 0.62) | {"lr": 5e-5}
+    rows["kron2x-budget-lr5e-5"]["student"]["selection"] = {"checkpoint": "best", "step": 5, "max_steps": 9, "value": 0.45}
+    rows["lowrank2x-lr5e-5"]["student"]["selection"] = {"checkpoint": "best", "step": 5, "max_steps": 9, "value": 0.41}
     varied = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
-    assert ("(the best of them, `lowrank2x-lr5e-5`, F1 65.00): holds: the best Kronecker student of that count, "
-            "`kron2x-budget-lr5e-5`, scores 66.00.") in varied
-    assert "| 5e-05 | 40.00 (step 5 of 9) |" in varied and "| 4.00x | - | 40.00 (step 5 of 9) |" in varied
+    assert ("count: holds: the Kronecker student `kron2x-budget-lr5e-5` (held-out F1 45.00) scores dev F1 66.00, the low-rank "
+            "one `lowrank2x-lr5e-5` (held-out F1 41.00) 62.00.") in varied
+    rows["kron2x-budget-lr5e-5"]["student"]["selection"]["value"] = 0.39  # the dev-best Kronecker row is no longer kept
+    rows["ffn2x"]["student"]["selection"]["value"] = 0.42
+    held = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert ("count: holds: the Kronecker student `ffn2x` (held-out F1 42.00) scores dev F1 63.00, the low-rank one "
+            "`lowrank2x-lr5e-5` (held-out F1 41.00) 62.00.") in held
+    assert "| 5e-05 | 45.00 (step 5 of 9) |" in varied and "| 4.00x | - | 40.00 (step 5 of 9) |" in varied
     rows["lowrank2x-lr5e-5"]["peak_memory"] = {"bytes": 11_340_000_000, "method": "peak RSS (VmHWM after clear_refs)"}
     memory = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
     assert "| 30 | - | 11.3 |" in memory and "Peak memory: the process's peak resident set during the row's last call" in memory
