@@ -37,6 +37,11 @@ report (``--out``, the teacher curve as a PNG beside it) is written after every 
 by ``--report-only``. The rows are defined in ``squad_minilm_rows.py`` and the page is written by
 ``squad_minilm_report.py``, both beside this script.
 
+Each student row also records its per-question dev F1 (``squad_minilm_scores.py``), from which the
+report gives the paired standard error of each comparison the papers' claims rest on;
+``--question-scores`` adds them to rows recorded without them by scoring each row's kept
+checkpoint again (its run folder must still hold it; the mean must equal the recorded dev F1).
+
 Every checkpoint and setting is chosen on held-out training questions (``val_fraction`` 0.1 of
 train.json in whole paragraphs, seeded: the same questions for every row); dev.json is evaluated
 and reported only. Each part runs by library calls in this process and first prints the
@@ -70,6 +75,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Names the report module defines are read through this one too (tests, notebooks): one import for the benchmark.
 from squad_minilm_report import MEMORY_METHODS, pct, report_markdown, retention, write_reports  # noqa: F401
+from squad_minilm_scores import DECIMALS, question_f1
 from squad_minilm_rows import (
     BUDGET_CALIBRATION_SEQUENCES,
     ENWIKI,
@@ -103,7 +109,7 @@ from kronlm.compression import BudgetConfig, CompressionConfig, calibration_mix,
 from kronlm.distill import TrainingConfig, distill_on_text, latest_checkpoint, uniform_layer_map
 from kronlm.modeling import compress, load, load_model, load_tokenizer, save
 from kronlm.tasks import TaskReport, claim_task_folder, count_embedding_linear_parameters
-from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, run_squad
+from kronlm.tasks.squad import LOCAL_SQUAD_DIR, SquadTrainConfig, read_squad_json, run_squad
 from kronlm.utils import default_data_dir
 from kronlm.utils.atomic import atomic_path, write_json
 from kronlm.utils.files import read_json
@@ -581,6 +587,41 @@ def fill_student_curves(results: Path) -> None:
             tmp.write_text("".join(portable_paths(json.dumps(row)) + "\n" for row in lines))
 
 
+def student_question_f1(name: str, folder: Path, recorded_f1: float, config: SquadTrainConfig, args, data: SquadData) -> list[float]:
+    """Per-question dev F1 of the student in ``folder`` (fractions, dev.json's order, rounded to
+    ``DECIMALS``), decoded with ``config``: what the report's paired comparisons use.
+
+    Raises:
+        SystemExit: their mean is not ``recorded_f1``, the row's dev F1 (the folder no longer
+            holds the checkpoint the row measured).
+    """
+    dev = data.dev_file or data.folder / "dev.json"
+    scores = question_f1(folder, read_squad_json(dev), config, load_tokenizer(folder), str(dev), args.device)
+    mean = sum(scores) / len(scores)
+    if abs(mean - recorded_f1) > 1e-6:
+        raise SystemExit(f"{name}: {folder} scores dev F1 {100 * mean:.4f} now but its row recorded {100 * recorded_f1:.4f}: "
+                         "the folder no longer holds the checkpoint the row measured")
+    return [round(v, DECIMALS) for v in scores]
+
+
+def fill_question_scores(results: Path, args, data: SquadData) -> None:
+    """Give the student rows of ``results`` recorded without per-question dev F1
+    (``dev_f1_questions``) the scores of their kept checkpoint (the latest row of each name; its
+    folder must still hold it), and rewrite the file atomically after each (an interrupted fill
+    keeps what it did)."""
+    lines = read_result_rows(results)
+    rows = {row["name"]: row for row in lines}
+    for row in rows.values():
+        if row["kind"] != "student" or row.get("dev_f1_questions") is not None:
+            continue
+        config = student_config(args, rows[row["teacher_name"]], STUDENTS.get(row["name"]))
+        print(f"# {row['name']}: per-question dev F1 of {row['folder']}", flush=True)
+        row["dev_f1_questions"] = student_question_f1(row["name"], Path(row["folder"]), row["student"]["metrics"]["f1"],
+                                                      config, args, data)
+        with atomic_path(results) as tmp:
+            tmp.write_text("".join(portable_paths(json.dumps(r)) + "\n" for r in lines))
+
+
 def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: SquadData) -> dict:
     """Distil one student from the chosen teacher by task ILKD; returns its row."""
     out = work / "runs" / spec.name
@@ -605,8 +646,10 @@ def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: Sq
         models.update(student_init=str(truncated_init(spec, teacher_row, work)), layer_map=layer_map)
         argv += ["--student-init", models["student_init"], "--layer-map", ",".join(str(i) for i in layer_map)]
     report, wall, cpu, resumed, memory = squad_run(out, config, data, argv, args.threads, **models)
+    student = model_row(report, "student")
     return {"name": spec.name, "kind": "student", "teacher_name": teacher_row["name"], "teacher": model_row(report, "teacher"),
-            "student": model_row(report, "student"), "curve": run_curve(out / "student"),
+            "student": student, "curve": run_curve(out / "student"),
+            "dev_f1_questions": student_question_f1(spec.name, out / "student", student["metrics"]["f1"], config, args, data),
             "linear_params": encoder_linear_parameters(out / "student"),
             "teacher_linear_params": encoder_linear_parameters(Path(teacher_row["folder"])), "stage1": stage1,
             "folder": str(out / "student"), "lr": config.lr, "peak_memory": memory, "wall_seconds": wall, "cpu_seconds": cpu,
@@ -629,6 +672,9 @@ def parse_args(argv: list[str] | None = None):
                         help="comma-separated rows to run: all, teacher (the grid), students, or row names (teacher-lr..., "
                              + ", ".join(STUDENTS) + "); stage1: kb8-s1's stage-1 encoder alone (needs no teacher)")
     parser.add_argument("--report-only", action="store_true", help="only write the report from --results")
+    parser.add_argument("--question-scores", action="store_true",
+                        help="give the student rows recorded without them their per-question dev F1 (re-scoring each "
+                             "row's kept checkpoint, which its run folder must hold), then write the report")
     parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu", help="where training and evaluation run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--data-dir", type=Path, default=None, help=f"folder holding {LOCAL_SQUAD_DIR}/ and {ENWIKI} "
@@ -714,6 +760,17 @@ def selected(only: str, grid: list[TeacherSetting]) -> set[str]:
     return names
 
 
+def report_from_rows(rows: dict[str, dict], args, base: str) -> None:
+    """Write the report of ``rows`` alone, with the teacher search the rows were run with unless
+    the command gave one."""
+    searched = [r["search"] for r in rows.values() if r.get("search")]
+    if not args.grid_given and searched:
+        args.teacher_lrs, args.teacher_windows, args.teacher_search = (searched[-1][k] for k in ("lrs", "windows", "kind"))
+        args.teacher_more_epochs = searched[-1].get("more_epochs", args.teacher_more_epochs)
+    grid = teacher_grid(args, rows)
+    write_reports(rows, [s.name for s in grid], args, base, pending_settings(args, rows))
+
+
 def main() -> None:
     """Run the rows ``--only`` asks for that ``--results`` lacks, then write the report."""
     args = parse_args()
@@ -731,12 +788,7 @@ def main() -> None:
     fill_student_curves(results)  # rows recorded before students kept their curve
     rows = read_rows(results)
     if args.report_only:
-        searched = [r["search"] for r in rows.values() if r.get("search")]
-        if not args.grid_given and searched:  # the search the rows were run with
-            args.teacher_lrs, args.teacher_windows, args.teacher_search = (searched[-1][k] for k in ("lrs", "windows", "kind"))
-            args.teacher_more_epochs = searched[-1].get("more_epochs", args.teacher_more_epochs)
-        grid = teacher_grid(args, rows)
-        write_reports(rows, [s.name for s in grid], args, base, pending_settings(args, rows))
+        report_from_rows(rows, args, base)
         return
     print(reproduce_header(command), flush=True)
     lrs, windows = parse_float_list(args.teacher_lrs, "--teacher-lrs"), parse_windows(args.teacher_windows)
@@ -756,6 +808,10 @@ def main() -> None:
     if args.dev_questions:
         dev_file = write_dev_subset(folder / "dev.json", args.dev_questions, args.work / "data" / f"dev-first-{args.dev_questions}.json")
     data = SquadData(folder, dev_file)
+    if args.question_scores:
+        fill_question_scores(results, args, data)
+        report_from_rows(read_rows(results), args, base)
+        return
     env = environment_info(args.device)
 
     search = {"kind": args.teacher_search, "lrs": args.teacher_lrs, "windows": args.teacher_windows,

@@ -22,6 +22,8 @@ from squad_minilm_rows import (
     still_improving,
 )
 
+from squad_minilm_scores import paired_difference, separation
+
 from kronlm.bench.markdown import markdown_table, reproduce_section, write_markdown
 from kronlm.bench.plots import line_plot, png_beside
 from kronlm.tasks.squad import LOCAL_SQUAD_DIR
@@ -178,7 +180,9 @@ def goals_section(rows: dict[str, dict], chosen: dict | None, unmeasured: int) -
     elif s1 is None or kb8 is None:
         status.append("undefined (teacher F1 0)")
     else:
-        status.append(f"{'holds' if s1 > kb8 else 'does not hold'}: {100 * s1:.1f} % with stage 1, {100 * kb8:.1f} % without")
+        scores = [rows[name].get("dev_f1_questions") for name in ("kb8-s1", "kb8")]
+        status.append(f"{'holds' if s1 > kb8 else 'does not hold'}: {100 * s1:.1f} % with stage 1, {100 * kb8:.1f} % without"
+                      + ("" if None in scores else f" ({separation(*scores)})"))
     return ["## Goals", "",
             "The project's goals for this benchmark (F1 on dev.json; retention = a student's F1 / its teacher's F1):", "",
             f"- Teacher F1 ≥ {TEACHER_GOAL_F1:g} on dev.json: {status[0]}.",
@@ -204,6 +208,10 @@ def claims_lines(rows: dict[str, dict]) -> list[str]:
     def ratio(name):
         return rows[name]["teacher"]["params"] / rows[name]["student"]["params"]
 
+    def paired(a, b):
+        scores = [rows[name].get("dev_f1_questions") for name in (a, b)]
+        return "" if None in scores else f" ({separation(*scores)})"
+
     kron = [name for name, spec in STUDENTS.items() if is_kronecker(spec) and name in rows]
     lines = ["The papers' claim, a Kronecker student above a baseline of the same size (each side: the row with the best "
              "held-out F1, so no recipe is chosen on dev.json):", ""]
@@ -215,7 +223,7 @@ def claims_lines(rows: dict[str, dict]) -> list[str]:
         best, base = max(same, key=held_out), max(low, key=held_out)
         lines.append(f"- Against truncated SVDs at `ffn2x`'s parameter count: {'holds' if f1(best) > f1(base) else 'does not hold'}: "
                      f"the Kronecker student `{best}` (held-out F1 {held_out(best):.2f}) scores dev F1 {f1(best):.2f}, the "
-                     f"low-rank one `{base}` (held-out F1 {held_out(base):.2f}) {f1(base):.2f}.")
+                     f"low-rank one `{base}` (held-out F1 {held_out(base):.2f}) {f1(base):.2f}{paired(best, base)}.")
     smaller = [name for name in kron if "truncated3" in rows and ratio(name) >= ratio("truncated3")]
     if not smaller:
         lines.append("- Against dropping layers (`truncated3`), Kronecker students compressed at least as much: not measured yet.")
@@ -225,8 +233,34 @@ def claims_lines(rows: dict[str, dict]) -> list[str]:
         lines.append(f"- Against dropping layers (`truncated3`, {ratio('truncated3'):.2f}x, dev F1 {f1('truncated3'):.2f}), Kronecker "
                      f"students compressed at least as much: {'holds' if f1(best) > f1('truncated3') else 'does not hold'}: the "
                      f"best of them, `{best}` ({ratio(best):.2f}x, held-out F1 {held_out(best):.2f}), scores dev F1 {f1(best):.2f}"
-                     + (f"; less compressed (dev F1): {', '.join(larger)}." if larger else "."))
+                     + paired(best, "truncated3") + (f"; less compressed (dev F1): {', '.join(larger)}." if larger else "."))
     return [*lines, ""]
+
+
+# The pairs of students the paired-comparison table states (A, B: the difference is A - B): the
+# claims' and the ablation's, then what separates the 2x students (init, shapes, family, learning rate).
+PAIRS = [("kb8-s1", "kb8"), ("ffn2x", "truncated3"), ("kb8-s1", "truncated3"), ("kron2x-budget", "lowrank2x"),
+         ("kron2x-budget", "lowrank2x-lr5e-5"), ("kron2x-budget-lr5e-5", "lowrank2x-lr5e-5"), ("ffn2x-aa", "ffn2x"),
+         ("kron2x-budget", "ffn2x-aa"), ("kron2x-budget", "kron2x-budget-lr5e-5"), ("lowrank2x-lr5e-5", "lowrank2x")]
+
+
+def paired_section(rows: dict[str, dict]) -> list[str]:
+    """The table of :data:`PAIRS` whose two rows both hold per-question dev F1 (none: no section)."""
+    table = []
+    for a, b in PAIRS:
+        scores = [rows.get(name, {}).get("dev_f1_questions") for name in (a, b)]
+        if None in scores:
+            continue
+        diff, se = paired_difference(*scores)
+        table.append([f"`{a}`", f"`{b}`", pct(rows[a]["student"]["metrics"]["f1"]), pct(rows[b]["student"]["metrics"]["f1"]),
+                      f"{diff:+.2f}", f"{se:.2f}", "separated" if abs(diff) > 2 * se else "not separated"])
+    if not table:
+        return []
+    return ["## Paired comparisons", "",
+            "Two students answer the same dev questions, so the standard error of their mean per-question F1 difference "
+            "says whether a gap exceeds what the choice of questions alone produces (separated: more than two standard "
+            "errors). Each row is one training seed; seed-to-seed variation comes on top and is not measured.", "",
+            markdown_table(["A", "B", "dev F1 A", "dev F1 B", "A - B (F1)", "paired standard error", "verdict"], table), ""]
 
 
 def missing_rows(rows: dict[str, dict], grid: list[str], command_base: str, pending: Sequence[str] = ()) -> list[str]:
@@ -267,7 +301,7 @@ def subset_warning(rows: dict[str, dict]) -> list[str]:
 
 
 def rerun_command(rows: dict[str, dict], default: str) -> str:
-    """The invocation of the latest row without ``--only``, ``--out`` and ``--report-only``: the base
+    """The invocation of the latest row without ``--only``, ``--out``, ``--report-only`` and ``--question-scores``: the base
     of the commands that measure the missing rows with the same settings (``default`` without rows)."""
     if not rows:
         return default
@@ -278,7 +312,7 @@ def rerun_command(rows: dict[str, dict], default: str) -> str:
             skip = False
         elif token in ("--only", "--out"):
             skip = True
-        elif token != "--report-only" and not token.startswith(("--only=", "--out=")):
+        elif token not in ("--report-only", "--question-scores") and not token.startswith(("--only=", "--out=")):
             kept.append(token)
     return shlex.join(kept)
 
@@ -320,6 +354,7 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
               "not counted); stage 1: of the general distillation. Peak memory: " + "; ".join(
                   [*(MEMORY_METHODS.get(m, m) for m in sorted({r["peak_memory"]["method"] for r in students if r.get("peak_memory")})),
                    "'-': measured before the benchmark recorded it."]), ""]
+    lines += paired_section(rows)
     previous = [text for key, text in PREVIOUS_ROUND.items()
                 if (key == "teacher" and chosen is None) or (key != "teacher" and key not in rows)]
     if previous:
@@ -335,6 +370,8 @@ def report_markdown(rows: dict[str, dict], grid: list[str], command_base: str, p
              f"{r['environment']['threads']}, commit `{r['environment']['commit']}`, {minutes(r['wall_seconds'])} min wall, "
              f"{minutes(r['cpu_seconds'])} CPU-min" for r in rows.values()]
     runs = runs or [f"{command_base} --only teacher", f"{command_base} --only students"]
+    if any(r.get("dev_f1_questions") is not None for r in students):
+        runs.append(f"{command_base} --question-scores --out {out}")  # rows recorded before their runs scored each question
     lines.append(reproduce_section([*runs, f"{command_base} --report-only --out {out}"], notes=notes))
     return "\n".join(lines) + "\n"
 

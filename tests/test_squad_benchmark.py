@@ -208,6 +208,20 @@ def test_report_states_goals_choice_previous_round_and_what_is_missing(tmp_path)
     varied = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
     assert ("count: holds: the Kronecker student `kron2x-budget-lr5e-5` (held-out F1 45.00) scores dev F1 66.00, the low-rank "
             "one `lowrank2x-lr5e-5` (held-out F1 41.00) 62.00.") in varied
+    rows["kron2x-budget-lr5e-5"]["dev_f1_questions"] = [1.0, 0.5, 0.0, 1.0]
+    rows["lowrank2x-lr5e-5"]["dev_f1_questions"] = [0.0, 0.5, 0.0, 0.5]
+    paired = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert ("the low-rank one `lowrank2x-lr5e-5` (held-out F1 41.00) 62.00 (difference +37.50 F1, paired standard error 23.94 "
+            "over 4 dev questions, one seed each: not separated: within two standard errors).") in paired
+    assert "python benchmarks/squad_minilm.py --question-scores --out docs/benchmarks/squad_minilm.md" in paired
+    assert "--question-scores" not in varied and "## Paired comparisons" not in varied  # no row holds per-question scores
+    assert "| `kron2x-budget-lr5e-5` | `lowrank2x-lr5e-5` | 66.00 | 62.00 | +37.50 | 23.94 | not separated |" in paired
+    rows["kb8-s1"]["dev_f1_questions"], rows["kb8"]["dev_f1_questions"] = [1.0] * 3 + [0.0], [0.0] * 4
+    ablation = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
+    assert ("without stage 1 (`kb8`): holds: 78.5 % with stage 1, 76.9 % without (difference +75.00 F1, paired standard "
+            "error 25.00 over 4 dev questions, one seed each: separated).") in ablation
+    del rows["kb8-s1"]["dev_f1_questions"], rows["kb8"]["dev_f1_questions"]
+    del rows["kron2x-budget-lr5e-5"]["dev_f1_questions"], rows["lowrank2x-lr5e-5"]["dev_f1_questions"]
     rows["kron2x-budget-lr5e-5"]["student"]["selection"]["value"] = 0.39  # the dev-best Kronecker row is no longer kept
     rows["ffn2x"]["student"]["selection"]["value"] = 0.42
     held = bench.report_markdown(rows, grid, "python benchmarks/squad_minilm.py --work W", None)
@@ -427,3 +441,55 @@ def test_ffn2x_aa_is_ffn2x_with_every_factor_fitted_to_activations(tmp_path):
     modules = json.loads((folder / "kronlm_compression.json").read_text())["report"]["modules"]
     assert len(modules) == 4 and {m["init"] for m in modules} == {"activation_aware"}
     assert bench.calibrated_init(spec, row, args, tmp_path / "work") == folder  # found, not compressed again
+
+
+def test_paired_standard_error_of_two_students_on_the_same_questions():
+    from squad_minilm_scores import paired_difference, separation
+
+    a, b = [1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 0.0, 0.5]  # differences 100, 0, 0, 50 points: mean 37.5
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(37.5)
+    assert se == pytest.approx((((62.5 ** 2 + 37.5 ** 2 * 2 + 12.5 ** 2) / 3) / 4) ** 0.5)
+    assert separation(a, b).endswith(": not separated: within two standard errors")  # 37.5 < 2 x 23.9
+    assert separation([1.0] * 50 + [0.5] * 50, [0.5] * 50 + [0.0] * 50).endswith(": separated")
+    with pytest.raises(ValueError, match="different lengths"):
+        paired_difference([1.0, 0.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2 questions"):
+        paired_difference([1.0], [0.0])
+
+
+def test_student_rows_get_per_question_dev_f1_and_the_report_pairs_them(tmp_path):
+    from kronlm.tasks.squad import SquadEvalSet, SquadFamily, prepare_eval_features
+
+    args, teacher, _ = _saved_teacher_and_enwiki(tmp_path)
+    context = "paris is the capital of france and the river seine flows through paris"
+    data_dir = tmp_path / "squad"
+    data_dir.mkdir()
+    squad_file(data_dir, [article([qa("q1", [("seine", 45)], question="which river flows through paris"),
+                                   qa("q2", [("france", 24)], question="paris is the capital of which"),
+                                   qa("q3", [("paris", 0)], question="what is the capital of france")], context=context)],
+               name="dev.json")
+    data = bench.SquadData(data_dir)
+    teacher.update(kind="teacher", doc_stride=8, max_length=40)
+    config = bench.student_config(args, teacher)
+    family = SquadFamily(bench.load_tokenizer(tmp_path / "teacher"), data_dir=data_dir)
+    model = family.load_model(tmp_path / "teacher")
+    examples, source = family.examples("dev")
+    dev = SquadEvalSet(examples, prepare_eval_features(examples, family.tokenizer, 40, 8, family.max_positions), source)
+    f1 = family.evaluate(model, dev, config, torch.device("cpu"))["f1"]  # the run's own scoring: squad_metrics
+    row = {"name": "ffn2x", "kind": "student", "teacher_name": teacher["name"], "folder": str(tmp_path / "teacher"),
+           "student": {"metrics": {"f1": f1}}}
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (teacher, row)))
+    bench.fill_question_scores(results, args, data)
+    filled = [json.loads(line) for line in results.read_text().splitlines()]
+    scores = filled[1]["dev_f1_questions"]
+    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
+    assert sum(scores) / 3 == pytest.approx(f1, abs=1e-4) and filled[0] == teacher
+    before = results.read_bytes()
+    bench.fill_question_scores(results, args, data)  # nothing left to fill
+    assert results.read_bytes() == before
+    row["student"]["metrics"]["f1"] = f1 + 0.01  # the folder no longer holds what the row measured
+    results.write_text("".join(json.dumps(r) + "\n" for r in (teacher, row)))
+    with pytest.raises(SystemExit, match=r"ffn2x: .* scores dev F1 .* but its row recorded"):
+        bench.fill_question_scores(results, args, data)

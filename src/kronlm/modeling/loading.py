@@ -99,14 +99,14 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(_PATH_PREFIXES) or spec.lower().endswith(".gguf")
 
 
-def resolve_model_spec(spec: str) -> ModelSource:
+def resolve_model_spec(spec: str | os.PathLike) -> ModelSource:
     """Turn a model spec into the arguments of ``from_pretrained``.
 
     Args:
         spec: a hub id (``"gpt2"``, ``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local folder with a
             ``config.json`` (a dense Hugging Face model or a kronlm compressed model), a ``.gguf``
             file path, or an alias (``smollm2``, ``smollm2-135m-instruct``, ``minilm``,
-            ``all-minilm-l6-v2``).
+            ``all-minilm-l6-v2``); a folder or file may be a ``pathlib.Path``.
 
     Returns:
         a :class:`ModelSource`.
@@ -116,7 +116,11 @@ def resolve_model_spec(spec: str) -> ModelSource:
             with ``.gguf``) but does not exist.
         FileNotFoundError: ``spec`` is a folder without ``config.json``.
         ValueError: ``spec`` is a device, FIFO or socket, or a file that is not ``.gguf``.
+        TypeError: ``spec`` is neither a string nor a path.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"model spec must be a hub id, alias or path, got {type(spec).__name__}")
+    spec = os.fspath(spec)
     alias = spec.lower()
     if alias in _SMOLLM2_ALIASES:
         folder = package_dir(SMOLLM2_PACKAGE)
@@ -218,7 +222,7 @@ def infer_task(spec: str) -> str:
 
 
 def load_model(
-    spec: str,
+    spec: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
     task: str = "auto",
@@ -381,7 +385,7 @@ def check_tokenizer_files(folder: str | os.PathLike) -> None:
             raise ValueError(f"{path}: not a valid tokenizer file ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
 
 
-def load_tokenizer(spec: str, **kwargs):
+def load_tokenizer(spec: str | os.PathLike, **kwargs):
     """Load the tokenizer that belongs to a model spec (see :func:`resolve_model_spec`).
 
     A tokenizer without a pad token (GPT-2, SmolLM2 from GGUF) gets ``pad_token = eos_token``:
@@ -426,7 +430,7 @@ def _local_tokenizer(source: ModelSource, **kwargs):
 
 
 def load_model_and_tokenizer(
-    spec: str,
+    spec: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
     task: str = "auto",
