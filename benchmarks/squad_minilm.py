@@ -593,12 +593,14 @@ def student_question_f1(name: str, folder: Path, recorded_f1: float, config: Squ
 
     Raises:
         SystemExit: their mean is not ``recorded_f1``, the row's dev F1 (the folder no longer
-            holds the checkpoint the row measured).
+            holds the checkpoint the row measured): within 1e-6 on the CPU, whose float32 forward
+            repeats bit for bit; within 1e-3 (0.1 F1) on a GPU, whose kernels may not, and where a
+            near-tie between two spans may then flip.
     """
     dev = data.dev_file or data.folder / "dev.json"
     scores = question_f1(folder, read_squad_json(dev), config, load_tokenizer(folder), str(dev), args.device)
     mean = sum(scores) / len(scores)
-    if abs(mean - recorded_f1) > 1e-6:
+    if abs(mean - recorded_f1) > (1e-6 if args.device == "cpu" else 1e-3):
         raise SystemExit(f"{name}: {folder} scores dev F1 {100 * mean:.4f} now but its row recorded {100 * recorded_f1:.4f}: "
                          "the folder no longer holds the checkpoint the row measured")
     return [round(v, DECIMALS) for v in scores]
