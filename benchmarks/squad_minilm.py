@@ -571,6 +571,12 @@ def encoder_linear_parameters(folder: Path) -> int:
     return count_embedding_linear_parameters(model.base_model.encoder)
 
 
+def rewrite_rows(results: Path, lines: list[dict]) -> None:
+    """Replace ``results`` with ``lines`` (one JSON row per line, paths portable), atomically."""
+    with atomic_path(results) as tmp:
+        tmp.write_text("".join(portable_paths(json.dumps(row)) + "\n" for row in lines))
+
+
 def fill_student_curves(results: Path) -> None:
     """Give the student rows of ``results`` recorded without a held-out curve the curve their run
     folder still holds (the latest row of each name: the one the folder belongs to), and rewrite
@@ -583,8 +589,7 @@ def fill_student_curves(results: Path) -> None:
             row["curve"] = run_curve(REPO / row["folder"])
             changed |= row["curve"] is not None
     if changed:
-        with atomic_path(results) as tmp:
-            tmp.write_text("".join(portable_paths(json.dumps(row)) + "\n" for row in lines))
+        rewrite_rows(results, lines)
 
 
 def student_question_f1(name: str, folder: Path, recorded_f1: float, config: SquadTrainConfig, args, data: SquadData) -> list[float]:
@@ -620,8 +625,7 @@ def fill_question_scores(results: Path, args, data: SquadData) -> None:
         print(f"# {row['name']}: per-question dev F1 of {row['folder']}", flush=True)
         row["dev_f1_questions"] = student_question_f1(row["name"], Path(row["folder"]), row["student"]["metrics"]["f1"],
                                                       config, args, data)
-        with atomic_path(results) as tmp:
-            tmp.write_text("".join(portable_paths(json.dumps(r)) + "\n" for r in lines))
+        rewrite_rows(results, lines)
 
 
 def run_student(spec: StudentSpec, teacher_row: dict, args, work: Path, data: SquadData) -> dict:
