@@ -22,7 +22,7 @@ from squad_minilm_rows import (
     still_improving,
 )
 
-from squad_minilm_scores import paired_difference, separation
+from squad_minilm_scores import paired_difference, separated, separation
 
 from kronlm.bench.markdown import markdown_table, reproduce_section, write_markdown
 from kronlm.bench.plots import line_plot, png_beside
@@ -180,9 +180,8 @@ def goals_section(rows: dict[str, dict], chosen: dict | None, unmeasured: int) -
     elif s1 is None or kb8 is None:
         status.append("undefined (teacher F1 0)")
     else:
-        scores = [rows[name].get("dev_f1_questions") for name in ("kb8-s1", "kb8")]
         status.append(f"{'holds' if s1 > kb8 else 'does not hold'}: {100 * s1:.1f} % with stage 1, {100 * kb8:.1f} % without"
-                      + ("" if None in scores else f" ({separation(*scores)})"))
+                      + paired_note(rows, "kb8-s1", "kb8"))
     return ["## Goals", "",
             "The project's goals for this benchmark (F1 on dev.json; retention = a student's F1 / its teacher's F1):", "",
             f"- Teacher F1 ≥ {TEACHER_GOAL_F1:g} on dev.json: {status[0]}.",
@@ -191,6 +190,18 @@ def goals_section(rows: dict[str, dict], chosen: dict | None, unmeasured: int) -
             f"- The KroneckerBERT8 student with stage 1 (`kb8-s1`) keeps ≥ {100 * KB8_STAGE1_GOAL:g} %: {status[2]}.",
             f"- KroneckerBERT's ablation, `kb8-s1` above the same student without stage 1 (`kb8`): {status[3]}.", "",
             *claims_lines(rows)]
+
+
+def pair_scores(rows: dict[str, dict], a: str, b: str) -> tuple[list[float], list[float]] | None:
+    """The per-question dev F1 of rows ``a`` and ``b``, or None unless both are measured and hold them."""
+    scores = [rows.get(name, {}).get("dev_f1_questions") for name in (a, b)]
+    return None if None in scores else (scores[0], scores[1])
+
+
+def paired_note(rows: dict[str, dict], a: str, b: str) -> str:
+    """" (difference ..., paired standard error ...: separated)" for rows ``a`` - ``b``, or "" without their scores."""
+    scores = pair_scores(rows, a, b)
+    return "" if scores is None else f" ({separation(*scores)})"
 
 
 def claims_lines(rows: dict[str, dict]) -> list[str]:
@@ -208,10 +219,6 @@ def claims_lines(rows: dict[str, dict]) -> list[str]:
     def ratio(name):
         return rows[name]["teacher"]["params"] / rows[name]["student"]["params"]
 
-    def paired(a, b):
-        scores = [rows[name].get("dev_f1_questions") for name in (a, b)]
-        return "" if None in scores else f" ({separation(*scores)})"
-
     kron = [name for name, spec in STUDENTS.items() if is_kronecker(spec) and name in rows]
     lines = ["The papers' claim, a Kronecker student above a baseline of the same size (each side: the row with the best "
              "held-out F1, so no recipe is chosen on dev.json):", ""]
@@ -223,7 +230,7 @@ def claims_lines(rows: dict[str, dict]) -> list[str]:
         best, base = max(same, key=held_out), max(low, key=held_out)
         lines.append(f"- Against truncated SVDs at `ffn2x`'s parameter count: {'holds' if f1(best) > f1(base) else 'does not hold'}: "
                      f"the Kronecker student `{best}` (held-out F1 {held_out(best):.2f}) scores dev F1 {f1(best):.2f}, the "
-                     f"low-rank one `{base}` (held-out F1 {held_out(base):.2f}) {f1(base):.2f}{paired(best, base)}.")
+                     f"low-rank one `{base}` (held-out F1 {held_out(base):.2f}) {f1(base):.2f}{paired_note(rows, best, base)}.")
     smaller = [name for name in kron if "truncated3" in rows and ratio(name) >= ratio("truncated3")]
     if not smaller:
         lines.append("- Against dropping layers (`truncated3`), Kronecker students compressed at least as much: not measured yet.")
@@ -233,7 +240,7 @@ def claims_lines(rows: dict[str, dict]) -> list[str]:
         lines.append(f"- Against dropping layers (`truncated3`, {ratio('truncated3'):.2f}x, dev F1 {f1('truncated3'):.2f}), Kronecker "
                      f"students compressed at least as much: {'holds' if f1(best) > f1('truncated3') else 'does not hold'}: the "
                      f"best of them, `{best}` ({ratio(best):.2f}x, held-out F1 {held_out(best):.2f}), scores dev F1 {f1(best):.2f}"
-                     + paired(best, "truncated3") + (f"; less compressed (dev F1): {', '.join(larger)}." if larger else "."))
+                     + paired_note(rows, best, "truncated3") + (f"; less compressed (dev F1): {', '.join(larger)}." if larger else "."))
     return [*lines, ""]
 
 
@@ -248,12 +255,12 @@ def paired_section(rows: dict[str, dict]) -> list[str]:
     """The table of :data:`PAIRS` whose two rows both hold per-question dev F1 (none: no section)."""
     table = []
     for a, b in PAIRS:
-        scores = [rows.get(name, {}).get("dev_f1_questions") for name in (a, b)]
-        if None in scores:
+        scores = pair_scores(rows, a, b)
+        if scores is None:
             continue
         diff, se = paired_difference(*scores)
         table.append([f"`{a}`", f"`{b}`", pct(rows[a]["student"]["metrics"]["f1"]), pct(rows[b]["student"]["metrics"]["f1"]),
-                      f"{diff:+.2f}", f"{se:.2f}", "separated" if abs(diff) > 2 * se else "not separated"])
+                      f"{diff:+.2f}", f"{se:.2f}", "separated" if separated(diff, se) else "not separated"])
     if not table:
         return []
     return ["## Paired comparisons", "",

@@ -27,7 +27,8 @@ def question_f1(folder: Path, examples: list, config, tokenizer, source: str, de
     (:func:`kronlm.tasks.squad.question_scores`, the official script's F1), on ``device``.
 
     Raises:
-        FileNotFoundError: ``folder`` holds no model.
+        FileNotFoundError: ``folder`` is missing or holds no ``config.json`` (from
+            :meth:`kronlm.tasks.squad.SquadFamily.load_model`).
         ValueError: a folder without a question-answering head; see
             :func:`kronlm.tasks.squad.evaluate_squad`.
     """
@@ -40,8 +41,6 @@ def question_f1(folder: Path, examples: list, config, tokenizer, source: str, de
         references_from_examples,
     )
 
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no model folder (config.json missing)")
     family = SquadFamily(tokenizer)
     model = family.load_model(folder).to(device).eval()
     features = prepare_eval_features(examples, tokenizer, config.max_length, config.doc_stride, family.max_positions)
@@ -71,10 +70,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     return mean, math.sqrt(variance / n)
 
 
+def separated(diff: float, se: float) -> bool:
+    """Whether a paired difference exceeds two of its standard errors (same units)."""
+    return abs(diff) > 2 * se
+
+
 def separation(a: Sequence[float], b: Sequence[float]) -> str:
     """The paired comparison of two students in words: the difference (a - b, F1 points), its
     standard error over the questions, and whether it exceeds two standard errors."""
     diff, se = paired_difference(a, b)
-    verdict = "separated" if abs(diff) > 2 * se else "not separated: within two standard errors"
+    verdict = "separated" if separated(diff, se) else "not separated: within two standard errors"
     return (f"difference {diff:+.2f} F1, paired standard error {se:.2f} over {len(a):,} dev questions, one seed each: "
             f"{verdict}")
