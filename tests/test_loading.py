@@ -50,7 +50,7 @@ def test_local_folder_loads_the_saved_weights(gpt2_folder):
 
 
 def test_a_path_object_is_a_spec_like_its_string(gpt2_folder, tmp_path):
-    folder, original = gpt2_folder
+    folder, _ = gpt2_folder
     by_path, by_str = load_model(folder), load_model(str(folder))
     assert all(torch.equal(a, b) for a, b in zip(by_path.state_dict().values(), by_str.state_dict().values()))
     assert resolve_model_spec(folder) == resolve_model_spec(str(folder))

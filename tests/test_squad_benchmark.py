@@ -458,7 +458,7 @@ def test_paired_standard_error_of_two_students_on_the_same_questions():
         paired_difference([1.0], [0.0])
 
 
-def test_student_rows_get_per_question_dev_f1_and_the_report_pairs_them(tmp_path):
+def test_student_rows_get_per_question_dev_f1_checked_against_their_recorded_f1(tmp_path):
     from kronlm.tasks.squad import SquadEvalSet, SquadFamily, prepare_eval_features
 
     args, teacher, _ = _saved_teacher_and_enwiki(tmp_path)
